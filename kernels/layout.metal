@@ -1,0 +1,30 @@
+// Moving data between layouts.
+#include <metal_stdlib>
+using namespace metal;
+
+struct TransposeParams {
+    uint rows;
+    uint cols;
+};
+
+// out (cols×rows) = xᵀ (x is rows×cols, row-major), through a 32×32 tile in threadgroup
+// memory so that both the read and the write are coalesced. Threadgroups of 32×8 threads,
+// each thread moving four elements; the tile's extra column keeps the column reads free
+// of bank conflicts.
+kernel void transpose(device const float* x [[buffer(0)]],
+                      device float* out [[buffer(1)]],
+                      constant TransposeParams& p [[buffer(2)]],
+                      uint2 group [[threadgroup_position_in_grid]],
+                      uint2 t [[thread_position_in_threadgroup]]) {
+    threadgroup float tile[32][33];
+    uint col0 = group.x * 32, row0 = group.y * 32;
+    for (uint k = 0; k < 32; k += 8) {
+        uint r = row0 + t.y + k, c = col0 + t.x;
+        if (r < p.rows && c < p.cols) tile[t.y + k][t.x] = x[r * p.cols + c];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint k = 0; k < 32; k += 8) {
+        uint r = col0 + t.y + k, c = row0 + t.x;  // row and column of out
+        if (r < p.cols && c < p.rows) out[r * p.rows + c] = tile[t.x][t.y + k];
+    }
+}

@@ -1,0 +1,250 @@
+"""The cpu backend: the very MSL kernels, compiled as C++ and run on a thread pool.
+
+Not a numpy fallback: a test that passes here ran the shader. Threadgroups are spread
+over all cores; the threads of a group run as a plain loop, or as fibers switching at
+barriers and simd functions when the kernel uses them (see include/mlm_cpu_runtime.cpp).
+Execution is asynchronous: committed command buffers go to one in-order worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import queue
+import re
+import shutil
+import subprocess
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from . import cache
+from . import device as D
+from . import source as S
+
+INCLUDE = Path(__file__).resolve().parent / "include"
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno",
+         "-march=native", "-w"]
+
+
+class CompilerNotFound(RuntimeError):
+    """No C++ compiler for the cpu backend."""
+
+
+class CompileError(S.KernelSourceError):
+    """The C++ compiler rejected a kernel; messages point at the .metal file and line."""
+
+
+@lru_cache(maxsize=None)
+def compiler() -> tuple[str, str]:
+    """(path, version line) of the C++ compiler: $CXX, else c++, g++ or clang++ on PATH."""
+    for cand in [os.environ.get("CXX"), "c++", "g++", "clang++"]:
+        if cand and shutil.which(cand):
+            path = shutil.which(cand)
+            out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+            return path, (out.splitlines() or ["?"])[0]
+    raise CompilerNotFound(
+        "the cpu backend compiles kernels with a C++17 compiler and none was found: install one "
+        "(Debian/Ubuntu: `apt-get install g++`; Fedora: `dnf install gcc-c++`; macOS: `xcode-select --install`) "
+        "or point CXX at it")
+
+
+@lru_cache(maxsize=None)
+def cpu_features() -> str:
+    """What -march=native builds for: the cache key must change when the code moves to another CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = re.search(r"^(flags|Features)\s*:(.*)$", text, re.M)
+        model = re.search(r"^model name\s*:(.*)$", text, re.M)
+        return f"{platform.machine()}|{model.group(1).strip() if model else ''}|{flags.group(2).strip() if flags else ''}"
+    except OSError:
+        return f"{platform.machine()}|{platform.processor()}|{platform.platform()}"
+
+
+def _headers_digest() -> str:
+    return cache.key(*(p.name + p.read_text() for p in sorted(INCLUDE.iterdir()) if p.is_file()))
+
+
+def _compile(text: str, out: Path, source_name: str, extra: tuple[str, ...] = ()) -> None:
+    cxx, _ = compiler()
+    src_file = out.with_suffix(".cpp")
+    src_file.write_text(text)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, "-I", str(INCLUDE), str(src_file), "-o", str(out), *extra],
+                              capture_output=True, text=True)
+    finally:
+        src_file.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise CompileError(_compiler_messages(proc.stderr, source_name))
+
+
+def _compiler_messages(stderr: str, source_name: str) -> list[str]:
+    """The compiler's errors, each starting `file:line:`, with context lines kept after them."""
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    errors = [l for l in lines if re.search(r":\d+:(\d+:)? (fatal )?error", l)]
+    return errors or lines[-20:] or [f"{source_name}: the C++ compiler failed without a message"]
+
+
+def build(text: str, source_name: str, what: str = "kernels") -> tuple[Path, bool]:
+    """Compile (or find in the cache) a shared library from C++ text."""
+    cxx, version = compiler()
+    k = cache.key(text, _headers_digest(), cxx, version, " ".join(FLAGS), cpu_features())
+    return cache.lookup(f"{what}-{k}.so", lambda tmp: _compile(text, tmp, source_name), subdir="cpu")
+
+
+# ---------------------------------------------------------------- the executor
+
+class Launch(ctypes.Structure):
+    _fields_ = [("groups", ctypes.c_uint * 3), ("threads", ctypes.c_uint * 3), ("pred", ctypes.c_void_p)]
+
+
+GROUP_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(Launch), ctypes.c_uint, ctypes.c_uint, ctypes.c_uint)
+
+
+@lru_cache(maxsize=None)
+def runtime() -> ctypes.CDLL:
+    """The executor library (thread pool, fibers), loaded globally so kernels resolve its hooks."""
+    text = (INCLUDE / "mlm_cpu_runtime.cpp").read_text()
+    path, _ = build(text, "mlm_cpu_runtime.cpp", what="runtime")
+    lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    lib.mlm_run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(Launch)]
+    lib.mlm_run.restype = ctypes.c_int
+    lib.mlm_set_threads.argtypes = [ctypes.c_uint]
+    lib.mlm_threads.restype = ctypes.c_uint
+    threads = int(os.environ.get("MLMETAL_CPU_THREADS", "0") or 0)
+    lib.mlm_set_threads(threads)
+    return lib
+
+
+class CpuBuffer(D.Buffer):
+    def __init__(self, device: "CpuDevice", nbytes: int):
+        self.device = device
+        self.nbytes = nbytes
+        # 64-byte alignment: a float4 load is aligned, and no two buffers share a cache line.
+        raw = np.empty(nbytes + 64, dtype=np.uint8)
+        start = (-raw.ctypes.data) % 64
+        self._mem = raw[start:start + nbytes]
+        self.ptr = self._mem.ctypes.data
+
+    def numpy(self, dtype=np.uint8) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        if self.nbytes % dtype.itemsize:
+            raise ValueError(f"{self.nbytes} bytes is not a whole number of {dtype} items")
+        return self._mem.view(dtype)
+
+    def write(self, data, offset: int = 0) -> None:
+        raw = D._as_bytes(data)
+        if offset < 0 or offset + raw.nbytes > self.nbytes:
+            raise ValueError(f"writing {raw.nbytes} bytes at offset {offset} overruns a {self.nbytes}-byte buffer")
+        self._mem[offset:offset + raw.nbytes] = raw
+
+
+class CpuKernel(D.Kernel):
+    def __init__(self, library: "CpuLibrary", sig: S.Kernel):
+        super().__init__(library, sig)
+        so = library.so
+        self.group = ctypes.cast(getattr(so, f"{sig.name}__mlm_group"), ctypes.c_void_p).value
+        self.thread = ctypes.cast(getattr(so, f"{sig.name}__mlm_thread"), ctypes.c_void_p).value
+        self.fibers = sig.uses_sync
+
+
+class CpuLibrary(D.Library):
+    def __init__(self, device: "CpuDevice", src: S.Source):
+        super().__init__(device, src)
+        runtime()  # the hooks kernels call must be loaded before the kernels
+        self.cpp = S.generate(src, "cpu")
+        path, self.compiled = build(self.cpp, src.name)
+        self.so = ctypes.CDLL(str(path))
+
+    def _make_kernel(self, sig: S.Kernel) -> D.Kernel:
+        return CpuKernel(self, sig)
+
+
+class _Batch:
+    def __init__(self, work: list[D.Dispatch]):
+        self.work = work
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class CpuDevice(D.Device):
+    """The cpu backend. Example: `dev = mm.device("cpu")`."""
+
+    name = "cpu"
+
+    @staticmethod
+    def unavailable() -> str | None:
+        try:
+            compiler()
+        except CompilerNotFound as e:
+            return str(e)
+        return None
+
+    def __init__(self):
+        super().__init__()
+        self._queue: queue.Queue[_Batch] = queue.Queue()
+        self._last: _Batch | None = None
+        self._worker = threading.Thread(target=self._loop, name="mlmetal-cpu-queue", daemon=True)
+        self._worker.start()
+
+    @property
+    def threads(self) -> int:
+        """OS threads that run threadgroups (MLMETAL_CPU_THREADS, default one per core)."""
+        return runtime().mlm_threads()
+
+    def _make_library(self, src: S.Source) -> D.Library:
+        return CpuLibrary(self, src)
+
+    def _alloc(self, nbytes: int) -> D.Buffer:
+        return CpuBuffer(self, nbytes)
+
+    def _submit(self, work: list[D.Dispatch]) -> _Batch:
+        batch = _Batch(work)
+        self._last = batch
+        self._queue.put(batch)
+        return batch
+
+    def _wait(self, batch: _Batch) -> None:
+        batch.done.wait()
+        if batch.error is not None:
+            raise D.ExecutionError(str(batch.error)) from batch.error
+
+    def _done(self, batch: _Batch) -> bool:
+        return batch.done.is_set()
+
+    def synchronize(self) -> None:
+        last = self._last
+        if last is not None:
+            self._wait(last)
+
+    def _loop(self):
+        rt = runtime()
+        while True:
+            batch = self._queue.get()
+            try:
+                for d in batch.work:
+                    self._run(rt, d)
+            except BaseException as e:  # reported to whoever waits on this batch
+                batch.error = e
+            finally:
+                batch.done.set()
+
+    @staticmethod
+    def _run(rt: ctypes.CDLL, d: D.Dispatch) -> None:
+        keep = []  # packed constants must outlive the call
+        ptrs = (ctypes.c_void_p * max(1, len(d.args)))()
+        for i, a in enumerate(d.args):
+            if isinstance(a, bytes):
+                arr = np.frombuffer(a + b"\0" * 16, dtype=np.uint8).copy()
+                keep.append(arr)
+                ptrs[i] = arr.ctypes.data
+            else:
+                ptrs[i] = a.ptr
+        launch = Launch((ctypes.c_uint * 3)(*d.groups), (ctypes.c_uint * 3)(*d.threads),
+                        d.predicate.buffer.ptr + d.predicate.offset if d.predicate else None)
+        k: CpuKernel = d.kernel  # type: ignore[assignment]
+        if rt.mlm_run(k.group, k.thread, int(k.fibers), ptrs, ctypes.byref(launch)):
+            raise D.ExecutionError(f"kernel {k.name}: could not map fiber stacks for {np.prod(d.threads)} threads")

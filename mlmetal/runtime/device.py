@@ -1,0 +1,396 @@
+"""The backend contract: Device, Buffer, Library, Kernel, CommandBuffer.
+
+Everything that can be checked without a device is checked here, once for every
+backend: argument kinds and counts, constant-struct packing, threadgroup shape,
+predicates. A backend only allocates, compiles, and runs lists of dispatches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import source as S
+
+
+class DispatchError(ValueError):
+    """A dispatch that cannot run; raised before anything reaches the device."""
+
+
+class ExecutionError(RuntimeError):
+    """The device reported a failure while running committed work."""
+
+
+# ---------------------------------------------------------------- buffers
+
+class Buffer:
+    """Device memory of `nbytes` bytes. Backends subclass it."""
+
+    device: "Device"
+    nbytes: int
+
+    def numpy(self, dtype=np.uint8) -> np.ndarray:
+        """The buffer's bytes as a flat numpy array of `dtype` (a view where the backend allows)."""
+        raise NotImplementedError
+
+    def write(self, data: np.ndarray, offset: int = 0) -> None:
+        """Copy `data`'s bytes into the buffer at byte `offset`."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.nbytes} bytes on {self.device.name}>"
+
+
+def _as_bytes(data: Any) -> np.ndarray:
+    arr = np.ascontiguousarray(data)
+    if arr.dtype == object:
+        raise TypeError(f"cannot make a buffer from an array of Python objects ({type(data).__name__})")
+    return arr.reshape(-1).view(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Predicate:
+    """A uint32 at `offset` bytes into `buffer`: 0 skips every predicated dispatch, anything else runs it.
+
+    Many predicates may share one buffer at different offsets.
+
+    Example:
+        >>> flags = dev.buffer(np.array([1, 0], dtype=np.uint32))
+        >>> cb.dispatch(k, groups=(1, 1, 1), threads=(32, 1, 1), args=[x], predicate=mm.Predicate(flags, 4))
+    """
+
+    buffer: Buffer
+    offset: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.buffer, Buffer):
+            raise TypeError(f"a predicate needs a device buffer, got {type(self.buffer).__name__}")
+        if self.offset % 4 or self.offset < 0:
+            raise ValueError(f"predicate offset {self.offset} must be a non-negative multiple of 4")
+        if self.offset + 4 > self.buffer.nbytes:
+            raise ValueError(f"predicate offset {self.offset} is past the end of its {self.buffer.nbytes}-byte buffer")
+
+
+# ---------------------------------------------------------------- kernels and arguments
+
+class Kernel:
+    """One compiled kernel function of a library."""
+
+    def __init__(self, library: "Library", sig: S.Kernel):
+        self.library = library
+        self.sig = sig
+        self.name = sig.name
+
+    def __repr__(self):
+        return f"<Kernel {self.name} ({self.sig.where}) on {self.library.device.name}>"
+
+    def pack(self, param: S.Param, values: Any) -> bytes:
+        """Pack a dict (or a scalar, for `constant float& x`) into the bytes of `param`'s constant."""
+        where = f"kernel {self.name} ({self.sig.where}), parameter `{param.name}`"
+        st = self.sig.struct_of(param)
+        if st is None:
+            code = S.SCALARS[param.base_type]
+            return _pack_scalar(code, values, f"{where} ({param.base_type})")
+        if not isinstance(values, dict):
+            raise DispatchError(f"{where}: expected a dict of {st.name}'s fields "
+                                f"({', '.join(f.name for f in st.fields)}) or a buffer, got {type(values).__name__}")
+        names = [f.name for f in st.fields]
+        missing = [n for n in names if n not in values]
+        extra = [n for n in values if n not in names]
+        if missing or extra:
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(map(str, extra))}"] if extra else [])
+            raise DispatchError(f"{where}: struct {st.name} fields do not match: {'; '.join(parts)}")
+        out = []
+        for f in st.fields:
+            code = S.SCALARS[f.type]
+            v = values[f.name]
+            if f.count == 1:
+                out.append(_pack_scalar(code, v, f"{where}, field {f.name} ({f.type})"))
+            else:
+                seq = list(np.asarray(v).reshape(-1)) if not np.isscalar(v) else None
+                if seq is None or len(seq) != f.count:
+                    raise DispatchError(f"{where}, field {f.name}: expected {f.count} values of {f.type}")
+                out.extend(_pack_scalar(code, x, f"{where}, field {f.name}[{i}]") for i, x in enumerate(seq))
+        return b"".join(out)
+
+
+def _pack_scalar(code: str, v: Any, where: str) -> bytes:
+    if code == "f":
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise DispatchError(f"{where}: expected a number, got {v!r}")
+        return struct.pack("<f", float(v))
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise DispatchError(f"{where}: expected an integer, got {v!r}")
+    lo, hi = (0, 2**32) if code == "I" else (-(2**31), 2**31)
+    if not lo <= int(v) < hi:
+        raise DispatchError(f"{where}: {v} is out of range [{lo}, {hi})")
+    return struct.pack("<" + code, int(v))
+
+
+@dataclasses.dataclass
+class Dispatch:
+    """One bound, validated dispatch, ready for a backend to run."""
+
+    kernel: Kernel
+    groups: tuple[int, int, int]
+    threads: tuple[int, int, int]
+    args: list[Buffer | bytes]  # in buffer-index order; bytes for packed constants
+    predicate: Predicate | None
+
+
+def _shape3(v: Any, what: str, kernel: Kernel) -> tuple[int, int, int]:
+    where = f"kernel {kernel.name} ({kernel.sig.where})"
+    if isinstance(v, (int, np.integer)):
+        v = (v,)
+    try:
+        t = tuple(int(x) for x in v)
+    except TypeError:
+        raise DispatchError(f"{where}: {what} must be 1 to 3 integers, got {v!r}") from None
+    if not 1 <= len(t) <= 3 or any(isinstance(x, bool) for x in v):
+        raise DispatchError(f"{where}: {what} must be 1 to 3 integers, got {v!r}")
+    t = t + (1,) * (3 - len(t))
+    if any(x < 1 for x in t):
+        raise DispatchError(f"{where}: {what} {t} is empty: every dimension must be at least 1")
+    return t
+
+
+def bind(kernel: Kernel, groups, threads, args: Sequence | None, named: dict, predicate) -> Dispatch:
+    """Check everything about a dispatch and return it bound; raise DispatchError on any problem."""
+    sig = kernel.sig
+    where = f"kernel {kernel.name} ({sig.where})"
+    g = _shape3(groups, "groups", kernel)
+    t = _shape3(threads, "threads", kernel)
+    count = t[0] * t[1] * t[2]
+    if count % 32 or count > 1024:
+        raise DispatchError(f"{where}: threads per threadgroup {t} = {count}; it must be a multiple of 32 "
+                            "and at most 1024 (Apple and NVIDIA GPUs run 32-wide SIMD groups)")
+    if g[0] * g[1] * g[2] * count >= 2**32:
+        raise DispatchError(f"{where}: grid {g}×{t} has 2^32 threads or more; builtins are 32-bit")
+    params = sig.buffers
+    args = list(args or [])
+    if len(args) > len(params):
+        raise DispatchError(f"{where}: takes {len(params)} arguments ({', '.join(p.name for p in params)}), got {len(args) + len(named)}")
+    by_name = {p.name: p for p in params}
+    bound: dict[str, Any] = {p.name: a for p, a in zip(params, args)}
+    for name, value in named.items():
+        if name not in by_name:
+            raise DispatchError(f"{where}: no parameter named {name!r} (parameters: {', '.join(by_name)})")
+        if name in bound:
+            raise DispatchError(f"{where}: parameter {name!r} given twice")
+        bound[name] = value
+    missing = [p.name for p in params if p.name not in bound]
+    if missing:
+        raise DispatchError(f"{where}: missing argument(s) {', '.join(missing)}")
+    out: list[Buffer | bytes] = []
+    for p in params:
+        out.append(_bind_one(kernel, p, bound[p.name]))
+    if predicate is not None and not isinstance(predicate, Predicate):
+        try:
+            predicate = Predicate(*predicate)
+        except TypeError:
+            raise DispatchError(f"{where}: predicate must be mm.Predicate(buffer, offset) or (buffer, offset)") from None
+    if predicate is not None and predicate.buffer.device is not kernel.library.device:
+        raise DispatchError(f"{where}: the predicate buffer lives on {predicate.buffer.device.name}, "
+                            f"the kernel on {kernel.library.device.name}")
+    return Dispatch(kernel, g, t, out, predicate)
+
+
+def _bind_one(kernel: Kernel, p: S.Param, value: Any) -> Buffer | bytes:
+    where = f"kernel {kernel.name} ({p.loc}), parameter `{p.name}` ({p.type})"
+    dev = kernel.library.device
+    value = getattr(value, "buffer", value)  # tensors carry their buffer
+    if isinstance(value, Buffer):
+        if value.device is not dev:
+            raise DispatchError(f"{where}: buffer lives on {value.device.name}, the kernel on {dev.name}")
+        if p.kind == "constant":
+            st = kernel.sig.struct_of(p)
+            need = st.nbytes if st is not None else 4
+            if value.nbytes < need:
+                raise DispatchError(f"{where}: buffer of {value.nbytes} bytes is smaller than the {need} bytes it binds")
+        return value
+    if p.kind == "constant":
+        return kernel.pack(p, value)
+    raise DispatchError(f"{where}: expected a device buffer or tensor, got {type(value).__name__}"
+                        + (" (copy arrays to the device with dev.buffer(array))" if isinstance(value, np.ndarray) else ""))
+
+
+# ---------------------------------------------------------------- libraries
+
+class Library:
+    """The kernels of one MSL source, linted and compiled for a device."""
+
+    def __init__(self, device: "Device", src: S.Source):
+        self.device = device
+        self.source = src
+        problems = S.lint(src)
+        if problems:
+            raise S.LintError(problems)
+        self._kernels: dict[str, Kernel] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.source.kernels)
+
+    def kernel(self, name: str) -> Kernel:
+        """The kernel function `name` of this library."""
+        if name not in self._kernels:
+            sig = self.source.kernels.get(name)
+            if sig is None:
+                raise KeyError(f"{self.source.name} has no kernel {name!r} (kernels: {', '.join(self.names) or 'none'})")
+            self._kernels[name] = self._make_kernel(sig)
+        return self._kernels[name]
+
+    def _make_kernel(self, sig: S.Kernel) -> Kernel:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- command buffers
+
+class CommandBuffer:
+    """Encodes dispatches; `commit` sends them to the device's queue, in commit order.
+
+    Example:
+        >>> cb = dev.command_buffer()
+        >>> cb.dispatch(k, groups=(4, 1, 1), threads=(256, 1, 1), args=[x, y, {"n": 1000, "a": 2.0}])
+        >>> cb.commit(); cb.wait()
+    """
+
+    def __init__(self, device: "Device"):
+        self.device = device
+        self.predicate: Predicate | None = None
+        self._encoded: list[Dispatch] = []
+        self._submitted: list[Any] = []
+        self._committed = False
+
+    def dispatch(self, kernel: Kernel, groups, threads, args: Sequence | None = None, *,
+                 predicate=None, **named) -> None:
+        """Encode `groups` threadgroups of `threads` threads running `kernel`.
+
+        Args:
+            kernel: from `library.kernel(name)`.
+            groups: threadgroups per grid, 1 to 3 integers.
+            threads: threads per threadgroup, a multiple of 32 and at most 1024 in all.
+            args: buffers (or tensors) and constants in buffer-index order; constants are a
+                dict of the struct's fields, a scalar, or a buffer.
+            predicate: `mm.Predicate(buffer, offset)` or a (buffer, offset) pair; overrides
+                `cb.predicate` for this dispatch.
+            **named: arguments by parameter name instead of position.
+        """
+        if self._committed:
+            raise DispatchError("this command buffer was committed; encode into a new one "
+                                "(or use commit_and_continue)")
+        if not isinstance(kernel, Kernel) or kernel.library.device is not self.device:
+            raise DispatchError(f"expected a kernel of {self.device.name}, got {kernel!r}")
+        d = bind(kernel, groups, threads, args, named, predicate if predicate is not None else self.predicate)
+        self._encoded.append(d)
+
+    def commit(self) -> None:
+        """Send the encoded work to the device; no more work may be encoded into this buffer."""
+        if self._committed:
+            raise DispatchError("this command buffer was already committed")
+        self._flush()
+        self._committed = True
+
+    def commit_and_continue(self) -> None:
+        """Send what is encoded so far and keep encoding into a fresh buffer on the same queue.
+
+        Temporaries of the committed part stay alive until the device is done with them;
+        `wait()` afterwards waits for everything committed so far.
+        """
+        if self._committed:
+            raise DispatchError("this command buffer was already committed")
+        self._flush()
+
+    def _flush(self):
+        work, self._encoded = self._encoded, []
+        self._submitted.append(self.device._submit(work))
+
+    def wait(self) -> None:
+        """Block until all committed work of this buffer is done; raise any device error."""
+        if not self._submitted:
+            raise DispatchError("wait() on a command buffer that was never committed")
+        for handle in self._submitted:
+            self.device._wait(handle)
+
+    @property
+    def completed(self) -> bool:
+        return bool(self._submitted) and all(self.device._done(h) for h in self._submitted)
+
+
+# ---------------------------------------------------------------- device
+
+class Device:
+    """A backend: allocation, libraries, command buffers. Subclasses implement the underscored hooks."""
+
+    name = "abstract"
+
+    def __init__(self):
+        self._libraries: dict[Any, Library] = {}
+        self._lock = threading.Lock()
+
+    def library(self, name: str | None = None, *, source: str | None = None, path: str | Path | None = None) -> Library:
+        """Compile a kernel library: `name` of a file in kernels/, a `source` string, or a `path`.
+
+        Example:
+            >>> lib = dev.library("elementwise"); k = lib.kernel("axpy")
+        """
+        if sum(x is not None for x in (name, source, path)) != 1:
+            raise TypeError("give exactly one of a library name, source= or path=")
+        key = ("name", name) if name is not None else ("path", str(path)) if path is not None else ("source", source)
+        with self._lock:
+            lib = self._libraries.get(key)
+            if lib is None:
+                if name is not None:
+                    src = S.Source.from_file(S.find(name))
+                elif path is not None:
+                    src = S.Source.from_file(path)
+                else:
+                    src = S.Source(source, name="<source>")
+                lib = self._libraries[key] = self._make_library(src)
+        return lib
+
+    def buffer(self, data=None, *, nbytes: int | None = None) -> Buffer:
+        """A device buffer holding a copy of `data`'s bytes, or `nbytes` uninitialised bytes."""
+        if (data is None) == (nbytes is None):
+            raise TypeError("give either data or nbytes=")
+        if data is not None:
+            raw = _as_bytes(data)
+            if raw.nbytes == 0:
+                raise ValueError("cannot make an empty buffer")
+            buf = self._alloc(raw.nbytes)
+            buf.write(raw)
+            return buf
+        if int(nbytes) <= 0:
+            raise ValueError(f"nbytes must be positive, got {nbytes}")
+        return self._alloc(int(nbytes))
+
+    def command_buffer(self) -> CommandBuffer:
+        return CommandBuffer(self)
+
+    def synchronize(self) -> None:
+        """Wait for all work committed on this device."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<mlmetal device {self.name}>"
+
+    # hooks
+    def _make_library(self, src: S.Source) -> Library:
+        raise NotImplementedError
+
+    def _alloc(self, nbytes: int) -> Buffer:
+        raise NotImplementedError
+
+    def _submit(self, work: list[Dispatch]) -> Any:
+        raise NotImplementedError
+
+    def _wait(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    def _done(self, handle: Any) -> bool:
+        raise NotImplementedError

@@ -1,0 +1,44 @@
+"""Shared test settings: the backend under test, hypothesis profiles, tolerances."""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import mlmetal as mm
+
+# One place for hypothesis: CI runs a short profile on 2 cores; `--hypothesis-profile=thorough`
+# draws many more cases on a workstation or GPU machine.
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", max_examples=12, **_common)
+settings.register_profile("dev", max_examples=25, **_common)
+settings.register_profile("thorough", max_examples=200, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# Sizes that catch the usual off-by-one: single elements, around a simdgroup, around a
+# threadgroup, and a few that are not multiples of anything.
+AWKWARD = [1, 2, 31, 32, 33, 63, 64, 65, 255, 256, 257, 1000, 1023, 1024, 1025, 4099]
+
+
+def backend() -> str:
+    return os.environ.get("MLMETAL_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def dev():
+    """The device under test: MLMETAL_DEVICE (cpu by default)."""
+    name = backend()
+    why = mm.available(name)
+    if why:
+        pytest.skip(f"backend {name} unavailable: {why}")
+    return mm.device(name)
+
+
+def cuda_reason() -> str | None:
+    return mm.available("cuda")
+
+
+def rtol_for(length: int, base: float = 1e-6) -> float:
+    """Float32 tolerance for a result accumulated over `length` terms."""
+    return base * max(1.0, float(np.sqrt(length))) * 4
