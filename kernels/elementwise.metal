@@ -43,3 +43,16 @@ kernel void copy_f4(device const float4* x [[buffer(0)]],
 kernel void empty(device uint* out [[buffer(0)]],
                   uint i [[thread_position_in_grid]]) {
 }
+
+struct CountParams {
+    uint n;
+};
+
+// out = x + y
+kernel void add(device const float* x [[buffer(0)]],
+                device const float* y [[buffer(1)]],
+                device float* out [[buffer(2)]],
+                constant CountParams& p [[buffer(3)]],
+                uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = x[i] + y[i];
+}

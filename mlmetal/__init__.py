@@ -4,5 +4,8 @@ from .runtime.backends import BackendUnavailable, available, device
 from .runtime.device import (Buffer, CommandBuffer, Device, DispatchError, ExecutionError, Kernel, Library,
                              Predicate)
 from .runtime.source import KernelSourceError, LintError
+from .tensor import Tensor, empty, tensor
+from . import ops  # noqa: E402  (ops use the names above)
+from .ops import ShapeError
 
 __version__ = "0.1.0"

@@ -1,0 +1,118 @@
+"""The op registry: each op is registered once, with everything the rest of mlmetal needs of it.
+
+An op is a small closed unit:
+
+- `check(*input_shapes, **attrs) -> (output_shape(s), attrs)`: validates shapes and
+  attributes *before anything runs* (raising ShapeError naming the op and the problem) and
+  returns the output shape — or a list of shapes for several outputs — with the attributes
+  normalised (e.g. `stride=None` resolved);
+- `encode(cb, out, *inputs, **attrs)`: dispatches its kernel(s) into a command buffer;
+  `out` is one tensor or a tuple of tensors, inputs are tensors;
+- `reference(*arrays, **attrs)`: the float64 numpy reference (mlmetal.reference.<family>);
+- `grad(g, out, *inputs, **attrs)`: the gradient rule, one entry per op: given the
+  gradient `g` of the output, returns one gradient (or None) per input, built by calling
+  other ops — so the same rule runs eagerly and, in a graph, appends gradient nodes.
+  `grad=None` marks an op as not differentiable (gradient kernels themselves, optimizer
+  updates); every such op says so explicitly;
+- `kernels`: the `library.kernel` names it dispatches (checked to exist by the tests).
+
+`mm.ops.<name>(*inputs, **attrs)` runs an op eagerly on device tensors. The family modules
+(conv.py, pool.py, ...) each register their ops at import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, Callable
+
+import numpy as np
+
+from ..tensor import Tensor, empty
+
+
+class ShapeError(ValueError):
+    """An op was given incompatible shapes or attributes; raised before anything is dispatched."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    name: str
+    check: Callable[..., tuple[Any, dict]]
+    encode: Callable[..., None]
+    reference: Callable[..., Any]
+    grad: Callable[..., tuple] | None
+    kernels: tuple[str, ...]  # "library.kernel"
+    out_dtype: Any = np.float32
+
+
+REGISTRY: dict[str, Op] = {}
+
+
+def register(name: str, *, check, encode, reference, grad, kernels, out_dtype=np.float32) -> Op:
+    """Add an op to the registry and expose it as `mm.ops.<name>`."""
+    if name in REGISTRY:
+        raise ValueError(f"op {name!r} registered twice")
+    op = REGISTRY[name] = Op(name, check, encode, reference, grad, tuple(kernels), out_dtype)
+    globals()[name] = lambda *inputs, **attrs: apply(name, *inputs, **attrs)
+    globals()[name].__name__ = name
+    globals()[name].__doc__ = (getattr(check, "__doc__", None) or f"The {name} op.")
+    return op
+
+
+def infer(name: str, *inputs, **attrs) -> tuple[Any, dict]:
+    """Output shape(s) and normalised attributes of op `name` on `inputs`; raises ShapeError."""
+    op = REGISTRY[name]
+    shapes = [tuple(x.shape) for x in inputs]
+    try:
+        return op.check(*shapes, **attrs)
+    except TypeError as e:  # a missing or unknown attribute
+        raise ShapeError(f"{name}: {e}") from None
+
+
+def apply(name: str, *inputs, **attrs):
+    """Run op `name` eagerly: check, allocate the output(s), encode, commit (asynchronously)."""
+    op = REGISTRY[name]
+    for i, x in enumerate(inputs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: input {i} must be an mm.Tensor, got {type(x).__name__} (use mm.tensor(array))")
+    devs = {x.device for x in inputs}
+    if len(devs) > 1:
+        raise ShapeError(f"{name}: inputs live on different devices ({', '.join(sorted(d.name for d in devs))})")
+    shape, attrs = infer(name, *inputs, **attrs)
+    dev = inputs[0].device
+    multi = isinstance(shape, list)
+    outs = tuple(empty(s, dev, op.out_dtype) for s in shape) if multi else empty(shape, dev, op.out_dtype)
+    cb = dev.command_buffer()
+    op.encode(cb, outs, *inputs, **attrs)
+    cb.commit()
+    return outs
+
+
+# ---------------------------------------------------------------- helpers for family modules
+
+def groups_for(n: int, threads: int) -> int:
+    """Threadgroups of `threads` that cover `n` items."""
+    return max(1, (n + threads - 1) // threads)
+
+
+def ensure(cond: bool, op: str, message: str) -> None:
+    """Raise ShapeError(`op: message`) unless `cond`."""
+    if not cond:
+        raise ShapeError(f"{op}: {message}")
+
+
+def pair(v, op: str, what: str) -> tuple[int, int]:
+    """An int or a pair of ints as a pair, checked to be integers."""
+    t = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+    ensure(len(t) == 2 and all(isinstance(a, (int, np.integer)) for a in t), op, f"{what} must be an int or a pair of ints, got {v!r}")
+    return int(t[0]), int(t[1])
+
+
+def _load_families():
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_load_families()

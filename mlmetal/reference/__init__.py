@@ -1,0 +1,1 @@
+"""Float64 numpy references of every op, one module per kernel family (like kernels/)."""

@@ -1,0 +1,139 @@
+"""The one generic op checker, driven by a table of rows (one per registered op).
+
+Each family's test module (tests/test_ops_<family>.py) declares its rows with `row(...)`
+and gets its tests from `make_tests(rows)`: forward against the float64 reference, and
+the gradient rule against central finite differences of that reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mlmetal as mm
+from mlmetal import ops
+
+# Every row ever declared, by op name: test_registry checks each registered op has one.
+ALL_ROWS: dict[str, "Row"] = {}
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    case: Callable[[st.DataObject], tuple[list[np.ndarray], dict]]  # draws (inputs, attrs)
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    grad_case: Callable | None = None  # smaller inputs for finite differences; default: case
+    grad_rtol: float = 2e-3
+    grad_atol: float = 2e-3
+    fd_eps: float = 1e-3
+    wrt: tuple[int, ...] | None = None  # inputs whose gradients are checked; default: all with one
+
+
+def row(op: str, case, **kw) -> Row:
+    r = Row(op, case, **kw)
+    ALL_ROWS[op] = r
+    return r
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def run_op(dev, name: str, inputs: list[np.ndarray], attrs: dict):
+    ts = [mm.tensor(a, dev, dtype=a.dtype) for a in inputs]
+    return ts, ops.apply(name, *ts, **attrs)
+
+
+def reference(name: str, inputs: list[np.ndarray], attrs: dict):
+    op = ops.REGISTRY[name]
+    _, norm = op.check(*[a.shape for a in inputs], **attrs)
+    as64 = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in inputs]
+    return op.reference(*as64, **norm), norm
+
+
+def check_forward(dev, r: Row, inputs, attrs):
+    _, out = run_op(dev, r.op, inputs, attrs)
+    ref, _ = reference(r.op, inputs, attrs)
+    for o, e in zip(_as_tuple(out), _as_tuple(ref)):
+        e = np.asarray(e)
+        assert o.shape == e.shape, f"{r.op}: output shape {o.shape}, reference {e.shape}"
+        got = o.numpy()
+        assert np.isfinite(got).all() or not np.isfinite(e).all(), f"{r.op}: non-finite output"
+        np.testing.assert_allclose(got, e, rtol=r.rtol, atol=r.atol, err_msg=f"{r.op} {attrs}")
+
+
+def finite_difference(f, inputs: list[np.ndarray], i: int, eps: float) -> np.ndarray:
+    """d f / d inputs[i] by central differences, in float64."""
+    x = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in inputs]
+    grad = np.zeros_like(x[i])
+    flat = x[i].reshape(-1)
+    gflat = grad.reshape(-1)
+    for j in range(flat.size):
+        keep = flat[j]
+        flat[j] = keep + eps
+        up = f(x)
+        flat[j] = keep - eps
+        down = f(x)
+        flat[j] = keep
+        gflat[j] = (up - down) / (2 * eps)
+    return grad
+
+
+def check_grad(dev, r: Row, inputs, attrs, seed: int):
+    op = ops.REGISTRY[r.op]
+    ts, out = run_op(dev, r.op, inputs, attrs)
+    rng = np.random.default_rng(seed)
+    gs = tuple(rng.standard_normal(o.shape).astype(np.float32) for o in _as_tuple(out))
+    g_t = tuple(mm.tensor(g, dev) for g in gs)
+    grads = op.grad(g_t if isinstance(out, tuple) else g_t[0], out, *ts, **ops.infer(r.op, *ts, **attrs)[1])
+    assert len(grads) == len(inputs), f"{r.op}: gradient rule returned {len(grads)} gradients for {len(inputs)} inputs"
+    _, norm = op.check(*[a.shape for a in inputs], **attrs)
+
+    def f(x):
+        return sum(float(np.sum(g.astype(np.float64) * np.asarray(o))) for g, o in zip(gs, _as_tuple(op.reference(*x, **norm))))
+
+    for i, gi in enumerate(grads):
+        if gi is None or (r.wrt is not None and i not in r.wrt):
+            continue
+        assert gi.shape == inputs[i].shape, f"{r.op}: gradient {i} has shape {gi.shape}, input {inputs[i].shape}"
+        fd = finite_difference(f, inputs, i, r.fd_eps)
+        np.testing.assert_allclose(gi.numpy(), fd, rtol=r.grad_rtol, atol=r.grad_atol * max(1.0, np.abs(fd).max()),
+                                   err_msg=f"{r.op}: gradient of input {i} {attrs}")
+
+
+def make_tests(rows: list[Row]):
+    """(test_forward, test_grad) parametrized over `rows`."""
+    ids = [r.op for r in rows]
+
+    @pytest.mark.parametrize("r", rows, ids=ids)
+    @given(data=st.data())
+    def test_forward(dev, r, data):
+        inputs, attrs = r.case(data)
+        check_forward(dev, r, inputs, attrs)
+
+    diff_rows = [r for r in rows if ops.REGISTRY[r.op].grad is not None]
+
+    @pytest.mark.parametrize("r", diff_rows, ids=[r.op for r in diff_rows])
+    @given(data=st.data(), seed=st.integers(0, 2**31))
+    def test_grad(dev, r, data, seed):
+        inputs, attrs = (r.grad_case or r.case)(data)
+        check_grad(dev, r, inputs, attrs, seed)
+
+    return test_forward, test_grad
+
+
+# ---------------------------------------------------------------- drawing inputs
+
+def floats(shape, data: st.DataObject, scale: float = 1.0) -> np.ndarray:
+    """A float32 array of `shape` from a drawn seed (fast to draw, reproducible)."""
+    seed = data.draw(st.integers(0, 2**31), label="seed")
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+AWKWARD_DIMS = st.sampled_from([1, 2, 3, 31, 32, 33]) | st.integers(1, 40)
