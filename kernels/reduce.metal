@@ -6,22 +6,26 @@ struct SumParams {
     uint n;
 };
 
-// Partial sums: threadgroup g writes partial[g] = the sum of x[i] over i ≡ its threads
-// (a grid-stride loop), reduced by simd_sum within each simdgroup and through threadgroup
-// memory across simdgroups. A second dispatch with one threadgroup sums the partials.
+// Partial sums: threadgroup g writes partial[g], the sum of its contiguous slice of x. Its
+// threads stride through the slice together (coalesced on a GPU; on the cpu backend the
+// slice stays in cache while one fiber after another walks it), then reduce by simd_sum
+// within each simdgroup and through threadgroup memory across simdgroups. A second
+// dispatch with one threadgroup sums the partials.
 kernel void sum_partial(device const float* x [[buffer(0)]],
                         device float* partial [[buffer(1)]],
                         constant SumParams& p [[buffer(2)]],
-                        uint i [[thread_position_in_grid]],
-                        uint grid [[threads_per_grid]],
                         uint lid [[thread_index_in_threadgroup]],
+                        uint tpg [[threads_per_threadgroup]],
                         uint group [[threadgroup_position_in_grid]],
+                        uint groups [[threadgroups_per_grid]],
                         uint lane [[thread_index_in_simdgroup]],
                         uint sg [[simdgroup_index_in_threadgroup]],
                         uint nsg [[simdgroups_per_threadgroup]]) {
     threadgroup float totals[32];
+    uint per = (p.n + groups - 1) / groups;
+    uint begin = group * per, end = min(begin + per, p.n);
     float acc = 0.0f;
-    for (uint j = i; j < p.n; j += grid) acc += x[j];
+    for (uint j = begin + lid; j < end; j += tpg) acc += x[j];
     acc = simd_sum(acc);
     if (lane == 0) totals[sg] = acc;
     threadgroup_barrier(mem_flags::mem_threadgroup);

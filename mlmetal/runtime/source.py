@@ -577,6 +577,11 @@ def generate(src: Source, target: str, threads: int | None = None) -> str:
             repl = "static thread_local" if target == "cpu" else "__shared__"
             body_clean = clean[body_a:body_b + 1]
             body = "".join(_sub_at(body, body_clean, _TG_ARRAY, repl))
+        else:
+            # Threadgroup arrays belong in the kernel function's outermost scope (OpenCL's rule,
+            # which clang enforces and MSL's address spaces descend from), so the body's statements
+            # join the wrapper's scope instead of nesting in a block of their own.
+            body = body[1:-1]
         out.append(_line(src, body_a) + body + "\n}\n")
         if target == "cpu":
             out.append(_cpu_entries(k))
@@ -603,10 +608,10 @@ def _line(src: Source, offset: int) -> str:
 def _entry(k: Kernel, target: str, threads: int | None) -> str:
     if target == "cpu":
         head = [f"static inline __attribute__((always_inline)) void {k.name}__mlm_body("
-                "void* const* __mlm_b, const mlm_launch& __mlm_L, uint __mlm_g0, uint __mlm_g1, uint __mlm_g2, uint __mlm_tid) {",
+                "void* const* __mlm_b, const mlm_launch& __mlm_L, uint __mlm_g0, uint __mlm_g1, uint __mlm_g2, "
+                "uint __mlm_lid, uint __mlm_l0, uint __mlm_l1, uint __mlm_l2) {",
                 "    const uint __mlm_n0 = __mlm_L.groups[0], __mlm_n1 = __mlm_L.groups[1], __mlm_n2 = __mlm_L.groups[2];",
                 "    const uint __mlm_t0 = __mlm_L.threads[0], __mlm_t1 = __mlm_L.threads[1], __mlm_t2 = __mlm_L.threads[2];",
-                *_launch_vars("__mlm_tid"),
                 *_binding_lines(k, lambda i: f"__mlm_b[{i}]")]
     elif target == "cuda":
         args = ", ".join([f"void* __mlm_b{p.index}" for p in k.buffers] + ["const unsigned int* __mlm_pred"])
@@ -628,7 +633,8 @@ def _entry(k: Kernel, target: str, threads: int | None) -> str:
         ]
         head = [f"[[max_total_threads_per_threadgroup({threads})]]",
                 f"kernel void {k.name}(" + ",\n        ".join(params) + ") {",
-                f"    if (__mlm_ptg != {threads}u) {{ atomic_store_explicit(__mlm_err, 1u, memory_order_relaxed); return; }}",
+                # The flag records the size Metal chose (never 0), for the runtime's error message.
+                f"    if (__mlm_ptg != {threads}u) {{ atomic_store_explicit(__mlm_err, __mlm_ptg, memory_order_relaxed); return; }}",
                 "    if (__mlm_L.has_pred != 0u && __mlm_pred[__mlm_L.pred_word] == 0u) return;",
                 "    const uint __mlm_n0 = __mlm_L.groups[0], __mlm_n1 = __mlm_L.groups[1], __mlm_n2 = __mlm_L.groups[2];",
                 "    const uint __mlm_t0 = __mlm_L.threads[0], __mlm_t1 = __mlm_L.threads[1], __mlm_t2 = __mlm_L.threads[2];",
@@ -641,15 +647,22 @@ def _entry(k: Kernel, target: str, threads: int | None) -> str:
 
 
 def _cpu_entries(k: Kernel) -> str:
-    call = f"{k.name}__mlm_body(b, *L, g0, g1, g2, lid)"
+    # The plain loop walks the threadgroup in thread_index order with the 3-D position kept
+    # in counters: no division per thread, and the innermost loop is simple enough to vectorise.
     return (
         f'extern "C" void {k.name}__mlm_group(void* const* b, const mlm_launch* L, uint g0, uint g1, uint g2) {{\n'
         "    if (L->pred != nullptr && *L->pred == 0u) return;\n"
-        "    const uint T = L->threads[0] * L->threads[1] * L->threads[2];\n"
-        f"    for (uint lid = 0; lid < T; ++lid) {call};\n}}\n"
+        "    const uint t0 = L->threads[0], t1 = L->threads[1], t2 = L->threads[2];\n"
+        "    uint lid = 0;\n"
+        "    for (uint l2 = 0; l2 < t2; ++l2)\n"
+        "        for (uint l1 = 0; l1 < t1; ++l1)\n"
+        f"            for (uint l0 = 0; l0 < t0; ++l0, ++lid) {k.name}__mlm_body(b, *L, g0, g1, g2, lid, l0, l1, l2);\n"
+        "}\n"
         f'extern "C" void {k.name}__mlm_thread(void* const* b, const mlm_launch* L, uint g0, uint g1, uint g2, uint lid) {{\n'
         "    if (L->pred != nullptr && *L->pred == 0u) return;\n"
-        f"    {call};\n}}\n"
+        "    const uint t0 = L->threads[0], t1 = L->threads[1];\n"
+        f"    {k.name}__mlm_body(b, *L, g0, g1, g2, lid, lid % t0, (lid / t0) % t1, lid / (t0 * t1));\n"
+        "}\n"
     )
 
 
