@@ -7,5 +7,6 @@ from .runtime.source import KernelSourceError, LintError
 from .tensor import Tensor, empty, tensor
 from . import ops  # noqa: E402  (ops use the names above)
 from .ops import ShapeError
+from .graph import Graph, GraphError, GraphTensor
 
 __version__ = "0.1.0"

@@ -72,8 +72,14 @@ def infer(name: str, *inputs, **attrs) -> tuple[Any, dict]:
 
 
 def apply(name: str, *inputs, **attrs):
-    """Run op `name` eagerly: check, allocate the output(s), encode, commit (asynchronously)."""
+    """Run op `name` eagerly (check, allocate the output(s), encode, commit asynchronously),
+    or, when any input is a graph tensor, append it to that graph as a node."""
     op = REGISTRY[name]
+    from ..graph import GraphTensor  # the tape imports this module
+
+    graph_inputs = [x for x in inputs if isinstance(x, GraphTensor)]
+    if graph_inputs:
+        return graph_inputs[0].graph.append(name, list(inputs), attrs)
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: input {i} must be an mm.Tensor, got {type(x).__name__} (use mm.tensor(array))")

@@ -1,0 +1,363 @@
+"""The tape: inference graphs, the training graphs derived from them, and their execution.
+
+Calling an op on graph tensors appends a node to the graph; nothing runs until the graph is
+run. `loss.training_graph()` walks the tape backwards and appends, for every forward node
+that needs one, the gradient nodes its op's gradient rule creates — the same rules that
+run eagerly — plus an addition wherever a tensor fans out (DESIGN §3, MPS's
+`trainingGraph(sourceGradient:nodeHandler:)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from . import ops
+from .runtime.device import Device
+from .tensor import Tensor
+
+
+class GraphError(ValueError):
+    """A graph that cannot be built or run as asked."""
+
+
+class GraphTensor:
+    """A symbolic tensor: an input, a parameter, or the output of a node."""
+
+    def __init__(self, graph: "Graph", shape, dtype=np.float32, node: "Node | None" = None, name: str = "",
+                 value: Tensor | None = None):
+        self.graph = graph
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.node = node  # producer; None for inputs and parameters
+        self.name = name
+        self.value = value  # the device tensor of a parameter (or constant)
+        self.stop_gradient = False
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def is_input(self) -> bool:
+        return self.node is None and self.value is None
+
+    def training_graph(self, source_gradient: "GraphTensor | None" = None, node_handler: Callable | None = None,
+                       optimizer=None) -> "Training":
+        """Derive the training graph that ends at this tensor (usually a loss). See `Graph.training_graph`."""
+        return self.graph.training_graph(self, source_gradient, node_handler, optimizer)
+
+    def __repr__(self):
+        what = "input" if self.is_input else "param" if self.value is not None else self.node.op
+        return f"GraphTensor({self.name or what}, shape={self.shape})"
+
+
+@dataclasses.dataclass(eq=False)
+class Node:
+    """One op application on the tape."""
+
+    op: str
+    inputs: list[GraphTensor]
+    attrs: dict
+    outputs: list[GraphTensor] = dataclasses.field(default_factory=list)
+    gradient_of: "Node | None" = None  # the forward node whose gradient rule created this node
+    predicate: Any = None
+
+    def __repr__(self):
+        return f"Node({self.op}, {[t.shape for t in self.inputs]} -> {[t.shape for t in self.outputs]})"
+
+
+class Graph:
+    """An inference graph under construction: ops on its tensors append nodes.
+
+    Example:
+        >>> g = mm.Graph(dev)
+        >>> x = g.input("x", (4, 3))
+        >>> y = mm.ops.relu(x)
+        >>> g.run({"x": np.ones((4, 3), np.float32)}, outputs=[y])[0].shape
+        (4, 3)
+    """
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.nodes: list[Node] = []
+        self.inputs: dict[str, GraphTensor] = {}
+        self._params: dict[int, GraphTensor] = {}
+        self._recording: list[Node] | None = None  # nodes created by a gradient rule
+        self._plans: dict = {}
+
+    def input(self, name: str, shape, dtype=np.float32) -> GraphTensor:
+        """A named input, fed by `run(inputs={name: array})`."""
+        if name in self.inputs:
+            raise GraphError(f"graph already has an input named {name!r}")
+        t = self.inputs[name] = GraphTensor(self, shape, dtype, name=name)
+        return t
+
+    def leaf(self, value: Tensor) -> GraphTensor:
+        """The graph tensor of a device tensor (a parameter or a constant) used by a node."""
+        key = id(value)
+        if key not in self._params:
+            if value.device is not self.device:
+                raise GraphError(f"a tensor on {value.device.name} used in a graph on {self.device.name}")
+            t = GraphTensor(self, value.shape, value.dtype, value=value, name=getattr(value, "name", ""))
+            t.stop_gradient = value.stop_gradient
+            self._params[key] = t
+        return self._params[key]
+
+    def append(self, name: str, inputs: list, attrs: dict):
+        """Append a node applying op `name`; returns its output tensor(s)."""
+        gins = [x if isinstance(x, GraphTensor) else self.leaf(x) for x in inputs]
+        for x in gins:
+            if x.graph is not self:
+                raise GraphError(f"{name}: input {x} belongs to another graph")
+        shape, norm = ops.infer(name, *gins, **attrs)
+        node = Node(name, gins, norm)
+        op = ops.REGISTRY[name]
+        shapes = shape if isinstance(shape, list) else [shape]
+        node.outputs = [GraphTensor(self, s, op.out_dtype, node=node) for s in shapes]
+        self.nodes.append(node)
+        if self._recording is not None:
+            self._recording.append(node)
+        return tuple(node.outputs) if isinstance(shape, list) else node.outputs[0]
+
+    # ------------------------------------------------------------ training graphs
+
+    def training_graph(self, loss: GraphTensor, source_gradient: GraphTensor | None = None,
+                       node_handler: Callable | None = None, optimizer=None) -> "Training":
+        """Append the gradient nodes of everything `loss` depends on, and the optimizer's updates.
+
+        Args:
+            loss: the tensor the backward pass starts from (usually a loss, or a sum of losses).
+            source_gradient: its initial gradient; None uses the loss op's own
+                (`initial_gradient`: ones of the loss's shape).
+            node_handler: called once on every node created; returning False drops the node
+                and prunes the gradients that would flow through it.
+            optimizer: appends an update node for every trainable parameter that gets a gradient.
+
+        Returns:
+            a Training whose `step(**inputs)` runs forward, backward and updates.
+        """
+        forward = list(self.nodes)
+        needs = self._needs_gradient(forward)
+        if not needs.get(loss, False):
+            raise GraphError("nothing in this graph has a gradient to compute: the loss depends on no trainable "
+                             "parameter (or every path to one is cut by stop_gradient)")
+        if source_gradient is None:
+            source_gradient = ops.initial_gradient(loss) if "initial_gradient" in ops.REGISTRY else None
+            if source_gradient is None:
+                raise GraphError("no initial_gradient op is registered; pass source_gradient")
+        grads: dict[GraphTensor, GraphTensor] = {loss: source_gradient}
+        created: list[Node] = []
+        for node in reversed(forward):
+            outs = [grads.get(o) for o in node.outputs]
+            if all(g is None for g in outs) or not any(needs.get(x, False) for x in node.inputs):
+                continue
+            op = ops.REGISTRY[node.op]
+            if op.grad is None:
+                raise GraphError(f"op {node.op} has no gradient rule, but a gradient flows through it")
+            g = outs[0] if len(outs) == 1 else tuple(outs)
+            new = self._record(lambda: op.grad(g, node.outputs[0] if len(node.outputs) == 1 else tuple(node.outputs),
+                                               *node.inputs, **node.attrs))
+            in_grads, made = new
+            for m in made:
+                m.gradient_of = node
+            kept = self._handle(made, node_handler)
+            created.extend(kept)
+            for x, gx in zip(node.inputs, in_grads):
+                if gx is None or not needs.get(x, False) or (gx.node is not None and gx.node not in kept
+                                                              and gx.node in made):
+                    continue
+                if x in grads:  # fan-out: one addition node joins the two gradients
+                    summed, made_add = self._record(lambda: ops.add(grads[x], gx))
+                    created.extend(self._handle(made_add, node_handler))
+                    grads[x] = summed
+                else:
+                    grads[x] = gx
+        params = [t for t in self._params.values() if t.value is not None and needs.get(t, False)]
+        param_grads = {t: grads[t] for t in params if t in grads}
+        updates = []
+        if optimizer is not None:
+            updates = optimizer.append_updates(self, param_grads)
+        return Training(self, loss, param_grads, created, updates)
+
+    def _record(self, fn):
+        saved, self._recording = self._recording, []
+        try:
+            result = fn()
+            return result, self._recording
+        finally:
+            self._recording = saved
+
+    def _handle(self, made: list[Node], node_handler) -> list[Node]:
+        if node_handler is None:
+            return made
+        kept = []
+        for m in made:
+            if node_handler(m) is False:
+                self.nodes.remove(m)
+            else:
+                kept.append(m)
+        return kept
+
+    def _needs_gradient(self, nodes: list[Node]) -> dict[GraphTensor, bool]:
+        """Which tensors carry a gradient: trainable parameters and everything computed from them."""
+        needs: dict[GraphTensor, bool] = {}
+        for t in self._params.values():
+            needs[t] = t.value is not None and not t.stop_gradient and getattr(t.value, "trainable", True)
+        for node in nodes:
+            flows = any(needs.get(x, False) for x in node.inputs)
+            for o in node.outputs:
+                needs[o] = flows and not o.stop_gradient
+        return needs
+
+    # ------------------------------------------------------------ execution
+
+    def run(self, inputs: dict, outputs: list[GraphTensor] | None = None, commit_every: int = 16):
+        """Run the graph; returns the numpy values of `outputs` (default: the last node's outputs).
+
+        Args:
+            inputs: {name: array} for every graph input, with the declared shapes.
+            outputs: the tensors to return.
+            commit_every: nodes per `commit_and_continue`, so the device starts while the rest is encoded.
+        """
+        outputs = list(outputs) if outputs is not None else list(self.nodes[-1].outputs)
+        plan = self.plan(tuple(outputs))
+        values = plan.execute(self._bind_inputs(inputs), commit_every)
+        return [values[o].numpy() if isinstance(values[o], Tensor) else values[o] for o in outputs]
+
+    def _bind_inputs(self, inputs: dict) -> dict[GraphTensor, Any]:
+        missing = [n for n in self.inputs if n not in inputs]
+        extra = [n for n in inputs if n not in self.inputs]
+        if missing or extra:
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(extra)}"] if extra else [])
+            raise GraphError(f"graph inputs do not match: {'; '.join(parts)} (inputs: {', '.join(self.inputs)})")
+        bound = {}
+        for name, t in self.inputs.items():
+            v = inputs[name]
+            if isinstance(v, Tensor):
+                if v.shape != t.shape:
+                    raise GraphError(f"input {name!r} has shape {v.shape}; the graph declared {t.shape}")
+                bound[t] = v
+                continue
+            a = np.asarray(v)
+            if a.shape != t.shape:
+                raise GraphError(f"input {name!r} has shape {a.shape}; the graph declared {t.shape}")
+            bound[t] = np.ascontiguousarray(a, dtype=t.dtype)
+        return bound
+
+    def plan(self, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True) -> "Plan":
+        key = (outputs, len(self.nodes), plan_lifetimes)
+        if key not in self._plans:
+            self._plans[key] = Plan(self, outputs, plan_lifetimes)
+        return self._plans[key]
+
+
+class Plan:
+    """Which nodes run, and which buffer each intermediate tensor lives in.
+
+    Temporaries share memory: a tensor's buffer returns to a free list after the last node
+    that reads it, and later tensors take the smallest free buffer that fits.
+    """
+
+    def __init__(self, graph: Graph, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True):
+        self.graph = graph
+        self.outputs = outputs
+        self.nodes = self._live_nodes(graph.nodes, outputs)
+        self.slots: dict[GraphTensor, int] = {}
+        self.slot_bytes: list[int] = []
+        keep = set(outputs)
+        last_use: dict[GraphTensor, int] = {}
+        for i, n in enumerate(self.nodes):
+            for x in n.inputs:
+                last_use[x] = i
+        free: list[int] = []
+        for i, n in enumerate(self.nodes):
+            for o in n.outputs:
+                self.slots[o] = self._take(free, max(o.nbytes, 4))
+            if plan_lifetimes:
+                for x in set(n.inputs) | set(n.outputs):
+                    if x in self.slots and x not in keep and last_use.get(x, -1) <= i:
+                        free.append(self.slots[x])
+        self.peak_bytes = sum(self.slot_bytes)
+        self._buffers = None
+
+    @staticmethod
+    def _live_nodes(nodes: list[Node], outputs) -> list[Node]:
+        """Nodes the outputs depend on, plus every node that writes in place (updates)."""
+        needed = {o.node for o in outputs if o.node is not None}
+        live = []
+        for n in reversed(nodes):
+            if n in needed or ops.REGISTRY[n.op].grad is None and n.op.endswith("_update"):
+                live.append(n)
+                needed.update(x.node for x in n.inputs if x.node is not None)
+        return live[::-1]
+
+    def _take(self, free: list[int], nbytes: int) -> int:
+        fits = [s for s in free if self.slot_bytes[s] >= nbytes]
+        if fits:
+            best = min(fits, key=lambda s: self.slot_bytes[s])
+            free.remove(best)
+            return best
+        self.slot_bytes.append(nbytes)
+        return len(self.slot_bytes) - 1
+
+    def execute(self, bound: dict, commit_every: int = 16) -> dict:
+        dev = self.graph.device
+        if self._buffers is None:
+            self._buffers = [dev.buffer(nbytes=b) for b in self.slot_bytes]
+        values: dict[GraphTensor, Tensor] = {}
+        for t, v in bound.items():
+            values[t] = v if isinstance(v, Tensor) else Tensor(dev.buffer(v if v.size else np.zeros(1, v.dtype)), t.shape, t.dtype)
+        for t in self.graph._params.values():
+            values[t] = t.value
+        cb = dev.command_buffer()
+        for i, n in enumerate(self.nodes):
+            for o in n.outputs:
+                values[o] = Tensor(self._buffers[self.slots[o]], o.shape, o.dtype)
+            outs = values[n.outputs[0]] if len(n.outputs) == 1 else tuple(values[o] for o in n.outputs)
+            saved = cb.predicate
+            if n.predicate is not None:
+                cb.predicate = n.predicate
+            ops.REGISTRY[n.op].encode(cb, outs, *[values[x] for x in n.inputs], **n.attrs)
+            cb.predicate = saved
+            if commit_every and (i + 1) % commit_every == 0:
+                cb.commit_and_continue()
+        cb.commit()
+        cb.wait()
+        return values
+
+
+class Training:
+    """A derived training graph: `step(**inputs)` runs forward, backward and the optimizer's updates."""
+
+    def __init__(self, graph: Graph, loss: GraphTensor, param_grads: dict, created: list[Node], updates: list[Node]):
+        self.graph = graph
+        self.loss = loss
+        self.param_grads = param_grads
+        self.gradient_nodes = created
+        self.update_nodes = updates
+
+    @property
+    def parameters(self) -> list[Tensor]:
+        return [t.value for t in self.param_grads]
+
+    def step(self, commit_every: int = 16, **inputs) -> float:
+        """Run one training step; returns the loss and leaves each parameter's gradient in `p.grad`."""
+        grads = list(self.param_grads.values())
+        plan = self.graph.plan((self.loss, *grads))
+        values = plan.execute(self.graph._bind_inputs(inputs), commit_every)
+        for t, g in self.param_grads.items():
+            t.value.grad = values[g]
+        loss = values[self.loss].numpy()
+        return float(loss.sum())
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.graph.plan((self.loss, *self.param_grads.values())).peak_bytes
