@@ -111,8 +111,12 @@ class Graph:
             self._params[key] = t
         return self._params[key]
 
-    def append(self, name: str, inputs: list, attrs: dict):
-        """Append a node applying op `name`; returns its output tensor(s)."""
+    def append(self, name: str, inputs: list, attrs: dict, out_values: list[Tensor] | None = None):
+        """Append a node applying op `name`; returns its output tensor(s).
+
+        `out_values` binds the outputs to existing device tensors: the node writes them in
+        place (an optimizer's update of its parameters and state).
+        """
         gins = [x if isinstance(x, GraphTensor) else self.leaf(x) for x in inputs]
         for x in gins:
             if x.graph is not self:
@@ -122,6 +126,8 @@ class Graph:
         op = ops.REGISTRY[name]
         shapes = shape if isinstance(shape, list) else [shape]
         node.outputs = [GraphTensor(self, s, op.out_dtype, node=node) for s in shapes]
+        for o, v in zip(node.outputs, out_values or []):
+            o.value = v
         self.nodes.append(node)
         if self._recording is not None:
             self._recording.append(node)
@@ -163,29 +169,68 @@ class Graph:
             if op.grad is None:
                 raise GraphError(f"op {node.op} has no gradient rule, but a gradient flows through it")
             g = outs[0] if len(outs) == 1 else tuple(outs)
-            new = self._record(lambda: op.grad(g, node.outputs[0] if len(node.outputs) == 1 else tuple(node.outputs),
-                                               *node.inputs, **node.attrs))
-            in_grads, made = new
-            for m in made:
-                m.gradient_of = node
-            kept = self._handle(made, node_handler)
-            created.extend(kept)
+            out = node.outputs[0] if len(node.outputs) == 1 else tuple(node.outputs)
+            in_grads, made = self._record(lambda: op.grad(g, out, *node.inputs, **node.attrs))
             for x, gx in zip(node.inputs, in_grads):
-                if gx is None or not needs.get(x, False) or (gx.node is not None and gx.node not in kept
-                                                              and gx.node in made):
+                if gx is None or not needs.get(x, False):
                     continue
                 if x in grads:  # fan-out: one addition node joins the two gradients
-                    summed, made_add = self._record(lambda: ops.add(grads[x], gx))
-                    created.extend(self._handle(made_add, node_handler))
-                    grads[x] = summed
-                else:
-                    grads[x] = gx
+                    gx, made_add = self._record(lambda: ops.add(grads[x], gx))
+                    made += made_add
+                grads[x] = gx
+            for m in made:
+                m.gradient_of = node
+            created += made
         params = [t for t in self._params.values() if t.value is not None and needs.get(t, False)]
         param_grads = {t: grads[t] for t in params if t in grads}
-        updates = []
-        if optimizer is not None:
-            updates = optimizer.append_updates(self, param_grads)
-        return Training(self, loss, param_grads, created, updates)
+        created = self._prune(created, param_grads)
+        if node_handler is not None:
+            created = self._handle(created, param_grads, node_handler)
+        updates = optimizer.append_updates(self, param_grads) if optimizer is not None else []
+        return Training(self, loss, param_grads, created, updates, optimizer)
+
+    def _prune(self, created: list[Node], param_grads: dict) -> list[Node]:
+        """Drop the gradient nodes no parameter gradient depends on (e.g. an input gradient above a cut)."""
+        live, todo = set(), [g.node for g in param_grads.values() if g.node is not None]
+        while todo:
+            n = todo.pop()
+            if n in live:
+                continue
+            live.add(n)
+            todo += [x.node for x in n.inputs if x.node is not None]
+        dead = [n for n in created if n not in live]
+        for n in dead:
+            self.nodes.remove(n)
+        return [n for n in created if n in live]
+
+    def _handle(self, created: list[Node], param_grads: dict, node_handler) -> list[Node]:
+        """Show every gradient node to `node_handler`; a node it drops takes its branch with it.
+
+        Where a dropped branch met another at a fan-out addition, the other branch's gradient
+        flows on alone.
+        """
+        dropped: set[GraphTensor] = set()
+        alias: dict[GraphTensor, GraphTensor] = {}
+        kept = []
+        for n in created:
+            n.inputs = [alias.get(x, x) for x in n.inputs]
+            lost = [x for x in n.inputs if x in dropped]
+            if n.op == "add" and len(lost) == 1 and n.gradient_of is not None and len(n.inputs) == 2:
+                alias[n.outputs[0]] = n.inputs[1] if lost[0] is n.inputs[0] else n.inputs[0]
+                self.nodes.remove(n)
+                continue
+            if lost or node_handler(n) is False:
+                dropped.update(n.outputs)
+                self.nodes.remove(n)
+                continue
+            kept.append(n)
+        for t, g in list(param_grads.items()):
+            g = alias.get(g, g)
+            if g in dropped:
+                del param_grads[t]
+            else:
+                param_grads[t] = g
+        return self._prune(kept, param_grads)
 
     def _record(self, fn):
         saved, self._recording = self._recording, []
@@ -195,22 +240,11 @@ class Graph:
         finally:
             self._recording = saved
 
-    def _handle(self, made: list[Node], node_handler) -> list[Node]:
-        if node_handler is None:
-            return made
-        kept = []
-        for m in made:
-            if node_handler(m) is False:
-                self.nodes.remove(m)
-            else:
-                kept.append(m)
-        return kept
-
     def _needs_gradient(self, nodes: list[Node]) -> dict[GraphTensor, bool]:
         """Which tensors carry a gradient: trainable parameters and everything computed from them."""
         needs: dict[GraphTensor, bool] = {}
         for t in self._params.values():
-            needs[t] = t.value is not None and not t.stop_gradient and getattr(t.value, "trainable", True)
+            needs[t] = t.value is not None and not t.stop_gradient and getattr(t.value, "trainable", False)
         for node in nodes:
             flows = any(needs.get(x, False) for x in node.inputs)
             for o in node.outputs:
@@ -280,7 +314,8 @@ class Plan:
         free: list[int] = []
         for i, n in enumerate(self.nodes):
             for o in n.outputs:
-                self.slots[o] = self._take(free, max(o.nbytes, 4))
+                if o.value is None:
+                    self.slots[o] = self._take(free, max(o.nbytes, 4))
             if plan_lifetimes:
                 for x in set(n.inputs) | set(n.outputs):
                     if x in self.slots and x not in keep and last_use.get(x, -1) <= i:
@@ -290,11 +325,11 @@ class Plan:
 
     @staticmethod
     def _live_nodes(nodes: list[Node], outputs) -> list[Node]:
-        """Nodes the outputs depend on, plus every node that writes in place (updates)."""
+        """Nodes the outputs depend on, plus every node that writes tensors in place (updates)."""
         needed = {o.node for o in outputs if o.node is not None}
         live = []
         for n in reversed(nodes):
-            if n in needed or ops.REGISTRY[n.op].grad is None and n.op.endswith("_update"):
+            if n in needed or any(o.value is not None for o in n.outputs):
                 live.append(n)
                 needed.update(x.node for x in n.inputs if x.node is not None)
         return live[::-1]
@@ -320,7 +355,7 @@ class Plan:
         cb = dev.command_buffer()
         for i, n in enumerate(self.nodes):
             for o in n.outputs:
-                values[o] = Tensor(self._buffers[self.slots[o]], o.shape, o.dtype)
+                values[o] = o.value if o.value is not None else Tensor(self._buffers[self.slots[o]], o.shape, o.dtype)
             outs = values[n.outputs[0]] if len(n.outputs) == 1 else tuple(values[o] for o in n.outputs)
             saved = cb.predicate
             if n.predicate is not None:
@@ -337,8 +372,10 @@ class Plan:
 class Training:
     """A derived training graph: `step(**inputs)` runs forward, backward and the optimizer's updates."""
 
-    def __init__(self, graph: Graph, loss: GraphTensor, param_grads: dict, created: list[Node], updates: list[Node]):
+    def __init__(self, graph: Graph, loss: GraphTensor, param_grads: dict, created: list[Node], updates: list[Node],
+                 optimizer=None):
         self.graph = graph
+        self.optimizer = optimizer
         self.loss = loss
         self.param_grads = param_grads
         self.gradient_nodes = created
@@ -351,6 +388,8 @@ class Training:
     def step(self, commit_every: int = 16, **inputs) -> float:
         """Run one training step; returns the loss and leaves each parameter's gradient in `p.grad`."""
         grads = list(self.param_grads.values())
+        if self.optimizer is not None:
+            self.optimizer.prepare_step()
         plan = self.graph.plan((self.loss, *grads))
         values = plan.execute(self.graph._bind_inputs(inputs), commit_every)
         for t, g in self.param_grads.items():

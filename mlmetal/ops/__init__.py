@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import pkgutil
 from typing import Any, Callable
 
@@ -55,10 +56,36 @@ def register(name: str, *, check, encode, reference, grad, kernels, out_dtype=np
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
     op = REGISTRY[name] = Op(name, check, encode, reference, grad, tuple(kernels), out_dtype)
-    globals()[name] = lambda *inputs, **attrs: apply(name, *inputs, **attrs)
-    globals()[name].__name__ = name
-    globals()[name].__doc__ = (getattr(check, "__doc__", None) or f"The {name} op.")
+    globals()[name] = _entry_point(name, check)
     return op
+
+
+def _entry_point(name: str, check):
+    """`mm.ops.<name>(*tensors, *attrs, **attrs)`: leading tensors are the inputs; positional
+    arguments after them are attributes, in the order `check` declares them."""
+    positional = [p.name for p in inspect.signature(check).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def call(*args, **attrs):
+        n = 0
+        while n < len(args) and _is_tensor(args[n]):
+            n += 1
+        extra = args[n:]
+        if extra and len(extra) > len(positional) - n:
+            raise TypeError(f"{name}: {len(extra)} positional argument(s) after the {n} tensor input(s) cannot be "
+                            f"matched to attributes; pass them by keyword")
+        attrs.update(zip(positional[n:], extra))
+        return apply(name, *args[:n], **attrs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = check.__doc__ or f"The {name} op."
+    return call
+
+
+def _is_tensor(x) -> bool:
+    from ..graph import GraphTensor
+
+    return isinstance(x, (Tensor, GraphTensor))
 
 
 def infer(name: str, *inputs, **attrs) -> tuple[Any, dict]:

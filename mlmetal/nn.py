@@ -1,0 +1,216 @@
+"""Layers on the ops: modules with named parameters, usable eagerly and inside graphs.
+
+A module's parameters are plain attributes (dotted names through submodules, like MLX and
+PyTorch); `p.numpy()` reads one, `p.assign(array)` sets it. Initialisation is deterministic:
+every layer draws from `mm.nn.seed(n)`'s generator in construction order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import ops
+from .runtime.device import Device
+from .tensor import Tensor, _device, tensor
+
+_rng = np.random.default_rng(0)
+
+
+def seed(n: int) -> None:
+    """Reset the generator that layer initialisers draw from."""
+    global _rng
+    _rng = np.random.default_rng(n)
+
+
+class Parameter(Tensor):
+    """A trainable tensor; after a training step `grad` holds its gradient."""
+
+    def __init__(self, array: np.ndarray, device: Device | str | None = None, trainable: bool = True):
+        t = tensor(array, device)
+        super().__init__(t.buffer, t.shape, t.dtype)
+        self.trainable = trainable
+        self.grad: Tensor | None = None
+        self.name = ""
+
+
+def _uniform(shape, fan_in: int) -> np.ndarray:
+    # PyTorch's default for conv and linear layers: U(-1/√fan_in, 1/√fan_in)
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    return _rng.uniform(-bound, bound, shape).astype(np.float32)
+
+
+class Module:
+    """Base class: subclasses set parameters and submodules as attributes and define `forward`."""
+
+    def __call__(self, *xs):
+        return self.forward(*xs)
+
+    def forward(self, *xs):
+        raise NotImplementedError
+
+    def named_parameters(self, prefix: str = "") -> dict[str, Parameter]:
+        """Every parameter under this module, by dotted name (`body.0.weight`)."""
+        out: dict[str, Parameter] = {}
+        for name, v in vars(self).items():
+            if isinstance(v, Parameter):
+                v.name = prefix + name
+                out[prefix + name] = v
+            elif isinstance(v, Module):
+                out.update(v.named_parameters(f"{prefix}{name}."))
+            elif isinstance(v, (list, tuple)):
+                for i, m in enumerate(v):
+                    if isinstance(m, Module):
+                        out.update(m.named_parameters(f"{prefix}{name}.{i}."))
+        return out
+
+    def parameters(self) -> list[Parameter]:
+        return list(self.named_parameters().values())
+
+    def freeze(self) -> "Module":
+        """Stop training every parameter under this module (transfer learning)."""
+        for p in self.parameters():
+            p.trainable = False
+        return self
+
+    def unfreeze(self) -> "Module":
+        for p in self.parameters():
+            p.trainable = True
+        return self
+
+
+class Sequential(Module):
+    """Layers applied in order. Example: `net = mm.nn.Sequential(mm.nn.Linear(4, 8), mm.nn.ReLU())`."""
+
+    def __init__(self, *layers: Module):
+        self.layers = list(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Conv2d(Module):
+    """2-D convolution, NCHW. Args: in_channels, out_channels, kernel_size, stride, padding, dilation,
+    groups, bias, device. Example: `mm.nn.Conv2d(3, 16, 3, padding=1)`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias: bool = True, device=None):
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        fan_in = in_channels // groups * kh * kw
+        self.weight = Parameter(_uniform((out_channels, in_channels // groups, kh, kw), fan_in), device)
+        self.bias = Parameter(_uniform((out_channels,), fan_in), device) if bias else None
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def forward(self, x):
+        args = (x, self.weight) + ((self.bias,) if self.bias is not None else ())
+        return ops.conv2d(*args, stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+
+class Linear(Module):
+    """Fully connected: x (N, in) → (N, out). Example: `mm.nn.Linear(64, 10)`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        self.weight = Parameter(_uniform((out_features, in_features), in_features), device)
+        self.bias = Parameter(_uniform((out_features,), in_features), device) if bias else None
+
+    def forward(self, x):
+        return ops.linear(x, self.weight, *((self.bias,) if self.bias is not None else ()))
+
+
+class _Stateless(Module):
+    op = ""
+
+    def __init__(self, **attrs):
+        self.attrs = attrs
+
+    def forward(self, x):
+        return getattr(ops, self.op)(x, **self.attrs)
+
+
+class ReLU(_Stateless):
+    op = "relu"
+
+
+class Sigmoid(_Stateless):
+    op = "sigmoid"
+
+
+class Tanh(_Stateless):
+    op = "tanh"
+
+
+class Softmax(_Stateless):
+    """Softmax over channels."""
+    op = "softmax"
+
+
+class LeakyReLU(_Stateless):
+    op = "leaky_relu"
+
+    def __init__(self, slope: float = 0.01):
+        super().__init__(slope=slope)
+
+
+class MaxPool2d(_Stateless):
+    op = "max_pool2d"
+
+    def __init__(self, kernel, stride=None, padding=0):
+        super().__init__(kernel=kernel, stride=stride, padding=padding)
+
+
+class AvgPool2d(_Stateless):
+    op = "avg_pool2d"
+
+    def __init__(self, kernel, stride=None, padding=0):
+        super().__init__(kernel=kernel, stride=stride, padding=padding)
+
+
+class Upsample(_Stateless):
+    op = "upsample"
+
+    def __init__(self, scale: int = 2, mode: str = "nearest"):
+        super().__init__(scale=scale, mode=mode)
+
+
+class GramMatrix(_Stateless):
+    op = "gram"
+
+    def __init__(self, alpha: float = 1.0):
+        super().__init__(alpha=alpha)
+
+
+class Concat(Module):
+    """Concatenate along channels: `Concat()(a, b, ...)`."""
+
+    def forward(self, *xs):
+        return ops.concat(list(xs))
+
+
+class InstanceNorm2d(Module):
+    """Instance normalization with affine γ (ones) and β (zeros)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5, device=None):
+        self.weight = Parameter(np.ones(channels, np.float32), device)
+        self.bias = Parameter(np.zeros(channels, np.float32), device)
+        self.eps = eps
+
+    def forward(self, x):
+        return ops.instance_norm(x, self.weight, self.bias, eps=self.eps)
+
+
+class BatchNorm2d(Module):
+    """Batch normalization: batch statistics while training (updating the running ones), running ones after."""
+
+    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, device=None):
+        self.weight = Parameter(np.ones(channels, np.float32), device)
+        self.bias = Parameter(np.zeros(channels, np.float32), device)
+        self.running_mean = Parameter(np.zeros(channels, np.float32), device, trainable=False)
+        self.running_var = Parameter(np.ones(channels, np.float32), device, trainable=False)
+        self.eps, self.momentum, self.training = eps, momentum, True
+
+    def forward(self, x):
+        return ops.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                              training=self.training, momentum=self.momentum, eps=self.eps)

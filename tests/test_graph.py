@@ -1,0 +1,241 @@
+"""The tape: derived training graphs against finite differences, stop-gradient, node handlers, execution."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mlmetal as mm
+from mlmetal import ops
+
+
+def reference_run(graph: mm.Graph, inputs: dict, overrides: dict | None = None, upto=None) -> dict:
+    """Evaluate the graph's forward nodes with the float64 references (parameters may be overridden)."""
+    overrides = overrides or {}
+    vals = {}
+    for name, t in graph.inputs.items():
+        vals[t] = np.asarray(inputs[name], np.float64)
+    for t in graph._params.values():
+        vals[t] = overrides.get(id(t.value), t.value.numpy().astype(np.float64))
+    for n in graph.nodes:
+        if upto is not None and n is upto:
+            break
+        out = ops.REGISTRY[n.op].reference(*[vals[x] for x in n.inputs], **n.attrs)
+        for o, v in zip(n.outputs, out if isinstance(out, tuple) else (out,)):
+            vals[o] = np.asarray(v, np.float64)
+    return vals
+
+
+def fd_gradient(graph, loss, inputs, param, eps=1e-3, first_grad_node=None):
+    base = param.numpy().astype(np.float64)
+    grad = np.zeros_like(base)
+    for j in range(base.size):
+        vals = []
+        for sign in (1, -1):
+            p = base.copy()
+            p.flat[j] += sign * eps
+            vals.append(reference_run(graph, inputs, {id(param): p}, upto=first_grad_node)[loss].sum())
+        grad.flat[j] = (vals[0] - vals[1]) / (2 * eps)
+    return grad
+
+
+# ---------------------------------------------------------------- drawn networks
+
+@st.composite
+def image_network(draw):
+    """A small random CNN with fan-out, concat and a Gram-matrix loss; returns (graph, loss, inputs, params)."""
+    mm.nn.seed(draw(st.integers(0, 1000)))
+    rng = np.random.default_rng(draw(st.integers(0, 1000)))
+    dev = mm.device()
+    n, c, hw = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.sampled_from([4, 6]))
+    g = mm.Graph(dev)
+    x = g.input("x", (n, c, hw, hw))
+    layers = []
+    h = x
+    for i in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["conv", "norm", "act", "fanout_add", "fanout_concat", "pool"]))
+        if kind == "conv":
+            cout = draw(st.integers(1, 3))
+            conv = mm.nn.Conv2d(h.shape[1], cout, 3, padding=1, device=dev)
+            layers.append(conv)
+            h = conv(h)
+        elif kind == "norm":
+            norm = mm.nn.InstanceNorm2d(h.shape[1], device=dev)
+            norm.weight.assign(rng.uniform(0.5, 1.5, h.shape[1]))
+            norm.bias.assign(rng.uniform(-0.5, 0.5, h.shape[1]))
+            layers.append(norm)
+            h = norm(h)
+        elif kind == "act":
+            h = getattr(mm.ops, draw(st.sampled_from(["tanh", "sigmoid", "relu"])))(h)
+        elif kind == "pool" and h.shape[2] % 2 == 0 and h.shape[2] >= 4:
+            h = mm.ops.avg_pool2d(h, 2)
+        elif kind.startswith("fanout"):
+            conv = mm.nn.Conv2d(h.shape[1], h.shape[1], 1, device=dev)
+            layers.append(conv)
+            other = mm.ops.tanh(conv(h))
+            h = mm.ops.add(h, other) if kind == "fanout_add" else mm.ops.concat([h, other])
+    if not layers:
+        conv = mm.nn.Conv2d(h.shape[1], 2, 3, padding=1, device=dev)
+        layers.append(conv)
+        h = conv(h)
+    gram = mm.ops.gram(h, alpha=1.0 / (h.shape[2] * h.shape[3]))
+    target = mm.tensor(rng.standard_normal(gram.shape).astype(np.float32) * 0.1, dev)
+    loss = mm.ops.mse_loss(gram, target, reduction="sum")
+    inputs = {"x": rng.standard_normal(x.shape).astype(np.float32)}
+    params = [p for layer in layers for p in layer.parameters()]
+    return g, loss, inputs, params
+
+
+@given(net=image_network())
+def test_training_graph_gradients_match_finite_differences(net):
+    g, loss, inputs, params = net
+    forward_nodes = len(g.nodes)
+    train = loss.training_graph()
+    first_grad = g.nodes[forward_nodes]
+    got = train.step(**inputs)
+    ref = reference_run(g, inputs, upto=first_grad)[loss].sum()
+    assert got == pytest.approx(ref, rel=1e-3, abs=1e-4)
+    for p in params:
+        fd = fd_gradient(g, loss, inputs, p, first_grad_node=first_grad)
+        np.testing.assert_allclose(p.grad.numpy(), fd, rtol=2e-2, atol=2e-3 * max(1.0, np.abs(fd).max()),
+                                   err_msg=f"gradient of {p.shape}")
+
+
+def mlp(dev, sizes, seed=0):
+    mm.nn.seed(seed)
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [mm.nn.Linear(a, b, device=dev), mm.nn.Tanh()]
+    return mm.nn.Sequential(*layers[:-1])
+
+
+def test_vector_network_with_softmax_cross_entropy(dev):
+    net = mlp(dev, [5, 7, 3], seed=1)
+    g = mm.Graph(dev)
+    x = g.input("x", (4, 5))
+    labels = g.input("labels", (4, 3))
+    loss = mm.ops.softmax_cross_entropy_loss(net(x), labels, reduction="mean")
+    train = loss.training_graph()
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.standard_normal((4, 5)).astype(np.float32), "labels": np.eye(3, dtype=np.float32)[[0, 2, 1, 2]]}
+    first_grad = g.nodes[len(g.nodes) - len(train.gradient_nodes)]
+    train.step(**inputs)
+    for p in net.parameters():
+        fd = fd_gradient(g, loss, inputs, p, first_grad_node=first_grad)
+        np.testing.assert_allclose(p.grad.numpy(), fd, rtol=1e-2, atol=1e-4)
+
+
+# ---------------------------------------------------------------- stop_gradient and node handlers
+
+def two_layer_image_graph(dev):
+    mm.nn.seed(3)
+    first = mm.nn.Conv2d(2, 3, 3, padding=1, device=dev)
+    second = mm.nn.Conv2d(3, 2, 3, padding=1, device=dev)
+    g = mm.Graph(dev)
+    x = g.input("x", (1, 2, 5, 5))
+    target = g.input("t", (1, 2, 5, 5))
+    h = mm.ops.relu(first(x))
+    y = second(h)
+    loss = mm.ops.mse_loss(y, target, reduction="mean")
+    inputs = {"x": np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32),
+              "t": np.zeros((1, 2, 5, 5), np.float32)}
+    return g, first, second, h, loss, inputs
+
+
+def test_stop_gradient_cuts_everything_upstream(dev):
+    g, first, second, h, loss, inputs = two_layer_image_graph(dev)
+    h.stop_gradient = True
+    opt = mm.optim.SGD(first.parameters() + second.parameters(), lr=0.1)
+    before = {id(p): p.numpy() for p in first.parameters() + second.parameters()}
+    train = loss.training_graph(optimizer=opt)
+    # gradient nodes only for what is downstream of the cut: the loss and the second conv
+    assert {n.gradient_of.op for n in train.gradient_nodes} <= {"mse_loss", "conv2d"}
+    assert all(n.gradient_of.inputs[0] is not h or n.op != "conv2d_input_grad" for n in train.gradient_nodes)
+    assert not any(n.gradient_of.op == "relu" for n in train.gradient_nodes)
+    assert {id(n.inputs[0].value) for n in train.update_nodes} == {id(p) for p in second.parameters()}
+    train.step(**inputs)
+    for p in first.parameters():
+        np.testing.assert_array_equal(p.numpy(), before[id(p)])
+    assert any(not np.array_equal(p.numpy(), before[id(p)]) for p in second.parameters())
+
+
+def test_transfer_learning_updates_only_the_last_layer(dev):
+    g, first, second, h, loss, inputs = two_layer_image_graph(dev)
+    first.freeze()
+    opt = mm.optim.Adam(first.parameters() + second.parameters(), lr=1e-2)
+    train = loss.training_graph(optimizer=opt)
+    before = [p.numpy() for p in first.parameters()]
+    losses = [train.step(**inputs) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    for p, b in zip(first.parameters(), before):
+        np.testing.assert_array_equal(p.numpy(), b)
+    assert len(train.update_nodes) == len(second.parameters())
+
+
+def test_node_handler_sees_every_created_node_once_and_dropping_prunes(dev):
+    g, first, second, h, loss, inputs = two_layer_image_graph(dev)
+    seen = []
+    train = loss.training_graph(node_handler=seen.append)
+    assert seen == train.gradient_nodes and len({id(n) for n in seen}) == len(seen)
+    assert all(n in g.nodes for n in seen)
+
+    g2, first2, second2, h2, loss2, inputs2 = two_layer_image_graph(dev)
+    # drop the input gradient of the second conv: nothing reaches the first layer any more
+    train2 = loss2.training_graph(node_handler=lambda n: n.op != "conv2d_input_grad")
+    assert not any(n.op == "conv2d_input_grad" for n in g2.nodes)
+    assert set(map(id, train2.parameters)) >= {id(p) for p in second2.parameters()}
+    assert not {id(p) for p in first2.parameters()} & set(map(id, train2.parameters))
+    train2.step(**inputs2)
+
+
+def test_fan_out_inserts_one_addition(dev):
+    w = mm.nn.Parameter(np.full((2, 3), 0.5, np.float32), dev)
+    g = mm.Graph(dev)
+    x = g.input("x", (2, 3))
+    a = mm.ops.mul(x, w)
+    y = mm.ops.add(mm.ops.tanh(a), mm.ops.sigmoid(a))  # a fans out
+    loss = mm.ops.mse_loss(y, mm.tensor(np.zeros((2, 3)), dev), reduction="sum")
+    train = loss.training_graph()
+    adds = [n for n in train.gradient_nodes if n.op == "add" and n.gradient_of.op in ("tanh", "sigmoid")]
+    assert len(adds) == 1
+
+
+# ---------------------------------------------------------------- execution and errors
+
+def test_run_errors_name_the_problem(dev):
+    g = mm.Graph(dev)
+    x = g.input("x", (2, 3))
+    y = mm.ops.relu(x)
+    with pytest.raises(mm.GraphError, match="missing x"):
+        g.run({}, outputs=[y])
+    with pytest.raises(mm.GraphError, match="unknown z"):
+        g.run({"x": np.zeros((2, 3)), "z": 1}, outputs=[y])
+    with pytest.raises(mm.GraphError, match=r"shape \(3, 2\); the graph declared \(2, 3\)"):
+        g.run({"x": np.zeros((3, 2))}, outputs=[y])
+    with pytest.raises(mm.GraphError, match="depends on no trainable parameter"):
+        mm.ops.mse_loss(y, mm.tensor(np.zeros((2, 3)), dev)).training_graph()
+
+
+def test_lifetime_planning_shares_memory_and_plans_are_reused(dev):
+    g = mm.Graph(dev)
+    x = g.input("x", (64, 64))
+    h = x
+    for _ in range(8):
+        h = mm.ops.tanh(mm.ops.scale(h, s=0.5))
+    planned = g.plan((h,))
+    unplanned = g.plan((h,), plan_lifetimes=False)
+    assert planned.peak_bytes <= 3 * 64 * 64 * 4 < unplanned.peak_bytes == 16 * 64 * 64 * 4
+    a = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    ref = a.astype(np.float64)
+    for _ in range(8):
+        ref = np.tanh(ref * 0.5)
+    for commit_every in (0, 1, 3):
+        np.testing.assert_allclose(g.run({"x": a}, outputs=[h], commit_every=commit_every)[0], ref, rtol=1e-5, atol=1e-6)
+    assert g.plan((h,)) is planned
+
+
+def test_step_decay_halves_the_learning_rate():
+    w = mm.nn.Parameter(np.zeros(3, np.float32), "cpu")
+    opt = mm.optim.SGD([w], lr=0.8)
+    sched = mm.optim.StepDecay(opt, every=10)
+    assert [sched.epoch(e) for e in (0, 9, 10, 25)] == [0.8, 0.8, 0.4, 0.2]
