@@ -28,3 +28,24 @@ kernel void transpose(device const float* x [[buffer(0)]],
         if (r < p.cols && c < p.rows) out[r * p.rows + c] = tile[t.x][t.y + k];
     }
 }
+
+struct ChannelCopyParams {
+    uint count;          // elements copied: outer·channels·inner
+    uint channels;       // channels copied
+    uint inner;          // elements per channel per sample (H·W)
+    uint src_channels;   // channels of the source tensor ...
+    uint src_offset;     // ... and the first one copied
+    uint dst_channels;
+    uint dst_offset;
+};
+
+// dst[n, dst_offset + c, i] = src[n, src_offset + c, i] for c < channels: one dispatch per
+// input of a concat, or the one copy of a slice (and of its gradient).
+kernel void copy_channels(device const float* src [[buffer(0)]],
+                          device float* dst [[buffer(1)]],
+                          constant ChannelCopyParams& p [[buffer(2)]],
+                          uint j [[thread_position_in_grid]]) {
+    if (j >= p.count) return;
+    uint i = j % p.inner, c = (j / p.inner) % p.channels, n = j / (p.inner * p.channels);
+    dst[(n * p.dst_channels + p.dst_offset + c) * p.inner + i] = src[(n * p.src_channels + p.src_offset + c) * p.inner + i];
+}

@@ -100,6 +100,14 @@ class Graph:
         t = self.inputs[name] = GraphTensor(self, shape, dtype, name=name)
         return t
 
+    def random(self, shape, generator, distribution) -> GraphTensor:
+        """A node that fills a tensor with the generator's next numbers on every run (latents, masks).
+
+        Example:
+            >>> z = g.random((64, 100), mm.random.Philox(dev, 0), mm.random.Normal())
+        """
+        return self.append("random_tensor", [], {"shape": shape, "generator": generator, "distribution": distribution})
+
     def leaf(self, value: Tensor) -> GraphTensor:
         """The graph tensor of a device tensor (a parameter or a constant) used by a node."""
         key = id(value)
@@ -125,7 +133,7 @@ class Graph:
         node = Node(name, gins, norm)
         op = ops.REGISTRY[name]
         shapes = shape if isinstance(shape, list) else [shape]
-        node.outputs = [GraphTensor(self, s, op.out_dtype, node=node) for s in shapes]
+        node.outputs = [GraphTensor(self, s, norm.get("dtype", op.out_dtype), node=node) for s in shapes]
         for o, v in zip(node.outputs, out_values or []):
             o.value = v
         self.nodes.append(node)

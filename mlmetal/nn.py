@@ -2,7 +2,8 @@
 
 A module's parameters are plain attributes (dotted names through submodules, like MLX and
 PyTorch); `p.numpy()` reads one, `p.assign(array)` sets it. Initialisation is deterministic:
-every layer draws from `mm.nn.seed(n)`'s generator in construction order.
+every layer draws from a Philox stream on its device (`mm.nn.seed(n)` restarts it) in
+construction order, so a seed gives the same weights on every backend.
 """
 
 from __future__ import annotations
@@ -13,32 +14,49 @@ import numpy as np
 
 from . import ops
 from .runtime.device import Device
-from .tensor import Tensor, _device, tensor
+from .tensor import Tensor, _device, empty, tensor
 
-_rng = np.random.default_rng(0)
+_seed = 0
+_generators: dict = {}
 
 
 def seed(n: int) -> None:
-    """Reset the generator that layer initialisers draw from."""
-    global _rng
-    _rng = np.random.default_rng(n)
+    """Restart the Philox streams that layer initialisers draw from (one per device, all equal)."""
+    global _seed
+    _seed = int(n)
+    _generators.clear()
 
 
 class Parameter(Tensor):
-    """A trainable tensor; after a training step `grad` holds its gradient."""
+    """A trainable tensor; after a training step `grad` holds its gradient.
 
-    def __init__(self, array: np.ndarray, device: Device | str | None = None, trainable: bool = True):
-        t = tensor(array, device)
+    Args:
+        data: an array, or a device tensor whose buffer the parameter takes over.
+        device: where to put an array (default `mm.device()`).
+        trainable: False keeps it out of training graphs' updates (running statistics).
+    """
+
+    def __init__(self, data, device: Device | str | None = None, trainable: bool = True):
+        t = data if isinstance(data, Tensor) else tensor(data, device)
         super().__init__(t.buffer, t.shape, t.dtype)
         self.trainable = trainable
         self.grad: Tensor | None = None
         self.name = ""
 
 
-def _uniform(shape, fan_in: int) -> np.ndarray:
-    # PyTorch's default for conv and linear layers: U(-1/√fan_in, 1/√fan_in)
+def _uniform(shape, fan_in: int, device) -> Parameter:
+    """PyTorch's default for conv and linear layers, U(-1/√fan_in, 1/√fan_in), drawn on the device."""
+    from .random import Philox, Uniform
+
+    dev = _device(device)
+    if dev not in _generators:
+        _generators[dev] = Philox(dev, _seed)
     bound = 1.0 / math.sqrt(max(fan_in, 1))
-    return _rng.uniform(-bound, bound, shape).astype(np.float32)
+    out = empty(shape, dev)
+    cb = dev.command_buffer()
+    _generators[dev].encode(cb, out, Uniform(-bound, bound))
+    cb.commit()
+    return Parameter(out)
 
 
 class Module:
@@ -100,8 +118,8 @@ class Conv2d(Module):
                  bias: bool = True, device=None):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         fan_in = in_channels // groups * kh * kw
-        self.weight = Parameter(_uniform((out_channels, in_channels // groups, kh, kw), fan_in), device)
-        self.bias = Parameter(_uniform((out_channels,), fan_in), device) if bias else None
+        self.weight = _uniform((out_channels, in_channels // groups, kh, kw), fan_in, device)
+        self.bias = _uniform((out_channels,), fan_in, device) if bias else None
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def forward(self, x):
@@ -113,8 +131,8 @@ class Linear(Module):
     """Fully connected: x (N, in) → (N, out). Example: `mm.nn.Linear(64, 10)`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
-        self.weight = Parameter(_uniform((out_features, in_features), in_features), device)
-        self.bias = Parameter(_uniform((out_features,), in_features), device) if bias else None
+        self.weight = _uniform((out_features, in_features), in_features, device)
+        self.bias = _uniform((out_features,), in_features, device) if bias else None
 
     def forward(self, x):
         return ops.linear(x, self.weight, *((self.bias,) if self.bias is not None else ()))

@@ -1,26 +1,79 @@
-"""Elementwise ops against their references (table rows for the generic checker)."""
+"""Elementwise ops and activations against their references (table rows for the generic checker)."""
 
+import numpy as np
+import pytest
 from hypothesis import strategies as st
 
+import mlmetal as mm
 from opcheck import AWKWARD_DIMS, floats, make_tests, row
 
 
-def same_shape(n_inputs):
+def same_shape(n_inputs, scale=1.0, away_from_zero=False, **attrs):
+    """`n_inputs` arrays of one drawn shape; attrs maps attribute names to strategies."""
     def case(data):
         shape = data.draw(st.lists(AWKWARD_DIMS, min_size=1, max_size=4), label="shape")
-        return [floats(shape, data) for _ in range(n_inputs)], {}
+        return _inputs(shape, n_inputs, scale, away_from_zero, data), {k: data.draw(v, label=k) for k, v in attrs.items()}
     return case
 
 
-def small_same_shape(n_inputs):
+def small_same_shape(n_inputs, scale=1.0, away_from_zero=False, **attrs):
     def case(data):
         shape = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=3), label="shape")
-        return [floats(shape, data) for _ in range(n_inputs)], {}
+        return _inputs(shape, n_inputs, scale, away_from_zero, data), {k: data.draw(v, label=k) for k, v in attrs.items()}
     return case
 
+
+def _inputs(shape, n, scale, away_from_zero, data):
+    xs = [floats(shape, data, scale) for _ in range(n)]
+    if away_from_zero:  # keep finite differences off the kink at 0
+        xs = [np.where(np.abs(x) < 0.01, 0.5, x).astype(np.float32) for x in xs]
+    return xs
+
+
+def channels_case(n_inputs, small=False):
+    def case(data):
+        dims = st.integers(1, 4) if small else AWKWARD_DIMS
+        n = 2 if small else 4
+        shape = tuple(data.draw(st.lists(dims, min_size=2, max_size=n), label="shape"))
+        xs = [floats(shape, data, 3.0) for _ in range(n_inputs)]
+        if n_inputs == 2:  # softmax_grad takes the forward's output
+            xs[1] = mm.ops.REGISTRY["softmax"].reference(xs[1].astype(np.float64)).astype(np.float32)
+        return xs, {}
+    return case
+
+
+FLOATS = st.floats(-2, 2)
 
 ROWS = [
     row("add", same_shape(2), grad_case=small_same_shape(2)),
+    row("mul", same_shape(2), grad_case=small_same_shape(2)),
+    row("scale", same_shape(1, s=FLOATS), grad_case=small_same_shape(1, s=FLOATS)),
+    row("linear_activation", same_shape(1, a=FLOATS, b=FLOATS), grad_case=small_same_shape(1, a=FLOATS, b=FLOATS)),
+    row("relu", same_shape(1), rtol=0, atol=0, grad_case=small_same_shape(1, away_from_zero=True)),
+    row("relu_grad", same_shape(2), rtol=0, atol=0),
+    row("leaky_relu", same_shape(1, slope=st.floats(0, 0.5)),
+        grad_case=small_same_shape(1, away_from_zero=True, slope=st.floats(0, 0.5))),
+    row("leaky_relu_grad", same_shape(2, slope=st.floats(0, 0.5))),
+    # Large inputs: exp(-x) overflows, which must give 0 (or 1), not NaN.
+    row("sigmoid", same_shape(1, scale=40.0), rtol=1e-5, atol=1e-6, grad_case=small_same_shape(1)),
+    row("sigmoid_grad", same_shape(2)),
+    row("tanh", same_shape(1, scale=30.0), rtol=1e-5, atol=1e-6, grad_case=small_same_shape(1)),
+    row("tanh_grad", same_shape(2)),
+    row("softmax", channels_case(1), rtol=1e-5, atol=1e-6, grad_case=channels_case(1, small=True)),
+    row("softmax_grad", channels_case(2), rtol=1e-4, atol=1e-5),
 ]
 
 test_forward, test_grad = make_tests(ROWS)
+
+
+@pytest.mark.parametrize("op, shapes, attrs, message", [
+    ("mul", [(2, 3), (3, 2)], {}, "differ"),
+    ("add", [(2, 3), (2,)], {}, "differ"),
+    ("scale", [(2,)], {"t": 1.0}, "unexpected attribute"),
+    ("softmax", [(3,)], {}, "N, C"),
+    ("relu", [(2,), (2,)], {}, "takes 1 tensor"),
+])
+def test_elementwise_errors(dev, op, shapes, attrs, message):
+    ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in shapes]
+    with pytest.raises(mm.ShapeError, match=message):
+        getattr(mm.ops, op)(*ts, **attrs)

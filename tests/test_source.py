@@ -134,8 +134,9 @@ def test_metal_wrapper_text():
     assert "[[max_total_threads_per_threadgroup(256)]]\nkernel void sum_partial(device const float* x [[buffer(0)]]" in text
     assert "device const uint* __mlm_pred [[buffer(3)]]" in text
     assert "constant mlm_launch& __mlm_L [[buffer(4)]]" in text
-    assert "if (__mlm_ptg != 256u) { atomic_store_explicit(__mlm_err, 1u, memory_order_relaxed); return; }" in text
-    assert "threadgroup float totals[32];" in text  # metal keeps threadgroup arrays as they are
+    assert "if (__mlm_ptg != 256u) { atomic_store_explicit(__mlm_err, __mlm_ptg, memory_order_relaxed); return; }" in text
+    # metal keeps threadgroup arrays as they are, in the kernel's outermost scope (no nested block)
+    assert re.search(r'#line \d+ "kernels/reduce.metal"\n\n    threadgroup float totals\[32\];', text)
     assert "uint lane = (uint)((__mlm_lid%32u));" in text
     with pytest.raises(ValueError, match="threads="):
         S.generate(S.Source.from_file(S.find("reduce")), "metal")

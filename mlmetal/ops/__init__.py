@@ -5,7 +5,8 @@ An op is a small closed unit:
 - `check(*input_shapes, **attrs) -> (output_shape(s), attrs)`: validates shapes and
   attributes *before anything runs* (raising ShapeError naming the op and the problem) and
   returns the output shape — or a list of shapes for several outputs — with the attributes
-  normalised (e.g. `stride=None` resolved);
+  normalised (e.g. `stride=None` resolved); an op whose output dtype depends on its
+  attributes (random_tensor) says so as `attrs["dtype"]`, else outputs are `out_dtype`;
 - `encode(cb, out, *inputs, **attrs)`: dispatches its kernel(s) into a command buffer;
   `out` is one tensor or a tuple of tensors, inputs are tensors;
 - `reference(*arrays, **attrs)`: the float64 numpy reference (mlmetal.reference.<family>);
@@ -114,9 +115,10 @@ def apply(name: str, *inputs, **attrs):
     if len(devs) > 1:
         raise ShapeError(f"{name}: inputs live on different devices ({', '.join(sorted(d.name for d in devs))})")
     shape, attrs = infer(name, *inputs, **attrs)
-    dev = inputs[0].device
+    dev = inputs[0].device if inputs else attrs["generator"].device  # `random_tensor` is the one op without inputs
     multi = isinstance(shape, list)
-    outs = tuple(empty(s, dev, op.out_dtype) for s in shape) if multi else empty(shape, dev, op.out_dtype)
+    dtype = attrs.get("dtype", op.out_dtype)
+    outs = tuple(empty(s, dev, dtype) for s in shape) if multi else empty(shape, dev, dtype)
     cb = dev.command_buffer()
     op.encode(cb, outs, *inputs, **attrs)
     cb.commit()

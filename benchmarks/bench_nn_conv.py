@@ -1,0 +1,171 @@
+"""3×3 convolution (forward; backward = input + weight gradients) and the Gram matrix against a
+reference on the same machine, in the same run.
+
+    python benchmarks/bench_nn_conv.py            # conv 4×128×64×64 → 128, Gram 4×256×(64·64) on a GPU
+    MLMETAL_DEVICE=cpu python benchmarks/bench_nn_conv.py --conv 2 64 32 32 64 --gram 2 64 32 32
+
+The reference is PyTorch (CUDA FP32 with TF32 off, cuDNN, on cuda; its CPU kernels on cpu)
+where installed, else float32 numpy (im2col and BLAS). Each figure is the best of a few rounds
+of `--calls` back-to-back calls encoded into one command buffer and waited for, divided by the
+number of calls; the ratio is the reference's time over mlmetal's (> 1: mlmetal is faster).
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+import mlmetal as mm
+from mlmetal import ops
+from mlmetal.tensor import empty
+
+
+def best_seconds(run, calls: int, rounds: int) -> float:
+    """Seconds per call: the best over `rounds` of `calls` calls back to back."""
+    run(1)  # warm up: compile, allocate, first touch
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run(calls)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def mlmetal_runs(dev, x, w, g, f, alpha):
+    """Encoders for the three workloads, with outputs allocated once."""
+    tx, tw, tg, tf = (mm.tensor(a, dev) for a in (x, w, g, f))
+    conv = dict(stride=1, padding=1, dilation=1, groups=1)
+
+    def encoder(*steps):
+        """steps: (op name, output, inputs, attrs); all encoded per call."""
+        bound = [(ops.REGISTRY[name], out, inputs, ops.infer(name, *inputs, **attrs)[1])
+                 for name, out, inputs, attrs in steps]
+
+        def run(calls):
+            cb = dev.command_buffer()
+            for _ in range(calls):
+                for op, out, inputs, attrs in bound:
+                    op.encode(cb, out, *inputs, **attrs)
+            cb.commit()
+            dev.synchronize()
+        return run
+
+    return {
+        "conv 3×3 forward": encoder(("conv2d", empty(g.shape, dev), (tx, tw), conv)),
+        "conv 3×3 backward": encoder(
+            ("conv2d_input_grad", empty(x.shape, dev), (tg, tw), dict(conv, input_size=x.shape[2:])),
+            ("conv2d_weight_grad", empty(w.shape, dev), (tg, tx), dict(conv, kernel_size=w.shape[2:]))),
+        "gram": encoder(("gram", empty((f.shape[0], f.shape[1], f.shape[1]), dev), (tf,), dict(alpha=alpha))),
+    }
+
+
+def torch_runs(x, w, g, f, alpha, device, tf32=False):
+    import torch
+    import torch.nn.functional as F
+
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    tx = torch.tensor(x, device=device, requires_grad=True)
+    tw = torch.tensor(w, device=device, requires_grad=True)
+    tg = torch.tensor(g, device=device)
+    feats = torch.tensor(f, device=device).flatten(2)
+    y = F.conv2d(tx, tw, padding=1)
+
+    def forward(calls):
+        with torch.no_grad():
+            for _ in range(calls):
+                F.conv2d(tx, tw, padding=1)
+        sync()
+
+    def backward(calls):
+        for _ in range(calls):
+            torch.autograd.grad(y, (tx, tw), tg, retain_graph=True)
+        sync()
+
+    def gram(calls):
+        for _ in range(calls):
+            torch.baddbmm(feats.new_empty(()), feats, feats.transpose(1, 2), beta=0, alpha=alpha)
+        sync()
+
+    name = f"PyTorch {torch.__version__} ({'CUDA' if device == 'cuda' else 'CPU'} FP32{', TF32 on' if tf32 else ''})"
+    return {"conv 3×3 forward": forward, "conv 3×3 backward": backward, "gram": gram}, name
+
+
+def numpy_runs(x, w, g, f, alpha):
+    """float32 numpy: im2col views multiplied through BLAS."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    def patches(a, k):
+        """(N, C, OH, OW, k, k) windows of `a` padded by k // 2 ('same' convolution)."""
+        p = k // 2
+        return sliding_window_view(np.pad(a, ((0, 0), (0, 0), (p, p), (p, p))), (k, k), axis=(2, 3))
+
+    k = w.shape[2]
+    w_flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # dx = conv(g, flipped wᵀ)
+    feats = f.reshape(f.shape[0], f.shape[1], -1)
+
+    def forward(calls):
+        for _ in range(calls):
+            np.tensordot(patches(x, k), w, axes=((1, 4, 5), (1, 2, 3))).transpose(0, 3, 1, 2)
+
+    def backward(calls):
+        for _ in range(calls):
+            np.tensordot(patches(g, k), w_flipped, axes=((1, 4, 5), (1, 2, 3))).transpose(0, 3, 1, 2)
+            np.tensordot(g, patches(x, k), axes=((0, 2, 3), (0, 2, 3)))
+
+    def gram(calls):
+        for _ in range(calls):
+            alpha * feats @ feats.transpose(0, 2, 1)
+
+    return {"conv 3×3 forward": forward, "conv 3×3 backward": backward, "gram": gram}, \
+        f"numpy {np.__version__} (float32, BLAS)"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conv", type=int, nargs=5, metavar=("N", "CIN", "H", "W", "COUT"))
+    ap.add_argument("--gram", type=int, nargs=4, metavar=("N", "C", "H", "W"))
+    ap.add_argument("--calls", type=int, default=None, help="calls per timed round (default: 50 on a GPU, 3 on cpu)")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+
+    dev = mm.device()
+    gpu = dev.name != "cpu"
+    n, cin, h, wd, cout = args.conv or ((4, 128, 64, 64, 128) if gpu else (2, 64, 32, 32, 64))
+    gram_shape = tuple(args.gram or ((4, 256, 64, 64) if gpu else (2, 128, 32, 32)))
+    calls = args.calls or (50 if gpu else 3)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, cin, h, wd), dtype=np.float32)
+    w = rng.standard_normal((cout, cin, 3, 3), dtype=np.float32) / np.sqrt(9 * cin)
+    g = rng.standard_normal((n, cout, h, wd), dtype=np.float32)
+    f = rng.standard_normal(gram_shape, dtype=np.float32)
+    alpha = 1.0 / (gram_shape[2] * gram_shape[3])
+    conv_flop = 2 * n * cout * h * wd * cin * 9
+    flops = {"conv 3×3 forward": conv_flop, "conv 3×3 backward": 2 * conv_flop,
+             "gram": 2 * gram_shape[0] * gram_shape[1] ** 2 * gram_shape[2] * gram_shape[3]}
+
+    ours = mlmetal_runs(dev, x, w, g, f, alpha)
+    references = []
+    try:
+        references.append(torch_runs(x, w, g, f, alpha, "cuda" if dev.name == "cuda" else "cpu"))
+        if dev.name == "cuda":  # DESIGN §8's Gram figure is PyTorch's with TF32 on
+            references.append(torch_runs(x, w, g, f, alpha, "cuda", tf32=True))
+    except ImportError:
+        references.append(numpy_runs(x, w, g, f, alpha))
+
+    print(f"mlmetal on {dev.name}; conv 3×3 {n}×{cin}×{h}×{wd} → {cout} (padding 1), "
+          f"Gram {'×'.join(map(str, gram_shape[:2]))}×({gram_shape[2]}·{gram_shape[3]}); float32; "
+          f"best of {args.rounds} rounds of {calls} calls")
+    times = {name: best_seconds(run, calls, args.rounds) for name, run in ours.items()}
+    for theirs, ref_name in references:
+        print(f"\nreference: {ref_name}")
+        print(f"{'workload':<20}{'mlmetal':>12}{'TFLOP/s':>9}{'reference':>12}{'TFLOP/s':>9}{'ratio':>8}")
+        for name, t_ours in times.items():
+            t_ref = best_seconds(theirs[name], calls, args.rounds)
+            print(f"{name:<20}{t_ours * 1e3:>10.3f}ms{flops[name] / t_ours / 1e12:>9.2f}"
+                  f"{t_ref * 1e3:>10.3f}ms{flops[name] / t_ref / 1e12:>9.2f}{t_ref / t_ours:>7.2f}×")
+
+
+if __name__ == "__main__":
+    main()

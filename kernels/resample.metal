@@ -1,0 +1,92 @@
+// Upsampling of NCHW float32 images by an integer factor s: nearest and bilinear, with their
+// gradients. One thread per element written; gradients gather (no atomics, reproducible).
+//
+// Bilinear follows PyTorch's align_corners=False: output pixel j samples the input at
+// src = max((j + ½)/s − ½, 0), between rows ⌊src⌋ and ⌊src⌋ + 1 (clamped to the last row).
+#include <metal_stdlib>
+using namespace metal;
+
+struct ResampleParams {
+    uint count;  // elements written
+    int h, w;    // input size
+    int oh, ow;  // output size, s·h × s·w
+    int scale;
+};
+
+kernel void upsample_nearest(device const float* x [[buffer(0)]],
+                             device float* out [[buffer(1)]],
+                             constant ResampleParams& p [[buffer(2)]],
+                             uint i [[thread_position_in_grid]]) {
+    if (i >= p.count) return;
+    int ox = i % p.ow, oy = (i / p.ow) % p.oh;
+    uint plane = i / (p.ow * p.oh);
+    out[i] = x[(plane * p.h + oy / p.scale) * p.w + ox / p.scale];
+}
+
+// dx = the sum of g over the s×s block each input pixel was copied to
+kernel void upsample_nearest_grad(device const float* g [[buffer(0)]],
+                                  device float* dx [[buffer(1)]],
+                                  constant ResampleParams& p [[buffer(2)]],
+                                  uint i [[thread_position_in_grid]]) {
+    if (i >= p.count) return;
+    int x = i % p.w, y = (i / p.w) % p.h;
+    device const float* gp = g + (i / (p.w * p.h)) * (p.oh * p.ow);
+    float acc = 0.0f;
+    for (int dy = 0; dy < p.scale; dy++)
+        for (int dx = 0; dx < p.scale; dx++) acc += gp[(y * p.scale + dy) * p.ow + x * p.scale + dx];
+    dx[i] = acc;
+}
+
+struct Taps {
+    int i0, i1;    // the two input rows (or columns) ...
+    float w0, w1;  // ... and their weights
+};
+
+inline Taps bilinear_taps(int j, int scale, int n) {
+    float src = max((float(j) + 0.5f) / float(scale) - 0.5f, 0.0f);
+    int i0 = min(int(src), n - 1);
+    float l = src - float(i0);
+    Taps t = {i0, min(i0 + 1, n - 1), 1.0f - l, l};
+    return t;
+}
+
+// Input row i's weight in output row j.
+inline float bilinear_weight(int j, int i, int scale, int n) {
+    Taps t = bilinear_taps(j, scale, n);
+    return (t.i0 == i ? t.w0 : 0.0f) + (t.i1 == i ? t.w1 : 0.0f);
+}
+
+kernel void upsample_bilinear(device const float* x [[buffer(0)]],
+                              device float* out [[buffer(1)]],
+                              constant ResampleParams& p [[buffer(2)]],
+                              uint i [[thread_position_in_grid]]) {
+    if (i >= p.count) return;
+    int ox = i % p.ow, oy = (i / p.ow) % p.oh;
+    device const float* plane = x + (i / (p.ow * p.oh)) * (p.h * p.w);
+    Taps ty = bilinear_taps(oy, p.scale, p.h), tx = bilinear_taps(ox, p.scale, p.w);
+    float top = tx.w0 * plane[ty.i0 * p.w + tx.i0] + tx.w1 * plane[ty.i0 * p.w + tx.i1];
+    float bottom = tx.w0 * plane[ty.i1 * p.w + tx.i0] + tx.w1 * plane[ty.i1 * p.w + tx.i1];
+    out[i] = ty.w0 * top + ty.w1 * bottom;
+}
+
+// dx[y, x] = Σ over the outputs (j, k) that sample it of g[j, k]·weight(j, y)·weight(k, x).
+// Output rows j sampling input row y lie within s·(y − 1) ≤ j < s·(y + 2); the loop visits
+// those (3s×3s outputs) and the weights are zero for the ones that do not sample it.
+kernel void upsample_bilinear_grad(device const float* g [[buffer(0)]],
+                                   device float* dx [[buffer(1)]],
+                                   constant ResampleParams& p [[buffer(2)]],
+                                   uint i [[thread_position_in_grid]]) {
+    if (i >= p.count) return;
+    int x = i % p.w, y = (i / p.w) % p.h;
+    device const float* gp = g + (i / (p.w * p.h)) * (p.oh * p.ow);
+    float acc = 0.0f;
+    for (int j = max(p.scale * (y - 1), 0); j < min(p.scale * (y + 2), p.oh); j++) {
+        float wy = bilinear_weight(j, y, p.scale, p.h);
+        if (wy == 0.0f) continue;
+        float row = 0.0f;
+        for (int k = max(p.scale * (x - 1), 0); k < min(p.scale * (x + 2), p.ow); k++)
+            row = fma(gp[j * p.ow + k], bilinear_weight(k, x, p.scale, p.w), row);
+        acc = fma(wy, row, acc);
+    }
+    dx[i] = acc;
+}

@@ -1,0 +1,220 @@
+"""2-D convolution and its gradients (kernels/conv.metal).
+
+`conv2d` takes an optional bias. The op is registered with two or three inputs — (x, w) or
+(x, w, b) — rather than as two ops or with a zeros tensor standing in for a missing bias: the
+kernel skips the bias add on a flag, the gradient rule returns one gradient per input it was
+given, and the public `mm.ops.conv2d(x, w, b=None, ...)` below just drops a None.
+"""
+
+import math
+
+from .. import ops as _ops
+from ..reference import conv as R
+from ..tensor import empty
+from . import apply, ensure, groups_for, pair, register
+
+TILE = 64          # output tile of the implicit-GEMM kernels (TILE_M = TILE_N in conv.metal)
+TILE_K = 16        # their reduction step
+THREADS = 64       # threads per threadgroup of the implicit-GEMM kernels
+MAX_ELEMENTS = 2**31  # kernels index with 32-bit integers
+
+
+def _window(op, stride, padding, dilation, groups):
+    """The attributes as pairs of ints, checked."""
+    stride, padding, dilation = pair(stride, op, "stride"), pair(padding, op, "padding"), pair(dilation, op, "dilation")
+    ensure(min(stride) >= 1, op, f"stride must be positive, got {stride}")
+    ensure(min(dilation) >= 1, op, f"dilation must be positive, got {dilation}")
+    ensure(min(padding) >= 0, op, f"padding must be non-negative, got {padding}")
+    ensure(isinstance(groups, int) and groups >= 1, op, f"groups must be a positive int, got {groups!r}")
+    return dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def _output_size(op, h, w, kh, kw, a):
+    """(OH, OW) of an H×W input under a KH×KW window; the window must fit the padded input."""
+    (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    ensure(h + 2 * ph >= span_h and w + 2 * pw >= span_w, op,
+           f"window {kh}×{kw} (dilation {a['dilation']}, spanning {span_h}×{span_w}) is larger than the "
+           f"padded input {h + 2 * ph}×{w + 2 * pw}")
+    return (h + 2 * ph - span_h) // sh + 1, (w + 2 * pw - span_w) // sw + 1
+
+
+def _check_weights(op, cin, w, groups):
+    ensure(len(w) == 4, op, f"weights must be 4-D (Cout, Cin/groups, KH, KW), got shape {w}")
+    cout, cin_g, kh, kw = w
+    ensure(min(w) >= 1, op, f"weights shape {w} has an empty dimension")
+    ensure(cin % groups == 0, op, f"{cin} input channels are not divisible by groups={groups}")
+    ensure(cout % groups == 0, op, f"{cout} output channels are not divisible by groups={groups}")
+    ensure(cin_g * groups == cin, op, f"weights expect {cin_g}×{groups} = {cin_g * groups} input channels, "
+                                      f"the input has {cin}")
+    return cout, kh, kw
+
+
+def _check_sizes(op, *shapes):
+    ensure(all(math.prod(s) < MAX_ELEMENTS for s in shapes), op, "tensors of 2^31 elements or more are not supported")
+
+
+def _params(n, cin, h, w, cout, oh, ow, kh, kw, a, has_bias=0, chunk=0):
+    """The ConvParams constants of conv.metal."""
+    (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
+    return dict(n=n, cin=cin, h=h, w=w, cout=cout, oh=oh, ow=ow, kh=kh, kw=kw, stride_h=sh, stride_w=sw,
+                pad_h=ph, pad_w=pw, dil_h=dh, dil_w=dw, groups=a["groups"], has_bias=has_bias, chunk=chunk)
+
+
+def split_reduction(length: int, tiles: int, target: int = 512, min_chunk: int = 256) -> tuple[int, int]:
+    """(splits, chunk): cut a reduction of `length` so ~`target` threadgroups share it, each
+    summing at least `min_chunk` terms (a multiple of TILE_K) — a long reduction over a small
+    output otherwise leaves most of a GPU idle."""
+    splits = max(1, min(target // max(tiles, 1), length // min_chunk))
+    chunk = -(-length // splits)
+    chunk = -(-chunk // TILE_K) * TILE_K
+    return -(-length // chunk), chunk
+
+
+# ---------------------------------------------------------------- conv2d
+
+def _conv2d_check(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation, as in PyTorch) of NCHW images."""
+    op = "conv2d"
+    a = _window(op, stride, padding, dilation, groups)
+    ensure(len(x) == 4, op, f"input must be 4-D (N, C, H, W), got shape {x}")
+    ensure(min(x) >= 1, op, f"input shape {x} has an empty dimension")
+    cout, kh, kw = _check_weights(op, x[1], w, groups)
+    ensure(b is None or tuple(b) == (cout,), op, f"bias must have shape ({cout},), got {b}")
+    oh, ow = _output_size(op, x[2], x[3], kh, kw, a)
+    _check_sizes(op, x, w, (x[0], cout, oh, ow))
+    return (x[0], cout, oh, ow), a
+
+
+def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
+    a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    n, cin, h, wd = x.shape
+    _, cout, oh, ow = y.shape
+    k = y.device.library("conv").kernel("conv2d")
+    grid = (groups_for(n * oh * ow, TILE), groups_for(cout // groups, TILE), groups)
+    params = _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a, has_bias=int(b is not None))
+    cb.dispatch(k, groups=grid, threads=THREADS, args=[x, w, w if b is None else b, y, params])
+
+
+def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups):
+    a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    dx = apply("conv2d_input_grad", g, w, input_size=tuple(x.shape[2:]), **a)
+    dw = apply("conv2d_weight_grad", g, x, kernel_size=tuple(w.shape[2:]), **a)
+    return (dx, dw) if b is None else (dx, dw, apply("conv2d_bias_grad", g))
+
+
+register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2d, grad=_conv2d_grad,
+         kernels=["conv.conv2d"])
+
+
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation, as in PyTorch) of NCHW float32 images.
+
+    Args:
+        x: input, (N, Cin, H, W).
+        w: weights, (Cout, Cin/groups, KH, KW).
+        b: optional bias, (Cout,).
+        stride, padding, dilation: an int or an (h, w) pair; padding is zeros on both sides.
+        groups: split the channels into this many independent convolutions.
+
+    Returns:
+        (N, Cout, OH, OW) with OH = (H + 2·pad − dil·(KH − 1) − 1) // stride + 1 (likewise OW).
+
+    Example:
+        >>> x = mm.tensor(np.random.randn(1, 3, 8, 8))
+        >>> w = mm.tensor(np.random.randn(16, 3, 3, 3))
+        >>> mm.ops.conv2d(x, w, padding=1).shape
+        (1, 16, 8, 8)
+    """
+    return apply("conv2d", *((x, w) if b is None else (x, w, b)),
+                 stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+_ops.conv2d = conv2d  # replaces the registry's positional-only entry point
+
+
+# ---------------------------------------------------------------- gradients
+
+def _input_grad_check(g, w, *, input_size, stride=1, padding=0, dilation=1, groups=1):
+    """dx of conv2d from the output gradient g and the weights, for an input of `input_size` (H, W)."""
+    op = "conv2d_input_grad"
+    a = _window(op, stride, padding, dilation, groups)
+    h, wd = pair(input_size, op, "input_size")
+    ensure(len(g) == 4, op, f"output gradient must be 4-D, got shape {g}")
+    ensure(len(w) == 4 and min(w) >= 1, op, f"weights must be 4-D and non-empty, got shape {w}")
+    ensure(g[1] == w[0], op, f"output gradient has {g[1]} channels, the weights {w[0]}")
+    cin = w[1] * groups
+    _check_weights(op, cin, w, groups)
+    ensure(h >= 1 and wd >= 1, op, f"input_size must be positive, got {(h, wd)}")
+    oh, ow = _output_size(op, h, wd, w[2], w[3], a)
+    ensure(tuple(g[2:]) == (oh, ow), op, f"output gradient is {g[2]}×{g[3]}, the convolution of a {h}×{wd} "
+                                         f"input gives {oh}×{ow}")
+    _check_sizes(op, g, w, (g[0], cin, h, wd))
+    return (g[0], cin, h, wd), dict(a, input_size=(h, wd))
+
+
+def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, groups):
+    a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    n, cin, h, wd = dx.shape
+    _, cout, oh, ow = g.shape
+    k = dx.device.library("conv").kernel("conv2d_input_grad")
+    grid = (groups_for(n * h * wd, TILE), groups_for(cin // groups, TILE), groups)
+    cb.dispatch(k, groups=grid, threads=THREADS, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a)])
+
+
+register("conv2d_input_grad", check=_input_grad_check, encode=_input_grad_encode, reference=R.conv2d_input_grad,
+         grad=None, kernels=["conv.conv2d_input_grad"])
+
+
+def _weight_grad_check(g, x, *, kernel_size, stride=1, padding=0, dilation=1, groups=1):
+    """dw of conv2d from the output gradient g and the input x, for a `kernel_size` (KH, KW) window."""
+    op = "conv2d_weight_grad"
+    a = _window(op, stride, padding, dilation, groups)
+    kh, kw = pair(kernel_size, op, "kernel_size")
+    ensure(len(g) == 4 and len(x) == 4, op, f"output gradient and input must be 4-D, got shapes {g} and {x}")
+    ensure(g[0] == x[0], op, f"output gradient has {g[0]} images, the input {x[0]}")
+    ensure(kh >= 1 and kw >= 1, op, f"kernel_size must be positive, got {(kh, kw)}")
+    w = (g[1], x[1] // groups, kh, kw)
+    _check_weights(op, x[1], w, groups)
+    oh, ow = _output_size(op, x[2], x[3], kh, kw, a)
+    ensure(tuple(g[2:]) == (oh, ow), op, f"output gradient is {g[2]}×{g[3]}, the convolution of the "
+                                         f"{x[2]}×{x[3]} input gives {oh}×{ow}")
+    _check_sizes(op, g, x, w)
+    return w, dict(a, kernel_size=(kh, kw))
+
+
+def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation, groups):
+    a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    n, cin, h, wd = x.shape
+    _, cout, oh, ow = g.shape
+    cols = dw.size // cout
+    tiles = groups_for(cols, TILE) * groups_for(cout // groups, TILE) * groups
+    splits, chunk = split_reduction(n * oh * ow, tiles)
+    lib = dw.device.library("conv")
+    partial = dw if splits == 1 else empty((splits, dw.size), dw.device)
+    params = _params(n, cin, h, wd, cout, oh, ow, *kernel_size, a, chunk=chunk)
+    cb.dispatch(lib.kernel("conv2d_weight_grad"), groups=(groups_for(cols, TILE), groups_for(cout // groups, TILE), groups * splits),
+                threads=THREADS, args=[g, x, partial, params])
+    if splits > 1:
+        cb.dispatch(lib.kernel("sum_splits"), groups=groups_for(dw.size, 256), threads=256,
+                    args=[partial, dw, {"count": dw.size, "splits": splits}])
+
+
+register("conv2d_weight_grad", check=_weight_grad_check, encode=_weight_grad_encode, reference=R.conv2d_weight_grad,
+         grad=None, kernels=["conv.conv2d_weight_grad", "conv.sum_splits"])
+
+
+def _bias_grad_check(g):
+    """db of conv2d: the output gradient summed over images and pixels."""
+    ensure(len(g) == 4 and min(g) >= 1, "conv2d_bias_grad", f"output gradient must be 4-D and non-empty, got shape {g}")
+    return (g[1],), {}
+
+
+def _bias_grad_encode(cb, db, g):
+    n, c, h, w = g.shape
+    k = db.device.library("conv").kernel("conv2d_bias_grad")
+    cb.dispatch(k, groups=c, threads=256, args=[g, db, {"n": n, "c": c, "plane": h * w}])
+
+
+register("conv2d_bias_grad", check=_bias_grad_check, encode=_bias_grad_encode, reference=R.conv2d_bias_grad,
+         grad=None, kernels=["conv.conv2d_bias_grad"])

@@ -1,0 +1,78 @@
+"""Gram matrices of feature maps, for style losses (kernels/gram.metal).
+
+The module is not ops/gram.py: a family submodule named like one of its ops would replace
+`mm.ops.gram` with itself once imported.
+"""
+
+import math
+
+from ..reference import gram as R
+from ..tensor import empty
+from . import apply, ensure, groups_for, register
+from .conv import split_reduction
+
+TILE, THREADS = 64, 64  # output tile and threads per threadgroup of the gram kernels
+
+
+def _check_features(op, x):
+    ensure(len(x) == 4 and min(x) >= 1, op, f"features must be 4-D (N, C, H, W) and non-empty, got shape {x}")
+    ensure(math.prod(x) < 2**31, op, "features of 2^31 elements or more are not supported")
+
+
+def _gram_check(x, alpha=1.0):
+    """Gram matrix of each image's channels: G[n] = α·F·Fᵀ with F = x[n] as C × (H·W).
+
+    Args:
+        x: features, (N, C, H, W).
+        alpha: scale (MPS's default is 1; style transfer often uses 1/(H·W)).
+
+    Returns:
+        (N, C, C).
+
+    Example:
+        >>> x = mm.tensor(np.random.randn(2, 8, 16, 16))
+        >>> mm.ops.gram(x, alpha=1 / 256).shape
+        (2, 8, 8)
+    """
+    _check_features("gram", x)
+    ensure(isinstance(alpha, (int, float)) and math.isfinite(alpha), "gram", f"alpha must be a finite number, got {alpha!r}")
+    n, c = x[:2]
+    ensure(n * c * c < 2**31, "gram", "the Gram matrices have 2^31 elements or more")
+    return (n, c, c), dict(alpha=float(alpha))
+
+
+def _gram_encode(cb, g, x, *, alpha):
+    n, c, h, w = x.shape
+    tiles = groups_for(c, TILE)
+    splits, chunk = split_reduction(h * w, n * tiles * (tiles + 1) // 2)
+    lib = g.device.library("gram")
+    partial = g if splits == 1 else empty((splits, g.size), g.device)
+    cb.dispatch(lib.kernel("gram"), groups=(tiles, tiles, n * splits), threads=THREADS,
+                args=[x, partial, dict(batch=n, c=c, hw=h * w, alpha=alpha, chunk=chunk)])
+    if splits > 1:
+        cb.dispatch(lib.kernel("sum_splits"), groups=groups_for(g.size, 256), threads=256,
+                    args=[partial, g, {"count": g.size, "splits": splits}])
+
+
+register("gram", check=_gram_check, encode=_gram_encode, reference=R.gram,
+         grad=lambda g, out, x, *, alpha: (apply("gram_grad", g, x, alpha=alpha),),
+         kernels=["gram.gram", "gram.sum_splits"])
+
+
+def _gram_grad_check(g, x, alpha=1.0):
+    """dx of gram from the Gram gradient g: α·(g + gᵀ)·F per image."""
+    op = "gram_grad"
+    _check_features(op, x)
+    ensure(tuple(g) == (x[0], x[1], x[1]), op, f"Gram gradient must have shape {(x[0], x[1], x[1])}, got {g}")
+    return tuple(x), dict(alpha=float(alpha))
+
+
+def _gram_grad_encode(cb, dx, g, x, *, alpha):
+    n, c, h, w = x.shape
+    k = dx.device.library("gram").kernel("gram_grad")
+    cb.dispatch(k, groups=(groups_for(h * w, TILE), groups_for(c, TILE), n), threads=THREADS,
+                args=[g, x, dx, dict(batch=n, c=c, hw=h * w, alpha=alpha)])
+
+
+register("gram_grad", check=_gram_grad_check, encode=_gram_grad_encode, reference=R.gram_grad,
+         grad=None, kernels=["gram.gram_grad"])

@@ -1,0 +1,140 @@
+"""Matrix products and fully connected layers (kernels/matmul.metal).
+
+The module is not ops/matmul.py: a family submodule named like one of its ops would replace
+`mm.ops.matmul` with itself once imported.
+
+`linear` takes an optional bias the way `conv2d` does: the op has two or three inputs and the
+public `mm.ops.linear(x, w, b=None)` drops a None.
+"""
+
+from .. import ops as _ops
+from ..reference import matmul as R
+from . import apply, ensure, groups_for, register
+
+TILE, THREADS = 64, 64  # output tile and threads per threadgroup of the `matmul` kernel
+
+
+def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
+    """Dispatch c = op(a)·op(b) (+ bias) for row-major a and b; transposes become strides."""
+    m, n = c.shape
+    k = a.shape[0] if transpose_a else a.shape[1]
+    a_m, a_k = (1, a.shape[1]) if transpose_a else (a.shape[1], 1)
+    b_k, b_n = (1, b.shape[1]) if transpose_b else (b.shape[1], 1)
+    params = dict(m=m, n=n, k=k, a_m=a_m, a_k=a_k, b_k=b_k, b_n=b_n, has_bias=int(bias is not None))
+    kernel = c.device.library("matmul").kernel("matmul")
+    cb.dispatch(kernel, groups=(groups_for(n, TILE), groups_for(m, TILE), 1), threads=THREADS,
+                args=[a, b, b if bias is None else bias, c, params])
+
+
+def _check_matrix(op, what, s):
+    ensure(len(s) == 2 and min(s) >= 1, op, f"{what} must be a non-empty matrix, got shape {s}")
+    ensure(s[0] * s[1] < 2**31, op, f"{what} has 2^31 elements or more")
+
+
+# ---------------------------------------------------------------- matmul
+
+def _matmul_check(a, b, transpose_a=False, transpose_b=False):
+    """Matrix product op(a)·op(b) of 2-D tensors, op transposing where asked.
+
+    Args:
+        a, b: matrices.
+        transpose_a, transpose_b: use aᵀ or bᵀ (like MPSMatrixMultiplication's transposeLeft/Right).
+
+    Example:
+        >>> a, b = mm.tensor(np.ones((2, 3))), mm.tensor(np.ones((3, 4)))
+        >>> mm.ops.matmul(a, b).shape
+        (2, 4)
+    """
+    op = "matmul"
+    _check_matrix(op, "a", a)
+    _check_matrix(op, "b", b)
+    (m, ka), (kb, n) = (a[::-1] if transpose_a else a), (b[::-1] if transpose_b else b)
+    ensure(ka == kb, op, f"inner dimensions differ: {'aᵀ' if transpose_a else 'a'} is {m}×{ka}, "
+                         f"{'bᵀ' if transpose_b else 'b'} is {kb}×{n}")
+    ensure(m * n < 2**31, op, "the product has 2^31 elements or more")
+    return (m, n), dict(transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
+
+
+def _matmul_encode(cb, c, a, b, *, transpose_a, transpose_b):
+    _encode_product(cb, c, a, b, None, transpose_a, transpose_b)
+
+
+def _matmul_grad(g, c, a, b, *, transpose_a, transpose_b):
+    # C = op(a)·op(b): d op(a) = G·op(b)ᵀ and d op(b) = op(a)ᵀ·G, transposed back where op transposes.
+    mm = lambda x, y, tx, ty: apply("matmul", x, y, transpose_a=tx, transpose_b=ty)  # noqa: E731
+    if not transpose_a and not transpose_b:
+        return mm(g, b, False, True), mm(a, g, True, False)
+    if not transpose_a:  # C = a·bᵀ
+        return mm(g, b, False, False), mm(g, a, True, False)
+    if not transpose_b:  # C = aᵀ·b
+        return mm(b, g, False, True), mm(a, g, False, False)
+    return mm(b, g, True, True), mm(g, a, True, True)  # C = aᵀ·bᵀ
+
+
+register("matmul", check=_matmul_check, encode=_matmul_encode, reference=R.matmul, grad=_matmul_grad,
+         kernels=["matmul.matmul"])
+
+
+# ---------------------------------------------------------------- linear
+
+def _linear_check(x, w, b=None):
+    """A fully connected layer, x·wᵀ + b."""
+    op = "linear"
+    _check_matrix(op, "input", x)
+    _check_matrix(op, "weights", w)
+    ensure(x[1] == w[1], op, f"input has {x[1]} features, the weights (out, in) = {w} expect {w[1]}")
+    ensure(b is None or tuple(b) == (w[0],), op, f"bias must have shape ({w[0]},), got {b}")
+    ensure(x[0] * w[0] < 2**31, op, "the output has 2^31 elements or more")
+    return (x[0], w[0]), {}
+
+
+def _linear_encode(cb, y, x, w, b=None):
+    _encode_product(cb, y, x, w, b, False, True)
+
+
+def _linear_grad(g, y, x, w, b=None):
+    dx = apply("matmul", g, w)
+    dw = apply("matmul", g, x, transpose_a=True)
+    return (dx, dw) if b is None else (dx, dw, apply("linear_bias_grad", g))
+
+
+register("linear", check=_linear_check, encode=_linear_encode, reference=R.linear, grad=_linear_grad,
+         kernels=["matmul.matmul"])
+
+
+def linear(x, w, b=None):
+    """A fully connected layer, y = x·wᵀ + b, as in PyTorch.
+
+    Args:
+        x: input, (N, in).
+        w: weights, (out, in).
+        b: optional bias, (out,).
+
+    Returns:
+        (N, out).
+
+    Example:
+        >>> x, w = mm.tensor(np.ones((4, 3))), mm.tensor(np.ones((2, 3)))
+        >>> mm.ops.linear(x, w, mm.tensor(np.zeros(2))).numpy()[0]
+        array([3., 3.], dtype=float32)
+    """
+    return apply("linear", *((x, w) if b is None else (x, w, b)))
+
+
+_ops.linear = linear  # replaces the registry's positional-only entry point
+
+
+def _bias_grad_check(g):
+    """db of linear: the output gradient summed over the batch."""
+    _check_matrix("linear_bias_grad", "output gradient", g)
+    return (g[1],), {}
+
+
+def _bias_grad_encode(cb, db, g):
+    rows, cols = g.shape
+    k = db.device.library("matmul").kernel("linear_bias_grad")
+    cb.dispatch(k, groups=groups_for(cols, 256), threads=256, args=[g, db, {"rows": rows, "cols": cols}])
+
+
+register("linear_bias_grad", check=_bias_grad_check, encode=_bias_grad_encode, reference=R.linear_bias_grad,
+         grad=None, kernels=["matmul.linear_bias_grad"])

@@ -1,0 +1,316 @@
+"""The cuda backend: the MSL kernels on NVIDIA GPUs.
+
+The generated CUDA translation unit (`source.generate(src, "cuda")`, with include/mlm_cuda.h for
+barriers and warp-shuffle simd functions) is compiled by NVRTC to a cubin for the device's
+architecture and cached; CuPy loads it, owns the device memory and launches on one stream.
+NVRTC is called here through ctypes rather than through CuPy so that CI, which has NVRTC but
+no GPU and no CuPy, compiles every kernel with exactly the options the backend uses.
+
+Command buffers go to one CUDA stream in commit order; each commit records an event, which
+`wait` and `completed` ask. The packed constants of one commit travel together: one pinned
+host block, one asynchronous copy, kept alive until the commit's event has completed.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import re
+import shutil
+import sys
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from . import cache
+from . import device as D
+from . import source as S
+
+INCLUDE = Path(__file__).resolve().parent / "include"
+# -default-device: helper functions in MSL carry no __device__; --fmad=false: a*b+c stays two
+# roundings, as on the cpu backend (-ffp-contract=off), so elementwise kernels agree bit for bit.
+OPTIONS = ("-std=c++17", "-default-device", "--fmad=false", f"-I{INCLUDE}")
+CONSTANT_ALIGN = 16  # each packed constant struct starts on its own 16-byte boundary
+
+
+class CompileError(S.KernelSourceError):
+    """NVRTC rejected a kernel; messages point at the .metal file and line."""
+
+
+class NvrtcNotFound(RuntimeError):
+    """No NVRTC library could be loaded."""
+
+
+# ---------------------------------------------------------------- NVRTC
+
+def _nvrtc_candidates() -> list[str]:
+    """libnvrtc paths to try: the pip wheels' (nvidia-cuda-nvrtc), then CUDA toolkits', then the loader's."""
+    found = []
+    for root in sys.path:
+        for sub in ("nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"):
+            found += sorted(str(p) for p in Path(root or ".", sub).glob("libnvrtc.so*"))
+    toolkits = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        toolkits.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    for tk in filter(None, toolkits):
+        found += sorted(str(p) for p in Path(tk, "lib64").glob("libnvrtc.so*"))
+    return found + ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
+
+
+@lru_cache(maxsize=None)
+def nvrtc() -> ctypes.CDLL:
+    """The NVRTC library, loaded once."""
+    tried = []
+    for path in _nvrtc_candidates():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as e:
+            tried.append(f"{path}: {e}")
+            continue
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        return lib
+    raise NvrtcNotFound("NVRTC (libnvrtc.so) was not found: `pip install nvidia-cuda-nvrtc` or install the CUDA "
+                        "toolkit (tried " + "; ".join(tried[:3]) + (" …" if len(tried) > 3 else "") + ")")
+
+
+@lru_cache(maxsize=None)
+def nvrtc_version() -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check(nvrtc().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+    return f"{major.value}.{minor.value}"
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{what}: {nvrtc().nvrtcGetErrorString(status).decode()}")
+
+
+def options(arch: str) -> list[str]:
+    """Every NVRTC option for compute capability `arch` (e.g. '90'): OPTIONS and the target."""
+    return [*OPTIONS, f"--gpu-architecture=sm_{arch}"]
+
+
+def compile_cubin(text: str, source_name: str, arch: str) -> bytes:
+    """Compile a CUDA translation unit for sm_`arch`; raise CompileError with NVRTC's messages."""
+    lib = nvrtc()
+    prog = ctypes.c_void_p()
+    _check(lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), source_name.encode(), 0, None, None),
+           "nvrtcCreateProgram")
+    try:
+        opts = [o.encode() for o in options(arch)]
+        status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        if status != 0:
+            size = ctypes.c_size_t()
+            _check(lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize")
+            log = ctypes.create_string_buffer(size.value)
+            _check(lib.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+            raise CompileError(_compiler_messages(log.value.decode(errors="replace"), source_name))
+        size = ctypes.c_size_t()
+        _check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        cubin = ctypes.create_string_buffer(size.value)
+        _check(lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _compiler_messages(log: str, source_name: str) -> list[str]:
+    """NVRTC's `file(line): error: …` lines as `file:line: error: …`, the line that follows kept."""
+    lines = [re.sub(r"^(.*?)\((\d+)\): ", r"\1:\2: ", l) for l in log.splitlines() if l.strip()]
+    errors = [l for l in lines if re.search(r":\d+: (catastrophic )?error", l)]
+    return errors or lines[-20:] or [f"{source_name}: NVRTC failed without a message"]
+
+
+def _headers_digest() -> str:
+    return cache.key(*(p.name + p.read_text() for p in sorted(INCLUDE.iterdir()) if p.is_file()))
+
+
+def build(text: str, source_name: str, arch: str) -> Path:
+    """The cached cubin of a CUDA translation unit, compiled on a miss."""
+    k = cache.key(text, _headers_digest(), " ".join(options(arch)), nvrtc_version())
+    path, _ = cache.lookup(f"kernels-sm{arch}-{k}.cubin",
+                           lambda tmp: tmp.write_bytes(compile_cubin(text, source_name, arch)), subdir="cuda")
+    return path
+
+
+# ---------------------------------------------------------------- buffers, libraries, kernels
+
+def _cupy():
+    import cupy  # imported on first use: CI and cpu-only machines import this module without it
+    return cupy
+
+
+class CudaBuffer(D.Buffer):
+    def __init__(self, device: "CudaDevice", nbytes: int):
+        self.device = device
+        self.nbytes = nbytes
+        # Allocated while the device's stream is current: CuPy's pool then reuses the memory only
+        # for that stream, whose order keeps it safe from work still reading it.
+        with device.stream:
+            self._mem = _cupy().cuda.alloc(nbytes)
+        self.ptr = self._mem.ptr
+
+    def numpy(self, dtype=np.uint8) -> np.ndarray:
+        """A host copy, taken after all work committed so far (on cuda this is a copy, not a view)."""
+        dtype = np.dtype(dtype)
+        if self.nbytes % dtype.itemsize:
+            raise ValueError(f"{self.nbytes} bytes is not a whole number of {dtype} items")
+        out = np.empty(self.nbytes // dtype.itemsize, dtype)
+        rt = _cupy().cuda.runtime
+        self.device._sync_call(lambda: rt.memcpyAsync(out.ctypes.data, self.ptr, self.nbytes,
+                                                      rt.memcpyDeviceToHost, self.device.stream.ptr))
+        return out
+
+    def write(self, data, offset: int = 0) -> None:
+        """Copy `data` in, after the work committed so far (stream order)."""
+        raw = D._as_bytes(data)
+        if offset < 0 or offset + raw.nbytes > self.nbytes:
+            raise ValueError(f"writing {raw.nbytes} bytes at offset {offset} overruns a {self.nbytes}-byte buffer")
+        rt = _cupy().cuda.runtime
+        # From pageable memory the call returns once `raw` is staged, so `raw` may go right after.
+        rt.memcpyAsync(self.ptr + offset, raw.ctypes.data, raw.nbytes, rt.memcpyHostToDevice, self.device.stream.ptr)
+
+
+class CudaKernel(D.Kernel):
+    def __init__(self, library: "CudaLibrary", sig: S.Kernel):
+        super().__init__(library, sig)
+        cupy = _cupy()
+        self.function = library.module.get_function(sig.name)
+        self.ptr = self.function.ptr
+        # Registers (or shared memory) may cap a kernel below the 1024 threads the contract allows.
+        self.max_threads = cupy.cuda.driver.funcGetAttribute(0, self.ptr)  # CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK
+
+
+class CudaLibrary(D.Library):
+    def __init__(self, device: "CudaDevice", src: S.Source):
+        super().__init__(device, src)
+        self.cu = S.generate(src, "cuda")
+        self.module = _cupy().RawModule(path=str(build(self.cu, src.name, device.arch)))
+
+    def _make_kernel(self, sig: S.Kernel) -> D.Kernel:
+        return CudaKernel(self, sig)
+
+
+class _Batch:
+    """One commit in flight: its completion event and everything its kernels still read."""
+
+    def __init__(self, event, keep):
+        self.event = event
+        self.keep = keep
+
+
+class CudaDevice(D.Device):
+    """The cuda backend (CuPy and an NVIDIA GPU). Example: `dev = mm.device("cuda")`."""
+
+    name = "cuda"
+
+    @staticmethod
+    def unavailable() -> str | None:
+        try:
+            cupy = _cupy()
+        except ImportError as e:
+            return f"CuPy is not installed ({e}): pip install 'mlmetal[cuda]' (CUDA 12) or 'mlmetal[cuda13]'"
+        try:
+            if cupy.cuda.runtime.getDeviceCount() == 0:
+                return "no NVIDIA GPU is visible"
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            return f"no usable NVIDIA GPU: {e}"
+        try:
+            nvrtc_version()
+        except (NvrtcNotFound, RuntimeError) as e:
+            return str(e)
+        return None
+
+    def __init__(self):
+        super().__init__()
+        cupy = _cupy()
+        self.gpu = cupy.cuda.Device()
+        self.arch = self.gpu.compute_capability
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self._inflight: collections.deque[_Batch] = collections.deque()
+        self._submit_lock = threading.Lock()  # one thread at a time enqueues, so commit order is stream order
+
+    def _make_library(self, src: S.Source) -> D.Library:
+        return CudaLibrary(self, src)
+
+    def _alloc(self, nbytes: int) -> D.Buffer:
+        return CudaBuffer(self, nbytes)
+
+    def _submit(self, work: list[D.Dispatch]) -> _Batch:
+        for d in work:
+            k: CudaKernel = d.kernel  # type: ignore[assignment]
+            count = d.threads[0] * d.threads[1] * d.threads[2]
+            if count > k.max_threads:
+                raise D.DispatchError(f"kernel {k.name} ({k.sig.where}): {count} threads per threadgroup, but on "
+                                      f"this GPU it can run at most {k.max_threads} (registers or shared memory)")
+        cupy = _cupy()
+        driver = cupy.cuda.driver
+        with self._submit_lock:
+            self._retire()
+            keep: list = [work]
+            consts = self._upload_constants(work, keep)
+            for d in work:
+                ptrs = [next(consts) if isinstance(a, bytes) else a.ptr for a in d.args]
+                ptrs.append(d.predicate.buffer.ptr + d.predicate.offset if d.predicate else 0)
+                values = (ctypes.c_uint64 * len(ptrs))(*ptrs)
+                params = (ctypes.c_void_p * len(ptrs))(*(ctypes.addressof(values) + 8 * i for i in range(len(ptrs))))
+                # cuLaunchKernel copies the argument values, so `values` may go once it returns.
+                driver.launchKernel(d.kernel.ptr, *d.groups, *d.threads, 0, self.stream.ptr, ctypes.addressof(params), 0)
+            event = cupy.cuda.Event(block=False, disable_timing=True)
+            event.record(self.stream)
+            batch = _Batch(event, keep)
+            self._inflight.append(batch)
+        return batch
+
+    def _upload_constants(self, work: list[D.Dispatch], keep: list):
+        """Copy every packed constant of `work` to the device at once; yields their device addresses in order."""
+        blobs = [a for d in work for a in d.args if isinstance(a, bytes)]
+        if not blobs:
+            return iter(())
+        cupy = _cupy()
+        offsets, size = [], 0
+        for b in blobs:
+            offsets.append(size)
+            size += -(-len(b) // CONSTANT_ALIGN) * CONSTANT_ALIGN
+        host = cupy.cuda.alloc_pinned_memory(size)
+        view = np.frombuffer(host, dtype=np.uint8, count=size)
+        for off, b in zip(offsets, blobs):
+            view[off:off + len(b)] = np.frombuffer(b, dtype=np.uint8)
+        with self.stream:
+            dev = cupy.cuda.alloc(size)
+        rt = cupy.cuda.runtime
+        rt.memcpyAsync(dev.ptr, host.ptr, size, rt.memcpyHostToDevice, self.stream.ptr)
+        keep += [host, dev]  # the pinned block must outlive the copy; the device block, the kernels
+        return iter(dev.ptr + off for off in offsets)
+
+    def _retire(self) -> None:
+        """Forget the commits that have completed, freeing what they kept alive."""
+        while self._inflight and self._inflight[0].event.done:
+            self._inflight.popleft()
+
+    def _sync_call(self, fn) -> None:
+        """Run `fn` (which enqueues on the stream) and wait for the stream, reporting device errors."""
+        cupy = _cupy()
+        try:
+            with self._submit_lock:
+                fn()
+            self.stream.synchronize()
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            raise D.ExecutionError(f"the GPU reported an error while running committed work: {e}") from e
+
+    def _wait(self, batch: _Batch) -> None:
+        cupy = _cupy()
+        try:
+            batch.event.synchronize()
+        except (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError) as e:
+            raise D.ExecutionError(f"the GPU reported an error while running committed work: {e}") from e
+
+    def _done(self, batch: _Batch) -> bool:
+        return batch.event.done
+
+    def synchronize(self) -> None:
+        self._sync_call(lambda: None)

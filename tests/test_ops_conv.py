@@ -1,0 +1,128 @@
+"""conv2d and its gradient ops against their float64 references, and the errors before dispatch.
+
+Tolerances: each output is a float32 sum of K products of unit normals, so the error grows
+with K; rows state `rtol_for(K_max)` of conftest for the largest K their cases can draw.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mlmetal as mm
+from conftest import rtol_for
+from mlmetal.ops import conv as conv_ops
+from opcheck import AWKWARD_DIMS, Row, check_forward, floats, make_tests, row
+
+MAX_CIN_G, MAX_COUT_G, MAX_K, MAX_N, MAX_HW = 6, 65, 5, 3, 40
+
+
+def config(data, small=False):
+    """A drawn convolution: input shape, weight shape and attributes (the window always fits)."""
+    draw = lambda s, label: data.draw(s, label=label)  # noqa: E731
+    groups = draw(st.sampled_from([1, 1, 2, 3]), "groups")
+    cin_g = draw(st.integers(1, 3 if small else MAX_CIN_G), "cin/groups")
+    cout_g = draw(st.integers(1, 3) if small else st.sampled_from([1, 31, 32, 33, 64, 65]) | st.integers(1, 12),
+                  "cout/groups")
+    kh, kw = (draw(st.sampled_from([1, 2, 3] if small else [1, 3, 5]), f"k{d}") for d in "hw")
+    stride = tuple(draw(st.integers(1, 3), "stride") for _ in "hw")
+    padding = tuple(draw(st.integers(0, 2), "padding") for _ in "hw")
+    dilation = tuple(draw(st.integers(1, 2), "dilation") for _ in "hw")
+    n = draw(st.integers(1, 2 if small else MAX_N), "n")
+    dims = st.integers(1, 6) if small else AWKWARD_DIMS
+    h, w = (draw(dims, d) for d in "hw")
+    # Grow the input until the dilated window fits the padded input.
+    h = max(h, dilation[0] * (kh - 1) + 1 - 2 * padding[0])
+    w = max(w, dilation[1] * (kw - 1) + 1 - 2 * padding[1])
+    attrs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return (n, cin_g * groups, h, w), (cout_g * groups, cin_g, kh, kw), attrs
+
+
+def out_shape(x, w, attrs):
+    (sh, sw), (ph, pw), (dh, dw) = attrs["stride"], attrs["padding"], attrs["dilation"]
+    return (x[0], w[0], (x[2] + 2 * ph - dh * (w[2] - 1) - 1) // sh + 1, (x[3] + 2 * pw - dw * (w[3] - 1) - 1) // sw + 1)
+
+
+def conv2d_case(small=False):
+    def case(data):
+        x, w, attrs = config(data, small)
+        inputs = [floats(x, data), floats(w, data)]
+        if data.draw(st.booleans(), label="bias"):
+            inputs.append(floats((w[0],), data))
+        return inputs, attrs
+    return case
+
+
+def input_grad_case(data):
+    x, w, attrs = config(data)
+    return [floats(out_shape(x, w, attrs), data), floats(w, data)], dict(attrs, input_size=x[2:])
+
+
+def weight_grad_case(data):
+    x, w, attrs = config(data)
+    return [floats(out_shape(x, w, attrs), data), floats(x, data)], dict(attrs, kernel_size=w[2:])
+
+
+def bias_grad_case(data):
+    x, w, attrs = config(data)
+    return [floats(out_shape(x, w, attrs), data)], {}
+
+
+PIXELS_MAX = MAX_N * (MAX_HW + 4) ** 2  # stride 1 and padding 2 give (H+4)·(W+4) output pixels an image
+ROWS = [
+    row("conv2d", conv2d_case(), grad_case=conv2d_case(small=True),
+        rtol=rtol_for(MAX_CIN_G * MAX_K**2), atol=rtol_for(MAX_CIN_G * MAX_K**2)),
+    row("conv2d_input_grad", input_grad_case,
+        rtol=rtol_for(MAX_COUT_G * MAX_K**2), atol=rtol_for(MAX_COUT_G * MAX_K**2)),
+    row("conv2d_weight_grad", weight_grad_case, rtol=rtol_for(PIXELS_MAX), atol=rtol_for(PIXELS_MAX)),
+    row("conv2d_bias_grad", bias_grad_case, rtol=rtol_for(PIXELS_MAX), atol=rtol_for(PIXELS_MAX)),
+]
+
+test_forward, test_grad = make_tests(ROWS)
+
+
+def test_weight_grad_split_reduction(dev):
+    """A long pixel reduction over few output tiles takes the split path (partials + sum_splits)."""
+    g_shape, x_shape = (4, 8, 32, 32), (4, 8, 32, 32)
+    assert conv_ops.split_reduction(4 * 32 * 32, tiles=1)[0] > 1
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(g_shape).astype(np.float32), rng.standard_normal(x_shape).astype(np.float32)]
+    attrs = dict(stride=1, padding=1, kernel_size=3)
+    check_forward(dev, Row("conv2d_weight_grad", None, rtol=rtol_for(4096), atol=rtol_for(4096)), inputs, attrs)
+
+
+def test_public_wrapper_optional_bias(dev):
+    x = mm.tensor(np.ones((1, 2, 4, 4), np.float32), dev)
+    w = mm.tensor(np.ones((3, 2, 3, 3), np.float32), dev)
+    b = mm.tensor(np.arange(3, dtype=np.float32), dev)
+    y = mm.ops.conv2d(x, w, b=None, padding=1).numpy()
+    assert y.shape == (1, 3, 4, 4) and y[0, 0, 1, 1] == 18 and y[0, 0, 0, 0] == 8
+    np.testing.assert_array_equal(mm.ops.conv2d(x, w, b, padding=1).numpy(), y + np.arange(3)[None, :, None, None])
+
+
+@pytest.mark.parametrize("x, w, b, attrs, message", [
+    ((1, 4, 8, 8), (2, 4, 3, 3), None, dict(padding=-1), "padding must be non-negative"),
+    ((1, 4, 4, 4), (2, 4, 7, 7), None, {}, "larger than the padded input"),
+    ((1, 4, 4, 4), (2, 4, 3, 3), None, dict(dilation=3), "larger than the padded input"),
+    ((1, 4, 8, 8), (2, 2, 3, 3), None, dict(groups=3), "not divisible by groups=3"),
+    ((1, 6, 8, 8), (4, 2, 3, 3), None, dict(groups=3), "output channels are not divisible"),
+    ((1, 4, 8, 8), (2, 3, 3, 3), None, {}, "input channels"),
+    ((1, 4, 8, 8), (2, 4, 3, 3), None, dict(stride=0), "stride must be positive"),
+    ((1, 4, 8, 8), (2, 4, 3, 3), None, dict(dilation=(1, 0)), "dilation must be positive"),
+    ((4, 8, 8), (2, 4, 3, 3), None, {}, "input must be 4-D"),
+    ((1, 4, 8, 8), (2, 4, 3), None, {}, "weights must be 4-D"),
+    ((1, 4, 8, 8), (2, 4, 3, 3), (3,), {}, "bias must have shape (2,)"),
+])
+def test_errors_before_dispatch(dev, x, w, b, attrs, message):
+    ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in (x, w) + ((b,) if b else ())]
+    with pytest.raises(mm.ShapeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        mm.ops.conv2d(*ts, **attrs)
+
+
+def test_gradient_op_errors(dev):
+    g = mm.tensor(np.zeros((1, 2, 6, 6), np.float32), dev)
+    w = mm.tensor(np.zeros((2, 4, 3, 3), np.float32), dev)
+    with pytest.raises(mm.ShapeError, match="the convolution of a 9×9 input gives 7×7"):
+        mm.ops.conv2d_input_grad(g, w, input_size=(9, 9))
+    with pytest.raises(mm.ShapeError, match="has 1 images, the input 2"):
+        mm.ops.conv2d_weight_grad(g, mm.tensor(np.zeros((2, 4, 8, 8), np.float32), dev), kernel_size=3)

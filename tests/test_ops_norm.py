@@ -1,0 +1,119 @@
+"""Instance and batch normalisation against their references; running statistics; stability."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mlmetal as mm
+from conftest import rtol_for
+from mlmetal.reference import norm as R
+from opcheck import AWKWARD_DIMS, floats, make_tests, row
+
+
+def image(data, small):
+    if small:  # for finite differences: a few planes of a few pixels (≥ 2, so the variance is not 0)
+        return (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)),
+                data.draw(st.integers(1, 3)), data.draw(st.integers(2, 4)))
+    return (data.draw(st.integers(1, 3)), data.draw(st.sampled_from([1, 3, 32, 33])),
+            data.draw(AWKWARD_DIMS, label="h"), data.draw(AWKWARD_DIMS, label="w"))
+
+
+def norm_case(op, small=False):
+    def case(data):
+        shape = image(data, small)
+        if op == "batch_norm" and not small and data.draw(st.booleans(), label="flat"):
+            shape = shape[:2]  # (N, C): batch norm of a fully connected layer
+        if op.startswith("batch_norm") and np.prod(shape) // shape[1] < 2:
+            shape = (2,) + shape[1:]
+        c = shape[1]
+        # Finite differences (eps 1e-3) need a spread well above eps: unit scale for small cases.
+        scale = 1.0 if small else data.draw(st.sampled_from([0.1, 1.0, 10.0]), label="scale")
+        x = floats(shape, data, scale=scale) + \
+            np.float32(data.draw(st.sampled_from([0.0, 3.0, -50.0]), label="offset"))
+        if small:  # a ramp keeps every group's spread well above the finite-difference step
+            x = (x + 0.5 * np.arange(x[0, 0].size).reshape(shape[2:])).astype(np.float32)
+        gamma, beta = floats((c,), data) + 1, floats((c,), data)
+        if op == "instance_norm":
+            return [x, gamma, beta], {"eps": 1e-5}
+        mean, var = floats((c,), data), np.abs(floats((c,), data)) + 0.5
+        if op == "batch_norm":
+            return [x, gamma, beta, mean, var], {"training": data.draw(st.booleans(), label="training"),
+                                                 "momentum": 0.1, "eps": 1e-5}
+        g = floats(shape, data)
+        if op == "batch_norm_inference_grad":
+            return [g, x, gamma, mean, var], {"eps": 1e-5}
+        return [g, x, gamma], {"eps": 1e-5}
+    return case
+
+
+# Reductions run over up to N·H·W ≈ 5000 values, in float32.
+ROWS = [
+    row("instance_norm", norm_case("instance_norm"), rtol=rtol_for(4096, 1e-5), atol=1e-4,
+        grad_case=norm_case("instance_norm", small=True)),
+    row("instance_norm_grad", norm_case("instance_norm_grad"), rtol=rtol_for(4096, 1e-5), atol=1e-3),
+    row("batch_norm", norm_case("batch_norm"), rtol=rtol_for(4096, 1e-5), atol=1e-4,
+        grad_case=norm_case("batch_norm", small=True)),
+    row("batch_norm_grad", norm_case("batch_norm_grad"), rtol=rtol_for(4096, 1e-5), atol=1e-3),
+    row("batch_norm_inference_grad", norm_case("batch_norm_inference_grad"), rtol=rtol_for(4096, 1e-5), atol=1e-3),
+]
+
+test_forward, test_grad = make_tests(ROWS)
+
+
+def test_instance_norm_is_stable_for_a_large_mean(dev):
+    # Mean 1e4, standard deviation 1: E[x²] − E[x]² would lose every significant digit in float32.
+    rng = np.random.default_rng(0)
+    x = (1e4 + rng.standard_normal((2, 3, 64, 64))).astype(np.float32)
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    y = mm.ops.instance_norm(*(mm.tensor(a, dev) for a in (x, ones, zeros))).numpy()
+    ref = R.instance_norm(x.astype(np.float64), ones, zeros, eps=1e-5)
+    np.testing.assert_allclose(y, ref, atol=2e-3)
+
+
+@given(data=st.data())
+def test_batch_norm_updates_running_stats(dev, data):
+    [x, gamma, beta, mean, var], attrs = norm_case("batch_norm")(data)
+    momentum = data.draw(st.floats(0, 1), label="momentum")
+    ts = [mm.tensor(a, dev) for a in (x, gamma, beta, mean, var)]
+    mm.ops.batch_norm(*ts, training=True, momentum=momentum)
+    want = R.batch_norm_running_stats(x.astype(np.float64), mean, var, momentum)
+    np.testing.assert_allclose(ts[3].numpy(), want[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ts[4].numpy(), want[1], rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_inference_leaves_running_stats(dev):
+    ts = [mm.tensor(np.ones(s, np.float32), dev) for s in [(2, 3, 4, 4), (3,), (3,), (3,), (3,)]]
+    mm.ops.batch_norm(*ts, training=False)
+    np.testing.assert_array_equal(ts[3].numpy(), 1)
+
+
+@pytest.mark.parametrize("op, shapes, attrs, message", [
+    ("instance_norm", [(2, 3, 4, 4), (4,), (3,)], {}, r"gamma must have shape \(3,\)"),
+    ("instance_norm", [(2, 3), (3,), (3,)], {}, "N, C, H, W"),
+    ("instance_norm", [(2, 3, 4, 4), (3,), (3,)], {"eps": -1.0}, "eps"),
+    ("batch_norm", [(1, 3, 1, 1)] + [(3,)] * 4, {}, "more than one value"),
+    ("batch_norm", [(2, 3, 4, 4), (3,), (3,), (2,), (3,)], {}, "running_mean"),
+    ("batch_norm", [(2, 3, 4, 4)] + [(3,)] * 4, {"momentum": 2.0}, "momentum"),
+])
+def test_norm_errors(dev, op, shapes, attrs, message):
+    ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in shapes]
+    with pytest.raises(mm.ShapeError, match=message):
+        getattr(mm.ops, op)(*ts, **attrs)
+
+
+@pytest.mark.parametrize("op", ["instance_norm", "instance_norm_grad"])
+def test_instance_norm_of_planes_larger_than_the_register_cache(dev, op):
+    # 130×130 pixels exceed NORM_CACHE·threads on every backend: the kernels re-read x instead.
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((1, 2, 130, 130)) * 2 + 1).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    gamma, beta = np.array([1.0, -0.5], np.float32), np.array([0.0, 2.0], np.float32)
+    if op == "instance_norm":
+        got = [mm.ops.instance_norm(*(mm.tensor(a, dev) for a in (x, gamma, beta))).numpy()]
+        want = [R.instance_norm(x.astype(np.float64), gamma, beta, eps=1e-5)]
+    else:
+        got = [t.numpy() for t in mm.ops.instance_norm_grad(*(mm.tensor(a, dev) for a in (g, x, gamma)), eps=1e-5)]
+        want = R.instance_norm_grad(g.astype(np.float64), x.astype(np.float64), gamma, eps=1e-5)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-3)

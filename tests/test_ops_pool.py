@@ -1,0 +1,104 @@
+"""Pooling and the LoG filter against their references, tie breaking, and shape errors."""
+
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+
+import mlmetal as mm
+from opcheck import AWKWARD_DIMS, floats, make_tests, row
+
+
+def distinct(shape, data, spacing=0.05):
+    """Values at least `spacing` apart: no ties, and finite differences never swap a maximum."""
+    seed = data.draw(st.integers(0, 2**31), label="seed")
+    n = int(np.prod(shape))
+    v = np.random.default_rng(seed).permutation(n) * spacing
+    return (v - v.mean()).reshape(shape).astype(np.float32)
+
+
+def pool_case(small=False, values=floats):
+    def case(data):
+        k = data.draw(st.sampled_from([1, 2, 3]) if small else st.integers(1, 4), label="kernel")
+        s = data.draw(st.integers(1, k + 1), label="stride")
+        p = data.draw(st.integers(0, k // 2), label="padding")
+        dim = st.integers(1, 7) if small else AWKWARD_DIMS
+        h = max(data.draw(dim, label="h"), k - 2 * p)
+        w = max(data.draw(dim, label="w"), k - 2 * p)
+        n, c = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))) if small else \
+            (data.draw(st.integers(1, 2)), data.draw(st.sampled_from([1, 3, 32, 33])))
+        return [values((n, c, h, w), data)], {"kernel": k, "stride": s, "padding": p}
+    return case
+
+
+def pool_grad_case(op):
+    """Inputs of the gradient kernels themselves: (g, x) or (g,) with the forward's attributes."""
+    def case(data):
+        [x], attrs = pool_case()(data)
+        g = floats(mm.ops.REGISTRY[op].check(x.shape, **attrs)[0], data)
+        if op == "max_pool2d":
+            return [g, x], attrs
+        return [g], {**attrs, "input_size": x.shape[2:]}
+    return case
+
+
+def log_case(small=False):
+    def case(data):
+        size = data.draw(st.sampled_from([1, 3, 5, 7, 9]), label="size")
+        sigma = data.draw(st.floats(0.5, 2.0), label="sigma")
+        dim = st.integers(1, 6) if small else AWKWARD_DIMS
+        shape = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), data.draw(dim), data.draw(dim))
+        return [floats(shape, data)], {"sigma": sigma, "size": size}
+    return case
+
+
+ROWS = [
+    row("max_pool2d", pool_case(), rtol=0, atol=0, grad_case=pool_case(small=True, values=distinct)),
+    row("max_pool2d_grad", pool_grad_case("max_pool2d")),  # sums up to kh·kw gradients
+    row("avg_pool2d", pool_case(), grad_case=pool_case(small=True)),
+    row("avg_pool2d_grad", pool_grad_case("avg_pool2d")),
+    row("log_filter", log_case(), rtol=1e-5, atol=1e-5, grad_case=log_case(small=True)),
+]
+
+test_forward, test_grad = make_tests(ROWS)
+
+
+def test_max_pool_ties_go_to_the_first_maximum(dev):
+    # Overlapping 2×2 windows, stride 1, on a constant image: every window's arg-max is its
+    # top-left pixel, so the gradient lands only where a window starts.
+    x = mm.tensor(np.ones((1, 1, 3, 3), np.float32), dev)
+    g = mm.tensor(np.ones((1, 1, 2, 2), np.float32), dev)
+    dx = mm.ops.max_pool2d_grad(g, x, kernel=2, stride=1, padding=0).numpy()[0, 0]
+    np.testing.assert_array_equal(dx, [[1, 1, 0], [1, 1, 0], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
+@pytest.mark.parametrize("shape, attrs, message", [
+    ((1, 1, 4, 4), {"kernel": 2, "padding": -1}, "must not be negative"),
+    ((1, 1, 4, 4), {"kernel": 5}, "larger than the padded input"),
+    ((1, 1, 4, 4), {"kernel": 2, "padding": 2}, "at most half the kernel"),
+    ((1, 4, 4), {"kernel": 2}, "NCHW"),
+    ((1, 1, 4, 4), {"kernel": 2, "stride": 0}, "stride"),
+    ((1, 1, 4, 4), {"kernel": 2.5}, "pool2d"),  # TODO(lead): ops.pair raises TypeError for floats
+])
+def test_pool_errors(dev, op, shape, attrs, message):
+    with pytest.raises(mm.ShapeError, match=message):
+        getattr(mm.ops, op)(mm.tensor(np.zeros(shape, np.float32), dev), **attrs)
+
+
+def test_pool_gradient_shape_mismatch(dev):
+    x = mm.tensor(np.zeros((1, 1, 4, 4), np.float32), dev)
+    g = mm.tensor(np.zeros((1, 1, 3, 3), np.float32), dev)
+    with pytest.raises(mm.ShapeError, match="pooled shape"):
+        mm.ops.max_pool2d_grad(g, x, kernel=2, stride=2, padding=0)
+
+
+@pytest.mark.parametrize("attrs, message", [({"size": 4}, "odd"), ({"size": 11}, "odd"), ({"sigma": 0.0}, "sigma")])
+def test_log_filter_errors(dev, attrs, message):
+    with pytest.raises(mm.ShapeError, match=message):
+        mm.ops.log_filter(mm.tensor(np.zeros((1, 1, 4, 4), np.float32), dev), **attrs)
+
+
+def test_log_filter_ignores_constants(dev):
+    x = mm.tensor(np.full((1, 2, 9, 9), 3.0, np.float32), dev)
+    y = mm.ops.log_filter(x, sigma=1.0, size=5).numpy()
+    np.testing.assert_allclose(y[:, :, 2:-2, 2:-2], 0, atol=1e-5)  # away from the zero padding
