@@ -8,6 +8,6 @@ from .tensor import Tensor, empty, tensor
 from . import ops  # noqa: E402  (ops use the names above)
 from .ops import ShapeError
 from .graph import Graph, GraphError, GraphTensor
-from . import nn, optim, random
+from . import nn, optim, random, train
 
 __version__ = "0.1.0"

@@ -239,3 +239,51 @@ def test_step_decay_halves_the_learning_rate():
     opt = mm.optim.SGD([w], lr=0.8)
     sched = mm.optim.StepDecay(opt, every=10)
     assert [sched.epoch(e) for e in (0, 9, 10, 25)] == [0.8, 0.8, 0.4, 0.2]
+
+
+def test_style_transfer_loss_matches_float64_reference(dev):
+    """A transformer net scored by a VGG-like loss net: Gram style losses at three layers plus a content loss."""
+    rng = np.random.default_rng(7)
+    mm.nn.seed(11)
+    transformer = mm.nn.Sequential(mm.nn.Conv2d(3, 4, 3, padding=1, device=dev), mm.nn.InstanceNorm2d(4, device=dev),
+                                   mm.nn.ReLU(), mm.nn.Conv2d(4, 3, 3, padding=1, device=dev))
+    loss_net = [mm.nn.Conv2d(3, 4, 3, padding=1, device=dev), mm.nn.Conv2d(4, 6, 3, padding=1, device=dev),
+                mm.nn.Conv2d(6, 8, 3, padding=1, device=dev)]
+    for layer in loss_net:
+        layer.freeze()  # fixed features, as with pretrained VGG
+    g = mm.Graph(dev)
+    x = g.input("content", (1, 3, 8, 8))
+    y = transformer(x)
+
+    def features(img):
+        out, h = [], img
+        for i, conv in enumerate(loss_net):
+            h = mm.ops.relu(conv(h))
+            out.append(h)
+            if i < len(loss_net) - 1:
+                h = mm.ops.avg_pool2d(h, 2) if i == 0 else h
+        return out
+
+    fy, fx = features(y), features(x)
+    terms = []
+    for f in fy:
+        alpha = 1.0 / (f.shape[2] * f.shape[3])
+        style_target = mm.tensor(rng.standard_normal((1, f.shape[1], f.shape[1])).astype(np.float32) * 0.05, dev)
+        terms.append(mm.ops.mse_loss(mm.ops.gram(f, alpha=alpha), style_target, reduction="sum", weight=10.0))
+    content = fx[1]
+    content.stop_gradient = True
+    terms.append(mm.ops.mse_loss(fy[1], content, reduction="mean"))
+    total = terms[0]
+    for t in terms[1:]:
+        total = mm.ops.add(total, t)
+    n_forward = len(g.nodes)
+    train = total.training_graph()
+    inputs = {"content": rng.uniform(0, 1, (1, 3, 8, 8)).astype(np.float32)}
+    got = train.step(**inputs)
+    first_grad = g.nodes[n_forward]
+    ref = reference_run(g, inputs, upto=first_grad)[total].sum()
+    assert got == pytest.approx(ref, rel=1e-4)
+    assert not any(id(p) in {id(q) for q in train.parameters} for layer in loss_net for p in layer.parameters())
+    for p in transformer.parameters():
+        fd = fd_gradient(g, total, inputs, p, eps=1e-6, first_grad_node=first_grad)  # small: ReLU kinks
+        np.testing.assert_allclose(p.grad.numpy(), fd, rtol=1e-2, atol=1e-3 * max(1.0, np.abs(fd).max()))
