@@ -26,7 +26,7 @@ from . import device as D
 from . import source as S
 
 INCLUDE = Path(__file__).resolve().parent / "include"
-FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno",
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fsigned-char",
          "-march=native", "-w"]
 
 
