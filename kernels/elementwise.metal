@@ -1,4 +1,5 @@
-// Elementwise kernels over flat float32 buffers: one thread per element, bounds guarded.
+// Elementwise kernels over flat float32 buffers (one thread per element, bounds guarded),
+// the activations and their gradients, and softmax over the channels.
 #include <metal_stdlib>
 using namespace metal;
 

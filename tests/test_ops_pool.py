@@ -78,7 +78,7 @@ def test_max_pool_ties_go_to_the_first_maximum(dev):
     ((1, 1, 4, 4), {"kernel": 2, "padding": 2}, "at most half the kernel"),
     ((1, 4, 4), {"kernel": 2}, "NCHW"),
     ((1, 1, 4, 4), {"kernel": 2, "stride": 0}, "stride"),
-    ((1, 1, 4, 4), {"kernel": 2.5}, "pool2d"),  # TODO(lead): ops.pair raises TypeError for floats
+    ((1, 1, 4, 4), {"kernel": 2.5}, "kernel must be an int or a pair of ints"),
 ])
 def test_pool_errors(dev, op, shape, attrs, message):
     with pytest.raises(mm.ShapeError, match=message):

@@ -140,7 +140,11 @@ def ensure(cond: bool, op: str, message: str) -> None:
 
 def pair(v, op: str, what: str) -> tuple[int, int]:
     """An int or a pair of ints as a pair, checked to be integers."""
-    t = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+    if isinstance(v, (int, np.integer)):
+        t = (v, v)
+    else:
+        ensure(isinstance(v, (tuple, list)), op, f"{what} must be an int or a pair of ints, got {v!r}")
+        t = tuple(v)
     ensure(len(t) == 2 and all(isinstance(a, (int, np.integer)) for a in t), op, f"{what} must be an int or a pair of ints, got {v!r}")
     return int(t[0]), int(t[1])
 
