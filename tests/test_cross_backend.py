@@ -99,11 +99,11 @@ kernel void simd_probe(device const uint* x [[buffer(0)]],
                        device uint* out [[buffer(1)]],
                        constant ProbeParams& p [[buffer(2)]],
                        uint lid [[thread_index_in_threadgroup]],
-                       uint tpg [[threads_per_threadgroup]],
+                       uint3 tpg [[threads_per_threadgroup]],
                        uint group [[threadgroup_position_in_grid]],
                        uint lane [[thread_index_in_simdgroup]]) {
     if ((p.active >> lane & 1u) == 0u) return;
-    uint t = group * tpg + lid;
+    uint t = group * (tpg.x * tpg.y * tpg.z) + lid;
     uint v = x[t], odd = v | 1u;
     device uint* o = out + t * 22u;
     o[0] = simd_sum(v);

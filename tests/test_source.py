@@ -101,6 +101,11 @@ def test_signature_parsing():
     assert S.Source.from_file(S.find("reduce")).kernels["sum_partial"].uses_sync
 
 
+def test_kernel_after_a_define_is_found():
+    src = S.Source(HEAD + "#define TILE 16\nkernel void k(device float* x [[buffer(0)]]) {\n threadgroup float t[TILE]; }")
+    assert list(src.kernels) == ["k"] and S.lint(src) == []
+
+
 def test_sync_detected_through_helper_functions():
     src = S.Source(HEAD + "void helper() { threadgroup_barrier(mem_flags::mem_threadgroup); }\n"
                           "kernel void k(device float* x [[buffer(0)]]) { helper(); }")

@@ -152,6 +152,11 @@ def pair(v, op: str, what: str) -> tuple[int, int]:
 def _load_families():
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
+    # importing a family module binds its name here: where it is also an op's name
+    # (matmul.py registers `matmul`), the op wins
+    for name, op in REGISTRY.items():
+        if not callable(globals().get(name)):
+            globals()[name] = _entry_point(name, op.check)
 
 
 _load_families()

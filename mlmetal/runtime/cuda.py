@@ -34,6 +34,7 @@ INCLUDE = Path(__file__).resolve().parent / "include"
 # roundings, as on the cpu backend (-ffp-contract=off), so elementwise kernels agree bit for bit.
 OPTIONS = ("-std=c++17", "-default-device", "--fmad=false", f"-I{INCLUDE}")
 CONSTANT_ALIGN = 16  # each packed constant struct starts on its own 16-byte boundary
+REGISTERS_PER_BLOCK = 65536  # every NVIDIA GPU since Kepler: 64 registers a thread at 1024 threads
 
 
 class CompileError(S.KernelSourceError):
@@ -89,19 +90,21 @@ def _check(status: int, what: str) -> None:
         raise RuntimeError(f"{what}: {nvrtc().nvrtcGetErrorString(status).decode()}")
 
 
-def options(arch: str) -> list[str]:
-    """Every NVRTC option for compute capability `arch` (e.g. '90'): OPTIONS and the target."""
-    return [*OPTIONS, f"--gpu-architecture=sm_{arch}"]
+def options(arch: str, max_registers: int = 0) -> list[str]:
+    """Every NVRTC option for compute capability `arch` (e.g. '90'): OPTIONS, the target, and a
+    register cap per thread where one is asked for (0: the compiler's choice)."""
+    cap = [f"--maxrregcount={max_registers}"] if max_registers else []
+    return [*OPTIONS, f"--gpu-architecture=sm_{arch}", *cap]
 
 
-def compile_cubin(text: str, source_name: str, arch: str) -> bytes:
+def compile_cubin(text: str, source_name: str, arch: str, max_registers: int = 0) -> bytes:
     """Compile a CUDA translation unit for sm_`arch`; raise CompileError with NVRTC's messages."""
     lib = nvrtc()
     prog = ctypes.c_void_p()
     _check(lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), source_name.encode(), 0, None, None),
            "nvrtcCreateProgram")
     try:
-        opts = [o.encode() for o in options(arch)]
+        opts = [o.encode() for o in options(arch, max_registers)]
         status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         if status != 0:
             size = ctypes.c_size_t()
@@ -129,11 +132,12 @@ def _headers_digest() -> str:
     return cache.key(*(p.name + p.read_text() for p in sorted(INCLUDE.iterdir()) if p.is_file()))
 
 
-def build(text: str, source_name: str, arch: str) -> Path:
+def build(text: str, source_name: str, arch: str, max_registers: int = 0) -> Path:
     """The cached cubin of a CUDA translation unit, compiled on a miss."""
-    k = cache.key(text, _headers_digest(), " ".join(options(arch)), nvrtc_version())
+    k = cache.key(text, _headers_digest(), " ".join(options(arch, max_registers)), nvrtc_version())
     path, _ = cache.lookup(f"kernels-sm{arch}-{k}.cubin",
-                           lambda tmp: tmp.write_bytes(compile_cubin(text, source_name, arch)), subdir="cuda")
+                           lambda tmp: tmp.write_bytes(compile_cubin(text, source_name, arch, max_registers)),
+                           subdir="cuda")
     return path
 
 
@@ -172,24 +176,61 @@ class CudaBuffer(D.Buffer):
             raise ValueError(f"writing {raw.nbytes} bytes at offset {offset} overruns a {self.nbytes}-byte buffer")
         rt = _cupy().cuda.runtime
         # From pageable memory the call returns once `raw` is staged, so `raw` may go right after.
-        rt.memcpyAsync(self.ptr + offset, raw.ctypes.data, raw.nbytes, rt.memcpyHostToDevice, self.device.stream.ptr)
+        with self.device._submit_lock:
+            rt.memcpyAsync(self.ptr + offset, raw.ctypes.data, raw.nbytes, rt.memcpyHostToDevice,
+                           self.device.stream.ptr)
 
 
 class CudaKernel(D.Kernel):
+    """A kernel as the compiler built it, and, on demand, rebuilt to fit larger threadgroups.
+
+    A kernel using more than 64 registers a thread cannot launch 1024 threads, which the contract
+    allows. Metal compiles each pipeline for its threadgroup size; here a dispatch too large for
+    the default build gets the library compiled again with registers capped to fit (spilling
+    what does not fit), and the default build keeps serving the sizes it can.
+    """
+
     def __init__(self, library: "CudaLibrary", sig: S.Kernel):
         super().__init__(library, sig)
-        cupy = _cupy()
-        self.function = library.module.get_function(sig.name)
-        self.ptr = self.function.ptr
-        # Registers (or shared memory) may cap a kernel below the 1024 threads the contract allows.
-        self.max_threads = cupy.cuda.driver.funcGetAttribute(0, self.ptr)  # CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK
+        self._builds: dict[int, tuple[int, int]] = {}  # register cap -> (CUfunction, max threads)
+        self.ptr, self.max_threads = self._build(0)
+
+    def _build(self, max_registers: int) -> tuple[int, int]:
+        if max_registers not in self._builds:
+            driver = _cupy().cuda.driver
+            ptr = driver.moduleGetFunction(self.library.module(max_registers), self.name)
+            # 0: CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, what registers and shared memory allow
+            self._builds[max_registers] = ptr, driver.funcGetAttribute(0, ptr)
+        return self._builds[max_registers]
+
+    def function(self, threads: int) -> int:
+        """The CUfunction that launches `threads` threads a threadgroup."""
+        if threads <= self.max_threads:
+            return self.ptr
+        cap = min(255, REGISTERS_PER_BLOCK // threads // 8 * 8)  # registers are allocated 8 at a time
+        ptr, max_threads = self._build(cap)
+        if threads > max_threads:
+            raise D.DispatchError(f"kernel {self.name} ({self.sig.where}): {threads} threads per threadgroup, but "
+                                  f"on this GPU it can run at most {max_threads} (shared memory or registers)")
+        return ptr
 
 
 class CudaLibrary(D.Library):
     def __init__(self, device: "CudaDevice", src: S.Source):
         super().__init__(device, src)
         self.cu = S.generate(src, "cuda")
-        self.module = _cupy().RawModule(path=str(build(self.cu, src.name, device.arch)))
+        self._modules: dict[int, int] = {}
+        self.module(0)  # compile now: errors belong to library creation
+
+    def module(self, max_registers: int = 0) -> int:
+        """The CUmodule built with `max_registers` registers a thread at most (0: no cap)."""
+        if max_registers not in self._modules:
+            cubin = build(self.cu, self.source.name, self.device.arch, max_registers).read_bytes()
+            # Loaded for the life of the process, like the device's cache of libraries; the driver
+            # loads into the calling thread's current context, so make it the device's.
+            with self.device.gpu:
+                self._modules[max_registers] = _cupy().cuda.driver.moduleLoadData(cubin)
+        return self._modules[max_registers]
 
     def _make_kernel(self, sig: S.Kernel) -> D.Kernel:
         return CudaKernel(self, sig)
@@ -241,25 +282,21 @@ class CudaDevice(D.Device):
         return CudaBuffer(self, nbytes)
 
     def _submit(self, work: list[D.Dispatch]) -> _Batch:
-        for d in work:
-            k: CudaKernel = d.kernel  # type: ignore[assignment]
-            count = d.threads[0] * d.threads[1] * d.threads[2]
-            if count > k.max_threads:
-                raise D.DispatchError(f"kernel {k.name} ({k.sig.where}): {count} threads per threadgroup, but on "
-                                      f"this GPU it can run at most {k.max_threads} (registers or shared memory)")
+        # Every function is resolved (and any rebuild done) before the commit's first launch.
+        functions = [d.kernel.function(d.threads[0] * d.threads[1] * d.threads[2]) for d in work]
         cupy = _cupy()
         driver = cupy.cuda.driver
         with self._submit_lock:
             self._retire()
             keep: list = [work]
             consts = self._upload_constants(work, keep)
-            for d in work:
+            for f, d in zip(functions, work):
                 ptrs = [next(consts) if isinstance(a, bytes) else a.ptr for a in d.args]
                 ptrs.append(d.predicate.buffer.ptr + d.predicate.offset if d.predicate else 0)
                 values = (ctypes.c_uint64 * len(ptrs))(*ptrs)
                 params = (ctypes.c_void_p * len(ptrs))(*(ctypes.addressof(values) + 8 * i for i in range(len(ptrs))))
                 # cuLaunchKernel copies the argument values, so `values` may go once it returns.
-                driver.launchKernel(d.kernel.ptr, *d.groups, *d.threads, 0, self.stream.ptr, ctypes.addressof(params), 0)
+                driver.launchKernel(f, *d.groups, *d.threads, 0, self.stream.ptr, ctypes.addressof(params), 0)
             event = cupy.cuda.Event(block=False, disable_timing=True)
             event.record(self.stream)
             batch = _Batch(event, keep)

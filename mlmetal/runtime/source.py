@@ -268,7 +268,13 @@ class Source:
             open_b = close + 1 + brace.end() - 1
             stmt = max(clean.rfind(c, 0, m.start()) for c in ";}")
             start = stmt + 1
-            while start < m.start() and clean[start].isspace():
+            # a declaration starts after the last statement and after any preprocessor line
+            while start < m.start() and (clean[start].isspace() or clean[start] == "#"):
+                if clean[start] == "#":
+                    eol = clean.find("\n", start)
+                    if eol < 0 or eol > m.start():
+                        break
+                    start = eol
                 start += 1
             decl = clean[start:m.start()]
             if decl.lstrip().startswith("#") or "=" in decl:
