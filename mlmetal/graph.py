@@ -9,6 +9,7 @@ run eagerly — plus an addition wherever a tensor fans out (DESIGN §3, MPS's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable
@@ -99,6 +100,27 @@ class Graph:
             raise GraphError(f"graph already has an input named {name!r}")
         t = self.inputs[name] = GraphTensor(self, shape, dtype, name=name)
         return t
+
+    @contextlib.contextmanager
+    def predicated(self, predicate):
+        """Predicate every node appended inside the block: the device skips them when the
+        predicate's word is 0 (their outputs keep what they held).
+
+        Example:
+            >>> with g.predicated(mm.Predicate(flags, 0)):
+            ...     h = mm.ops.tanh(h)
+        """
+        from .runtime.device import Predicate
+
+        if not isinstance(predicate, Predicate):
+            predicate = Predicate(*predicate)
+        start = len(self.nodes)
+        try:
+            yield predicate
+        finally:
+            for n in self.nodes[start:]:
+                if n.predicate is None:
+                    n.predicate = predicate
 
     def random(self, shape, generator, distribution) -> GraphTensor:
         """A node that fills a tensor with the generator's next numbers on every run (latents, masks).

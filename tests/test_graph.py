@@ -287,3 +287,17 @@ def test_style_transfer_loss_matches_float64_reference(dev):
     for p in transformer.parameters():
         fd = fd_gradient(g, total, inputs, p, eps=1e-6, first_grad_node=first_grad)  # small: ReLU kinks
         np.testing.assert_allclose(p.grad.numpy(), fd, rtol=1e-2, atol=1e-3 * max(1.0, np.abs(fd).max()))
+
+
+def test_predicated_block_runs_only_when_the_predicate_is_nonzero(dev):
+    flags = dev.buffer(np.array([1, 0], np.uint32))
+    g = mm.Graph(dev)
+    x = g.input("x", (3, 4))
+    with g.predicated(mm.Predicate(flags, 0)):
+        on = mm.ops.scale(x, s=2.0)
+    with g.predicated((flags, 4)):
+        off = mm.ops.scale(x, s=3.0)
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    got_on, got_off = g.run({"x": a}, outputs=[on, off])
+    np.testing.assert_array_equal(got_on, 2 * a)
+    assert not np.array_equal(got_off, 3 * a)  # skipped: the buffer keeps whatever it held
