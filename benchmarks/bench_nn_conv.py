@@ -11,24 +11,14 @@ number of calls; the ratio is the reference's time over mlmetal's (> 1: mlmetal 
 """
 
 import argparse
-import time
 
 import numpy as np
 
 import mlmetal as mm
+from timing import best_seconds
 from mlmetal import ops
 from mlmetal.tensor import empty
 
-
-def best_seconds(run, calls: int, rounds: int) -> float:
-    """Seconds per call: the best over `rounds` of `calls` calls back to back."""
-    run(1)  # warm up: compile, allocate, first touch
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run(calls)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
 
 
 def mlmetal_runs(dev, x, w, g, f, alpha):
@@ -63,9 +53,16 @@ def torch_runs(x, w, g, f, alpha, device, tf32=False):
     import torch
     import torch.nn.functional as F
 
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    def precision():
+        """The TF32 switches are global and read when a call runs, so each run sets them."""
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    precision()
     tx = torch.tensor(x, device=device, requires_grad=True)
     tw = torch.tensor(w, device=device, requires_grad=True)
     tg = torch.tensor(g, device=device)
@@ -73,17 +70,20 @@ def torch_runs(x, w, g, f, alpha, device, tf32=False):
     y = F.conv2d(tx, tw, padding=1)
 
     def forward(calls):
+        precision()
         with torch.no_grad():
             for _ in range(calls):
                 F.conv2d(tx, tw, padding=1)
         sync()
 
     def backward(calls):
+        precision()
         for _ in range(calls):
             torch.autograd.grad(y, (tx, tw), tg, retain_graph=True)
         sync()
 
     def gram(calls):
+        precision()
         for _ in range(calls):
             torch.baddbmm(feats.new_empty(()), feats, feats.transpose(1, 2), beta=0, alpha=alpha)
         sync()
@@ -137,7 +137,7 @@ def main():
     calls = args.calls or (50 if gpu else 3)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, cin, h, wd), dtype=np.float32)
-    w = rng.standard_normal((cout, cin, 3, 3), dtype=np.float32) / np.sqrt(9 * cin)
+    w = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
     g = rng.standard_normal((n, cout, h, wd), dtype=np.float32)
     f = rng.standard_normal(gram_shape, dtype=np.float32)
     alpha = 1.0 / (gram_shape[2] * gram_shape[3])

@@ -10,24 +10,14 @@ is faster). The time includes each side's per-call overheads (mlmetal: encoding 
 """
 
 import argparse
-import time
 
 import numpy as np
 
 import mlmetal as mm
+from timing import best_seconds
 from mlmetal import ops
 from mlmetal.tensor import empty
 
-
-def best_seconds(run, calls: int, rounds: int) -> float:
-    """Seconds per call: the best over `rounds` of `calls` calls back to back."""
-    run(1)  # warm up: compile, allocate, first touch
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run(calls)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
 
 
 def mlmetal_runs(dev, x, g):

@@ -9,23 +9,13 @@ divided by the number of calls; the ratio is mlmetal's throughput over the refer
 """
 
 import argparse
-import time
 
 import numpy as np
 
 import mlmetal as mm
+from timing import best_seconds
 import mlmetal.random as mr
 
-
-def best_seconds(run, calls: int, rounds: int) -> float:
-    """Seconds per call: the best over `rounds` of running `calls` calls back to back."""
-    run(1)  # warm up: compile, allocate, first touch
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run(calls)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
 
 
 def mlmetal_run(gen, out, n):

@@ -10,31 +10,11 @@ backend, PyTorch on cuda (where installed).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
 import mlmetal as mm
-
-
-def timeit(fn, sync, repeat=7, number=None) -> float:
-    """Median seconds per call of fn(), with `sync()` closing each timed batch."""
-    fn()
-    sync()
-    if number is None:  # aim for ~50 ms batches
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        number = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-7)))
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - t0) / number)
-    return statistics.median(samples)
+from timing import timeit
 
 
 def dispatcher(dev, kernel, groups, threads, args):
@@ -59,7 +39,6 @@ def main():
     y_np = rng.standard_normal(n).astype(np.float32)
     x, y, out = dev.buffer(x_np), dev.buffer(y_np), dev.buffer(nbytes=4 * n)
     groups = n // 256
-    rows = []  # (what, mlmetal seconds, reference seconds, reference name, bytes moved)
 
     empty = dispatcher(dev, ew.kernel("empty"), 1, 32, [out])
     t_empty = timeit(empty, sync, number=200)

@@ -8,7 +8,6 @@ import textwrap
 import numpy as np
 import pytest
 
-import mlmetal as mm
 from mlmetal.runtime import cache, cpu
 
 pytestmark = pytest.mark.skipif(os.environ.get("MLMETAL_DEVICE", "cpu") != "cpu", reason="cpu-backend internals")

@@ -6,7 +6,6 @@ with K; rows state `rtol_for(K_max)` of conftest for the largest K their cases c
 
 import numpy as np
 import pytest
-from hypothesis import given
 from hypothesis import strategies as st
 
 import mlmetal as mm

@@ -95,7 +95,7 @@ def _temper(p: dict, v, t):
 
 def mtgp32_reference_stream(param: dict, seed: int, n: int) -> np.ndarray:
     """First n words of one MTGP32 generator, one word at a time as the reference C code runs."""
-    p, N, pos = param, MTGP32_N, param["pos"]
+    p, pos = param, param["pos"]
     x = [int(v) for v in mtgp32_init_state(param, seed)]
     out = []
     for k in range(n):  # word k+N is made from words k, k+1, k+pos; tempered with word k+pos-1

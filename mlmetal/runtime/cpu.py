@@ -119,7 +119,7 @@ def runtime() -> ctypes.CDLL:
     return lib
 
 
-class CpuBuffer(D.Buffer):
+class CpuBuffer(D.HostBuffer):
     def __init__(self, device: "CpuDevice", nbytes: int):
         self.device = device
         self.nbytes = nbytes
@@ -128,18 +128,6 @@ class CpuBuffer(D.Buffer):
         start = (-raw.ctypes.data) % 64
         self._mem = raw[start:start + nbytes]
         self.ptr = self._mem.ctypes.data
-
-    def numpy(self, dtype=np.uint8) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        if self.nbytes % dtype.itemsize:
-            raise ValueError(f"{self.nbytes} bytes is not a whole number of {dtype} items")
-        return self._mem.view(dtype)
-
-    def write(self, data, offset: int = 0) -> None:
-        raw = D._as_bytes(data)
-        if offset < 0 or offset + raw.nbytes > self.nbytes:
-            raise ValueError(f"writing {raw.nbytes} bytes at offset {offset} overruns a {self.nbytes}-byte buffer")
-        self._mem[offset:offset + raw.nbytes] = raw
 
 
 class CpuKernel(D.Kernel):

@@ -2,7 +2,7 @@
 
 The generated CUDA translation unit (`source.generate(src, "cuda")`, with include/mlm_cuda.h for
 barriers and warp-shuffle simd functions) is compiled by NVRTC to a cubin for the device's
-architecture and cached; CuPy loads it, owns the device memory and launches on one stream.
+architecture and cached; CuPy's driver bindings load and launch it, and CuPy owns the memory.
 NVRTC is called here through ctypes rather than through CuPy so that CI, which has NVRTC but
 no GPU and no CuPy, compiles every kernel with exactly the options the backend uses.
 
@@ -122,7 +122,7 @@ def compile_cubin(text: str, source_name: str, arch: str, max_registers: int = 0
 
 
 def _compiler_messages(log: str, source_name: str) -> list[str]:
-    """NVRTC's `file(line): error: …` lines as `file:line: error: …`, the line that follows kept."""
+    """NVRTC's `file(line): error: …` lines as `file:line: error: …` (all lines if none is an error)."""
     lines = [re.sub(r"^(.*?)\((\d+)\): ", r"\1:\2: ", l) for l in log.splitlines() if l.strip()]
     errors = [l for l in lines if re.search(r":\d+: (catastrophic )?error", l)]
     return errors or lines[-20:] or [f"{source_name}: NVRTC failed without a message"]
@@ -262,7 +262,7 @@ class CudaDevice(D.Device):
             return f"no usable NVIDIA GPU: {e}"
         try:
             nvrtc_version()
-        except (NvrtcNotFound, RuntimeError) as e:
+        except RuntimeError as e:  # NvrtcNotFound, or an NVRTC that does not answer
             return str(e)
         return None
 

@@ -46,6 +46,24 @@ class Buffer:
         return f"<{type(self).__name__} {self.nbytes} bytes on {self.device.name}>"
 
 
+class HostBuffer(Buffer):
+    """A buffer whose bytes the host sees as the numpy array `_mem` (cpu memory, Apple unified memory)."""
+
+    _mem: np.ndarray
+
+    def numpy(self, dtype=np.uint8) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        if self.nbytes % dtype.itemsize:
+            raise ValueError(f"{self.nbytes} bytes is not a whole number of {dtype} items")
+        return self._mem.view(dtype)
+
+    def write(self, data, offset: int = 0) -> None:
+        raw = _as_bytes(data)
+        if offset < 0 or offset + raw.nbytes > self.nbytes:
+            raise ValueError(f"writing {raw.nbytes} bytes at offset {offset} overruns a {self.nbytes}-byte buffer")
+        self._mem[offset:offset + raw.nbytes] = raw
+
+
 def _as_bytes(data: Any) -> np.ndarray:
     arr = np.ascontiguousarray(data)
     if arr.dtype == object:

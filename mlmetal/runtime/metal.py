@@ -45,25 +45,13 @@ def _compiler_messages(text: str, source_name: str) -> list[str]:
     return errors or lines or [f"{source_name}: the Metal compiler failed without a message"]
 
 
-class MetalBuffer(D.Buffer):
+class MetalBuffer(D.HostBuffer):
     def __init__(self, device: "MetalDevice", nbytes: int):
         self.device = device
         self.nbytes = nbytes
         # Shared storage on unified memory: this numpy view and the GPU see the same bytes.
         self.mc = device.mc.buffer(nbytes)
         self._mem = np.frombuffer(self.mc, dtype=np.uint8)
-
-    def numpy(self, dtype=np.uint8) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        if self.nbytes % dtype.itemsize:
-            raise ValueError(f"{self.nbytes} bytes is not a whole number of {dtype} items")
-        return self._mem.view(dtype)
-
-    def write(self, data, offset: int = 0) -> None:
-        raw = D._as_bytes(data)
-        if offset < 0 or offset + raw.nbytes > self.nbytes:
-            raise ValueError(f"writing {raw.nbytes} bytes at offset {offset} overruns a {self.nbytes}-byte buffer")
-        self._mem[offset:offset + raw.nbytes] = raw
 
 
 @dataclasses.dataclass(eq=False)  # compared and hashed by identity
