@@ -4,18 +4,20 @@
 // weights (Cout × Cin·KH·KW) times the im2col'd input (Cin·KH·KW × N·OH·OW), and the two
 // gradients are the same product with the roles swapped. A threadgroup of 64 threads owns a
 // 64×64 output tile: per step it gathers a 16-deep slice of both operands into threadgroup
-// memory (thread t stages row t of one and column t of the other), waits at a barrier, and
-// every thread accumulates its own 8×8 register block from the staged slices.
+// memory (each thread a fixed share, chosen so that a warp's loads are contiguous where the
+// operand is), waits at a barrier, and every thread accumulates its own 8×8 register block
+// from the staged slices.
 //
 // Fat 8×8 blocks keep the threads few: on the cpu backend a barrier costs each thread a
 // fiber switch, so 1024 multiply-adds per thread between barriers make it cheap there too.
 #include <metal_stdlib>
 using namespace metal;
 
-#define TILE_M 64   // output rows per threadgroup (= threads: thread t stages row t)
-#define TILE_N 64   // output columns per threadgroup (thread t stages column t)
+#define TILE_M 64   // output rows per threadgroup
+#define TILE_N 64   // output columns per threadgroup
 #define TILE_K 16   // reduction depth staged per barrier
 #define BLOCK 8     // each thread accumulates BLOCK × BLOCK outputs; (64/8)² = 64 threads
+#define THREADS 64  // per threadgroup of the implicit-GEMM kernels
 #define BIAS_THREADS 256
 
 struct Block {
@@ -65,9 +67,10 @@ kernel void conv2d(device const float* x [[buffer(0)]],
     const uint K = cin_g * p.kh * p.kw, plane = p.oh * p.ow, pixels = p.n * plane;
     const uint g = tile.z, m0 = tile.y * TILE_M, n0 = tile.x * TILE_N;
 
-    // What thread t stages: weight row m0+t, and the patch of output pixel n0+t.
-    const bool row_ok = m0 + t < cout_g;
-    device const float* w_row = w + (g * cout_g + (row_ok ? m0 + t : 0)) * K;
+    // What thread t stages: the patch of output pixel n0+t, and slice column t % 16 of every
+    // fourth weight row from t / 16 — weights are contiguous along k, so a warp reads whole runs.
+    device const float* w_group = w + g * cout_g * K;
+    const uint a_k = t % TILE_K, a_row = t / TILE_K;
     const uint q = n0 + t;
     const bool col_ok = q < pixels;
     const uint img = col_ok ? q / plane : 0, r = col_ok ? q % plane : 0;
@@ -79,9 +82,12 @@ kernel void conv2d(device const float* x [[buffer(0)]],
     Block acc;
     clear(acc);
     for (uint k0 = 0; k0 < K; k0 += TILE_K) {
+        for (uint i = 0; i < TILE_M / (THREADS / TILE_K); ++i) {
+            const uint m = a_row + i * (THREADS / TILE_K);
+            a_tile[a_k][m] = m0 + m < cout_g && k0 + a_k < K ? w_group[(m0 + m) * K + k0 + a_k] : 0.0f;
+        }
         for (uint kk = 0; kk < TILE_K; ++kk) {
             const bool k_ok = k0 + kk < K;
-            a_tile[kk][t] = row_ok && k_ok ? w_row[k0 + kk] : 0.0f;
             const int iy = iy0 + int(ky) * p.dil_h, ix = ix0 + int(kx) * p.dil_w;
             const bool inside = iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);  // else zero padding
             b_tile[kk][t] = col_ok && k_ok && inside ? x_img[(ci * p.h + uint(iy)) * p.w + uint(ix)] : 0.0f;

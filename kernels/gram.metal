@@ -9,10 +9,11 @@
 #include <metal_stdlib>
 using namespace metal;
 
-#define TILE_M 64   // output rows per threadgroup (= threads: thread t stages row t)
-#define TILE_N 64   // output columns per threadgroup (thread t stages column t)
+#define TILE_M 64   // output rows per threadgroup
+#define TILE_N 64   // output columns per threadgroup
 #define TILE_K 16   // reduction depth staged per barrier
 #define BLOCK 8     // each thread accumulates BLOCK × BLOCK outputs; (64/8)² = 64 threads
+#define THREADS 64  // per threadgroup
 
 struct Block {
     float v[BLOCK][BLOCK];
@@ -56,18 +57,19 @@ kernel void gram(device const float* x [[buffer(0)]],
     const uint m0 = tile.y * TILE_M, n0 = tile.x * TILE_N;
     const uint k_begin = split * p.chunk, k_end = min(p.hw, k_begin + p.chunk);
     device const float* f = x + item * p.c * p.hw;
-    const bool row_ok = m0 + t < p.c, col_ok = n0 + t < p.c;
-    device const float* a_row = f + (row_ok ? m0 + t : 0) * p.hw;
-    device const float* b_row = f + (col_ok ? n0 + t : 0) * p.hw;
+    // Thread t stages slice column t % 16 of every fourth channel from t / 16 in both tiles:
+    // features are contiguous along k, so a warp reads whole runs of two channels.
+    const uint s_k = t % TILE_K, s_row = t / TILE_K;
 
     const uint tm = t / (TILE_N / BLOCK), tn = t % (TILE_N / BLOCK);
     Block acc;
     clear(acc);
     for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        for (uint kk = 0; kk < TILE_K; ++kk) {
-            const uint k = k0 + kk;
-            a_tile[kk][t] = row_ok && k < k_end ? a_row[k] : 0.0f;
-            b_tile[kk][t] = col_ok && k < k_end ? b_row[k] : 0.0f;
+        const uint k = k0 + s_k;
+        for (uint i = 0; i < TILE_M / (THREADS / TILE_K); ++i) {
+            const uint r = s_row + i * (THREADS / TILE_K);
+            a_tile[s_k][r] = m0 + r < p.c && k < k_end ? f[(m0 + r) * p.hw + k] : 0.0f;
+            b_tile[s_k][r] = n0 + r < p.c && k < k_end ? f[(n0 + r) * p.hw + k] : 0.0f;
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         multiply_tiles(&a_tile[0][0], &b_tile[0][0], tm, tn, acc);
