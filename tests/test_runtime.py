@@ -101,7 +101,7 @@ def test_threadgroup_sum(dev, n, groups, threads, seed):
     x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
     ref = float(np.sum(x.astype(np.float64)))
     got = device_sum(dev, x, groups, threads)
-    assert got == pytest.approx(ref, rel=rtol_for(n), abs=rtol_for(n) * np.abs(x).sum())
+    assert got == pytest.approx(ref, rel=rtol_for(n), abs=rtol_for(n) * float(np.abs(x).sum()))
 
 
 @given(rows=st.sampled_from([1, 31, 32, 33, 64, 100]) | st.integers(1, 130),
