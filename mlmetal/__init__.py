@@ -9,5 +9,7 @@ from . import ops  # noqa: E402  (ops use the names above)
 from .ops import ShapeError
 from .graph import Graph, GraphError, GraphTensor
 from . import nn, optim, random, train
+from .ops.predicate import Predicates
 
 __version__ = "0.1.0"
+from .io import FormatError, load, save  # noqa: E402

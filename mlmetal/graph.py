@@ -293,10 +293,11 @@ class Graph:
         """
         outputs = list(outputs) if outputs is not None else list(self.nodes[-1].outputs)
         plan = self.plan(tuple(outputs))
-        values = plan.execute(self._bind_inputs(inputs), commit_every)
+        values = plan.execute(self.bind_inputs(inputs), commit_every)
         return [values[o].numpy() if isinstance(values[o], Tensor) else values[o] for o in outputs]
 
-    def _bind_inputs(self, inputs: dict) -> dict[GraphTensor, Any]:
+    def bind_inputs(self, inputs: dict) -> dict[GraphTensor, Any]:
+        """Check `inputs` against the graph's declared inputs; {graph tensor: array or tensor}."""
         missing = [n for n in self.inputs if n not in inputs]
         extra = [n for n in inputs if n not in self.inputs]
         if missing or extra:
@@ -316,8 +317,10 @@ class Graph:
             bound[t] = np.ascontiguousarray(a, dtype=t.dtype)
         return bound
 
-    def plan(self, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True) -> "Plan":
-        key = (outputs, len(self.nodes), plan_lifetimes)
+    def plan(self, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True, copy: int = 0) -> "Plan":
+        """The (cached) execution plan computing `outputs`; `copy` numbers independent plans
+        with buffers of their own, one per iteration kept in flight (double buffering)."""
+        key = (tuple(outputs), len(self.nodes), plan_lifetimes, copy)
         if key not in self._plans:
             self._plans[key] = Plan(self, outputs, plan_lifetimes)
         return self._plans[key]
@@ -373,7 +376,10 @@ class Plan:
         self.slot_bytes.append(nbytes)
         return len(self.slot_bytes) - 1
 
-    def execute(self, bound: dict, commit_every: int = 16) -> dict:
+    def encode(self, bound: dict, cb, commit_every: int = 16) -> dict:
+        """Encode every node into `cb` (with `commit_and_continue` every `commit_every` nodes)
+        and return the tensors they write, without the final commit or wait — so a caller can
+        keep several iterations in flight (each with its own plan, see `Graph.plan(copy=)`)."""
         dev = self.graph.device
         if self._buffers is None:
             self._buffers = [dev.buffer(nbytes=b) for b in self.slot_bytes]
@@ -382,7 +388,6 @@ class Plan:
             values[t] = v if isinstance(v, Tensor) else Tensor(dev.buffer(v if v.size else np.zeros(1, v.dtype)), t.shape, t.dtype)
         for t in self.graph._params.values():
             values[t] = t.value
-        cb = dev.command_buffer()
         for i, n in enumerate(self.nodes):
             for o in n.outputs:
                 values[o] = o.value if o.value is not None else Tensor(self._buffers[self.slots[o]], o.shape, o.dtype)
@@ -394,6 +399,12 @@ class Plan:
             cb.predicate = saved
             if commit_every and (i + 1) % commit_every == 0:
                 cb.commit_and_continue()
+        return values
+
+    def execute(self, bound: dict, commit_every: int = 16) -> dict:
+        """Encode, commit, and wait for the device."""
+        cb = self.graph.device.command_buffer()
+        values = self.encode(bound, cb, commit_every)
         cb.commit()
         cb.wait()
         return values
@@ -421,7 +432,7 @@ class Training:
         if self.optimizer is not None:
             self.optimizer.prepare_step()
         plan = self.graph.plan((self.loss, *grads))
-        values = plan.execute(self.graph._bind_inputs(inputs), commit_every)
+        values = plan.execute(self.graph.bind_inputs(inputs), commit_every)
         for t, g in self.param_grads.items():
             t.value.grad = values[g]
         loss = values[self.loss].numpy()

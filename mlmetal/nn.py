@@ -97,6 +97,32 @@ class Module:
             p.trainable = True
         return self
 
+    def save_weights(self, path) -> None:
+        """Save the parameters by dotted name: `mm.save(path, self)` (a directory, or a `.zip`).
+
+        Example:
+            >>> net.save_weights("net.zip")
+        """
+        from .io import save
+
+        save(path, self)
+
+    def load_weights(self, path, strict: bool = True) -> "Module":
+        """Load parameters saved by `save_weights` or `mm.save`, matched by dotted name.
+
+        Args:
+            path: the saved directory or `.zip`.
+            strict: refuse missing and extra parameters; one `mm.FormatError` lists them
+                all, with any of the wrong shape (always refused).
+
+        Example:
+            >>> net = make_net().load_weights("net.zip")
+        """
+        from .io import restore
+
+        restore(path, self, strict=strict)
+        return self
+
 
 class Sequential(Module):
     """Layers applied in order. Example: `net = mm.nn.Sequential(mm.nn.Linear(4, 8), mm.nn.ReLU())`."""

@@ -24,6 +24,7 @@ An op is a small closed unit:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -84,9 +85,15 @@ def _entry_point(name: str, check):
 
 
 def _is_tensor(x) -> bool:
+    return isinstance(x, (Tensor, _graph_tensor()))
+
+
+@functools.lru_cache(maxsize=None)
+def _graph_tensor():
+    """The GraphTensor class (the tape imports this module, so it is looked up on first use)."""
     from ..graph import GraphTensor
 
-    return isinstance(x, (Tensor, GraphTensor))
+    return GraphTensor
 
 
 def infer(name: str, *inputs, **attrs) -> tuple[Any, dict]:
@@ -103,9 +110,7 @@ def apply(name: str, *inputs, **attrs):
     """Run op `name` eagerly (check, allocate the output(s), encode, commit asynchronously),
     or, when any input is a graph tensor, append it to that graph as a node."""
     op = REGISTRY[name]
-    from ..graph import GraphTensor  # the tape imports this module
-
-    graph_inputs = [x for x in inputs if isinstance(x, GraphTensor)]
+    graph_inputs = [x for x in inputs if isinstance(x, _graph_tensor())]
     if graph_inputs:
         return graph_inputs[0].graph.append(name, list(inputs), attrs)
     for i, x in enumerate(inputs):

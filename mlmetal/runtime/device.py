@@ -103,9 +103,26 @@ class Kernel:
         self.library = library
         self.sig = sig
         self.name = sig.name
+        # Everything a dispatch looks up, computed once: binding runs on every dispatch.
+        self.where = f"kernel {sig.name} ({sig.where})"
+        self.params = sig.buffers
+        self.param_names = {p.name for p in self.params}
+        self._packers = {p.name: _fast_packer(sig.struct_of(p)) for p in self.params if p.kind == "constant"}
 
     def __repr__(self):
         return f"<Kernel {self.name} ({self.sig.where}) on {self.library.device.name}>"
+
+    def pack_fast(self, param: S.Param, values: Any) -> bytes:
+        """`pack`, through a precompiled struct when the values are plainly right; else `pack`'s checks."""
+        packer = self._packers.get(param.name)
+        if packer is not None and type(values) is dict and len(values) == len(packer[0]):
+            try:
+                vals = [values[n] for n in packer[0]]
+                if not any(v.__class__ is bool for v in vals):
+                    return packer[1].pack(*vals)
+            except (KeyError, struct.error, TypeError):
+                pass
+        return self.pack(param, values)
 
     def pack(self, param: S.Param, values: Any) -> bytes:
         """Pack a dict (or a scalar, for `constant float& x`) into the bytes of `param`'s constant."""
@@ -137,6 +154,13 @@ class Kernel:
         return b"".join(out)
 
 
+def _fast_packer(st: "S.Struct | None"):
+    """(field names, struct.Struct) for a struct of scalar fields, or None."""
+    if st is None or any(f.count != 1 for f in st.fields):
+        return None
+    return tuple(f.name for f in st.fields), struct.Struct("<" + "".join(S.SCALARS[f.type] for f in st.fields))
+
+
 def _pack_scalar(code: str, v: Any, where: str) -> bytes:
     if code == "f":
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
@@ -162,7 +186,11 @@ class Dispatch:
 
 
 def _shape3(v: Any, what: str, kernel: Kernel) -> tuple[int, int, int]:
-    where = f"kernel {kernel.name} ({kernel.sig.where})"
+    if type(v) is int and v >= 1:
+        return (v, 1, 1)
+    if type(v) is tuple and len(v) == 3 and all(type(x) is int and x >= 1 for x in v):
+        return v
+    where = kernel.where
     if isinstance(v, (int, np.integer)):
         v = (v,)
     try:
@@ -179,8 +207,7 @@ def _shape3(v: Any, what: str, kernel: Kernel) -> tuple[int, int, int]:
 
 def bind(kernel: Kernel, groups, threads, args: Sequence | None, named: dict, predicate) -> Dispatch:
     """Check everything about a dispatch and return it bound; raise DispatchError on any problem."""
-    sig = kernel.sig
-    where = f"kernel {kernel.name} ({sig.where})"
+    where = kernel.where
     g = _shape3(groups, "groups", kernel)
     t = _shape3(threads, "threads", kernel)
     count = t[0] * t[1] * t[2]
@@ -189,15 +216,14 @@ def bind(kernel: Kernel, groups, threads, args: Sequence | None, named: dict, pr
                             "and at most 1024 (Apple and NVIDIA GPUs run 32-wide SIMD groups)")
     if g[0] * g[1] * g[2] * count >= 2**32:
         raise DispatchError(f"{where}: grid {g}×{t} has 2^32 threads or more; builtins are 32-bit")
-    params = sig.buffers
+    params = kernel.params
     args = list(args or [])
     if len(args) > len(params):
         raise DispatchError(f"{where}: takes {len(params)} arguments ({', '.join(p.name for p in params)}), got {len(args) + len(named)}")
-    by_name = {p.name: p for p in params}
     bound: dict[str, Any] = {p.name: a for p, a in zip(params, args)}
     for name, value in named.items():
-        if name not in by_name:
-            raise DispatchError(f"{where}: no parameter named {name!r} (parameters: {', '.join(by_name)})")
+        if name not in kernel.param_names:
+            raise DispatchError(f"{where}: no parameter named {name!r} (parameters: {', '.join(p.name for p in params)})")
         if name in bound:
             raise DispatchError(f"{where}: parameter {name!r} given twice")
         bound[name] = value
@@ -219,9 +245,13 @@ def bind(kernel: Kernel, groups, threads, args: Sequence | None, named: dict, pr
 
 
 def _bind_one(kernel: Kernel, p: S.Param, value: Any) -> Buffer | bytes:
-    where = f"kernel {kernel.name} ({p.loc}), parameter `{p.name}` ({p.type})"
     dev = kernel.library.device
     value = getattr(value, "buffer", value)  # tensors carry their buffer
+    if isinstance(value, Buffer) and value.device is dev and p.kind == "buffer":
+        return value
+    if p.kind == "constant" and not isinstance(value, Buffer):
+        return kernel.pack_fast(p, value)
+    where = f"kernel {kernel.name} ({p.loc}), parameter `{p.name}` ({p.type})"
     if isinstance(value, Buffer):
         if value.device is not dev:
             raise DispatchError(f"{where}: buffer lives on {value.device.name}, the kernel on {dev.name}")

@@ -1,0 +1,922 @@
+"""Saving and loading models: a directory, or a `.zip`, holding graph.json and weights.safetensors.
+
+graph.json describes the inference graph — its inputs, its parameters by dotted name, its
+nodes (op name, normalised attributes, input references, output shapes and dtypes) and its
+named outputs — and the optimizer's hyper-parameters and step count. weights.safetensors
+holds the parameters and the optimizer's state under dotted names (`conv1.weight`,
+`optimizer.adam.m.conv1.weight`), written by the `safetensors` library, so PyTorch and
+other tools read them too. Neither file can carry code: the loader parses JSON and a
+safetensors header, checks every field against the op registry and against each other,
+and only then allocates on the device (DESIGN §6). Every problem is one `FormatError`
+saying what is wrong and where.
+
+Version 1 of graph.json:
+
+    {"format": "mlmetal", "version": 1, "kind": "graph",          # or "module": no nodes
+     "inputs":     [{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}],
+     "parameters": [{"name": "0.weight", "shape": [4, 3, 3, 3], "dtype": "float32", "trainable": true}],
+     "nodes":      [{"op": "conv2d", "inputs": [{"input": "x"}, {"param": "0.weight"}],
+                     "attrs": {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1},
+                     "outputs": [{"shape": [1, 4, 8, 8], "dtype": "float32"}]}],
+     "outputs":    {"output": {"node": 0, "output": 0}},
+     "optimizer":  {"type": "adam", "steps": 3, "parameters": ["0.weight"],
+                    "attrs": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-08, "weight_decay": 0.0}}}
+
+A parameter's "trainable" is null for a constant (a plain tensor a node reads, such as a
+loss's target); "stop_gradient": true may mark any input, parameter or node output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import stat
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
+
+from . import ops
+from .graph import Graph, GraphTensor
+from .nn import Module, Parameter
+from .optim import SGD, Adam, Optimizer
+from .tensor import Tensor, _device, tensor
+
+VERSION = 1
+GRAPH, WEIGHTS = "graph.json", "weights.safetensors"
+
+# Sane limits: a file that claims more is refused before anything that size is read or allocated.
+MAX_JSON_BYTES = 64 << 20          # graph.json, and the safetensors header
+MAX_NODES = 100_000
+MAX_TENSORS = 100_000              # inputs, parameters, or weights entries
+MAX_NAME = 512                     # characters in a name
+MAX_NDIM = 8
+MAX_TENSOR_ELEMENTS = 2**31 - 1    # kernels index elements with 32-bit integers
+MAX_TOTAL_ELEMENTS = 2**34         # over every tensor graph.json describes
+MAX_NODE_INPUTS = 1024
+MAX_ATTRS = 64                     # per node; an attribute list holds at most this many items too
+MAX_ATTR_DEPTH = 3
+MAX_ATTR_INT = 2**31               # kernels take 32-bit constants
+MAX_ZIP_MEMBERS = 64
+
+_DTYPES = {"float32": np.dtype(np.float32), "int32": np.dtype(np.int32), "uint32": np.dtype(np.uint32)}
+_SAFETENSORS_DTYPES = {"F32": "float32", "I32": "int32", "U32": "uint32"}
+
+
+class FormatError(ValueError):
+    """A saved model that is malformed, inconsistent, or does not fit what it is loaded into."""
+
+
+def _fail(where: str, message: str):
+    raise FormatError(f"{where}: {message}")
+
+
+# ---------------------------------------------------------------- optimizers in the format
+
+@dataclasses.dataclass(frozen=True)
+class _OptimizerKind:
+    cls: type
+    op: str               # the update op, whose `check` validates the hyper-parameters
+    slots: tuple          # names of the per-parameter state tensors, in `Optimizer.state` order
+
+    def kwargs(self, attrs: dict) -> dict:
+        """The constructor's keyword arguments (and attribute names) from the update op's attributes."""
+        if self.cls is Adam:
+            return {"lr": attrs["lr"], "betas": (attrs["beta1"], attrs["beta2"]), "eps": attrs["eps"],
+                    "weight_decay": attrs["weight_decay"]}
+        return dict(attrs)
+
+
+_OPTIMIZERS = {"sgd": _OptimizerKind(SGD, "sgd_update", ("momentum_buffer",)),
+               "adam": _OptimizerKind(Adam, "adam_update", ("m", "v"))}
+
+
+def _state_name(kind: str, slot: str, param: str) -> str:
+    return f"optimizer.{kind}.{slot}.{param}"
+
+
+# ---------------------------------------------------------------- saving
+
+def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module: Module | None = None) -> None:
+    """Save a graph (or a module's weights), and optionally an optimizer's state, to `path`.
+
+    A graph is saved as the nodes its outputs depend on (gradient and update nodes of a
+    derived training graph are left out: derive it again after loading), with the inputs and
+    parameters those nodes read. A module is saved as its weights only: graph.json then lists
+    its parameters and no nodes. Parameters are named by dotted name (`Module.named_parameters`
+    sets `p.name`); a graph's unnamed or doubly named tensors are saved as `leaves.<i>`.
+
+    Args:
+        path: a directory, or a file ending in `.zip`.
+        what: an `mm.Graph` or an `mm.nn.Module`.
+        optimizer: an `mm.optim.SGD` or `Adam` over parameters being saved; its state and
+            hyper-parameters are saved with them.
+        outputs: for a graph, the tensors to record: {name: tensor}, a list (named
+            output0, output1, ...) or one tensor (named output). Default: the outputs of the
+            last node that is neither a gradient nor an optimizer update.
+        module: for a graph, the module whose dotted names its parameters are saved under
+            (default: each parameter's `name`, set by the last `named_parameters()` call).
+
+    Example:
+        >>> mm.save("denoiser.zip", graph, outputs={"rgb": y}, module=net)
+        >>> mm.save("ckpt", net, optimizer=opt)
+    """
+    if isinstance(what, Graph):
+        if module is not None:
+            module.named_parameters()  # names each parameter
+        meta, tensors = _describe_graph(what, outputs)
+    elif isinstance(what, Module):
+        if outputs is not None:
+            raise FormatError("outputs= applies to a graph; a module is saved as its weights only")
+        meta, tensors = _describe_module(what)
+    else:
+        raise TypeError(f"mm.save saves an mm.Graph or an mm.nn.Module, got {type(what).__name__}")
+    if optimizer is not None:
+        meta["optimizer"] = _describe_optimizer(optimizer, tensors)
+    # A saved file must load: run the loader's own checks on what is about to be written.
+    _validate(json.loads(json.dumps(meta)))
+    arrays = {name: np.ascontiguousarray(t.numpy()) for name, t in tensors.items()}
+    graph_bytes = _dumps(meta).encode()
+    weight_bytes = safetensors.numpy.save(arrays, metadata={"format": "mlmetal", "version": str(VERSION)})
+    _write(Path(path), graph_bytes, weight_bytes)
+
+
+def _describe_module(module: Module):
+    params = module.named_parameters()
+    for name in params:
+        _check_name(name, f"parameter {name!r}")
+    meta = _header("module")
+    meta["parameters"] = [_tensor_entry(name, p, trainable=bool(getattr(p, "trainable", True)))
+                          for name, p in params.items()]
+    return meta, dict(params)
+
+
+def _describe_graph(graph: Graph, outputs):
+    named = _named_outputs(graph, outputs)
+    nodes = _nodes_for(graph, named.values())
+    # name every leaf the saved nodes read: its own dotted name where that is set and unique
+    leaves = [x for n in nodes for x in n.inputs if x.node is None and x.value is not None]
+    leaves = list(dict.fromkeys(leaves))
+    own = [getattr(t.value, "name", "") or "" for t in leaves]
+    leaf_names = {t: name if name and own.count(name) == 1 and not name.startswith("leaves.") else f"leaves.{i}"
+                  for i, (t, name) in enumerate(zip(leaves, own))}
+    used_inputs = {x for n in nodes for x in n.inputs if x.is_input}
+    index = {id(n): i for i, n in enumerate(nodes)}
+
+    def ref(x: GraphTensor) -> dict:
+        if x.node is not None:
+            return {"node": index[id(x.node)], "output": x.node.outputs.index(x)}
+        if x.value is not None:
+            return {"param": leaf_names[x]}
+        return {"input": x.name}
+
+    meta = _header("graph")
+    meta["inputs"] = [_tensor_entry(name, t, stop_gradient=t.stop_gradient)
+                      for name, t in graph.inputs.items() if t in used_inputs]
+    meta["parameters"] = [_tensor_entry(leaf_names[t], t.value, stop_gradient=t.stop_gradient,
+                                        trainable=bool(t.value.trainable) if isinstance(t.value, Parameter) else None)
+                          for t in leaves]
+    for i, n in enumerate(nodes):
+        where = f"node {i} ({n.op})"
+        if n.predicate is not None:
+            raise FormatError(f"{where} is predicated; a predicate is a device buffer and cannot be saved")
+        meta["nodes"].append({
+            "op": n.op, "inputs": [ref(x) for x in n.inputs],
+            "attrs": {k: _to_json(v, f"{where}: attribute {k!r}") for k, v in n.attrs.items()},
+            "outputs": [_tensor_entry(None, o, stop_gradient=o.stop_gradient) for o in n.outputs]})
+    meta["outputs"] = {name: ref(t) for name, t in named.items()}
+    return meta, {leaf_names[t]: t.value for t in leaves}
+
+
+def _named_outputs(graph: Graph, outputs) -> dict[str, GraphTensor]:
+    if outputs is None:
+        # training_graph appends initial_gradient outside its gradient nodes: skip it too
+        forward = [n for n in graph.nodes if n.gradient_of is None and n.op != "initial_gradient"
+                   and all(o.value is None for o in n.outputs)]
+        if not forward:
+            raise FormatError("the graph has no nodes to save")
+        outputs = list(forward[-1].outputs)
+        outputs = outputs[0] if len(outputs) == 1 else outputs
+    if isinstance(outputs, GraphTensor):
+        outputs = {"output": outputs}
+    elif isinstance(outputs, (list, tuple)):
+        outputs = {f"output{i}": t for i, t in enumerate(outputs)}
+    for name, t in outputs.items():
+        _check_name(name, f"output {name!r}")
+        if not isinstance(t, GraphTensor) or t.graph is not graph:
+            raise FormatError(f"output {name!r} is not a tensor of this graph")
+        if t.node is None:
+            raise FormatError(f"output {name!r} is an input or a parameter, not a node's output")
+    return dict(outputs)
+
+
+def _nodes_for(graph: Graph, outputs) -> list:
+    """The nodes the outputs depend on, in tape order; in-place updates cannot be among them."""
+    needed, todo = set(), [t.node for t in outputs]
+    while todo:
+        n = todo.pop()
+        if id(n) in needed:
+            continue
+        needed.add(id(n))
+        if any(o.value is not None for o in n.outputs):
+            raise FormatError(f"an output depends on an in-place {n.op} node; save the inference graph and derive "
+                              f"its training graph again after loading")
+        todo += [x.node for x in n.inputs if x.node is not None]
+    return [n for n in graph.nodes if id(n) in needed]
+
+
+def _describe_optimizer(opt: Optimizer, tensors: dict) -> dict:
+    kind = next((k for k, v in _OPTIMIZERS.items() if type(opt) is v.cls), None)
+    if kind is None:
+        raise FormatError(f"cannot save a {type(opt).__name__}: the format knows {', '.join(_OPTIMIZERS)}")
+    names = {id(t): name for name, t in tensors.items()}
+    lost = [p for p in opt.params if id(p) not in names]
+    if lost:
+        raise FormatError(f"{len(lost)} of the optimizer's parameters (shapes {[p.shape for p in lost][:4]}) are not "
+                          f"among the saved parameters")
+    attrs = {k: v for k, v in opt.attrs().items() if k != "step"}
+    for p in opt.params:
+        for slot, t in zip(_OPTIMIZERS[kind].slots, opt.state[id(p)]):
+            tensors[_state_name(kind, slot, names[id(p)])] = t
+    return {"type": kind, "steps": int(opt.steps), "parameters": [names[id(p)] for p in opt.params],
+            "attrs": {k: _to_json(v, f"optimizer attribute {k!r}") for k, v in attrs.items()}}
+
+
+def _dumps(meta: dict) -> str:
+    """graph.json text: one line per input, parameter, node and output, so a diff reads like the graph."""
+    def block(v, open_, close, items):
+        return f"{open_}\n" + ",\n".join(f"  {x}" for x in items) + f"\n {close}" if v else json.dumps(v)
+
+    lines = []
+    for k, v in meta.items():
+        if isinstance(v, list):
+            body = block(v, "[", "]", (json.dumps(x, allow_nan=False) for x in v))
+        elif k == "outputs":
+            body = block(v, "{", "}", (f"{json.dumps(n)}: {json.dumps(r)}" for n, r in v.items()))
+        else:
+            body = json.dumps(v, allow_nan=False)
+        lines.append(f" {json.dumps(k)}: {body}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _header(kind: str) -> dict:
+    return {"format": "mlmetal", "version": VERSION, "kind": kind, "inputs": [], "parameters": [], "nodes": [],
+            "outputs": {}}
+
+
+def _tensor_entry(name, t, stop_gradient=False, **extra) -> dict:
+    entry = {} if name is None else {"name": name}
+    entry.update(shape=list(t.shape), dtype=str(np.dtype(t.dtype)), **extra)
+    if stop_gradient:
+        entry["stop_gradient"] = True
+    return entry
+
+
+def _to_json(v, where: str):
+    """An attribute value as JSON: None, bool, int, finite float, str, or lists of them."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            raise FormatError(f"{where} is {v}; the format stores finite numbers only")
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return [_to_json(x, where) for x in v]
+    raise FormatError(f"{where} is a {type(v).__name__}, which has no JSON form (random_tensor nodes hold a "
+                      f"generator and cannot be saved; feed random inputs instead)")
+
+
+def _write(path: Path, graph_bytes: bytes, weight_bytes: bytes) -> None:
+    """Write both members; each file appears whole or not at all (a temporary file, then a rename)."""
+    if path.suffix == ".zip":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            with zipfile.ZipFile(f, "w") as zf:
+                zf.writestr(GRAPH, graph_bytes, compress_type=zipfile.ZIP_DEFLATED)
+                zf.writestr(WEIGHTS, weight_bytes, compress_type=zipfile.ZIP_STORED)
+        os.replace(f.name, path)
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    for name, data in ((WEIGHTS, weight_bytes), (GRAPH, graph_bytes)):
+        with tempfile.NamedTemporaryFile(dir=path, suffix=".tmp", delete=False) as f:
+            f.write(data)
+        os.replace(f.name, path / name)
+
+
+# ---------------------------------------------------------------- reading archives
+
+class _Archive:
+    """The two members of a saved model, read with bounded sizes from a directory or a zip."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.zip = None
+        if path.suffix == ".zip":
+            try:
+                self.zip = zipfile.ZipFile(path)
+            except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as e:
+                _fail(str(path), f"not a readable zip archive ({e})")
+            self._check_members()
+        elif not path.is_dir():
+            _fail(str(path), "no saved model here (expected a directory, or a file ending in .zip)")
+
+    def _check_members(self) -> None:
+        infos = self.zip.infolist()
+        if len(infos) > MAX_ZIP_MEMBERS:
+            _fail(str(self.path), f"{len(infos)} archive members; a saved model has 2")
+        seen = set()
+        for info in infos:
+            name = info.filename
+            parts = name.replace("\\", "/").split("/")
+            if not name or name.startswith(("/", "\\")) or "\\" in name or ".." in parts or ":" in name or "\0" in name:
+                _fail(str(self.path), f"archive member {name[:MAX_NAME]!r} has a path outside the archive")
+            if name in seen:
+                _fail(str(self.path), f"archive member {name[:MAX_NAME]!r} appears twice")
+            seen.add(name)
+
+    def open(self, name: str):
+        """(binary stream, size in bytes) of member `name`."""
+        where = f"{self.path}: {name}"
+        if self.zip is not None:
+            try:
+                info = self.zip.getinfo(name)
+            except KeyError:
+                _fail(str(self.path), f"the archive has no {name}")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
+                _fail(where, "is encrypted or compressed with a method other than stored or deflated")
+            return self.zip.open(info), info.file_size
+        member = self.path / name
+        try:
+            # O_NOFOLLOW: a symbolic link could point anywhere outside the saved model
+            fd = os.open(member, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            _fail(str(self.path), f"the directory has no {name}")
+        except OSError as e:
+            _fail(where, f"cannot be opened ({e.strerror}; symbolic links are refused)")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            _fail(where, "is not a regular file")
+        return os.fdopen(fd, "rb"), st.st_size
+
+    def close(self):
+        if self.zip is not None:
+            self.zip.close()
+
+
+def _read_exact(stream, n: int, where: str) -> bytes:
+    """n bytes, read in chunks: a size claimed by a header costs memory only as the bytes really arrive."""
+    chunks, left = [], n
+    while left:
+        chunk = stream.read(min(left, 1 << 20))
+        if not chunk:
+            _fail(where, f"ends after {n - left} of the {n} bytes expected (truncated?)")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(data: bytes, where: str):
+    """JSON with duplicate keys, NaN and Infinity refused (each would make a file mean two things)."""
+    def pairs(items):
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            _fail(where, f"duplicate key {next(k for k in keys if keys.count(k) > 1)[:MAX_NAME]!r}")
+        return dict(items)
+
+    def constant(name):
+        _fail(where, f"{name} is not a number the format accepts")
+
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        if isinstance(e, FormatError):
+            raise
+        _fail(where, f"is not valid JSON ({str(e)[:200]})")
+
+
+# ---------------------------------------------------------------- validating graph.json
+
+@dataclasses.dataclass
+class _TensorSpec:
+    name: str
+    shape: tuple
+    dtype: np.dtype
+    stop_gradient: bool = False
+    trainable: bool | None = None
+
+
+@dataclasses.dataclass
+class _NodeSpec:
+    op: str
+    inputs: list          # refs: ("input", name), ("param", name) or ("node", i, j)
+    attrs: dict
+    outputs: list         # _TensorSpec (unnamed)
+
+
+@dataclasses.dataclass
+class _Spec:
+    kind: str
+    inputs: list
+    params: list
+    nodes: list
+    outputs: dict
+    optimizer: dict | None
+    weights: dict         # every weights.safetensors entry: name -> (shape, dtype)
+
+
+def _obj(v, where: str, required=(), optional=()) -> dict:
+    if not isinstance(v, dict):
+        _fail(where, f"expected an object, got {type(v).__name__}")
+    missing = [k for k in required if k not in v]
+    unknown = [k for k in v if k not in required and k not in optional]
+    if missing:
+        _fail(where, f"missing field {missing[0]!r}")
+    if unknown:
+        _fail(where, f"unknown field {str(unknown[0])[:MAX_NAME]!r}")
+    return v
+
+
+def _dict(v, where: str, limit: int) -> dict:
+    """A JSON object whose keys are names (attributes, outputs)."""
+    if not isinstance(v, dict):
+        _fail(where, f"expected an object, got {type(v).__name__}")
+    if len(v) > limit:
+        _fail(where, f"{len(v)} entries; at most {limit} are accepted")
+    for k in v:
+        _check_name(k, where)
+    return v
+
+
+def _list(v, where: str, limit: int) -> list:
+    if not isinstance(v, list):
+        _fail(where, f"expected a list, got {type(v).__name__}")
+    if len(v) > limit:
+        _fail(where, f"{len(v)} entries; at most {limit} are accepted")
+    return v
+
+
+def _int(v, where: str, lo: int, hi: int) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        _fail(where, f"expected an integer in [{lo}, {hi}], got {_show(v)}")
+    return v
+
+
+def _bool(v, where: str) -> bool:
+    if type(v) is not bool:
+        _fail(where, f"expected true or false, got {_show(v)}")
+    return v
+
+
+def _choice(v, options, where: str) -> str:
+    if not isinstance(v, str) or v not in options:
+        _fail(where, f"expected one of {', '.join(options)}, got {_show(v)}")
+    return v
+
+
+def _check_name(v, where: str) -> str:
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME or not v.isprintable():
+        raise FormatError(f"{where}: a name must be a printable string of 1 to {MAX_NAME} characters, got {_show(v)}")
+    if v.startswith("__"):
+        raise FormatError(f"{where}: names starting with '__' are reserved by safetensors")
+    return v
+
+
+def _show(v) -> str:
+    return repr(v)[:80]
+
+
+def _shape(v, where: str) -> tuple:
+    dims = _list(v, where, MAX_NDIM)
+    shape = tuple(_int(d, f"{where}[{i}]", 0, MAX_TENSOR_ELEMENTS) for i, d in enumerate(dims))
+    if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        _fail(where, f"{shape} has {math.prod(shape)} elements; at most {MAX_TENSOR_ELEMENTS} are accepted")
+    return shape
+
+
+def _tensor(v, where: str, named=True, param=False) -> _TensorSpec:
+    fields = ("name", "shape", "dtype") if named else ("shape", "dtype")
+    e = _obj(v, where, fields, ("stop_gradient", "trainable") if param else ("stop_gradient",))
+    dtype = _DTYPES[_choice(e["dtype"], _DTYPES, f"{where}.dtype")]
+    t = _TensorSpec(_check_name(e["name"], f"{where}.name") if named else "", _shape(e["shape"], f"{where}.shape"),
+                    dtype, _bool(e.get("stop_gradient", False), f"{where}.stop_gradient"))
+    if param:
+        trainable = e.get("trainable")
+        t.trainable = None if trainable is None else _bool(trainable, f"{where}.trainable")
+    return t
+
+
+def _attr(v, where: str, depth: int = 0):
+    """An attribute value from JSON, with lists as tuples (as the ops' checks normalise them)."""
+    if v is None or type(v) is bool:
+        return v
+    if type(v) is int:
+        return _int(v, where, -MAX_ATTR_INT, MAX_ATTR_INT)
+    if type(v) is float:
+        return v  # the parser already refused NaN and infinities
+    if type(v) is str:
+        if len(v) > MAX_NAME:
+            _fail(where, f"a string of {len(v)} characters; at most {MAX_NAME} are accepted")
+        return v
+    if type(v) is list and depth < MAX_ATTR_DEPTH:
+        return tuple(_attr(x, f"{where}[{i}]", depth + 1) for i, x in enumerate(_list(v, where, MAX_ATTRS)))
+    _fail(where, f"not an attribute value the format accepts: {_show(v)}")
+
+
+def _canonical(attrs: dict) -> str:
+    """A comparable form of attributes that tells 1, 1.0 and true apart."""
+    return json.dumps({k: _to_json(v, f"attribute {k!r}") for k, v in attrs.items()}, sort_keys=True)
+
+
+def _checked(op_name: str, shapes: list, attrs: dict, where: str):
+    """Run the op's own shape check on the recorded shapes and attributes; (output shapes, attrs)."""
+    op = ops.REGISTRY[op_name]
+    try:
+        out, norm = op.check(*shapes, **attrs)
+        canonical = _canonical(norm)
+    except Exception as e:  # noqa: BLE001 — checks are pure shape arithmetic written for trusted
+        # callers; whatever one raises on hostile attributes means the node is not valid
+        _fail(where, f"{op_name} rejects its recorded inputs or attributes: {str(e)[:300]}")
+    if canonical != _canonical(attrs):
+        _fail(where, f"attributes {_canonical(attrs)[:300]} are not in the normal form {op_name} gives them "
+                     f"({canonical[:300]})")
+    shapes_out = out if isinstance(out, list) else [out]
+    return [tuple(s) for s in shapes_out], norm
+
+
+def _validate(meta) -> _Spec:
+    """Check every field of a parsed graph.json; returns what it describes. Allocates nothing on a device."""
+    g = GRAPH
+    _obj(meta, g, ("format", "version", "kind", "inputs", "parameters", "nodes", "outputs"), ("optimizer",))
+    _choice(meta["format"], ("mlmetal",), f"{g}.format")
+    if type(meta["version"]) is not int or meta["version"] != VERSION:
+        _fail(f"{g}.version", f"unknown format version {_show(meta['version'])}; this mlmetal reads version {VERSION}")
+    kind = _choice(meta["kind"], ("graph", "module"), f"{g}.kind")
+    total = 0
+
+    def count(t: _TensorSpec, where: str):
+        nonlocal total
+        total += math.prod(t.shape)
+        if total > MAX_TOTAL_ELEMENTS:
+            _fail(where, f"the tensors described so far hold over {MAX_TOTAL_ELEMENTS} elements")
+
+    inputs = {}
+    for i, e in enumerate(_list(meta["inputs"], f"{g}.inputs", MAX_TENSORS)):
+        t = _tensor(e, f"{g}.inputs[{i}]")
+        if t.name in inputs:
+            _fail(f"{g}.inputs[{i}]", f"a second input named {t.name!r}")
+        inputs[t.name] = t
+        count(t, f"{g}.inputs[{i}]")
+    params = {}
+    for i, e in enumerate(_list(meta["parameters"], f"{g}.parameters", MAX_TENSORS)):
+        t = _tensor(e, f"{g}.parameters[{i}]", param=True)
+        if t.name in params:
+            _fail(f"{g}.parameters[{i}]", f"a second parameter named {t.name!r}")
+        if t.name.startswith("optimizer."):
+            _fail(f"{g}.parameters[{i}]", "names starting with 'optimizer.' are reserved for optimizer state")
+        params[t.name] = t
+        count(t, f"{g}.parameters[{i}]")
+
+    nodes = []
+    for i, e in enumerate(_list(meta["nodes"], f"{g}.nodes", MAX_NODES)):
+        where = f"{g}.nodes[{i}]"
+        _obj(e, where, ("op", "inputs", "attrs", "outputs"))
+        op = e["op"]
+        if not isinstance(op, str) or op not in ops.REGISTRY:
+            _fail(f"{where}.op", f"unknown op {_show(op)}")
+        refs = [_ref(r, f"{where}.inputs[{j}]", inputs, params, nodes)
+                for j, r in enumerate(_list(e["inputs"], f"{where}.inputs", MAX_NODE_INPUTS))]
+        shapes = [_ref_spec(r, inputs, params, nodes).shape for r in refs]
+        raw = _dict(e["attrs"], f"{where}.attrs", MAX_ATTRS)
+        attrs = {k: _attr(v, f"{where}.attrs.{k}") for k, v in raw.items()}
+        out_shapes, norm = _checked(op, shapes, attrs, where)
+        outs = [_tensor(o, f"{where}.outputs[{j}]", named=False)
+                for j, o in enumerate(_list(e["outputs"], f"{where}.outputs", MAX_NODE_INPUTS))]
+        dtype = np.dtype(norm.get("dtype", ops.REGISTRY[op].out_dtype))
+        recorded = [o.shape for o in outs]
+        if recorded != out_shapes or any(o.dtype != dtype for o in outs):
+            _fail(f"{where}.outputs", f"records {recorded} of {[str(o.dtype) for o in outs]}; {op} on inputs "
+                                      f"{shapes} gives {out_shapes} of {dtype}")
+        for j, o in enumerate(outs):
+            count(o, f"{where}.outputs[{j}]")
+        nodes.append(_NodeSpec(op, refs, attrs, outs))
+
+    outputs = {}
+    for name, r in _dict(meta["outputs"], f"{g}.outputs", MAX_TENSORS).items():
+        outputs[name] = _ref(r, f"{g}.outputs.{name}", inputs, params, nodes)
+        if outputs[name][0] != "node":
+            _fail(f"{g}.outputs.{name}", "an output must be a node's output")
+    if kind == "module" and (nodes or inputs or outputs):
+        _fail(g, "a module's save holds parameters only, yet lists inputs, nodes or outputs")
+
+    weights = {t.name: (t.shape, t.dtype) for t in params.values()}
+    optimizer = None
+    if "optimizer" in meta:
+        optimizer = _validate_optimizer(meta["optimizer"], params, weights)
+    return _Spec(kind, list(inputs.values()), list(params.values()), nodes, outputs, optimizer, weights)
+
+
+def _ref(r, where: str, inputs: dict, params: dict, nodes: list) -> tuple:
+    if isinstance(r, dict) and len(r) == 1 and "input" in r:
+        if not isinstance(r["input"], str) or r["input"] not in inputs:
+            _fail(where, f"no input named {_show(r['input'])}")
+        return ("input", r["input"])
+    if isinstance(r, dict) and len(r) == 1 and "param" in r:
+        if not isinstance(r["param"], str) or r["param"] not in params:
+            _fail(where, f"no parameter named {_show(r['param'])}")
+        return ("param", r["param"])
+    e = _obj(r, where, ("node", "output"))
+    if not nodes:
+        _fail(where, "refers to a node, but none comes before it")
+    i = _int(e["node"], f"{where}.node", 0, len(nodes) - 1)  # earlier nodes only: no cycles
+    j = _int(e["output"], f"{where}.output", 0, len(nodes[i].outputs) - 1)
+    return ("node", i, j)
+
+
+def _ref_spec(r: tuple, inputs: dict, params: dict, nodes: list) -> _TensorSpec:
+    if r[0] == "input":
+        return inputs[r[1]]
+    if r[0] == "param":
+        return params[r[1]]
+    return nodes[r[1]].outputs[r[2]]
+
+
+def _validate_optimizer(v, params: dict, weights: dict) -> dict:
+    where = f"{GRAPH}.optimizer"
+    e = _obj(v, where, ("type", "steps", "parameters", "attrs"))
+    kind = _OPTIMIZERS[_choice(e["type"], _OPTIMIZERS, f"{where}.type")]
+    steps = _int(e["steps"], f"{where}.steps", 0, MAX_ATTR_INT)
+    attrs = {k: _attr(v, f"{where}.attrs.{k}") for k, v in _dict(e["attrs"], f"{where}.attrs", MAX_ATTRS).items()}
+    if "step" in attrs:
+        _fail(f"{where}.attrs", "the step number is `steps`, not an attribute")
+    # the update op's own check validates the hyper-parameters (and the step its next update uses)
+    shapes = [(1,)] * (2 + len(kind.slots))
+    _checked(kind.op, shapes, {**attrs, **({"step": max(steps, 1)} if kind.cls is Adam else {})}, where)
+    names = _list(e["parameters"], f"{where}.parameters", MAX_TENSORS)
+    if not names:
+        _fail(f"{where}.parameters", "an optimizer needs at least one parameter")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or name not in params or params[name].trainable is None:
+            _fail(f"{where}.parameters[{i}]", f"no parameter named {_show(name)}")
+        if params[name].dtype != np.float32:
+            _fail(f"{where}.parameters[{i}]", f"{name} is {params[name].dtype}; optimizers update float32")
+    if len(set(names)) != len(names):
+        _fail(f"{where}.parameters", "lists a parameter twice")
+    for name in names:
+        for slot in kind.slots:
+            weights[_state_name(e["type"], slot, name)] = (params[name].shape, params[name].dtype)
+    return {"type": e["type"], "steps": steps, "attrs": attrs, "parameters": list(names)}
+
+
+# ---------------------------------------------------------------- reading weights.safetensors
+
+def _read_weights(stream, size: int, expected: dict) -> dict[str, np.ndarray]:
+    """Read and check a safetensors stream against `expected` ({name: (shape, dtype)}), header first."""
+    w = WEIGHTS
+    head = _read_exact(stream, 8, w)
+    n = int.from_bytes(head, "little")
+    if n > MAX_JSON_BYTES or 8 + n > size:
+        _fail(w, f"header of {n} bytes claimed in a file of {size} bytes")
+    raw_header = _read_exact(stream, n, w)
+    header = _parse_json(raw_header, f"{w} header")
+    if not isinstance(header, dict):
+        _fail(f"{w} header", "expected an object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        _fail(f"{w} header.__metadata__", "expected an object of strings")
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        _fail(w, f"tensors differ from graph.json: missing {_few(missing)}; unexpected {_few(extra)}")
+    spans = []
+    for name, entry in header.items():
+        where = f"{w} header.{name}"
+        e = _obj(entry, where, ("dtype", "shape", "data_offsets"))
+        shape, dtype = expected[name]
+        if not isinstance(e["dtype"], str) or _SAFETENSORS_DTYPES.get(e["dtype"]) != dtype.name:
+            _fail(where, f"dtype {_show(e['dtype'])}; graph.json says {dtype}")
+        if _shape(e["shape"], f"{where}.shape") != shape:
+            _fail(where, f"shape {e['shape']}; graph.json says {list(shape)}")
+        offsets = _list(e["data_offsets"], f"{where}.data_offsets", 2)
+        if len(offsets) != 2:
+            _fail(f"{where}.data_offsets", "expected [begin, end]")
+        begin, end = (_int(o, f"{where}.data_offsets", 0, size) for o in offsets)
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            _fail(f"{where}.data_offsets", f"[{begin}, {end}] do not span the {math.prod(shape)} elements of {shape}")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            _fail(f"{w} header.{name}", f"data starts at byte {begin}, not at {position}: tensors overlap or leave gaps")
+        position = end
+    if 8 + n + position != size:
+        _fail(w, f"the file has {size} bytes; its header describes {8 + n + position}")
+    data = _read_exact(stream, position, w)
+    if stream.read(1):
+        _fail(w, "has bytes after its last tensor")
+    try:
+        arrays = safetensors.numpy.load(head + raw_header + data)
+    except (SafetensorError, ValueError, TypeError) as e:
+        _fail(w, f"the safetensors library refuses it: {str(e)[:200]}")
+    for name, (shape, dtype) in expected.items():
+        a = arrays.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            _fail(w, f"{name} does not read back as {shape} {dtype}")
+    return arrays
+
+
+def _few(names: list) -> str:
+    return (", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")) or "none"
+
+
+def _read(path) -> tuple[_Spec, dict]:
+    """Read and check a saved model completely, on the host: (what graph.json describes, weights)."""
+    path = Path(path)
+    archive = _Archive(path)
+    try:
+        stream, size = archive.open(GRAPH)
+        with stream:
+            if size > MAX_JSON_BYTES:
+                _fail(GRAPH, f"{size} bytes; at most {MAX_JSON_BYTES} are accepted")
+            data = _read_exact(stream, size, GRAPH)
+            if stream.read(1):
+                _fail(GRAPH, f"longer than the {size} bytes its archive entry declares")
+        spec = _validate(_parse_json(data, GRAPH))
+        stream, size = archive.open(WEIGHTS)
+        with stream:
+            arrays = _read_weights(stream, size, spec.weights)
+        return spec, arrays
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a damaged member or a vanished file
+        raise FormatError(f"{path}: cannot be read ({str(e)[:200]})") from None
+    finally:
+        archive.close()
+
+
+# ---------------------------------------------------------------- loading
+
+class Model:
+    """A loaded model: its graph (None for a module's weights), named inputs, outputs, parameters and optimizer.
+
+    Example:
+        >>> model = mm.load("denoiser.zip", device="cuda")
+        >>> rgb = model.run({"x": noisy})["rgb"]
+        >>> train = model.outputs["loss"].training_graph(optimizer=model.optimizer)  # resume training
+    """
+
+    def __init__(self, graph, inputs, outputs, parameters, optimizer):
+        self.graph: Graph | None = graph
+        self.inputs: dict[str, GraphTensor] = inputs
+        self.outputs: dict[str, GraphTensor] = outputs
+        self.parameters: dict[str, Tensor] = parameters
+        self.optimizer: Optimizer | None = optimizer
+
+    def run(self, inputs: dict, outputs=None) -> dict[str, np.ndarray]:
+        """Run the graph on `inputs` ({name: array}); returns {output name: array} for `outputs` (default all)."""
+        if self.graph is None:
+            raise FormatError("this save holds a module's weights, not a graph to run")
+        names = list(self.outputs) if outputs is None else list(outputs)
+        unknown = [n for n in names if n not in self.outputs]
+        if unknown:
+            raise KeyError(f"no output named {unknown[0]!r}; the model has {', '.join(self.outputs)}")
+        values = self.graph.run(inputs, outputs=[self.outputs[n] for n in names])
+        return dict(zip(names, values))
+
+    def __repr__(self):
+        return (f"Model({len(self.graph.nodes) if self.graph else 0} nodes, inputs {list(self.inputs)}, "
+                f"outputs {list(self.outputs)}, {len(self.parameters)} parameters)")
+
+
+def load(path, device=None) -> Model:
+    """Load a model saved by `mm.save`, checking all of it before anything is put on the device.
+
+    Args:
+        path: the directory or `.zip` file `mm.save` wrote.
+        device: where to put it (a Device or a backend name; default `mm.device()`); any
+            backend loads what any other saved.
+
+    Returns:
+        a `Model`: `run(inputs)` runs the saved graph; `parameters`, `optimizer` (restored,
+        over those parameters) and the graph's `inputs` and `outputs` are there to resume training.
+
+    Raises:
+        FormatError: the files are missing, malformed or inconsistent; the message says where.
+
+    Example:
+        >>> model = mm.load("denoiser.zip")
+        >>> model.run({"x": noisy})["output"].shape
+        (1, 3, 64, 64)
+    """
+    spec, arrays = _read(path)
+    dev = _device(device)
+    params: dict[str, Tensor] = {}
+    for t in spec.params:
+        a = arrays[t.name]
+        p = tensor(a, dev, t.dtype) if t.trainable is None else Parameter(a, dev, t.trainable)
+        p.name = t.name
+        if t.stop_gradient:
+            p.stop_gradient = True
+        params[t.name] = p
+    optimizer = _build_optimizer(spec.optimizer, params, arrays) if spec.optimizer else None
+    if spec.kind == "module":
+        return Model(None, {}, {}, params, optimizer)
+    g = Graph(dev)
+    for t in spec.inputs:
+        g.input(t.name, t.shape, t.dtype).stop_gradient = t.stop_gradient
+    built: list[tuple] = []
+
+    def resolve(r):
+        return g.inputs[r[1]] if r[0] == "input" else params[r[1]] if r[0] == "param" else built[r[1]][r[2]]
+
+    for n in spec.nodes:
+        out = g.append(n.op, [resolve(r) for r in n.inputs], n.attrs)
+        out = out if isinstance(out, tuple) else (out,)
+        for o, s in zip(out, n.outputs):
+            o.stop_gradient = s.stop_gradient
+        built.append(out)
+    return Model(g, dict(g.inputs), {name: resolve(r) for name, r in spec.outputs.items()}, params, optimizer)
+
+
+def _build_optimizer(saved: dict, params: dict, arrays: dict) -> Optimizer:
+    kind = _OPTIMIZERS[saved["type"]]
+    opt = kind.cls([params[n] for n in saved["parameters"]], **kind.kwargs(saved["attrs"]))
+    _set_optimizer_state(opt, saved, saved["parameters"], arrays)
+    return opt
+
+
+def _set_optimizer_state(opt: Optimizer, saved: dict, names: list, arrays: dict) -> None:
+    """Hyper-parameters, step count and per-parameter state; `names[i]` names `opt.params[i]`."""
+    kind = _OPTIMIZERS[saved["type"]]
+    for k, v in kind.kwargs(saved["attrs"]).items():
+        setattr(opt, k, v)
+    opt.steps = saved["steps"]
+    for p, name in zip(opt.params, names):
+        for slot, t in zip(kind.slots, opt.state[id(p)]):
+            t.assign(arrays[_state_name(saved["type"], slot, name)])
+
+
+def restore(path, module: Module, optimizer: Optimizer | None = None, strict: bool = True) -> None:
+    """Load saved weights into `module` (by dotted name) and, optionally, saved state into `optimizer`.
+
+    Nothing is changed unless everything fits: the module's parameters must match the saved
+    ones by name, shape and dtype (with `strict`, none missing or extra; one error lists every
+    difference), and the optimizer must be of the saved type over the saved parameters.
+    Constants a graph save holds (leaves that are not parameters) are not compared.
+
+    Args:
+        path: what `mm.save` wrote (a graph's or a module's save).
+        module: receives the parameters.
+        optimizer: an optimizer over `module`'s parameters; receives the step count,
+            hyper-parameters and state, so training continues exactly where it stopped.
+        strict: refuse missing and extra parameters (wrong shapes are always refused).
+
+    Example:
+        >>> net, opt = make_net(), mm.optim.Adam(net.parameters())
+        >>> mm.io.restore("ckpt", net, opt)
+    """
+    spec, arrays = _read(path)
+    saved = {t.name: t for t in spec.params if t.trainable is not None}
+    mine = module.named_parameters()
+    missing = [n for n in mine if n not in saved]
+    extra = [n for n in saved if n not in mine]
+    wrong = [f"{n} {mine[n].shape} {mine[n].dtype} (saved {saved[n].shape} {saved[n].dtype})"
+             for n in mine if n in saved and (mine[n].shape != saved[n].shape or mine[n].dtype != saved[n].dtype)]
+    if wrong or (strict and (missing or extra)):
+        raise FormatError(f"{path}: the weights do not fit the {type(module).__name__}: missing {_few(missing)}; "
+                          f"unexpected {_few(extra)}; wrong shape {_few(wrong)}")
+    names = None
+    if optimizer is not None:
+        names = _optimizer_names(path, spec, optimizer, mine)
+    for n, p in mine.items():
+        if n in saved:
+            p.assign(arrays[n])
+    if optimizer is not None:
+        _set_optimizer_state(optimizer, spec.optimizer, names, arrays)
+
+
+def _optimizer_names(path, spec: _Spec, optimizer: Optimizer, mine: dict) -> list:
+    """The saved name of each of the optimizer's parameters, once the saved state is known to fit."""
+    saved = spec.optimizer
+    if saved is None:
+        raise FormatError(f"{path}: holds no optimizer state")
+    if type(optimizer) is not _OPTIMIZERS[saved["type"]].cls:
+        raise FormatError(f"{path}: holds {saved['type']} state; cannot restore a {type(optimizer).__name__}")
+    by_id = {id(p): n for n, p in mine.items()}
+    names = [by_id.get(id(p)) for p in optimizer.params]
+    if None in names:
+        raise FormatError(f"{path}: the optimizer updates parameters outside the module")
+    missing = [n for n in names if n not in saved["parameters"]]
+    extra = [n for n in saved["parameters"] if n not in names]
+    if missing or extra:
+        raise FormatError(f"{path}: the optimizer's parameters differ from the saved ones: missing {_few(missing)}; "
+                          f"unexpected {_few(extra)}")
+    return names
