@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything that needs an NVIDIA GPU, in one go: the whole test suite on the cuda backend,
+# then every benchmark against PyTorch / cuRAND measured in the same run. Logs go to $OUT
+# (or ./out) so they survive a timeout.
+#
+#   bash benchmarks/gpu_session.sh            # on the GPU machine, from the repository root
+#
+# Test dependencies missing there can travel as wheels in .whl/ (see the device notes).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-out}"
+mkdir -p "$out"
+if ! python3 -c "import hypothesis, pytest" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD:$PWD/benchmarks:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 MLMETAL_DEVICE=cuda
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$out/gpu.txt"
+
+timeout 300 python3 -m pytest tests -q -p no:cacheprovider -x -rfE 2>&1 | tee "$out/tests.log" | tail -15
+while read -r bench args; do
+    echo "== $bench $args"
+    timeout 120 python3 "benchmarks/$bench.py" $args 2>&1 | tee "$out/$bench.log" | tail -25
+done <<'EOF'
+bench_runtime
+bench_random
+bench_nn_conv
+bench_nn_ops
+bench_training
+bench_predicate
+bench_strategies --batch 64 --width 32 --steps 20
+EOF
