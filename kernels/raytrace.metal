@@ -6,7 +6,8 @@
 // with α the angle to the mirror direction; kd + ks ≤ 1 keeps it energy-conserving.
 //
 // One thread per pixel traces `spp` paths of at most `bounces` vertices. At every vertex the
-// light is sampled directly (a point uniform on its area, one shadow ray), and a BSDF-sampled
+// light is sampled directly (a point uniform on its area — for a sphere, on the half facing the
+// vertex — and one shadow ray), and a BSDF-sampled
 // ray continues the path; rays that hit the light after the first vertex add nothing, since the
 // light sample already counted that light (no double counting, no multiple importance
 // sampling). Next-event estimation keeps a 4-spp render noisy but free of the fireflies a pure
@@ -75,15 +76,7 @@ inline float3 xyz(float4 v) { return float3(v.x, v.y, v.z); }
 
 // ---------------------------------------------------------------- random numbers
 
-inline uint4 philox4x32_10(uint4 c, uint2 k) {
-    for (int round = 0; round < 10; ++round) {
-        uint hi0 = mulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
-        uint hi1 = mulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
-        c = uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
-        k = uint2(k.x + 0x9E3779B9u, k.y + 0xBB67AE85u);
-    }
-    return c;
-}
+#include "philox.h"
 
 // [0, 1) from the top 24 bits: exact in float32, so both precisions see the same number.
 inline float unit(uint x) { return float(x >> 8) * 0x1.0p-24f; }
@@ -176,10 +169,14 @@ inline Surface surface(device const Scene& s, int id) {
 inline float mean3(float3 v) { return (v.x + v.y + v.z) * (1.0f / 3.0f); }
 
 // The BRDF for light arriving along wi, with r the mirror direction of the incoming ray.
+// (The glossy test only skips a pow: walls and matte spheres are most of what rays hit.)
 inline float3 brdf(Surface m, float3 r, float3 wi) {
-    float e = m.glossy.w;
-    float lobe = (e + 2.0f) * (0.5f * M_1_PI_F) * precise::pow(max(dot(r, wi), 0.0f), e);
-    return xyz(m.diffuse) * M_1_PI_F + xyz(m.glossy) * lobe;
+    float3 f = xyz(m.diffuse) * M_1_PI_F;
+    if (m.glossy.x + m.glossy.y + m.glossy.z > 0.0f) {
+        float e = m.glossy.w;
+        f += xyz(m.glossy) * ((e + 2.0f) * (0.5f * M_1_PI_F) * precise::pow(max(dot(r, wi), 0.0f), e));
+    }
+    return f;
 }
 
 // A unit vector in the frame (t, b, n) of a unit n (Duff et al., "Building an orthonormal
@@ -202,7 +199,7 @@ inline float3 around(float3 axis, float cos_t, float u) {
 }
 
 // Radiance the light sends to x (facing normal n) through one uniform sample of its area,
-// times the BRDF and cosine, divided by the sample's area density.
+// times the BRDF and cosines, divided by the sample's area density (1 / area).
 inline float3 light_sample(device const Scene& s, Surface m, float3 x, float3 n, float3 r, float u1, float u2) {
     float3 la = xyz(s.light_at), lu = xyz(s.light_u), lv = xyz(s.light_v);
     float3 y, ny;
@@ -242,15 +239,19 @@ inline float3 camera_ray(device const Scene& s, constant RenderParams& p, float 
 
 // One path's radiance. Bounce b draws its numbers from counter (pixel, sample, b, k):
 // k = 0 gives the light sample (x, y) and the new direction (z, w); k = 1 the lobe choice (x)
-// and, on the camera ray, the position inside the pixel (y, z).
+// and, on the camera ray, the position inside the pixel (y, z). The k = 1 block is made only
+// where it is used (a surface with both lobes; the camera ray): Philox is a good part of the
+// cost of a bounce.
 inline float3 trace(device const Scene& s, constant RenderParams& p, uint px, uint py, uint sample) {
     uint2 key = uint2(p.seed, s.header.w);
     uint pixel = py * p.width + px;
     float3 o = xyz(s.eye), d = float3(0.0f), radiance = float3(0.0f), weight = float3(1.0f);
     for (uint bounce = 0; bounce < p.bounces; ++bounce) {
         uint4 r0 = philox4x32_10(uint4(pixel, sample, bounce, 0u), key);
-        uint4 r1 = philox4x32_10(uint4(pixel, sample, bounce, 1u), key);
-        if (bounce == 0u) d = camera_ray(s, p, float(px) + unit(r1.y), float(py) + unit(r1.z));
+        if (bounce == 0u) {
+            uint4 r1 = philox4x32_10(uint4(pixel, sample, 0u, 1u), key);
+            d = camera_ray(s, p, float(px) + unit(r1.y), float(py) + unit(r1.z));
+        }
         Hit h = intersect(s, o, d);
         if (h.id == HIT_NONE) {
             radiance += weight * xyz(s.sky);
@@ -271,12 +272,13 @@ inline float3 trace(device const Scene& s, constant RenderParams& p, uint px, ui
         float wd = mean3(xyz(m.diffuse)), ws = mean3(xyz(m.glossy));
         if (bounce + 1u == p.bounces || wd + ws <= 0.0f) break;
         float pd = wd / (wd + ws), e = m.glossy.w;
-        float3 wi = normalize(unit(r1.x) < pd ? around(n, precise::sqrt(unit(r0.z)), unit(r0.w))
-                                              : around(r, precise::pow(unit(r0.z), 1.0f / (e + 1.0f)), unit(r0.w)));
+        bool diffuse = pd == 1.0f || (pd > 0.0f && unit(philox4x32_10(uint4(pixel, sample, bounce, 1u), key).x) < pd);
+        float3 wi = normalize(diffuse ? around(n, precise::sqrt(unit(r0.z)), unit(r0.w))
+                                      : around(r, precise::pow(unit(r0.z), 1.0f / (e + 1.0f)), unit(r0.w)));
         float cos_n = dot(n, wi);
         if (cos_n <= 0.0f) break;
-        float pdf = pd * cos_n * M_1_PI_F
-                  + (1.0f - pd) * (e + 1.0f) * (0.5f * M_1_PI_F) * precise::pow(max(dot(r, wi), 0.0f), e);
+        float pdf = pd * cos_n * M_1_PI_F;
+        if (pd < 1.0f) pdf += (1.0f - pd) * (e + 1.0f) * (0.5f * M_1_PI_F) * precise::pow(max(dot(r, wi), 0.0f), e);
         if (!(pdf > 0.0f)) break;
         weight *= brdf(m, r, wi) * (cos_n / pdf);
         o = x + RAY_OFFSET * n;

@@ -278,7 +278,7 @@ def random_scene(seed: int) -> Scene:
         if len(spheres) == count:
             break
         r = rng.uniform(0.3, 1.1)
-        lift = rng.uniform(0.3, 1.2) if rng.uniform() < 0.2 else 0.0
+        lift = rng.uniform(0.3, 0.8) if rng.uniform() < 0.2 else 0.0  # tops stay below 3, under the lights
         c = np.array([rng.uniform(-half + r, half - r), r + lift, rng.uniform(-back + r, 2.0)])
         if any(np.linalg.norm(c - s[:3]) < r + s[3] + 0.05 for s in spheres):
             continue

@@ -60,12 +60,14 @@ def test_error_shrinks_like_one_over_sqrt_spp(dev):
     scenes = [rt.random_scene(s) for s in (1, 2, 3)]
     truth = render(dev, scenes, 16, 4096, seed=99)["rgb"]
     spps = [4, 16, 64, 256]
-    rmse = [np.sqrt(np.mean((render(dev, scenes, 16, spp, seed=1)["rgb"] - truth) ** 2)) for spp in spps]
-    slope = np.polyfit(np.log(spps), np.log(rmse), 1)[0]
-    assert -0.6 < slope < -0.4, (slope, rmse)
+    # The median over pixels, not the RMS: pixels on the light's rim (radiance ~50 against ~0.5)
+    # dominate squared errors, so the RMS of one image is too noisy to show the rate.
+    error = [np.median(np.abs(render(dev, scenes, 16, spp, seed=1)["rgb"] - truth)) for spp in spps]
+    slope = np.polyfit(np.log(spps), np.log(error), 1)[0]
+    assert -0.57 < slope < -0.43, (slope, error)
     # the float64 reference converges to the same image (its error is the kernel's at equal spp)
-    ref_rmse = np.sqrt(np.mean((ref.render(scenes, 16, 64, seed=1)["rgb"] - truth) ** 2))
-    assert ref_rmse == pytest.approx(rmse[2], rel=0.05)
+    ref_error = np.median(np.abs(ref.render(scenes, 16, 64, seed=1)["rgb"] - truth))
+    assert ref_error == pytest.approx(error[2], rel=0.05)
 
 
 # ---------------------------------------------------------------- physics
@@ -111,15 +113,15 @@ def test_furnace(dev):
     diffuse = rt.Scene(spheres=[(0, 0, 0, 1)], planes=np.zeros((0, 4)), diffuse=[(0.6, 0.3, 0.9)],
                        glossy=[(0, 0, 0, 1)], light=dark, camera=cam, sky=sky)
     out = render(dev, diffuse, 16, 8, seed=1)
-    hit = (out["albedo"][0] > 0).any(axis=0)
-    assert 0.2 < hit.mean() < 0.8
-    np.testing.assert_allclose(out["rgb"][0][:, hit], (np.array([0.6, 0.3, 0.9]) * sky)[:, None].repeat(hit.sum(), 1),
-                               rtol=1e-5)
-    np.testing.assert_allclose(out["rgb"][0][:, ~hit], sky[:, None].repeat((~hit).sum(), 1), rtol=1e-6)
+    inside = out["normal"][0, 2] > 0.8  # pixels whose every sample hits the sphere (not its rim)
+    assert inside.sum() > 30
+    want = np.array([0.6, 0.3, 0.9]) * sky
+    np.testing.assert_allclose(out["rgb"][0][:, inside], want[:, None].repeat(inside.sum(), 1), rtol=1e-5)
+    np.testing.assert_allclose(out["rgb"][0][:, 0], sky[:, None].repeat(16, 1), rtol=1e-6)  # top row: sky
 
     glossy = rt.Scene(spheres=[(0, 0, 0, 1)], planes=np.zeros((0, 4)), diffuse=[(0, 0, 0)],
                       glossy=[(0.8, 0.8, 0.8, 30)], light=dark, camera=cam, sky=sky)
-    mean = render(dev, glossy, 16, 256, seed=1)["rgb"][0][:, hit].mean(axis=1)
+    mean = render(dev, glossy, 16, 256, seed=1)["rgb"][0][:, inside].mean(axis=1)
     assert (mean <= 0.8 * sky * 1.01).all() and (mean > 0.4 * sky).all(), mean
 
 
@@ -143,7 +145,7 @@ def test_same_seed_same_image_and_batch_independent(dev):
 @given(seed=st.integers(0, 2**32 - 1))
 def test_random_scenes_are_valid_and_seeded(seed):
     s = rt.random_scene(seed)
-    assert s == s and all(np.array_equal(x, y) for x, y in zip(_arrays(s), _arrays(rt.random_scene(seed))))
+    assert all(np.array_equal(x, y) for x, y in zip(_arrays(s), _arrays(rt.random_scene(seed))))
     assert not all(np.array_equal(x, y) for x, y in zip(_arrays(s), _arrays(rt.random_scene((seed + 1) % 2**32))))
     assert 3 <= len(s.spheres) <= rt.MAX_SPHERES and 2 <= len(s.planes) <= rt.MAX_PLANES
     c, r = s.spheres[:, :3].astype(np.float64), s.spheres[:, 3].astype(np.float64)

@@ -117,6 +117,8 @@ struct Fiber {
     unsigned lid;
     unsigned round;  // barriers and simd functions passed so far
     bool done;
+    Fiber* next;  // the live fibers form a ring in thread-index order
+    Fiber* prev;
 };
 
 struct Worker {
@@ -172,18 +174,33 @@ bool ensure_fibers(Worker& w, unsigned count) {
     return true;
 }
 
+// A fiber at a barrier switches straight to the next live fiber of the ring, not through a
+// scheduler: one switch per barrier and thread instead of two. Going round the ring in
+// thread-index order keeps every round complete before the next begins, which the simd
+// slots' double buffering relies on.
 void fiber_main(void* arg) {
     Fiber* f = static_cast<Fiber*>(arg);
     Worker* w = tls_worker;
     w->fn(w->bufs, w->launch, w->g[0], w->g[1], w->g[2], f->lid);
     f->done = true;
-    mlm_switch(&f->sp, w->sched_sp);
+    Fiber* next = f->next;
+    if (next == f) {  // the last live fiber: the threadgroup is done
+        w->current = nullptr;
+        mlm_switch(&f->sp, w->sched_sp);
+    }
+    f->prev->next = next;
+    next->prev = f->prev;
+    w->current = next;
+    mlm_switch(&f->sp, next->sp);
 }
 
 void yield_fiber(Worker* w) {
     Fiber* f = w->current;
     f->round++;
-    mlm_switch(&f->sp, w->sched_sp);
+    Fiber* next = f->next;
+    if (next == f) return;  // alone: nobody to wait for
+    w->current = next;
+    mlm_switch(&f->sp, next->sp);
 }
 
 bool run_group_fibers(Worker& w, unsigned count) {
@@ -196,21 +213,14 @@ bool run_group_fibers(Worker& w, unsigned count) {
         f.lid = lid;
         f.round = 0;
         f.done = false;
+        f.next = &w.fibers[(lid + 1) % count];
+        f.prev = &w.fibers[(lid + count - 1) % count];
         char* top = w.stacks + (lid + 1) * w.stack_bytes;
         f.sp = fiber_stack_init(top, &f, fiber_main);
     }
-    // Round robin: every live fiber runs to its next barrier, simd function or return.
-    unsigned alive = count;
-    while (alive) {
-        for (unsigned lid = 0; lid < count; ++lid) {
-            Fiber& f = w.fibers[lid];
-            if (f.done) continue;
-            w.current = &f;
-            mlm_switch(&w.sched_sp, f.sp);
-            if (f.done) alive--;
-        }
-    }
-    w.current = nullptr;
+    // Start the ring; control comes back here when its last fiber returns.
+    w.current = &w.fibers[0];
+    mlm_switch(&w.sched_sp, w.fibers[0].sp);
     return true;
 }
 
