@@ -83,6 +83,17 @@ def info(args) -> int:
     return 0
 
 
+def _apps():
+    """The app modules under mlmetal/apps that define a command: COMMAND, HELP, add_arguments(p), run(args)."""
+    import importlib
+    import pkgutil
+
+    import mlmetal.apps
+
+    mods = (importlib.import_module(f"mlmetal.apps.{m.name}") for m in pkgutil.iter_modules(mlmetal.apps.__path__))
+    return sorted((m for m in mods if hasattr(m, "COMMAND")), key=lambda m: m.COMMAND)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlmetal", description="Hand-written MSL kernels on any device.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=demo)
     p = sub.add_parser("info", help="show backends, device, compiler and compile cache")
     p.set_defaults(func=info)
+    for app in _apps():
+        p = sub.add_parser(app.COMMAND, help=app.HELP, description=app.__doc__.strip().splitlines()[0])
+        app.add_arguments(p)
+        p.set_defaults(func=app.run)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -205,21 +205,31 @@ def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e
             "test": (x_te, y_te)}
 
 
-def main():
-    import argparse
+COMMAND = "caption"
+HELP = "train the digit captioner and decode with early exit by predication"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches")
+
+
+def run(args) -> int:
     import time
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--epochs", type=int, default=15)
-    args = ap.parse_args()
     t0 = time.perf_counter()
-    result = train_caption(args.device, epochs=args.epochs)
+    result = train_caption(args.device, epochs=args.epochs, seed=args.seed)
     x_te, y_te = result["test"]
     words = Decoder(result["net"], result["device"], len(x_te)).decode(x_te)
     print(f"{result['accuracy']:.1%} of {len(y_te)} held-out digits spelled right "
           f"({time.perf_counter() - t0:.0f} s); e.g. {', '.join(words[:8])}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
