@@ -28,7 +28,9 @@ loss's target); "stop_gradient": true may mark any input, parameter or node outp
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -149,11 +151,8 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
 
 def _describe_module(module: Module):
     params = module.named_parameters()
-    for name in params:
-        _check_name(name, f"parameter {name!r}")
     meta = _header("module")
-    meta["parameters"] = [_tensor_entry(name, p, trainable=bool(getattr(p, "trainable", True)))
-                          for name, p in params.items()]
+    meta["parameters"] = [_tensor_entry(name, p, trainable=bool(p.trainable)) for name, p in params.items()]
     return meta, dict(params)
 
 
@@ -164,7 +163,8 @@ def _describe_graph(graph: Graph, outputs):
     leaves = [x for n in nodes for x in n.inputs if x.node is None and x.value is not None]
     leaves = list(dict.fromkeys(leaves))
     own = [getattr(t.value, "name", "") or "" for t in leaves]
-    leaf_names = {t: name if name and own.count(name) == 1 and not name.startswith("leaves.") else f"leaves.{i}"
+    uses = collections.Counter(own)
+    leaf_names = {t: name if name and uses[name] == 1 and not name.startswith("leaves.") else f"leaves.{i}"
                   for i, (t, name) in enumerate(zip(leaves, own))}
     used_inputs = {x for n in nodes for x in n.inputs if x.is_input}
     index = {id(n): i for i, n in enumerate(nodes)}
@@ -208,7 +208,6 @@ def _named_outputs(graph: Graph, outputs) -> dict[str, GraphTensor]:
     elif isinstance(outputs, (list, tuple)):
         outputs = {f"output{i}": t for i, t in enumerate(outputs)}
     for name, t in outputs.items():
-        _check_name(name, f"output {name!r}")
         if not isinstance(t, GraphTensor) or t.graph is not graph:
             raise FormatError(f"output {name!r} is not a tensor of this graph")
         if t.node is None:
@@ -324,9 +323,13 @@ class _Archive:
         if path.suffix == ".zip":
             try:
                 self.zip = zipfile.ZipFile(path)
-            except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as e:
+            except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as e:
                 _fail(str(path), f"not a readable zip archive ({e})")
-            self._check_members()
+            try:
+                self._check_members()
+            except FormatError:
+                self.zip.close()
+                raise
         elif not path.is_dir():
             _fail(str(path), "no saved model here (expected a directory, or a file ending in .zip)")
 
@@ -354,6 +357,9 @@ class _Archive:
                 _fail(str(self.path), f"the archive has no {name}")
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
                 _fail(where, "is encrypted or compressed with a method other than stored or deflated")
+            if name == WEIGHTS and info.compress_type != zipfile.ZIP_STORED:
+                # stored, as mm.save writes it: the archive's size then bounds what loading reads (no zip bombs)
+                _fail(where, "must be stored uncompressed")
             return self.zip.open(info), info.file_size
         member = self.path / name
         try:
@@ -389,19 +395,21 @@ def _read_exact(stream, n: int, where: str) -> bytes:
 def _parse_json(data: bytes, where: str):
     """JSON with duplicate keys, NaN and Infinity refused (each would make a file mean two things)."""
     def pairs(items):
-        keys = [k for k, _ in items]
-        if len(set(keys)) != len(keys):
-            _fail(where, f"duplicate key {next(k for k in keys if keys.count(k) > 1)[:MAX_NAME]!r}")
-        return dict(items)
+        out = {}
+        for k, v in items:
+            if k in out:
+                _fail(where, f"duplicate key {k[:MAX_NAME]!r}")
+            out[k] = v
+        return out
 
     def constant(name):
         _fail(where, f"{name} is not a number the format accepts")
 
     try:
         return json.loads(data.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
-        if isinstance(e, FormatError):
-            raise
+    except FormatError:
+        raise
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, nesting too deep, an integer too long
         _fail(where, f"is not valid JSON ({str(e)[:200]})")
 
 
@@ -533,6 +541,10 @@ def _attr(v, where: str, depth: int = 0):
     _fail(where, f"not an attribute value the format accepts: {_show(v)}")
 
 
+def _holds_bool(v) -> bool:
+    return type(v) is bool or (type(v) is tuple and any(_holds_bool(x) for x in v))
+
+
 def _canonical(attrs: dict) -> str:
     """A comparable form of attributes that tells 1, 1.0 and true apart."""
     return json.dumps({k: _to_json(v, f"attribute {k!r}") for k, v in attrs.items()}, sort_keys=True)
@@ -541,6 +553,12 @@ def _canonical(attrs: dict) -> str:
 def _checked(op_name: str, shapes: list, attrs: dict, where: str):
     """Run the op's own shape check on the recorded shapes and attributes; (output shapes, attrs)."""
     op = ops.REGISTRY[op_name]
+    # Python takes true for 1, and some checks let it through; a flag must be a flag in the signature too
+    declared = inspect.signature(op.check).parameters
+    for k, v in attrs.items():
+        default = declared[k].default if k in declared else None
+        if _holds_bool(v) and not (type(v) is bool and type(default) is bool):
+            _fail(where, f"attribute {k!r} is {_show(v)}: true/false where {op_name} takes a number")
     try:
         out, norm = op.check(*shapes, **attrs)
         canonical = _canonical(norm)
@@ -717,7 +735,8 @@ def _read_weights(stream, size: int, expected: dict) -> dict[str, np.ndarray]:
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
-            _fail(f"{w} header.{name}", f"data starts at byte {begin}, not at {position}: tensors overlap or leave gaps")
+            _fail(f"{w} header.{name}", f"data starts at byte {begin}, not at {position}: "
+                                        f"tensors overlap or leave gaps")
         position = end
     if 8 + n + position != size:
         _fail(w, f"the file has {size} bytes; its header describes {8 + n + position}")
@@ -736,7 +755,8 @@ def _read_weights(stream, size: int, expected: dict) -> dict[str, np.ndarray]:
 
 
 def _few(names: list) -> str:
-    return (", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")) or "none"
+    shown = [n if len(n) <= 80 else n[:77] + "..." for n in names[:8]]
+    return (", ".join(shown) + (f" and {len(names) - 8} more" if len(names) > 8 else "")) or "none"
 
 
 def _read(path) -> tuple[_Spec, dict]:
@@ -756,7 +776,8 @@ def _read(path) -> tuple[_Spec, dict]:
         with stream:
             arrays = _read_weights(stream, size, spec.weights)
         return spec, arrays
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a damaged member or a vanished file
+    # a damaged member (zipfile raises NotImplementedError for flags it does not know), or a vanished file
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
         raise FormatError(f"{path}: cannot be read ({str(e)[:200]})") from None
     finally:
         archive.close()

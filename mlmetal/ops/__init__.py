@@ -145,12 +145,13 @@ def ensure(cond: bool, op: str, message: str) -> None:
 
 def pair(v, op: str, what: str) -> tuple[int, int]:
     """An int or a pair of ints as a pair, checked to be integers."""
-    if isinstance(v, (int, np.integer)):
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         t = (v, v)
     else:
         ensure(isinstance(v, (tuple, list)), op, f"{what} must be an int or a pair of ints, got {v!r}")
         t = tuple(v)
-    ensure(len(t) == 2 and all(isinstance(a, (int, np.integer)) for a in t), op, f"{what} must be an int or a pair of ints, got {v!r}")
+    ensure(len(t) == 2 and all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in t), op,
+           f"{what} must be an int or a pair of ints, got {v!r}")
     return int(t[0]), int(t[1])
 
 

@@ -25,7 +25,8 @@ def _window(op, stride, padding, dilation, groups):
     ensure(min(stride) >= 1, op, f"stride must be positive, got {stride}")
     ensure(min(dilation) >= 1, op, f"dilation must be positive, got {dilation}")
     ensure(min(padding) >= 0, op, f"padding must be non-negative, got {padding}")
-    ensure(isinstance(groups, int) and groups >= 1, op, f"groups must be a positive int, got {groups!r}")
+    ensure(isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1, op,
+           f"groups must be a positive int, got {groups!r}")
     return dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 

@@ -64,7 +64,8 @@ def _adam_check(param, grad, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, we
         >>> p, m, v = mm.ops.adam_update(p, g, m, v, lr=1e-3, step=1)
     """
     _check_same("adam_update", (param, grad, m, v), ("param", "grad", "m", "v"))
-    ensure(isinstance(step, int) and step >= 1, "adam_update", f"step must be an integer ≥ 1, got {step!r}")
+    ensure(isinstance(step, int) and not isinstance(step, bool) and step >= 1, "adam_update",
+           f"step must be an integer ≥ 1, got {step!r}")
     ensure(0 <= beta1 < 1 and 0 <= beta2 < 1, "adam_update", f"betas must be in [0, 1), got {beta1}, {beta2}")
     ensure(lr >= 0 and eps >= 0 and weight_decay >= 0, "adam_update",
            f"lr, eps and weight_decay must not be negative, got {lr}, {eps}, {weight_decay}")

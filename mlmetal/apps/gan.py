@@ -1,0 +1,277 @@
+"""A generative adversarial network that learns to draw scikit-learn's handwritten digits.
+
+The talk's GAN in small. A generator turns a latent vector into an 8×8 image; a
+discriminator turns an image into one logit, "real" or "fake". They train in turns, each
+step on its own derived training graph and its own Adam:
+
+- the discriminator's graph sums two separable sigmoid cross-entropy losses, real digits
+  against label 1 and generated ones against label 0; the generated images are marked
+  `stop_gradient`, so no gradient reaches the generator through them;
+- the generator's graph runs its images through the discriminator against label 1 (the
+  non-saturating loss). It is derived while the discriminator is frozen, so the gradient
+  flows back through the discriminator's layers to the images but no discriminator weight
+  gradient is made, and only the generator's optimizer has updates in it.
+
+Both graphs begin with a `random_tensor` node (`Graph.random`): every run draws a fresh
+latent batch on the device, so no latent ever crosses from the host during training.
+
+Whether the samples look like digits is judged by the digits classifier
+(mlmetal/apps/digits.py): the fraction of samples it assigns to one class with probability
+at least 0.9.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+import mlmetal as mm
+from mlmetal.apps.digits import train_digits
+
+LATENT = 32
+
+
+class Generator(mm.nn.Module):
+    """z (N, latent) → two fully connected + LeakyReLU layers → fully connected + tanh → (N, 1, 8, 8) in [-1, 1]."""
+
+    def __init__(self, device=None, latent: int = LATENT, hidden: int = 128):
+        self.body = mm.nn.Sequential(
+            mm.nn.Linear(latent, hidden, device=device), mm.nn.LeakyReLU(0.2),
+            mm.nn.Linear(hidden, 2 * hidden, device=device), mm.nn.LeakyReLU(0.2),
+            mm.nn.Linear(2 * hidden, 64, device=device), mm.nn.Tanh())
+
+    def forward(self, z):
+        return mm.ops.reshape(self.body(z), shape=(z.shape[0], 1, 8, 8))
+
+
+class Discriminator(mm.nn.Module):
+    """(N, 1, 8, 8) → fully connected + LeakyReLU → one logit (N, 1): large for real digits."""
+
+    def __init__(self, device=None, hidden: int = 256):
+        self.body = mm.nn.Sequential(
+            mm.nn.Linear(64, hidden, device=device), mm.nn.LeakyReLU(0.2),
+            mm.nn.Linear(hidden, 1, device=device))
+
+    def forward(self, x):
+        return self.body(mm.ops.reshape(x, shape=(x.shape[0], 64)))
+
+
+class GAN:
+    """A generator, a discriminator, and the two training graphs that train them in turns.
+
+    Args:
+        device: a Device.
+        batch: real and generated images per step.
+        lr: both optimizers' learning rate (Adam with β₁ = 0.5, as GANs usually are).
+        seed: the latent stream's seed.
+        smoothing: one-sided label smoothing; real digits are labelled 1 − smoothing/2, so
+            the discriminator never grows certain enough to starve the generator of gradient.
+
+    Example:
+        >>> gan = GAN(mm.device("cpu"), batch=64)
+        >>> d_loss, g_loss = gan.step(real_batch)      # real_batch (64, 1, 8, 8) in [-1, 1]
+        >>> images = gan.sample(np.zeros((16, LATENT), np.float32))
+    """
+
+    def __init__(self, device, batch: int = 64, lr: float = 2e-4, seed: int = 0, smoothing: float = 0.2):
+        self.device, self.batch = device, batch
+        self.generator = Generator(device)
+        self.discriminator = Discriminator(device)
+        latents = mm.random.Philox(device, seed)  # one stream, shared by both graphs' latent nodes
+        ones = mm.tensor(np.ones((batch, 1), np.float32), device)
+        zeros = mm.tensor(np.zeros((batch, 1), np.float32), device)
+        adam = dict(lr=lr, betas=(0.5, 0.999))
+
+        g = mm.Graph(device)
+        real = g.input("real", (batch, 1, 8, 8))
+        fake = self.generator(g.random((batch, LATENT), latents, mm.random.Normal()))
+        fake.stop_gradient = True
+        # The two losses stay separate ops, so only the real one is smoothed.
+        self.d_real_loss = mm.ops.sigmoid_cross_entropy_loss(self.discriminator(real), ones, label_smoothing=smoothing)
+        self.d_fake_loss = mm.ops.sigmoid_cross_entropy_loss(self.discriminator(fake), zeros)
+        d_loss = mm.ops.add(self.d_real_loss, self.d_fake_loss)
+        self.train_d = d_loss.training_graph(optimizer=mm.optim.Adam(self.discriminator.parameters(), **adam))
+
+        g = mm.Graph(device)
+        fake = self.generator(g.random((batch, LATENT), latents, mm.random.Normal()))
+        g_loss = mm.ops.sigmoid_cross_entropy_loss(self.discriminator(fake), ones)
+        # Frozen only while the graph is derived: that is when gradient nodes are chosen.
+        self.discriminator.freeze()
+        try:
+            self.train_g = g_loss.training_graph(optimizer=mm.optim.Adam(self.generator.parameters(), **adam))
+        finally:
+            self.discriminator.unfreeze()
+        self._samplers: dict[int, tuple] = {}
+
+    def step(self, real: np.ndarray) -> tuple[float, float]:
+        """One discriminator step on a real batch, then one generator step; returns their losses."""
+        return self.train_d.step(real=real), self.train_g.step()
+
+    def discriminator_losses(self, real: np.ndarray) -> tuple[float, float]:
+        """The discriminator's (real, fake) losses on a real batch and a fresh fake one, without training."""
+        g = self.train_d.graph
+        return tuple(float(v[0]) for v in g.run({"real": real}, outputs=[self.d_real_loss, self.d_fake_loss]))
+
+    def sample(self, z: np.ndarray) -> np.ndarray:
+        """The generator's images of latents z (N, LATENT), mapped to [0, 1] as the digits classifier sees them."""
+        n = len(z)
+        if n not in self._samplers:
+            g = mm.Graph(self.device)
+            self._samplers[n] = (g, self.generator(g.input("z", (n, LATENT))))
+        g, images = self._samplers[n]
+        return (g.run({"z": z}, outputs=[images])[0] + 1) / 2
+
+
+def real_digits() -> np.ndarray:
+    """All 1797 of scikit-learn's digits, (N, 1, 8, 8), scaled to the generator's range [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    return (load_digits().images / 8.0 - 1).astype(np.float32)[:, None]
+
+
+def confident_fraction(classifier, device, images: np.ndarray, threshold: float = 0.9) -> tuple[float, np.ndarray]:
+    """The fraction of images (in [0, 1]) the classifier puts in one class with probability ≥ threshold,
+    and how many of those fell in each class."""
+    g = mm.Graph(device)
+    logits = g.run({"x": images}, outputs=[classifier(g.input("x", images.shape))])[0].reshape(len(images), 10)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    sure = p.max(1) >= threshold
+    return float(sure.mean()), np.bincount(p.argmax(1)[sure], minlength=10)
+
+
+def save_grid(images: np.ndarray, path, scale: int = 4) -> None:
+    """Write images (N, 1, 8, 8) in [0, 1] as one PNG: a square-ish grid, white ink on black, each pixel scale×scale."""
+    from PIL import Image
+
+    n = len(images)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = (n + cols - 1) // cols
+    canvas = np.zeros((rows * 9 + 1, cols * 9 + 1), np.float32)  # one-pixel gutters between digits
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[1 + 9 * r:9 + 9 * r, 1 + 9 * c:9 + 9 * c] = im[0]
+    pixels = (np.clip(canvas, 0, 1) * 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+    Image.fromarray(pixels).save(path)
+
+
+def train_gan(device=None, epochs: int = 30, batch: int = 64, lr: float = 2e-4, seed: int = 0, out=None,
+              steps: int | None = None, judge: bool = True, progress: bool = True) -> dict:
+    """Train a GAN on the digits, writing a grid of samples per epoch; returns what it measured.
+
+    An epoch is one pass over the 1797 digits in batches. Ctrl-C stops training early;
+    what was trained so far is returned (the caller decides what to save).
+
+    Args:
+        device: a Device or backend name.
+        epochs: passes over the digits.
+        batch: images per step.
+        lr: Adam's learning rate for both networks.
+        seed: initialisation, latents and shuffling.
+        out: a directory for `samples_<epoch>.png`; None writes nothing.
+        steps: stop after this many steps in all (quick runs); None trains every epoch through.
+        judge: train the digits classifier and measure the fraction of confidently classified
+            samples, before and after training ('confident_before', 'confident').
+        progress: show progress bars.
+
+    Returns:
+        {'gan', 'history' (per epoch: d_loss, g_loss), 'seconds', 'interrupted', and with
+        judge: 'confident_before', 'confident', 'classes' (confident samples per class)}.
+
+    Example:
+        >>> result = train_gan("cpu", epochs=30, out="out/gan")
+        >>> result["confident"]   # fraction of samples the classifier is ≥ 90% sure of
+    """
+    dev = mm.device(device) if not isinstance(device, mm.Device) else device
+    classifier = None
+    if judge:
+        classifier = train_digits(dev, seed=seed, progress=progress)["net"]
+    mm.nn.seed(seed)
+    gan = GAN(dev, batch, lr, seed)
+    x = real_digits()
+    rng = np.random.default_rng(seed)
+    fixed = mm.random.Philox(dev, seed + 1).normal((64, LATENT))  # the same latents for every epoch's grid
+    judged = mm.random.Philox(dev, seed + 2).normal((500, LATENT))
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    result = {"gan": gan, "history": [], "interrupted": False}
+    if judge:
+        result["confident_before"] = confident_fraction(classifier, dev, gan.sample(judged))[0]
+    per_epoch = len(x) // batch
+    total = epochs * per_epoch if steps is None else min(steps, epochs * per_epoch)
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="gan", unit="step", disable=not progress)
+    done = 0
+    try:
+        for epoch in range(epochs):
+            if done >= total:
+                break
+            order = rng.permutation(len(x))
+            losses = []
+            for k in range(per_epoch):
+                if done >= total:
+                    break
+                losses.append(gan.step(x[order[k * batch:(k + 1) * batch]]))
+                done += 1
+                bar.update()
+            d_loss, g_loss = np.mean(losses, axis=0)
+            result["history"].append({"epoch": epoch, "d_loss": float(d_loss), "g_loss": float(g_loss)})
+            bar.set_postfix(d_loss=f"{d_loss:.3f}", g_loss=f"{g_loss:.3f}")
+            if out is not None:
+                save_grid(gan.sample(fixed), out / f"samples_{epoch:03d}.png")
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+    finally:
+        bar.close()
+    result["seconds"] = time.perf_counter() - t0
+    if judge:
+        result["confident"], result["classes"] = confident_fraction(classifier, dev, gan.sample(judged))
+    return result
+
+
+COMMAND = "gan"
+HELP = "train a GAN on the handwritten digits and write a grid of samples per epoch"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the 1797 digits (default 30)")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps in all (default: every epoch)")
+    p.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam's learning rate for both networks (default 2e-4)")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, latents and shuffling")
+    p.add_argument("--out", default="out/gan", help="directory for the sample grids and weights (default out/gan)")
+    p.add_argument("--no-judge", dest="judge", action="store_false",
+                   help="skip training the digits classifier that scores the samples")
+
+
+def run(args) -> int:
+    result = train_gan(args.device, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, out=args.out,
+                       steps=args.steps, judge=args.judge)
+    out = Path(args.out)
+    gan = result["gan"]
+    # Saved on every exit, Ctrl-C included: training is the expensive part.
+    gan.generator.save_weights(out / "generator.zip")
+    gan.discriminator.save_weights(out / "discriminator.zip")
+    save_grid(gan.sample(mm.random.Philox(gan.device, args.seed + 1).normal((64, LATENT))), out / "samples.png")
+    steps = sum(1 for _ in result["history"])
+    print(f"{'stopped' if result['interrupted'] else 'trained'} after {steps} epoch(s) in {result['seconds']:.0f} s; "
+          f"samples and weights in {out}/")
+    if args.judge:
+        print(f"the digits classifier is ≥ 90% sure of {result['confident']:.0%} of 500 samples "
+              f"(untrained generator: {result['confident_before']:.0%}); per class {result['classes'].tolist()}")
+    return 130 if result["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
