@@ -24,9 +24,17 @@ kernel void sum_partial(device const float* x [[buffer(0)]],
     threadgroup float totals[32];
     uint per = (p.n + groups - 1) / groups;
     uint begin = group * per, end = min(begin + per, p.n);
-    float acc = 0.0f;
-    for (uint j = begin + lid; j < end; j += tpg) acc += x[j];
-    acc = simd_sum(acc);
+    // Four independent partial sums: loads and adds overlap instead of waiting on one chain.
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    uint j = begin + lid;
+    for (; j + 3 * tpg < end; j += 4 * tpg) {
+        a0 += x[j];
+        a1 += x[j + tpg];
+        a2 += x[j + 2 * tpg];
+        a3 += x[j + 3 * tpg];
+    }
+    for (; j < end; j += tpg) a0 += x[j];
+    float acc = simd_sum((a0 + a1) + (a2 + a3));
     if (lane == 0) totals[sg] = acc;
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (sg == 0) {
