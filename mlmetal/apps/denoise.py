@@ -79,7 +79,12 @@ class UNet(mm.nn.Module):
         """(3×3 conv + ReLU) pairs taking channels[0] through channels[1:]."""
         layers = []
         for cin, cout in zip(channels, channels[1:]):
-            layers += [mm.nn.Conv2d(cin, cout, 3, padding=1, device=self.device), mm.nn.ReLU()]
+            conv = mm.nn.Conv2d(cin, cout, 3, padding=1, device=self.device)
+            # He initialisation: the default U(±1/√fan_in) shrinks the signal ~6× per conv+ReLU,
+            # so through a dozen of them the output barely depends on the input and training
+            # crawls at first; scaling by √6 keeps the variance through each ReLU.
+            conv.weight.assign(conv.weight.numpy() * math.sqrt(6.0))
+            layers += [conv, mm.nn.ReLU()]
         return mm.nn.Sequential(*layers)
 
     def forward(self, noisy, albedo, normal):
@@ -151,9 +156,9 @@ def other_backend(dev) -> str:
     return dev.name
 
 
-def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int = 2, epochs: int = 120,
-                   scenes: int = 32, batch: int = 8, spp: int = 2, clean_spp: int = 256, refresh_every: int = 20,
-                   halve_every: int = 50, lr: float = 3e-3, log_weight: float = 0.5, validation: int = 8,
+def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int = 2, epochs: int = 80,
+                   scenes: int = 32, batch: int = 4, spp: int = 2, clean_spp: int = 128, refresh_every: int = 10,
+                   halve_every: int = 40, lr: float = 3e-3, log_weight: float = 0.5, validation: int = 8,
                    seed: int = 0, progress: bool = True) -> dict:
     """Train a UNet on fresh path-traced renders; returns the net, its optimizer, histories and timings.
 
@@ -183,6 +188,8 @@ def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int =
     dev = mm.device(device) if not isinstance(device, mm.Device) else device
     if size % 2**depth:
         raise ValueError(f"size must be divisible by 2**depth = {2**depth}, got {size}")
+    if not 1 <= batch <= scenes:
+        raise ValueError(f"batch must be from 1 to scenes = {scenes}, got {batch}")
     mm.nn.seed(seed)
     rng = np.random.default_rng(seed)
     net = UNet(width, depth, dev)
@@ -253,3 +260,146 @@ class Denoiser:
         feed = renders.feed(slice(None))
         del feed["clean"]
         return self.graph.run(feed, outputs=[self.output])[0]
+
+
+# ---------------------------------------------------------------- pictures
+
+def to_image(x: np.ndarray, scale: int = 1):
+    """A (3, H, W) display image in [0, 1] as a Pillow RGB image, enlarged `scale`× (nearest)."""
+    from PIL import Image
+
+    pixels = (np.clip(x.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def triptych(noisy: np.ndarray, denoised: np.ndarray, clean: np.ndarray, scale: int = 4, gap: int = 4):
+    """noisy | denoised | clean side by side on white, each (3, H, W)."""
+    from PIL import Image
+
+    panels = [to_image(x, scale) for x in (noisy, denoised, clean)]
+    w, h = panels[0].size
+    out = Image.new("RGB", (3 * w + 2 * gap, h), "white")
+    for i, p in enumerate(panels):
+        out.paste(p, (i * (w + gap), 0))
+    return out
+
+
+def loss_curve(steps: list[float], validations: list[dict], noisy_psnr: float, size=(640, 400)):
+    """The training loss per step (log scale) and the validation PSNR, as a Pillow image."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, top, right, bottom = 60, 30, size[0] - 60, size[1] - 40
+    d.rectangle((left, top, right, bottom), outline="black")
+    d.text((left, 8), "training loss (blue, log scale) and validation PSNR (red, dB)", fill="black")
+    d.text((left, bottom + 20), f"step (0 to {len(steps)})", fill="black")
+    n = max(len(steps) - 1, 1)
+
+    def xs(i):
+        return left + (right - left) * i / n
+
+    if steps:
+        logs = np.log10(np.maximum(np.asarray(steps, np.float64), 1e-12))
+        lo, hi = logs.min(), logs.max() + 1e-9
+        # a running mean over ~1% of the steps reads better than the raw, noisy per-step loss
+        k = max(1, len(logs) // 100)
+        smooth = np.convolve(logs, np.ones(k) / k, mode="valid")
+        d.line([(xs(i + k - 1), bottom - (bottom - top) * (v - lo) / (hi - lo)) for i, v in enumerate(smooth)],
+               fill=(40, 90, 200), width=2)
+        d.text((4, top), f"{10 ** hi:.3g}", fill=(40, 90, 200))
+        d.text((4, bottom - 10), f"{10 ** lo:.3g}", fill=(40, 90, 200))
+    psnrs = [noisy_psnr] + [v["psnr"] for v in validations]
+    lo, hi = min(psnrs) - 0.5, max(psnrs) + 0.5
+    points = [(xs(0), noisy_psnr)] + [(xs(v["step"]), v["psnr"]) for v in validations]
+    points = [(x, bottom - (bottom - top) * (p - lo) / (hi - lo)) for x, p in points]
+    if len(points) > 1:
+        d.line(points, fill=(200, 40, 40), width=2)
+    for x, y in points:
+        d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(200, 40, 40))
+    d.text((right + 4, top), f"{hi:.1f}", fill=(200, 40, 40))
+    d.text((right + 4, bottom - 10), f"{lo:.1f}", fill=(200, 40, 40))
+    return img
+
+
+# ---------------------------------------------------------------- the command
+
+COMMAND = "denoise"
+HELP = "train the ray-tracing denoiser U-Net on path-traced renders and show what it learnt"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, training scenes and noise (default 0)")
+    p.add_argument("--out", default="denoise-out", help="output directory (default ./denoise-out)")
+    p.add_argument("--epochs", type=int, default=80, help="passes over the current training set (default 80)")
+    p.add_argument("--size", type=int, default=48, help="image side in pixels, divisible by 2**depth (default 48)")
+    p.add_argument("--width", type=int, default=12, help="channels of the U-Net's first stage (default 12)")
+    p.add_argument("--depth", type=int, default=2, help="U-Net encoder stages (default 2)")
+    p.add_argument("--scenes", type=int, default=32, help="training images rendered per refresh (default 32)")
+    p.add_argument("--batch", type=int, default=4, help="images per training step (default 4)")
+    p.add_argument("--spp", type=int, default=2, help="samples per pixel of the noisy input (default 2)")
+    p.add_argument("--clean-spp", type=int, default=128,
+                   help="samples per pixel of the clean training target (default 128; held-out targets get at least 512)")
+    p.add_argument("--refresh-every", type=int, default=10,
+                   help="render new training scenes and validate every K epochs (default 10)")
+    p.add_argument("--halve-every", type=int, default=40, help="halve the learning rate every M epochs (default 40)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam's initial learning rate (default 0.003)")
+    p.add_argument("--log-weight", type=float, default=0.5,
+                   help="weight of the Laplacian-of-Gaussian loss against the RGB loss (default 0.5)")
+    p.add_argument("--test", type=int, default=8, help="held-out scenes denoised at the end (default 8)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args) -> int:
+    """Train, save, reload (on another backend if present), denoise held-out renders, write the pictures.
+
+    Returns 0, or 130 when Ctrl-C cut training short (what was learnt is still saved and shown).
+    """
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = train_denoiser(args.device, size=args.size, width=args.width, depth=args.depth, epochs=args.epochs,
+                            scenes=args.scenes, batch=args.batch, spp=args.spp, clean_spp=args.clean_spp,
+                            refresh_every=args.refresh_every, halve_every=args.halve_every, lr=args.lr,
+                            log_weight=args.log_weight, validation=args.test, seed=args.seed,
+                            progress=args.progress)
+    if result["interrupted"]:
+        print(f"interrupted after {len(result['steps'])} steps: saving and showing what was learnt", file=sys.stderr)
+    net, dev = result["net"], result["device"]
+
+    # Save the inference graph (with Adam's state, so training could resume), then deploy the saved file.
+    deploy = Denoiser(net, args.test, args.size)
+    model_path = out / "denoiser.zip"
+    mm.save(model_path, deploy.graph, optimizer=result["optimizer"], outputs={"rgb": deploy.output}, module=net)
+    target = other_backend(dev)
+    model = mm.load(model_path, device=target)
+
+    test = Renders(dev, TEST_SEEDS + np.arange(args.test), args.size, args.spp, max(args.clean_spp, 512),
+                   noise_seed=3)
+    feed = test.feed(slice(None))
+    del feed["clean"]
+    denoised = model.run(feed)["rgb"]
+    before, after = psnr(test.noisy, test.clean), psnr(denoised, test.clean)
+
+    for i in range(len(test)):
+        triptych(test.noisy[i], denoised[i], test.clean[i]).save(out / f"triptych-{i}.png")
+    loss_curve(result["steps"], result["validations"], result["noisy_psnr"]).save(out / "loss.png")
+
+    t = result["timings"]
+    print(f"trained {len(result['steps'])} steps on {dev.name} in {t['train']:.0f} s "
+          f"({t['render']:.0f} s of it rendering); deployed on {target}")
+    print(f"PSNR on {len(test)} held-out renders ({args.spp} spp vs {max(args.clean_spp, 512)} spp): "
+          f"noisy {before:.2f} dB -> denoised {after:.2f} dB ({after - before:+.2f} dB)")
+    print(f"wrote {model_path}, {out / 'loss.png'} and {len(test)} triptychs (noisy | denoised | clean) "
+          f"to {out}/ in {time.perf_counter() - t0:.0f} s")
+    return 130 if result["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

@@ -43,7 +43,7 @@ def one_hot(labels: np.ndarray) -> np.ndarray:
 
 def train_digits(device=None, epochs: int = 12, batch: int = 64, lr: float = 3e-3, seed: int = 0,
                  progress: bool = True) -> dict:
-    """Train DigitsCNN with Adam; returns {'accuracy': test accuracy, 'history': per-epoch records}."""
+    """Train DigitsCNN with Adam; returns {'accuracy': test accuracy, 'history': per-epoch records, 'net': the trained DigitsCNN}."""
     dev = mm.device(device) if not isinstance(device, mm.Device) else device
     mm.nn.seed(seed)
     x_tr, y_tr, x_te, y_te = load_digits(seed)
@@ -72,4 +72,4 @@ def train_digits(device=None, epochs: int = 12, batch: int = 64, lr: float = 3e-
         return {"accuracy": float((pred == y_te).mean())}
 
     history = mm.train.fit(train.step, batches, epochs, validate=validate, every=4, progress=progress)
-    return {"accuracy": history[-1]["accuracy"], "history": history}
+    return {"accuracy": history[-1]["accuracy"], "history": history, "net": net}
