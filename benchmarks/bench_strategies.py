@@ -72,7 +72,7 @@ def run_strategy(name, dev, args, batches):
     train = build(dev, args.batch, args.width)
     outputs = (train.loss, *train.param_grads.values())
     in_flight = 2 if name in ("double", "both") else 1
-    plans = [train.graph.plan(outputs, copy=k) for k in range(in_flight)]  # buffers per iteration in flight
+    plans = [train.graph.plan(outputs, copy=k, updates=True) for k in range(in_flight)]  # buffers per iteration in flight
     commit_every = args.commit_every if name in ("continue", "both") else 0
     pending: list = [None] * in_flight
 

@@ -53,8 +53,8 @@ def main():
         train.step(**batch)
     t = (time.perf_counter() - t0) / args.steps
     outputs = (train.loss, *train.param_grads.values())
-    planned = g.plan(outputs).peak_bytes
-    unplanned = g.plan(outputs, plan_lifetimes=False).peak_bytes
+    planned = g.plan(outputs, updates=True).peak_bytes
+    unplanned = g.plan(outputs, plan_lifetimes=False, updates=True).peak_bytes
     print(f"U-Net step on {dev.name}, batch {args.batch}, 9×{size}×{size}, width {args.width}: {t * 1e3:.1f} ms")
     print(f"peak temporary memory: {planned / 2**20:.1f} MiB planned vs {unplanned / 2**20:.1f} MiB without "
           f"lifetime planning ({unplanned / planned:.1f}× less)")

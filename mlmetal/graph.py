@@ -70,6 +70,7 @@ class Node:
     outputs: list[GraphTensor] = dataclasses.field(default_factory=list)
     gradient_of: "Node | None" = None  # the forward node whose gradient rule created this node
     predicate: Any = None
+    is_update: bool = False  # an optimizer's in-place update: runs in training steps only
 
     def __repr__(self):
         return f"Node({self.op}, {[t.shape for t in self.inputs]} -> {[t.shape for t in self.outputs]})"
@@ -317,12 +318,16 @@ class Graph:
             bound[t] = np.ascontiguousarray(a, dtype=t.dtype)
         return bound
 
-    def plan(self, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True, copy: int = 0) -> "Plan":
-        """The (cached) execution plan computing `outputs`; `copy` numbers independent plans
-        with buffers of their own, one per iteration kept in flight (double buffering)."""
-        key = (tuple(outputs), len(self.nodes), plan_lifetimes, copy)
+    def plan(self, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True, copy: int = 0,
+             updates: bool = False) -> "Plan":
+        """The (cached) execution plan computing `outputs`.
+
+        `updates` adds the optimizer's update nodes (a training step); `copy` numbers
+        independent plans with buffers of their own, one per iteration kept in flight.
+        """
+        key = (tuple(outputs), len(self.nodes), plan_lifetimes, copy, updates)
         if key not in self._plans:
-            self._plans[key] = Plan(self, outputs, plan_lifetimes)
+            self._plans[key] = Plan(self, outputs, plan_lifetimes, updates)
         return self._plans[key]
 
 
@@ -333,10 +338,11 @@ class Plan:
     that reads it, and later tensors take the smallest free buffer that fits.
     """
 
-    def __init__(self, graph: Graph, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True):
+    def __init__(self, graph: Graph, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True,
+                 updates: bool = False):
         self.graph = graph
         self.outputs = outputs
-        self.nodes = self._live_nodes(graph.nodes, outputs)
+        self.nodes = self._live_nodes(graph.nodes, outputs, updates)
         self.slots: dict[GraphTensor, int] = {}
         self.slot_bytes: list[int] = []
         keep = set(outputs)
@@ -357,12 +363,14 @@ class Plan:
         self._buffers = None
 
     @staticmethod
-    def _live_nodes(nodes: list[Node], outputs) -> list[Node]:
-        """Nodes the outputs depend on, plus every node that writes tensors in place (updates)."""
+    def _live_nodes(nodes: list[Node], outputs, updates: bool) -> list[Node]:
+        """Nodes the outputs depend on, plus every node that writes tensors in place (predicate
+        writers; optimizer updates only when `updates`)."""
         needed = {o.node for o in outputs if o.node is not None}
         live = []
         for n in reversed(nodes):
-            if n in needed or any(o.value is not None for o in n.outputs):
+            writes = any(o.value is not None for o in n.outputs) and (updates or not n.is_update)
+            if n in needed or writes:
                 live.append(n)
                 needed.update(x.node for x in n.inputs if x.node is not None)
         return live[::-1]
@@ -431,7 +439,7 @@ class Training:
         grads = list(self.param_grads.values())
         if self.optimizer is not None:
             self.optimizer.prepare_step()
-        plan = self.graph.plan((self.loss, *grads))
+        plan = self.graph.plan((self.loss, *grads), updates=True)
         values = plan.execute(self.graph.bind_inputs(inputs), commit_every)
         for t, g in self.param_grads.items():
             t.value.grad = values[g]
@@ -440,4 +448,4 @@ class Training:
 
     @property
     def peak_bytes(self) -> int:
-        return self.graph.plan((self.loss, *self.param_grads.values())).peak_bytes
+        return self.graph.plan((self.loss, *self.param_grads.values()), updates=True).peak_bytes

@@ -43,6 +43,7 @@ class Optimizer:
                 continue
             state = self.state[id(p)]
             graph.append(self.op, [p, grad, *state], self.attrs(), out_values=[p, *state])
+            graph.nodes[-1].is_update = True
             nodes.append(graph.nodes[-1])
         self._nodes = nodes
         return nodes

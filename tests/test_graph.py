@@ -301,3 +301,12 @@ def test_predicated_block_runs_only_when_the_predicate_is_nonzero(dev):
     got_on, got_off = g.run({"x": a}, outputs=[on, off])
     np.testing.assert_array_equal(got_on, 2 * a)
     assert not np.array_equal(got_off, 3 * a)  # skipped: the buffer keeps whatever it held
+
+
+def test_running_a_training_graph_for_outputs_does_not_update_parameters(dev):
+    g, first, second, h, loss, inputs = two_layer_image_graph(dev)
+    loss.training_graph(optimizer=mm.optim.SGD(first.parameters() + second.parameters(), lr=0.5))
+    before = [p.numpy() for p in first.parameters()]
+    g.run(inputs, outputs=[loss])  # inference: the update nodes stay out of the plan
+    for p, b in zip(first.parameters(), before):
+        np.testing.assert_array_equal(p.numpy(), b)
