@@ -83,6 +83,32 @@ def info(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    """Run the benchmarks in benchmarks/ (a source checkout's), each printing ratios against its reference."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not root.is_dir():
+        print("mlmetal bench: the benchmarks ship with the source repository, not the wheel; "
+              "run it from a checkout (pip install -e .)", file=sys.stderr)
+        return 2
+    names = args.names or sorted(p.stem.removeprefix("bench_") for p in root.glob("bench_*.py"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root.parent), str(root), os.environ.get("PYTHONPATH", "")]))
+    if args.device:
+        env["MLMETAL_DEVICE"] = args.device
+    status = 0
+    for name in names:
+        path = root / f"bench_{name}.py"
+        if not path.is_file():
+            print(f"mlmetal bench: no benchmark {name!r} ({path} does not exist)", file=sys.stderr)
+            return 2
+        print(f"== {name}", flush=True)
+        status |= subprocess.call([sys.executable, str(path)], env=env)
+    return status
+
+
 def _apps():
     """The app modules under mlmetal/apps that define a command: COMMAND, HELP, add_arguments(p), run(args)."""
     import importlib
@@ -104,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=demo)
     p = sub.add_parser("info", help="show backends, device, compiler and compile cache")
     p.set_defaults(func=info)
+    p = sub.add_parser("bench", help="run the benchmarks (from a source checkout)")
+    p.add_argument("names", nargs="*", help="which, e.g. runtime random nn_conv (default: all)")
+    p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
+    p.set_defaults(func=bench)
     for app in _apps():
         p = sub.add_parser(app.COMMAND, help=app.HELP, description=app.__doc__.strip().splitlines()[0])
         app.add_arguments(p)

@@ -1,0 +1,29 @@
+"""The command line: every command answers --help, the demo checks its own results, errors exit 2."""
+
+import pytest
+
+from mlmetal import cli
+
+
+def test_demo_computes_what_numpy_does(dev, capsys):
+    assert cli.main(["demo", "--device", dev.name, "--size", "5000"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("matches numpy") == 2 and "DIFFERS" not in out
+
+
+def test_info_lists_every_backend(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("cpu", "cuda", "metal")) and "compile cache" in out
+
+
+@pytest.mark.parametrize("command", ["demo", "info", "bench", *(app.COMMAND for app in cli._apps())])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0 and "usage: mlmetal" in capsys.readouterr().out
+
+
+def test_unknown_benchmark_and_device_exit_2(capsys):
+    assert cli.main(["bench", "nope"]) == 2
+    assert cli.main(["demo", "--device", "metal"]) == 2 or __import__("sys").platform == "darwin"
