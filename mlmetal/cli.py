@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (mm.BackendUnavailable, mm.KernelSourceError, mm.DispatchError) as e:
+    except (mm.BackendUnavailable, mm.KernelSourceError, mm.DispatchError, RuntimeError) as e:
         print(f"mlmetal: {e}", file=sys.stderr)
         return 2
 

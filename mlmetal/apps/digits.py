@@ -14,7 +14,11 @@ import mlmetal as mm
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25):
     """(x_train, y_train, x_test, y_test): images (N, 1, 8, 8) in [0, 1], integer labels."""
-    from sklearn.datasets import load_digits as sk_digits
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise RuntimeError("the handwritten digits ship with scikit-learn: pip install 'mlmetal[apps]' "
+                           "(or pip install scikit-learn)") from None
 
     d = sk_digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]
