@@ -225,11 +225,3 @@ def run(args) -> int:
     print(f"{result['accuracy']:.1%} of {len(y_te)} held-out digits spelled right "
           f"({time.perf_counter() - t0:.0f} s); e.g. {', '.join(words[:8])}")
     return 0
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

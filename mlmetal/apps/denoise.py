@@ -395,11 +395,3 @@ def run(args) -> int:
     print(f"wrote {model_path}, {out / 'loss.png'} and {len(test)} triptychs (noisy | denoised | clean) "
           f"to {out}/ in {time.perf_counter() - t0:.0f} s")
     return 130 if result["interrupted"] else 0
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

@@ -270,11 +270,3 @@ def run(args) -> int:
         print(f"the digits classifier is ≥ 90% sure of {result['confident']:.0%} of 500 samples "
               f"(untrained generator: {result['confident_before']:.0%}); per class {result['classes'].tolist()}")
     return 130 if result["interrupted"] else 0
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))
