@@ -310,3 +310,11 @@ def test_running_a_training_graph_for_outputs_does_not_update_parameters(dev):
     g.run(inputs, outputs=[loss])  # inference: the update nodes stay out of the plan
     for p, b in zip(first.parameters(), before):
         np.testing.assert_array_equal(p.numpy(), b)
+
+
+def test_fit_stops_after_steps_and_validates_last():
+    seen, checks = [], []
+    history = mm.train.fit(lambda **b: float(seen.append(b) or len(seen)), lambda e: ({"i": i} for i in range(4)),
+                           epochs=10, validate=lambda: checks.append(1) or {"score": 1.0}, every=5, progress=False,
+                           steps=6)
+    assert len(seen) == 6 and len(history) == 2 and history[-1]["score"] == 1.0 and len(checks) == 1

@@ -155,7 +155,7 @@ class _unpredicated:
 
 
 def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e-2, seed: int = 0,
-                  progress: bool = True, limit: int | None = None) -> dict:
+                  progress: bool = True, limit: int | None = None, steps: int | None = None) -> dict:
     """Train a Captioner by teacher forcing with Adam; returns {'accuracy', 'history', 'net', 'device'}.
 
     Args:
@@ -166,6 +166,7 @@ def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e
         seed: initialisation and shuffling.
         progress: show a progress bar.
         limit: train on only the first `limit` training digits (quick tests).
+        steps: stop after this many training steps in all (default: every epoch).
 
     Example:
         >>> result = train_caption("cpu", epochs=15); result["accuracy"]   # held-out digits spelled right
@@ -200,7 +201,7 @@ def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e
         return {"accuracy": float(np.mean([w == NAMES[d] for w, d in zip(got, y_te)]))}
 
     history = mm.train.fit(train.step, batches, epochs, validate=validate, every=5, schedule=schedule,
-                           progress=progress)
+                           progress=progress, steps=steps)
     return {"accuracy": history[-1]["accuracy"], "history": history, "net": net, "device": dev,
             "test": (x_te, y_te)}
 
@@ -212,6 +213,7 @@ HELP = "train the digit captioner and decode with early exit by predication"
 def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
     p.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many training steps in all (default: every epoch)")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches")
 
 
@@ -219,7 +221,7 @@ def run(args) -> int:
     import time
 
     t0 = time.perf_counter()
-    result = train_caption(args.device, epochs=args.epochs, seed=args.seed)
+    result = train_caption(args.device, epochs=args.epochs, seed=args.seed, steps=args.steps)
     x_te, y_te = result["test"]
     words = Decoder(result["net"], result["device"], len(x_te)).decode(x_te)
     print(f"{result['accuracy']:.1%} of {len(y_te)} held-out digits spelled right "

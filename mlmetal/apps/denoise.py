@@ -159,7 +159,7 @@ def other_backend(dev) -> str:
 def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int = 2, epochs: int = 80,
                    scenes: int = 32, batch: int = 4, spp: int = 2, clean_spp: int = 128, refresh_every: int = 10,
                    halve_every: int = 40, lr: float = 3e-3, log_weight: float = 0.5, validation: int = 8,
-                   seed: int = 0, progress: bool = True) -> dict:
+                   seed: int = 0, progress: bool = True, steps: int | None = None) -> dict:
     """Train a UNet on fresh path-traced renders; returns the net, its optimizer, histories and timings.
 
     Ctrl-C stops training early and returns what was learnt so far (`interrupted` is True).
@@ -181,6 +181,7 @@ def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int =
         validation: held-out validation images scored at every refresh.
         seed: initialisation, scene layouts and noise.
         progress: show a progress bar.
+        steps: stop after this many training steps in all (default: run every epoch).
 
     Example:
         >>> result = train_denoiser("cpu", size=32, epochs=10); result["validations"][-1]["psnr"]
@@ -230,7 +231,7 @@ def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int =
     interrupted = False
     try:
         mm.train.fit(step, batches, epochs, validate=validate, every=refresh_every, schedule=schedule,
-                               progress=progress)
+                     progress=progress, steps=steps)
     except KeyboardInterrupt:
         interrupted = True
     timings["train"] = time.perf_counter() - t0
@@ -334,6 +335,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, training scenes and noise (default 0)")
     p.add_argument("--out", default="denoise-out", help="output directory (default ./denoise-out)")
     p.add_argument("--epochs", type=int, default=80, help="passes over the current training set (default 80)")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many training steps in all (default: every epoch)")
     p.add_argument("--size", type=int, default=48, help="image side in pixels, divisible by 2**depth (default 48)")
     p.add_argument("--width", type=int, default=12, help="channels of the U-Net's first stage (default 12)")
     p.add_argument("--depth", type=int, default=2, help="U-Net encoder stages (default 2)")
@@ -364,7 +366,7 @@ def run(args) -> int:
                             scenes=args.scenes, batch=args.batch, spp=args.spp, clean_spp=args.clean_spp,
                             refresh_every=args.refresh_every, halve_every=args.halve_every, lr=args.lr,
                             log_weight=args.log_weight, validation=args.test, seed=args.seed,
-                            progress=args.progress)
+                            progress=args.progress, steps=args.steps)
     if result["interrupted"]:
         print(f"interrupted after {len(result['steps'])} steps: saving and showing what was learnt", file=sys.stderr)
     net, dev = result["net"], result["device"]
