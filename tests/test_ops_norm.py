@@ -62,6 +62,27 @@ ROWS = [
 test_forward, test_grad = make_tests(ROWS)
 
 
+@pytest.mark.parametrize("threads", [32, 96, 256, 1024])
+@pytest.mark.parametrize("hw", [(5, 7), (64, 64)])
+def test_norms_at_every_threadgroup_size(dev, monkeypatch, threads, hw):
+    """The cpu backend picks 32 threads a group; GPUs up to 1024. Every size must agree with the reference."""
+    from mlmetal.ops import norm
+
+    monkeypatch.setattr(norm, "_threads", lambda dev, m: min(threads, 32 * ((m + 31) // 32)))
+    rng = np.random.default_rng(threads)
+    x = (rng.standard_normal((2, 3, *hw)) * 2 + 1).astype(np.float32)
+    gamma, beta, g = rng.standard_normal(3).astype(np.float32), rng.standard_normal(3).astype(np.float32), \
+        rng.standard_normal((2, 3, *hw)).astype(np.float32)
+    tensors = [mm.tensor(a, dev) for a in (x, gamma, beta)]
+    y = mm.ops.instance_norm(*tensors, eps=1e-5)
+    np.testing.assert_allclose(y.numpy(), R.instance_norm(x.astype(np.float64), gamma, beta, eps=1e-5),
+                               rtol=1e-4, atol=1e-4)
+    grads = mm.ops.REGISTRY["instance_norm"].grad(mm.tensor(g, dev), y, *tensors, eps=1e-5)
+    ref = R.instance_norm_grad(g.astype(np.float64), x.astype(np.float64), gamma.astype(np.float64), eps=1e-5)
+    for got, want in zip(grads, ref):  # dx, dgamma, dbeta
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-3, atol=1e-3)
+
+
 def test_instance_norm_is_stable_for_a_large_mean(dev):
     # Mean 1e4, standard deviation 1: E[x²] − E[x]² would lose every significant digit in float32.
     rng = np.random.default_rng(0)

@@ -14,8 +14,9 @@ from . import apply, ensure, groups_for, register
 
 
 def _threads(dev, m: int) -> int:
-    """Threads for a group of m elements: enough to cover it, at most 1024 (256 on cpu, where each is a fiber)."""
-    cap = 256 if dev.name == "cpu" else 1024
+    """Threads for a group of m elements: enough to cover it, at most 1024 (32 on cpu, where each
+    is a fiber and a barrier costs more than the arithmetic it separates)."""
+    cap = 32 if dev.name == "cpu" else 1024
     return min(cap, 32 * ((m + 31) // 32))
 
 
