@@ -131,7 +131,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
                  stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-_ops.conv2d = conv2d  # replaces the registry's positional-only entry point
+_ops.conv2d = conv2d  # the registry's entry point would pass b=None on as an input
 
 
 # ---------------------------------------------------------------- gradients

@@ -102,13 +102,6 @@ register("slice_channels", check=_slice_check, encode=_slice_encode, reference=R
          kernels=["layout.copy_channels"])
 
 
-def slice_channels(x, start, stop):
-    return apply("slice_channels", x, start=start, stop=stop)
-
-
-slice_channels.__doc__ = _slice_check.__doc__
-sys.modules[__package__].slice_channels = slice_channels
-
 
 def _slice_grad_check(g, channels, start):
     """dL/dx of slice_channels: `g` placed at channels start… of a zero tensor of `channels` channels."""

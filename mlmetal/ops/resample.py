@@ -4,7 +4,6 @@ Bilinear uses PyTorch's align_corners=False: output pixel j samples the input at
 max((j + ½)/s − ½, 0), so the image's edges, not its edge pixels' centres, line up.
 """
 
-import sys
 
 from ..reference import resample as R
 from . import apply, ensure, groups_for, register
@@ -48,13 +47,6 @@ register("upsample", check=_upsample_check, encode=_upsample_encode, reference=R
          grad=lambda g, out, x, scale, mode: (apply("upsample_grad", g, scale=scale, mode=mode),),
          kernels=["resample.upsample_nearest", "resample.upsample_bilinear"])
 
-
-def upsample(x, scale=2, mode="nearest"):
-    return apply("upsample", x, scale=scale, mode=mode)
-
-
-upsample.__doc__ = _upsample_check.__doc__
-sys.modules[__package__].upsample = upsample  # `mm.ops.upsample(x, 2)`: the scale may be positional
 
 
 def _upsample_grad_check(g, scale, mode):
