@@ -28,6 +28,7 @@ import numpy as np
 
 import mlmetal as mm
 from mlmetal import raytrace as rt
+from mlmetal.apps.images import to_image
 
 CHANNELS = 9  # noisy rgb, albedo, normal
 TEST_SEEDS = 1_000_000  # held-out scenes are numbered from here; training scenes stay far below
@@ -264,15 +265,6 @@ class Denoiser:
 
 
 # ---------------------------------------------------------------- pictures
-
-def to_image(x: np.ndarray, scale: int = 1):
-    """A (3, H, W) display image in [0, 1] as a Pillow RGB image, enlarged `scale`× (nearest)."""
-    from PIL import Image
-
-    pixels = (np.clip(x.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
-    img = Image.fromarray(pixels, "RGB")
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
-
 
 def triptych(noisy: np.ndarray, denoised: np.ndarray, clean: np.ndarray, scale: int = 4, gap: int = 4):
     """noisy | denoised | clean side by side on white, each (3, H, W)."""

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 import mlmetal as mm
+from mlmetal.apps.images import to_image
 
 # The loss network: (name, output channels of the random default) per 3×3 convolution + ReLU,
 # "pool" for a 2×2 average pool. A `--loss-weights` file holds `<name>.weight` (out, in, 3, 3)
@@ -74,9 +75,7 @@ def load_image(path, size: int) -> np.ndarray:
 
 def save_image(img: np.ndarray, path) -> None:
     """Write (3, H, W) in [0, 1] as a PNG."""
-    from PIL import Image
-
-    Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)).save(path)
+    to_image(img).save(path)
 
 
 # ---------------------------------------------------------------- networks
