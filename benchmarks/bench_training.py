@@ -1,98 +1,355 @@
-"""Training-step benchmark: a small U-Net denoiser step, its peak memory with and without
-lifetime planning, and its time beside PyTorch's same network (where PyTorch is installed).
+"""Training steps of DESIGN §8 — style transfer, the U-Net denoiser, the digits GAN — built from
+the demonstration apps' own networks (mlmetal/apps), timed beside the same networks in PyTorch
+in the same run, with each step's peak temporary memory with and without lifetime planning.
 
-    python benchmarks/bench_training.py --size 64 --batch 4
+    python benchmarks/bench_training.py                       # all three, sizes to suit the device
+    python benchmarks/bench_training.py --only unet --size 128 --steps 20
+    MLMETAL_DEVICE=cuda python benchmarks/bench_training.py --profile
+
+Shapes (DESIGN §8): style transfer batch 4 of size² images (the app's transformer and frozen
+loss network, style loss at three layers, content loss at one); U-Net batch 4 of 9 channels,
+size² (the app's UNet, width 16, depth 2, L1 plus Laplacian-of-Gaussian L1); GAN batch 64 of
+the digits' 8×8 (the app's fully connected generator and discriminator; a step is one
+discriminator step and one generator step, each its own training graph). Adam everywhere.
+
+Both sides get their inputs on the device before timing (mlmetal: device tensors bound to the
+graph inputs; the GAN's latents are drawn on the device by both). An mlmetal step returns its
+loss as a Python float, so it waits for the device every step; the PyTorch loop synchronises
+only at the end of each round, its best case. PyTorch runs FP32 with TF32 off, cudnn.benchmark
+on (it picks its fastest convolution algorithms during the warm-up step), torch.optim.Adam's
+defaults. Each time is the best of 3 rounds of `--steps` steps, after one warm-up step; the
+ratio is PyTorch's time over mlmetal's (> 1: mlmetal is faster).
+
+`--profile` (cuda, with PyTorch): a few more mlmetal steps under torch.profiler, whose CUDA
+activity (CUPTI) records every kernel of the process, mlmetal's NVRTC kernels included; prints
+the kernels taking the most device time and the device time per step against the wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from collections import defaultdict
 
 import numpy as np
 
 import mlmetal as mm
+from mlmetal.apps import denoise, gan, style
+from mlmetal.reference.pool import log_taps
+from timing import best_seconds
+
+WORKLOADS = ("style", "unet", "gan")
+UNET_WIDTH, UNET_DEPTH, LOG_WEIGHT = 16, 2, 0.5
+STYLE_WEIGHT, CONTENT_WEIGHT = 30.0, 1.0
 
 
-def unet(dev, x, width):
-    """Encoder stage (conv+ReLU ×2, max pool), bottleneck, decoder stage (upsample, skip, conv+ReLU ×2)."""
+# ---------------------------------------------------------------- mlmetal
+
+def peak_bytes(trainings, plan_lifetimes: bool) -> int:
+    """Temporary memory of the training steps' plans, summed (each plan keeps its own buffers)."""
+    return sum(t.graph.plan((t.loss, *t.param_grads.values()), plan_lifetimes=plan_lifetimes, updates=True).peak_bytes
+               for t in trainings)
+
+
+def mlmetal_unet(dev, batch, size):
+    """The denoiser app's UNet and training graph; returns (step, trainings)."""
     mm.nn.seed(0)
-    enc = mm.nn.Sequential(mm.nn.Conv2d(x.shape[1], width, 3, padding=1, device=dev), mm.nn.ReLU(),
-                           mm.nn.Conv2d(width, width, 3, padding=1, device=dev), mm.nn.ReLU())
-    mid = mm.nn.Sequential(mm.nn.Conv2d(width, 2 * width, 3, padding=1, device=dev), mm.nn.ReLU())
-    dec = mm.nn.Sequential(mm.nn.Conv2d(3 * width, width, 3, padding=1, device=dev), mm.nn.ReLU(),
-                           mm.nn.Conv2d(width, 3, 3, padding=1, device=dev))
-    skip = enc(x)
-    up = mm.ops.upsample(mid(mm.ops.max_pool2d(skip, 2)), 2)
-    out = dec(mm.ops.concat([up, skip]))
-    return out, enc.parameters() + mid.parameters() + dec.parameters()
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--size", type=int, default=None, help="image side (default 64 on cpu, 256 on gpus)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args()
-    dev = mm.device(args.device)
-    size = args.size or (64 if dev.name == "cpu" else 256)
-    shape = (args.batch, 9, size, size)
-    g = mm.Graph(dev)
-    x = g.input("x", shape)
-    target = g.input("target", (args.batch, 3, size, size))
-    out, params = unet(dev, x, args.width)
-    loss = mm.ops.mse_loss(out, target, reduction="mean")
-    train = loss.training_graph(optimizer=mm.optim.Adam(params, lr=1e-3))
+    net = denoise.UNet(UNET_WIDTH, UNET_DEPTH, dev)
+    train = denoise.training_graph(net, batch, size, lr=1e-3, log_weight=LOG_WEIGHT)
     rng = np.random.default_rng(0)
-    batch = {"x": rng.random(shape, np.float32), "target": rng.random(target.shape, np.float32)}
-    train.step(**batch)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        train.step(**batch)
-    t = (time.perf_counter() - t0) / args.steps
-    outputs = (train.loss, *train.param_grads.values())
-    planned = g.plan(outputs, updates=True).peak_bytes
-    unplanned = g.plan(outputs, plan_lifetimes=False, updates=True).peak_bytes
-    print(f"U-Net step on {dev.name}, batch {args.batch}, 9×{size}×{size}, width {args.width}: {t * 1e3:.1f} ms")
-    print(f"peak temporary memory: {planned / 2**20:.1f} MiB planned vs {unplanned / 2**20:.1f} MiB without "
-          f"lifetime planning ({unplanned / planned:.1f}× less)")
-    try:
-        import torch
-    except ImportError:
-        print("PyTorch is not installed: no reference timing")
-        return
-    tdev = "cuda" if dev.name == "cuda" else "cpu"
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    w = args.width
-    enc = torch.nn.Sequential(torch.nn.Conv2d(9, w, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(w, w, 3, padding=1),
-                              torch.nn.ReLU()).to(tdev)
-    mid = torch.nn.Sequential(torch.nn.Conv2d(w, 2 * w, 3, padding=1), torch.nn.ReLU()).to(tdev)
-    dec = torch.nn.Sequential(torch.nn.Conv2d(3 * w, w, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(w, 3, 3, padding=1)).to(tdev)
-    opt = torch.optim.Adam([*enc.parameters(), *mid.parameters(), *dec.parameters()], lr=1e-3)
-    xt, tt = torch.from_numpy(batch["x"]).to(tdev), torch.from_numpy(batch["target"]).to(tdev)
+    feed = {name: mm.tensor(rng.random((batch, 3, size, size), np.float32), dev)
+            for name in ("noisy", "albedo", "normal", "clean")}
+    return lambda: train.step(**feed), [train]
+
+
+def mlmetal_style(dev, batch, size):
+    """The style app's transformer and loss network, with StyleTransfer's losses over a batch of contents."""
+    mm.nn.seed(0)
+    transformer, loss_net = style.Transformer(dev), style.LossNetwork(dev)
+    alpha = style.StyleTransfer._alpha
+    g = mm.Graph(dev)
+    feats = loss_net.features(g.input("style", (1, 3, size, size)))
+    grams = g.run({"style": style.default_style(size)[None]},
+                  outputs=[mm.ops.gram(feats[n], alpha=alpha(feats[n])) for n in style.STYLE_LAYERS])
+
+    g = mm.Graph(dev)
+    x = g.input("content", (batch, 3, size, size))
+    fy, fx = loss_net.features(transformer(x)), loss_net.features(x)
+    style_loss = None
+    for n, t in zip(style.STYLE_LAYERS, grams):
+        term = mm.ops.mse_loss(mm.ops.gram(fy[n], alpha=alpha(fy[n])), mm.tensor(np.repeat(t, batch, 0), dev))
+        style_loss = term if style_loss is None else mm.ops.add(style_loss, term)
+    target = fx[style.CONTENT_LAYER]
+    target.stop_gradient = True
+    content_loss = mm.ops.mse_loss(fy[style.CONTENT_LAYER], target)
+    total = mm.ops.add(mm.ops.scale(style_loss, s=STYLE_WEIGHT), mm.ops.scale(content_loss, s=CONTENT_WEIGHT))
+    train = total.training_graph(optimizer=mm.optim.Adam(transformer.parameters(), lr=1e-2))
+    content = mm.tensor(np.repeat(style.default_content(size)[None], batch, 0), dev)
+    return lambda: train.step(content=content), [train]
+
+
+def mlmetal_gan(dev, batch, size):
+    """The GAN app's two training graphs: one discriminator step, then one generator step."""
+    mm.nn.seed(0)
+    model = gan.GAN(dev, batch)
+    real = mm.tensor(np.random.default_rng(0).uniform(-1, 1, (batch, 1, 8, 8)).astype(np.float32), dev)
+
+    def step():
+        model.train_d.step(real=real)
+        model.train_g.step()
+    return step, [model.train_d, model.train_g]
+
+
+# ---------------------------------------------------------------- PyTorch
+
+def torch_unet(torch, dev, batch, size):
+    """denoise.UNet and its loss in PyTorch."""
+    nn, F = torch.nn, torch.nn.functional
+    torch.manual_seed(0)
+
+    def pairs(channels):
+        return nn.Sequential(*[m for cin, cout in zip(channels, channels[1:])
+                               for m in (nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU())])
+
+    widths = [UNET_WIDTH * 2**i for i in range(UNET_DEPTH + 1)]
+    encoder = nn.ModuleList(pairs([denoise.CHANNELS if i == 0 else widths[i - 1]] + [widths[i]] * 3)
+                            for i in range(UNET_DEPTH))
+    bottleneck = pairs([widths[-2], widths[-1], widths[-1]])
+    decoder = nn.ModuleList(pairs([widths[i + 1] + widths[i], widths[i], widths[i]])
+                            for i in reversed(range(UNET_DEPTH)))
+    head = nn.Conv2d(UNET_WIDTH, 3, 1)
+    net = nn.ModuleList([encoder, bottleneck, decoder, head]).to(dev)
+    taps = torch.tensor(log_taps(1.0, 5), dtype=torch.float32, device=dev).expand(3, 1, 5, 5)
+
+    def log_filter(x):
+        return F.conv2d(x, taps, padding=2, groups=3)
+
+    def forward(noisy, albedo, normal):
+        x, skips = torch.cat([noisy, albedo, normal], 1), []
+        for stage in encoder:
+            x = stage(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = bottleneck(x)
+        for stage, skip in zip(decoder, reversed(skips)):
+            x = stage(torch.cat([F.interpolate(x, scale_factor=2), skip], 1))
+        return head(x) + noisy
+
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    noisy, albedo, normal, clean = torch.rand(4, batch, 3, size, size, device=dev)
 
     def step():
         opt.zero_grad()
-        s = enc(xt)
-        up = torch.nn.functional.interpolate(mid(torch.nn.functional.max_pool2d(s, 2)), scale_factor=2)
-        lo = torch.nn.functional.mse_loss(dec(torch.cat([up, s], 1)), tt)
-        lo.backward()
+        out = forward(noisy, albedo, normal)
+        loss = F.l1_loss(out, clean) + LOG_WEIGHT * F.l1_loss(log_filter(out), log_filter(clean))
+        loss.backward()
         opt.step()
-        return lo
+    return step
 
-    step()
-    sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    tt_ = (time.perf_counter() - t0) / args.steps
-    print(f"PyTorch {torch.__version__} ({tdev}, FP32, TF32 off): {tt_ * 1e3:.1f} ms; ratio {tt_ / t:.2f} (> 1: mlmetal faster)")
+
+def torch_style(torch, dev, batch, size):
+    """style.Transformer and style.LossNetwork (random filters, frozen) with the same losses in PyTorch."""
+    nn, F = torch.nn, torch.nn.functional
+    torch.manual_seed(0)
+
+    def conv_norm_relu(cin, cout, stride=1):
+        return [nn.Conv2d(cin, cout, 3, stride, 1), nn.InstanceNorm2d(cout, affine=True), nn.ReLU()]
+
+    class Residual(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.body = nn.Sequential(*conv_norm_relu(c, c), nn.Conv2d(c, c, 3, padding=1),
+                                      nn.InstanceNorm2d(c, affine=True))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    w = 16  # style.Transformer's defaults: width 16, two residual blocks
+    transformer = nn.Sequential(*conv_norm_relu(3, w), *conv_norm_relu(w, 2 * w, 2), Residual(2 * w), Residual(2 * w),
+                                nn.Upsample(scale_factor=2), *conv_norm_relu(2 * w, w), nn.Conv2d(w, 3, 3, padding=1),
+                                nn.Sigmoid()).to(dev)
+    convs, cin = {}, 3
+    for layer in style.LOSS_LAYERS:
+        if layer != "pool":
+            convs[layer[0]] = nn.Conv2d(cin, layer[1], 3, padding=1).to(dev).requires_grad_(False)
+            cin = layer[1]
+
+    def features(x, last=None):
+        out = {}
+        for layer in style.LOSS_LAYERS:
+            if layer == "pool":
+                x = F.avg_pool2d(x, 2)
+                continue
+            x = out[layer[0]] = F.relu(convs[layer[0]](x))
+            if layer[0] == last:
+                break
+        return out
+
+    def gram(f):
+        n, c, h, w_ = f.shape
+        f = f.reshape(n, c, h * w_)
+        return torch.bmm(f, f.transpose(1, 2)) / (h * w_)
+
+    with torch.no_grad():
+        fs = features(torch.from_numpy(style.default_style(size)[None]).to(dev))
+        targets = [gram(fs[n]).expand(batch, -1, -1) for n in style.STYLE_LAYERS]
+    content = torch.from_numpy(style.default_content(size)[None]).to(dev).repeat(batch, 1, 1, 1)
+    opt = torch.optim.Adam(transformer.parameters(), lr=1e-2)
+
+    def step():
+        opt.zero_grad()
+        fy = features(transformer(content))
+        with torch.no_grad():
+            fx = features(content, last=style.CONTENT_LAYER)
+        style_loss = sum(F.mse_loss(gram(fy[n]), t) for n, t in zip(style.STYLE_LAYERS, targets))
+        loss = STYLE_WEIGHT * style_loss + CONTENT_WEIGHT * F.mse_loss(fy[style.CONTENT_LAYER], fx[style.CONTENT_LAYER])
+        loss.backward()
+        opt.step()
+    return step
+
+
+def torch_gan(torch, dev, batch, size):
+    """gan.Generator and gan.Discriminator in PyTorch, trained in the same turns (the discriminator
+    frozen during the generator's step, so no discriminator weight gradient is computed there)."""
+    nn, F = torch.nn, torch.nn.functional
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(gan.LATENT, 128), nn.LeakyReLU(0.2), nn.Linear(128, 256), nn.LeakyReLU(0.2),
+                      nn.Linear(256, 64), nn.Tanh()).to(dev)
+    D = nn.Sequential(nn.Linear(64, 256), nn.LeakyReLU(0.2), nn.Linear(256, 1)).to(dev)
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    real = torch.rand(batch, 64, device=dev) * 2 - 1
+    ones, zeros = torch.ones(batch, 1, device=dev), torch.zeros(batch, 1, device=dev)
+
+    def step():
+        with torch.no_grad():
+            fake = G(torch.randn(batch, gan.LATENT, device=dev))
+        d_loss = (F.binary_cross_entropy_with_logits(D(real), ones)
+                  + F.binary_cross_entropy_with_logits(D(fake), zeros))
+        opt_d.zero_grad()
+        d_loss.backward()
+        opt_d.step()
+        D.requires_grad_(False)
+        g_loss = F.binary_cross_entropy_with_logits(D(G(torch.randn(batch, gan.LATENT, device=dev))), ones)
+        opt_g.zero_grad()
+        g_loss.backward()
+        opt_g.step()
+        D.requires_grad_(True)
+    return step
+
+
+BUILD = {"style": (mlmetal_style, torch_style), "unet": (mlmetal_unet, torch_unet), "gan": (mlmetal_gan, torch_gan)}
+
+
+def describe(name, batch, size):
+    return {"style": f"style transfer, batch {batch}, 3×{size}×{size}",
+            "unet": f"U-Net denoiser, batch {batch}, 9×{size}×{size}",
+            "gan": f"GAN, batch {batch}, 1×8×8"}[name]
+
+
+# ---------------------------------------------------------------- profile
+
+def profile(torch, step, sync, steps: int):
+    """Run `steps` mlmetal steps under torch.profiler; print the top kernels and device vs wall time per step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - t0) / steps
+    device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not device_events:
+        print(f"  profiler: no CUDA kernels recorded (CUPTI unavailable or not tracing this process's launches); "
+              f"wall {wall * 1e3:.2f} ms/step")
+        return
+    totals, counts = defaultdict(float), defaultdict(int)
+    for e in device_events:
+        totals[e.name] += e.time_range.elapsed_us()
+        counts[e.name] += 1
+    copies = sum(t for n, t in totals.items() if n.startswith(("Memcpy", "Memset")))
+    busy = sum(totals.values())
+    kernels = busy - copies
+    print(f"  profiled {steps} steps: kernels {kernels / steps / 1e3:.2f} ms/step, copies and memsets "
+          f"{copies / steps / 1e3:.2f} ms/step, {sum(counts.values()) / steps:.0f} device activities/step; "
+          f"wall {wall * 1e3:.2f} ms/step (device busy {busy / 1e3 / steps / (wall * 1e3):.0%} of it)")
+    print(f"  {'kernel':<44} {'calls/step':>10} {'ms/step':>8} {'share':>6}")
+    for name, t in sorted(totals.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {name[:44]:<44} {counts[name] / steps:>10.1f} {t / steps / 1e3:>8.3f} {t / busy:>6.1%}")
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
+    ap.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated workloads of {', '.join(WORKLOADS)}")
+    ap.add_argument("--size", type=int, default=None,
+                    help="image side of style and unet, divisible by 4 (default 256 on gpus, 64 on cpu); "
+                         "the GAN's digits are 8×8")
+    ap.add_argument("--steps", type=int, default=None, help="steps per timed round (default 10 on gpus, 3 on cpu)")
+    ap.add_argument("--profile", action="store_true", help="profile mlmetal's steps with torch.profiler (cuda)")
+    args = ap.parse_args()
+    only = [w.strip() for w in args.only.split(",") if w.strip()]
+    unknown = [w for w in only if w not in WORKLOADS]
+    if unknown:
+        ap.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    dev = mm.device(args.device)
+    on_cpu = dev.name == "cpu"
+    size = args.size or (64 if on_cpu else 256)
+    if size % 4:
+        ap.error(f"--size must be divisible by 4 (the U-Net pools twice), got {size}")
+    steps = args.steps or (3 if on_cpu else 10)
+    batches = {"style": 4, "unet": 4, "gan": 64}
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    tdev = "cuda" if dev.name == "cuda" else "cpu"
+    if torch is not None:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+        tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
+        ref = f"PyTorch {torch.__version__} ({tdev}, FP32{', TF32 off, cudnn.benchmark on' if tdev == 'cuda' else ''})"
+    else:
+        ref = "PyTorch is not installed: no reference timing"
+    print(f"training steps on mlmetal {dev.name}; {ref}; best of 3 rounds of {steps} steps")
+    print(f"{'workload':<36} {'mlmetal ms':>10} {'PyTorch ms':>10} {'ratio':>6}   peak temporaries, planned vs not")
+    profiles = []
+    for name in only:
+        batch = batches[name]
+        build_mlmetal, build_torch = BUILD[name]
+        step, trainings = build_mlmetal(dev, batch, size)
+        t_mm = best_seconds(lambda n: [step() for _ in range(n)], steps, 3)
+        planned, unplanned = peak_bytes(trainings, True), peak_bytes(trainings, False)
+        t_pt = ratio = "-"
+        if torch is not None:
+            torch_step = build_torch(torch, tdev, batch, size)
+
+            def run_torch(n):
+                for _ in range(n):
+                    torch_step()
+                tsync()
+            t = best_seconds(run_torch, steps, 3)
+            t_pt, ratio = f"{t * 1e3:.2f}", f"{t / t_mm:.2f}"
+            del torch_step
+        print(f"{describe(name, batch, size):<36} {t_mm * 1e3:>10.2f} {t_pt:>10} {ratio:>6}   "
+              f"{planned / 2**20:.1f} vs {unplanned / 2**20:.1f} MiB ({unplanned / planned:.1f}× less)", flush=True)
+        profiles.append((name, batch, step))
+    if not args.profile:
+        return
+    if torch is None or dev.name != "cuda" or not torch.cuda.is_available():
+        print("--profile needs PyTorch with CUDA and the cuda backend: no profile")
+        return
+    for name, batch, step in profiles:
+        print(f"\nprofile of mlmetal's {describe(name, batch, size)}:")
+        profile(torch, step, dev.synchronize, max(3, math.ceil(steps / 2)))
 
 
 if __name__ == "__main__":
