@@ -6,7 +6,8 @@
 The reference is PyTorch (CUDA FP32 on cuda, its CPU kernels on cpu) where installed, else
 float32 numpy. Each figure is the best of a few rounds of `--calls` back-to-back calls,
 divided by the number of calls; the ratio is the reference's time over mlmetal's (> 1: mlmetal
-is faster). The time includes each side's per-call overheads (mlmetal: encoding in Python).
+is faster). The time includes each side's per-call overheads (mlmetal: encoding in Python, each call
+committed at once so that the device works while the next is encoded, as PyTorch's launches do).
 """
 
 import argparse
@@ -37,6 +38,7 @@ def mlmetal_runs(dev, x, g):
             cb = dev.command_buffer()
             for _ in range(calls):
                 op.encode(cb, out, *inputs, **attrs)
+                cb.commit_and_continue()  # the device starts on this call while Python encodes the next
             cb.commit()
             cb.wait()
         return run

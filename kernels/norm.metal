@@ -5,12 +5,15 @@
 // handles one group: threadgroup (c, n) reads planes (n + r)·C + c for r < rows. Instance norm
 // dispatches (C, N) groups with rows = 1; batch norm (C, 1) groups with rows = N.
 //
-// Statistics take one pass: every thread runs Welford's update over its share of the group,
-// then the threads' (count, mean, M2) are merged with Chan's formula written as two sums,
+// Statistics read x once and never form E[x²] − E[x]². A group small enough to be held in
+// registers (the usual case: see NORM_CACHE) sums its values per thread and then across the
+// threadgroup for the mean, then sums (x − mean)² from the registers: the two-pass method,
+// with one read of memory. Larger groups stream x once through Welford's update per thread
+// and merge the threads' (count, mean, M2) with Chan's formula written as two sums,
 //   mean = Σ nₜ·meanₜ / n,   M2 = Σ M2ₜ + nₜ·(meanₜ − mean)²,
-// whose terms are all non-negative: no E[x²] − E[x]² cancellation. The values are first
-// shifted by the group's first element, so that a mean far from zero (relative to the spread)
-// costs no precision in the sums: x − mean is computed as (x − shift) − shifted mean.
+// whose terms are all non-negative. The values are first shifted by the group's first
+// element, so that a mean far from zero (relative to the spread) costs no precision in the
+// sums: x − mean is computed as (x − shift) − shifted mean.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -64,22 +67,29 @@ inline bool fits_cache(constant NormParams& p, uint tpg) {
 inline Moments group_moments(device const float* x, constant NormParams& p, uint2 group, uint lid, uint tpg,
                              thread float* cache, threadgroup float* scratch, uint lane, uint sg, uint nsg) {
     float shift = x[plane_offset(p, group, 0)];
-    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    float count = float(p.rows * p.hw);
     if (fits_cache(p, tpg)) {
         device const float* plane = x + plane_offset(p, group, 0);
+        float sum = 0.0f;
         for (uint k = 0; k < NORM_CACHE; k++) {
             uint i = lid + k * tpg;
             cache[k] = i < p.hw ? plane[i] - shift : 0.0f;
+            sum += cache[k];
         }
-        for (uint k = 0; k < NORM_CACHE; k++)
-            if (lid + k * tpg < p.hw) welford(cache[k], n, mean, m2);
-    } else {
-        for (uint r = 0; r < p.rows; r++) {
-            device const float* plane = x + plane_offset(p, group, r);
-            for (uint i = lid; i < p.hw; i += tpg) welford(plane[i] - shift, n, mean, m2);
+        float mean = group_sum(sum, scratch, lane, sg, nsg) / count;
+        float m2 = 0.0f;
+        for (uint k = 0; k < NORM_CACHE; k++) {
+            float d = lid + k * tpg < p.hw ? cache[k] - mean : 0.0f;
+            m2 = fma(d, d, m2);
         }
+        Moments m = {shift, mean, group_sum(m2, scratch, lane, sg, nsg) / count};
+        return m;
     }
-    float count = float(p.rows * p.hw);
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (uint r = 0; r < p.rows; r++) {
+        device const float* plane = x + plane_offset(p, group, r);
+        for (uint i = lid; i < p.hw; i += tpg) welford(plane[i] - shift, n, mean, m2);
+    }
     float total_mean = group_sum(n * mean, scratch, lane, sg, nsg) / count;
     float d = mean - total_mean;
     float total_m2 = group_sum(fma(n * d, d, m2), scratch, lane, sg, nsg);

@@ -48,6 +48,30 @@ kernel void max_pool2d(device const float* x [[buffer(0)]],
     out[i] = plane[window_argmax(plane, p, oh, ow)];
 }
 
+struct Pool2x2Params {
+    uint count;  // N·C·OH·OW
+    uint h;      // input height
+    uint oh, ow; // output height and width; the input's width is 2·ow
+};
+
+// max_pool2d's common case, 2×2 windows with stride 2, no padding and an even width: a window's
+// two rows are two aligned float2 loads. Same tie rule as window_argmax (first maximum in
+// row-major order, strict >), so max_pool2d_grad finds the same arg-max.
+kernel void max_pool2d_2x2(device const float2* x [[buffer(0)]],
+                           device float* out [[buffer(1)]],
+                           constant Pool2x2Params& p [[buffer(2)]],
+                           uint i [[thread_position_in_grid]]) {
+    if (i >= p.count) return;
+    uint ow = i % p.ow, rows = i / p.ow, oh = rows % p.oh, plane = rows / p.oh;
+    uint top = (plane * p.h + 2 * oh) * p.ow + ow;  // in float2s: an input row is ow of them
+    float2 a = x[top], b = x[top + p.ow];
+    float best = a.x;
+    if (a.y > best) best = a.y;
+    if (b.x > best) best = b.x;
+    if (b.y > best) best = b.y;
+    out[i] = best;
+}
+
 // The output windows that contain input row (or column) `y`: [first, last], clipped to the output.
 inline int2 windows_covering(int y, int k, int s, int pad, int n_out) {
     // Window o covers o·s − pad … o·s − pad + k − 1.

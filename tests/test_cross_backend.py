@@ -52,6 +52,18 @@ def test_axpy_bit_identical(devices, n, a, seed):
     np.testing.assert_array_equal(cpu, ref.view(np.uint32))
 
 
+@given(n4=st.sampled_from(AWKWARD) | st.integers(1, 30_000), a=st.floats(-1e3, 1e3, width=32),
+       seed=st.integers(0, 2**31))
+def test_axpy_f4_bit_identical(devices, n4, a, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(4 * n4) * 10).astype(np.float32)
+    y = (rng.standard_normal(4 * n4) * 10).astype(np.float32)
+    cpu, cuda = run_both(devices, "elementwise", "axpy_f4", (n4 + 255) // 256, 256,
+                         lambda dev: [dev.buffer(x), dev.buffer(y), {"n": n4, "a": a}],
+                         lambda args: args[1].numpy(np.uint32))
+    np.testing.assert_array_equal(cpu, cuda)
+
+
 @given(n=st.sampled_from(AWKWARD) | st.integers(1, 100_000), value=st.integers(0, 2**32 - 1))
 def test_fill_bit_identical(devices, n, value):
     cpu, cuda = run_both(devices, "elementwise", "fill_u32", (n + 127) // 128, 128,

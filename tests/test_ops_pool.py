@@ -2,9 +2,12 @@
 
 import numpy as np
 import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 
 import mlmetal as mm
+from mlmetal.ops import pool as pool_ops
+from mlmetal.reference import pool as R
 from opcheck import AWKWARD_DIMS, floats, make_tests, row
 
 
@@ -60,6 +63,28 @@ ROWS = [
 ]
 
 test_forward, test_grad = make_tests(ROWS)
+
+
+@given(n=st.integers(1, 3), c=st.sampled_from([1, 2, 33]), h=st.sampled_from([2, 3, 31, 32, 33, 64]),
+       half_w=st.sampled_from([1, 15, 16, 17, 40]), levels=st.sampled_from([3, 1000]), seed=st.integers(0, 2**31))
+def test_max_pool_2x2_fast_path_equals_the_general_kernel(dev, n, c, h, half_w, levels, seed):
+    """2×2, stride 2, no padding, even width takes max_pool2d_2x2: the same bits as the general
+    kernel and the float64 reference, ties (few distinct levels) and NaN included."""
+    x = np.random.default_rng(seed).integers(0, levels, (n, c, h, 2 * half_w)).astype(np.float32)
+    x.flat[::7] = np.nan
+    fast = mm.ops.max_pool2d(mm.tensor(x, dev), 2).numpy()
+    # the general kernel on the same input, dispatched by hand
+    t, out = mm.tensor(x, dev), mm.tensor(np.zeros_like(fast), dev)
+    cb = dev.command_buffer()
+    cb.dispatch(dev.library("pool").kernel("max_pool2d"), groups=(out.size + 255) // 256, threads=256,
+                args=[t, out, pool_ops._params(out.size, x.shape[2:], fast.shape[2:], (2, 2), (2, 2), (0, 0))])
+    cb.commit()
+    cb.wait()
+    np.testing.assert_array_equal(fast.view(np.uint32), out.numpy().view(np.uint32))
+    # NaN-free, against the float64 reference (whose max would propagate NaN, unlike the kernels)
+    x = np.nan_to_num(x, nan=-1.0)
+    ref = R.max_pool2d(x.astype(np.float64), kernel=(2, 2), stride=(2, 2), padding=(0, 0))
+    np.testing.assert_array_equal(mm.ops.max_pool2d(mm.tensor(x, dev), 2).numpy(), ref.astype(np.float32))
 
 
 def test_max_pool_ties_go_to_the_first_maximum(dev):

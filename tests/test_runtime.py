@@ -82,6 +82,28 @@ def run(dev, kernel, groups, threads, *args):
     cb.wait()
 
 
+@given(n4=st.sampled_from(AWKWARD) | st.integers(1, 30000), a=st.floats(-1e3, 1e3, width=32),
+       threads=st.sampled_from([32, 96, 256]), seed=st.integers(0, 2**31))
+def test_float4_kernels_match_float64(dev, n4, a, threads, seed):
+    """copy_f4 and axpy_f4 (the bandwidth kernels of benchmarks/bench_runtime.py): four floats a
+    thread, the grid rounded up past the end, nothing written beyond n4 float4s."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(4 * n4 + 4) * 10).astype(np.float32)
+    y = (rng.standard_normal(4 * n4 + 4) * 10).astype(np.float32)
+    lib = dev.library("elementwise")
+    xb, yb, out = dev.buffer(x), dev.buffer(y), dev.buffer(np.full(4 * n4 + 4, 7, np.float32))
+    groups = (n4 + threads - 1) // threads
+    cb = dev.command_buffer()
+    cb.dispatch(lib.kernel("copy_f4"), groups=groups, threads=threads, args=[xb, out, {"n": n4}])
+    cb.dispatch(lib.kernel("axpy_f4"), groups=groups, threads=threads, args=[xb, yb, {"n": n4, "a": a}])
+    cb.commit()
+    cb.wait()
+    np.testing.assert_array_equal(out.numpy(np.float32), np.concatenate([x[:4 * n4], np.full(4, 7, np.float32)]))
+    ref = np.float64(np.float32(a)) * x.astype(np.float64) + y.astype(np.float64)  # fma: one rounding
+    ref[4 * n4:] = y[4 * n4:]
+    np.testing.assert_array_equal(yb.numpy(np.float32), ref.astype(np.float32))
+
+
 def device_sum(dev, x: np.ndarray, groups: int, threads: int) -> float:
     lib = dev.library("reduce")
     xb = dev.buffer(x.astype(np.float32))

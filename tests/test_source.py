@@ -124,7 +124,10 @@ def test_local_headers_are_inlined_with_their_own_line_numbers(tmp_path):
 
 def test_cuda_wrapper_text():
     text = S.generate(S.Source.from_file(S.find("elementwise")), "cuda")
-    assert 'extern "C" __global__ void axpy(void* __mlm_b0, void* __mlm_b1, void* __mlm_b2, const unsigned int* __mlm_pred)' in text
+    # constants travel by value in the launch, with a pointer for a buffer bound in their place
+    assert ('extern "C" __global__ void axpy(void* __mlm_b0, void* __mlm_b1, const AxpyParams __mlm_v2, '
+            'const void* __mlm_b2, const unsigned int* __mlm_pred)') in text
+    assert "const AxpyParams __mlm_c2 = __mlm_b2 != nullptr ? *(const AxpyParams*)(__mlm_b2) : __mlm_v2;" in text
     assert "if (__mlm_pred != nullptr && *__mlm_pred == 0u) return;" in text
     assert "const uint __mlm_lid = threadIdx.z * __mlm_t0 * __mlm_t1 + threadIdx.y * __mlm_t0 + threadIdx.x;" in text
     assert "uint i = (uint)(__mlm_g0*__mlm_t0+__mlm_l0);" in text

@@ -58,6 +58,10 @@ def _max_check(x, kernel, stride=None, padding=0):
 
 
 def _max_encode(cb, out, x, kernel, stride, padding):
+    if kernel == stride == (2, 2) and padding == (0, 0) and x.shape[3] % 2 == 0:
+        p = {"count": out.size, "h": x.shape[2], "oh": out.shape[2], "ow": out.shape[3]}
+        _dispatch(cb, "max_pool2d_2x2", out.size, [x, out, p])
+        return
     p = _params(out.size, x.shape[2:], out.shape[2:], kernel, stride, padding)
     _dispatch(cb, "max_pool2d", out.size, [x, out, p])
 
@@ -67,7 +71,7 @@ def _max_grad(g, out, x, **attrs):
 
 
 register("max_pool2d", check=_max_check, encode=_max_encode, reference=R.max_pool2d,
-         grad=_max_grad, kernels=["pool.max_pool2d"])
+         grad=_max_grad, kernels=["pool.max_pool2d", "pool.max_pool2d_2x2"])
 
 
 def _max_grad_check(g, x, kernel, stride, padding):

@@ -33,7 +33,6 @@ INCLUDE = Path(__file__).resolve().parent / "include"
 # -default-device: helper functions in MSL carry no __device__; --fmad=false: a*b+c stays two
 # roundings, as on the cpu backend (-ffp-contract=off), so elementwise kernels agree bit for bit.
 OPTIONS = ("-std=c++17", "-default-device", "--fmad=false", f"-I{INCLUDE}")
-CONSTANT_ALIGN = 16  # each packed constant struct starts on its own 16-byte boundary
 REGISTERS_PER_BLOCK = 65536  # every NVIDIA GPU since Kepler: 64 registers a thread at 1024 threads
 
 
@@ -194,6 +193,10 @@ class CudaKernel(D.Kernel):
         super().__init__(library, sig)
         self._builds: dict[int, tuple[int, int]] = {}  # register cap -> (CUfunction, max threads)
         self.ptr, self.max_threads = self._build(0)
+        # Per parameter: 0 for a pointer; for a `constant T&` (passed by value, see
+        # source.by_value) the bytes of T, whose zeros stand in when a buffer is bound instead.
+        self.value_sizes = [(st.nbytes if (st := sig.struct_of(p)) else 4) if S.by_value(p) else 0
+                            for p in sig.buffers]
 
     def _build(self, max_registers: int) -> tuple[int, int]:
         if max_registers not in self._builds:
@@ -234,6 +237,25 @@ class CudaLibrary(D.Library):
 
     def _make_kernel(self, sig: S.Kernel) -> D.Kernel:
         return CudaKernel(self, sig)
+
+
+def _launch_params(d: D.Dispatch):
+    """cuLaunchKernel's array of pointers to each argument of the generated wrapper: a buffer's
+    device address; a constant's bytes and a null pointer (or zeros and the bound buffer's
+    address); then the predicate's address or null. The array keeps what it points to alive."""
+    values: list = []
+    for a, size in zip(d.args, d.kernel.value_sizes):
+        if not size:
+            values.append(ctypes.c_uint64(a.ptr))
+        elif isinstance(a, bytes):
+            values += [ctypes.create_string_buffer(a, max(size, len(a))), ctypes.c_uint64(0)]
+        else:
+            values += [ctypes.create_string_buffer(size), ctypes.c_uint64(a.ptr)]
+    p = d.predicate
+    values.append(ctypes.c_uint64(p.buffer.ptr + p.offset if p else 0))
+    params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+    params._keep = values
+    return params
 
 
 class _Batch:
@@ -285,44 +307,18 @@ class CudaDevice(D.Device):
         # Every function is resolved (and any rebuild done) before the commit's first launch.
         functions = [d.kernel.function(d.threads[0] * d.threads[1] * d.threads[2]) for d in work]
         cupy = _cupy()
-        driver = cupy.cuda.driver
+        launch = cupy.cuda.driver.launchKernel
         with self._submit_lock:
             self._retire()
-            keep: list = [work]
-            consts = self._upload_constants(work, keep)
             for f, d in zip(functions, work):
-                ptrs = [next(consts) if isinstance(a, bytes) else a.ptr for a in d.args]
-                ptrs.append(d.predicate.buffer.ptr + d.predicate.offset if d.predicate else 0)
-                values = (ctypes.c_uint64 * len(ptrs))(*ptrs)
-                params = (ctypes.c_void_p * len(ptrs))(*(ctypes.addressof(values) + 8 * i for i in range(len(ptrs))))
-                # cuLaunchKernel copies the argument values, so `values` may go once it returns.
-                driver.launchKernel(f, *d.groups, *d.threads, 0, self.stream.ptr, ctypes.addressof(params), 0)
+                params = _launch_params(d)
+                # cuLaunchKernel copies the argument values, so `params` may go once it returns.
+                launch(f, *d.groups, *d.threads, 0, self.stream.ptr, ctypes.addressof(params), 0)
             event = cupy.cuda.Event(block=False, disable_timing=True)
             event.record(self.stream)
-            batch = _Batch(event, keep)
+            batch = _Batch(event, work)
             self._inflight.append(batch)
         return batch
-
-    def _upload_constants(self, work: list[D.Dispatch], keep: list):
-        """Copy every packed constant of `work` to the device at once; yields their device addresses in order."""
-        blobs = [a for d in work for a in d.args if isinstance(a, bytes)]
-        if not blobs:
-            return iter(())
-        cupy = _cupy()
-        offsets, size = [], 0
-        for b in blobs:
-            offsets.append(size)
-            size += -(-len(b) // CONSTANT_ALIGN) * CONSTANT_ALIGN
-        host = cupy.cuda.alloc_pinned_memory(size)
-        view = np.frombuffer(host, dtype=np.uint8, count=size)
-        for off, b in zip(offsets, blobs):
-            view[off:off + len(b)] = np.frombuffer(b, dtype=np.uint8)
-        with self.stream:
-            dev = cupy.cuda.alloc(size)
-        rt = cupy.cuda.runtime
-        rt.memcpyAsync(dev.ptr, host.ptr, size, rt.memcpyHostToDevice, self.stream.ptr)
-        keep += [host, dev]  # the pinned block must outlive the copy; the device block, the kernels
-        return iter(dev.ptr + off for off in offsets)
 
     def _retire(self) -> None:
         """Forget the commits that have completed, freeing what they kept alive."""

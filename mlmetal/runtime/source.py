@@ -535,13 +535,43 @@ def _builtin_lines(k: Kernel) -> list[str]:
 
 def _binding_lines(k: Kernel, ref: str) -> list[str]:
     """Declare each buffer/constant parameter as a local bound from `ref(i)`."""
+    return [line for p in k.buffers for line in _binding_lines_one(p, ref(p.index))]
+
+
+def _binding_lines_one(p: Param, ref: str) -> list[str]:
+    if p.kind == "constant" or "&" in p.type:
+        ptr = p.type.replace("&", "*")
+        return [f"    {p.type} {p.name} = *({ptr})({ref});"]
+    return [f"    {p.type} {p.name} = ({p.type})({ref});"]
+
+
+def by_value(p: Param) -> bool:
+    """Whether the cuda wrapper takes this parameter's value as a kernel argument: every
+    `constant T&`. The launch then carries the bytes itself (no upload before the kernel runs),
+    and a companion pointer, null unless the caller bound a device buffer instead."""
+    return p.kind == "constant" and "&" in p.type
+
+
+def _cuda_param(p: Param) -> str:
+    if by_value(p):
+        return f"const {p.base_type} __mlm_v{p.index}, const void* __mlm_b{p.index}"
+    return f"void* __mlm_b{p.index}"
+
+
+def _cuda_binding_lines(k: Kernel) -> list[str]:
     lines = []
     for p in k.buffers:
-        if p.kind == "constant" or "&" in p.type:
-            ptr = p.type.replace("&", "*")
-            lines.append(f"    {p.type} {p.name} = *({ptr})({ref(p.index)});")
-        else:
-            lines.append(f"    {p.type} {p.name} = ({p.type})({ref(p.index)});")
+        if not by_value(p):
+            lines += _binding_lines_one(p, f"__mlm_b{p.index}")
+            continue
+        i, t = p.index, p.base_type
+        pick = f"__mlm_b{i} != nullptr ? *(const {t}*)(__mlm_b{i}) : __mlm_v{i}"
+        st = k.struct_of(p)
+        if st is not None and any(f.count != 1 for f in st.fields):
+            # arrays are indexed at run time: read them where they are rather than copy them to every thread
+            lines.append(f"    {p.type} {p.name} = {pick};")
+        else:  # a local copy of a few scalars lives in registers
+            lines += [f"    const {t} __mlm_c{i} = {pick};", f"    {p.type} {p.name} = __mlm_c{i};"]
     return lines
 
 
@@ -620,14 +650,14 @@ def _entry(k: Kernel, target: str, threads: int | None) -> str:
                 "    const uint __mlm_t0 = __mlm_L.threads[0], __mlm_t1 = __mlm_L.threads[1], __mlm_t2 = __mlm_L.threads[2];",
                 *_binding_lines(k, lambda i: f"__mlm_b[{i}]")]
     elif target == "cuda":
-        args = ", ".join([f"void* __mlm_b{p.index}" for p in k.buffers] + ["const unsigned int* __mlm_pred"])
+        args = ", ".join([_cuda_param(p) for p in k.buffers] + ["const unsigned int* __mlm_pred"])
         head = [f'extern "C" __global__ void {k.name}({args}) {{',
                 "    if (__mlm_pred != nullptr && *__mlm_pred == 0u) return;",
                 "    const uint __mlm_n0 = gridDim.x, __mlm_n1 = gridDim.y, __mlm_n2 = gridDim.z;",
                 "    const uint __mlm_t0 = blockDim.x, __mlm_t1 = blockDim.y, __mlm_t2 = blockDim.z;",
                 "    const uint __mlm_g0 = blockIdx.x, __mlm_g1 = blockIdx.y, __mlm_g2 = blockIdx.z;",
                 *_launch_vars("threadIdx.z * __mlm_t0 * __mlm_t1 + threadIdx.y * __mlm_t0 + threadIdx.x"),
-                *_binding_lines(k, lambda i: f"__mlm_b{i}")]
+                *_cuda_binding_lines(k)]
     else:
         n = len(k.buffers)
         params = [f"{p.type} {p.name} [[buffer({p.index})]]" for p in k.buffers] + [
