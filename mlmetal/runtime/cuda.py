@@ -18,6 +18,7 @@ import ctypes
 import os
 import re
 import shutil
+import struct
 import sys
 import threading
 from functools import lru_cache
@@ -239,22 +240,33 @@ class CudaLibrary(D.Library):
         return CudaKernel(self, sig)
 
 
+_ADDRESS = struct.Struct("<Q")
+
+
 def _launch_params(d: D.Dispatch):
-    """cuLaunchKernel's array of pointers to each argument of the generated wrapper: a buffer's
-    device address; a constant's bytes and a null pointer (or zeros and the bound buffer's
-    address); then the predicate's address or null. The array keeps what it points to alive."""
-    values: list = []
+    """cuLaunchKernel's array of pointers to each argument of the generated wrapper, all values
+    in one block: a buffer's device address; a constant's bytes and a null pointer (or zeros and
+    the bound buffer's address); then the predicate's address or null. The array keeps the
+    block alive; cuLaunchKernel copies the values, so both may go once it returns."""
+    parts, offsets, at = [], [], 0
     for a, size in zip(d.args, d.kernel.value_sizes):
-        if not size:
-            values.append(ctypes.c_uint64(a.ptr))
-        elif isinstance(a, bytes):
-            values += [ctypes.create_string_buffer(a, max(size, len(a))), ctypes.c_uint64(0)]
+        if size:
+            value, address = (a, 0) if a.__class__ is bytes else (bytes(size), a.ptr)
+            n = -(-max(size, len(value)) // 8) * 8
+            parts += [value.ljust(n, b"\0"), _ADDRESS.pack(address)]
+            offsets += [at, at + n]
+            at += n + 8
         else:
-            values += [ctypes.create_string_buffer(size), ctypes.c_uint64(a.ptr)]
+            parts.append(_ADDRESS.pack(a.ptr))
+            offsets.append(at)
+            at += 8
     p = d.predicate
-    values.append(ctypes.c_uint64(p.buffer.ptr + p.offset if p else 0))
-    params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-    params._keep = values
+    parts.append(_ADDRESS.pack(p.buffer.ptr + p.offset if p else 0))
+    offsets.append(at)
+    block = ctypes.create_string_buffer(b"".join(parts), at + 8)
+    base = ctypes.addressof(block)
+    params = (ctypes.c_void_p * len(offsets))(*[base + o for o in offsets])
+    params._keep = block
     return params
 
 
