@@ -271,11 +271,13 @@ def _launch_params(d: D.Dispatch):
 
 
 class _Batch:
-    """One commit in flight: its completion event and everything its kernels still read."""
+    """One commit in flight: its completion event and everything its kernels still read. Once
+    retired (seen complete) it is `done` and its event goes back to the device's pool."""
 
     def __init__(self, event, keep):
         self.event = event
         self.keep = keep
+        self.done = False
 
 
 class CudaDevice(D.Device):
@@ -307,6 +309,7 @@ class CudaDevice(D.Device):
         self.arch = self.gpu.compute_capability
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self._inflight: collections.deque[_Batch] = collections.deque()
+        self._events: list = []  # completion events of retired commits, for reuse
         self._submit_lock = threading.Lock()  # one thread at a time enqueues, so commit order is stream order
 
     def _make_library(self, src: S.Source) -> D.Library:
@@ -326,7 +329,7 @@ class CudaDevice(D.Device):
                 params = _launch_params(d)
                 # cuLaunchKernel copies the argument values, so `params` may go once it returns.
                 launch(f, *d.groups, *d.threads, 0, self.stream.ptr, ctypes.addressof(params), 0)
-            event = cupy.cuda.Event(block=False, disable_timing=True)
+            event = self._events.pop() if self._events else cupy.cuda.Event(block=False, disable_timing=True)
             event.record(self.stream)
             batch = _Batch(event, work)
             self._inflight.append(batch)
@@ -335,7 +338,9 @@ class CudaDevice(D.Device):
     def _retire(self) -> None:
         """Forget the commits that have completed, freeing what they kept alive."""
         while self._inflight and self._inflight[0].event.done:
-            self._inflight.popleft()
+            batch = self._inflight.popleft()
+            batch.done, batch.keep = True, None
+            self._events.append(batch.event)
 
     def _sync_call(self, fn) -> None:
         """Run `fn` (which enqueues on the stream) and wait for the stream, reporting device errors."""
@@ -348,14 +353,16 @@ class CudaDevice(D.Device):
             raise D.ExecutionError(f"the GPU reported an error while running committed work: {e}") from e
 
     def _wait(self, batch: _Batch) -> None:
+        if batch.done:
+            return
         cupy = _cupy()
         try:
-            batch.event.synchronize()
+            batch.event.synchronize()  # (if retired and reused meanwhile, this waits longer, never less)
         except (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError) as e:
             raise D.ExecutionError(f"the GPU reported an error while running committed work: {e}") from e
 
     def _done(self, batch: _Batch) -> bool:
-        return batch.event.done
+        return batch.done or batch.event.done
 
     def synchronize(self) -> None:
         self._sync_call(lambda: None)

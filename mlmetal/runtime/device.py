@@ -417,6 +417,16 @@ class Device:
             raise ValueError(f"nbytes must be positive, got {nbytes}")
         return self._alloc(int(nbytes))
 
+    def discard(self, nbytes: int) -> Buffer:
+        """A buffer of at least `nbytes` for what a kernel must write and nobody reads (instance
+        norm's statistics, say): one per device, grown when asked for more, shared by every such
+        use. Work in flight keeps the buffer it was given alive."""
+        with self._lock:
+            buf = getattr(self, "_discard", None)
+            if buf is None or buf.nbytes < nbytes:
+                buf = self._discard = self._alloc(max(int(nbytes), 2 * buf.nbytes if buf else 4096))
+        return buf
+
     def command_buffer(self) -> CommandBuffer:
         return CommandBuffer(self)
 
