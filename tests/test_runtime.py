@@ -334,3 +334,10 @@ def test_unknown_kernel_and_library(dev):
         dev.library("elementwise").kernel("nope")
     with pytest.raises(FileNotFoundError, match="no kernel library 'nope'"):
         dev.library("nope")
+
+
+def test_discard_buffer_is_shared_and_grows(dev):
+    a = dev.discard(100)
+    assert a.nbytes >= 100 and dev.discard(50) is a
+    b = dev.discard(a.nbytes + 1)
+    assert b.nbytes > a.nbytes and dev.discard(10) is b
