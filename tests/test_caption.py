@@ -6,7 +6,9 @@ import pytest
 
 pytest.importorskip("sklearn", reason="scikit-learn provides the digits (in the test extra)")
 
-from mlmetal.apps.caption import END, NAMES, STEPS, Decoder, read, spell, train_caption  # noqa: E402
+import mlmetal as mm  # noqa: E402
+from mlmetal.apps.caption import END, NAMES, STEPS, Captioner, Decoder, read, spell, train_caption  # noqa: E402
+from mlmetal.cli import main  # noqa: E402
 
 
 def test_spelling_tokens_round_trip():
@@ -37,3 +39,30 @@ def test_predicated_decoding_spells_the_same_and_switches_itself_off(trained, de
     ended = [list(s).index(END) for s in tokens_off.T]
     assert max(ended) < 19
     np.testing.assert_array_equal(tokens_on[:max(ended) + 1], tokens_off[:max(ended) + 1])
+
+
+def test_caption_command_at_size_16_writes_weights_and_report(tmp_path, capsys):
+    rc = main(["caption", "--device", "cpu", "--epochs", "1", "--steps", "2", "--size", "16", "--no-progress",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    Captioner(mm.device("cpu"), size=16).load_weights(tmp_path / "captioner.zip")  # strict: the 16×16 encoder's shapes
+    report = (tmp_path / "report.txt").read_text()
+    assert "held-out digits spelled right after 2 steps" in report and "images 16×16" in report
+    assert "captioner.zip" in capsys.readouterr().out
+
+
+def test_ctrl_c_saves_what_it_has_and_exits_130(tmp_path, monkeypatch):
+    calls = []
+    step = mm.graph.Training.step
+
+    def interrupted(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(mm.graph.Training, "step", interrupted)
+    rc = main(["caption", "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 130
+    assert (tmp_path / "captioner.zip").exists()
+    assert "after 2 steps (interrupted)" in (tmp_path / "report.txt").read_text()

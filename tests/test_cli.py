@@ -24,6 +24,15 @@ def test_every_command_has_help(command, capsys):
     assert e.value.code == 0 and "usage: mlmetal" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", [app.COMMAND for app in cli._apps()])
+def test_every_training_command_takes_the_common_flags(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    missing = [flag for flag in ("--device", "--seed", "--out", "--steps", "--size") if flag not in out]
+    assert not missing, f"mlmetal {command} lacks {missing}"
+
+
 def test_unknown_benchmark_and_device_exit_2(capsys):
     assert cli.main(["bench", "nope"]) == 2
     assert cli.main(["demo", "--device", "metal"]) == 2 or __import__("sys").platform == "darwin"

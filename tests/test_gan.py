@@ -6,7 +6,8 @@ import pytest
 pytest.importorskip("sklearn", reason="scikit-learn provides the digits (in the test extra)")
 
 import mlmetal as mm  # noqa: E402
-from mlmetal.apps.gan import GAN, LATENT, real_digits  # noqa: E402
+from mlmetal.apps.digits import DigitsCNN  # noqa: E402
+from mlmetal.apps.gan import GAN, LATENT, Generator, confident_fraction, real_digits  # noqa: E402
 from mlmetal.cli import main  # noqa: E402
 
 
@@ -71,3 +72,33 @@ def test_ctrl_c_saves_what_it_has_and_exits_130(tmp_path, monkeypatch):
     rc = main(["gan", "--device", "cpu", "--batch", "512", "--no-judge", "--out", str(tmp_path)])
     assert rc == 130
     assert (tmp_path / "generator.zip").exists() and (tmp_path / "samples.png").exists()
+
+
+def test_size_16_trains_on_upscaled_digits_and_writes_16_pixel_samples(tmp_path, capsys):
+    from PIL import Image
+
+    rc = main(["gan", "--device", "cpu", "--size", "16", "--steps", "2", "--batch", "32", "--no-judge",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    # 64 samples in an 8×8 grid of 16-pixel digits with one-pixel gutters, each pixel 2×2 on screen
+    assert Image.open(tmp_path / "samples.png").size == (2 * (8 * 17 + 1),) * 2
+    generator = Generator(mm.device("cpu"), size=16).load_weights(tmp_path / "generator.zip")  # strict: same shapes
+    g = mm.Graph(mm.device("cpu"))
+    assert generator(g.input("z", (2, LATENT))).shape == (2, 1, 16, 16)
+
+
+def test_larger_samples_are_judged_average_pooled_to_8x8(dev):
+    big = real_digits(16, dev)
+    assert big.shape == (1797, 1, 16, 16) and big.min() >= -1 and big.max() <= 1
+    mm.nn.seed(0)
+    classifier = DigitsCNN(dev)
+    images = (big[:40] + 1) / 2
+    pooled = images.reshape(40, 1, 8, 2, 8, 2).mean(axis=(3, 5))
+    sure, classes = confident_fraction(classifier, dev, images, threshold=0.1)
+    assert sure == 1.0 and classes.sum() == 40  # every image counted once, at 8×8
+    np.testing.assert_array_equal(classes, confident_fraction(classifier, dev, pooled, threshold=0.1)[1])
+
+
+def test_size_must_be_8_times_a_power_of_two():
+    with pytest.raises(SystemExit, match="--size must be 8, 16, 32"):
+        main(["gan", "--device", "cpu", "--size", "24", "--no-judge"])

@@ -12,9 +12,16 @@ once; predication makes the device stop early: each step also updates per-sequen
 that predicates every later step. Once every sequence has emitted the end token the word is
 0 and the device skips the remaining steps, so decoding costs what the names need rather
 than the 20-step maximum.
+
+Images are the digits' own 8×8 by default; a larger size (a multiple of 8) upscales them
+bilinearly, and the encoder's features grow with it.
 """
 
 from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -57,14 +64,17 @@ class Captioner(mm.nn.Module):
         width: channels of the first convolution (the second has twice as many).
         hidden: LSTM state size.
         embed: token embedding size.
+        size: image side, a multiple of 8.
     """
 
-    def __init__(self, device=None, width: int = 16, hidden: int = 48, embed: int = 16):
-        self.hidden = hidden
+    def __init__(self, device=None, width: int = 16, hidden: int = 48, embed: int = 16, size: int = 8):
+        if size < 8 or size % 8:
+            raise ValueError(f"size must be a multiple of 8, got {size}")
+        self.hidden, self.size = hidden, size
         self.encoder = mm.nn.Sequential(
             mm.nn.Conv2d(1, width, 3, padding=1, device=device), mm.nn.ReLU(), mm.nn.MaxPool2d(2),
             mm.nn.Conv2d(width, 2 * width, 3, padding=1, device=device), mm.nn.ReLU(), mm.nn.MaxPool2d(2))
-        self.image_gates = mm.nn.Linear(2 * width * 2 * 2, 4 * hidden, device=device)
+        self.image_gates = mm.nn.Linear(2 * width * (size // 4) ** 2, 4 * hidden, device=device)
         self.embedding = mm.nn.Parameter(
             np.random.default_rng(0).uniform(-0.5, 0.5, (len(VOCAB), embed)).astype(np.float32), device)
         self.input_gates = mm.nn.Linear(embed, 4 * hidden, device=device)
@@ -92,7 +102,7 @@ class Captioner(mm.nn.Module):
 def training_graph(net: Captioner, dev, batch: int, lr: float):
     """Teacher forcing over STEPS steps: inputs images, in0…, target0… (one-hot); the loss sums the steps."""
     g = mm.Graph(dev)
-    images = g.input("images", (batch, 1, 8, 8))
+    images = g.input("images", (batch, 1, net.size, net.size))
     context = net.context(images)
     state, loss = None, None
     for t in range(STEPS):
@@ -121,7 +131,7 @@ class Decoder:
         self.batch, self.max_len = batch, max_len
         self.flags = Predicates(dev, 1)
         g = self.graph = mm.Graph(dev)
-        images = g.input("images", (batch, 1, 8, 8))
+        images = g.input("images", (batch, 1, net.size, net.size))
         token = g.input("start", (batch,), np.int32)
         running = g.input("running", (batch,), np.uint32)
         self.flags.set(0, 1, graph=g)  # every run starts with the word on
@@ -154,9 +164,18 @@ class _unpredicated:
         return False
 
 
+def upscale(images: np.ndarray, size: int, dev) -> np.ndarray:
+    """Digits (N, 1, 8, 8) scaled bilinearly to size×size on the device (unchanged at 8)."""
+    return images if size == 8 else mm.ops.upsample(mm.tensor(images, dev), size // 8, mode="bilinear").numpy()
+
+
 def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e-2, seed: int = 0,
-                  progress: bool = True, limit: int | None = None, steps: int | None = None) -> dict:
-    """Train a Captioner by teacher forcing with Adam; returns {'accuracy', 'history', 'net', 'device'}.
+                  progress: bool = True, limit: int | None = None, steps: int | None = None, size: int = 8) -> dict:
+    """Train a Captioner by teacher forcing with Adam; returns {'accuracy', 'history', 'net', 'device',
+    'test' (held-out images and labels), 'steps', 'interrupted'}.
+
+    Ctrl-C stops training early and returns what was learnt so far (`interrupted` is True,
+    `history` is empty and `accuracy` is measured then).
 
     Args:
         device: a Device or backend name.
@@ -167,6 +186,7 @@ def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e
         progress: show a progress bar.
         limit: train on only the first `limit` training digits (quick tests).
         steps: stop after this many training steps in all (default: every epoch).
+        size: image side, a multiple of 8: the digits' own 8, or them upscaled bilinearly.
 
     Example:
         >>> result = train_caption("cpu", epochs=15); result["accuracy"]   # held-out digits spelled right
@@ -176,7 +196,8 @@ def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e
     x_tr, y_tr, x_te, y_te = load_digits(seed)
     if limit is not None:
         x_tr, y_tr = x_tr[:limit], y_tr[:limit]
-    net = Captioner(dev)
+    net = Captioner(dev, size=size)
+    x_tr, x_te = upscale(x_tr, size, dev), upscale(x_te, size, dev)
     train = training_graph(net, dev, batch, lr)
     schedule = mm.optim.StepDecay(train.optimizer, every=max(1, epochs // 3))
     decoder = Decoder(net, dev, len(x_te))
@@ -200,10 +221,21 @@ def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e
         got = decoder.decode(x_te)
         return {"accuracy": float(np.mean([w == NAMES[d] for w, d in zip(got, y_te)]))}
 
-    history = mm.train.fit(train.step, batches, epochs, validate=validate, every=5, schedule=schedule,
-                           progress=progress, steps=steps)
-    return {"accuracy": history[-1]["accuracy"], "history": history, "net": net, "device": dev,
-            "test": (x_te, y_te)}
+    step_losses: list[float] = []  # kept here rather than from fit's history, which Ctrl-C would lose
+
+    def step(**feed):
+        step_losses.append(train.step(**feed))
+        return step_losses[-1]
+
+    history, interrupted = [], False
+    try:
+        history = mm.train.fit(step, batches, epochs, validate=validate, every=5, schedule=schedule,
+                               progress=progress, steps=steps)
+    except KeyboardInterrupt:
+        interrupted = True
+    accuracy = history[-1]["accuracy"] if history else validate()["accuracy"]
+    return {"accuracy": accuracy, "history": history, "net": net, "device": dev, "test": (x_te, y_te),
+            "steps": len(step_losses), "interrupted": interrupted}
 
 
 COMMAND = "caption"
@@ -212,18 +244,43 @@ HELP = "train the digit captioner and decode with early exit by predication"
 
 def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches (default 0)")
+    p.add_argument("--out", default="caption-out",
+                   help="directory for the weights (captioner.zip) and a report of what it spelled (default ./caption-out)")
+    p.add_argument("--epochs", type=int, default=15, help="passes over the training digits (default 15)")
     p.add_argument("--steps", type=int, default=None, help="stop after this many training steps in all (default: every epoch)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches")
+    p.add_argument("--size", type=int, default=8,
+                   help="image side, a multiple of 8: 8 (default, the digits' own) or larger to train on them upscaled bilinearly")
+    p.add_argument("--batch", type=int, default=64, help="digits per training step (default 64)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate, halved every third of the epochs (default 0.01)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def run(args) -> int:
-    import time
+    """Train, save the weights, decode the held-out digits with early exit and write a report.
 
+    Returns 0, or 130 when Ctrl-C cut training short (what was learnt is still saved and reported).
+    """
+    if args.size < 8 or args.size % 8:
+        raise SystemExit(f"mlmetal caption: --size must be a multiple of 8, got {args.size}")
     t0 = time.perf_counter()
-    result = train_caption(args.device, epochs=args.epochs, seed=args.seed, steps=args.steps)
-    x_te, y_te = result["test"]
-    words = Decoder(result["net"], result["device"], len(x_te)).decode(x_te)
-    print(f"{result['accuracy']:.1%} of {len(y_te)} held-out digits spelled right "
-          f"({time.perf_counter() - t0:.0f} s); e.g. {', '.join(words[:8])}")
-    return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = train_caption(args.device, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
+                           progress=args.progress, steps=args.steps, size=args.size)
+    if result["interrupted"]:
+        print(f"interrupted after {result['steps']} steps: saving and reporting what was learnt", file=sys.stderr)
+    net, (x_te, y_te) = result["net"], result["test"]
+    net.save_weights(out / "captioner.zip")
+    words = Decoder(net, result["device"], len(x_te)).decode(x_te)
+    right = np.array([w == NAMES[d] for w, d in zip(words, y_te)])
+    wrong = [f"{NAMES[d]} -> {w!r}" for w, d, ok in zip(words, y_te, right) if not ok]
+    report = [f"{right.mean():.1%} of {len(y_te)} held-out digits spelled right after {result['steps']} steps "
+              f"({'interrupted' if result['interrupted'] else 'done'}) on {result['device'].name}, "
+              f"images {args.size}×{args.size}",
+              "per digit: " + ", ".join(f"{NAMES[d]} {right[y_te == d].mean():.0%}" for d in range(10)),
+              f"misspelled ({len(wrong)}): " + "; ".join(wrong[:20]) + (" …" if len(wrong) > 20 else "")]
+    (out / "report.txt").write_text("\n".join(report) + "\n")
+    print(f"{report[0]} in {time.perf_counter() - t0:.0f} s; e.g. {', '.join(words[:8])}")
+    print(f"wrote {out / 'captioner.zip'} and {out / 'report.txt'}")
+    return 130 if result["interrupted"] else 0

@@ -1,8 +1,8 @@
 """A generative adversarial network that learns to draw scikit-learn's handwritten digits.
 
-The talk's GAN in small. A generator turns a latent vector into an 8×8 image; a
-discriminator turns an image into one logit, "real" or "fake". They train in turns, each
-step on its own derived training graph and its own Adam:
+The talk's GAN in small. A generator turns a latent vector into an image; a discriminator
+turns an image into one logit, "real" or "fake". They train in turns, each step on its own
+derived training graph and its own Adam:
 
 - the discriminator's graph sums two separable sigmoid cross-entropy losses, real digits
   against label 1 and generated ones against label 0; the generated images are marked
@@ -18,6 +18,10 @@ latent batch on the device, so no latent ever crosses from the host during train
 Whether the samples look like digits is judged by the digits classifier
 (mlmetal/apps/digits.py): the fraction of samples it assigns to one class with probability
 at least 0.9.
+
+Images are the digits' own 8×8 by default; at a larger size (16, 32, …) the digits are
+upscaled bilinearly, the generator gains one ×2 upsampling stage per doubling, and the
+classifier judges samples average-pooled back to 8×8.
 """
 
 from __future__ import annotations
@@ -34,29 +38,51 @@ from mlmetal.apps.digits import train_digits
 LATENT = 32
 
 
-class Generator(mm.nn.Module):
-    """z (N, latent) → two (fully connected + LeakyReLU) → fully connected + tanh → (N, 1, 8, 8) in [-1, 1]."""
+def upsampling_stages(size: int) -> int:
+    """How many ×2 stages take 8×8 to size×size; size must be 8·2^k."""
+    if size < 8 or size % 8 or (size // 8) & (size // 8 - 1):
+        raise ValueError(f"size must be 8, 16, 32, … (8·2^k), got {size}")
+    return (size // 8).bit_length() - 1
 
-    def __init__(self, device=None, latent: int = LATENT, hidden: int = 128):
+
+class Generator(mm.nn.Module):
+    """z (N, latent) → two (fully connected + LeakyReLU) → an 8×8 image in [-1, 1] (N, 1, 8, 8).
+
+    At a larger size the last fully connected layer makes `channels` 8×8 feature maps
+    instead, each stage doubles their side (bilinear upsampling, 3×3 conv + LeakyReLU), and
+    a 3×3 conv + tanh makes the (N, 1, size, size) image.
+    """
+
+    def __init__(self, device=None, latent: int = LATENT, hidden: int = 128, size: int = 8, channels: int = 16):
+        stages = upsampling_stages(size)
+        self.channels = channels if stages else 1
         self.body = mm.nn.Sequential(
             mm.nn.Linear(latent, hidden, device=device), mm.nn.LeakyReLU(0.2),
             mm.nn.Linear(hidden, 2 * hidden, device=device), mm.nn.LeakyReLU(0.2),
-            mm.nn.Linear(2 * hidden, 64, device=device), mm.nn.Tanh())
+            mm.nn.Linear(2 * hidden, 64 * self.channels, device=device),
+            mm.nn.LeakyReLU(0.2) if stages else mm.nn.Tanh())
+        layers = []
+        for _ in range(stages):
+            layers += [mm.nn.Upsample(2, "bilinear"), mm.nn.Conv2d(channels, channels, 3, padding=1, device=device),
+                       mm.nn.LeakyReLU(0.2)]
+        if stages:
+            layers += [mm.nn.Conv2d(channels, 1, 3, padding=1, device=device), mm.nn.Tanh()]
+        self.upsampling = mm.nn.Sequential(*layers)
 
     def forward(self, z):
-        return mm.ops.reshape(self.body(z), shape=(z.shape[0], 1, 8, 8))
+        return self.upsampling(mm.ops.reshape(self.body(z), shape=(z.shape[0], self.channels, 8, 8)))
 
 
 class Discriminator(mm.nn.Module):
-    """(N, 1, 8, 8) → fully connected + LeakyReLU → one logit (N, 1): large for real digits."""
+    """(N, 1, size, size) → fully connected + LeakyReLU → one logit (N, 1): large for real digits."""
 
-    def __init__(self, device=None, hidden: int = 256):
+    def __init__(self, device=None, hidden: int = 256, size: int = 8):
         self.body = mm.nn.Sequential(
-            mm.nn.Linear(64, hidden, device=device), mm.nn.LeakyReLU(0.2),
+            mm.nn.Linear(size * size, hidden, device=device), mm.nn.LeakyReLU(0.2),
             mm.nn.Linear(hidden, 1, device=device))
 
     def forward(self, x):
-        return self.body(mm.ops.reshape(x, shape=(x.shape[0], 64)))
+        return self.body(mm.ops.reshape(x, shape=(x.shape[0], x.shape[2] * x.shape[3])))
 
 
 class GAN:
@@ -67,6 +93,7 @@ class GAN:
         batch: real and generated images per step.
         lr: both optimizers' learning rate (Adam with β₁ = 0.5, as GANs usually are).
         seed: the latent stream's seed.
+        size: the image side, 8·2^k.
 
     Example:
         >>> gan = GAN(mm.device("cpu"), batch=64)
@@ -74,10 +101,10 @@ class GAN:
         >>> images = gan.sample(np.zeros((16, LATENT), np.float32))
     """
 
-    def __init__(self, device, batch: int = 64, lr: float = 1e-3, seed: int = 0):
-        self.device, self.batch = device, batch
-        self.generator = Generator(device)
-        self.discriminator = Discriminator(device)
+    def __init__(self, device, batch: int = 64, lr: float = 1e-3, seed: int = 0, size: int = 8):
+        self.device, self.batch, self.size = device, batch, size
+        self.generator = Generator(device, size=size)
+        self.discriminator = Discriminator(device, size=size)
         latents = mm.random.Philox(device, seed)  # one stream, shared by both graphs' latent nodes
         ones = mm.tensor(np.ones((batch, 1), np.float32), device)
         zeros = mm.tensor(np.zeros((batch, 1), np.float32), device)
@@ -112,7 +139,7 @@ class GAN:
 
     def _discriminator_losses(self, g, fake, ones, zeros):
         """The two separable losses of graph g: its input "real" against label 1, `fake` against label 0."""
-        real = g.input("real", (self.batch, 1, 8, 8))
+        real = g.input("real", (self.batch, 1, self.size, self.size))
         return (mm.ops.sigmoid_cross_entropy_loss(self.discriminator(real), ones),
                 mm.ops.sigmoid_cross_entropy_loss(self.discriminator(fake), zeros))
 
@@ -130,16 +157,21 @@ class GAN:
         return (g.run({"z": z}, outputs=[images])[0] + 1) / 2
 
 
-def real_digits() -> np.ndarray:
-    """All 1797 of scikit-learn's digits, (N, 1, 8, 8), scaled to the generator's range [-1, 1]."""
+def real_digits(size: int = 8, device=None) -> np.ndarray:
+    """All 1797 of scikit-learn's digits, (N, 1, size, size), scaled to the generator's range [-1, 1]
+    (upscaled bilinearly on `device` when size > 8)."""
     from sklearn.datasets import load_digits
 
-    return (load_digits().images / 8.0 - 1).astype(np.float32)[:, None]
+    x = (load_digits().images / 8.0 - 1).astype(np.float32)[:, None]
+    upsampling_stages(size)  # refuses a size that is not 8·2^k
+    return x if size == 8 else mm.ops.upsample(mm.tensor(x, device), size // 8, mode="bilinear").numpy()
 
 
 def confident_fraction(classifier, device, images: np.ndarray, threshold: float = 0.9) -> tuple[float, np.ndarray]:
     """The fraction of images (in [0, 1]) the classifier puts in one class with probability ≥ threshold,
-    and how many of those fell in each class."""
+    and how many of those fell in each class. Images larger than 8×8 are average-pooled to 8×8 first."""
+    if images.shape[-1] != 8:
+        images = mm.ops.avg_pool2d(mm.tensor(images, device), images.shape[-1] // 8).numpy()
     g = mm.Graph(device)
     logits = g.run({"x": images}, outputs=[classifier(g.input("x", images.shape))])[0].reshape(len(images), 10)
     p = np.exp(logits - logits.max(1, keepdims=True))
@@ -148,23 +180,26 @@ def confident_fraction(classifier, device, images: np.ndarray, threshold: float 
     return float(sure.mean()), np.bincount(p.argmax(1)[sure], minlength=10)
 
 
-def save_grid(images: np.ndarray, path, scale: int = 4) -> None:
-    """Write images (N, 1, 8, 8) in [0, 1] as one PNG grid, white ink on black, each pixel scale×scale."""
+def save_grid(images: np.ndarray, path) -> None:
+    """Write images (N, 1, side, side) in [0, 1] as one PNG grid, white ink on black, each pixel
+    (32 / side)² screen pixels (at least one), so digits show at one size whatever their side."""
     from PIL import Image
 
-    n = len(images)
+    n, side = len(images), images.shape[-1]
+    scale = max(1, 32 // side)
     cols = int(np.ceil(np.sqrt(n)))
     rows = (n + cols - 1) // cols
-    canvas = np.zeros((rows * 9 + 1, cols * 9 + 1), np.float32)  # one-pixel gutters between digits
+    step = side + 1  # one-pixel gutters between digits
+    canvas = np.zeros((rows * step + 1, cols * step + 1), np.float32)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        canvas[1 + 9 * r:9 + 9 * r, 1 + 9 * c:9 + 9 * c] = im[0]
+        canvas[1 + step * r:step * (r + 1), 1 + step * c:step * (c + 1)] = im[0]
     pixels = (np.clip(canvas, 0, 1) * 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
     Image.fromarray(pixels).save(path)
 
 
 def train_gan(device=None, epochs: int = 200, batch: int = 64, lr: float = 1e-3, seed: int = 0, out=None,
-              steps: int | None = None, judge: bool = True, progress: bool = True) -> dict:
+              steps: int | None = None, judge: bool = True, progress: bool = True, size: int = 8) -> dict:
     """Train a GAN on the digits, writing a grid of samples per epoch; returns what it measured.
 
     An epoch is one pass over the 1797 digits in batches. Ctrl-C stops training early;
@@ -181,6 +216,7 @@ def train_gan(device=None, epochs: int = 200, batch: int = 64, lr: float = 1e-3,
         judge: train the digits classifier and measure the fraction of confidently classified
             samples, before and after training ('confident_before', 'confident').
         progress: show progress bars.
+        size: image side, 8·2^k: the digits' own 8, or them upscaled bilinearly.
 
     Returns:
         {'gan', 'history' (per epoch: d_loss, g_loss), 'seconds', 'interrupted', and with
@@ -191,12 +227,13 @@ def train_gan(device=None, epochs: int = 200, batch: int = 64, lr: float = 1e-3,
         >>> result["confident"]   # fraction of samples the classifier is ≥ 90% sure of
     """
     dev = mm.device(device) if not isinstance(device, mm.Device) else device
+    upsampling_stages(size)  # a bad size fails before the classifier trains
     classifier = None
     if judge:
         classifier = train_digits(dev, seed=seed, progress=progress)["net"]
     mm.nn.seed(seed)
-    gan = GAN(dev, batch, lr, seed)
-    x = real_digits()
+    gan = GAN(dev, batch, lr, seed, size)
+    x = real_digits(size, dev)
     rng = np.random.default_rng(seed)
     fixed = mm.random.Philox(dev, seed + 1).normal((64, LATENT))  # the same latents for every epoch's grid
     judged = mm.random.Philox(dev, seed + 2).normal((500, LATENT))
@@ -249,15 +286,22 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps in all (default: every epoch)")
     p.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate for both networks (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, latents and shuffling")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, latents and shuffling (default 0)")
     p.add_argument("--out", default="out/gan", help="directory for the sample grids and weights (default out/gan)")
+    p.add_argument("--size", type=int, default=8,
+                   help="image side: 8 (default, the digits' own), or 16, 32, … to train on the digits upscaled "
+                        "bilinearly, the generator gaining a ×2 upsampling stage per doubling")
     p.add_argument("--no-judge", dest="judge", action="store_false",
                    help="skip training the digits classifier that scores the samples")
 
 
 def run(args) -> int:
+    try:
+        upsampling_stages(args.size)
+    except ValueError as e:
+        raise SystemExit(f"mlmetal gan: --{e}") from None
     result = train_gan(args.device, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, out=args.out,
-                       steps=args.steps, judge=args.judge)
+                       steps=args.steps, judge=args.judge, size=args.size)
     out = Path(args.out)
     gan = result["gan"]
     # Saved on every exit, Ctrl-C included: training is the expensive part.
