@@ -2,19 +2,21 @@
 //
 // Each product is a matrix multiply whose operands are never written out: forward is
 // weights (Cout × Cin·KH·KW) times the im2col'd input (Cin·KH·KW × N·OH·OW), and the two
-// gradients are the same product with the roles swapped. A threadgroup of 64 threads owns a
-// 64×64 output tile: per step it gathers a 16-deep slice of both operands into threadgroup
-// memory (each thread a fixed share, chosen so that a warp's loads are contiguous where the
-// operand is), waits at a barrier, and every thread accumulates its own 8×8 register block
-// from the staged slices.
+// gradients are the same product with the roles swapped. The tiling, the pipelined staging and
+// the register blocks are kernels/tile.h's; here is what each product stages: per slice, every
+// thread gathers a quad (4 rows) of each operand from device memory into registers, choosing
+// its rows so that a warp's loads are contiguous where the operand is. A thread's rows stay the
+// same for the whole reduction, so their index arithmetic is done once, and the reduction index
+// is advanced by counting, not dividing.
 //
-// Fat 8×8 blocks keep the threads few: on the cpu backend a barrier costs each thread a
-// fiber switch, so 1024 multiply-adds per thread between barriers make it cheap there too.
+// Each comes in the three tilings of tile.h (`_medium` and `_narrow` for fewer channels);
+// conv2d_weight_grad sums over pixels, and splits that sum across threadgroups (`chunk`).
 #include <metal_stdlib>
 using namespace metal;
 
 #include "tile.h"
 #define BIAS_THREADS 256
+#define OUTSIDE (-(1 << 30))  // a window origin whose every tap misses the image
 
 struct ConvParams {
     uint n, cin, h, w;        // input images
@@ -28,7 +30,82 @@ struct ConvParams {
 
 // y = conv(x, w) + bias. GEMM per group g: rows = its Cout/groups output channels,
 // columns = the N·OH·OW output pixels, reduction = (input channel, ky, kx).
-// Grid: (ceil(N·OH·OW / 64), ceil(Cout/groups / 64), groups).
+// Grid: (ceil(N·OH·OW / width_n), ceil(Cout/groups / width_m), groups).
+inline void conv2d_tiled(device const float* x, device const float* w, device const float* bias,
+                         device float* y, constant ConvParams& p, uint3 tile, uint t,
+                         threadgroup float4* a_tile, threadgroup float4* b_tile,
+                         uint width_m, uint width_n, uint threads) {
+    const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
+    const uint K = cin_g * khw, plane = p.oh * p.ow, pixels = p.n * plane;
+    const uint g = tile.z, m0 = tile.y * width_m, n0 = tile.x * width_n;
+    const uint a_pitch = pitch(width_m), b_pitch = pitch(width_n);
+
+    // Weights, contiguous along k: the first TILE_K·width_m/4 threads stage a quad each.
+    const bool a_stager = t < TILE_K * width_m / 4;
+    const Stage sa = along_k(t);
+    device const float* w_group = w + g * cout_g * K;
+
+    // Input patches, contiguous along the pixels: thread t stages the same four output pixels
+    // at every slice, at `units` reduction steps sb.k, sb.k + step, … of it.
+    const uint step = threads / (width_n / 4), units = TILE_K / step;
+    const Stage sb = along_rows(t, width_n);
+    // A pixel past the end gets a window origin far above the image: all its taps are padding.
+    uint x_img[4];
+    int iy0[4], ix0[4];
+    for (uint j = 0; j < 4; ++j) {
+        const uint q = n0 + 4 * sb.quad + j;
+        const uint img = q < pixels ? q / plane : 0, r = q < pixels ? q % plane : 0;
+        x_img[j] = (img * p.cin + g * cin_g) * p.h * p.w;
+        iy0[j] = q < pixels ? int(r / p.ow) * p.stride_h - p.pad_h : OUTSIDE;
+        ix0[j] = int(r % p.ow) * p.stride_w - p.pad_w;
+    }
+    uint ci = sb.k / khw, ky = sb.k % khw / p.kw, kx = sb.k % p.kw;  // the next step's k = (ci·KH + ky)·KW + kx
+
+    const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
+    Block acc;
+    clear(acc);
+    float4 a_next = 0.0f, b_next[MAX_STAGED];
+    uint buf = 0;
+    for (uint k0 = 0; k0 < K; k0 += TILE_K, buf ^= 1) {
+        if (a_stager) {
+            const uint k = k0 + sa.k;
+            for (uint j = 0; j < 4; ++j) {
+                const uint m = m0 + 4 * sa.quad + j;
+                a_next[j] = m < cout_g && k < K ? w_group[m * K + k] : 0.0f;
+            }
+        }
+        #pragma unroll
+        for (uint i = 0; i < units; ++i) {
+            const bool k_ok = k0 + sb.k + i * step < K;
+            for (uint j = 0; j < 4; ++j) {
+                const int iy = iy0[j] + int(ky) * p.dil_h, ix = ix0[j] + int(kx) * p.dil_w;
+                const bool inside = iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);  // else zero padding
+                b_next[i][j] = k_ok && inside ? x[x_img[j] + (ci * p.h + uint(iy)) * p.w + uint(ix)] : 0.0f;
+            }
+            advance(ci, ky, kx, step, p.kh, p.kw);
+        }
+        // The previous slice is multiplied while this one's loads are in flight.
+        if (k0 > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
+                                   width_m, width_n, tm, tn, acc);
+        if (a_stager) a_tile[buf * STAGED(width_m) + sa.k * a_pitch + sa.quad] = a_next;
+        #pragma unroll
+        for (uint i = 0; i < units; ++i) b_tile[buf * STAGED(width_n) + (sb.k + i * step) * b_pitch + sb.quad] = b_next[i];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
+                   width_m, width_n, tm, tn, acc);
+
+    for (uint j = 0; j < 8; ++j) {
+        const uint q = n0 + block_row(j, tn, width_n);
+        if (q >= pixels) continue;
+        device float* y_pix = y + ((q / plane) * p.cout + g * cout_g) * plane + q % plane;
+        for (uint i = 0; i < 8; ++i) {
+            const uint m = m0 + block_row(i, tm, width_m);
+            if (m < cout_g) y_pix[m * plane] = acc.v[i][j] + (p.has_bias ? bias[g * cout_g + m] : 0.0f);
+        }
+    }
+}
+
 kernel void conv2d(device const float* x [[buffer(0)]],
                    device const float* w [[buffer(1)]],
                    device const float* bias [[buffer(2)]],
@@ -36,111 +113,160 @@ kernel void conv2d(device const float* x [[buffer(0)]],
                    constant ConvParams& p [[buffer(4)]],
                    uint3 tile [[threadgroup_position_in_grid]],
                    uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float a_tile[TILE_K][TILE_M];  // weights, a_tile[k][output channel]
-    threadgroup float b_tile[TILE_K][TILE_N];  // input patches, b_tile[k][output pixel]
-    const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups;
-    const uint K = cin_g * p.kh * p.kw, plane = p.oh * p.ow, pixels = p.n * plane;
-    const uint g = tile.z, m0 = tile.y * TILE_M, n0 = tile.x * TILE_N;
+    threadgroup float4 a_tile[2 * STAGED(WIDE)];
+    threadgroup float4 b_tile[2 * STAGED(WIDE)];
+    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
+}
 
-    // What thread t stages: the patch of output pixel n0+t, and slice column t % 16 of every
-    // fourth weight row from t / 16 — weights are contiguous along k, so a warp reads whole runs.
-    device const float* w_group = w + g * cout_g * K;
-    const uint a_k = t % TILE_K, a_row = t / TILE_K;
-    const uint q = n0 + t;
-    const bool col_ok = q < pixels;
-    const uint img = col_ok ? q / plane : 0, r = col_ok ? q % plane : 0;
-    const int iy0 = int(r / p.ow) * p.stride_h - p.pad_h, ix0 = int(r % p.ow) * p.stride_w - p.pad_w;
-    device const float* x_img = x + (img * p.cin + g * cin_g) * p.h * p.w;
-    uint ci = 0, ky = 0, kx = 0;  // the reduction index k = (ci·KH + ky)·KW + kx, counted, not divided
+kernel void conv2d_narrow(device const float* x [[buffer(0)]],
+                          device const float* w [[buffer(1)]],
+                          device const float* bias [[buffer(2)]],
+                          device float* y [[buffer(3)]],
+                          constant ConvParams& p [[buffer(4)]],
+                          uint3 tile [[threadgroup_position_in_grid]],
+                          uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(NARROW_M)];
+    threadgroup float4 b_tile[2 * STAGED(NARROW_N)];
+    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
+}
 
-    const uint tm = t / (TILE_N / BLOCK), tn = t % (TILE_N / BLOCK);
-    Block acc;
-    clear(acc);
-    for (uint k0 = 0; k0 < K; k0 += TILE_K) {
-        for (uint i = 0; i < TILE_M / (THREADS / TILE_K); ++i) {
-            const uint m = a_row + i * (THREADS / TILE_K);
-            a_tile[a_k][m] = m0 + m < cout_g && k0 + a_k < K ? w_group[(m0 + m) * K + k0 + a_k] : 0.0f;
-        }
-        for (uint kk = 0; kk < TILE_K; ++kk) {
-            const bool k_ok = k0 + kk < K;
-            const int iy = iy0 + int(ky) * p.dil_h, ix = ix0 + int(kx) * p.dil_w;
-            const bool inside = iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);  // else zero padding
-            b_tile[kk][t] = col_ok && k_ok && inside ? x_img[(ci * p.h + uint(iy)) * p.w + uint(ix)] : 0.0f;
-            if (++kx == p.kw) { kx = 0; if (++ky == p.kh) { ky = 0; ++ci; } }
-        }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        multiply_tiles(&a_tile[0][0], &b_tile[0][0], tm, tn, acc);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+kernel void conv2d_medium(device const float* x [[buffer(0)]],
+                          device const float* w [[buffer(1)]],
+                          device const float* bias [[buffer(2)]],
+                          device float* y [[buffer(3)]],
+                          constant ConvParams& p [[buffer(4)]],
+                          uint3 tile [[threadgroup_position_in_grid]],
+                          uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(MEDIUM_M)];
+    threadgroup float4 b_tile[2 * STAGED(MEDIUM_N)];
+    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
+}
+
+// o = s / stride when s is a non-negative multiple of stride and o < limit: whether an input
+// pixel's tap falls on the output grid (stride 1, the common case, needs no division).
+inline bool on_grid(int s, int stride, uint limit, thread uint& o) {
+    if (s < 0) return false;
+    if (stride == 1) {
+        o = uint(s);
+    } else {
+        if (s % stride != 0) return false;
+        o = uint(s / stride);
     }
-
-    for (uint j = 0; j < BLOCK; ++j) {
-        const uint qj = n0 + tn * BLOCK + j;
-        if (qj >= pixels) break;
-        device float* y_pix = y + ((qj / plane) * p.cout + g * cout_g) * plane + qj % plane;
-        for (uint i = 0; i < BLOCK; ++i) {
-            const uint m = m0 + tm * BLOCK + i;
-            if (m < cout_g) y_pix[m * plane] = acc.v[i][j] + (p.has_bias ? bias[g * cout_g + m] : 0.0f);
-        }
-    }
+    return o < limit;
 }
 
 // dx = the transposed convolution of dy. GEMM per group g: rows = its Cin/groups input
 // channels, columns = the N·H·W input pixels, reduction = (output channel, ky, kx); a tap
 // contributes only where the input pixel lies on the output grid (oy·stride = iy + pad − ky·dil).
-// Grid: (ceil(N·H·W / 64), ceil(Cin/groups / 64), groups).
+// Grid: (ceil(N·H·W / width_n), ceil(Cin/groups / width_m), groups).
+inline void conv2d_input_grad_tiled(device const float* dy, device const float* w, device float* dx,
+                                    constant ConvParams& p, uint3 tile, uint t,
+                                    threadgroup float4* a_tile, threadgroup float4* b_tile,
+                                    uint width_m, uint width_n, uint threads) {
+    const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
+    const uint K = cout_g * khw, plane = p.h * p.w, pixels = p.n * plane, oplane = p.oh * p.ow;
+    const uint g = tile.z, m0 = tile.y * width_m, n0 = tile.x * width_n;
+    const uint a_pitch = pitch(width_m), b_pitch = pitch(width_n);
+
+    // Weights w[co][ci][ky][kx], contiguous along the taps of k: staged along k by the first
+    // TILE_K·width_m/4 threads, each at step sa.k of every slice.
+    const bool a_stager = t < TILE_K * width_m / 4;
+    const Stage sa = along_k(t);
+    device const float* w_group = w + g * cout_g * cin_g * khw;
+    uint a_co = sa.k / khw, a_ky = sa.k % khw / p.kw, a_kx = sa.k % p.kw;
+
+    // Output gradients at the taps of four input pixels, contiguous along the pixels: staged
+    // along the rows, as conv2d stages its patches.
+    const uint step = threads / (width_n / 4), units = TILE_K / step;
+    const Stage sb = along_rows(t, width_n);
+    uint dy_img[4];
+    int ty0[4], tx0[4];  // oy·stride + ky·dil of each pixel; OUTSIDE past the end
+    for (uint j = 0; j < 4; ++j) {
+        const uint q = n0 + 4 * sb.quad + j;
+        const uint img = q < pixels ? q / plane : 0, r = q < pixels ? q % plane : 0;
+        dy_img[j] = (img * p.cout + g * cout_g) * oplane;
+        ty0[j] = q < pixels ? int(r / p.w) + p.pad_h : OUTSIDE;
+        tx0[j] = int(r % p.w) + p.pad_w;
+    }
+    uint co = sb.k / khw, ky = sb.k % khw / p.kw, kx = sb.k % p.kw;  // k = (co·KH + ky)·KW + kx
+
+    const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
+    Block acc;
+    clear(acc);
+    float4 a_next = 0.0f, b_next[MAX_STAGED];
+    uint buf = 0;
+    for (uint k0 = 0; k0 < K; k0 += TILE_K, buf ^= 1) {
+        if (a_stager) {
+            const bool k_ok = k0 + sa.k < K;
+            for (uint j = 0; j < 4; ++j) {
+                const uint m = m0 + 4 * sa.quad + j;
+                a_next[j] = k_ok && m < cin_g ? w_group[(a_co * cin_g + m) * khw + a_ky * p.kw + a_kx] : 0.0f;
+            }
+            advance(a_co, a_ky, a_kx, TILE_K, p.kh, p.kw);
+        }
+        #pragma unroll
+        for (uint i = 0; i < units; ++i) {
+            const bool k_ok = k0 + sb.k + i * step < K;
+            for (uint j = 0; j < 4; ++j) {
+                uint oy = 0, ox = 0;
+                const bool tap = k_ok && on_grid(ty0[j] - int(ky) * p.dil_h, p.stride_h, p.oh, oy)
+                                 && on_grid(tx0[j] - int(kx) * p.dil_w, p.stride_w, p.ow, ox);
+                b_next[i][j] = tap ? dy[dy_img[j] + co * oplane + oy * p.ow + ox] : 0.0f;
+            }
+            advance(co, ky, kx, step, p.kh, p.kw);
+        }
+        if (k0 > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
+                                   width_m, width_n, tm, tn, acc);
+        if (a_stager) a_tile[buf * STAGED(width_m) + sa.k * a_pitch + sa.quad] = a_next;
+        #pragma unroll
+        for (uint i = 0; i < units; ++i) b_tile[buf * STAGED(width_n) + (sb.k + i * step) * b_pitch + sb.quad] = b_next[i];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
+                   width_m, width_n, tm, tn, acc);
+
+    for (uint j = 0; j < 8; ++j) {
+        const uint q = n0 + block_row(j, tn, width_n);
+        if (q >= pixels) continue;
+        device float* dx_pix = dx + ((q / plane) * p.cin + g * cin_g) * plane + q % plane;
+        for (uint i = 0; i < 8; ++i) {
+            const uint m = m0 + block_row(i, tm, width_m);
+            if (m < cin_g) dx_pix[m * plane] = acc.v[i][j];
+        }
+    }
+}
+
 kernel void conv2d_input_grad(device const float* dy [[buffer(0)]],
                               device const float* w [[buffer(1)]],
                               device float* dx [[buffer(2)]],
                               constant ConvParams& p [[buffer(3)]],
                               uint3 tile [[threadgroup_position_in_grid]],
                               uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float a_tile[TILE_K][TILE_M];  // weights, a_tile[k][input channel]
-    threadgroup float b_tile[TILE_K][TILE_N];  // output gradients, b_tile[k][input pixel]
-    const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups;
-    const uint khw = p.kh * p.kw, K = cout_g * khw, plane = p.h * p.w, pixels = p.n * plane;
-    const uint oplane = p.oh * p.ow;
-    const uint g = tile.z, m0 = tile.y * TILE_M, n0 = tile.x * TILE_N;
+    threadgroup float4 a_tile[2 * STAGED(WIDE)];
+    threadgroup float4 b_tile[2 * STAGED(WIDE)];
+    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
+}
 
-    // Thread t stages input channel m0+t of the weights and input pixel n0+t's taps of dy.
-    const bool row_ok = m0 + t < cin_g;
-    device const float* w_ch = w + g * cout_g * cin_g * khw + (row_ok ? m0 + t : 0) * khw;
-    const uint q = n0 + t;
-    const bool col_ok = q < pixels;
-    const uint img = col_ok ? q / plane : 0, r = col_ok ? q % plane : 0;
-    const int ty0 = int(r / p.w) + p.pad_h, tx0 = int(r % p.w) + p.pad_w;  // oy·stride + ky·dil
-    device const float* dy_img = dy + (img * p.cout + g * cout_g) * oplane;
-    uint co = 0, ky = 0, kx = 0;  // k = (co·KH + ky)·KW + kx
+kernel void conv2d_input_grad_narrow(device const float* dy [[buffer(0)]],
+                                     device const float* w [[buffer(1)]],
+                                     device float* dx [[buffer(2)]],
+                                     constant ConvParams& p [[buffer(3)]],
+                                     uint3 tile [[threadgroup_position_in_grid]],
+                                     uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(NARROW_M)];
+    threadgroup float4 b_tile[2 * STAGED(NARROW_N)];
+    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
+}
 
-    const uint tm = t / (TILE_N / BLOCK), tn = t % (TILE_N / BLOCK);
-    Block acc;
-    clear(acc);
-    for (uint k0 = 0; k0 < K; k0 += TILE_K) {
-        for (uint kk = 0; kk < TILE_K; ++kk) {
-            const bool k_ok = k0 + kk < K;
-            a_tile[kk][t] = row_ok && k_ok ? w_ch[co * cin_g * khw + ky * p.kw + kx] : 0.0f;
-            const int sy = ty0 - int(ky) * p.dil_h, sx = tx0 - int(kx) * p.dil_w;
-            float v = 0.0f;
-            if (col_ok && k_ok && sy >= 0 && sx >= 0 && sy % p.stride_h == 0 && sx % p.stride_w == 0) {
-                const uint oy = uint(sy / p.stride_h), ox = uint(sx / p.stride_w);
-                if (oy < p.oh && ox < p.ow) v = dy_img[co * oplane + oy * p.ow + ox];
-            }
-            b_tile[kk][t] = v;
-            if (++kx == p.kw) { kx = 0; if (++ky == p.kh) { ky = 0; ++co; } }
-        }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        multiply_tiles(&a_tile[0][0], &b_tile[0][0], tm, tn, acc);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-    }
-
-    for (uint j = 0; j < BLOCK; ++j) {
-        const uint qj = n0 + tn * BLOCK + j;
-        if (qj >= pixels) break;
-        device float* dx_pix = dx + ((qj / plane) * p.cin + g * cin_g) * plane + qj % plane;
-        for (uint i = 0; i < BLOCK; ++i) {
-            const uint m = m0 + tm * BLOCK + i;
-            if (m < cin_g) dx_pix[m * plane] = acc.v[i][j];
-        }
-    }
+kernel void conv2d_input_grad_medium(device const float* dy [[buffer(0)]],
+                                     device const float* w [[buffer(1)]],
+                                     device float* dx [[buffer(2)]],
+                                     constant ConvParams& p [[buffer(3)]],
+                                     uint3 tile [[threadgroup_position_in_grid]],
+                                     uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(MEDIUM_M)];
+    threadgroup float4 b_tile[2 * STAGED(MEDIUM_N)];
+    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
 }
 
 // dw = dy · patchesᵀ. GEMM per group g: rows = its Cout/groups output channels, columns =
@@ -148,59 +274,119 @@ kernel void conv2d_input_grad(device const float* dy [[buffer(0)]],
 // output small, so it is split: threadgroup z sums pixels [split·chunk, (split+1)·chunk) into
 // slice `split` of `partial` (Cout × Cin/groups·KH·KW floats per slice), and `sum_splits`
 // adds the slices. With one split, `partial` is dw itself.
-// Grid: (ceil(Cin/groups·KH·KW / 64), ceil(Cout/groups / 64), groups · splits).
+// Grid: (ceil(Cin/groups·KH·KW / width_n), ceil(Cout/groups / width_m), groups · splits).
+inline void conv2d_weight_grad_tiled(device const float* dy, device const float* x, device float* partial,
+                                     constant ConvParams& p, uint3 tile, uint t,
+                                     threadgroup float4* a_tile, threadgroup float4* b_tile,
+                                     uint width_m, uint width_n, uint threads) {
+    const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups;
+    const uint khw = p.kh * p.kw, cols = cin_g * khw, oplane = p.oh * p.ow, pixels = p.n * oplane;
+    const uint g = tile.z % p.groups, split = tile.z / p.groups;
+    const uint m0 = tile.y * width_m, n0 = tile.x * width_n;
+    const uint k_begin = split * p.chunk, k_end = min(pixels, k_begin + p.chunk);
+    const uint a_pitch = pitch(width_m), b_pitch = pitch(width_n);
+
+    // Both operands are contiguous along the pixels they sum over. Output gradients are staged
+    // along k by the first TILE_K·width_m/4 threads, at pixel step sa.k of every slice.
+    const bool a_stager = t < TILE_K * width_m / 4;
+    const Stage sa = along_k(t);
+    const uint co0 = m0 + 4 * sa.quad, dy_row = (g * cout_g + co0) * oplane;
+    uint a_img = (k_begin + sa.k) / oplane, a_oy = (k_begin + sa.k) % oplane / p.ow, a_ox = (k_begin + sa.k) % p.ow;
+
+    // The patches too in the wide tiling (a warp then reads 8-pixel runs); in the others
+    // there are more columns than threads, so each thread stages the same four columns at
+    // every slice, at `units` pixels `step` apart. A column past the end gets a window origin
+    // far above the image: all its taps are padding.
+    const bool b_along_k = TILE_K * width_n / 4 == threads;
+    const Stage sb = b_along_k ? along_k(t) : along_rows(t, width_n);
+    const uint step = b_along_k ? TILE_K : threads / (width_n / 4), units = TILE_K / step;
+    uint x_row[4];
+    int dy0[4], dx0[4];  // ky·dil − pad of each column (likewise kx)
+    for (uint j = 0; j < 4; ++j) {
+        const uint c = n0 + 4 * sb.quad + j;
+        const uint ci = c < cols ? c / khw : 0, ky = c < cols ? c % khw / p.kw : 0, kx = c < cols ? c % p.kw : 0;
+        x_row[j] = (g * cin_g + ci) * p.h * p.w;
+        dy0[j] = c < cols ? int(ky) * p.dil_h - p.pad_h : OUTSIDE;
+        dx0[j] = int(kx) * p.dil_w - p.pad_w;
+    }
+    uint img = (k_begin + sb.k) / oplane, oy = (k_begin + sb.k) % oplane / p.ow, ox = (k_begin + sb.k) % p.ow;
+
+    const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
+    Block acc;
+    clear(acc);
+    float4 a_next = 0.0f, b_next[MAX_STAGED];
+    uint buf = 0;
+    for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K, buf ^= 1) {
+        if (a_stager) {
+            const bool k_ok = k0 + sa.k < k_end;
+            device const float* dy_img = dy + a_img * p.cout * oplane + a_oy * p.ow + a_ox;
+            for (uint j = 0; j < 4; ++j) a_next[j] = k_ok && co0 + j < cout_g ? dy_img[dy_row + j * oplane] : 0.0f;
+            advance(a_img, a_oy, a_ox, TILE_K, p.oh, p.ow);
+        }
+        #pragma unroll
+        for (uint i = 0; i < units; ++i) {
+            const bool k_ok = k0 + sb.k + i * step < k_end;
+            device const float* x_img = x + img * p.cin * p.h * p.w;
+            const int iy = int(oy) * p.stride_h, ix = int(ox) * p.stride_w;
+            for (uint j = 0; j < 4; ++j) {
+                const int tap_y = iy + dy0[j], tap_x = ix + dx0[j];
+                const bool inside = tap_y >= 0 && tap_y < int(p.h) && tap_x >= 0 && tap_x < int(p.w);
+                b_next[i][j] = k_ok && inside ? x_img[x_row[j] + uint(tap_y) * p.w + uint(tap_x)] : 0.0f;
+            }
+            advance(img, oy, ox, step, p.oh, p.ow);
+        }
+        if (k0 > k_begin) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
+                                         width_m, width_n, tm, tn, acc);
+        if (a_stager) a_tile[buf * STAGED(width_m) + sa.k * a_pitch + sa.quad] = a_next;
+        #pragma unroll
+        for (uint i = 0; i < units; ++i) b_tile[buf * STAGED(width_n) + (sb.k + i * step) * b_pitch + sb.quad] = b_next[i];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
+                   width_m, width_n, tm, tn, acc);
+
+    device float* out = partial + split * p.cout * cols;
+    for (uint i = 0; i < 8; ++i) {
+        const uint m = m0 + block_row(i, tm, width_m);
+        if (m >= cout_g) continue;
+        for (uint j = 0; j < 8; ++j) {
+            const uint c = n0 + block_row(j, tn, width_n);
+            if (c < cols) out[(g * cout_g + m) * cols + c] = acc.v[i][j];
+        }
+    }
+}
+
 kernel void conv2d_weight_grad(device const float* dy [[buffer(0)]],
                                device const float* x [[buffer(1)]],
                                device float* partial [[buffer(2)]],
                                constant ConvParams& p [[buffer(3)]],
                                uint3 tile [[threadgroup_position_in_grid]],
                                uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float a_tile[TILE_K][TILE_M];  // output gradients, a_tile[pixel][output channel]
-    threadgroup float b_tile[TILE_K][TILE_N];  // input patches, b_tile[pixel][(ci, ky, kx)]
-    const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups;
-    const uint khw = p.kh * p.kw, cols = cin_g * khw, oplane = p.oh * p.ow, pixels = p.n * oplane;
-    const uint g = tile.z % p.groups, split = tile.z / p.groups;
-    const uint m0 = tile.y * TILE_M, n0 = tile.x * TILE_N;
-    const uint k_begin = split * p.chunk, k_end = min(pixels, k_begin + p.chunk);
+    threadgroup float4 a_tile[2 * STAGED(WIDE)];
+    threadgroup float4 b_tile[2 * STAGED(WIDE)];
+    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
+}
 
-    // Thread t stages output channel m0+t of dy and column n0+t = (ci, ky, kx) of the patches;
-    // both walk the output pixels (img, oy, ox) in order, counted from k_begin.
-    const bool row_ok = m0 + t < cout_g;
-    const uint co = g * cout_g + (row_ok ? m0 + t : 0);
-    const uint c = n0 + t;
-    const bool col_ok = c < cols;
-    const uint ci = col_ok ? c / khw : 0, ky = col_ok ? c % khw / p.kw : 0, kx = col_ok ? c % p.kw : 0;
-    const int dy0 = int(ky) * p.dil_h - p.pad_h, dx0 = int(kx) * p.dil_w - p.pad_w;
-    const uint x_channel = g * cin_g + ci;
-    uint img = k_begin / oplane, oy = k_begin % oplane / p.ow, ox = k_begin % p.ow;
+kernel void conv2d_weight_grad_narrow(device const float* dy [[buffer(0)]],
+                                      device const float* x [[buffer(1)]],
+                                      device float* partial [[buffer(2)]],
+                                      constant ConvParams& p [[buffer(3)]],
+                                      uint3 tile [[threadgroup_position_in_grid]],
+                                      uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(NARROW_M)];
+    threadgroup float4 b_tile[2 * STAGED(NARROW_N)];
+    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
+}
 
-    const uint tm = t / (TILE_N / BLOCK), tn = t % (TILE_N / BLOCK);
-    Block acc;
-    clear(acc);
-    for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        for (uint kk = 0; kk < TILE_K; ++kk) {
-            const bool k_ok = k0 + kk < k_end;
-            a_tile[kk][t] = row_ok && k_ok ? dy[(img * p.cout + co) * oplane + oy * p.ow + ox] : 0.0f;
-            const int iy = int(oy) * p.stride_h + dy0, ix = int(ox) * p.stride_w + dx0;
-            const bool inside = iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
-            b_tile[kk][t] = col_ok && k_ok && inside
-                ? x[((img * p.cin + x_channel) * p.h + uint(iy)) * p.w + uint(ix)] : 0.0f;
-            if (++ox == p.ow) { ox = 0; if (++oy == p.oh) { oy = 0; ++img; } }
-        }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        multiply_tiles(&a_tile[0][0], &b_tile[0][0], tm, tn, acc);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-    }
-
-    device float* out = partial + split * p.cout * cols;
-    for (uint i = 0; i < BLOCK; ++i) {
-        const uint m = m0 + tm * BLOCK + i;
-        if (m >= cout_g) break;
-        for (uint j = 0; j < BLOCK; ++j) {
-            const uint cj = n0 + tn * BLOCK + j;
-            if (cj < cols) out[(g * cout_g + m) * cols + cj] = acc.v[i][j];
-        }
-    }
+kernel void conv2d_weight_grad_medium(device const float* dy [[buffer(0)]],
+                                      device const float* x [[buffer(1)]],
+                                      device float* partial [[buffer(2)]],
+                                      constant ConvParams& p [[buffer(3)]],
+                                      uint3 tile [[threadgroup_position_in_grid]],
+                                      uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(MEDIUM_M)];
+    threadgroup float4 b_tile[2 * STAGED(MEDIUM_N)];
+    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
 }
 
 struct SplitParams {

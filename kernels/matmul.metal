@@ -1,11 +1,10 @@
 // Matrix products: C = op(A)·op(B) (+ bias[column]), with op a transpose or not, and the bias
 // gradient of a fully connected layer.
 //
-// The same tiling as kernels/conv.metal: a threadgroup of 64 threads owns a 64×64 tile of C,
-// stages 16-deep slices of A and B in threadgroup memory (thread t loads row t of A's slice and
-// column t of B's), and each thread accumulates an 8×8 register block between two barriers.
-// Transposes are strides, so one kernel serves a·b, a·bᵀ (linear layers) and aᵀ·b (their
-// weight gradients).
+// A tiled product in kernels/tile.h's wide tiling (128×128 outputs, 256 threads, pipelined
+// staging, 8×8 register blocks). Transposes are strides, so one kernel serves a·b, a·bᵀ (linear
+// layers) and aᵀ·b (their weight gradients); each operand is staged along whichever of its
+// dimensions is contiguous, so that a warp's loads are.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -18,7 +17,7 @@ struct MatmulParams {
     uint has_bias;       // add bias[column]
 };
 
-// c = A·B (+ bias), C row-major. Grid: (ceil(n / 64), ceil(m / 64), 1).
+// c = A·B (+ bias), C row-major. Grid: (ceil(n / 128), ceil(m / 128), 1).
 kernel void matmul(device const float* a [[buffer(0)]],
                    device const float* b [[buffer(1)]],
                    device const float* bias [[buffer(2)]],
@@ -26,32 +25,38 @@ kernel void matmul(device const float* a [[buffer(0)]],
                    constant MatmulParams& p [[buffer(4)]],
                    uint3 tile [[threadgroup_position_in_grid]],
                    uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float a_tile[TILE_K][TILE_M];  // a_tile[k][row]
-    threadgroup float b_tile[TILE_K][TILE_N];  // b_tile[k][column]
-    const uint m0 = tile.y * TILE_M, n0 = tile.x * TILE_N;
-    const bool row_ok = m0 + t < p.m, col_ok = n0 + t < p.n;
-    device const float* a_row = a + (row_ok ? m0 + t : 0) * p.a_m;
-    device const float* b_col = b + (col_ok ? n0 + t : 0) * p.b_n;
+    threadgroup float4 a_tile[2 * STAGED(WIDE)];  // [k][row]
+    threadgroup float4 b_tile[2 * STAGED(WIDE)];  // [k][column]
+    const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
+    const Stage sa = p.a_k == 1 ? along_k(t) : along_rows(t, WIDE);
+    const Stage sb = p.b_n == 1 ? along_rows(t, WIDE) : along_k(t);
 
-    const uint tm = t / (TILE_N / BLOCK), tn = t % (TILE_N / BLOCK);
+    const uint tm = t / (WIDE / 8), tn = t % (WIDE / 8);
     Block acc;
     clear(acc);
-    for (uint k0 = 0; k0 < p.k; k0 += TILE_K) {
-        for (uint kk = 0; kk < TILE_K; ++kk) {
-            const uint k = k0 + kk;
-            a_tile[kk][t] = row_ok && k < p.k ? a_row[k * p.a_k] : 0.0f;
-            b_tile[kk][t] = col_ok && k < p.k ? b_col[k * p.b_k] : 0.0f;
+    float4 a_next, b_next;
+    uint buf = 0;
+    for (uint k0 = 0; k0 < p.k; k0 += TILE_K, buf ^= 1) {
+        const uint ka = k0 + sa.k, kb = k0 + sb.k;
+        for (uint j = 0; j < 4; ++j) {
+            const uint m = m0 + 4 * sa.quad + j, n = n0 + 4 * sb.quad + j;
+            a_next[j] = m < p.m && ka < p.k ? a[m * p.a_m + ka * p.a_k] : 0.0f;
+            b_next[j] = n < p.n && kb < p.k ? b[kb * p.b_k + n * p.b_n] : 0.0f;
         }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        multiply_tiles(&a_tile[0][0], &b_tile[0][0], tm, tn, acc);
+        // The previous slice is multiplied while this one's loads are in flight.
+        if (k0 > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE),
+                                   WIDE, WIDE, tm, tn, acc);
+        a_tile[buf * STAGED(WIDE) + sa.k * pitch(WIDE) + sa.quad] = a_next;
+        b_tile[buf * STAGED(WIDE) + sb.k * pitch(WIDE) + sb.quad] = b_next;
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
+    multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE), WIDE, WIDE, tm, tn, acc);
 
-    for (uint i = 0; i < BLOCK; ++i) {
-        const uint m = m0 + tm * BLOCK + i;
-        if (m >= p.m) break;
-        for (uint j = 0; j < BLOCK; ++j) {
-            const uint n = n0 + tn * BLOCK + j;
+    for (uint i = 0; i < 8; ++i) {
+        const uint m = m0 + block_row(i, tm, WIDE);
+        if (m >= p.m) continue;
+        for (uint j = 0; j < 8; ++j) {
+            const uint n = n0 + block_row(j, tn, WIDE);
             if (n < p.n) c[m * p.n + n] = acc.v[i][j] + (p.has_bias ? bias[n] : 0.0f);
         }
     }

@@ -90,6 +90,23 @@ def test_weight_grad_split_reduction(dev):
     check_forward(dev, Row("conv2d_weight_grad", None, rtol=rtol_for(4096), atol=rtol_for(4096)), inputs, attrs)
 
 
+@pytest.mark.parametrize("channels", [9, 40, 72])  # kernels/tile.h's narrow, medium and wide tilings
+def test_every_tiling(dev, channels):
+    """Hypothesis draws few input channels, so the input gradient's tilings are pinned here (and
+    every op's, with padding, stride 2 and a tile-crossing pixel count)."""
+    assert {conv_ops.tiling(c)[0] for c in (9, 40, 72)} == {"_narrow", "_medium", ""}
+    rng = np.random.default_rng(channels)
+    x, w = (2, channels, 11, 13), (channels + 3, channels, 3, 3)
+    for s, d in ((1, 1), (2, 2)):
+        attrs = dict(stride=(s, s), padding=(1, 1), dilation=(d, d))
+        y = out_shape(x, w, attrs)
+        draw = lambda shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+        tol = dict(rtol=rtol_for(channels * 9 * 4), atol=rtol_for(channels * 9 * 4))
+        check_forward(dev, Row("conv2d", None, **tol), [draw(x), draw(w)], attrs)
+        check_forward(dev, Row("conv2d_input_grad", None, **tol), [draw(y), draw(w)], dict(attrs, input_size=x[2:]))
+        check_forward(dev, Row("conv2d_weight_grad", None, **tol), [draw(y), draw(x)], dict(attrs, kernel_size=3))
+
+
 def test_public_wrapper_optional_bias(dev):
     x = mm.tensor(np.ones((1, 2, 4, 4), np.float32), dev)
     w = mm.tensor(np.ones((3, 2, 3, 3), np.float32), dev)

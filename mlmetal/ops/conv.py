@@ -13,9 +13,10 @@ from ..reference import conv as R
 from ..tensor import empty
 from . import apply, ensure, groups_for, pair, register
 
-TILE = 64          # output tile of the implicit-GEMM kernels (TILE_M = TILE_N in conv.metal)
-TILE_K = 16        # their reduction step
-THREADS = 64       # threads per threadgroup of the implicit-GEMM kernels
+TILE_K = 8  # the reduction step of the tiled kernels (kernels/tile.h)
+WIDE, WIDE_THREADS = 128, 256  # the wide tiling: WIDE × WIDE outputs a threadgroup
+MEDIUM_M, MEDIUM_N, MEDIUM_THREADS = 64, 128, 128  # the medium tiling: MEDIUM_M rows × MEDIUM_N columns
+NARROW_M, NARROW_N, NARROW_THREADS = 16, 256, 64  # the narrow tiling: NARROW_M rows × NARROW_N columns
 MAX_ELEMENTS = 2**31  # kernels index with 32-bit integers
 
 
@@ -62,10 +63,21 @@ def _params(n, cin, h, w, cout, oh, ow, kh, kw, a, has_bias=0, chunk=0):
                 pad_h=ph, pad_w=pw, dil_h=dh, dil_w=dw, groups=a["groups"], has_bias=has_bias, chunk=chunk)
 
 
-def split_reduction(length: int, tiles: int, target: int = 512, min_chunk: int = 256) -> tuple[int, int]:
-    """(splits, chunk): cut a reduction of `length` so ~`target` threadgroups share it, each
-    summing at least `min_chunk` terms (a multiple of TILE_K) — a long reduction over a small
-    output otherwise leaves most of a GPU idle."""
+def tiling(rows: int) -> tuple[str, int, int, int]:
+    """(kernel name suffix, tile rows, tile columns, threads) for a product with `rows` output
+    rows a group and many columns: a tiling whose tiles are mostly full, and as tall as can be
+    (a tall tile stages fewer operand loads per multiply-add)."""
+    if rows <= 2 * NARROW_M:
+        return "_narrow", NARROW_M, NARROW_N, NARROW_THREADS
+    if rows <= MEDIUM_M:
+        return "_medium", MEDIUM_M, MEDIUM_N, MEDIUM_THREADS
+    return "", WIDE, WIDE, WIDE_THREADS
+
+
+def split_reduction(length: int, tiles: int, target: int = 264, min_chunk: int = 256) -> tuple[int, int]:
+    """(splits, chunk): cut a reduction of `length` so ~`target` threadgroups of the wide tiling
+    share it (two a multiprocessor on a 132-SM H100), each summing at least `min_chunk` terms (a
+    multiple of TILE_K) — a long reduction over a small output otherwise leaves most of a GPU idle."""
     splits = max(1, min(target // max(tiles, 1), length // min_chunk))
     chunk = -(-length // splits)
     chunk = -(-chunk // TILE_K) * TILE_K
@@ -91,10 +103,11 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
-    k = y.device.library("conv").kernel("conv2d")
-    grid = (groups_for(n * oh * ow, TILE), groups_for(cout // groups, TILE), groups)
+    variant, rows, cols, threads = tiling(cout // groups)
+    k = y.device.library("conv").kernel("conv2d" + variant)
+    grid = (groups_for(n * oh * ow, cols), groups_for(cout // groups, rows), groups)
     params = _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a, has_bias=int(b is not None))
-    cb.dispatch(k, groups=grid, threads=THREADS, args=[x, w, w if b is None else b, y, params])
+    cb.dispatch(k, groups=grid, threads=threads, args=[x, w, w if b is None else b, y, params])
 
 
 def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups):
@@ -105,7 +118,7 @@ def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups):
 
 
 register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2d, grad=_conv2d_grad,
-         kernels=["conv.conv2d"])
+         kernels=["conv.conv2d", "conv.conv2d_medium", "conv.conv2d_narrow"])
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
@@ -158,13 +171,14 @@ def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, g
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = dx.shape
     _, cout, oh, ow = g.shape
-    k = dx.device.library("conv").kernel("conv2d_input_grad")
-    grid = (groups_for(n * h * wd, TILE), groups_for(cin // groups, TILE), groups)
-    cb.dispatch(k, groups=grid, threads=THREADS, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a)])
+    variant, rows, cols, threads = tiling(cin // groups)
+    k = dx.device.library("conv").kernel("conv2d_input_grad" + variant)
+    grid = (groups_for(n * h * wd, cols), groups_for(cin // groups, rows), groups)
+    cb.dispatch(k, groups=grid, threads=threads, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a)])
 
 
 register("conv2d_input_grad", check=_input_grad_check, encode=_input_grad_encode, reference=R.conv2d_input_grad,
-         grad=None, kernels=["conv.conv2d_input_grad"])
+         grad=None, kernels=["conv.conv2d_input_grad", "conv.conv2d_input_grad_medium", "conv.conv2d_input_grad_narrow"])
 
 
 def _weight_grad_check(g, x, *, kernel_size, stride=1, padding=0, dilation=1, groups=1):
@@ -189,20 +203,21 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
     n, cin, h, wd = x.shape
     _, cout, oh, ow = g.shape
     cols = dw.size // cout
-    tiles = groups_for(cols, TILE) * groups_for(cout // groups, TILE) * groups
-    splits, chunk = split_reduction(n * oh * ow, tiles)
+    variant, rows, width, threads = tiling(cout // groups)
+    grid = (groups_for(cols, width), groups_for(cout // groups, rows), groups)
+    splits, chunk = split_reduction(n * oh * ow, math.prod(grid))
     lib = dw.device.library("conv")
     partial = dw if splits == 1 else empty((splits, dw.size), dw.device)
     params = _params(n, cin, h, wd, cout, oh, ow, *kernel_size, a, chunk=chunk)
-    cb.dispatch(lib.kernel("conv2d_weight_grad"), groups=(groups_for(cols, TILE), groups_for(cout // groups, TILE), groups * splits),
-                threads=THREADS, args=[g, x, partial, params])
+    cb.dispatch(lib.kernel("conv2d_weight_grad" + variant), groups=(*grid[:2], groups * splits), threads=threads,
+                args=[g, x, partial, params])
     if splits > 1:
         cb.dispatch(lib.kernel("sum_splits"), groups=groups_for(dw.size, 256), threads=256,
                     args=[partial, dw, {"count": dw.size, "splits": splits}])
 
 
 register("conv2d_weight_grad", check=_weight_grad_check, encode=_weight_grad_encode, reference=R.conv2d_weight_grad,
-         grad=None, kernels=["conv.conv2d_weight_grad", "conv.sum_splits"])
+         grad=None, kernels=["conv.conv2d_weight_grad", "conv.conv2d_weight_grad_medium", "conv.conv2d_weight_grad_narrow", "conv.sum_splits"])
 
 
 def _bias_grad_check(g):

@@ -9,9 +9,7 @@ import math
 from ..reference import gram as R
 from ..tensor import empty
 from . import apply, ensure, groups_for, register
-from .conv import split_reduction
-
-TILE, THREADS = 64, 64  # output tile and threads per threadgroup of the gram kernels
+from .conv import WIDE, WIDE_THREADS, split_reduction  # the gram kernels use the wide tiling
 
 
 def _check_features(op, x):
@@ -43,11 +41,11 @@ def _gram_check(x, alpha=1.0):
 
 def _gram_encode(cb, g, x, *, alpha):
     n, c, h, w = x.shape
-    tiles = groups_for(c, TILE)
+    tiles = groups_for(c, WIDE)
     splits, chunk = split_reduction(h * w, n * tiles * (tiles + 1) // 2)
     lib = g.device.library("gram")
     partial = g if splits == 1 else empty((splits, g.size), g.device)
-    cb.dispatch(lib.kernel("gram"), groups=(tiles, tiles, n * splits), threads=THREADS,
+    cb.dispatch(lib.kernel("gram"), groups=(tiles, tiles, n * splits), threads=WIDE_THREADS,
                 args=[x, partial, dict(batch=n, c=c, hw=h * w, alpha=alpha, chunk=chunk)])
     if splits > 1:
         cb.dispatch(lib.kernel("sum_splits"), groups=groups_for(g.size, 256), threads=256,
@@ -70,7 +68,7 @@ def _gram_grad_check(g, x, alpha=1.0):
 def _gram_grad_encode(cb, dx, g, x, *, alpha):
     n, c, h, w = x.shape
     k = dx.device.library("gram").kernel("gram_grad")
-    cb.dispatch(k, groups=(groups_for(h * w, TILE), groups_for(c, TILE), n), threads=THREADS,
+    cb.dispatch(k, groups=(groups_for(h * w, WIDE), groups_for(c, WIDE), n), threads=WIDE_THREADS,
                 args=[g, x, dx, dict(batch=n, c=c, hw=h * w, alpha=alpha)])
 
 

@@ -10,8 +10,7 @@ public `mm.ops.linear(x, w, b=None)` drops a None.
 from .. import ops as _ops
 from ..reference import matmul as R
 from . import apply, ensure, groups_for, register
-
-TILE, THREADS = 64, 64  # output tile and threads per threadgroup of the `matmul` kernel
+from .conv import WIDE, WIDE_THREADS  # the matmul kernel uses the wide tiling
 
 
 def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
@@ -22,7 +21,7 @@ def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
     b_k, b_n = (1, b.shape[1]) if transpose_b else (b.shape[1], 1)
     params = dict(m=m, n=n, k=k, a_m=a_m, a_k=a_k, b_k=b_k, b_n=b_n, has_bias=int(bias is not None))
     kernel = c.device.library("matmul").kernel("matmul")
-    cb.dispatch(kernel, groups=(groups_for(n, TILE), groups_for(m, TILE), 1), threads=THREADS,
+    cb.dispatch(kernel, groups=(groups_for(n, WIDE), groups_for(m, WIDE), 1), threads=WIDE_THREADS,
                 args=[a, b, b if bias is None else bias, c, params])
 
 
