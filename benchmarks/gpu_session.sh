@@ -20,12 +20,12 @@ timeout 300 python3 -m pytest tests -q -p no:cacheprovider -x -rfE 2>&1 | tee "$
 while read -r bench args; do
     echo "== $bench $args"
     timeout 120 python3 "benchmarks/$bench.py" $args 2>&1 | tee "$out/$bench.log" | tail -25
-done <<'EOF'
+done <<EOF
 bench_runtime
 bench_random
 bench_nn_conv
 bench_nn_ops
 bench_training
 bench_predicate
-bench_strategies --batch 64 --width 32 --steps 20
+bench_strategies --chart $out/strategies-cuda.png
 EOF
