@@ -94,6 +94,7 @@ class Graph:
         self._params: dict[int, GraphTensor] = {}
         self._recording: list[Node] | None = None  # nodes created by a gradient rule
         self._plans: dict = {}
+        self.replay = True  # plans made from now on replay unchanged nodes' dispatches (see Plan)
 
     def input(self, name: str, shape, dtype=np.float32) -> GraphTensor:
         """A named input, fed by `run(inputs={name: array})`."""
@@ -325,10 +326,18 @@ class Graph:
         `updates` adds the optimizer's update nodes (a training step); `copy` numbers
         independent plans with buffers of their own, one per iteration kept in flight.
         """
-        key = (tuple(outputs), len(self.nodes), plan_lifetimes, copy, updates)
+        key = (tuple(outputs), len(self.nodes), plan_lifetimes, copy, updates, self.replay)
         if key not in self._plans:
-            self._plans[key] = Plan(self, outputs, plan_lifetimes, updates)
+            self._plans[key] = Plan(self, outputs, plan_lifetimes, updates, self.replay)
         return self._plans[key]
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Replay keys equal; attributes that cannot be compared (arrays) count as changed."""
+    try:
+        return bool(a == b)
+    except (ValueError, TypeError):
+        return False
 
 
 class Plan:
@@ -339,7 +348,7 @@ class Plan:
     """
 
     def __init__(self, graph: Graph, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True,
-                 updates: bool = False):
+                 updates: bool = False, replay: bool = True):
         self.graph = graph
         self.outputs = outputs
         self.nodes = self._live_nodes(graph.nodes, outputs, updates)
@@ -361,6 +370,11 @@ class Plan:
                         free.append(self.slots[x])
         self.peak_bytes = sum(self.slot_bytes)
         self._buffers = None
+        # Replay: a node whose buffers, attributes and predicate are those of the last run gets
+        # the dispatches it encoded then, already bound and checked, instead of encoding again.
+        # The record holds those buffers, so their ids cannot be reused by new ones meanwhile.
+        self.replay = replay
+        self._recorded: dict[int, tuple] = {}
 
     @staticmethod
     def _live_nodes(nodes: list[Node], outputs, updates: bool) -> list[Node]:
@@ -374,6 +388,11 @@ class Plan:
                 live.append(n)
                 needed.update(x.node for x in n.inputs if x.node is not None)
         return live[::-1]
+
+    @staticmethod
+    def _replay_key(n: Node, inputs, outs) -> tuple:
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return (tuple(id(t.buffer) for t in (*inputs, *outs)), dict(n.attrs), id(n.predicate))
 
     def _take(self, free: list[int], nbytes: int) -> int:
         fits = [s for s in free if self.slot_bytes[s] >= nbytes]
@@ -400,11 +419,20 @@ class Plan:
             for o in n.outputs:
                 values[o] = o.value if o.value is not None else Tensor(self._buffers[self.slots[o]], o.shape, o.dtype)
             outs = values[n.outputs[0]] if len(n.outputs) == 1 else tuple(values[o] for o in n.outputs)
-            saved = cb.predicate
-            if n.predicate is not None:
-                cb.predicate = n.predicate
-            ops.REGISTRY[n.op].encode(cb, outs, *[values[x] for x in n.inputs], **n.attrs)
-            cb.predicate = saved
+            inputs = [values[x] for x in n.inputs]
+            op = ops.REGISTRY[n.op]
+            key = self._replay_key(n, inputs, outs) if self.replay and op.replayable else None
+            recorded = self._recorded.get(i)
+            if key is not None and recorded is not None and _same(recorded[0], key):
+                cb.replay(recorded[1])
+            else:
+                saved, mark = cb.predicate, cb.encoded()
+                if n.predicate is not None:
+                    cb.predicate = n.predicate
+                op.encode(cb, outs, *inputs, **n.attrs)
+                cb.predicate = saved
+                if key is not None:
+                    self._recorded[i] = (key, cb.since(mark))
             if commit_every and (i + 1) % commit_every == 0:
                 cb.commit_and_continue()
         return values

@@ -1,5 +1,7 @@
 """The tape: derived training graphs against finite differences, stop-gradient, node handlers, execution."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -318,3 +320,64 @@ def test_fit_stops_after_steps_and_validates_last():
                            epochs=10, validate=lambda: checks.append(1) or {"score": 1.0}, every=5, progress=False,
                            steps=6)
     assert len(seen) == 6 and len(history) == 2 and history[-1]["score"] == 1.0 and len(checks) == 1
+
+
+def replay_network(dev, replay: bool):
+    """conv, instance norm, pooling, concat, a Gram matrix, a fresh random input every step, a
+    predicated block and Adam: every kind of node a plan may replay, or must not."""
+    mm.nn.seed(3)
+    g = mm.Graph(dev)
+    g.replay = replay
+    x = g.input("x", (2, 3, 8, 8))
+    flags = mm.Predicates(dev, 1)
+    conv, norm = mm.nn.Conv2d(3, 4, 3, padding=1, device=dev), mm.nn.InstanceNorm2d(4, device=dev)
+    head = mm.nn.Linear(8 * 16, 5, device=dev)
+    noise = g.random((2, 4, 8, 8), mm.random.Philox(dev, seed=5), mm.random.Normal(0.0, 0.1))
+    h = mm.ops.relu(norm(conv(x)))
+    h = mm.ops.concat([mm.ops.add(h, noise), mm.ops.tanh(h)])
+    with g.predicated(flags[0]):
+        h = mm.ops.scale(h, s=0.5)
+    pooled = mm.ops.max_pool2d(h, 2)
+    style = mm.ops.mse_loss(mm.ops.gram(pooled, alpha=1 / 16), mm.tensor(np.stack([np.eye(8, dtype=np.float32) * 0.1] * 2), dev),
+                            reduction="sum")
+    logits = head(mm.ops.reshape(pooled, (2, 8 * 16)))
+    label = mm.ops.mse_loss(logits, mm.tensor(np.ones((2, 5), np.float32), dev), reduction="mean")
+    params = conv.parameters() + norm.parameters() + head.parameters()
+    train = mm.ops.add(style, label).training_graph(optimizer=mm.optim.Adam(params, lr=1e-2))
+    return g, train, params
+
+
+def test_replayed_steps_equal_encoded_steps_bit_for_bit(dev):
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((2, 3, 8, 8)).astype(np.float32) for _ in range(2)]
+    results = []
+    for replay in (False, True):
+        g, train, params = replay_network(dev, replay)
+        losses = [train.step(x=batches[i % 2]) for i in range(4)]
+        results.append((losses, [p.numpy() for p in params]))
+    (loss_a, params_a), (loss_b, params_b) = results
+    assert loss_a == loss_b and len(set(loss_b)) == 4  # the loss changes every step, identically
+    for a, b in zip(params_a, params_b):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_replay_skips_encoding_unchanged_nodes_only(dev, monkeypatch):
+    g, train, params = replay_network(dev, True)
+    x = mm.tensor(np.ones((2, 3, 8, 8), np.float32), dev)  # the same device buffer every step
+    calls = {}
+    def counted(name, encode):
+        def run(*args, **attrs):
+            calls[name] = calls.get(name, 0) + 1
+            encode(*args, **attrs)
+        return run
+
+    for name in ("conv2d", "adam_update", "random_tensor"):
+        op = mm.ops.REGISTRY[name]
+        monkeypatch.setitem(mm.ops.REGISTRY, name, dataclasses.replace(op, encode=counted(name, op.encode)))
+    train.step(x=x)
+    first = dict(calls)
+    train.step(x=x)
+    second = {k: v - first.get(k, 0) for k, v in calls.items()}
+    assert first["conv2d"] == 1 and second.get("conv2d", 0) == 0     # replayed: same buffers and attributes
+    assert second["adam_update"] == first["adam_update"] == 6        # the step count changes every step
+    assert second["random_tensor"] == first["random_tensor"] == 1    # a generator draws afresh every run

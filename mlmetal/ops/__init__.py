@@ -48,16 +48,19 @@ class Op:
     grad: Callable[..., tuple] | None
     kernels: tuple[str, ...]  # "library.kernel"
     out_dtype: Any = np.float32
+    # False when encode depends on more than its tensors and attributes (a generator's position):
+    # a graph's plan then encodes the node afresh on every run instead of replaying its dispatches.
+    replayable: bool = True
 
 
 REGISTRY: dict[str, Op] = {}
 
 
-def register(name: str, *, check, encode, reference, grad, kernels, out_dtype=np.float32) -> Op:
+def register(name: str, *, check, encode, reference, grad, kernels, out_dtype=np.float32, replayable=True) -> Op:
     """Add an op to the registry and expose it as `mm.ops.<name>`."""
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
-    op = REGISTRY[name] = Op(name, check, encode, reference, grad, tuple(kernels), out_dtype)
+    op = REGISTRY[name] = Op(name, check, encode, reference, grad, tuple(kernels), out_dtype, replayable)
     globals()[name] = _entry_point(name, check)
     return op
 

@@ -33,4 +33,4 @@ def _random_encode(cb, out, *, shape, generator, distribution, start, dtype):
 
 
 register("random_tensor", check=_random_check, encode=_random_encode, reference=R.random_tensor, grad=None,
-         kernels=["random.philox", "random.mtgp32"])
+         kernels=["random.philox", "random.mtgp32"], replayable=False)  # each run draws the generator's next numbers

@@ -326,7 +326,9 @@ class CudaDevice(D.Device):
         with self._submit_lock:
             self._retire()
             for f, d in zip(functions, work):
-                params = _launch_params(d)
+                params = d.__dict__.get("_launch")  # a replayed dispatch keeps its argument block
+                if params is None:
+                    params = d._launch = _launch_params(d)
                 # cuLaunchKernel copies the argument values, so `params` may go once it returns.
                 launch(f, *d.groups, *d.threads, 0, self.stream.ptr, ctypes.addressof(params), 0)
             event = self._events.pop() if self._events else cupy.cuda.Event(block=False, disable_timing=True)

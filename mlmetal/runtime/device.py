@@ -337,6 +337,22 @@ class CommandBuffer:
         d = bind(kernel, groups, threads, args, named, predicate if predicate is not None else self.predicate)
         self._encoded.append(d)
 
+    def encoded(self) -> int:
+        """How many dispatches wait in this buffer for the next commit (a mark for `since`)."""
+        return len(self._encoded)
+
+    def since(self, mark: int) -> list[Dispatch]:
+        """The dispatches encoded after `mark` (= `encoded()` then), bound and checked: a graph's
+        plan records them to `replay` on its next run."""
+        return self._encoded[mark:]
+
+    def replay(self, dispatches: list[Dispatch]) -> None:
+        """Encode dispatches bound earlier (by `since`) again, skipping the binding's checks."""
+        if self._committed:
+            raise DispatchError("this command buffer was committed; encode into a new one "
+                                "(or use commit_and_continue)")
+        self._encoded.extend(dispatches)
+
     def commit(self) -> None:
         """Send the encoded work to the device; no more work may be encoded into this buffer."""
         if self._committed:
