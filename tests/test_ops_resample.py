@@ -22,7 +22,8 @@ def upsample_case(small=False, grad_op=False):
 
 ROWS = [
     row("upsample", upsample_case(), grad_case=upsample_case(small=True)),
-    row("upsample_grad", upsample_case(grad_op=True)),
+    # each input gathers up to (2·scale)² weighted gradients whose sum may cancel to near zero
+    row("upsample_grad", upsample_case(grad_op=True), atol=5e-5),
 ]
 
 test_forward, test_grad = make_tests(ROWS)
