@@ -143,11 +143,14 @@ kernel void conv2d_medium(device const float* x [[buffer(0)]],
 }
 
 // o = s / stride when s is a non-negative multiple of stride and o < limit: whether an input
-// pixel's tap falls on the output grid (stride 1, the common case, needs no division).
+// pixel's tap falls on the output grid (strides 1 and 2, the common cases, need no division).
 inline bool on_grid(int s, int stride, uint limit, thread uint& o) {
     if (s < 0) return false;
     if (stride == 1) {
         o = uint(s);
+    } else if (stride == 2) {  // the common stride, without the division (which made staging 4× dearer)
+        if ((s & 1) != 0) return false;
+        o = uint(s) >> 1;
     } else {
         if (s % stride != 0) return false;
         o = uint(s / stride);
@@ -407,20 +410,25 @@ kernel void sum_splits(device const float* partial [[buffer(0)]],
 
 struct BiasGradParams {
     uint n, c, plane;  // dy is N × C × plane
+    uint chunk;        // pixels of the plane each split sums
 };
 
-// db[c] = Σ over images and pixels of dy[n, c, :]: one threadgroup a channel, a strided sum
-// per thread, then a tree through threadgroup memory. Grid: (C), threads: (256).
+// db[c] = Σ over images and pixels of dy[n, c, :], split like the weight gradient: threadgroup
+// (x, c) sums pixels [x·chunk, (x+1)·chunk) of channel c's plane in every image into
+// partial[x·C + c] (then `sum_splits`), by a strided sum per thread and a tree through
+// threadgroup memory. A channel a threadgroup left most of a GPU idle at few channels.
+// Grid: (splits, C), threads: (BIAS_THREADS).
 kernel void conv2d_bias_grad(device const float* dy [[buffer(0)]],
-                             device float* db [[buffer(1)]],
+                             device float* partial [[buffer(1)]],
                              constant BiasGradParams& p [[buffer(2)]],
-                             uint c [[threadgroup_position_in_grid]],
+                             uint2 tile [[threadgroup_position_in_grid]],
                              uint t [[thread_index_in_threadgroup]]) {
     threadgroup float sums[BIAS_THREADS];
+    const uint c = tile.y, begin = tile.x * p.chunk, end = min(p.plane, begin + p.chunk);
     float s = 0.0f;
     for (uint img = 0; img < p.n; ++img) {
         device const float* row = dy + (img * p.c + c) * p.plane;
-        for (uint r = t; r < p.plane; r += BIAS_THREADS) s += row[r];
+        for (uint r = begin + t; r < end; r += BIAS_THREADS) s += row[r];
     }
     sums[t] = s;
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -428,5 +436,5 @@ kernel void conv2d_bias_grad(device const float* dy [[buffer(0)]],
         if (t < half_width) sums[t] += sums[t + half_width];
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    if (t == 0) db[c] = sums[0];
+    if (t == 0) partial[tile.x * p.c + c] = sums[0];
 }

@@ -90,6 +90,27 @@ def test_weight_grad_split_reduction(dev):
     check_forward(dev, Row("conv2d_weight_grad", None, rtol=rtol_for(4096), atol=rtol_for(4096)), inputs, attrs)
 
 
+@pytest.mark.parametrize("x, cout, attrs", [
+    ((3, 4, 300, 5), 34, dict(stride=(1, 1), padding=(2, 2), dilation=(1, 1), groups=2, kernel_size=(5, 5))),
+    ((2, 3, 70, 66), 6, dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=1, kernel_size=(3, 3))),
+    ((4, 2, 64, 64), 32, dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, kernel_size=(1, 1))),
+])
+@pytest.mark.parametrize("spread", [False, True])
+def test_narrow_weight_and_bias_grad(dev, monkeypatch, x, cout, attrs, spread):
+    """The weight gradient for few channels (the narrow tiling) with 5×5, 3×3 and 1×1 windows,
+    groups, odd rows, and pixels split across threadgroups; the bias gradient over the same
+    output gradients, in one threadgroup a channel (cpu) and split (GPUs)."""
+    monkeypatch.setattr(conv_ops, "SPREAD_BACKENDS", {dev.name} if spread else set())
+    y = out_shape(x, (cout, x[1] // attrs["groups"], *attrs["kernel_size"]), attrs)
+    assert conv_ops.tiling(cout // attrs["groups"])[0] == "_narrow"
+    assert conv_ops.split_reduction(y[0] * y[2] * y[3], 1)[0] > 1
+    rng = np.random.default_rng(cout)
+    g, xs = rng.standard_normal(y).astype(np.float32), rng.standard_normal(x).astype(np.float32)
+    tol = dict(rtol=rtol_for(y[2] * y[3] * y[0]), atol=rtol_for(y[2] * y[3] * y[0]))
+    check_forward(dev, Row("conv2d_weight_grad", None, **tol), [g, xs], attrs)
+    check_forward(dev, Row("conv2d_bias_grad", None, **tol), [g], {})
+
+
 @pytest.mark.parametrize("channels", [9, 40, 72])  # kernels/tile.h's narrow, medium and wide tilings
 def test_every_tiling(dev, channels):
     """Hypothesis draws few input channels, so the input gradient's tilings are pinned here (and
