@@ -142,6 +142,31 @@ kernel void conv2d_medium(device const float* x [[buffer(0)]],
     conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
 }
 
+struct FlipParams {
+    uint count;   // elements of the weights
+    uint cout;    // output channels of the forward convolution
+    uint cin_g;   // its input channels a group
+    uint groups;
+    uint kh, kw;
+};
+
+// At stride 1 the input gradient is itself a forward convolution: of dy, padded by
+// dil·(k − 1) − pad, with the weights turned around: w'[g·Cin/g + ci][co][ky][kx] =
+// w[g·Cout/g + co][ci][KH − 1 − ky][KW − 1 − kx], laid out (Cin, Cout/groups, KH, KW).
+// ops/conv.py then runs the forward kernel, which stages its operands better than the
+// scatter-shaped conv2d_input_grad does.
+kernel void flip_weights(device const float* w [[buffer(0)]],
+                         device float* out [[buffer(1)]],
+                         constant FlipParams& p [[buffer(2)]],
+                         uint i [[thread_position_in_grid]]) {
+    if (i >= p.count) return;
+    uint kx = i % p.kw, ky = (i / p.kw) % p.kh, taps = p.kh * p.kw;
+    uint cout_g = p.cout / p.groups;
+    uint co = (i / taps) % cout_g, cin = i / (taps * cout_g);
+    uint g = cin / p.cin_g, ci = cin % p.cin_g;
+    out[i] = w[(((g * cout_g + co) * p.cin_g + ci) * p.kh + (p.kh - 1 - ky)) * p.kw + (p.kw - 1 - kx)];
+}
+
 // o = s / stride when s is a non-negative multiple of stride and o < limit: whether an input
 // pixel's tap falls on the output grid (strides 1 and 2, the common cases, need no division).
 inline bool on_grid(int s, int stride, uint limit, thread uint& o) {

@@ -114,12 +114,14 @@ def test_narrow_weight_and_bias_grad(dev, monkeypatch, x, cout, attrs, spread):
 @pytest.mark.parametrize("channels", [9, 40, 72])  # kernels/tile.h's narrow, medium and wide tilings
 def test_every_tiling(dev, channels):
     """Hypothesis draws few input channels, so the input gradient's tilings are pinned here (and
-    every op's, with padding, stride 2 and a tile-crossing pixel count)."""
+    every op's, with padding, stride 2 and a tile-crossing pixel count). At stride 1 the input
+    gradient runs the forward kernel on turned weights, unless the padding exceeds the window's
+    reach (padding 3 of a 3×3 window), where it falls back to conv2d_input_grad like stride 2."""
     assert {conv_ops.tiling(c)[0] for c in (9, 40, 72)} == {"_narrow", "_medium", ""}
     rng = np.random.default_rng(channels)
     x, w = (2, channels, 11, 13), (channels + 3, channels, 3, 3)
-    for s, d in ((1, 1), (2, 2)):
-        attrs = dict(stride=(s, s), padding=(1, 1), dilation=(d, d))
+    for s, d, pad in ((1, 1, 1), (2, 2, 1), (1, 1, 3)):
+        attrs = dict(stride=(s, s), padding=(pad, pad), dilation=(d, d))
         y = out_shape(x, w, attrs)
         draw = lambda shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
         tol = dict(rtol=rtol_for(channels * 9 * 4), atol=rtol_for(channels * 9 * 4))

@@ -174,6 +174,17 @@ def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, g
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = dx.shape
     _, cout, oh, ow = g.shape
+    cout, cin_g, kh, kw = w.shape
+    turned = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding)]
+    if stride == (1, 1) and min(turned) >= 0:
+        # a forward convolution of g with the weights turned around (see flip_weights)
+        lib = dx.device.library("conv")
+        flipped = empty((cin, cout // groups, kh, kw), dx.device)
+        cb.dispatch(lib.kernel("flip_weights"), groups=groups_for(flipped.size, 256), threads=256,
+                    args=[w, flipped, dict(count=flipped.size, cout=cout, cin_g=cin_g, groups=groups, kh=kh, kw=kw)])
+        _conv2d_encode(cb, dx, g, flipped, stride=(1, 1), padding=tuple(turned), dilation=dilation, groups=groups)
+        return
+    _, cout, oh, ow = g.shape
     variant, rows, cols, threads = tiling(cin // groups)
     k = dx.device.library("conv").kernel("conv2d_input_grad" + variant)
     grid = (groups_for(n * h * wd, cols), groups_for(cin // groups, rows), groups)
@@ -181,7 +192,8 @@ def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, g
 
 
 register("conv2d_input_grad", check=_input_grad_check, encode=_input_grad_encode, reference=R.conv2d_input_grad,
-         grad=None, kernels=["conv.conv2d_input_grad", "conv.conv2d_input_grad_medium", "conv.conv2d_input_grad_narrow"])
+         grad=None, kernels=["conv.conv2d_input_grad", "conv.conv2d_input_grad_medium", "conv.conv2d_input_grad_narrow",
+                             "conv.flip_weights"])
 
 
 def _weight_grad_check(g, x, *, kernel_size, stride=1, padding=0, dilation=1, groups=1):
