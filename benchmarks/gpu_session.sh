@@ -25,7 +25,7 @@ bench_runtime
 bench_random
 bench_nn_conv
 bench_nn_ops
-bench_training
+bench_training --profile
 bench_predicate
 bench_strategies --chart $out/strategies-cuda.png
 EOF
