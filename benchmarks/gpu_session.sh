@@ -14,12 +14,13 @@ if ! python3 -c "import hypothesis, pytest" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD:$PWD/benchmarks:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 MLMETAL_DEVICE=cuda
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$out/tests.log"
 
-timeout 300 python3 -m pytest tests -q -p no:cacheprovider -x -rfE 2>&1 | tee "$out/tests.log" | tail -15
+timeout 300 python3 -m pytest tests -q -p no:cacheprovider -x -rfE 2>&1 | tee -a "$out/tests.log" | tail -15
 while read -r bench args; do
     echo "== $bench $args"
-    timeout 120 python3 "benchmarks/$bench.py" $args 2>&1 | tee "$out/$bench.log" | tail -25
+    echo "== $bench $args" >> "$out/benchmarks.log"
+    timeout 120 python3 "benchmarks/$bench.py" $args 2>&1 | tee -a "$out/benchmarks.log" | tail -25
 done <<EOF
 bench_runtime
 bench_random
