@@ -220,10 +220,7 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
     cols = dw.size // cout
     variant, rows, width, threads = tiling(cout // groups)
     grid = (groups_for(cols, width), groups_for(cout // groups, rows), groups)
-    # The split aims at the same number of threads in flight whatever the tiling: the narrow
-    # tiling's 64-thread groups would leave a GPU a quarter full at the wide tiling's target.
-    target = 264 * (WIDE_THREADS // threads) if dw.device.name in SPREAD_BACKENDS else 264
-    splits, chunk = split_reduction(n * oh * ow, math.prod(grid), target=target)
+    splits, chunk = split_reduction(n * oh * ow, math.prod(grid))
     lib = dw.device.library("conv")
     partial = dw if splits == 1 else empty((splits, dw.size), dw.device)
     params = _params(n, cin, h, wd, cout, oh, ow, *kernel_size, a, chunk=chunk)
