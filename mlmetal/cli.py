@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except (mm.BackendUnavailable, mm.KernelSourceError, mm.DispatchError, RuntimeError) as e:
         print(f"mlmetal: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before anything worth saving existed (the apps save what they trained)
+        print(f"mlmetal {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

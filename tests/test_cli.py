@@ -36,3 +36,14 @@ def test_every_training_command_takes_the_common_flags(command, capsys):
 def test_unknown_benchmark_and_device_exit_2(capsys):
     assert cli.main(["bench", "nope"]) == 2
     assert cli.main(["demo", "--device", "metal"]) == 2 or __import__("sys").platform == "darwin"
+
+
+def test_ctrl_c_before_training_exits_130_without_a_traceback(monkeypatch, capsys):
+    from mlmetal.apps import gan
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the judging classifier trains
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gan, "train_digits", interrupted)
+    assert cli.main(["gan", "--steps", "1"]) == 130
+    assert "mlmetal gan: interrupted" in capsys.readouterr().err
