@@ -54,19 +54,7 @@
 #ifndef UINT_MAX
 #define UINT_MAX 4294967295u
 #endif
-#define M_E_F 2.71828182845904523536f
-#define M_LOG2E_F 1.44269504088896340736f
-#define M_LOG10E_F 0.434294481903251827651f
-#define M_LN2_F 0.693147180559945309417f
-#define M_LN10_F 2.30258509299404568402f
-#define M_PI_F 3.14159265358979323846f
-#define M_PI_2_F 1.57079632679489661923f
-#define M_PI_4_F 0.785398163397448309616f
-#define M_1_PI_F 0.318309886183790671538f
-#define M_2_PI_F 0.636619772367581343076f
-#define M_2_SQRTPI_F 1.12837916709551257390f
-#define M_SQRT2_F 1.41421356237309504880f
-#define M_SQRT1_2_F 0.707106781186547524401f
+#include "mlm_constants.h"  // M_PI_F and the other float constants of <metal_math>
 
 // ---------------------------------------------------------------------------------------------
 // CUDA declares its own global ::float4, ::uint2, … (and cuda_fp16.h a global ::half). A kernel
