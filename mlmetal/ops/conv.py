@@ -174,7 +174,7 @@ def _input_grad_check(g, w, *, input_size, stride=1, padding=0, dilation=1, grou
 def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, groups):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = dx.shape
-    _, cout, oh, ow = g.shape
+    oh, ow = g.shape[2:]
     cout, cin_g, kh, kw = w.shape
     turned = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding)]
     if stride == (1, 1) and min(turned) >= 0:
@@ -185,11 +185,10 @@ def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, g
                     args=[w, flipped, dict(count=flipped.size, cout=cout, cin_g=cin_g, groups=groups, kh=kh, kw=kw)])
         _conv2d_encode(cb, dx, g, flipped, stride=(1, 1), padding=tuple(turned), dilation=dilation, groups=groups)
         return
-    _, cout, oh, ow = g.shape
     variant, rows, cols, threads = tiling(cin // groups)
     k = dx.device.library("conv").kernel("conv2d_input_grad" + variant)
     grid = (groups_for(n * h * wd, cols), groups_for(cin // groups, rows), groups)
-    cb.dispatch(k, groups=grid, threads=threads, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a)])
+    cb.dispatch(k, groups=grid, threads=threads, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, kh, kw, a)])
 
 
 register("conv2d_input_grad", check=_input_grad_check, encode=_input_grad_encode, reference=R.conv2d_input_grad,
@@ -231,11 +230,12 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
     params = _params(n, cin, h, wd, cout, oh, ow, *kernel_size, a, chunk=chunk)
     cb.dispatch(lib.kernel("conv2d_weight_grad" + variant), groups=(*grid[:2], groups * splits), threads=threads,
                 args=[g, x, partial, params])
-    _sum_splits(cb, lib, partial, dw, splits)
+    sum_splits(cb, lib, partial, dw, splits)
 
 
-def _sum_splits(cb, lib, partial, out, splits):
-    """out = the sum of the `splits` slices of partial (nothing to do for one: partial is out)."""
+def sum_splits(cb, lib, partial, out, splits):
+    """out = the sum of the `splits` slices of partial (nothing to do for one: partial is out);
+    `lib` is a library with a sum_splits kernel (conv's or gram's)."""
     if splits > 1:
         cb.dispatch(lib.kernel("sum_splits"), groups=groups_for(out.size, 256), threads=256,
                     args=[partial, out, {"count": out.size, "splits": splits}])
@@ -262,7 +262,7 @@ def _bias_grad_encode(cb, db, g):
     partial = db if splits == 1 else empty((splits, c), db.device)
     cb.dispatch(lib.kernel("conv2d_bias_grad"), groups=(splits, c), threads=256,
                 args=[g, partial, {"n": n, "c": c, "plane": h * w, "chunk": chunk}])
-    _sum_splits(cb, lib, partial, db, splits)
+    sum_splits(cb, lib, partial, db, splits)
 
 
 register("conv2d_bias_grad", check=_bias_grad_check, encode=_bias_grad_encode, reference=R.conv2d_bias_grad,

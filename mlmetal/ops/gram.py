@@ -9,7 +9,7 @@ import math
 from ..reference import gram as R
 from ..tensor import empty
 from . import apply, ensure, groups_for, register
-from .conv import WIDE, WIDE_THREADS, split_reduction  # the gram kernels use the wide tiling
+from .conv import WIDE, WIDE_THREADS, sum_splits, split_reduction  # the gram kernels use the wide tiling
 
 
 def _check_features(op, x):
@@ -47,9 +47,7 @@ def _gram_encode(cb, g, x, *, alpha):
     partial = g if splits == 1 else empty((splits, g.size), g.device)
     cb.dispatch(lib.kernel("gram"), groups=(tiles, tiles, n * splits), threads=WIDE_THREADS,
                 args=[x, partial, dict(batch=n, c=c, hw=h * w, alpha=alpha, chunk=chunk)])
-    if splits > 1:
-        cb.dispatch(lib.kernel("sum_splits"), groups=groups_for(g.size, 256), threads=256,
-                    args=[partial, g, {"count": g.size, "splits": splits}])
+    sum_splits(cb, lib, partial, g, splits)
 
 
 register("gram", check=_gram_check, encode=_gram_encode, reference=R.gram,

@@ -396,6 +396,7 @@ class Device:
     def __init__(self):
         self._libraries: dict[Any, Library] = {}
         self._lock = threading.Lock()
+        self._discard: Buffer | None = None  # see discard()
 
     def library(self, name: str | None = None, *, source: str | None = None, path: str | Path | None = None) -> Library:
         """Compile a kernel library: `name` of a file in kernels/, a `source` string, or a `path`.
@@ -438,7 +439,7 @@ class Device:
         norm's statistics, say): one per device, grown when asked for more, shared by every such
         use. Work in flight keeps the buffer it was given alive."""
         with self._lock:
-            buf = getattr(self, "_discard", None)
+            buf = self._discard
             if buf is None or buf.nbytes < nbytes:
                 buf = self._discard = self._alloc(max(int(nbytes), 2 * buf.nbytes if buf else 4096))
         return buf
