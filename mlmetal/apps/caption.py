@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import mlmetal as mm
-from mlmetal.apps.digits import load_digits
+from mlmetal.apps.digits import load_digits, upscale
 from mlmetal.ops.predicate import Predicates
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -162,11 +162,6 @@ class _unpredicated:
 
     def __exit__(self, *exc):
         return False
-
-
-def upscale(images: np.ndarray, size: int, dev) -> np.ndarray:
-    """Digits (N, 1, 8, 8) scaled bilinearly to size×size on the device (unchanged at 8)."""
-    return images if size == 8 else mm.ops.upsample(mm.tensor(images, dev), size // 8, mode="bilinear").numpy()
 
 
 def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e-2, seed: int = 0,

@@ -41,6 +41,11 @@ class DigitsCNN(mm.nn.Module):
         return self.body(x)
 
 
+def upscale(images: np.ndarray, size: int, device=None) -> np.ndarray:
+    """Digits (N, 1, 8, 8) scaled bilinearly to size×size on the device (unchanged at 8)."""
+    return images if size == 8 else mm.ops.upsample(mm.tensor(images, device), size // 8, mode="bilinear").numpy()
+
+
 def one_hot(labels: np.ndarray) -> np.ndarray:
     return np.eye(10, dtype=np.float32)[labels][:, :, None, None]
 

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 import mlmetal as mm
-from mlmetal.apps.digits import train_digits
+from mlmetal.apps.digits import train_digits, upscale
 
 LATENT = 32
 
@@ -164,7 +164,7 @@ def real_digits(size: int = 8, device=None) -> np.ndarray:
 
     x = (load_digits().images / 8.0 - 1).astype(np.float32)[:, None]
     upsampling_stages(size)  # refuses a size that is not 8·2^k
-    return x if size == 8 else mm.ops.upsample(mm.tensor(x, device), size // 8, mode="bilinear").numpy()
+    return upscale(x, size, device)
 
 
 def confident_fraction(classifier, device, images: np.ndarray, threshold: float = 0.9) -> tuple[float, np.ndarray]:
