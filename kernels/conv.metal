@@ -417,6 +417,141 @@ kernel void conv2d_weight_grad_medium(device const float* dy [[buffer(0)]],
     conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
 }
 
+// dw of a 3×3, stride-1, undilated, ungrouped convolution, directly rather than as a GEMM.
+// The GEMM of conv2d_weight_grad stages every (input channel, ky, kx) column of the patches
+// separately — nine gathers of each input value — and, at 16 channels, fills only 144 of the
+// narrow tile's 256 columns. Here a threadgroup stages a tile of pixels once: the output
+// gradient of WG_CO output channels over WG_ROWS × WG_COLS pixels, and the input of WG_CI
+// channels over the (WG_ROWS + 2) × (WG_COLS + 2) pixels those windows reach. Warp r takes
+// pixel row r of the tile; its lane (h, ci) owns output channels 8h … 8h + 7 of input channel
+// ci, all nine taps: 72 sums. Walking along the row it keeps the 3×3 window of input in
+// registers, so each pixel costs 3 new input values and 8 output gradients (the two halves of
+// the warp read the same input values: a broadcast) for 72 multiply-adds.
+// The next tile's loads are in flight while the current one is multiplied. At the end the
+// eight warps' sums for the same weights are added through threadgroup memory in four rounds.
+// Threadgroup z sums tiles [z·chunk, (z+1)·chunk) of all images into slice z of `partial`,
+// as conv2d_weight_grad does, and `sum_splits` adds the slices.
+// Grid: (ceil(Cin / WG_CI), ceil(Cout / WG_CO), splits), threads: WG_THREADS.
+#define WG_ROWS 8                               // pixel rows a tile: one a warp
+#define WG_COLS 16                              // pixel columns a tile
+#define WG_CO 16                                // output channels a threadgroup: two halves of 8
+#define WG_CI 16                                // input channels a threadgroup: one a lane of a half
+#define WG_THREADS (32 * WG_ROWS)
+#define WG_SPAN (WG_COLS + 2)                   // input columns a tile reaches
+#define WG_X_TILE ((WG_ROWS + 2) * WG_SPAN)     // input floats a channel's windows reach
+// Floats an output / input channel takes in threadgroup memory: odd, so that the two halves
+// of a warp, and its 16 lanes' input channels, read from different banks.
+#define WG_DY_PITCH (WG_ROWS * WG_COLS + 1)
+#define WG_X_PITCH (WG_X_TILE + 1)
+#define WG_DY_STAGED (WG_CO * WG_ROWS * WG_COLS / WG_THREADS)
+#define WG_X_STAGED ((WG_CI * WG_X_TILE + WG_THREADS - 1) / WG_THREADS)
+#define WG_ROUND 18                             // sums a lane hands over a reduction round
+// (WG_ROWS · WG_ROUND · 32 floats of the staging memory, which has room for them)
+#define WG_STAGE_FLOATS (WG_CO * WG_DY_PITCH + WG_CI * WG_X_PITCH)
+
+struct WeightGrad3x3Params {
+    uint n, cin, h, w;      // input images
+    uint cout, oh, ow;      // output gradient images
+    int pad_h, pad_w;
+    uint tiles_x, tiles_y;  // tiles of WG_ROWS × WG_COLS pixels an image
+    uint chunk;             // tiles each split sums
+};
+
+// Thread t's share of tile `tile` (a flat index over images and their tiles): output
+// gradients into dy_part, input (zero outside the image) into x_part.
+inline void load_tile_3x3(device const float* dy, device const float* x, constant WeightGrad3x3Params& p,
+                          uint tile, uint ci0, uint co0, uint t, thread float* dy_part, thread float* x_part) {
+    const uint tiles_image = p.tiles_x * p.tiles_y, img = tile / tiles_image, r = tile % tiles_image;
+    const int oy0 = int(r / p.tiles_x * WG_ROWS), ox0 = int(r % p.tiles_x * WG_COLS);
+    for (uint i = 0; i < WG_DY_STAGED; ++i) {
+        const uint e = t + i * WG_THREADS, co = co0 + e / (WG_ROWS * WG_COLS);
+        const int oy = oy0 + int(e / WG_COLS % WG_ROWS), ox = ox0 + int(e % WG_COLS);
+        dy_part[i] = co < p.cout && oy < int(p.oh) && ox < int(p.ow)
+                         ? dy[((img * p.cout + co) * p.oh + uint(oy)) * p.ow + uint(ox)] : 0.0f;
+    }
+    for (uint i = 0; i < WG_X_STAGED; ++i) {
+        const uint e = t + i * WG_THREADS, c = ci0 + e / WG_X_TILE;
+        const int iy = oy0 - p.pad_h + int(e / WG_SPAN % (WG_ROWS + 2)), ix = ox0 - p.pad_w + int(e % WG_SPAN);
+        const bool inside = iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
+        x_part[i] = e < WG_CI * WG_X_TILE && c < p.cin && inside ? x[((img * p.cin + c) * p.h + uint(iy)) * p.w + uint(ix)] : 0.0f;
+    }
+}
+
+kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],
+                                   device const float* x [[buffer(1)]],
+                                   device float* partial [[buffer(2)]],
+                                   constant WeightGrad3x3Params& p [[buffer(3)]],
+                                   uint3 group [[threadgroup_position_in_grid]],
+                                   uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float stage[WG_STAGE_FLOATS];
+    threadgroup float* dys = stage;                       // [WG_CO][WG_DY_PITCH]
+    threadgroup float* xs = stage + WG_CO * WG_DY_PITCH;  // [WG_CI][WG_X_PITCH]
+    const uint ci0 = group.x * WG_CI, co0 = group.y * WG_CO, split = group.z;
+    const uint first = split * p.chunk, last = min(p.n * p.tiles_x * p.tiles_y, first + p.chunk);
+    const uint row = t / 32, lane = t % 32, upper = lane / 16, ci = lane % 16;
+
+    float acc[8][9];
+    for (uint j = 0; j < 8; ++j)
+        for (uint k = 0; k < 9; ++k) acc[j][k] = 0.0f;
+    float dy_next[WG_DY_STAGED], x_next[WG_X_STAGED];
+    if (first < last) load_tile_3x3(dy, x, p, first, ci0, co0, t, dy_next, x_next);
+    for (uint tile = first; tile < last; ++tile) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous tile's reads are done
+        for (uint i = 0; i < WG_DY_STAGED; ++i) {
+            const uint e = t + i * WG_THREADS;
+            dys[e / (WG_ROWS * WG_COLS) * WG_DY_PITCH + e % (WG_ROWS * WG_COLS)] = dy_next[i];
+        }
+        for (uint i = 0; i < WG_X_STAGED; ++i) {
+            const uint e = t + i * WG_THREADS;
+            if (e < WG_CI * WG_X_TILE) xs[e / WG_X_TILE * WG_X_PITCH + e % WG_X_TILE] = x_next[i];
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        // The next tile's loads are in flight during this one's products.
+        if (tile + 1 < last) load_tile_3x3(dy, x, p, tile + 1, ci0, co0, t, dy_next, x_next);
+        threadgroup const float* g_row = dys + upper * 8 * WG_DY_PITCH + row * WG_COLS;
+        threadgroup const float* x_row = xs + ci * WG_X_PITCH + row * WG_SPAN;
+        float win[3][3];
+        for (uint ky = 0; ky < 3; ++ky) {
+            win[ky][0] = x_row[ky * WG_SPAN];
+            win[ky][1] = x_row[ky * WG_SPAN + 1];
+        }
+        #pragma unroll
+        for (uint ox = 0; ox < WG_COLS; ++ox) {
+            for (uint ky = 0; ky < 3; ++ky) win[ky][2] = x_row[ky * WG_SPAN + ox + 2];
+            for (uint j = 0; j < 8; ++j) {
+                const float g = g_row[j * WG_DY_PITCH + ox];
+                for (uint ky = 0; ky < 3; ++ky)
+                    for (uint kx = 0; kx < 3; ++kx) acc[j][ky * 3 + kx] = fma(g, win[ky][kx], acc[j][ky * 3 + kx]);
+            }
+            for (uint ky = 0; ky < 3; ++ky) {
+                win[ky][0] = win[ky][1];
+                win[ky][1] = win[ky][2];
+            }
+        }
+    }
+
+    // The warps' sums for the same weights, added in rounds of WG_ROUND a lane.
+    device float* out = partial + split * p.cout * p.cin * 9;
+    threadgroup float* sums = stage;  // [warp][WG_ROUND][32]
+    #pragma unroll
+    for (uint round = 0; round < 72 / WG_ROUND; ++round) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        #pragma unroll
+        for (uint v = 0; v < WG_ROUND; ++v) {
+            const uint s = round * WG_ROUND + v;
+            sums[(row * WG_ROUND + v) * 32 + lane] = acc[s / 9][s % 9];
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint o = t; o < WG_ROUND * 32; o += WG_THREADS) {
+            float s = 0.0f;
+            for (uint r = 0; r < WG_ROWS; ++r) s += sums[r * WG_ROUND * 32 + o];
+            const uint v = round * WG_ROUND + o / 32, l = o % 32;
+            const uint co = co0 + l / 16 * 8 + v / 9, c = ci0 + l % 16;
+            if (co < p.cout && c < p.cin) out[(co * p.cin + c) * 9 + v % 9] = s;
+        }
+    }
+}
+
 struct SplitParams {
     uint count;   // floats per slice
     uint splits;

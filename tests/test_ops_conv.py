@@ -6,6 +6,7 @@ with K; rows state `rtol_for(K_max)` of conftest for the largest K their cases c
 
 import numpy as np
 import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 
 import mlmetal as mm
@@ -109,6 +110,26 @@ def test_narrow_weight_and_bias_grad(dev, monkeypatch, x, cout, attrs, spread):
     tol = dict(rtol=rtol_for(y[2] * y[3] * y[0]), atol=rtol_for(y[2] * y[3] * y[0]))
     check_forward(dev, Row("conv2d_weight_grad", None, **tol), [g, xs], attrs)
     check_forward(dev, Row("conv2d_bias_grad", None, **tol), [g], {})
+
+
+@given(st.data())
+def test_direct_weight_grad(dev, monkeypatch, data):
+    """conv2d_weight_grad_3x3 (the GPUs' 3×3 stride-1 weight gradient) on every backend: channel
+    counts either side of its 16-channel blocks, images either side of its 8×16-pixel tiles,
+    padding 0–2, and the pixel tiles split across threadgroups or not."""
+    monkeypatch.setattr(conv_ops, "DIRECT_BACKENDS", {dev.name})
+    draw = lambda s, label: data.draw(s, label=label)  # noqa: E731
+    channels = st.sampled_from([1, 15, 16, 17, 33]) | st.integers(1, 40)
+    n, cin, cout = draw(st.integers(1, 3), "n"), draw(channels, "cin"), draw(channels.filter(lambda c: c <= 64), "cout")
+    pad = draw(st.integers(0, 2), "padding")
+    h, w = (max(3 - 2 * pad, draw(st.sampled_from([1, 7, 8, 9, 15, 16, 17, 31, 33]) | st.integers(1, 40), d))
+            for d in "hw")
+    attrs = dict(stride=1, padding=pad, kernel_size=3)
+    assert conv_ops.direct_weight_grad(dev.name, cout, (3, 3), (1, 1), (1, 1), 1)
+    g_shape = (n, cout, h + 2 * pad - 2, w + 2 * pad - 2)
+    pixels = n * g_shape[2] * g_shape[3]
+    check_forward(dev, Row("conv2d_weight_grad", None, rtol=rtol_for(pixels), atol=rtol_for(pixels)),
+                  [floats(g_shape, data), floats((n, cin, h, w), data)], attrs)
 
 
 @pytest.mark.parametrize("channels", [9, 40, 72])  # kernels/tile.h's narrow, medium and wide tilings
