@@ -113,23 +113,33 @@ def test_narrow_weight_and_bias_grad(dev, monkeypatch, x, cout, attrs, spread):
 
 
 @given(st.data())
-def test_direct_weight_grad(dev, monkeypatch, data):
-    """conv2d_weight_grad_3x3 (the GPUs' 3×3 stride-1 weight gradient) on every backend: channel
-    counts either side of its 16-channel blocks, images either side of its 8×16-pixel tiles,
-    padding 0–2, and the pixel tiles split across threadgroups or not."""
+def test_direct_3x3_kernels(dev, monkeypatch, data):
+    """conv2d_3x3 and conv2d_weight_grad_3x3 (the GPUs' kernels for 3×3 stride-1 convolutions,
+    forward, input gradient through turned weights, weight gradient) on every backend: channel
+    counts either side of their 16-channel blocks and 4-channel chunks, images either side of
+    their 8×16 and 8×64-pixel tiles, padding 0–2, with and without bias, the weight gradient's
+    tiles split across threadgroups or not."""
     monkeypatch.setattr(conv_ops, "DIRECT_BACKENDS", {dev.name})
     draw = lambda s, label: data.draw(s, label=label)  # noqa: E731
-    channels = st.sampled_from([1, 15, 16, 17, 33]) | st.integers(1, 40)
-    n, cin, cout = draw(st.integers(1, 3), "n"), draw(channels, "cin"), draw(channels.filter(lambda c: c <= 64), "cout")
+    channels = st.sampled_from([1, 3, 4, 5, 15, 16, 17, 33]) | st.integers(1, 40)
+    n, cin, cout = draw(st.integers(1, 3), "n"), draw(channels, "cin"), draw(channels, "cout")
     pad = draw(st.integers(0, 2), "padding")
-    h, w = (max(3 - 2 * pad, draw(st.sampled_from([1, 7, 8, 9, 15, 16, 17, 31, 33]) | st.integers(1, 40), d))
+    h, w = (max(3 - 2 * pad, draw(st.sampled_from([1, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65]) | st.integers(1, 70), d))
             for d in "hw")
-    attrs = dict(stride=1, padding=pad, kernel_size=3)
+    assert conv_ops.direct_conv(dev.name, cout, (3, 3), (1, 1), (1, 1), 1)
+    assert conv_ops.direct_conv(dev.name, cin, (3, 3), (1, 1), (1, 1), 1)  # the input gradient's turned convolution
     assert conv_ops.direct_weight_grad(dev.name, cout, (3, 3), (1, 1), (1, 1), 1)
-    g_shape = (n, cout, h + 2 * pad - 2, w + 2 * pad - 2)
-    pixels = n * g_shape[2] * g_shape[3]
-    check_forward(dev, Row("conv2d_weight_grad", None, rtol=rtol_for(pixels), atol=rtol_for(pixels)),
-                  [floats(g_shape, data), floats((n, cin, h, w), data)], attrs)
+    y = (n, cout, h + 2 * pad - 2, w + 2 * pad - 2)
+    x, wt = floats((n, cin, h, w), data), floats((cout, cin, 3, 3), data)
+    bias = [floats((cout,), data)] if draw(st.booleans(), "bias") else []
+    attrs = dict(stride=(1, 1), padding=(pad, pad), dilation=(1, 1))
+    tol = dict(rtol=rtol_for(cin * 9), atol=rtol_for(cin * 9))
+    check_forward(dev, Row("conv2d", None, **tol), [x, wt, *bias], attrs)
+    tol = dict(rtol=rtol_for(cout * 9), atol=rtol_for(cout * 9))
+    check_forward(dev, Row("conv2d_input_grad", None, **tol), [floats(y, data), wt], dict(attrs, input_size=(h, w)))
+    pixels = n * y[2] * y[3]
+    tol = dict(rtol=rtol_for(pixels), atol=rtol_for(pixels))
+    check_forward(dev, Row("conv2d_weight_grad", None, **tol), [floats(y, data), x], dict(attrs, kernel_size=3))
 
 
 @pytest.mark.parametrize("channels", [9, 40, 72])  # kernels/tile.h's narrow, medium and wide tilings

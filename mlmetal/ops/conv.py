@@ -20,6 +20,14 @@ NARROW_M, NARROW_N, NARROW_THREADS = 16, 256, 64  # the narrow tiling: NARROW_M 
 # The backends whose bias gradient spreads each channel's sum over several threadgroups; on
 # cpu that costs more barriers than it saves.
 SPREAD_BACKENDS = {"cuda", "metal"}
+# The backends that run 3×3 stride-1 convolutions of up to 64 output channels with the direct
+# kernels conv2d_3x3 and conv2d_weight_grad_3x3 instead of the GEMMs. H100, batch 4:
+#   forward       16→16 at 256²: 63 µs against the narrow GEMM's 100 (cuDNN 115);
+#                 64→64 at 64²: 65 against the medium GEMM's 92 (cuDNN 58);
+#   weight grad   16→16 at 256²: 57 µs against 145 (cuDNN 162); 64→64 at 64²: 53 against 78;
+#                 but 128→128 at 64²: 168 against the wide GEMM's 148.
+# On cpu, where each barrier is a fiber switch for each thread, the GEMMs win.
+DIRECT_BACKENDS = {"cuda", "metal"}
 MAX_ELEMENTS = 2**31  # kernels index with 32-bit integers
 SPLIT_FACTOR = {"_narrow": 2, "_medium": 0.5}  # the weight gradient's split target, relative to the wide tiling's
 
@@ -103,10 +111,27 @@ def _conv2d_check(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
     return (x[0], cout, oh, ow), a
 
 
+CF_ROWS, CF_COLS, CF_CO, CF_THREADS = 8, 64, 16, 128  # conv2d_3x3's tiles (conv.metal)
+
+
+def direct_conv(backend: str, cout: int, kernel_size, stride, dilation, groups) -> bool:
+    """Whether conv2d_3x3 computes this convolution (rather than the GEMM)."""
+    return (backend in DIRECT_BACKENDS and cout <= MEDIUM_M and tuple(kernel_size) == (3, 3) and stride == (1, 1)
+            and dilation == (1, 1) and groups == 1)
+
+
 def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
+    if direct_conv(y.device.name, cout, w.shape[2:], stride, dilation, groups):
+        tiles_x = groups_for(ow, CF_COLS)
+        params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
+                      tiles_x=tiles_x, has_bias=int(b is not None))
+        cb.dispatch(y.device.library("conv").kernel("conv2d_3x3"), threads=CF_THREADS,
+                    groups=(tiles_x * groups_for(oh, CF_ROWS), groups_for(cout, CF_CO), n),
+                    args=[x, w, w if b is None else b, y, params])
+        return
     variant, rows, cols, threads = tiling(cout // groups)
     k = y.device.library("conv").kernel("conv2d" + variant)
     grid = (groups_for(n * oh * ow, cols), groups_for(cout // groups, rows), groups)
@@ -122,7 +147,7 @@ def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups):
 
 
 register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2d, grad=_conv2d_grad,
-         kernels=["conv.conv2d", "conv.conv2d_medium", "conv.conv2d_narrow"])
+         kernels=["conv.conv2d", "conv.conv2d_medium", "conv.conv2d_narrow", "conv.conv2d_3x3"])
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
@@ -216,11 +241,6 @@ def _weight_grad_check(g, x, *, kernel_size, stride=1, padding=0, dilation=1, gr
 WG_ROWS, WG_COLS, WG_CO, WG_CI, WG_THREADS = 8, 16, 16, 16, 256  # conv2d_weight_grad_3x3's tiles (conv.metal)
 
 
-# The backends that run conv2d_weight_grad_3x3 where it applies. H100, dw of 3×3 convolutions
-# at batch 4: 16→16 at 256² 57 µs against the narrow GEMM's 145 (cuDNN 162), 32→32 at 128²
-# 55 against 170, 64→64 at 64² 53 against 78; but 128→128 at 64² 168 against the wide GEMM's
-# 148. On cpu, where each barrier is a fiber switch for each of its 256 threads, the GEMM wins.
-DIRECT_BACKENDS = {"cuda", "metal"}
 
 
 def direct_weight_grad(backend: str, cout: int, kernel_size, stride, dilation, groups) -> bool:
