@@ -51,8 +51,10 @@ class Optimizer:
     def prepare_step(self) -> None:
         """Advance the step count and refresh the update nodes' attributes (learning rate, step)."""
         self.steps += 1
-        for n in self._nodes:
-            n.attrs.update(ops.infer(self.op, *n.inputs, **self.attrs())[1])
+        if self._nodes:  # the attributes do not depend on the shapes: checked once, for the first node
+            attrs = ops.infer(self.op, *self._nodes[0].inputs, **self.attrs())[1]
+            for n in self._nodes:
+                n.attrs.update(attrs)
 
     def step(self) -> None:
         """Eagerly update every trainable parameter from its `grad`."""
