@@ -15,9 +15,13 @@ struct MatmulParams {
     uint a_m, a_k;       // element strides of A along its rows and along k
     uint b_k, b_n;       // element strides of B along k and along its columns
     uint has_bias;       // add bias[column]
+    uint chunk;          // reduction steps each split sums (k itself for one split)
 };
 
-// c = A·B (+ bias), C row-major. Grid: (ceil(n / 128), ceil(m / 128), 1).
+// c = A·B (+ bias), C row-major. A long reduction over a small C is split like the weight
+// gradient of a convolution: threadgroup z sums k in [z·chunk, (z+1)·chunk) into slice z of c
+// (m·n floats a slice; the bias goes into slice 0), and conv's `sum_splits` adds the slices.
+// Grid: (ceil(n / 128), ceil(m / 128), splits).
 kernel void matmul(device const float* a [[buffer(0)]],
                    device const float* b [[buffer(1)]],
                    device const float* bias [[buffer(2)]],
@@ -28,6 +32,7 @@ kernel void matmul(device const float* a [[buffer(0)]],
     threadgroup float4 a_tile[2 * STAGED(WIDE)];  // [k][row]
     threadgroup float4 b_tile[2 * STAGED(WIDE)];  // [k][column]
     const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
+    const uint k_begin = tile.z * p.chunk, k_end = min(p.k, k_begin + p.chunk);
     const Stage sa = p.a_k == 1 ? along_k(t) : along_rows(t, WIDE);
     const Stage sb = p.b_n == 1 ? along_rows(t, WIDE) : along_k(t);
 
@@ -36,15 +41,15 @@ kernel void matmul(device const float* a [[buffer(0)]],
     clear(acc);
     float4 a_next, b_next;
     uint buf = 0;
-    for (uint k0 = 0; k0 < p.k; k0 += TILE_K, buf ^= 1) {
+    for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K, buf ^= 1) {
         const uint ka = k0 + sa.k, kb = k0 + sb.k;
         for (uint j = 0; j < 4; ++j) {
             const uint m = m0 + 4 * sa.quad + j, n = n0 + 4 * sb.quad + j;
-            a_next[j] = m < p.m && ka < p.k ? a[m * p.a_m + ka * p.a_k] : 0.0f;
-            b_next[j] = n < p.n && kb < p.k ? b[kb * p.b_k + n * p.b_n] : 0.0f;
+            a_next[j] = m < p.m && ka < k_end ? a[m * p.a_m + ka * p.a_k] : 0.0f;
+            b_next[j] = n < p.n && kb < k_end ? b[kb * p.b_k + n * p.b_n] : 0.0f;
         }
         // The previous slice is multiplied while this one's loads are in flight.
-        if (k0 > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE),
+        if (k0 > k_begin) multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE),
                                    WIDE, WIDE, tm, tn, acc);
         a_tile[buf * STAGED(WIDE) + sa.k * pitch(WIDE) + sa.quad] = a_next;
         b_tile[buf * STAGED(WIDE) + sb.k * pitch(WIDE) + sb.quad] = b_next;
@@ -52,12 +57,14 @@ kernel void matmul(device const float* a [[buffer(0)]],
     }
     multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE), WIDE, WIDE, tm, tn, acc);
 
+    device float* out = c + tile.z * p.m * p.n;
+    const bool add_bias = p.has_bias && tile.z == 0;
     for (uint i = 0; i < 8; ++i) {
         const uint m = m0 + block_row(i, tm, WIDE);
         if (m >= p.m) continue;
         for (uint j = 0; j < 8; ++j) {
             const uint n = n0 + block_row(j, tn, WIDE);
-            if (n < p.n) c[m * p.n + n] = acc.v[i][j] + (p.has_bias ? bias[n] : 0.0f);
+            if (n < p.n) out[m * p.n + n] = acc.v[i][j] + (add_bias ? bias[n] : 0.0f);
         }
     }
 }

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import mlmetal as mm
 from conftest import rtol_for
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from mlmetal.ops import conv as conv_ops
+from opcheck import AWKWARD_DIMS, Row, check_forward, floats, make_tests, row
 
 DIMS = AWKWARD_DIMS | st.sampled_from([63, 64, 65, 127, 129])  # around the 64×64 output tile
 MAX_K = 129
@@ -46,6 +47,22 @@ ROWS = [
 ]
 
 test_forward, test_grad = make_tests(ROWS)
+
+
+@pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True)])
+def test_long_reduction_split(dev, ta, tb):
+    """A long reduction into one output tile (a discriminator's logit: 6272 features to 1) is
+    summed by many threadgroups, then added; a linear layer's bias is added exactly once."""
+    m, k, n = 5, 6272, 3
+    assert conv_ops.split_reduction(k, 1, min_chunk=64)[0] > 1
+    rng = np.random.default_rng(k)
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+    tol = dict(rtol=rtol_for(k), atol=rtol_for(k))
+    check_forward(dev, Row("matmul", None, **tol), [a, b], dict(transpose_a=ta, transpose_b=tb))
+    if not ta and tb:
+        bias = rng.standard_normal(n).astype(np.float32)
+        check_forward(dev, Row("linear", None, **tol), [a, b, bias], {})
 
 
 def test_linear_optional_bias(dev):

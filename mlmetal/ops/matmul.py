@@ -10,7 +10,8 @@ public `mm.ops.linear(x, w, b=None)` drops a None.
 from .. import ops as _ops
 from ..reference import matmul as R
 from . import apply, ensure, groups_for, register
-from .conv import WIDE, WIDE_THREADS  # the matmul kernel uses the wide tiling
+from ..tensor import empty
+from .conv import WIDE, WIDE_THREADS, split_reduction, sum_splits  # the wide tiling; conv's split sums
 
 
 def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
@@ -19,10 +20,15 @@ def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
     k = a.shape[0] if transpose_a else a.shape[1]
     a_m, a_k = (1, a.shape[1]) if transpose_a else (a.shape[1], 1)
     b_k, b_n = (1, b.shape[1]) if transpose_b else (b.shape[1], 1)
-    params = dict(m=m, n=n, k=k, a_m=a_m, a_k=a_k, b_k=b_k, b_n=b_n, has_bias=int(bias is not None))
+    grid = (groups_for(n, WIDE), groups_for(m, WIDE))
+    # A long reduction into a few tiles (a linear layer's logit, 6272 features to 1) is split
+    # across threadgroups: one threadgroup would otherwise walk all of it alone.
+    splits, chunk = split_reduction(k, grid[0] * grid[1], min_chunk=64)
+    partial = c if splits == 1 else empty((splits, m * n), c.device)
+    params = dict(m=m, n=n, k=k, a_m=a_m, a_k=a_k, b_k=b_k, b_n=b_n, has_bias=int(bias is not None), chunk=chunk)
     kernel = c.device.library("matmul").kernel("matmul")
-    cb.dispatch(kernel, groups=(groups_for(n, WIDE), groups_for(m, WIDE), 1), threads=WIDE_THREADS,
-                args=[a, b, b if bias is None else bias, c, params])
+    cb.dispatch(kernel, groups=(*grid, splits), threads=WIDE_THREADS, args=[a, b, b if bias is None else bias, partial, params])
+    sum_splits(cb, c.device.library("conv"), partial, c, splits)
 
 
 def _check_matrix(op, what, s):
@@ -71,7 +77,7 @@ def _matmul_grad(g, c, a, b, *, transpose_a, transpose_b):
 
 
 register("matmul", check=_matmul_check, encode=_matmul_encode, reference=R.matmul, grad=_matmul_grad,
-         kernels=["matmul.matmul"])
+         kernels=["matmul.matmul", "conv.sum_splits"])
 
 
 # ---------------------------------------------------------------- linear
@@ -98,7 +104,7 @@ def _linear_grad(g, y, x, w, b=None):
 
 
 register("linear", check=_linear_check, encode=_linear_encode, reference=R.linear, grad=_linear_grad,
-         kernels=["matmul.matmul"])
+         kernels=["matmul.matmul", "conv.sum_splits"])
 
 
 def linear(x, w, b=None):
