@@ -278,56 +278,83 @@ kernel void flip_weights(device const float* w [[buffer(0)]],
     out[i] = w[(((g * cout_g + co) * p.cin_g + ci) * p.kh + (p.kh - 1 - ky)) * p.kw + (p.kw - 1 - kx)];
 }
 
-// o = s / stride when s is a non-negative multiple of stride and o < limit: whether an input
-// pixel's tap falls on the output grid (strides 1 and 2, the common cases, need no division).
-inline bool on_grid(int s, int stride, uint limit, thread uint& o) {
-    if (s < 0) return false;
-    if (stride == 1) {
-        o = uint(s);
-    } else if (stride == 2) {  // the common stride, without the division (which made staging 4× dearer)
-        if ((s & 1) != 0) return false;
-        o = uint(s) >> 1;
-    } else {
-        if (s % stride != 0) return false;
-        o = uint(s / stride);
+// The taps of a window that reach the output grid from the input pixels of one class along one
+// axis: pixels i = residue + r·stride. Output o takes input i through tap k where
+// o·stride = i + pad − k·dil; for a fixed residue that holds for k = first + a·step (a < count),
+// at o = base + r − a·o_step, the same for every pixel of the class.
+struct ClassTaps {
+    uint first, step, count;  // the taps
+    int base, o_step;         // their outputs
+    uint size;                // pixels of the class along the axis
+};
+
+inline ClassTaps class_taps(uint residue, int stride, int dil, int pad, uint k, uint length) {
+    int a = stride, b = dil;  // gcd(stride, dil)
+    while (b != 0) {
+        const int r = a % b;
+        a = b;
+        b = r;
     }
-    return o < limit;
+    ClassTaps c;
+    c.step = uint(stride / a);
+    c.o_step = dil / a;
+    c.size = residue < length ? (length - residue + uint(stride) - 1) / uint(stride) : 0;
+    c.first = k;  // no tap at all unless one of the first `step` works (the rest repeat them)
+    for (uint t = 0; t < c.step; ++t)
+        if ((int(residue) + pad - int(t) * dil) % stride == 0) {
+            c.first = t;
+            break;
+        }
+    c.count = c.first < k ? (k - c.first + c.step - 1) / c.step : 0;
+    c.base = (int(residue) + pad - int(c.first) * dil) / stride;
+    return c;
 }
 
-// dx = the transposed convolution of dy. GEMM per group g: rows = its Cin/groups input
-// channels, columns = the N·H·W input pixels, reduction = (output channel, ky, kx); a tap
-// contributes only where the input pixel lies on the output grid (oy·stride = iy + pad − ky·dil).
-// Grid: (ceil(N·H·W / width_n), ceil(Cin/groups / width_m), groups).
+// dx = the transposed convolution of dy. The input pixels fall into stride_h·stride_w classes
+// by (iy mod stride_h, ix mod stride_w), and within a class the same taps reach the output grid
+// for every pixel (class_taps), so each class is a dense GEMM with no tap wasted — a 4×4,
+// stride-2 window has four taps for each pixel, not sixteen of which twelve miss. GEMM per
+// group g and class: rows = its Cin/groups input channels, columns = the class's pixels in all
+// images, reduction = (output channel, ky index a, kx index b).
+// Grid: (ceil(N·ceil(H/stride_h)·ceil(W/stride_w) / width_n), ceil(Cin/groups / width_m),
+//        groups·stride_h·stride_w).
 inline void conv2d_input_grad_tiled(device const float* dy, device const float* w, device float* dx,
                                     constant ConvParams& p, uint3 tile, uint t,
                                     threadgroup float4* a_tile, threadgroup float4* b_tile,
                                     uint width_m, uint width_n, uint threads) {
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
-    const uint K = cout_g * khw, plane = p.h * p.w, pixels = p.n * plane, oplane = p.oh * p.ow;
-    const uint g = tile.z, m0 = tile.y * width_m, n0 = tile.x * width_n;
+    const uint g = tile.z % p.groups, cls = tile.z / p.groups, m0 = tile.y * width_m, n0 = tile.x * width_n;
+    const ClassTaps ty = class_taps(cls / uint(p.stride_w), p.stride_h, p.dil_h, p.pad_h, p.kh, p.h);
+    const ClassTaps tx = class_taps(cls % uint(p.stride_w), p.stride_w, p.dil_w, p.pad_w, p.kw, p.w);
+    const uint taps = ty.count * tx.count, K = cout_g * taps;
+    const uint plane = p.h * p.w, cplane = ty.size * tx.size, pixels = p.n * cplane, oplane = p.oh * p.ow;
+    if (n0 >= pixels) return;  // a class smaller than the largest (the whole threadgroup leaves)
     const uint a_pitch = pitch(width_m), b_pitch = pitch(width_n);
 
-    // Weights w[co][ci][ky][kx], contiguous along the taps of k: staged along k by the first
+    // Weights w[co][ci][ky][kx] at the class's taps: staged along k by the first
     // TILE_K·width_m/4 threads, each at step sa.k of every slice.
     const bool a_stager = t < TILE_K * width_m / 4;
     const Stage sa = along_k(t);
     device const float* w_group = w + g * cout_g * cin_g * khw;
-    uint a_co = sa.k / khw, a_ky = sa.k % khw / p.kw, a_kx = sa.k % p.kw;
+    uint a_co = 0, a_a = 0, a_b = 0;
+    if (K > 0) advance(a_co, a_a, a_b, sa.k, ty.count, tx.count);
 
     // Output gradients at the taps of four input pixels, contiguous along the pixels: staged
     // along the rows, as conv2d stages its patches.
     const uint step = threads / (width_n / 4), units = TILE_K / step;
     const Stage sb = along_rows(t, width_n);
     uint dy_img[4];
-    int ty0[4], tx0[4];  // oy·stride + ky·dil of each pixel; OUTSIDE past the end
+    int oy0[4], ox0[4];  // the output each pixel reaches through the class's first taps; OUTSIDE past the end
     for (uint j = 0; j < 4; ++j) {
         const uint q = n0 + 4 * sb.quad + j;
-        const uint img = q < pixels ? q / plane : 0, r = q < pixels ? q % plane : 0;
+        const uint img = q < pixels ? q / cplane : 0, r = q < pixels ? q % cplane : 0;
+        const uint ry = r / max(tx.size, 1u), rx = r % max(tx.size, 1u);
         dy_img[j] = (img * p.cout + g * cout_g) * oplane;
-        ty0[j] = q < pixels ? int(r / p.w) + p.pad_h : OUTSIDE;
-        tx0[j] = int(r % p.w) + p.pad_w;
+        oy0[j] = q < pixels ? ty.base + int(ry) : OUTSIDE;
+        ox0[j] = tx.base + int(rx);
     }
-    uint co = sb.k / khw, ky = sb.k % khw / p.kw, kx = sb.k % p.kw;  // k = (co·KH + ky)·KW + kx
+    uint co = 0, ka = 0, kb = 0;  // k = (co·ty.count + ka)·tx.count + kb
+    if (K > 0) advance(co, ka, kb, sb.k, ty.count, tx.count);
 
     const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
     Block acc;
@@ -337,22 +364,22 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
     for (uint k0 = 0; k0 < K; k0 += TILE_K, buf ^= 1) {
         if (a_stager) {
             const bool k_ok = k0 + sa.k < K;
+            const uint tap = (ty.first + a_a * ty.step) * p.kw + tx.first + a_b * tx.step;
             for (uint j = 0; j < 4; ++j) {
                 const uint m = m0 + 4 * sa.quad + j;
-                a_next[j] = k_ok && m < cin_g ? w_group[(a_co * cin_g + m) * khw + a_ky * p.kw + a_kx] : 0.0f;
+                a_next[j] = k_ok && m < cin_g ? w_group[(a_co * cin_g + m) * khw + tap] : 0.0f;
             }
-            advance(a_co, a_ky, a_kx, TILE_K, p.kh, p.kw);
+            advance(a_co, a_a, a_b, TILE_K, ty.count, tx.count);
         }
         #pragma unroll
         for (uint i = 0; i < units; ++i) {
             const bool k_ok = k0 + sb.k + i * step < K;
             for (uint j = 0; j < 4; ++j) {
-                uint oy = 0, ox = 0;
-                const bool tap = k_ok && on_grid(ty0[j] - int(ky) * p.dil_h, p.stride_h, p.oh, oy)
-                                 && on_grid(tx0[j] - int(kx) * p.dil_w, p.stride_w, p.ow, ox);
-                b_next[i][j] = tap ? dy[dy_img[j] + co * oplane + oy * p.ow + ox] : 0.0f;
+                const int oy = oy0[j] - int(ka) * ty.o_step, ox = ox0[j] - int(kb) * tx.o_step;
+                const bool hit = k_ok && oy >= 0 && oy < int(p.oh) && ox >= 0 && ox < int(p.ow);
+                b_next[i][j] = hit ? dy[dy_img[j] + co * oplane + uint(oy) * p.ow + uint(ox)] : 0.0f;
             }
-            advance(co, ky, kx, step, p.kh, p.kw);
+            advance(co, ka, kb, step, ty.count, tx.count);
         }
         if (k0 > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
                                    width_m, width_n, tm, tn, acc);
@@ -361,16 +388,20 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
         for (uint i = 0; i < units; ++i) b_tile[buf * STAGED(width_n) + (sb.k + i * step) * b_pitch + sb.quad] = b_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                   width_m, width_n, tm, tn, acc);
+    if (K > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
+                              width_m, width_n, tm, tn, acc);
 
+    // Each thread's columns are pixels 4·tn … and width_n/2 + 4·tn … of the tile: their dx
+    // offsets are recomputed here (the staging quads belong to other threads).
     for (uint j = 0; j < 8; ++j) {
         const uint q = n0 + block_row(j, tn, width_n);
         if (q >= pixels) continue;
-        device float* dx_pix = dx + ((q / plane) * p.cin + g * cin_g) * plane + q % plane;
+        const uint img = q / cplane, r = q % cplane, ry = r / tx.size, rx = r % tx.size;
+        device float* dx_at = dx + (img * p.cin + g * cin_g) * plane
+                              + (cls / uint(p.stride_w) + ry * uint(p.stride_h)) * p.w + cls % uint(p.stride_w) + rx * uint(p.stride_w);
         for (uint i = 0; i < 8; ++i) {
             const uint m = m0 + block_row(i, tm, width_m);
-            if (m < cin_g) dx_pix[m * plane] = acc.v[i][j];
+            if (m < cin_g) dx_at[m * plane] = acc.v[i][j];
         }
     }
 }

@@ -212,7 +212,9 @@ def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, g
         return
     variant, rows, cols, threads = tiling(cin // groups)
     k = dx.device.library("conv").kernel("conv2d_input_grad" + variant)
-    grid = (groups_for(n * h * wd, cols), groups_for(cin // groups, rows), groups)
+    (sh, sw) = stride
+    class_pixels = n * -(-h // sh) * -(-wd // sw)  # the largest of the stride_h·stride_w pixel classes
+    grid = (groups_for(class_pixels, cols), groups_for(cin // groups, rows), groups * sh * sw)
     cb.dispatch(k, groups=grid, threads=threads, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, kh, kw, a)])
 
 
