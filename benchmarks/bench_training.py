@@ -1,19 +1,29 @@
-"""Training steps of DESIGN §8 — style transfer, the U-Net denoiser, the digits GAN — built from
-the demonstration apps' own networks (mlmetal/apps), timed beside the same networks in PyTorch
-in the same run, with each step's peak temporary memory with and without lifetime planning.
+"""Training steps of DESIGN §8 — style transfer, U-Net denoiser, DCGAN — and the MLP GAN, against PyTorch.
 
-    python benchmarks/bench_training.py                       # all three, sizes to suit the device
+Each is timed beside the same networks in PyTorch in the same run, with its peak temporary memory
+with and without lifetime planning. All but the DCGAN are the demonstration apps' own networks
+(mlmetal/apps); no app has a DCGAN, so its networks are defined here.
+
+    python benchmarks/bench_training.py                       # all four, sizes to suit the device
     python benchmarks/bench_training.py --only unet --size 128 --steps 20
+    python benchmarks/bench_training.py --only dcgan,gan
     MLMETAL_DEVICE=cuda python benchmarks/bench_training.py --profile
 
 Shapes (DESIGN §8): style transfer batch 4 of size² images (the app's transformer and frozen
 loss network, style loss at three layers, content loss at one); U-Net batch 4 of 9 channels,
-size² (the app's UNet, width 16, depth 2, L1 plus Laplacian-of-Gaussian L1); GAN batch 64 of
-the digits' 8×8 (the app's fully connected generator and discriminator; a step is one
-discriminator step and one generator step, each its own training graph). Adam everywhere.
+size² (the app's UNet, width 16, depth 2, L1 plus Laplacian-of-Gaussian L1); DCGAN batch 64 of
+1×28×28 (generator: a latent of 100, linear to 128×7×7, then twice nearest ×2 upsampling and a
+3×3 conv, 128 → 64 → 1 channels, batch norm and ReLU between, tanh last — upsampling and conv
+rather than a transposed conv, which mlmetal does not have; discriminator: two 4×4 stride-2
+convs, 1 → 64 → 128 channels, batch norm on the second, LeakyReLU 0.2, a linear logit; a conv
+followed by batch norm has no bias, which the norm would cancel); MLP GAN batch 64 of the
+digits' 8×8 (the app's fully connected generator and discriminator). A GAN step
+is one discriminator step and one generator step, each its own training graph, with the
+discriminator frozen in the generator's, as mlmetal/apps/gan.py trains. Adam everywhere
+(β₁ = 0.5 for the GANs).
 
 Both sides get their inputs on the device before timing (mlmetal: device tensors bound to the
-graph inputs; the GAN's latents are drawn on the device by both). An mlmetal step returns its
+graph inputs; the GANs' latents are drawn on the device by both). An mlmetal step returns its
 loss as a Python float, so it waits for the device every step; the PyTorch loop synchronises
 only at the end of each round, its best case. PyTorch runs FP32 with TF32 off, cudnn.benchmark
 on (it picks its fastest convolution algorithms during the warm-up step), torch.optim.Adam's
@@ -39,9 +49,10 @@ from mlmetal.apps import denoise, gan, style
 from mlmetal.reference.pool import log_taps
 from timing import best_seconds
 
-WORKLOADS = ("style", "unet", "gan")
+WORKLOADS = ("style", "unet", "dcgan", "gan")
 UNET_WIDTH, UNET_DEPTH, LOG_WEIGHT = 16, 2, 0.5
 STYLE_WEIGHT, CONTENT_WEIGHT = 30.0, 1.0
+DCGAN_LATENT, DCGAN_LR = 100, 2e-4
 
 
 # ---------------------------------------------------------------- mlmetal
@@ -99,6 +110,68 @@ def mlmetal_gan(dev, batch, size):
         model.train_d.step(real=real)
         model.train_g.step()
     return step, [model.train_d, model.train_g]
+
+
+class DCGenerator(mm.nn.Module):
+    """z (N, 100) → linear to 128×7×7 → two (nearest ×2, 3×3 conv) stages → a tanh image (N, 1, 28, 28)."""
+
+    def __init__(self, device):
+        self.project = mm.nn.Linear(DCGAN_LATENT, 128 * 7 * 7, device=device)
+        self.body = mm.nn.Sequential(
+            mm.nn.BatchNorm2d(128, device=device), mm.nn.ReLU(),
+            mm.nn.Upsample(2), mm.nn.Conv2d(128, 64, 3, padding=1, bias=False, device=device),
+            mm.nn.BatchNorm2d(64, device=device), mm.nn.ReLU(),
+            mm.nn.Upsample(2), mm.nn.Conv2d(64, 1, 3, padding=1, device=device), mm.nn.Tanh())
+
+    def forward(self, z):
+        return self.body(mm.ops.reshape(self.project(z), shape=(z.shape[0], 128, 7, 7)))
+
+
+class DCDiscriminator(mm.nn.Module):
+    """(N, 1, 28, 28) → two 4×4 stride-2 convs (64, 128 channels) → one logit (N, 1)."""
+
+    def __init__(self, device):
+        self.body = mm.nn.Sequential(
+            mm.nn.Conv2d(1, 64, 4, stride=2, padding=1, device=device), mm.nn.LeakyReLU(0.2),
+            mm.nn.Conv2d(64, 128, 4, stride=2, padding=1, bias=False, device=device),
+            mm.nn.BatchNorm2d(128, device=device), mm.nn.LeakyReLU(0.2))
+        self.logit = mm.nn.Linear(128 * 7 * 7, 1, device=device)
+
+    def forward(self, x):
+        return self.logit(mm.ops.reshape(self.body(x), shape=(x.shape[0], 128 * 7 * 7)))
+
+
+def mlmetal_dcgan(dev, batch, size):
+    """gan.GAN's two training graphs around DCGenerator and DCDiscriminator."""
+    mm.nn.seed(0)
+    G, D = DCGenerator(dev), DCDiscriminator(dev)
+    latents = mm.random.Philox(dev, 0)
+    ones = mm.tensor(np.ones((batch, 1), np.float32), dev)
+    zeros = mm.tensor(np.zeros((batch, 1), np.float32), dev)
+    adam = dict(lr=DCGAN_LR, betas=(0.5, 0.999))
+
+    g = mm.Graph(dev)
+    fake = G(g.random((batch, DCGAN_LATENT), latents, mm.random.Normal()))
+    fake.stop_gradient = True
+    real_logits = D(g.input("real", (batch, 1, 28, 28)))
+    d_loss = mm.ops.add(mm.ops.sigmoid_cross_entropy_loss(real_logits, ones),
+                        mm.ops.sigmoid_cross_entropy_loss(D(fake), zeros))
+    train_d = d_loss.training_graph(optimizer=mm.optim.Adam(D.parameters(), **adam))
+
+    g = mm.Graph(dev)
+    g_loss = mm.ops.sigmoid_cross_entropy_loss(D(G(g.random((batch, DCGAN_LATENT), latents, mm.random.Normal()))), ones)
+    # Frozen only while the graph is derived: that is when gradient nodes are chosen.
+    D.freeze()
+    try:
+        train_g = g_loss.training_graph(optimizer=mm.optim.Adam(G.parameters(), **adam))
+    finally:
+        D.unfreeze()
+    real = mm.tensor(np.random.default_rng(0).uniform(-1, 1, (batch, 1, 28, 28)).astype(np.float32), dev)
+
+    def step():
+        train_d.step(real=real)
+        train_g.step()
+    return step, [train_d, train_g]
 
 
 # ---------------------------------------------------------------- PyTorch
@@ -209,29 +282,25 @@ def torch_style(torch, dev, batch, size):
     return step
 
 
-def torch_gan(torch, dev, batch, size):
-    """gan.Generator and gan.Discriminator in PyTorch, trained in the same turns (the discriminator
-    frozen during the generator's step, so no discriminator weight gradient is computed there)."""
-    nn, F = torch.nn, torch.nn.functional
-    torch.manual_seed(0)
-    G = nn.Sequential(nn.Linear(gan.LATENT, 128), nn.LeakyReLU(0.2), nn.Linear(128, 256), nn.LeakyReLU(0.2),
-                      nn.Linear(256, 64), nn.Tanh()).to(dev)
-    D = nn.Sequential(nn.Linear(64, 256), nn.LeakyReLU(0.2), nn.Linear(256, 1)).to(dev)
-    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
-    real = torch.rand(batch, 64, device=dev) * 2 - 1
+def torch_adversarial_step(torch, G, D, real, latent, lr):
+    """gan.GAN's training turns in PyTorch: a discriminator step on `real` and a fresh fake batch,
+    then a generator step with the discriminator frozen (no discriminator weight gradient)."""
+    F = torch.nn.functional
+    batch, dev = real.shape[0], real.device
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
     ones, zeros = torch.ones(batch, 1, device=dev), torch.zeros(batch, 1, device=dev)
 
     def step():
         with torch.no_grad():
-            fake = G(torch.randn(batch, gan.LATENT, device=dev))
+            fake = G(torch.randn(batch, latent, device=dev))
         d_loss = (F.binary_cross_entropy_with_logits(D(real), ones)
                   + F.binary_cross_entropy_with_logits(D(fake), zeros))
         opt_d.zero_grad()
         d_loss.backward()
         opt_d.step()
         D.requires_grad_(False)
-        g_loss = F.binary_cross_entropy_with_logits(D(G(torch.randn(batch, gan.LATENT, device=dev))), ones)
+        g_loss = F.binary_cross_entropy_with_logits(D(G(torch.randn(batch, latent, device=dev))), ones)
         opt_g.zero_grad()
         g_loss.backward()
         opt_g.step()
@@ -239,13 +308,42 @@ def torch_gan(torch, dev, batch, size):
     return step
 
 
-BUILD = {"style": (mlmetal_style, torch_style), "unet": (mlmetal_unet, torch_unet), "gan": (mlmetal_gan, torch_gan)}
+def torch_dcgan(torch, dev, batch, size):
+    """DCGenerator and DCDiscriminator in PyTorch, trained in gan.GAN's turns."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(DCGAN_LATENT, 128 * 7 * 7), nn.Unflatten(1, (128, 7, 7)),
+                      nn.BatchNorm2d(128), nn.ReLU(),
+                      nn.Upsample(scale_factor=2), nn.Conv2d(128, 64, 3, padding=1, bias=False),
+                      nn.BatchNorm2d(64), nn.ReLU(),
+                      nn.Upsample(scale_factor=2), nn.Conv2d(64, 1, 3, padding=1), nn.Tanh()).to(dev)
+    D = nn.Sequential(nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.2),
+                      nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
+                      nn.Flatten(), nn.Linear(128 * 7 * 7, 1)).to(dev)
+    real = torch.rand(batch, 1, 28, 28, device=dev) * 2 - 1
+    return torch_adversarial_step(torch, G, D, real, DCGAN_LATENT, DCGAN_LR)
+
+
+def torch_gan(torch, dev, batch, size):
+    """gan.Generator and gan.Discriminator in PyTorch, trained in gan.GAN's turns."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(gan.LATENT, 128), nn.LeakyReLU(0.2), nn.Linear(128, 256), nn.LeakyReLU(0.2),
+                      nn.Linear(256, 64), nn.Tanh()).to(dev)
+    D = nn.Sequential(nn.Linear(64, 256), nn.LeakyReLU(0.2), nn.Linear(256, 1)).to(dev)
+    real = torch.rand(batch, 64, device=dev) * 2 - 1
+    return torch_adversarial_step(torch, G, D, real, gan.LATENT, 1e-3)
+
+
+BUILD = {"style": (mlmetal_style, torch_style), "unet": (mlmetal_unet, torch_unet),
+         "dcgan": (mlmetal_dcgan, torch_dcgan), "gan": (mlmetal_gan, torch_gan)}
 
 
 def describe(name, batch, size):
     return {"style": f"style transfer, batch {batch}, 3×{size}×{size}",
             "unet": f"U-Net denoiser, batch {batch}, 9×{size}×{size}",
-            "gan": f"GAN, batch {batch}, 1×8×8"}[name]
+            "dcgan": f"DCGAN, batch {batch}, 1×28×28",
+            "gan": f"MLP GAN, batch {batch}, 1×8×8"}[name]
 
 
 # ---------------------------------------------------------------- profile
@@ -290,7 +388,7 @@ def main():
     ap.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated workloads of {', '.join(WORKLOADS)}")
     ap.add_argument("--size", type=int, default=None,
                     help="image side of style and unet, divisible by 4 (default 256 on gpus, 64 on cpu); "
-                         "the GAN's digits are 8×8")
+                         "the GANs' images are fixed: 28×28 for the DCGAN, the digits' 8×8 for the MLP GAN")
     ap.add_argument("--steps", type=int, default=None, help="steps per timed round (default 10 on gpus, 3 on cpu)")
     ap.add_argument("--profile", action="store_true", help="profile mlmetal's steps with torch.profiler (cuda)")
     args = ap.parse_args()
@@ -304,7 +402,7 @@ def main():
     if size % 4:
         ap.error(f"--size must be divisible by 4 (the U-Net pools twice), got {size}")
     steps = args.steps or (3 if on_cpu else 10)
-    batches = {"style": 4, "unet": 4, "gan": 64}
+    batches = {"style": 4, "unet": 4, "dcgan": 64, "gan": 64}
 
     try:
         import torch
