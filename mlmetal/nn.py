@@ -33,13 +33,16 @@ class Parameter(Tensor):
     Args:
         data: an array, or a device tensor whose buffer the parameter takes over.
         device: where to put an array (default `mm.device()`).
-        trainable: False keeps it out of training graphs' updates (running statistics).
+        trainable: False keeps it out of training graphs' updates (frozen).
+        statistic: a value its layer updates itself (batch norm's running statistics): never
+            trainable, and `Module.unfreeze` leaves it so.
     """
 
-    def __init__(self, data, device: Device | str | None = None, trainable: bool = True):
+    def __init__(self, data, device: Device | str | None = None, trainable: bool = True, statistic: bool = False):
         t = data if isinstance(data, Tensor) else tensor(data, device)
         super().__init__(t.buffer, t.shape, t.dtype)
-        self.trainable = trainable
+        self.statistic = statistic
+        self.trainable = trainable and not statistic
         self.grad: Tensor | None = None
         self.name = ""
 
@@ -93,8 +96,9 @@ class Module:
         return self
 
     def unfreeze(self) -> "Module":
+        """Train every parameter under this module again (running statistics stay untrained)."""
         for p in self.parameters():
-            p.trainable = True
+            p.trainable = not p.statistic
         return self
 
     def save_weights(self, path) -> None:
@@ -251,8 +255,8 @@ class BatchNorm2d(Module):
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, device=None):
         self.weight = Parameter(np.ones(channels, np.float32), device)
         self.bias = Parameter(np.zeros(channels, np.float32), device)
-        self.running_mean = Parameter(np.zeros(channels, np.float32), device, trainable=False)
-        self.running_var = Parameter(np.ones(channels, np.float32), device, trainable=False)
+        self.running_mean = Parameter(np.zeros(channels, np.float32), device, statistic=True)
+        self.running_var = Parameter(np.ones(channels, np.float32), device, statistic=True)
         self.eps, self.momentum, self.training = eps, momentum, True
 
     def forward(self, x):

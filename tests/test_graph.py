@@ -174,6 +174,17 @@ def test_transfer_learning_updates_only_the_last_layer(dev):
     assert len(train.update_nodes) == len(second.parameters())
 
 
+def test_unfreeze_leaves_running_statistics_untrained(dev):
+    norm = mm.nn.BatchNorm2d(3, device=dev)
+    net = mm.nn.Sequential(mm.nn.Conv2d(2, 3, 3, device=dev), norm)
+    stats = {id(norm.running_mean), id(norm.running_var)}
+    net.freeze()
+    assert not any(p.trainable for p in net.parameters())
+    net.unfreeze()
+    assert [p.trainable for p in net.parameters() if id(p) not in stats] == [True] * 4
+    assert not norm.running_mean.trainable and not norm.running_var.trainable
+
+
 def test_node_handler_sees_every_created_node_once_and_dropping_prunes(dev):
     g, first, second, h, loss, inputs = two_layer_image_graph(dev)
     seen = []
