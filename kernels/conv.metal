@@ -144,22 +144,22 @@ kernel void conv2d_medium(device const float* x [[buffer(0)]],
 
 // y = conv(x, w) + bias for a 3×3, stride-1, undilated, ungrouped convolution, directly
 // rather than as a GEMM: the GEMM stages each input value once for each of the nine taps.
-// A threadgroup computes CF_CO output channels over a tile of CF_ROWS × CF_COLS pixels,
-// taking the input channels CF_CHUNK at a time: it stages their (CF_ROWS + 2) × CF_SPAN input
-// values and the weights, and each thread then sums 8 output channels × 8 consecutive pixels
-// of one row: per input channel 9 float4 reads of input (three rows of 12 values, whose
-// windows the 8 pixels share) and 18 of weights, all one address for a warp, for 576
-// multiply-adds. The next chunk's loads are in flight while the current one is multiplied.
-// Staged column s holds input column ox0 − pad + s, so a thread's window starts on a float4.
+// A threadgroup computes CF_CO output channels over a tile of CF_PIXELS pixels — rows × cols,
+// 8 × 64, or 16 × 32 for small images — taking the input channels CF_CHUNK at a time:
+// it stages their (rows + 2) × (cols + 4) input values and the weights, and each thread then
+// sums 8 output channels × 8 consecutive pixels of one row: per input channel 9 float4 reads of
+// input (three rows of 12 values, whose windows the 8 pixels share) and 18 of weights, all one
+// address for a warp, for 576 multiply-adds. The next chunk's loads are in flight while the
+// current one is multiplied. Staged column s holds input column ox0 − pad + s, so a thread's
+// window starts on a float4.
 // Grid: (tiles of an image, ceil(Cout / CF_CO), N), threads: CF_THREADS.
-#define CF_ROWS 8                                    // pixel rows a tile
-#define CF_COLS 64                                   // pixel columns a tile: 8 threads of 8
+#define CF_PIXELS 512                                // pixels a tile
 #define CF_CO 16                                     // output channels a threadgroup: two of 8
 #define CF_CHUNK 4                                   // input channels staged at once
-#define CF_THREADS (CF_CO / 8 * CF_ROWS * CF_COLS / 8)
-#define CF_SPAN (CF_COLS + 4)                        // staged input columns (a float4 past the windows)
-#define CF_X_TILE ((CF_ROWS + 2) * CF_SPAN)          // staged input floats a channel
-#define CF_X_QUADS ((CF_CHUNK * CF_X_TILE / 4 + CF_THREADS - 1) / CF_THREADS)  // staged float4s a thread
+#define CF_THREADS (CF_CO / 8 * CF_PIXELS / 8)
+#define CF_X_TILE(cols) ((CF_PIXELS / (cols) + 2) * ((cols) + 4))  // staged input floats a channel
+#define CF_X_MAX CF_X_TILE(64)                       // the larger of them
+#define CF_X_QUADS ((CF_CHUNK * CF_X_MAX / 4 + CF_THREADS - 1) / CF_THREADS)  // staged float4s a thread, at most
 #define CF_W_QUADS ((CF_CHUNK * 9 * CF_CO / 4 + CF_THREADS - 1) / CF_THREADS)
 
 struct Conv3x3Params {
@@ -173,11 +173,13 @@ struct Conv3x3Params {
 // Thread t's share of input channels c0 … c0 + CF_CHUNK − 1, in float4s of 4 staged columns
 // (or output channels): the tile's input window (zero outside the image) and the weights.
 inline void load_chunk_3x3(device const float* x_img, device const float* w, constant Conv3x3Params& p,
-                           uint c0, uint co0, int iy0, int ix0, uint t, thread float4* x_part, thread float4* w_part) {
+                           uint c0, uint co0, int iy0, int ix0, uint t, uint cols,
+                           thread float4* x_part, thread float4* w_part) {
+    const uint span = cols + 4, rows = CF_PIXELS / cols, quads = CF_CHUNK * CF_X_TILE(cols) / 4;
     for (uint i = 0; i < CF_X_QUADS; ++i) {
-        const uint u = t + i * CF_THREADS, c = c0 + u / (CF_X_TILE / 4);
-        const int iy = iy0 + int(u / (CF_SPAN / 4) % (CF_ROWS + 2)), ix = ix0 + int(u % (CF_SPAN / 4) * 4);
-        const bool row_ok = u < CF_CHUNK * CF_X_TILE / 4 && c < p.cin && iy >= 0 && iy < int(p.h);
+        const uint u = t + i * CF_THREADS, c = c0 + u / (CF_X_TILE(cols) / 4);
+        const int iy = iy0 + int(u / (span / 4) % (rows + 2)), ix = ix0 + int(u % (span / 4) * 4);
+        const bool row_ok = u < quads && c < p.cin && iy >= 0 && iy < int(p.h);
         device const float* x_row = x_img + (c * p.h + uint(iy)) * p.w;
         for (uint k = 0; k < 4; ++k)
             x_part[i][k] = row_ok && ix + int(k) >= 0 && ix + int(k) < int(p.w) ? x_row[ix + int(k)] : 0.0f;
@@ -190,40 +192,35 @@ inline void load_chunk_3x3(device const float* x_img, device const float* w, con
     }
 }
 
-kernel void conv2d_3x3(device const float* x [[buffer(0)]],
-                       device const float* w [[buffer(1)]],
-                       device const float* bias [[buffer(2)]],
-                       device float* y [[buffer(3)]],
-                       constant Conv3x3Params& p [[buffer(4)]],
-                       uint3 group [[threadgroup_position_in_grid]],
-                       uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 xs[CF_CHUNK * CF_X_TILE / 4];  // [channel][row][column]
-    threadgroup float4 ws[CF_CHUNK * 9 * CF_CO / 4];  // [channel][tap][output channel]
+inline void conv2d_3x3_tiled(device const float* x, device const float* w, device const float* bias,
+                             device float* y, constant Conv3x3Params& p, uint3 group, uint t,
+                             threadgroup float4* xs, threadgroup float4* ws, uint cols) {
+    const uint rows = CF_PIXELS / cols, span = cols + 4, quads = CF_CHUNK * CF_X_TILE(cols) / 4;
     const uint img = group.z, co0 = group.y * CF_CO;
-    const uint oy0 = group.x / p.tiles_x * CF_ROWS, ox0 = group.x % p.tiles_x * CF_COLS;
+    const uint oy0 = group.x / p.tiles_x * rows, ox0 = group.x % p.tiles_x * cols;
     const int iy0 = int(oy0) - p.pad_h, ix0 = int(ox0) - p.pad_w;
     device const float* x_img = x + img * p.cin * p.h * p.w;
     // Thread t: output channels 8·upper … 8·upper + 7 of the block, pixels 8·j … 8·j + 7 of tile row r.
-    const uint upper = t / (CF_THREADS / 2), r = t % (CF_THREADS / 2) / (CF_COLS / 8), j = t % (CF_COLS / 8);
+    const uint upper = t / (CF_THREADS / 2), r = t % (CF_THREADS / 2) / (cols / 8), j = t % (cols / 8);
 
     float acc[8][8];
     for (uint i = 0; i < 8; ++i)
         for (uint k = 0; k < 8; ++k) acc[i][k] = 0.0f;
     float4 x_next[CF_X_QUADS], w_next[CF_W_QUADS];
-    load_chunk_3x3(x_img, w, p, 0, co0, iy0, ix0, t, x_next, w_next);
+    load_chunk_3x3(x_img, w, p, 0, co0, iy0, ix0, t, cols, x_next, w_next);
     for (uint c0 = 0; c0 < p.cin; c0 += CF_CHUNK) {
         threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous chunk's reads are done
         for (uint i = 0; i < CF_X_QUADS; ++i)
-            if (t + i * CF_THREADS < CF_CHUNK * CF_X_TILE / 4) xs[t + i * CF_THREADS] = x_next[i];
+            if (t + i * CF_THREADS < quads) xs[t + i * CF_THREADS] = x_next[i];
         for (uint i = 0; i < CF_W_QUADS; ++i)
             if (t + i * CF_THREADS < CF_CHUNK * 9 * CF_CO / 4) ws[t + i * CF_THREADS] = w_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        if (c0 + CF_CHUNK < p.cin) load_chunk_3x3(x_img, w, p, c0 + CF_CHUNK, co0, iy0, ix0, t, x_next, w_next);
+        if (c0 + CF_CHUNK < p.cin) load_chunk_3x3(x_img, w, p, c0 + CF_CHUNK, co0, iy0, ix0, t, cols, x_next, w_next);
         for (uint cl = 0; cl < CF_CHUNK; ++cl) {
             float win[3][12];  // three input rows of the thread's 8 pixels' windows (and 2 spare)
             for (uint ky = 0; ky < 3; ++ky)
                 for (uint q = 0; q < 3; ++q) {
-                    const float4 v = xs[(cl * CF_X_TILE + (r + ky) * CF_SPAN) / 4 + 2 * j + q];
+                    const float4 v = xs[(cl * CF_X_TILE(cols) + (r + ky) * span) / 4 + 2 * j + q];
                     win[ky][4 * q] = v.x;
                     win[ky][4 * q + 1] = v.y;
                     win[ky][4 * q + 2] = v.z;
@@ -251,6 +248,32 @@ kernel void conv2d_3x3(device const float* x [[buffer(0)]],
             if (ox < p.ow) y_row[ox] = acc[i][k] + b;
         }
     }
+}
+
+// Tiles of 8 × 64 pixels.
+kernel void conv2d_3x3(device const float* x [[buffer(0)]],
+                       device const float* w [[buffer(1)]],
+                       device const float* bias [[buffer(2)]],
+                       device float* y [[buffer(3)]],
+                       constant Conv3x3Params& p [[buffer(4)]],
+                       uint3 group [[threadgroup_position_in_grid]],
+                       uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 xs[CF_CHUNK * CF_X_TILE(64) / 4];  // [channel][row][column]
+    threadgroup float4 ws[CF_CHUNK * 9 * CF_CO / 4];      // [channel][tap][output channel]
+    conv2d_3x3_tiled(x, w, bias, y, p, group, t, xs, ws, 64);
+}
+
+// Tiles of 16 × 32 pixels, for small images.
+kernel void conv2d_3x3_16x32(device const float* x [[buffer(0)]],
+                             device const float* w [[buffer(1)]],
+                             device const float* bias [[buffer(2)]],
+                             device float* y [[buffer(3)]],
+                             constant Conv3x3Params& p [[buffer(4)]],
+                             uint3 group [[threadgroup_position_in_grid]],
+                             uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 xs[CF_CHUNK * CF_X_TILE(32) / 4];
+    threadgroup float4 ws[CF_CHUNK * 9 * CF_CO / 4];
+    conv2d_3x3_tiled(x, w, bias, y, p, group, t, xs, ws, 32);
 }
 
 struct FlipParams {

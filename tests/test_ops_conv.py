@@ -117,7 +117,7 @@ def test_direct_3x3_kernels(dev, monkeypatch, data):
     """conv2d_3x3 and conv2d_weight_grad_3x3 (the GPUs' kernels for 3×3 stride-1 convolutions,
     forward, input gradient through turned weights, weight gradient) on every backend: channel
     counts either side of their 16-channel blocks and 4-channel chunks, images either side of
-    their 8×16 and 8×64-pixel tiles, padding 0–2, with and without bias, the weight gradient's
+    their 8×16, 8×64 and 16×32-pixel tiles, padding 0–2, with and without bias, the weight gradient's
     tiles split across threadgroups or not."""
     monkeypatch.setattr(conv_ops, "DIRECT_BACKENDS", {dev.name})
     draw = lambda s, label: data.draw(s, label=label)  # noqa: E731

@@ -111,7 +111,15 @@ def _conv2d_check(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
     return (x[0], cout, oh, ow), a
 
 
-CF_ROWS, CF_COLS, CF_CO, CF_THREADS = 8, 64, 16, 128  # conv2d_3x3's tiles (conv.metal)
+CF_PIXELS, CF_CO, CF_THREADS = 512, 16, 128  # conv2d_3x3's tiles (conv.metal)
+CF_KERNELS = {64: "conv2d_3x3", 32: "conv2d_3x3_16x32"}  # by the tiles' width
+
+
+def pixel_tiles(height: int, width: int) -> tuple[str, int]:
+    """(kernel, tile columns) of conv2d_3x3 for height × width output images: the tiles that
+    cover an image with the fewest pixels to spare (the widest of equals)."""
+    cols = min(CF_KERNELS, key=lambda c: (groups_for(width, c) * c * groups_for(height, CF_PIXELS // c) * (CF_PIXELS // c), -c))
+    return CF_KERNELS[cols], cols
 
 
 def direct_conv(backend: str, cout: int, kernel_size, stride, dilation, groups) -> bool:
@@ -125,11 +133,12 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
     if direct_conv(y.device.name, cout, w.shape[2:], stride, dilation, groups):
-        tiles_x = groups_for(ow, CF_COLS)
+        name, cols = pixel_tiles(oh, ow)
+        tiles_x = groups_for(ow, cols)
         params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
                       tiles_x=tiles_x, has_bias=int(b is not None))
-        cb.dispatch(y.device.library("conv").kernel("conv2d_3x3"), threads=CF_THREADS,
-                    groups=(tiles_x * groups_for(oh, CF_ROWS), groups_for(cout, CF_CO), n),
+        cb.dispatch(y.device.library("conv").kernel(name), threads=CF_THREADS,
+                    groups=(tiles_x * groups_for(oh, CF_PIXELS // cols), groups_for(cout, CF_CO), n),
                     args=[x, w, w if b is None else b, y, params])
         return
     variant, rows, cols, threads = tiling(cout // groups)
@@ -147,7 +156,8 @@ def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups):
 
 
 register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2d, grad=_conv2d_grad,
-         kernels=["conv.conv2d", "conv.conv2d_medium", "conv.conv2d_narrow", "conv.conv2d_3x3"])
+         kernels=["conv.conv2d", "conv.conv2d_medium", "conv.conv2d_narrow", "conv.conv2d_3x3",
+                  "conv.conv2d_3x3_16x32"])
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
