@@ -29,21 +29,26 @@ struct ConvParams {
 };
 
 // y = conv(x, w) + bias. GEMM per group g: rows = its Cout/groups output channels,
-// columns = the N·OH·OW output pixels, reduction = (input channel, ky, kx).
-// Grid: (ceil(N·OH·OW / width_n), ceil(Cout/groups / width_m), groups).
+// columns = the N·OH·OW output pixels, reduction = (input channel, ky, kx). Few output tiles
+// with a long reduction (a discriminator's 64 → 128 channels at 7×7) split it like the weight
+// gradient: threadgroup z sums k in [split·chunk, (split+1)·chunk) into slice `split` of y
+// (N·Cout·OH·OW floats a slice; the bias goes into slice 0), and `sum_splits` adds the slices.
+// Grid: (ceil(N·OH·OW / width_n), ceil(Cout/groups / width_m), groups · splits).
 inline void conv2d_tiled(device const float* x, device const float* w, device const float* bias,
                          device float* y, constant ConvParams& p, uint3 tile, uint t,
                          threadgroup float4* a_tile, threadgroup float4* b_tile,
                          uint width_m, uint width_n, uint threads) {
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
-    const uint K = cin_g * khw, plane = p.oh * p.ow, pixels = p.n * plane;
-    const uint g = tile.z, m0 = tile.y * width_m, n0 = tile.x * width_n;
+    const uint plane = p.oh * p.ow, pixels = p.n * plane;
+    const uint g = tile.z % p.groups, split = tile.z / p.groups, m0 = tile.y * width_m, n0 = tile.x * width_n;
+    const uint k_begin = split * p.chunk, K = min(cin_g * khw, k_begin + p.chunk);
     const uint a_pitch = pitch(width_m), b_pitch = pitch(width_n);
+    y += split * p.n * p.cout * plane;
 
     // Weights, contiguous along k: the first TILE_K·width_m/4 threads stage a quad each.
     const bool a_stager = t < TILE_K * width_m / 4;
     const Stage sa = along_k(t);
-    device const float* w_group = w + g * cout_g * K;
+    device const float* w_group = w + g * cout_g * cin_g * khw;
 
     // Input patches, contiguous along the pixels: thread t stages the same four output pixels
     // at every slice, at `units` reduction steps sb.k, sb.k + step, … of it.
@@ -59,19 +64,20 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
         iy0[j] = q < pixels ? int(r / p.ow) * p.stride_h - p.pad_h : OUTSIDE;
         ix0[j] = int(r % p.ow) * p.stride_w - p.pad_w;
     }
-    uint ci = sb.k / khw, ky = sb.k % khw / p.kw, kx = sb.k % p.kw;  // the next step's k = (ci·KH + ky)·KW + kx
+    // the next step's k = (ci·KH + ky)·KW + kx
+    uint ci = (k_begin + sb.k) / khw, ky = (k_begin + sb.k) % khw / p.kw, kx = (k_begin + sb.k) % p.kw;
 
     const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
     Block acc;
     clear(acc);
     float4 a_next = 0.0f, b_next[MAX_STAGED];
     uint buf = 0;
-    for (uint k0 = 0; k0 < K; k0 += TILE_K, buf ^= 1) {
+    for (uint k0 = k_begin; k0 < K; k0 += TILE_K, buf ^= 1) {
         if (a_stager) {
             const uint k = k0 + sa.k;
             for (uint j = 0; j < 4; ++j) {
                 const uint m = m0 + 4 * sa.quad + j;
-                a_next[j] = m < cout_g && k < K ? w_group[m * K + k] : 0.0f;
+                a_next[j] = m < cout_g && k < K ? w_group[m * cin_g * khw + k] : 0.0f;
             }
         }
         #pragma unroll
@@ -85,7 +91,7 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
             advance(ci, ky, kx, step, p.kh, p.kw);
         }
         // The previous slice is multiplied while this one's loads are in flight.
-        if (k0 > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
+        if (k0 > k_begin) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
                                    width_m, width_n, tm, tn, acc);
         if (a_stager) a_tile[buf * STAGED(width_m) + sa.k * a_pitch + sa.quad] = a_next;
         #pragma unroll
@@ -101,7 +107,7 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
         device float* y_pix = y + ((q / plane) * p.cout + g * cout_g) * plane + q % plane;
         for (uint i = 0; i < 8; ++i) {
             const uint m = m0 + block_row(i, tm, width_m);
-            if (m < cout_g) y_pix[m * plane] = acc.v[i][j] + (p.has_bias ? bias[g * cout_g + m] : 0.0f);
+            if (m < cout_g) y_pix[m * plane] = acc.v[i][j] + (p.has_bias && split == 0 ? bias[g * cout_g + m] : 0.0f);
         }
     }
 }

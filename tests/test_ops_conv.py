@@ -91,6 +91,21 @@ def test_weight_grad_split_reduction(dev):
     check_forward(dev, Row("conv2d_weight_grad", None, rtol=rtol_for(4096), atol=rtol_for(4096)), inputs, attrs)
 
 
+def test_forward_split_reduction(dev):
+    """A convolution with few output tiles and a long reduction (a DCGAN discriminator's
+    64 → 128 channels, 4×4 stride 2, to 7×7) sums its reduction in slices; the bias is added
+    once; with groups, each group's slices are its own."""
+    x, w, attrs = (3, 64, 14, 14), (128, 64, 4, 4), dict(stride=(2, 2), padding=(1, 1), dilation=(1, 1))
+    tiles = conv_ops.groups_for(3 * 7 * 7, conv_ops.WIDE)
+    assert conv_ops.split_reduction(64 * 16, tiles, min_chunk=128)[0] > 1
+    rng = np.random.default_rng(7)
+    inputs = [rng.standard_normal(s).astype(np.float32) for s in (x, w, (128,))]
+    tol = dict(rtol=rtol_for(64 * 16), atol=rtol_for(64 * 16))
+    check_forward(dev, Row("conv2d", None, **tol), inputs, attrs)
+    grouped = [inputs[0], inputs[1][:, :32].copy()]  # two groups of 32 → 64 channels, no bias
+    check_forward(dev, Row("conv2d", None, **tol), grouped, dict(attrs, groups=2))
+
+
 @pytest.mark.parametrize("x, cout, attrs", [
     ((3, 4, 300, 5), 34, dict(stride=(1, 1), padding=(2, 2), dilation=(1, 1), groups=2, kernel_size=(5, 5))),
     ((2, 3, 70, 66), 6, dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=1, kernel_size=(3, 3))),

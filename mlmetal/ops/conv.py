@@ -142,10 +142,15 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
                     args=[x, w, w if b is None else b, y, params])
         return
     variant, rows, cols, threads = tiling(cout // groups)
-    k = y.device.library("conv").kernel("conv2d" + variant)
+    lib = y.device.library("conv")
     grid = (groups_for(n * oh * ow, cols), groups_for(cout // groups, rows), groups)
-    params = _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a, has_bias=int(b is not None))
-    cb.dispatch(k, groups=grid, threads=threads, args=[x, w, w if b is None else b, y, params])
+    reduction = cin // groups * w.shape[2] * w.shape[3]
+    splits, chunk = split_reduction(reduction, math.prod(grid), min_chunk=128)
+    partial = y if splits == 1 else empty((splits, y.size), y.device)
+    params = _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a, has_bias=int(b is not None), chunk=chunk)
+    cb.dispatch(lib.kernel("conv2d" + variant), groups=(*grid[:2], groups * splits), threads=threads,
+                args=[x, w, w if b is None else b, partial, params])
+    sum_splits(cb, lib, partial, y, splits)
 
 
 def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups):
@@ -157,7 +162,7 @@ def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups):
 
 register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2d, grad=_conv2d_grad,
          kernels=["conv.conv2d", "conv.conv2d_medium", "conv.conv2d_narrow", "conv.conv2d_3x3",
-                  "conv.conv2d_3x3_16x32"])
+                  "conv.conv2d_3x3_16x32", "conv.sum_splits"])
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
