@@ -158,7 +158,8 @@ kernel void conv2d_medium(device const float* x [[buffer(0)]],
 // address for a warp, for 576 multiply-adds. The next chunk's loads are in flight while the
 // current one is multiplied. Staged column s holds input column ox0 − pad + s, so a thread's
 // window starts on a float4.
-// Grid: (tiles of an image, ceil(Cout / CF_CO), N), threads: CF_THREADS.
+// Grid: (N · tiles of an image, ceil(Cout / CF_CO)), threads: CF_THREADS (the batch is not a grid
+// dimension of its own: CUDA allows only 65535 threadgroups along y and z).
 #define CF_PIXELS 512                                // pixels a tile
 #define CF_CO 16                                     // output channels a threadgroup: two of 8
 #define CF_CHUNK 4                                   // input channels staged at once
@@ -172,7 +173,7 @@ struct Conv3x3Params {
     uint cin, h, w;          // input images
     uint cout, oh, ow;       // output images
     int pad_h, pad_w;
-    uint tiles_x;            // tiles across an image (tile.x = ty · tiles_x + tx)
+    uint tiles_x, tiles;     // tiles across an image, and in all (threadgroup x = (image · tiles + ty) · tiles_x + tx)
     uint has_bias;
 };
 
@@ -202,8 +203,8 @@ inline void conv2d_3x3_tiled(device const float* x, device const float* w, devic
                              device float* y, constant Conv3x3Params& p, uint3 group, uint t,
                              threadgroup float4* xs, threadgroup float4* ws, uint cols) {
     const uint rows = CF_PIXELS / cols, span = cols + 4, quads = CF_CHUNK * CF_X_TILE(cols) / 4;
-    const uint img = group.z, co0 = group.y * CF_CO;
-    const uint oy0 = group.x / p.tiles_x * rows, ox0 = group.x % p.tiles_x * cols;
+    const uint img = group.x / p.tiles, tile = group.x % p.tiles, co0 = group.y * CF_CO;
+    const uint oy0 = tile / p.tiles_x * rows, ox0 = tile % p.tiles_x * cols;
     const int iy0 = int(oy0) - p.pad_h, ix0 = int(ox0) - p.pad_w;
     device const float* x_img = x + img * p.cin * p.h * p.w;
     // Thread t: output channels 8·upper … 8·upper + 7 of the block, pixels 8·j … 8·j + 7 of tile row r.

@@ -316,6 +316,7 @@ def test_constant_struct_from_a_buffer(dev):
     (lambda k, x, y: dict(args=[x, y, {"n": 1, "a": 1.0}], threads=(33, 1, 1)), "multiple of 32"),
     (lambda k, x, y: dict(args=[x, y, {"n": 1, "a": 1.0}], threads=(2048, 1, 1)), "at most 1024"),
     (lambda k, x, y: dict(args=[x, y, {"n": 1, "a": 1.0}], groups=(4, 0, 1)), "empty"),
+    (lambda k, x, y: dict(args=[x, y, {"n": 1, "a": 1.0}], groups=(1, 1, 65536)), "at most 65535 threadgroups along y and z"),
 ])
 def test_bad_dispatch_names_kernel_and_problem(dev, call, message):
     k = dev.library("elementwise").kernel("axpy")

@@ -135,10 +135,10 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     if direct_conv(y.device.name, cout, w.shape[2:], stride, dilation, groups):
         name, cols = pixel_tiles(oh, ow)
         tiles_x = groups_for(ow, cols)
+        tiles = tiles_x * groups_for(oh, CF_PIXELS // cols)
         params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
-                      tiles_x=tiles_x, has_bias=int(b is not None))
-        cb.dispatch(y.device.library("conv").kernel(name), threads=CF_THREADS,
-                    groups=(tiles_x * groups_for(oh, CF_PIXELS // cols), groups_for(cout, CF_CO), n),
+                      tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None))
+        cb.dispatch(y.device.library("conv").kernel(name), threads=CF_THREADS, groups=(n * tiles, groups_for(cout, CF_CO)),
                     args=[x, w, w if b is None else b, y, params])
         return
     variant, rows, cols, threads = tiling(cout // groups)

@@ -205,6 +205,9 @@ def _shape3(v: Any, what: str, kernel: Kernel) -> tuple[int, int, int]:
     return t
 
 
+MAX_GROUPS_YZ = 65535  # threadgroups along a grid's y and z, at most: CUDA's limit, kept on every backend
+
+
 def bind(kernel: Kernel, groups, threads, args: Sequence | None, named: dict, predicate) -> Dispatch:
     """Check everything about a dispatch and return it bound; raise DispatchError on any problem."""
     where = kernel.where
@@ -214,6 +217,9 @@ def bind(kernel: Kernel, groups, threads, args: Sequence | None, named: dict, pr
     if count % 32 or count > 1024:
         raise DispatchError(f"{where}: threads per threadgroup {t} = {count}; it must be a multiple of 32 "
                             "and at most 1024 (Apple and NVIDIA GPUs run 32-wide SIMD groups)")
+    if max(g[1], g[2]) > MAX_GROUPS_YZ:
+        raise DispatchError(f"{where}: grid {g}: at most {MAX_GROUPS_YZ} threadgroups along y and z (CUDA's limit; "
+                            "put the long dimension first)")
     if g[0] * g[1] * g[2] * count >= 2**32:
         raise DispatchError(f"{where}: grid {g}×{t} has 2^32 threads or more; builtins are 32-bit")
     params = kernel.params
