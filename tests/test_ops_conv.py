@@ -135,16 +135,17 @@ def test_direct_3x3_kernels(dev, monkeypatch, data):
     their 8×16, 8×64 and 16×32-pixel tiles, padding 0–2, with and without bias, the weight gradient's
     tiles split across threadgroups or not."""
     monkeypatch.setattr(conv_ops, "DIRECT_BACKENDS", {dev.name})
+    monkeypatch.setattr(conv_ops, "MIN_TILE_USE", 0)  # small images too
     draw = lambda s, label: data.draw(s, label=label)  # noqa: E731
     channels = st.sampled_from([1, 3, 4, 5, 15, 16, 17, 33]) | st.integers(1, 40)
     n, cin, cout = draw(st.integers(1, 3), "n"), draw(channels, "cin"), draw(channels, "cout")
     pad = draw(st.integers(0, 2), "padding")
     h, w = (max(3 - 2 * pad, draw(st.sampled_from([1, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65]) | st.integers(1, 70), d))
             for d in "hw")
-    assert conv_ops.direct_conv(dev.name, cout, (3, 3), (1, 1), (1, 1), 1)
-    assert conv_ops.direct_conv(dev.name, cin, (3, 3), (1, 1), (1, 1), 1)  # the input gradient's turned convolution
-    assert conv_ops.direct_weight_grad(dev.name, cout, (3, 3), (1, 1), (1, 1), 1)
     y = (n, cout, h + 2 * pad - 2, w + 2 * pad - 2)
+    assert conv_ops.direct_conv(dev.name, cout, (3, 3), (1, 1), (1, 1), 1, y[2:])
+    assert conv_ops.direct_conv(dev.name, cin, (3, 3), (1, 1), (1, 1), 1, (h, w))  # the input gradient's turned convolution
+    assert conv_ops.direct_weight_grad(dev.name, cout, (3, 3), (1, 1), (1, 1), 1)
     x, wt = floats((n, cin, h, w), data), floats((cout, cin, 3, 3), data)
     bias = [floats((cout,), data)] if draw(st.booleans(), "bias") else []
     attrs = dict(stride=(1, 1), padding=(pad, pad), dilation=(1, 1))

@@ -113,27 +113,34 @@ def _conv2d_check(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
 
 CF_PIXELS, CF_CO, CF_THREADS = 512, 16, 128  # conv2d_3x3's tiles (conv.metal)
 CF_KERNELS = {64: "conv2d_3x3", 32: "conv2d_3x3_16x32"}  # by the tiles' width
+# H100: 14×14 images (38% of a 16×32 tile) still beat the GEMM; 8×8 digits at batch 65536 (12%)
+# took 9 ms against the GEMM's 1.5.
+MIN_TILE_USE = 1 / 3
 
 
-def pixel_tiles(height: int, width: int) -> tuple[str, int]:
-    """(kernel, tile columns) of conv2d_3x3 for height × width output images: the tiles that
-    cover an image with the fewest pixels to spare (the widest of equals)."""
-    cols = min(CF_KERNELS, key=lambda c: (groups_for(width, c) * c * groups_for(height, CF_PIXELS // c) * (CF_PIXELS // c), -c))
-    return CF_KERNELS[cols], cols
+def pixel_tiles(height: int, width: int) -> tuple[str, int, float]:
+    """(kernel, tile columns, share of the tiles' pixels in use) of conv2d_3x3 for height × width
+    output images: the tiles that cover an image with the fewest pixels to spare (the widest of equals)."""
+    def covered(c):
+        return groups_for(width, c) * c * groups_for(height, CF_PIXELS // c) * (CF_PIXELS // c)
+    cols = min(CF_KERNELS, key=lambda c: (covered(c), -c))
+    return CF_KERNELS[cols], cols, height * width / covered(cols)
 
 
-def direct_conv(backend: str, cout: int, kernel_size, stride, dilation, groups) -> bool:
-    """Whether conv2d_3x3 computes this convolution (rather than the GEMM)."""
+def direct_conv(backend: str, cout: int, kernel_size, stride, dilation, groups, out_size) -> bool:
+    """Whether conv2d_3x3 computes this convolution (rather than the GEMM): on GPUs, for 3×3
+    stride-1 windows, few channels, and images that fill at least MIN_TILE_USE of their tiles
+    (the GEMM's columns run on across images: it wastes nothing on 8×8 digits, the tiles 7/8)."""
     return (backend in DIRECT_BACKENDS and cout <= MEDIUM_M and tuple(kernel_size) == (3, 3) and stride == (1, 1)
-            and dilation == (1, 1) and groups == 1)
+            and dilation == (1, 1) and groups == 1 and pixel_tiles(*out_size)[2] >= MIN_TILE_USE)
 
 
 def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
-    if direct_conv(y.device.name, cout, w.shape[2:], stride, dilation, groups):
-        name, cols = pixel_tiles(oh, ow)
+    if direct_conv(y.device.name, cout, w.shape[2:], stride, dilation, groups, (oh, ow)):
+        name, cols, _ = pixel_tiles(oh, ow)
         tiles_x = groups_for(ow, cols)
         tiles = tiles_x * groups_for(oh, CF_PIXELS // cols)
         params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
