@@ -130,7 +130,8 @@ def pixel_tiles(height: int, width: int) -> tuple[str, int, float]:
 def direct_conv(backend: str, cout: int, kernel_size, stride, dilation, groups, out_size) -> bool:
     """Whether conv2d_3x3 computes this convolution (rather than the GEMM): on GPUs, for 3×3
     stride-1 windows, few channels, and images that fill at least MIN_TILE_USE of their tiles
-    (the GEMM's columns run on across images: it wastes nothing on 8×8 digits, the tiles 7/8)."""
+    (the GEMM's columns run on from one image into the next, so small images waste none of its
+    tiles; 8×8 digits would leave 7/8 of conv2d_3x3's idle)."""
     return (backend in DIRECT_BACKENDS and cout <= MEDIUM_M and tuple(kernel_size) == (3, 3) and stride == (1, 1)
             and dilation == (1, 1) and groups == 1 and pixel_tiles(*out_size)[2] >= MIN_TILE_USE)
 
@@ -265,8 +266,6 @@ def _weight_grad_check(g, x, *, kernel_size, stride=1, padding=0, dilation=1, gr
 
 
 WG_ROWS, WG_COLS, WG_CO, WG_CI, WG_THREADS = 8, 16, 16, 16, 256  # conv2d_weight_grad_3x3's tiles (conv.metal)
-
-
 
 
 def direct_weight_grad(backend: str, cout: int, kernel_size, stride, dilation, groups) -> bool:
