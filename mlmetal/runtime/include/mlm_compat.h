@@ -616,16 +616,7 @@ template <class T> struct atomic {
 using atomic_int = atomic<int>;
 using atomic_uint = atomic<uint>;
 
-// MSL 2.3 only has memory_order_relaxed; the rest are accepted. The order matches GCC's
-// __ATOMIC_* values, so the cpu branch passes them straight through.
-enum memory_order {
-  memory_order_relaxed,
-  memory_order_consume,
-  memory_order_acquire,
-  memory_order_release,
-  memory_order_acq_rel,
-  memory_order_seq_cst
-};
+// memory_order is mlm_constants.h's (its order is GCC's __ATOMIC_* values, which the cpu branch relies on).
 
 #if MLM_CUDA
 namespace detail {

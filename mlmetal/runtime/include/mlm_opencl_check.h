@@ -244,14 +244,7 @@ template <class A> using value = typename atomic_traits<A>::value;
 }  // namespace detail
 template <class T> using atomic = typename detail::atomic_of<T>::type;
 
-enum memory_order {
-  memory_order_relaxed,
-  memory_order_consume,
-  memory_order_acquire,
-  memory_order_release,
-  memory_order_acq_rel,
-  memory_order_seq_cst
-};
+// memory_order: mlm_constants.h's.
 
 #define MLM_FETCH(space, op)                                                                    \
   template <class A>                                                                            \
