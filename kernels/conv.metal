@@ -173,7 +173,7 @@ struct Conv3x3Params {
     uint cin, h, w;          // input images
     uint cout, oh, ow;       // output images
     int pad_h, pad_w;
-    uint tiles_x, tiles;     // tiles across an image, and in all (threadgroup x = (image · tiles + ty) · tiles_x + tx)
+    uint tiles_x, tiles;     // tiles across an image, and in one (threadgroup x = image · tiles + ty · tiles_x + tx)
     uint has_bias;
 };
 

@@ -86,13 +86,15 @@ def tiling(rows: int) -> tuple[str, int, int, int]:
     return "", WIDE, WIDE, WIDE_THREADS
 
 
-def split_reduction(length: int, tiles: int, target: int = 264, min_chunk: int = 256) -> tuple[int, int]:
+def split_reduction(length: int, tiles: int, target: int = 264, min_chunk: int = 256,
+                    multiple: int = TILE_K) -> tuple[int, int]:
     """(splits, chunk): cut a reduction of `length` so ~`target` threadgroups of the wide tiling
     share it (two a multiprocessor on a 132-SM H100), each summing at least `min_chunk` terms (a
-    multiple of TILE_K) — a long reduction over a small output otherwise leaves most of a GPU idle."""
+    multiple of `multiple`, the kernel's step) — a long reduction over a small output otherwise
+    leaves most of a GPU idle."""
     splits = max(1, min(target // max(tiles, 1), length // min_chunk))
     chunk = -(-length // splits)
-    chunk = -(-chunk // TILE_K) * TILE_K
+    chunk = -(-chunk // multiple) * multiple
     return -(-length // chunk), chunk
 
 
@@ -281,10 +283,7 @@ def _weight_grad_3x3(cb, dw, g, x, padding):
     blocks = groups_for(cin, WG_CI) * groups_for(cout, WG_CO)
     # As many splits as fill a GPU twice over (at least two tiles each); on cpu a few.
     target = 264 if dw.device.name in SPREAD_BACKENDS else 4
-    tiles = n * tiles_x * tiles_y
-    splits = max(1, min(target // blocks, tiles // 2))
-    chunk = -(-tiles // splits)
-    splits = -(-tiles // chunk)
+    splits, chunk = split_reduction(n * tiles_x * tiles_y, blocks, target=target, min_chunk=2, multiple=1)
     lib = dw.device.library("conv")
     partial = dw if splits == 1 else empty((splits, dw.size), dw.device)
     params = dict(n=n, cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
