@@ -455,23 +455,24 @@ def _obj(v, where: str, required=(), optional=()) -> dict:
     return v
 
 
-def _dict(v, where: str, limit: int) -> dict:
-    """A JSON object whose keys are names (attributes, outputs)."""
-    if not isinstance(v, dict):
-        _fail(where, f"expected an object, got {type(v).__name__}")
+def _bounded(v, kind: type, what: str, where: str, limit: int):
+    """v, if it is a `kind` (`what` in the message) of at most `limit` entries."""
+    if not isinstance(v, kind):
+        _fail(where, f"expected {what}, got {type(v).__name__}")
     if len(v) > limit:
         _fail(where, f"{len(v)} entries; at most {limit} are accepted")
-    for k in v:
+    return v
+
+
+def _dict(v, where: str, limit: int) -> dict:
+    """A JSON object whose keys are names (attributes, outputs)."""
+    for k in _bounded(v, dict, "an object", where, limit):
         _check_name(k, where)
     return v
 
 
 def _list(v, where: str, limit: int) -> list:
-    if not isinstance(v, list):
-        _fail(where, f"expected a list, got {type(v).__name__}")
-    if len(v) > limit:
-        _fail(where, f"{len(v)} entries; at most {limit} are accepted")
-    return v
+    return _bounded(v, list, "a list", where, limit)
 
 
 def _int(v, where: str, lo: int, hi: int) -> int:
