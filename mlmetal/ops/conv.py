@@ -129,21 +129,25 @@ def pixel_tiles(height: int, width: int) -> tuple[str, int, float]:
     return CF_KERNELS[cols], cols, height * width / covered(cols)
 
 
-def direct_conv(backend: str, cout: int, kernel_size, stride, dilation, groups, out_size) -> bool:
-    """Whether conv2d_3x3 computes this convolution (rather than the GEMM): on GPUs, for 3×3
-    stride-1 windows, few channels, and images that fill at least MIN_TILE_USE of their tiles
-    (the GEMM's columns run on from one image into the next, so small images waste none of its
-    tiles; 8×8 digits would leave 7/8 of conv2d_3x3's idle)."""
-    return (backend in DIRECT_BACKENDS and cout <= MEDIUM_M and tuple(kernel_size) == (3, 3) and stride == (1, 1)
-            and dilation == (1, 1) and groups == 1 and pixel_tiles(*out_size)[2] >= MIN_TILE_USE)
+def direct_conv(backend: str, cout: int, kernel_size, stride, dilation, groups, out_size) -> tuple[str, int] | None:
+    """(kernel, tile columns) when conv2d_3x3 computes this convolution, None for the GEMM:
+    conv2d_3x3 runs on GPUs, for 3×3 stride-1 windows, few channels, and images that fill at
+    least MIN_TILE_USE of their tiles (the GEMM's columns run on from one image into the next,
+    so small images waste none of its tiles; 8×8 digits would leave 7/8 of conv2d_3x3's idle)."""
+    if not (backend in DIRECT_BACKENDS and cout <= MEDIUM_M and tuple(kernel_size) == (3, 3) and stride == (1, 1)
+            and dilation == (1, 1) and groups == 1):
+        return None
+    name, cols, use = pixel_tiles(*out_size)
+    return (name, cols) if use >= MIN_TILE_USE else None
 
 
 def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
-    if direct_conv(y.device.name, cout, w.shape[2:], stride, dilation, groups, (oh, ow)):
-        name, cols, _ = pixel_tiles(oh, ow)
+    direct = direct_conv(y.device.name, cout, w.shape[2:], stride, dilation, groups, (oh, ow))
+    if direct:
+        name, cols = direct
         tiles_x = groups_for(ow, cols)
         tiles = tiles_x * groups_for(oh, CF_PIXELS // cols)
         params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
