@@ -100,16 +100,20 @@ def mlmetal_style(dev, batch, size):
     return lambda: train.step(content=content), [train]
 
 
-def mlmetal_gan(dev, batch, size):
-    """The GAN app's two training graphs: one discriminator step, then one generator step."""
-    mm.nn.seed(0)
-    model = gan.GAN(dev, batch)
-    real = mm.tensor(np.random.default_rng(0).uniform(-1, 1, (batch, 1, 8, 8)).astype(np.float32), dev)
+def adversarial_step(model, dev):
+    """(step, trainings) of a gan.GAN: one discriminator step on a fixed real batch in [-1, 1], then one generator step."""
+    real = mm.tensor(np.random.default_rng(0).uniform(-1, 1, (model.batch, 1, model.size, model.size)).astype(np.float32), dev)
 
     def step():
         model.train_d.step(real=real)
         model.train_g.step()
     return step, [model.train_d, model.train_g]
+
+
+def mlmetal_gan(dev, batch, size):
+    """The GAN app's two training graphs: one discriminator step, then one generator step."""
+    mm.nn.seed(0)
+    return adversarial_step(gan.GAN(dev, batch), dev)
 
 
 class DCGenerator(mm.nn.Module):
@@ -144,34 +148,8 @@ class DCDiscriminator(mm.nn.Module):
 def mlmetal_dcgan(dev, batch, size):
     """gan.GAN's two training graphs around DCGenerator and DCDiscriminator."""
     mm.nn.seed(0)
-    G, D = DCGenerator(dev), DCDiscriminator(dev)
-    latents = mm.random.Philox(dev, 0)
-    ones = mm.tensor(np.ones((batch, 1), np.float32), dev)
-    zeros = mm.tensor(np.zeros((batch, 1), np.float32), dev)
-    adam = dict(lr=DCGAN_LR, betas=(0.5, 0.999))
-
-    g = mm.Graph(dev)
-    fake = G(g.random((batch, DCGAN_LATENT), latents, mm.random.Normal()))
-    fake.stop_gradient = True
-    real_logits = D(g.input("real", (batch, 1, 28, 28)))
-    d_loss = mm.ops.add(mm.ops.sigmoid_cross_entropy_loss(real_logits, ones),
-                        mm.ops.sigmoid_cross_entropy_loss(D(fake), zeros))
-    train_d = d_loss.training_graph(optimizer=mm.optim.Adam(D.parameters(), **adam))
-
-    g = mm.Graph(dev)
-    g_loss = mm.ops.sigmoid_cross_entropy_loss(D(G(g.random((batch, DCGAN_LATENT), latents, mm.random.Normal()))), ones)
-    # Frozen only while the graph is derived: that is when gradient nodes are chosen.
-    D.freeze()
-    try:
-        train_g = g_loss.training_graph(optimizer=mm.optim.Adam(G.parameters(), **adam))
-    finally:
-        D.unfreeze()
-    real = mm.tensor(np.random.default_rng(0).uniform(-1, 1, (batch, 1, 28, 28)).astype(np.float32), dev)
-
-    def step():
-        train_d.step(real=real)
-        train_g.step()
-    return step, [train_d, train_g]
+    return adversarial_step(gan.GAN(dev, batch, lr=DCGAN_LR, size=28, generator=DCGenerator(dev),
+                                    discriminator=DCDiscriminator(dev), latent=DCGAN_LATENT), dev)
 
 
 # ---------------------------------------------------------------- PyTorch

@@ -93,7 +93,10 @@ class GAN:
         batch: real and generated images per step.
         lr: both optimizers' learning rate (Adam with β₁ = 0.5, as GANs usually are).
         seed: the latent stream's seed.
-        size: the image side, 8·2^k.
+        size: the image side, 8·2^k for the app's own networks.
+        generator, discriminator: other networks to train instead of the app's Generator and
+            Discriminator (latents (N, latent) → images (N, 1, size, size) → logits (N, 1)).
+        latent: the latents' length.
 
     Example:
         >>> gan = GAN(mm.device("cpu"), batch=64)
@@ -101,24 +104,25 @@ class GAN:
         >>> images = gan.sample(np.zeros((16, LATENT), np.float32))
     """
 
-    def __init__(self, device, batch: int = 64, lr: float = 1e-3, seed: int = 0, size: int = 8):
-        self.device, self.batch, self.size = device, batch, size
-        self.generator = Generator(device, size=size)
-        self.discriminator = Discriminator(device, size=size)
+    def __init__(self, device, batch: int = 64, lr: float = 1e-3, seed: int = 0, size: int = 8,
+                 generator: mm.nn.Module | None = None, discriminator: mm.nn.Module | None = None, latent: int = LATENT):
+        self.device, self.batch, self.size, self.latent = device, batch, size, latent
+        self.generator = generator if generator is not None else Generator(device, latent=latent, size=size)
+        self.discriminator = discriminator if discriminator is not None else Discriminator(device, size=size)
         latents = mm.random.Philox(device, seed)  # one stream, shared by both graphs' latent nodes
         ones = mm.tensor(np.ones((batch, 1), np.float32), device)
         zeros = mm.tensor(np.zeros((batch, 1), np.float32), device)
         adam = dict(lr=lr, betas=(0.5, 0.999))
 
         g = mm.Graph(device)
-        fake = self.generator(g.random((batch, LATENT), latents, mm.random.Normal()))
+        fake = self.generator(g.random((batch, latent), latents, mm.random.Normal()))
         fake.stop_gradient = True
         real_loss, fake_loss = self._discriminator_losses(g, fake, ones, zeros)
         d_loss = mm.ops.add(real_loss, fake_loss)
         self.train_d = d_loss.training_graph(optimizer=mm.optim.Adam(self.discriminator.parameters(), **adam))
 
         g = mm.Graph(device)
-        fake = self.generator(g.random((batch, LATENT), latents, mm.random.Normal()))
+        fake = self.generator(g.random((batch, latent), latents, mm.random.Normal()))
         g_loss = mm.ops.sigmoid_cross_entropy_loss(self.discriminator(fake), ones)
         # Frozen only while the graph is derived: that is when gradient nodes are chosen.
         self.discriminator.freeze()
@@ -129,7 +133,7 @@ class GAN:
 
         # The same losses in a graph with no updates, for watching the discriminator without training it.
         self.watch = mm.Graph(device)
-        fake = self.generator(self.watch.random((batch, LATENT), latents, mm.random.Normal()))
+        fake = self.generator(self.watch.random((batch, latent), latents, mm.random.Normal()))
         self.watched = self._discriminator_losses(self.watch, fake, ones, zeros)
         self._samplers: dict[int, tuple] = {}
 
@@ -148,11 +152,11 @@ class GAN:
         return tuple(float(v[0]) for v in self.watch.run({"real": real}, outputs=list(self.watched)))
 
     def sample(self, z: np.ndarray) -> np.ndarray:
-        """The generator's images of latents z (N, LATENT), mapped to [0, 1] as the digits classifier sees them."""
+        """The generator's images of latents z (N, latent), mapped to [0, 1] as the digits classifier sees them."""
         n = len(z)
         if n not in self._samplers:
             g = mm.Graph(self.device)
-            self._samplers[n] = (g, self.generator(g.input("z", (n, LATENT))))
+            self._samplers[n] = (g, self.generator(g.input("z", (n, self.latent))))
         g, images = self._samplers[n]
         return (g.run({"z": z}, outputs=[images])[0] + 1) / 2
 
