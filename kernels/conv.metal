@@ -34,10 +34,23 @@ struct ConvParams {
 // gradient: threadgroup z sums k in [split·chunk, (split+1)·chunk) into slice `split` of y
 // (N·Cout·OH·OW floats a slice; the bias goes into slice 0), and `sum_splits` adds the slices.
 // Grid: (ceil(N·OH·OW / width_n), ceil(Cout/groups / width_m), groups · splits).
+struct ConvOut {
+    device float* y;
+    device const float* bias;  // or null
+    uint m0, n0, rows, pixels, plane, cout, channel0;
+
+    void write(uint m, uint n, float v) const {
+        const uint c = m0 + m, q = n0 + n;
+        if (c < rows && q < pixels)
+            y[((q / plane) * cout + channel0 + c) * plane + q % plane] = v + (bias ? bias[channel0 + c] : 0.0f);
+    }
+};
+
+template <typename Acc>
 inline void conv2d_tiled(device const float* x, device const float* w, device const float* bias,
                          device float* y, constant ConvParams& p, uint3 tile, uint t,
                          threadgroup float4* a_tile, threadgroup float4* b_tile,
-                         uint width_m, uint width_n, uint threads) {
+                         uint width_m, uint width_n, uint threads, thread Acc& acc) {
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
     const uint plane = p.oh * p.ow, pixels = p.n * plane;
     const uint g = tile.z % p.groups, split = tile.z / p.groups, m0 = tile.y * width_m, n0 = tile.x * width_n;
@@ -67,9 +80,6 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
     // the next step's k = (ci·KH + ky)·KW + kx
     uint ci = (k_begin + sb.k) / khw, ky = (k_begin + sb.k) % khw / p.kw, kx = (k_begin + sb.k) % p.kw;
 
-    const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
-    Block acc;
-    clear(acc);
     float4 a_next = 0.0f, b_next[MAX_STAGED];
     uint buf = 0;
     for (uint k0 = k_begin; k0 < K; k0 += TILE_K, buf ^= 1) {
@@ -91,62 +101,38 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
             advance(ci, ky, kx, step, p.kh, p.kw);
         }
         // The previous slice is multiplied while this one's loads are in flight.
-        if (k0 > k_begin) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                                   width_m, width_n, tm, tn, acc);
+        if (k0 > k_begin) acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
         if (a_stager) a_tile[buf * STAGED(width_m) + sa.k * a_pitch + sa.quad] = a_next;
         #pragma unroll
         for (uint i = 0; i < units; ++i) b_tile[buf * STAGED(width_n) + (sb.k + i * step) * b_pitch + sb.quad] = b_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                   width_m, width_n, tm, tn, acc);
-
-    for (uint j = 0; j < 8; ++j) {
-        const uint q = n0 + block_row(j, tn, width_n);
-        if (q >= pixels) continue;
-        device float* y_pix = y + ((q / plane) * p.cout + g * cout_g) * plane + q % plane;
-        for (uint i = 0; i < 8; ++i) {
-            const uint m = m0 + block_row(i, tm, width_m);
-            if (m < cout_g) y_pix[m * plane] = acc.v[i][j] + (p.has_bias && split == 0 ? bias[g * cout_g + m] : 0.0f);
-        }
-    }
+    acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
+    acc.store(ConvOut{y, p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g}, b_tile);
 }
 
-kernel void conv2d(device const float* x [[buffer(0)]],
-                   device const float* w [[buffer(1)]],
-                   device const float* bias [[buffer(2)]],
-                   device float* y [[buffer(3)]],
-                   constant ConvParams& p [[buffer(4)]],
-                   uint3 tile [[threadgroup_position_in_grid]],
-                   uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(WIDE)];
-    threadgroup float4 b_tile[2 * STAGED(WIDE)];
-    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
+// The kernels: one template over the tiling (rows × columns a threadgroup, threads) and the
+// accumulator (tile.h), instantiated for each tiling with float blocks and with simdgroup
+// matrices (`_mma`).
+template <uint WM, uint WN, uint THREADS, typename Acc>
+kernel void conv2d_tiles(device const float* x [[buffer(0)]],
+                         device const float* w [[buffer(1)]],
+                         device const float* bias [[buffer(2)]],
+                         device float* y [[buffer(3)]],
+                         constant ConvParams& p [[buffer(4)]],
+                         uint3 tile [[threadgroup_position_in_grid]],
+                         uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(WM)];
+    threadgroup float4 b_tile[2 * STAGED(WN)];
+    Acc acc(t, WM, WN);
+    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
 }
-
-kernel void conv2d_narrow(device const float* x [[buffer(0)]],
-                          device const float* w [[buffer(1)]],
-                          device const float* bias [[buffer(2)]],
-                          device float* y [[buffer(3)]],
-                          constant ConvParams& p [[buffer(4)]],
-                          uint3 tile [[threadgroup_position_in_grid]],
-                          uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(NARROW_M)];
-    threadgroup float4 b_tile[2 * STAGED(NARROW_N)];
-    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
-}
-
-kernel void conv2d_medium(device const float* x [[buffer(0)]],
-                          device const float* w [[buffer(1)]],
-                          device const float* bias [[buffer(2)]],
-                          device float* y [[buffer(3)]],
-                          constant ConvParams& p [[buffer(4)]],
-                          uint3 tile [[threadgroup_position_in_grid]],
-                          uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(MEDIUM_M)];
-    threadgroup float4 b_tile[2 * STAGED(MEDIUM_N)];
-    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
-}
+template [[host_name("conv2d")]] [[kernel]] decltype(conv2d_tiles<WIDE, WIDE, WIDE_THREADS, FmaTile>) conv2d_tiles<WIDE, WIDE, WIDE_THREADS, FmaTile>;
+template [[host_name("conv2d_medium")]] [[kernel]] decltype(conv2d_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, FmaTile>) conv2d_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, FmaTile>;
+template [[host_name("conv2d_narrow")]] [[kernel]] decltype(conv2d_tiles<NARROW_M, NARROW_N, NARROW_THREADS, FmaTile>) conv2d_tiles<NARROW_M, NARROW_N, NARROW_THREADS, FmaTile>;
+template [[host_name("conv2d_mma")]] [[kernel]] decltype(conv2d_tiles<WIDE, WIDE, WIDE_THREADS, MmaTile<8, 4>>) conv2d_tiles<WIDE, WIDE, WIDE_THREADS, MmaTile<8, 4>>;
+template [[host_name("conv2d_medium_mma")]] [[kernel]] decltype(conv2d_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, MmaTile<8, 4>>) conv2d_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, MmaTile<8, 4>>;
+template [[host_name("conv2d_narrow_mma")]] [[kernel]] decltype(conv2d_tiles<NARROW_M, NARROW_N, NARROW_THREADS, MmaTile<2, 16>>) conv2d_tiles<NARROW_M, NARROW_N, NARROW_THREADS, MmaTile<2, 16>>;
 
 // y = conv(x, w) + bias for a 3×3, stride-1, undilated, ungrouped convolution, directly
 // rather than as a GEMM: the GEMM stages each input value once for each of the nine taps.
@@ -348,10 +334,23 @@ inline ClassTaps class_taps(uint residue, int stride, int dil, int pad, uint k, 
 // images, reduction = (output channel, ky index a, kx index b).
 // Grid: (ceil(N·ceil(H/stride_h)·ceil(W/stride_w) / width_n), ceil(Cin/groups / width_m),
 //        groups·stride_h·stride_w).
+struct InputGradOut {
+    device float* dx;  // at the class's first pixel of group g's first channel in image 0
+    uint m0, n0, rows, pixels, cplane, class_w, stride_h, stride_w, w, plane, image;
+
+    void write(uint m, uint n, float v) const {
+        const uint c = m0 + m, q = n0 + n;
+        if (c >= rows || q >= pixels) return;
+        const uint r = q % cplane;
+        dx[q / cplane * image + c * plane + r / class_w * stride_h * w + r % class_w * stride_w] = v;
+    }
+};
+
+template <typename Acc>
 inline void conv2d_input_grad_tiled(device const float* dy, device const float* w, device float* dx,
                                     constant ConvParams& p, uint3 tile, uint t,
                                     threadgroup float4* a_tile, threadgroup float4* b_tile,
-                                    uint width_m, uint width_n, uint threads) {
+                                    uint width_m, uint width_n, uint threads, thread Acc& acc) {
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
     const uint g = tile.z % p.groups, cls = tile.z / p.groups, m0 = tile.y * width_m, n0 = tile.x * width_n;
     const ClassTaps ty = class_taps(cls / uint(p.stride_w), p.stride_h, p.dil_h, p.pad_h, p.kh, p.h);
@@ -386,9 +385,6 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
     uint co = 0, ka = 0, kb = 0;  // k = (co·ty.count + ka)·tx.count + kb
     if (K > 0) advance(co, ka, kb, sb.k, ty.count, tx.count);
 
-    const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
-    Block acc;
-    clear(acc);
     float4 a_next = 0.0f, b_next[MAX_STAGED];
     uint buf = 0;
     for (uint k0 = 0; k0 < K; k0 += TILE_K, buf ^= 1) {
@@ -411,63 +407,36 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
             }
             advance(co, ka, kb, step, ty.count, tx.count);
         }
-        if (k0 > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                                   width_m, width_n, tm, tn, acc);
+        if (k0 > 0) acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
         if (a_stager) a_tile[buf * STAGED(width_m) + sa.k * a_pitch + sa.quad] = a_next;
         #pragma unroll
         for (uint i = 0; i < units; ++i) b_tile[buf * STAGED(width_n) + (sb.k + i * step) * b_pitch + sb.quad] = b_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    if (K > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                              width_m, width_n, tm, tn, acc);
-
-    // Each thread's columns are pixels 4·tn … and width_n/2 + 4·tn … of the tile: their dx
-    // offsets are recomputed here (the staging quads belong to other threads).
-    for (uint j = 0; j < 8; ++j) {
-        const uint q = n0 + block_row(j, tn, width_n);
-        if (q >= pixels) continue;
-        const uint img = q / cplane, r = q % cplane, ry = r / tx.size, rx = r % tx.size;
-        device float* dx_at = dx + (img * p.cin + g * cin_g) * plane
-                              + (cls / uint(p.stride_w) + ry * uint(p.stride_h)) * p.w + cls % uint(p.stride_w) + rx * uint(p.stride_w);
-        for (uint i = 0; i < 8; ++i) {
-            const uint m = m0 + block_row(i, tm, width_m);
-            if (m < cin_g) dx_at[m * plane] = acc.v[i][j];
-        }
-    }
+    if (K > 0) acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
+    const uint res_y = cls / uint(p.stride_w), res_x = cls % uint(p.stride_w);
+    acc.store(InputGradOut{dx + g * cin_g * plane + res_y * p.w + res_x, m0, n0, cin_g, pixels, cplane, tx.size,
+                           uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane}, b_tile);
 }
 
-kernel void conv2d_input_grad(device const float* dy [[buffer(0)]],
-                              device const float* w [[buffer(1)]],
-                              device float* dx [[buffer(2)]],
-                              constant ConvParams& p [[buffer(3)]],
-                              uint3 tile [[threadgroup_position_in_grid]],
-                              uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(WIDE)];
-    threadgroup float4 b_tile[2 * STAGED(WIDE)];
-    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
+template <uint WM, uint WN, uint THREADS, typename Acc>
+kernel void conv2d_input_grad_tiles(device const float* dy [[buffer(0)]],
+                                    device const float* w [[buffer(1)]],
+                                    device float* dx [[buffer(2)]],
+                                    constant ConvParams& p [[buffer(3)]],
+                                    uint3 tile [[threadgroup_position_in_grid]],
+                                    uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(WM)];
+    threadgroup float4 b_tile[2 * STAGED(WN)];
+    Acc acc(t, WM, WN);
+    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
 }
-
-kernel void conv2d_input_grad_narrow(device const float* dy [[buffer(0)]],
-                                     device const float* w [[buffer(1)]],
-                                     device float* dx [[buffer(2)]],
-                                     constant ConvParams& p [[buffer(3)]],
-                                     uint3 tile [[threadgroup_position_in_grid]],
-                                     uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(NARROW_M)];
-    threadgroup float4 b_tile[2 * STAGED(NARROW_N)];
-    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
-}
-
-kernel void conv2d_input_grad_medium(device const float* dy [[buffer(0)]],
-                                     device const float* w [[buffer(1)]],
-                                     device float* dx [[buffer(2)]],
-                                     constant ConvParams& p [[buffer(3)]],
-                                     uint3 tile [[threadgroup_position_in_grid]],
-                                     uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(MEDIUM_M)];
-    threadgroup float4 b_tile[2 * STAGED(MEDIUM_N)];
-    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
-}
+template [[host_name("conv2d_input_grad")]] [[kernel]] decltype(conv2d_input_grad_tiles<WIDE, WIDE, WIDE_THREADS, FmaTile>) conv2d_input_grad_tiles<WIDE, WIDE, WIDE_THREADS, FmaTile>;
+template [[host_name("conv2d_input_grad_medium")]] [[kernel]] decltype(conv2d_input_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, FmaTile>) conv2d_input_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, FmaTile>;
+template [[host_name("conv2d_input_grad_narrow")]] [[kernel]] decltype(conv2d_input_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS, FmaTile>) conv2d_input_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS, FmaTile>;
+template [[host_name("conv2d_input_grad_mma")]] [[kernel]] decltype(conv2d_input_grad_tiles<WIDE, WIDE, WIDE_THREADS, MmaTile<8, 4>>) conv2d_input_grad_tiles<WIDE, WIDE, WIDE_THREADS, MmaTile<8, 4>>;
+template [[host_name("conv2d_input_grad_medium_mma")]] [[kernel]] decltype(conv2d_input_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, MmaTile<8, 4>>) conv2d_input_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, MmaTile<8, 4>>;
+template [[host_name("conv2d_input_grad_narrow_mma")]] [[kernel]] decltype(conv2d_input_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS, MmaTile<2, 16>>) conv2d_input_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS, MmaTile<2, 16>>;
 
 // dw = dy · patchesᵀ. GEMM per group g: rows = its Cout/groups output channels, columns =
 // (input channel, ky, kx), reduction = output pixels. The reduction is long (N·OH·OW) and the
@@ -475,10 +444,21 @@ kernel void conv2d_input_grad_medium(device const float* dy [[buffer(0)]],
 // slice `split` of `partial` (Cout × Cin/groups·KH·KW floats per slice), and `sum_splits`
 // adds the slices. With one split, `partial` is dw itself.
 // Grid: (ceil(Cin/groups·KH·KW / width_n), ceil(Cout/groups / width_m), groups · splits).
+struct WeightGradOut {
+    device float* out;  // at group g's first row
+    uint m0, n0, rows, cols;
+
+    void write(uint m, uint n, float v) const {
+        const uint r = m0 + m, c = n0 + n;
+        if (r < rows && c < cols) out[r * cols + c] = v;
+    }
+};
+
+template <typename Acc>
 inline void conv2d_weight_grad_tiled(device const float* dy, device const float* x, device float* partial,
                                      constant ConvParams& p, uint3 tile, uint t,
                                      threadgroup float4* a_tile, threadgroup float4* b_tile,
-                                     uint width_m, uint width_n, uint threads) {
+                                     uint width_m, uint width_n, uint threads, thread Acc& acc) {
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups;
     const uint khw = p.kh * p.kw, cols = cin_g * khw, oplane = p.oh * p.ow, pixels = p.n * oplane;
     const uint g = tile.z % p.groups, split = tile.z / p.groups;
@@ -511,9 +491,6 @@ inline void conv2d_weight_grad_tiled(device const float* dy, device const float*
     }
     uint img = (k_begin + sb.k) / oplane, oy = (k_begin + sb.k) % oplane / p.ow, ox = (k_begin + sb.k) % p.ow;
 
-    const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
-    Block acc;
-    clear(acc);
     float4 a_next = 0.0f, b_next[MAX_STAGED];
     uint buf = 0;
     for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K, buf ^= 1) {
@@ -535,59 +512,34 @@ inline void conv2d_weight_grad_tiled(device const float* dy, device const float*
             }
             advance(img, oy, ox, step, p.oh, p.ow);
         }
-        if (k0 > k_begin) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                                         width_m, width_n, tm, tn, acc);
+        if (k0 > k_begin) acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
         if (a_stager) a_tile[buf * STAGED(width_m) + sa.k * a_pitch + sa.quad] = a_next;
         #pragma unroll
         for (uint i = 0; i < units; ++i) b_tile[buf * STAGED(width_n) + (sb.k + i * step) * b_pitch + sb.quad] = b_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                   width_m, width_n, tm, tn, acc);
-
-    device float* out = partial + split * p.cout * cols;
-    for (uint i = 0; i < 8; ++i) {
-        const uint m = m0 + block_row(i, tm, width_m);
-        if (m >= cout_g) continue;
-        for (uint j = 0; j < 8; ++j) {
-            const uint c = n0 + block_row(j, tn, width_n);
-            if (c < cols) out[(g * cout_g + m) * cols + c] = acc.v[i][j];
-        }
-    }
+    acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
+    acc.store(WeightGradOut{partial + (split * p.cout + g * cout_g) * cols, m0, n0, cout_g, cols}, b_tile);
 }
 
-kernel void conv2d_weight_grad(device const float* dy [[buffer(0)]],
-                               device const float* x [[buffer(1)]],
-                               device float* partial [[buffer(2)]],
-                               constant ConvParams& p [[buffer(3)]],
-                               uint3 tile [[threadgroup_position_in_grid]],
-                               uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(WIDE)];
-    threadgroup float4 b_tile[2 * STAGED(WIDE)];
-    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
+template <uint WM, uint WN, uint THREADS, typename Acc>
+kernel void conv2d_weight_grad_tiles(device const float* dy [[buffer(0)]],
+                                     device const float* x [[buffer(1)]],
+                                     device float* partial [[buffer(2)]],
+                                     constant ConvParams& p [[buffer(3)]],
+                                     uint3 tile [[threadgroup_position_in_grid]],
+                                     uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(WM)];
+    threadgroup float4 b_tile[2 * STAGED(WN)];
+    Acc acc(t, WM, WN);
+    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
 }
-
-kernel void conv2d_weight_grad_narrow(device const float* dy [[buffer(0)]],
-                                      device const float* x [[buffer(1)]],
-                                      device float* partial [[buffer(2)]],
-                                      constant ConvParams& p [[buffer(3)]],
-                                      uint3 tile [[threadgroup_position_in_grid]],
-                                      uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(NARROW_M)];
-    threadgroup float4 b_tile[2 * STAGED(NARROW_N)];
-    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
-}
-
-kernel void conv2d_weight_grad_medium(device const float* dy [[buffer(0)]],
-                                      device const float* x [[buffer(1)]],
-                                      device float* partial [[buffer(2)]],
-                                      constant ConvParams& p [[buffer(3)]],
-                                      uint3 tile [[threadgroup_position_in_grid]],
-                                      uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(MEDIUM_M)];
-    threadgroup float4 b_tile[2 * STAGED(MEDIUM_N)];
-    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
-}
+template [[host_name("conv2d_weight_grad")]] [[kernel]] decltype(conv2d_weight_grad_tiles<WIDE, WIDE, WIDE_THREADS, FmaTile>) conv2d_weight_grad_tiles<WIDE, WIDE, WIDE_THREADS, FmaTile>;
+template [[host_name("conv2d_weight_grad_medium")]] [[kernel]] decltype(conv2d_weight_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, FmaTile>) conv2d_weight_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, FmaTile>;
+template [[host_name("conv2d_weight_grad_narrow")]] [[kernel]] decltype(conv2d_weight_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS, FmaTile>) conv2d_weight_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS, FmaTile>;
+template [[host_name("conv2d_weight_grad_mma")]] [[kernel]] decltype(conv2d_weight_grad_tiles<WIDE, WIDE, WIDE_THREADS, MmaTile<8, 4>>) conv2d_weight_grad_tiles<WIDE, WIDE, WIDE_THREADS, MmaTile<8, 4>>;
+template [[host_name("conv2d_weight_grad_medium_mma")]] [[kernel]] decltype(conv2d_weight_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, MmaTile<8, 4>>) conv2d_weight_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS, MmaTile<8, 4>>;
+template [[host_name("conv2d_weight_grad_narrow_mma")]] [[kernel]] decltype(conv2d_weight_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS, MmaTile<2, 16>>) conv2d_weight_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS, MmaTile<2, 16>>;
 
 // dw of a 3×3, stride-1, undilated, ungrouped convolution, directly rather than as a GEMM.
 // The GEMM of conv2d_weight_grad stages every (input channel, ky, kx) column of the patches
@@ -722,22 +674,6 @@ kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],
             if (co < p.cout && c < p.cin) out[(co * p.cin + c) * 9 + v % 9] = s;
         }
     }
-}
-
-struct SplitParams {
-    uint count;   // floats per slice
-    uint splits;
-};
-
-// out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing).
-kernel void sum_splits(device const float* partial [[buffer(0)]],
-                       device float* out [[buffer(1)]],
-                       constant SplitParams& p [[buffer(2)]],
-                       uint i [[thread_position_in_grid]]) {
-    if (i >= p.count) return;
-    float s = 0.0f;
-    for (uint k = 0; k < p.splits; ++k) s += partial[k * p.count + i];
-    out[i] = s;
 }
 
 struct BiasGradParams {

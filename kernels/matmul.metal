@@ -2,7 +2,7 @@
 // gradient of a fully connected layer.
 //
 // A tiled product in kernels/tile.h's wide tiling (128×128 outputs, 256 threads, pipelined
-// staging, 8×8 register blocks). Transposes are strides, so one kernel serves a·b, a·bᵀ (linear
+// staging), with float register blocks (`matmul`) or simdgroup matrices (`matmul_mma`). Transposes are strides, so one kernel serves a·b, a·bᵀ (linear
 // layers) and aᵀ·b (their weight gradients); each operand is staged along whichever of its
 // dimensions is contiguous, so that a warp's loads are.
 #include <metal_stdlib>
@@ -18,17 +18,29 @@ struct MatmulParams {
     uint chunk;          // reduction steps each split sums (k itself for one split)
 };
 
+struct MatmulOut {
+    device float* c;
+    device const float* bias;  // or null
+    uint m0, n0, m, n;
+
+    void write(uint i, uint j, float v) const {
+        const uint row = m0 + i, col = n0 + j;
+        if (row < m && col < n) c[row * n + col] = v + (bias ? bias[col] : 0.0f);
+    }
+};
+
 // c = A·B (+ bias), C row-major. A long reduction over a small C is split like the weight
 // gradient of a convolution: threadgroup z sums k in [z·chunk, (z+1)·chunk) into slice z of c
-// (m·n floats a slice; the bias goes into slice 0), and conv's `sum_splits` adds the slices.
+// (m·n floats a slice; the bias goes into slice 0), and `sum_splits` adds the slices.
 // Grid: (ceil(n / 128), ceil(m / 128), splits).
-kernel void matmul(device const float* a [[buffer(0)]],
-                   device const float* b [[buffer(1)]],
-                   device const float* bias [[buffer(2)]],
-                   device float* c [[buffer(3)]],
-                   constant MatmulParams& p [[buffer(4)]],
-                   uint3 tile [[threadgroup_position_in_grid]],
-                   uint t [[thread_index_in_threadgroup]]) {
+template <typename Acc>
+kernel void matmul_tiles(device const float* a [[buffer(0)]],
+                         device const float* b [[buffer(1)]],
+                         device const float* bias [[buffer(2)]],
+                         device float* c [[buffer(3)]],
+                         constant MatmulParams& p [[buffer(4)]],
+                         uint3 tile [[threadgroup_position_in_grid]],
+                         uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 a_tile[2 * STAGED(WIDE)];  // [k][row]
     threadgroup float4 b_tile[2 * STAGED(WIDE)];  // [k][column]
     const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
@@ -36,9 +48,7 @@ kernel void matmul(device const float* a [[buffer(0)]],
     const Stage sa = p.a_k == 1 ? along_k(t) : along_rows(t, WIDE);
     const Stage sb = p.b_n == 1 ? along_rows(t, WIDE) : along_k(t);
 
-    const uint tm = t / (WIDE / 8), tn = t % (WIDE / 8);
-    Block acc;
-    clear(acc);
+    Acc acc(t, WIDE, WIDE);
     float4 a_next, b_next;
     uint buf = 0;
     for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K, buf ^= 1) {
@@ -49,25 +59,16 @@ kernel void matmul(device const float* a [[buffer(0)]],
             b_next[j] = n < p.n && kb < k_end ? b[kb * p.b_k + n * p.b_n] : 0.0f;
         }
         // The previous slice is multiplied while this one's loads are in flight.
-        if (k0 > k_begin) multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE),
-                                   WIDE, WIDE, tm, tn, acc);
+        if (k0 > k_begin) acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
         a_tile[buf * STAGED(WIDE) + sa.k * pitch(WIDE) + sa.quad] = a_next;
         b_tile[buf * STAGED(WIDE) + sb.k * pitch(WIDE) + sb.quad] = b_next;
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE), WIDE, WIDE, tm, tn, acc);
-
-    device float* out = c + tile.z * p.m * p.n;
-    const bool add_bias = p.has_bias && tile.z == 0;
-    for (uint i = 0; i < 8; ++i) {
-        const uint m = m0 + block_row(i, tm, WIDE);
-        if (m >= p.m) continue;
-        for (uint j = 0; j < 8; ++j) {
-            const uint n = n0 + block_row(j, tn, WIDE);
-            if (n < p.n) out[m * p.n + n] = acc.v[i][j] + (add_bias ? bias[n] : 0.0f);
-        }
-    }
+    acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
+    acc.store(MatmulOut{c + tile.z * p.m * p.n, p.has_bias && tile.z == 0 ? bias : nullptr, m0, n0, p.m, p.n}, b_tile);
 }
+template [[host_name("matmul")]] [[kernel]] decltype(matmul_tiles<FmaTile>) matmul_tiles<FmaTile>;
+template [[host_name("matmul_mma")]] [[kernel]] decltype(matmul_tiles<MmaTile<8, 4>>) matmul_tiles<MmaTile<8, 4>>;
 
 struct BiasGradParams {
     uint rows, cols;

@@ -284,6 +284,7 @@ class CudaDevice(D.Device):
     """The cuda backend (CuPy and an NVIDIA GPU). Example: `dev = mm.device("cuda")`."""
 
     name = "cuda"
+    has_simdgroup_matrix = True  # tensor cores (mma.sync)
 
     @staticmethod
     def unavailable() -> str | None:

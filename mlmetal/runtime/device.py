@@ -275,6 +275,11 @@ def _bind_one(kernel: Kernel, p: S.Param, value: Any) -> Buffer | bytes:
 
 # ---------------------------------------------------------------- libraries
 
+# The matmul precision policies (mlmetal.precision), in the order of the MLM_MATMUL_PRECISION
+# values that kernels are compiled with (include/mlm_simdgroup_matrix.h).
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
 class Library:
     """The kernels of one MSL source, linted and compiled for a device."""
 
@@ -395,33 +400,48 @@ class CommandBuffer:
 # ---------------------------------------------------------------- device
 
 class Device:
-    """A backend: allocation, libraries, command buffers. Subclasses implement the underscored hooks."""
+    """A backend: allocation, libraries, command buffers. Subclasses implement the underscored hooks.
+
+    Ops choose kernels by what a device can do, never by its name:
+    `has_simdgroup_matrix`: simdgroup matrix products run on matrix hardware (every backend runs
+    them; the cpu backend emulates them exactly, for tests, not for speed).
+    """
 
     name = "abstract"
+    has_simdgroup_matrix = False
 
     def __init__(self):
         self._libraries: dict[Any, Library] = {}
         self._lock = threading.Lock()
         self._discard: Buffer | None = None  # see discard()
 
-    def library(self, name: str | None = None, *, source: str | None = None, path: str | Path | None = None) -> Library:
+    def library(self, name: str | None = None, *, source: str | None = None, path: str | Path | None = None,
+                precision: str = "highest") -> Library:
         """Compile a kernel library: `name` of a file in kernels/, a `source` string, or a `path`.
+
+        `precision` is the matmul precision policy its simdgroup matrix products round their
+        operands by (mlmetal.precision); kernels without them are the same under every policy.
 
         Example:
             >>> lib = dev.library("elementwise"); k = lib.kernel("axpy")
         """
         if sum(x is not None for x in (name, source, path)) != 1:
             raise TypeError("give exactly one of a library name, source= or path=")
+        if precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {precision!r}")
+        level = MATMUL_PRECISIONS.index(precision)
+        defines = {"MLM_MATMUL_PRECISION": level} if level else {}
         key = ("name", name) if name is not None else ("path", str(path)) if path is not None else ("source", source)
+        key += (precision,)
         with self._lock:
             lib = self._libraries.get(key)
             if lib is None:
                 if name is not None:
-                    src = S.Source.from_file(S.find(name))
+                    src = S.Source.from_file(S.find(name), defines)
                 elif path is not None:
-                    src = S.Source.from_file(path)
+                    src = S.Source.from_file(path, defines)
                 else:
-                    src = S.Source(source, name="<source>")
+                    src = S.Source(source, name="<source>", defines=defines)
                 lib = self._libraries[key] = self._make_library(src)
         return lib
 

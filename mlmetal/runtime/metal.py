@@ -121,6 +121,7 @@ class MetalDevice(D.Device):
     """The metal backend (macOS 14 or later, Apple silicon). Example: `dev = mm.device("metal")`."""
 
     name = "metal"
+    has_simdgroup_matrix = True  # Apple GPUs' simdgroup matrices (Apple7 and later)
 
     @staticmethod
     def unavailable() -> str | None:
