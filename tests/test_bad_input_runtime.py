@@ -133,3 +133,109 @@ def test_row1_cpu_runtime_binds_no_other_library_to_its_code(cpu_dev, tmp_path):
     leaked, unlock = proc.stdout.split("\n")[:2]
     assert leaked == "[]", f"visible to every library loaded later: {leaked}"
     assert unlock == str(tmp_path / "victim.so"), f"the victim's own std:: code resolved to {unlock}"
+
+
+# ---------------------------------------------------------------- rows 3 and 13: the compile cache
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("MLMETAL_CACHE_DIR", str(root))
+    return root
+
+
+def write(text: str):
+    return lambda tmp: tmp.write_text(text)
+
+
+def test_row3_world_writable_subdirectory_is_refused(cache_root):
+    cache.lookup("entry.so", write("genuine"), subdir="cpu")
+    (cache_root / "cpu").chmod(0o777)
+    with pytest.raises(cache.CacheError, match=f"{cache_root / 'cpu'} is writable by others.*chmod go-w"):
+        cache.lookup("entry.so", write("genuine"), subdir="cpu")
+
+
+def test_row3_symlinked_subdirectory_is_refused(cache_root, tmp_path):
+    cache.cache_dir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (cache_root / "cpu").symlink_to(elsewhere)
+    with pytest.raises(cache.CacheError, match=f"{cache_root / 'cpu'} is a symbolic link"):
+        cache.lookup("entry.so", write("genuine"), subdir="cpu")
+    assert not list(elsewhere.iterdir()), "nothing written through the link"
+
+
+def test_row3_symlinked_entry_is_rebuilt_not_followed(cache_root, tmp_path):
+    path, built = cache.lookup("entry.so", write("genuine"), subdir="cpu")
+    moved = tmp_path / "moved.so"
+    shutil.move(path, moved)
+    path.symlink_to(moved)  # the same bytes, so its MAC would check if the link were followed
+    path, built = cache.lookup("entry.so", write("rebuilt"), subdir="cpu")
+    assert built and not path.is_symlink() and path.read_text() == "rebuilt"
+
+
+PLANTED = """
+#include <metal_stdlib>
+using namespace metal;
+kernel void probe_7(device uint* out [[buffer(0)]], uint i [[thread_position_in_grid]]) { out[i] = 666u; }
+"""
+
+GENUINE = PLANTED.replace("666u", "i * 7u")
+
+RUN_PROBE = """
+    import numpy as np, mlmetal as mm
+    dev = mm.device("cpu")
+    lib = dev.library(source={src!r})
+    out = dev.buffer(nbytes=4 * 64)
+    cb = dev.command_buffer()
+    cb.dispatch(lib.kernel("probe_7"), groups=2, threads=32, args=[out])
+    cb.commit(); cb.wait()
+    print("compiled" if lib.compiled else "cached", out.numpy(np.uint32)[:3].tolist())
+"""
+
+
+def test_row3_planted_library_with_a_matching_digest_is_not_loaded(tmp_path):
+    """Someone who could write into the cache once (while a directory was open, say) plants a
+    library and its SHA-256 under the name of an entry: the next run rebuilds it."""
+    victim, other = tmp_path / "victim", tmp_path / "attacker"
+    run = lambda where: python(RUN_PROBE.format(src=GENUINE), MLMETAL_CACHE_DIR=str(where), MLMETAL_DEVICE="cpu")
+    first = run(victim)
+    assert first.returncode == 0 and first.stdout.split()[0] == "compiled", first.stderr
+    assert python(RUN_PROBE.format(src=PLANTED), MLMETAL_CACHE_DIR=str(other), MLMETAL_DEVICE="cpu").returncode == 0
+    [entry] = (victim / "cpu").glob("kernels-*.so")
+    [planted] = (other / "cpu").glob("kernels-*.so")
+    shutil.copyfile(planted, entry)
+    digest = hashlib.sha256(entry.read_bytes()).hexdigest()
+    for suffix in (".sha256", ".mac"):
+        entry.with_name(entry.name + suffix).write_text(digest)
+    again = run(victim)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().split(maxsplit=1) == ["compiled", "[0, 7, 14]"], "the planted library ran"
+
+
+def test_row13_cache_dir_that_is_a_file(cache_root, cpu_dev, monkeypatch):
+    cache_root.write_text("not a directory")
+    with pytest.raises(cache.CacheError, match=f"compile cache {cache_root} is not a directory.*MLMETAL_CACHE_DIR"):
+        cpu_dev.library(source=GENUINE.replace("probe_7", "probe_13"))
+    monkeypatch.setenv("MLMETAL_CACHE_DIR", str(cache_root / "sub"))
+    with pytest.raises(cache.CacheError, match=f"compile cache {cache_root / 'sub'}: Not a directory; set MLMETAL"):
+        cache.cache_dir()
+
+
+def test_row13_one_clear_error_from_a_fresh_process(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = python("import mlmetal as mm; mm.device('cpu')", MLMETAL_CACHE_DIR=str(tmp_path / "file"))
+    assert proc.returncode == 1
+    assert proc.stderr.count("Traceback") == 1, proc.stderr  # no second one from a worker thread
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mlmetal.runtime.cache.CacheError: compile cache {tmp_path / 'file'} is not a directory; "
+        "set MLMETAL_CACHE_DIR to a directory of yours")
+
+
+def test_row13_unreadable_cache_dir(cache_root):
+    cache.cache_dir().chmod(0o000)
+    try:
+        with pytest.raises(cache.CacheError, match=f"{cache_root} is not readable and writable by you.*chmod u\\+rwx"):
+            cache.lookup("entry.so", write("x"), subdir="cpu")
+    finally:
+        cache_root.chmod(0o700)
