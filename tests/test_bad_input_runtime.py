@@ -239,3 +239,57 @@ def test_row13_unreadable_cache_dir(cache_root):
             cache.lookup("entry.so", write("x"), subdir="cpu")
     finally:
         cache_root.chmod(0o700)
+
+
+# ---------------------------------------------------------------- row 8: floats past float32's range
+
+def test_row8_struct_field_beyond_float32_is_refused_at_dispatch(dev):
+    k = dev.library("elementwise").kernel("axpy")
+    x, y = dev.buffer(np.ones(32, np.float32)), dev.buffer(np.ones(32, np.float32))
+    cb = dev.command_buffer()
+    for big in (1e40, -1e40, np.float64(3.5e38)):
+        with pytest.raises(mm.DispatchError, match=r"kernel axpy .*field AxpyParams\.a \(float\): "
+                                                   r".*e\+?\d+.* is beyond float32's range"):
+            cb.dispatch(k, groups=1, threads=32, args=[x, y, {"n": 32, "a": big}])
+    assert not cb._encoded
+    # NaN and infinities are float32 values: they pass, and reach the kernel.
+    for special in (float("inf"), float("nan")):
+        cb.dispatch(k, groups=1, threads=32, args=[x, y, {"n": 32, "a": special}])
+    cb.commit(); cb.wait()
+    assert np.isnan(y.numpy(np.float32)).all()  # 1 + inf·1, then + nan
+
+
+# ---------------------------------------------------------------- row 14: shapes, buffers, devices
+
+@pytest.mark.parametrize("groups", [(1.5, 1, 1), "abc", (2.0,), (True, 1, 1), None, (1, 1, 1, 1)])
+def test_row14_groups_must_be_integers(dev, groups):
+    k = dev.library("elementwise").kernel("axpy")
+    x = dev.buffer(np.ones(32, np.float32))
+    cb = dev.command_buffer()
+    with pytest.raises(mm.DispatchError, match="kernel axpy .*groups must be 1 to 3 positive integers, got "
+                                               + re.escape(repr(groups))):
+        cb.dispatch(k, groups=groups, threads=32, args=[x, x, {"n": 32, "a": 1.0}])
+    cb.dispatch(k, groups=np.array([1, 1, 1]), threads=(np.int64(32),), args=[x, x, {"n": 32, "a": 1.0}])
+
+
+def test_row14_buffers_take_numbers(dev):
+    with pytest.raises(TypeError, match="nbytes must be an integer, got 2.5"):
+        dev.buffer(nbytes=2.5)
+    with pytest.raises(TypeError, match="nbytes must be an integer, got True"):
+        dev.buffer(nbytes=True)
+    for text in ("hi", b"hi", ["a", "b"]):
+        with pytest.raises(TypeError, match="cannot make a buffer from .* data .*give numbers"):
+            dev.buffer(text)
+    assert dev.buffer(nbytes=np.int64(8)).nbytes == 8
+
+
+def test_row14_two_cpu_devices_are_told_apart(cpu_dev):
+    other = type(cpu_dev)()
+    assert mm.device("cpu") is cpu_dev and other.label != cpu_dev.label
+    k = cpu_dev.library("elementwise").kernel("axpy")
+    theirs = other.buffer(np.ones(32, np.float32))
+    cb = cpu_dev.command_buffer()
+    with pytest.raises(mm.DispatchError, match=rf"buffer lives on {other.label}, the kernel on {cpu_dev.label} "
+                                               r"\(two cpu devices"):
+        cb.dispatch(k, groups=1, threads=32, args=[theirs, theirs, {"n": 32, "a": 1.0}])
+    assert repr(other) == f"<mlmetal device {other.label}>"
