@@ -135,6 +135,112 @@ def test_row1_cpu_runtime_binds_no_other_library_to_its_code(cpu_dev, tmp_path):
     assert unlock == str(tmp_path / "victim.so"), f"the victim's own std:: code resolved to {unlock}"
 
 
+# ---------------------------------------------------------------- row 2: threads
+
+THREADED = """
+#include <metal_stdlib>
+using namespace metal;
+struct Mix { uint n; float a; };
+// A barrier and simd functions: the fibers of one threadgroup, from whichever thread commits.
+kernel void mix(device const float* x [[buffer(0)]], device float* y [[buffer(1)]], constant Mix& p [[buffer(2)]],
+                uint i [[thread_position_in_grid]], uint lid [[thread_index_in_threadgroup]]) {
+    threadgroup float t[64];
+    float v = i < p.n ? x[i] : 0.0f;
+    t[lid] = v;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float s = simd_sum(v) + t[lid ^ 1];
+    if (i < p.n) y[i] = p.a * s + y[i];
+}
+"""
+
+
+def test_row2_threads_sharing_a_device_get_the_serial_results(dev):
+    """Four threads, each encoding its own command buffers and eager ops on one device many
+    times, give bit for bit what the same work gives run one job after another."""
+    ew = dev.library("elementwise")
+    n, jobs, rounds = 1000, 4, 12
+    rng = np.random.default_rng(20)
+    xs = [rng.standard_normal(n).astype(np.float32) for _ in range(jobs * rounds)]
+    # Every buffer is made here, so that a thread's first act on the device is a dispatch.
+    inputs = [dev.buffer(x) for x in xs]
+    outputs = {run: [dev.buffer(np.full(n, j, np.float32)) for j in range(jobs * rounds)] for run in ("serial", "threads")}
+
+    def job(j: int, lib, y) -> tuple[np.ndarray, np.ndarray]:
+        x = inputs[j]
+        cb = dev.command_buffer()
+        cb.dispatch(ew.kernel("axpy"), groups=4, threads=256, args=[x, y, {"n": n, "a": 0.5 + j}])
+        cb.commit_and_continue()
+        cb.dispatch(lib.kernel("mix"), groups=(n + 63) // 64, threads=64, args=[x, y, {"n": n, "a": -0.25}])
+        cb.commit()
+        eager = mm.ops.relu(mm.ops.scale(mm.Tensor(y, (n,)), s=float(j + 1)))  # waits on the device itself
+        result = eager.numpy()
+        cb.wait()
+        return y.numpy(np.float32), result
+
+    lib = dev.library(source=THREADED)
+    serial = [job(j, lib, outputs["serial"][j]) for j in range(jobs * rounds)]
+
+    libraries, results, errors = {}, {}, []
+    threaded_src = THREADED.replace("Mix", "Mix2")  # a library no thread has: every thread asks at once
+
+    def worker(t: int):
+        try:
+            libraries[t] = dev.library(source=threaded_src)
+            for j in range(t * rounds, (t + 1) * rounds):
+                results[j] = job(j, libraries[t], outputs["threads"][j])
+        except BaseException as e:  # reported below with the thread's number
+            errors.append((t, e))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(jobs)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the threads far more often than the default 5 ms
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors
+    assert len({id(lib) for lib in libraries.values()}) == 1, "one library, compiled once, for every thread"
+    for j, (y, eager) in enumerate(serial):
+        got_y, got_eager = results[j]
+        np.testing.assert_array_equal(got_y, y, err_msg=f"job {j}: command buffer result")
+        np.testing.assert_array_equal(got_eager, eager, err_msg=f"job {j}: eager op result")
+
+
+def test_row2_synchronize_waits_for_commits_of_every_thread(cpu_dev):
+    """A thread preempted in the middle of a commit must not make `synchronize` (which every
+    `Tensor.numpy()` calls) return while its work is still queued: the cpu queue's order is forced
+    here, where the threads' timing would hit it only now and then."""
+    dev = type(cpu_dev)()  # a device of its own, whose queue is slowed
+    put, preempted = dev._queue.put, threading.Event()
+
+    def put_late_once(batch):
+        if not preempted.is_set():
+            preempted.set()
+            time.sleep(0.05)  # the first commit stalls between taking its place and joining the queue
+        put(batch)
+
+    dev._queue.put = put_late_once
+    k = dev.library("elementwise").kernel("axpy")
+    n = 1 << 20
+    x, y = dev.buffer(np.ones(n, np.float32)), dev.buffer(np.zeros(n, np.float32))
+    heavy = dev.command_buffer()
+    for _ in range(20):
+        heavy.dispatch(k, groups=n // 256, threads=256, args=[x, y, {"n": n, "a": 1.0}])
+    other = threading.Thread(target=heavy.commit)
+    other.start()
+    preempted.wait()
+    light = dev.command_buffer()
+    light.dispatch(k, groups=1, threads=32, args=[x, x, {"n": 1, "a": 0.0}])
+    light.commit()
+    other.join()
+    dev.synchronize()
+    assert heavy.completed, "synchronize returned with a commit still queued"
+    assert (y.numpy(np.float32) == 20).all()
+
+
 # ---------------------------------------------------------------- rows 3 and 13: the compile cache
 
 @pytest.fixture

@@ -210,7 +210,8 @@ class CpuDevice(D.Device):
         super().__init__()
         self._rt = runtime()  # here, not in the worker: a failure to build it is this call's error
         self._queue: queue.Queue[_Batch] = queue.Queue()
-        self._last: _Batch | None = None
+        self._last: _Batch | None = None  # the batch queued last, which synchronize waits for
+        self._submit_lock = threading.Lock()  # keeps `_last` the last in the queue whatever the threads
         self._worker = threading.Thread(target=self._loop, name="mlmetal-cpu-queue", daemon=True)
         self._worker.start()
 
@@ -227,8 +228,9 @@ class CpuDevice(D.Device):
 
     def _submit(self, work: list[D.Dispatch]) -> _Batch:
         batch = _Batch(work)
-        self._last = batch
-        self._queue.put(batch)
+        with self._submit_lock:
+            self._last = batch
+            self._queue.put(batch)
         return batch
 
     def _wait(self, batch: _Batch) -> None:

@@ -296,6 +296,7 @@ class Library:
         if problems:
             raise S.LintError(problems)
         self._kernels: dict[str, Kernel] = {}
+        self._lock = threading.RLock()  # kernels (and a backend's builds) are made once, whichever thread asks
 
     @property
     def names(self) -> list[str]:
@@ -303,12 +304,16 @@ class Library:
 
     def kernel(self, name: str) -> Kernel:
         """The kernel function `name` of this library."""
-        if name not in self._kernels:
+        kernel = self._kernels.get(name)
+        if kernel is None:
             sig = self.source.kernels.get(name)
             if sig is None:
                 raise KeyError(f"{self.source.name} has no kernel {name!r} (kernels: {', '.join(self.names) or 'none'})")
-            self._kernels[name] = self._make_kernel(sig)
-        return self._kernels[name]
+            with self._lock:
+                if name not in self._kernels:
+                    self._kernels[name] = self._make_kernel(sig)
+                kernel = self._kernels[name]
+        return kernel
 
     def _make_kernel(self, sig: S.Kernel) -> Kernel:
         raise NotImplementedError
@@ -410,7 +415,10 @@ _ordinals_lock = threading.Lock()
 
 
 class Device:
-    """A backend: allocation, libraries, command buffers. Subclasses implement the underscored hooks."""
+    """A backend: allocation, libraries, command buffers. Subclasses implement the underscored hooks.
+
+    Every method may be called from any thread; a command buffer belongs to the thread that encodes it.
+    """
 
     name = "abstract"
 
@@ -418,7 +426,8 @@ class Device:
         with _ordinals_lock:  # devices of one backend are numbered in creation order
             self.ordinal = _ordinals[self.name] = _ordinals.get(self.name, -1) + 1
         self._libraries: dict[Any, Library] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while a library compiles
+        self._discard_lock = threading.Lock()
         self._discard: Buffer | None = None  # see discard()
 
     @property
@@ -468,7 +477,7 @@ class Device:
         """A buffer of at least `nbytes` for what a kernel must write and nobody reads (instance
         norm's statistics, say): one per device, grown when asked for more, shared by every such
         use. Work in flight keeps the buffer it was given alive."""
-        with self._lock:
+        with self._discard_lock:
             buf = self._discard
             if buf is None or buf.nbytes < nbytes:
                 buf = self._discard = self._alloc(max(int(nbytes), 2 * buf.nbytes if buf else 4096))
