@@ -33,12 +33,11 @@ struct GramOut {
 // Slice `split` of partial (batch × c × c floats a slice) = α·F[:, range]·F[:, range]ᵀ over
 // the split's feature range. Grid: (tiles, tiles, batch · splits) with tiles = ceil(c / 128);
 // threadgroups below the diagonal return at once.
-template <typename Acc>
-kernel void gram_tiles(device const float* x [[buffer(0)]],
-                       device float* partial [[buffer(1)]],
-                       constant GramParams& p [[buffer(2)]],
-                       uint3 tile [[threadgroup_position_in_grid]],
-                       uint t [[thread_index_in_threadgroup]]) {
+kernel void gram(device const float* x [[buffer(0)]],
+                 device float* partial [[buffer(1)]],
+                 constant GramParams& p [[buffer(2)]],
+                 uint3 tile [[threadgroup_position_in_grid]],
+                 uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 a_tile[2 * STAGED(WIDE)];  // [feature][row channel]
     threadgroup float4 b_tile[2 * STAGED(WIDE)];  // [feature][column channel]
     if (tile.y > tile.x) return;  // the whole threadgroup leaves together, before any barrier
@@ -50,7 +49,7 @@ kernel void gram_tiles(device const float* x [[buffer(0)]],
     // tiles at step s.k, so a warp reads 8-float runs of 16 channels.
     const Stage s = along_k(t);
 
-    Acc acc(t, WIDE, WIDE);
+    FmaTile acc(t, WIDE, WIDE);
     float4 a_next, b_next;
     uint buf = 0;
     for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K, buf ^= 1) {
@@ -67,10 +66,45 @@ kernel void gram_tiles(device const float* x [[buffer(0)]],
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
-    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y}, b_tile);
+    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y});
 }
-template [[host_name("gram")]] [[kernel]] decltype(gram_tiles<FmaTile>) gram_tiles<FmaTile>;
-template [[host_name("gram_mma")]] [[kernel]] decltype(gram_tiles<MmaTile<8, 4>>) gram_tiles<MmaTile<8, 4>>;
+
+// gram on simdgroup matrices (tile.h's MMA staging, wide tiling): thread t stages feature rows
+// m0 + t and n0 + t, MMA_K features each slice. Grid as gram's, MMA_THREADS threads.
+kernel void gram_mma(device const float* x [[buffer(0)]],
+                     device float* partial [[buffer(1)]],
+                     constant GramParams& p [[buffer(2)]],
+                     uint3 tile [[threadgroup_position_in_grid]],
+                     uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_q[2 * WIDE * MMA_K / 4];  // [buffer][row channel][feature]
+    threadgroup float4 b_q[2 * WIDE * MMA_K / 4];  // [buffer][column channel][feature]
+    threadgroup float* a_s = (threadgroup float*)a_q;
+    threadgroup float* b_s = (threadgroup float*)b_q;
+    if (tile.y > tile.x) return;  // the whole threadgroup leaves together, before any barrier
+    const uint item = tile.z % p.batch, split = tile.z / p.batch;
+    const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
+    const uint k_begin = split * p.chunk, k_end = min(p.hw, k_begin + p.chunk);
+    const bool a_ok = m0 + t < p.c, b_ok = n0 + t < p.c;
+    device const float* f = x + item * p.c * p.hw;
+    device const float* a_row = f + (a_ok ? m0 + t : 0) * p.hw;
+    device const float* b_row = f + (b_ok ? n0 + t : 0) * p.hw;
+
+    MMA_TILES(WIDE, WIDE) acc(t);
+    float a_next[MMA_K], b_next[1][MMA_K];
+    uint buf = 0;
+    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K, buf ^= 1) {
+        for (uint j = 0; j < MMA_K; ++j) {
+            const bool k_ok = k0 + j < k_end;
+            a_next[j] = a_ok && k_ok ? a_row[k0 + j] : 0.0f;
+            b_next[0][j] = b_ok && k_ok ? b_row[k0 + j] : 0.0f;
+        }
+        if (k0 > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+        stage_slice(a_s + buf * WIDE * MMA_K, b_s + buf * WIDE * MMA_K, a_next, b_next, t, t, 0);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (k_end > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y}, b_s);
+}
 
 struct GramGradParams {
     uint batch, c, hw;
@@ -90,13 +124,12 @@ struct GramGradOut {
 
 // dx = α·(dG + dGᵀ)·F per batch item; the symmetrised dG is formed while staging it.
 // Grid: (ceil(hw / 128), ceil(c / 128), batch).
-template <typename Acc>
-kernel void gram_grad_tiles(device const float* dg [[buffer(0)]],
-                            device const float* x [[buffer(1)]],
-                            device float* dx [[buffer(2)]],
-                            constant GramGradParams& p [[buffer(3)]],
-                            uint3 tile [[threadgroup_position_in_grid]],
-                            uint t [[thread_index_in_threadgroup]]) {
+kernel void gram_grad(device const float* dg [[buffer(0)]],
+                      device const float* x [[buffer(1)]],
+                      device float* dx [[buffer(2)]],
+                      constant GramGradParams& p [[buffer(3)]],
+                      uint3 tile [[threadgroup_position_in_grid]],
+                      uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 a_tile[2 * STAGED(WIDE)];  // [channel k][channel m] of dG + dGᵀ
     threadgroup float4 b_tile[2 * STAGED(WIDE)];  // [channel k][feature]
     const uint item = tile.z, m0 = tile.y * WIDE, n0 = tile.x * WIDE;
@@ -105,7 +138,7 @@ kernel void gram_grad_tiles(device const float* dg [[buffer(0)]],
     // dG is staged along k (its rows are), the features along their rows.
     const Stage sa = along_k(t), sb = along_rows(t, WIDE);
 
-    Acc acc(t, WIDE, WIDE);
+    FmaTile acc(t, WIDE, WIDE);
     float4 a_next, b_next;
     uint buf = 0;
     for (uint k0 = 0; k0 < p.c; k0 += TILE_K, buf ^= 1) {
@@ -121,7 +154,41 @@ kernel void gram_grad_tiles(device const float* dg [[buffer(0)]],
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
-    acc.store(GramGradOut{dx + item * p.c * p.hw, p.alpha, m0, n0, p.c, p.hw}, b_tile);
+    acc.store(GramGradOut{dx + item * p.c * p.hw, p.alpha, m0, n0, p.c, p.hw});
 }
-template [[host_name("gram_grad")]] [[kernel]] decltype(gram_grad_tiles<FmaTile>) gram_grad_tiles<FmaTile>;
-template [[host_name("gram_grad_mma")]] [[kernel]] decltype(gram_grad_tiles<MmaTile<8, 4>>) gram_grad_tiles<MmaTile<8, 4>>;
+
+// gram_grad on simdgroup matrices (tile.h's MMA staging, wide tiling): thread t stages row m0 + t
+// of dG + dGᵀ and feature column n0 + t, MMA_K channels k each slice. Grid as gram_grad's,
+// MMA_THREADS threads.
+kernel void gram_grad_mma(device const float* dg [[buffer(0)]],
+                          device const float* x [[buffer(1)]],
+                          device float* dx [[buffer(2)]],
+                          constant GramGradParams& p [[buffer(3)]],
+                          uint3 tile [[threadgroup_position_in_grid]],
+                          uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_q[2 * WIDE * MMA_K / 4];  // [buffer][channel m][channel k] of dG + dGᵀ
+    threadgroup float4 b_q[2 * WIDE * MMA_K / 4];  // [buffer][feature][channel k]
+    threadgroup float* a_s = (threadgroup float*)a_q;
+    threadgroup float* b_s = (threadgroup float*)b_q;
+    const uint item = tile.z, m0 = tile.y * WIDE, n0 = tile.x * WIDE;
+    const bool a_ok = m0 + t < p.c, b_ok = n0 + t < p.hw;
+    const uint m = a_ok ? m0 + t : 0;
+    device const float* g = dg + item * p.c * p.c;
+    device const float* f_col = x + item * p.c * p.hw + (b_ok ? n0 + t : 0);
+
+    MMA_TILES(WIDE, WIDE) acc(t);
+    float a_next[MMA_K], b_next[1][MMA_K];
+    uint buf = 0;
+    for (uint k0 = 0; k0 < p.c; k0 += MMA_K, buf ^= 1) {
+        for (uint j = 0; j < MMA_K; ++j) {
+            const uint k = k0 + j;
+            a_next[j] = a_ok && k < p.c ? g[m * p.c + k] + g[k * p.c + m] : 0.0f;
+            b_next[0][j] = b_ok && k < p.c ? f_col[k * p.hw] : 0.0f;
+        }
+        if (k0 > 0) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+        stage_slice(a_s + buf * WIDE * MMA_K, b_s + buf * WIDE * MMA_K, a_next, b_next, t, t, 0);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+    acc.store(GramGradOut{dx + item * p.c * p.hw, p.alpha, m0, n0, p.c, p.hw}, b_s);
+}

@@ -33,14 +33,13 @@ struct MatmulOut {
 // gradient of a convolution: threadgroup z sums k in [z·chunk, (z+1)·chunk) into slice z of c
 // (m·n floats a slice; the bias goes into slice 0), and `sum_splits` adds the slices.
 // Grid: (ceil(n / 128), ceil(m / 128), splits).
-template <typename Acc>
-kernel void matmul_tiles(device const float* a [[buffer(0)]],
-                         device const float* b [[buffer(1)]],
-                         device const float* bias [[buffer(2)]],
-                         device float* c [[buffer(3)]],
-                         constant MatmulParams& p [[buffer(4)]],
-                         uint3 tile [[threadgroup_position_in_grid]],
-                         uint t [[thread_index_in_threadgroup]]) {
+kernel void matmul(device const float* a [[buffer(0)]],
+                   device const float* b [[buffer(1)]],
+                   device const float* bias [[buffer(2)]],
+                   device float* c [[buffer(3)]],
+                   constant MatmulParams& p [[buffer(4)]],
+                   uint3 tile [[threadgroup_position_in_grid]],
+                   uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 a_tile[2 * STAGED(WIDE)];  // [k][row]
     threadgroup float4 b_tile[2 * STAGED(WIDE)];  // [k][column]
     const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
@@ -48,7 +47,7 @@ kernel void matmul_tiles(device const float* a [[buffer(0)]],
     const Stage sa = p.a_k == 1 ? along_k(t) : along_rows(t, WIDE);
     const Stage sb = p.b_n == 1 ? along_rows(t, WIDE) : along_k(t);
 
-    Acc acc(t, WIDE, WIDE);
+    FmaTile acc(t, WIDE, WIDE);
     float4 a_next, b_next;
     uint buf = 0;
     for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K, buf ^= 1) {
@@ -65,10 +64,45 @@ kernel void matmul_tiles(device const float* a [[buffer(0)]],
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
-    acc.store(MatmulOut{c + tile.z * p.m * p.n, p.has_bias && tile.z == 0 ? bias : nullptr, m0, n0, p.m, p.n}, b_tile);
+    acc.store(MatmulOut{c + tile.z * p.m * p.n, p.has_bias && tile.z == 0 ? bias : nullptr, m0, n0, p.m, p.n});
 }
-template [[host_name("matmul")]] [[kernel]] decltype(matmul_tiles<FmaTile>) matmul_tiles<FmaTile>;
-template [[host_name("matmul_mma")]] [[kernel]] decltype(matmul_tiles<MmaTile<8, 4>>) matmul_tiles<MmaTile<8, 4>>;
+
+// c = A·B (+ bias) on simdgroup matrices (tile.h's MMA staging, wide tiling), split likewise:
+// thread t stages row m0 + t of A and column n0 + t of B, MMA_K steps of k each slice.
+// Grid: (ceil(n / 128), ceil(m / 128), splits), MMA_THREADS threads.
+kernel void matmul_mma(device const float* a [[buffer(0)]],
+                       device const float* b [[buffer(1)]],
+                       device const float* bias [[buffer(2)]],
+                       device float* c [[buffer(3)]],
+                       constant MatmulParams& p [[buffer(4)]],
+                       uint3 tile [[threadgroup_position_in_grid]],
+                       uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_q[2 * WIDE * MMA_K / 4];  // [buffer][row][k]
+    threadgroup float4 b_q[2 * WIDE * MMA_K / 4];  // [buffer][column][k]
+    threadgroup float* a_s = (threadgroup float*)a_q;
+    threadgroup float* b_s = (threadgroup float*)b_q;
+    const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
+    const uint k_begin = tile.z * p.chunk, k_end = min(p.k, k_begin + p.chunk);
+    const bool a_ok = m0 + t < p.m, b_ok = n0 + t < p.n;
+    device const float* a_row = a + (a_ok ? m0 + t : 0) * p.a_m;
+    device const float* b_col = b + (b_ok ? n0 + t : 0) * p.b_n;
+
+    MMA_TILES(WIDE, WIDE) acc(t);
+    float a_next[MMA_K], b_next[1][MMA_K];
+    uint buf = 0;
+    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K, buf ^= 1) {
+        for (uint j = 0; j < MMA_K; ++j) {
+            const bool k_ok = k0 + j < k_end;
+            a_next[j] = a_ok && k_ok ? a_row[(k0 + j) * p.a_k] : 0.0f;
+            b_next[0][j] = b_ok && k_ok ? b_col[(k0 + j) * p.b_k] : 0.0f;
+        }
+        if (k0 > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+        stage_slice(a_s + buf * WIDE * MMA_K, b_s + buf * WIDE * MMA_K, a_next, b_next, t, t, 0);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (k_end > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+    acc.store(MatmulOut{c + tile.z * p.m * p.n, p.has_bias && tile.z == 0 ? bias : nullptr, m0, n0, p.m, p.n}, b_s);
+}
 
 struct BiasGradParams {
     uint rows, cols;

@@ -101,7 +101,7 @@ struct FmaTile {
     // out.write(row, column, value) for each element of the block, tile-relative; column by
     // column, so what out works out per column is done once for eight rows.
     template <typename Out>
-    void store(thread const Out& out, threadgroup float4*) {
+    void store(thread const Out& out) const {
         for (uint j = 0; j < 8; ++j)
             for (uint i = 0; i < 8; ++i) out.write(block_row(i, tm, width_m), block_row(j, tn, width_n), acc.v[i][j]);
     }
@@ -118,32 +118,41 @@ inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d0, th
 }
 #endif
 
-// The simdgroup-matrix accumulator: simdgroup s accumulates TM × TN matrices of 8×8, rows
-// TM·8·(s / simdgroups a row) …, columns TN·8·(s % simdgroups a row) … of the tile. Products
-// run two matrices of a column at a time (simdgroup_multiply_accumulate_pair), so TM is even.
-template <uint TM, uint TN>
-struct MmaTile {
-    simdgroup_float8x8 c[TM][TN];
-    uint row0, col0, simdgroup, lane, width_m, width_n;
+// ---------------------------------------------------------------- products on simdgroup matrices
+//
+// The `_mma` kernels: a threadgroup of MMA_THREADS threads (four simdgroups) owns a tile of the
+// output in one of the three tilings' sizes, and the reduction is staged MMA_K deep, double
+// buffered, with k contiguous — a_s[row][MMA_K], b_s[column][MMA_K] — so that the two elements a
+// lane holds of a matrix are adjacent (one 8-byte load on NVIDIA GPUs) and the 32 bytes between
+// rows put the lanes of a load on distinct banks. Thread t stages row t % rows of A (the
+// A_EACH = rows·MMA_K / MMA_THREADS elements from k = t / rows · A_EACH on) and all MMA_K
+// elements of columns t, t + MMA_THREADS, … of B, so a warp's loads of B run along the columns.
+#define MMA_THREADS 128
+#define MMA_K 8
 
-    MmaTile(uint t, uint width_m, uint width_n)
-        : row0(t / 32 / (width_n / (8 * TN)) * 8 * TM), col0(t / 32 % (width_n / (8 * TN)) * 8 * TN),
-          simdgroup(t / 32), lane(t % 32), width_m(width_m), width_n(width_n) {
+// The simdgroup-matrix accumulator: simdgroup s holds TM × TN matrices of 8 × 8, rows
+// TM·8·(s / WARPS_N) …, columns TN·8·(s % WARPS_N) … of the tile. Products run two matrices of
+// a column at a time (simdgroup_multiply_accumulate_pair), so TM is even.
+template <uint TM, uint TN, uint WARPS_N>
+struct MmaTiles {
+    simdgroup_float8x8 c[TM][TN];
+    uint row0, col0, simdgroup, lane;
+
+    MmaTiles(uint t)
+        : row0(t / 32 / WARPS_N * 8 * TM), col0(t / 32 % WARPS_N * 8 * TN), simdgroup(t / 32), lane(t % 32) {
         #pragma unroll
         for (uint i = 0; i < TM; ++i)
             #pragma unroll
             for (uint j = 0; j < TN; ++j) c[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
 
-    // c += one staged slice's product: A is the transpose of the k-major a_tile, B is b_tile.
-    void multiply(threadgroup const float4* a_tile, threadgroup const float4* b_tile) {
-        threadgroup const float* a = (threadgroup const float*)a_tile + row0;
-        threadgroup const float* b = (threadgroup const float*)b_tile + col0;
+    // c += one staged slice's product.
+    void multiply(threadgroup const float* a_s, threadgroup const float* b_s) {
         simdgroup_float8x8 am[TM], bm[TN];
         #pragma unroll
-        for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], a + 8 * i, 4 * pitch(width_m), ulong2(0), true);
+        for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], a_s + (row0 + 8 * i) * MMA_K, MMA_K);
         #pragma unroll
-        for (uint j = 0; j < TN; ++j) simdgroup_load(bm[j], b + 8 * j, 4 * pitch(width_n));
+        for (uint j = 0; j < TN; ++j) simdgroup_load(bm[j], b_s + (col0 + 8 * j) * MMA_K, MMA_K, ulong2(0), true);
         #pragma unroll
         for (uint j = 0; j < TN; ++j)
             #pragma unroll
@@ -153,12 +162,12 @@ struct MmaTile {
 
     // out.write(row, column, value) for each element of the simdgroup's matrices, tile-relative.
     // The matrices go through `scratch` (a staging buffer, free once every simdgroup is done
-    // with it) eight rows at a time: 8·TN·8 floats a simdgroup. A lane writes columns lane,
+    // with it) eight rows at a time: 64·TN floats a simdgroup. A lane writes columns lane,
     // lane + 32, …, so a simdgroup writes 32 consecutive columns of a row at once.
     template <typename Out>
-    void store(thread const Out& out, threadgroup float4* scratch) {
+    void store(thread const Out& out, threadgroup float* scratch) {
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        threadgroup float* strip = (threadgroup float*)scratch + simdgroup * 64 * TN;
+        threadgroup float* strip = scratch + simdgroup * 64 * TN;
         #pragma unroll
         for (uint i = 0; i < TM; ++i) {
             #pragma unroll
@@ -170,6 +179,20 @@ struct MmaTile {
         }
     }
 };
+
+// Stores thread t's staged values of a slice: a_next (A_EACH elements of row a_row from k =
+// a_k on) into a_s, b_next (all MMA_K elements of columns t, t + MMA_THREADS, …) into b_s.
+template <uint A_EACH, uint B_COLS>
+inline void stage_slice(threadgroup float* a_s, threadgroup float* b_s, thread const float (&a_next)[A_EACH],
+                        thread const float (&b_next)[B_COLS][MMA_K], uint t, uint a_row, uint a_k) {
+    for (uint j = 0; j < A_EACH; ++j) a_s[a_row * MMA_K + a_k + j] = a_next[j];
+    for (uint i = 0; i < B_COLS; ++i)
+        for (uint j = 0; j < MMA_K; ++j) b_s[(t + MMA_THREADS * i) * MMA_K + j] = b_next[i][j];
+}
+
+// The accumulator of a BM × BN tile: four simdgroups, two rows of two where the tile is 64 rows
+// or more (64 × 64 or 32 × 64 each), else one row of four (16 × 64 each).
+#define MMA_TILES(BM, BN) MmaTiles<(BM) / ((BM) >= 64 ? 16 : 8), (BN) / ((BM) >= 64 ? 16 : 32), ((BM) >= 64 ? 2 : 4)>
 
 
 // Moves a reduction index k = (c·KH + ky)·KW + kx (or a pixel index (image·OH + oy)·OW + ox)

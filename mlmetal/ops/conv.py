@@ -129,7 +129,7 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
                     args=[x, w, w if b is None else b, y, params])
         return
     t = tiling(cout // groups)
-    k = product(y.device, "conv2d", t)
+    k, threads = product(y.device, "conv2d", t)
     grid = (groups_for(n * oh * ow, t.cols), groups_for(cout // groups, t.rows), groups)
     # Split only below a wave of one threadgroup a multiprocessor: the slices of a large output
     # cost more to add than the split gains (4×128×64²→128, 128 tiles in two: 0.186 → 0.225 ms).
@@ -137,7 +137,7 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     splits, chunk = split_reduction(reduction, math.prod(grid), target=132, min_chunk=128)
     partial = partial_for(y, splits)
     params = _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a, has_bias=int(b is not None), chunk=chunk)
-    cb.dispatch(k, groups=(*grid[:2], groups * splits), threads=t.threads, args=[x, w, w if b is None else b, partial, params])
+    cb.dispatch(k, groups=(*grid[:2], groups * splits), threads=threads, args=[x, w, w if b is None else b, partial, params])
     sum_splits(cb, k.library, partial, y, splits)
 
 
@@ -218,11 +218,11 @@ def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, g
         _conv2d_encode(cb, dx, g, flipped, stride=(1, 1), padding=tuple(turned), dilation=dilation, groups=groups)
         return
     t = tiling(cin // groups)
-    k = product(dx.device, "conv2d_input_grad", t)
+    k, threads = product(dx.device, "conv2d_input_grad", t)
     (sh, sw) = stride
     class_pixels = n * -(-h // sh) * -(-wd // sw)  # the largest of the stride_h·stride_w pixel classes
     grid = (groups_for(class_pixels, t.cols), groups_for(cin // groups, t.rows), groups * sh * sw)
-    cb.dispatch(k, groups=grid, threads=t.threads, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, kh, kw, a)])
+    cb.dispatch(k, groups=grid, threads=threads, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, kh, kw, a)])
 
 
 register("conv2d_input_grad", check=_input_grad_check, encode=_input_grad_encode, reference=R.conv2d_input_grad,
@@ -280,7 +280,7 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
     _, cout, oh, ow = g.shape
     cols = dw.size // cout
     t = tiling(cout // groups)
-    k = product(dw.device, "conv2d_weight_grad", t)
+    k, threads = product(dw.device, "conv2d_weight_grad", t)
     grid = (groups_for(cols, t.cols), groups_for(cout // groups, t.rows), groups)
     # On GPUs the split's target is tuned per tiling (H100, U-Net and style steps at 256²):
     # twice the threadgroups for the narrow tiling (16→16 at 256²: 173 → 135 µs), half for the
@@ -289,7 +289,7 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
     splits, chunk = split_reduction(n * oh * ow, math.prod(grid), target=target)
     partial = partial_for(dw, splits)
     params = _params(n, cin, h, wd, cout, oh, ow, *kernel_size, a, chunk=chunk)
-    cb.dispatch(k, groups=(*grid[:2], groups * splits), threads=t.threads, args=[g, x, partial, params])
+    cb.dispatch(k, groups=(*grid[:2], groups * splits), threads=threads, args=[g, x, partial, params])
     sum_splits(cb, k.library, partial, dw, splits)
 
 

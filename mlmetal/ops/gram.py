@@ -42,9 +42,9 @@ def _gram_encode(cb, g, x, *, alpha):
     n, c, h, w = x.shape
     tiles = groups_for(c, WIDE.rows)
     splits, chunk = split_reduction(h * w, n * tiles * (tiles + 1) // 2)
-    k = product(g.device, "gram")
+    k, threads = product(g.device, "gram")
     partial = partial_for(g, splits)
-    cb.dispatch(k, groups=(tiles, tiles, n * splits), threads=WIDE.threads,
+    cb.dispatch(k, groups=(tiles, tiles, n * splits), threads=threads,
                 args=[x, partial, dict(batch=n, c=c, hw=h * w, alpha=alpha, chunk=chunk)])
     sum_splits(cb, k.library, partial, g, splits)
 
@@ -64,8 +64,8 @@ def _gram_grad_check(g, x, alpha=1.0):
 
 def _gram_grad_encode(cb, dx, g, x, *, alpha):
     n, c, h, w = x.shape
-    k = product(dx.device, "gram_grad")
-    cb.dispatch(k, groups=(groups_for(h * w, WIDE.cols), groups_for(c, WIDE.rows), n), threads=WIDE.threads,
+    k, threads = product(dx.device, "gram_grad")
+    cb.dispatch(k, groups=(groups_for(h * w, WIDE.cols), groups_for(c, WIDE.rows), n), threads=threads,
                 args=[g, x, dx, dict(batch=n, c=c, hw=h * w, alpha=alpha)])
 
 

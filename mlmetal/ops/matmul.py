@@ -25,8 +25,8 @@ def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
     splits, chunk = split_reduction(k, grid[0] * grid[1], min_chunk=64)
     partial = partial_for(c, splits)
     params = dict(m=m, n=n, k=k, a_m=a_m, a_k=a_k, b_k=b_k, b_n=b_n, has_bias=int(bias is not None), chunk=chunk)
-    kernel = product(c.device, "matmul")
-    cb.dispatch(kernel, groups=(*grid, splits), threads=WIDE.threads, args=[a, b, b if bias is None else bias, partial, params])
+    kernel, threads = product(c.device, "matmul")
+    cb.dispatch(kernel, groups=(*grid, splits), threads=threads, args=[a, b, b if bias is None else bias, partial, params])
     sum_splits(cb, kernel.library, partial, c, splits)
 
 

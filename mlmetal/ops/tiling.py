@@ -18,6 +18,7 @@ from . import groups_for
 
 _C = S.Source.from_file(S.KERNEL_DIR / "tile.h").constants
 TILE_K = _C["TILE_K"]  # the reduction depth of one staged slice
+MMA_THREADS = _C["MMA_THREADS"]  # threads of every `_mma` kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +56,13 @@ def matrix_hardware(device) -> bool:
 
 
 def product(device, name: str, t: Tiling = WIDE):
-    """The kernel of product `name` in tiling `t` for the precision policy in force: simdgroup
-    matrices where the device has matrix hardware and the policy is one of MATRIX_POLICIES, float
-    register blocks otherwise."""
+    """(kernel, threads) of product `name` in tiling `t` for the precision policy in force:
+    simdgroup matrices where the device has matrix hardware and the policy is one of
+    MATRIX_POLICIES, float register blocks otherwise."""
     policy = get_matmul_precision()
     if policy in MATRIX_POLICIES and matrix_hardware(device):
-        return device.library(_LIBRARY[name], precision=policy).kernel(name + t.suffix + "_mma")
-    return device.library(_LIBRARY[name]).kernel(name + t.suffix)
+        return device.library(_LIBRARY[name], precision=policy).kernel(name + t.suffix + "_mma"), MMA_THREADS
+    return device.library(_LIBRARY[name]).kernel(name + t.suffix), t.threads
 
 
 _LIBRARY = {"conv2d": "conv", "conv2d_input_grad": "conv", "conv2d_weight_grad": "conv",
