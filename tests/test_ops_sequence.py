@@ -85,6 +85,7 @@ def test_embedding_gradient_in_a_training_graph(dev):
     ("reshape", [(2, 3)], {"shape": (4, 2)}, "cannot reshape"),
 ])
 def test_sequence_errors(dev, op, shapes, attrs, message):
-    ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in shapes]
+    dtypes = [mm.ops.REGISTRY[op].input_dtype(i) for i in range(len(shapes))]
+    ts = [mm.tensor(np.zeros(s, d), dev, dtype=d) for s, d in zip(shapes, dtypes)]
     with pytest.raises(mm.ShapeError, match=message):
         getattr(mm.ops, op)(*ts, **attrs)
