@@ -55,7 +55,7 @@ ROWS = [
     row("reshape", reshape_case(), rtol=0, atol=0, grad_case=reshape_case(small=True)),
 ]
 
-test_forward, test_grad = make_tests(ROWS)
+test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 def test_argmax_takes_the_first_of_equal_maxima(dev):
