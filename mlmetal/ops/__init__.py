@@ -141,12 +141,17 @@ def infer(name: str, *inputs, **attrs) -> tuple[Any, dict]:
         raise
     except (TypeError, ValueError) as e:  # a missing or unknown attribute, one that is not a number
         raise ShapeError(f"{name}: {e}") from None
-    for k, v in norm.items():
+    check_float_attrs(name, norm)
+    return out, norm
+
+
+def check_float_attrs(name: str, attrs: dict) -> None:
+    """Raise ShapeError unless every float attribute of op `name` (normalised) fits a float32 or is infinite."""
+    for k, v in attrs.items():
         for x in v if isinstance(v, tuple) else (v,):
             if isinstance(x, (float, np.floating)) and not (abs(x) <= FLOAT32_MAX or math.isinf(x)):
                 raise ShapeError(f"{name}: attribute {k} = {x!r} " + ("is NaN" if math.isnan(x) else
                                  f"does not fit a float32 (at most ±{FLOAT32_MAX:.7g})"))
-    return out, norm
 
 
 def apply(name: str, *inputs, **attrs):
