@@ -46,7 +46,7 @@ ROWS = [
     row("linear_bias_grad", bias_grad_case, rtol=rtol_for(MAX_K), atol=rtol_for(MAX_K)),
 ]
 
-test_forward, test_grad = make_tests(ROWS)
+test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 @pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True)])
