@@ -29,13 +29,16 @@ loss's target); "stop_gradient": true may mark any input, parameter or node outp
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
+import secrets
+import shutil
 import stat
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -129,6 +132,7 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
         >>> mm.save("denoiser.zip", graph, outputs={"rgb": y}, module=net)
         >>> mm.save("ckpt", net, optimizer=opt)
     """
+    path = _target(path)
     if isinstance(what, Graph):
         if module is not None:
             module.named_parameters()  # names each parameter
@@ -146,7 +150,7 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
     arrays = {name: np.ascontiguousarray(t.numpy()) for name, t in tensors.items()}
     graph_bytes = _dumps(meta).encode()
     weight_bytes = safetensors.numpy.save(arrays, metadata={"format": "mlmetal", "version": str(VERSION)})
-    _write(Path(path), graph_bytes, weight_bytes)
+    _write(path, graph_bytes, weight_bytes)
 
 
 def _describe_module(module: Module):
@@ -295,21 +299,122 @@ def _to_json(v, where: str):
                       f"generator and cannot be saved; feed random inputs instead)")
 
 
+def _target(path) -> Path:
+    """The path a model is saved to; refused when it names no model (`mm.save("")` would write into the cwd)."""
+    if Path(path).name in ("", ".."):
+        raise ValueError(f"mm.save: {os.fspath(path)!r} names no model; give a directory or a file ending in .zip")
+    return Path(path)
+
+
 def _write(path: Path, graph_bytes: bytes, weight_bytes: bytes) -> None:
-    """Write both members; each file appears whole or not at all (a temporary file, then a rename)."""
-    if path.suffix == ".zip":
+    """Write a saved model so that `path` holds the old model or the whole new one at every moment.
+
+    Each save is written beside `path` under a temporary name and then renamed over it: a `.zip`
+    with one rename, a directory by exchanging the two directories. New files and directories
+    get the modes `open` and `mkdir` give (0666 and 0777 less the umask). Errors name `path`.
+    """
+    _check_target(path)
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            with zipfile.ZipFile(f, "w") as zf:
-                zf.writestr(GRAPH, graph_bytes, compress_type=zipfile.ZIP_DEFLATED)
-                zf.writestr(WEIGHTS, weight_bytes, compress_type=zipfile.ZIP_STORED)
-        os.replace(f.name, path)
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    for name, data in ((WEIGHTS, weight_bytes), (GRAPH, graph_bytes)):
-        with tempfile.NamedTemporaryFile(dir=path, suffix=".tmp", delete=False) as f:
-            f.write(data)
-        os.replace(f.name, path / name)
+        if path.suffix == ".zip":
+            _write_zip(path, graph_bytes, weight_bytes)
+        else:
+            _write_directory(path, {WEIGHTS: weight_bytes, GRAPH: graph_bytes})
+    except OSError as e:
+        # a temporary's name means nothing to the caller: say which path could not be saved, and why
+        raise type(e)(e.errno, f"cannot save {path}: {e.strerror or e}") from None
+
+
+def _check_target(path: Path) -> None:
+    """Refuse, before anything is written, a path that cannot hold a model or holds something else."""
+    for parent in path.parents:  # the nearest that exists must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"cannot save {path}: {parent} is not a directory")
+            break
+    if path.suffix == ".zip":
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, f"cannot save {path}: {path} is a directory; a .zip model is a file")
+    elif path.exists():
+        if not path.is_dir():
+            raise FileExistsError(errno.EEXIST, f"cannot save {path}: {path} is a file; a model without .zip is "
+                                                f"a directory")
+        # the whole directory is replaced: what is not a saved model's would be lost with it
+        others = sorted(set(os.listdir(path)) - {GRAPH, WEIGHTS})
+        if others:
+            raise FileExistsError(errno.EEXIST, f"cannot save {path}: it holds files other than a saved model's: "
+                                                f"{_few(others)}")
+
+
+def _temporary(path: Path) -> Path:
+    """An unused name beside `path`, hidden, for a save in progress."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def _create(path: Path):
+    """A new file open for writing; the umask applies to its mode, as for `open(path, "w")`."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+
+
+def _write_zip(path: Path, graph_bytes: bytes, weight_bytes: bytes) -> None:
+    tmp = _temporary(path)
+    try:
+        with _create(tmp) as f, zipfile.ZipFile(f, "w") as zf:
+            zf.writestr(GRAPH, graph_bytes, compress_type=zipfile.ZIP_DEFLATED)
+            zf.writestr(WEIGHTS, weight_bytes, compress_type=zipfile.ZIP_STORED)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_directory(path: Path, members: dict) -> None:
+    if path.is_symlink() and path.is_dir():
+        path = Path(os.path.realpath(path))  # save into the directory the link names, as before
+    old = path.stat() if path.exists() else None
+    tmp = _temporary(path)
+    os.mkdir(tmp, 0o777)
+    try:
+        if old is not None:
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))  # the model directory keeps its permissions
+        for name, data in members.items():
+            with _create(tmp / name) as f:
+                f.write(data)
+        if old is None:
+            os.rename(tmp, path)
+            return
+        if not _exchange(tmp, path):  # no atomic exchange here: the old model steps aside for a moment
+            aside = _temporary(path)
+            os.rename(path, aside)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(aside, path)
+                raise
+            tmp = aside
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)  # the old model, now under the temporary name
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux's renameat2, macOS's renamex_np); False where the system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "renameat2"):
+        at_fdcwd, rename_exchange = -100, 2
+        result = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), ctypes.c_uint(rename_exchange))
+    elif hasattr(libc, "renamex_np"):
+        rename_swap = 2
+        result = libc.renamex_np(os.fsencode(a), os.fsencode(b), ctypes.c_uint(rename_swap))
+    else:
+        return False
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # a file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 # ---------------------------------------------------------------- reading archives
