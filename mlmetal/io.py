@@ -69,6 +69,7 @@ MAX_ATTRS = 64                     # per node; an attribute list holds at most t
 MAX_ATTR_DEPTH = 3
 MAX_ATTR_INT = 2**31               # kernels take 32-bit constants
 MAX_ZIP_MEMBERS = 64
+MAX_FLOAT = float(np.finfo(np.float32).max)  # float attributes reach the kernels as float32
 
 _DTYPES = {"float32": np.dtype(np.float32), "int32": np.dtype(np.int32), "uint32": np.dtype(np.uint32)}
 _SAFETENSORS_DTYPES = {"F32": "float32", "I32": "int32", "U32": "uint32"}
@@ -636,8 +637,10 @@ def _attr(v, where: str, depth: int = 0):
         return v
     if type(v) is int:
         return _int(v, where, -MAX_ATTR_INT, MAX_ATTR_INT)
-    if type(v) is float:
-        return v  # the parser already refused NaN and infinities
+    if type(v) is float:  # the parser already refused NaN and infinities
+        if abs(v) > MAX_FLOAT:
+            _fail(where, f"{v!r} is beyond float32's range (±{MAX_FLOAT:.7g}), which the kernels take")
+        return v
     if type(v) is str:
         if len(v) > MAX_NAME:
             _fail(where, f"a string of {len(v)} characters; at most {MAX_NAME} are accepted")
@@ -708,6 +711,9 @@ def _validate(meta) -> _Spec:
             _fail(f"{g}.parameters[{i}]", f"a second parameter named {t.name!r}")
         if t.name.startswith("optimizer."):
             _fail(f"{g}.parameters[{i}]", "names starting with 'optimizer.' are reserved for optimizer state")
+        if t.trainable is not None and t.dtype != np.float32:
+            _fail(f"{g}.parameters[{i}]", f"{t.name} is {t.dtype}; parameters are float32 (a constant of another "
+                                          f"dtype has \"trainable\": null)")
         params[t.name] = t
         count(t, f"{g}.parameters[{i}]")
 

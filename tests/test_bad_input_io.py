@@ -66,6 +66,38 @@ def load_within(path, dev, seconds=20):
     return t.is_alive(), outcome.get("error")
 
 
+# ---------------------------------------------------------------- row 7: dtypes against what the graph declares
+
+def test_row7_int32_trainable_parameter_is_refused(dev, tmp_path):
+    path = tmp_path / "m"
+    small(dev).save_weights(path)
+    edit_graph_json(path, lambda m: m["parameters"][0].update(dtype="int32"))
+    edit_weights_header(path, lambda h: h["layers.0.weight"].update(dtype="I32"))  # same bytes, now int32
+    with pytest.raises(mm.FormatError, match=r"parameters\[0\].*layers.0.weight is int32; parameters are float32"):
+        mm.load(path, device=dev)
+    # the same in a graph's save, where the int32 parameter feeds a linear layer
+    saved_graph(dev, path, optimizer=False)
+    edit_graph_json(path, lambda m: m["parameters"][0].update(dtype="int32"))
+    edit_weights_header(path, lambda h: h["layers.0.weight"].update(dtype="I32"))
+    with pytest.raises(mm.FormatError, match="layers.0.weight is int32; parameters are float32"):
+        mm.load(path, device=dev)
+
+
+# ---------------------------------------------------------------- row 8: float attributes past float32's range
+
+def test_row8_float_attribute_beyond_float32_is_refused_at_load(dev, tmp_path):
+    g = mm.Graph(dev)
+    y = mm.nn.GramMatrix(alpha=0.5)(g.input("x", (1, 2, 3, 3)))
+    mm.save(tmp_path / "m", g, outputs={"y": y})
+    edit_graph_json(tmp_path / "m", lambda m: m["nodes"][0]["attrs"].update(alpha=1e308))
+    with pytest.raises(mm.FormatError, match=r"nodes\[0\].attrs.alpha: 1e\+308 is beyond float32's range"):
+        mm.load(tmp_path / "m", device=dev)
+    saved_graph(dev, tmp_path / "o")
+    edit_graph_json(tmp_path / "o", lambda m: m["optimizer"]["attrs"].update(lr=-1e39))
+    with pytest.raises(mm.FormatError, match=r"optimizer.attrs.lr: -1e\+39 is beyond float32's range"):
+        mm.load(tmp_path / "o", device=dev)
+
+
 # ---------------------------------------------------------------- row 11: how mm.save writes
 
 @pytest.mark.parametrize("zipped", [False, True])
