@@ -66,6 +66,33 @@ def load_within(path, dev, seconds=20):
     return t.is_alive(), outcome.get("error")
 
 
+# ---------------------------------------------------------------- row 4: files that are not regular files
+
+@pytest.mark.parametrize("member", ["graph.json", "weights.safetensors", "archive", "directory"])
+def test_row4_named_pipe_or_directory_is_refused_without_waiting(dev, tmp_path, member):
+    path = tmp_path / "m"
+    saved_graph(dev, path)
+    if member == "archive":
+        path = tmp_path / "m.zip"
+        os.mkfifo(path)
+        blocking = path
+    elif member == "directory":  # a directory where weights.safetensors is expected
+        (path / "weights.safetensors").unlink()
+        (path / "weights.safetensors").mkdir()
+        blocking = None
+    else:
+        (path / member).unlink()
+        os.mkfifo(path / member)
+        blocking = path / member
+    waiting, error = load_within(path, dev)
+    if waiting:  # let the reader go (a writer opening the pipe ends its wait) before failing
+        os.close(os.open(blocking, os.O_WRONLY | os.O_NONBLOCK))
+    assert not waiting, f"mm.load waited on the named pipe {blocking}"
+    assert isinstance(error, mm.FormatError), repr(error)
+    kind = "a directory" if member == "directory" else "a named pipe"
+    assert str(path) in str(error) and f"is {kind}, not a regular file" in str(error)
+
+
 # ---------------------------------------------------------------- row 7: dtypes against what the graph declares
 
 def test_row7_int32_trainable_parameter_is_refused(dev, tmp_path):
@@ -204,3 +231,42 @@ def test_row11_a_save_killed_at_any_write_leaves_the_old_or_the_new_model(dev, t
     assert int(run.stdout) == k - 1 and k > 2 and seen == {"a", "b"}
 
 
+# ---------------------------------------------------------------- row 12: memory a load costs
+
+MEASURE = textwrap.dedent("""
+    import resource, sys
+    import mlmetal as mm
+    dev = mm.device("cpu")
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = mm.load(sys.argv[1], device=dev)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * unit)
+    assert model.parameters["w"].shape == (32 << 20,)
+""")
+
+
+def test_row12_loading_costs_about_the_tensors_size(tmp_path):
+    """A 128 MiB weights file (sparse: written as a hole) loads for about 128 MiB of peak resident memory."""
+    n = 32 << 20
+    path = tmp_path / "m"
+    path.mkdir()
+    (path / "graph.json").write_text(json.dumps(
+        {"format": "mlmetal", "version": 1, "kind": "module", "inputs": [], "nodes": [], "outputs": {},
+         "parameters": [{"name": "w", "shape": [n], "dtype": "float32", "trainable": True}]}))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}).encode()
+    with open(path / "weights.safetensors", "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 4 * n)
+    run = subprocess.run([sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    grown = int(run.stdout)
+    assert grown < 1.25 * 4 * n, f"loading {4 * n >> 20} MiB of weights took {grown >> 20} MiB more peak memory"
+
+
+# ---------------------------------------------------------------- row 14 (io part): errors name the archive
+
+def test_row14_graph_json_size_error_names_the_archive(dev, tmp_path, monkeypatch):
+    saved_graph(dev, tmp_path / "m.zip")
+    monkeypatch.setattr(io, "MAX_JSON_BYTES", 100)
+    with pytest.raises(mm.FormatError, match=rf"^{re.escape(str(tmp_path / 'm.zip'))}: graph.json: \d+ bytes; at most 100"):
+        mm.load(tmp_path / "m.zip", device=dev)
