@@ -501,8 +501,9 @@ def _open_regular(path, where: str, dir_fd=None, follow=False):
     except FileNotFoundError:
         raise FormatError(f"{where} does not exist") from None
     except OSError as e:
-        raise FormatError(f"{where} cannot be opened ({e.strerror}{'' if follow else '; symbolic links are refused'})") \
-            from None
+        if e.errno == errno.ELOOP and not follow:
+            raise FormatError(f"{where} is a symbolic link; symbolic links are refused") from None
+        raise FormatError(f"{where} cannot be opened ({e.strerror})") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
