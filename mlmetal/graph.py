@@ -19,6 +19,7 @@ import numpy as np
 
 from . import ops
 from .ops import ShapeError
+from .precision import check as check_precision, get_matmul_precision, matmul_precision
 from .runtime.device import Device
 from .tensor import DTYPES, Tensor
 
@@ -92,8 +93,10 @@ class Graph:
         (4, 3)
     """
 
-    def __init__(self, device: Device):
+    def __init__(self, device: Device, matmul_precision: str | None = None):
         self.device = device
+        # this graph's matmul precision policy (mlmetal.precision); None: the one in force when it runs
+        self.matmul_precision = None if matmul_precision is None else check_precision(matmul_precision)
         self.nodes: list[Node] = []
         self.inputs: dict[str, GraphTensor] = {}
         self._params: dict[int, GraphTensor] = {}
@@ -440,6 +443,7 @@ class Plan:
         self.replay = replay
         self._recorded: dict[int, tuple] = {}
         self._last_roots = None
+        self._policy = None  # the matmul precision the recorded dispatches were encoded under
 
     @staticmethod
     def _live_nodes(nodes: list[Node], outputs, updates: bool) -> list[Node]:
@@ -481,7 +485,15 @@ class Plan:
         and return the outputs' tensors (with any others it built), without the final commit or
         wait — so a caller can keep several iterations in flight (each with its own plan, see
         `Graph.plan(copy=)`). The caller keeps other threads off the plan until it has read the
-        outputs (`with graph.lock:`), as `Graph.run` does."""
+        outputs (`with graph.lock:`), as `Graph.run` does. Products run under the graph's matmul
+        precision, or the one in force."""
+        with matmul_precision(self.graph.matmul_precision):
+            if get_matmul_precision() != self._policy:  # the recorded dispatches chose their kernels by it
+                self._recorded.clear()
+                self._policy = get_matmul_precision()
+            return self._encode(bound, cb, commit_every)
+
+    def _encode(self, bound: dict, cb, commit_every: int) -> dict:
         dev = self.graph.device
         if self._buffers is None:
             self._buffers = [dev.buffer(nbytes=b) for b in self.slot_bytes]

@@ -303,3 +303,33 @@ def test_gram_on_simdgroup_matrices(dev, matrix_products, policy, n, c, hw):
         dx = mm.ops.gram_grad(mm.tensor(dg, dev), mm.tensor(x, dev), alpha=0.5).numpy()
     assert_within(g, RG.gram(x64, alpha=0.5), RG.gram(np.abs(x64), alpha=0.5), hw * hw, u)
     assert_within(dx, RG.gram_grad(dg64, x64, alpha=0.5), RG.gram_grad(np.abs(dg64), np.abs(x64), alpha=0.5), 2 * c, u)
+
+
+def test_graphs_run_under_the_policy_in_force_or_their_own(dev, matrix_products):
+    """A plan replays recorded dispatches; a change of policy must re-encode them, and a graph's own
+    policy holds whatever is in force around it."""
+    rng = np.random.default_rng(3)
+    xs, ws = rng.standard_normal((2, 5, 9, 9)).astype(np.float32), rng.standard_normal((12, 5, 3, 3)).astype(np.float32)
+
+    def eager(policy):
+        with mm.matmul_precision(policy):
+            return mm.ops.conv2d(mm.tensor(xs, dev), mm.tensor(ws, dev), padding=1).numpy()
+
+    def build(**kw):
+        g = mm.Graph(dev, **kw)
+        x = g.input("x", xs.shape)
+        return g, mm.ops.conv2d(x, mm.tensor(ws, dev), padding=1)
+
+    g, y = build()
+    runs = {}
+    for policy in ["highest", "high", "highest", "medium", "high"]:
+        with mm.matmul_precision(policy):
+            got = g.run({"x": xs}, outputs=[y])[0]
+        np.testing.assert_array_equal(got, eager(policy))
+        runs.setdefault(policy, got)
+    assert not np.array_equal(runs["high"], runs["highest"]) and not np.array_equal(runs["medium"], runs["high"])
+    g, y = build(matmul_precision="medium")
+    with mm.matmul_precision("high"):
+        np.testing.assert_array_equal(g.run({"x": xs}, outputs=[y])[0], eager("medium"))
+    with pytest.raises(ValueError, match="matmul precision must be one of"):
+        mm.Graph(dev, matmul_precision="low")
