@@ -1,13 +1,14 @@
-"""Training steps of DESIGN §8 — style transfer, U-Net denoiser, DCGAN — and the MLP GAN, against PyTorch.
+"""Training steps of DESIGN §8 — style transfer, U-Net denoiser, DCGAN — the MLP GAN, and the
+full-size style-transfer and U-Net networks, against PyTorch.
 
 Each is timed beside the same networks in PyTorch in the same run, with its peak temporary memory
 with and without lifetime planning. All but the DCGAN are the demonstration apps' own networks
 (mlmetal/apps); no app has a DCGAN, so its networks are defined here.
 
-    python benchmarks/bench_training.py                       # all four, sizes to suit the device
+    python benchmarks/bench_training.py                       # the apps' four, sizes to suit the device
+    python benchmarks/bench_training.py --only style-full,unet-full   # the networks at their real size
     python benchmarks/bench_training.py --only unet --size 128 --steps 20
-    python benchmarks/bench_training.py --only dcgan,gan
-    MLMETAL_DEVICE=cuda python benchmarks/bench_training.py --profile
+    MLMETAL_DEVICE=cuda python benchmarks/bench_training.py --profile --precision high
 
 Shapes (DESIGN §8): style transfer batch 4 of size² images (the app's transformer and frozen
 loss network, style loss at three layers, content loss at one); U-Net batch 4 of 9 channels,
@@ -17,7 +18,11 @@ size² (the app's UNet, width 16, depth 2, L1 plus Laplacian-of-Gaussian L1); DC
 rather than a transposed conv, which mlmetal does not have; discriminator: two 4×4 stride-2
 convs, 1 → 64 → 128 channels, batch norm on the second, LeakyReLU 0.2, a linear logit; a conv
 followed by batch norm has no bias, which the norm would cancel); MLP GAN batch 64 of the
-digits' 8×8 (the app's fully connected generator and discriminator). A GAN step
+digits' 8×8 (the app's fully connected generator and discriminator); full-size style transfer,
+batch 4 of size² images: Johnson et al.'s transformer (9×9 outer convolutions, two stride-2
+stages, five residual blocks of 128 channels, two upsampling stages) against VGG16's layers up to
+relu3_3 (random filters, frozen; style at relu1_2, relu2_2, relu3_3, content at relu2_2);
+full-size U-Net, batch 4 of 9 channels, size², width 32, depth 3. A GAN step
 is one discriminator step and one generator step, each its own training graph, with the
 discriminator frozen in the generator's, as mlmetal/apps/gan.py trains. Adam everywhere
 (β₁ = 0.5 for the GANs).
@@ -25,10 +30,13 @@ discriminator frozen in the generator's, as mlmetal/apps/gan.py trains. Adam eve
 Both sides get their inputs on the device before timing (mlmetal: device tensors bound to the
 graph inputs; the GANs' latents are drawn on the device by both). An mlmetal step returns its
 loss as a Python float, so it waits for the device every step; the PyTorch loop synchronises
-only at the end of each round, its best case. PyTorch runs FP32 with TF32 off, cudnn.benchmark
-on (it picks its fastest convolution algorithms during the warm-up step), torch.optim.Adam's
-defaults. Each time is the best of 3 rounds of `--steps` steps, after one warm-up step; the
-ratio is PyTorch's time over mlmetal's (> 1: mlmetal is faster).
+only at the end of each round, its best case. On a GPU, mlmetal runs under each matmul precision
+policy (`highest`, `high`, `medium`; `--precision` picks some) and PyTorch in FP32 with TF32 off,
+with TF32 on (its default convolution math) and under bf16 autocast, cudnn.benchmark on (it picks
+its fastest convolution algorithms during the warm-up step), torch.optim.Adam's defaults; on cpu
+both in float32. Each time is the best of 3 rounds of `--steps` steps, after one warm-up step;
+ratios are PyTorch's time over mlmetal's (> 1: mlmetal is faster): each policy against its peer
+(highest/FP32, high/TF32, medium/bf16), and mlmetal's best against PyTorch's fastest setting.
 
 `--profile` (cuda, with PyTorch): a few more mlmetal steps under torch.profiler, whose CUDA
 activity (CUPTI) records every kernel of the process, mlmetal's NVRTC kernels included; prints
@@ -49,8 +57,15 @@ from mlmetal.apps import denoise, gan, style
 from mlmetal.reference.pool import log_taps
 from timing import best_seconds
 
-WORKLOADS = ("style", "unet", "dcgan", "gan")
-UNET_WIDTH, UNET_DEPTH, LOG_WEIGHT = 16, 2, 0.5
+WORKLOADS = ("style", "unet", "dcgan", "gan", "style-full", "unet-full")
+UNET = {"unet": (16, 2), "unet-full": (32, 3)}  # width, depth
+LOG_WEIGHT = 0.5
+# Johnson et al.'s transformer, and VGG16 up to relu3_3 with its style and content layers
+JOHNSON = dict(width=32, blocks=5, stages=2, outer_kernel=9)
+VGG16 = [("conv1_1", 64), ("conv1_2", 64), "pool", ("conv2_1", 128), ("conv2_2", 128), "pool",
+         ("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256)]
+STYLE_NETS = {"style": (dict(), style.LOSS_LAYERS, style.STYLE_LAYERS, style.CONTENT_LAYER),
+              "style-full": (JOHNSON, VGG16, ("conv1_2", "conv2_2", "conv3_3"), "conv2_2")}
 STYLE_WEIGHT, CONTENT_WEIGHT = 30.0, 1.0
 DCGAN_LATENT, DCGAN_LR = 100, 2e-4
 
@@ -63,10 +78,10 @@ def peak_bytes(trainings, plan_lifetimes: bool) -> int:
                for t in trainings)
 
 
-def mlmetal_unet(dev, batch, size):
+def mlmetal_unet(dev, batch, size, name="unet"):
     """The denoiser app's UNet and training graph; returns (step, trainings)."""
     mm.nn.seed(0)
-    net = denoise.UNet(UNET_WIDTH, UNET_DEPTH, dev)
+    net = denoise.UNet(*UNET[name], dev)
     train = denoise.training_graph(net, batch, size, lr=1e-3, log_weight=LOG_WEIGHT)
     rng = np.random.default_rng(0)
     feed = {name: mm.tensor(rng.random((batch, 3, size, size), np.float32), dev)
@@ -74,26 +89,28 @@ def mlmetal_unet(dev, batch, size):
     return lambda: train.step(**feed), [train]
 
 
-def mlmetal_style(dev, batch, size):
-    """The style app's transformer and loss network, with StyleTransfer's losses over a batch of contents."""
+def mlmetal_style(dev, batch, size, name="style"):
+    """The style app's transformer and loss network (or the full-size ones), with StyleTransfer's
+    losses over a batch of contents."""
     mm.nn.seed(0)
-    transformer, loss_net = style.Transformer(dev), style.LossNetwork(dev)
+    shape, layers, style_layers, content_layer = STYLE_NETS[name]
+    transformer, loss_net = style.Transformer(dev, **shape), style.LossNetwork(dev, layers=layers)
     alpha = style.StyleTransfer._alpha
     g = mm.Graph(dev)
     feats = loss_net.features(g.input("style", (1, 3, size, size)))
     grams = g.run({"style": style.default_style(size)[None]},
-                  outputs=[mm.ops.gram(feats[n], alpha=alpha(feats[n])) for n in style.STYLE_LAYERS])
+                  outputs=[mm.ops.gram(feats[n], alpha=alpha(feats[n])) for n in style_layers])
 
     g = mm.Graph(dev)
     x = g.input("content", (batch, 3, size, size))
     fy, fx = loss_net.features(transformer(x)), loss_net.features(x)
     style_loss = None
-    for n, t in zip(style.STYLE_LAYERS, grams):
+    for n, t in zip(style_layers, grams):
         term = mm.ops.mse_loss(mm.ops.gram(fy[n], alpha=alpha(fy[n])), mm.tensor(np.repeat(t, batch, 0), dev))
         style_loss = term if style_loss is None else mm.ops.add(style_loss, term)
-    target = fx[style.CONTENT_LAYER]
+    target = fx[content_layer]
     target.stop_gradient = True
-    content_loss = mm.ops.mse_loss(fy[style.CONTENT_LAYER], target)
+    content_loss = mm.ops.mse_loss(fy[content_layer], target)
     total = mm.ops.add(mm.ops.scale(style_loss, s=STYLE_WEIGHT), mm.ops.scale(content_loss, s=CONTENT_WEIGHT))
     train = total.training_graph(optimizer=mm.optim.Adam(transformer.parameters(), lr=1e-2))
     content = mm.tensor(np.repeat(style.default_content(size)[None], batch, 0), dev)
@@ -154,22 +171,23 @@ def mlmetal_dcgan(dev, batch, size):
 
 # ---------------------------------------------------------------- PyTorch
 
-def torch_unet(torch, dev, batch, size):
+def torch_unet(torch, dev, batch, size, autocast, name="unet"):
     """denoise.UNet and its loss in PyTorch."""
     nn, F = torch.nn, torch.nn.functional
     torch.manual_seed(0)
+    width, depth = UNET[name]
 
     def pairs(channels):
         return nn.Sequential(*[m for cin, cout in zip(channels, channels[1:])
                                for m in (nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU())])
 
-    widths = [UNET_WIDTH * 2**i for i in range(UNET_DEPTH + 1)]
+    widths = [width * 2**i for i in range(depth + 1)]
     encoder = nn.ModuleList(pairs([denoise.CHANNELS if i == 0 else widths[i - 1]] + [widths[i]] * 3)
-                            for i in range(UNET_DEPTH))
+                            for i in range(depth))
     bottleneck = pairs([widths[-2], widths[-1], widths[-1]])
     decoder = nn.ModuleList(pairs([widths[i + 1] + widths[i], widths[i], widths[i]])
-                            for i in reversed(range(UNET_DEPTH)))
-    head = nn.Conv2d(UNET_WIDTH, 3, 1)
+                            for i in reversed(range(depth)))
+    head = nn.Conv2d(width, 3, 1)
     net = nn.ModuleList([encoder, bottleneck, decoder, head]).to(dev)
     taps = torch.tensor(log_taps(1.0, 5), dtype=torch.float32, device=dev).expand(3, 1, 5, 5)
 
@@ -192,20 +210,23 @@ def torch_unet(torch, dev, batch, size):
 
     def step():
         opt.zero_grad()
-        out = forward(noisy, albedo, normal)
-        loss = F.l1_loss(out, clean) + LOG_WEIGHT * F.l1_loss(log_filter(out), log_filter(clean))
+        with autocast():
+            out = forward(noisy, albedo, normal)
+            loss = F.l1_loss(out, clean) + LOG_WEIGHT * F.l1_loss(log_filter(out), log_filter(clean))
         loss.backward()
         opt.step()
     return step
 
 
-def torch_style(torch, dev, batch, size):
+def torch_style(torch, dev, batch, size, autocast, name="style"):
     """style.Transformer and style.LossNetwork (random filters, frozen) with the same losses in PyTorch."""
     nn, F = torch.nn, torch.nn.functional
     torch.manual_seed(0)
+    shape, layers, style_layers, content_layer = STYLE_NETS[name]
+    shape = dict(dict(width=16, blocks=2, stages=1, outer_kernel=3), **shape)
 
-    def conv_norm_relu(cin, cout, stride=1):
-        return [nn.Conv2d(cin, cout, 3, stride, 1), nn.InstanceNorm2d(cout, affine=True), nn.ReLU()]
+    def conv_norm_relu(cin, cout, stride=1, kernel=3):
+        return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2), nn.InstanceNorm2d(cout, affine=True), nn.ReLU()]
 
     class Residual(nn.Module):
         def __init__(self, c):
@@ -216,19 +237,23 @@ def torch_style(torch, dev, batch, size):
         def forward(self, x):
             return x + self.body(x)
 
-    w = 16  # style.Transformer's defaults: width 16, two residual blocks
-    transformer = nn.Sequential(*conv_norm_relu(3, w), *conv_norm_relu(w, 2 * w, 2), Residual(2 * w), Residual(2 * w),
-                                nn.Upsample(scale_factor=2), *conv_norm_relu(2 * w, w), nn.Conv2d(w, 3, 3, padding=1),
-                                nn.Sigmoid()).to(dev)
+    widths = [shape["width"] * 2**i for i in range(shape["stages"] + 1)]
+    k = shape["outer_kernel"]
+    transformer = nn.Sequential(
+        *conv_norm_relu(3, widths[0], kernel=k),
+        *(m for cin, cout in zip(widths, widths[1:]) for m in conv_norm_relu(cin, cout, 2)),
+        *(Residual(widths[-1]) for _ in range(shape["blocks"])),
+        *(m for cin, cout in zip(widths[::-1], widths[-2::-1]) for m in (nn.Upsample(scale_factor=2), *conv_norm_relu(cin, cout))),
+        nn.Conv2d(widths[0], 3, k, padding=k // 2), nn.Sigmoid()).to(dev)
     convs, cin = {}, 3
-    for layer in style.LOSS_LAYERS:
+    for layer in layers:
         if layer != "pool":
             convs[layer[0]] = nn.Conv2d(cin, layer[1], 3, padding=1).to(dev).requires_grad_(False)
             cin = layer[1]
 
     def features(x, last=None):
         out = {}
-        for layer in style.LOSS_LAYERS:
+        for layer in layers:
             if layer == "pool":
                 x = F.avg_pool2d(x, 2)
                 continue
@@ -244,23 +269,24 @@ def torch_style(torch, dev, batch, size):
 
     with torch.no_grad():
         fs = features(torch.from_numpy(style.default_style(size)[None]).to(dev))
-        targets = [gram(fs[n]).expand(batch, -1, -1) for n in style.STYLE_LAYERS]
+        targets = [gram(fs[n]).expand(batch, -1, -1) for n in style_layers]
     content = torch.from_numpy(style.default_content(size)[None]).to(dev).repeat(batch, 1, 1, 1)
     opt = torch.optim.Adam(transformer.parameters(), lr=1e-2)
 
     def step():
         opt.zero_grad()
-        fy = features(transformer(content))
-        with torch.no_grad():
-            fx = features(content, last=style.CONTENT_LAYER)
-        style_loss = sum(F.mse_loss(gram(fy[n]), t) for n, t in zip(style.STYLE_LAYERS, targets))
-        loss = STYLE_WEIGHT * style_loss + CONTENT_WEIGHT * F.mse_loss(fy[style.CONTENT_LAYER], fx[style.CONTENT_LAYER])
+        with autocast():
+            fy = features(transformer(content))
+            with torch.no_grad():
+                fx = features(content, last=content_layer)
+            style_loss = sum(F.mse_loss(gram(fy[n]).float(), t) for n, t in zip(style_layers, targets))
+            loss = STYLE_WEIGHT * style_loss + CONTENT_WEIGHT * F.mse_loss(fy[content_layer], fx[content_layer])
         loss.backward()
         opt.step()
     return step
 
 
-def torch_adversarial_step(torch, G, D, real, latent, lr):
+def torch_adversarial_step(torch, G, D, real, latent, lr, autocast):
     """gan.GAN's training turns in PyTorch: a discriminator step on `real` and a fresh fake batch,
     then a generator step with the discriminator frozen (no discriminator weight gradient)."""
     F = torch.nn.functional
@@ -270,15 +296,17 @@ def torch_adversarial_step(torch, G, D, real, latent, lr):
     ones, zeros = torch.ones(batch, 1, device=dev), torch.zeros(batch, 1, device=dev)
 
     def step():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             fake = G(torch.randn(batch, latent, device=dev))
-        d_loss = (F.binary_cross_entropy_with_logits(D(real), ones)
-                  + F.binary_cross_entropy_with_logits(D(fake), zeros))
+        with autocast():
+            d_loss = (F.binary_cross_entropy_with_logits(D(real), ones)
+                      + F.binary_cross_entropy_with_logits(D(fake), zeros))
         opt_d.zero_grad()
         d_loss.backward()
         opt_d.step()
         D.requires_grad_(False)
-        g_loss = F.binary_cross_entropy_with_logits(D(G(torch.randn(batch, latent, device=dev))), ones)
+        with autocast():
+            g_loss = F.binary_cross_entropy_with_logits(D(G(torch.randn(batch, latent, device=dev))), ones)
         opt_g.zero_grad()
         g_loss.backward()
         opt_g.step()
@@ -286,7 +314,7 @@ def torch_adversarial_step(torch, G, D, real, latent, lr):
     return step
 
 
-def torch_dcgan(torch, dev, batch, size):
+def torch_dcgan(torch, dev, batch, size, autocast):
     """DCGenerator and DCDiscriminator in PyTorch, trained in gan.GAN's turns."""
     nn = torch.nn
     torch.manual_seed(0)
@@ -299,10 +327,10 @@ def torch_dcgan(torch, dev, batch, size):
                       nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
                       nn.Flatten(), nn.Linear(128 * 7 * 7, 1)).to(dev)
     real = torch.rand(batch, 1, 28, 28, device=dev) * 2 - 1
-    return torch_adversarial_step(torch, G, D, real, DCGAN_LATENT, DCGAN_LR)
+    return torch_adversarial_step(torch, G, D, real, DCGAN_LATENT, DCGAN_LR, autocast)
 
 
-def torch_gan(torch, dev, batch, size):
+def torch_gan(torch, dev, batch, size, autocast):
     """gan.Generator and gan.Discriminator in PyTorch, trained in gan.GAN's turns."""
     nn = torch.nn
     torch.manual_seed(0)
@@ -310,18 +338,21 @@ def torch_gan(torch, dev, batch, size):
                       nn.Linear(256, 64), nn.Tanh()).to(dev)
     D = nn.Sequential(nn.Linear(64, 256), nn.LeakyReLU(0.2), nn.Linear(256, 1)).to(dev)
     real = torch.rand(batch, 64, device=dev) * 2 - 1
-    return torch_adversarial_step(torch, G, D, real, gan.LATENT, 1e-3)
+    return torch_adversarial_step(torch, G, D, real, gan.LATENT, 1e-3, autocast)
 
 
 BUILD = {"style": (mlmetal_style, torch_style), "unet": (mlmetal_unet, torch_unet),
-         "dcgan": (mlmetal_dcgan, torch_dcgan), "gan": (mlmetal_gan, torch_gan)}
+         "dcgan": (mlmetal_dcgan, torch_dcgan), "gan": (mlmetal_gan, torch_gan),
+         "style-full": (mlmetal_style, torch_style), "unet-full": (mlmetal_unet, torch_unet)}
 
 
 def describe(name, batch, size):
-    return {"style": f"style transfer, batch {batch}, 3×{size}×{size}",
-            "unet": f"U-Net denoiser, batch {batch}, 9×{size}×{size}",
-            "dcgan": f"DCGAN, batch {batch}, 1×28×28",
-            "gan": f"MLP GAN, batch {batch}, 1×8×8"}[name]
+    return {"style": f"style transfer, batch {batch}, 3×{size}²",
+            "unet": f"U-Net denoiser, batch {batch}, 9×{size}²",
+            "dcgan": f"DCGAN, batch {batch}, 1×28²",
+            "gan": f"MLP GAN, batch {batch}, 1×8²",
+            "style-full": f"Johnson + VGG16, batch {batch}, {size}²",
+            "unet-full": f"U-Net 32×3, batch {batch}, 9×{size}²"}[name]
 
 
 # ---------------------------------------------------------------- profile
@@ -369,6 +400,9 @@ def main():
                          "the GANs' images are fixed: 28×28 for the DCGAN, the digits' 8×8 for the MLP GAN")
     ap.add_argument("--steps", type=int, default=None, help="steps per timed round (default 10 on gpus, 3 on cpu)")
     ap.add_argument("--profile", action="store_true", help="profile mlmetal's steps with torch.profiler (cuda)")
+    ap.add_argument("--precision", default=None,
+                    help="comma-separated matmul precision policies to run mlmetal under (default: all three on a GPU, "
+                         "highest on cpu)")
     args = ap.parse_args()
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in only if w not in WORKLOADS]
@@ -377,45 +411,60 @@ def main():
     dev = mm.device(args.device)
     on_cpu = dev.name == "cpu"
     size = args.size or (64 if on_cpu else 256)
-    if size % 4:
-        ap.error(f"--size must be divisible by 4 (the U-Net pools twice), got {size}")
+    if size % 8:
+        ap.error(f"--size must be divisible by 8 (the full U-Net pools three times), got {size}")
     steps = args.steps or (3 if on_cpu else 10)
-    batches = {"style": 4, "unet": 4, "dcgan": 64, "gan": 64}
+    policies = [p.strip() for p in (args.precision or ("highest" if on_cpu else "highest,high,medium")).split(",")]
+    for p in policies:
+        if p not in ("highest", "high", "medium"):
+            ap.error(f"--precision: {p!r} is not a matmul precision policy (highest, high, medium)")
+    batches = {"style": 4, "unet": 4, "dcgan": 64, "gan": 64, "style-full": 4, "unet-full": 4}
 
     try:
         import torch
     except ImportError:
         torch = None
     tdev = "cuda" if dev.name == "cuda" else "cpu"
+    modes = ["fp32", "tf32", "bf16"] if torch is not None and tdev == "cuda" else ["fp32"] if torch is not None else []
+    peers = {"highest": "fp32", "high": "tf32", "medium": "bf16"}
     if torch is not None:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
         tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-        ref = f"PyTorch {torch.__version__} ({tdev}, FP32{', TF32 off, cudnn.benchmark on' if tdev == 'cuda' else ''})"
+        ref = f"PyTorch {torch.__version__} ({tdev}, {', '.join(m.upper() for m in modes)}{', cudnn.benchmark on' if tdev == 'cuda' else ''})"
     else:
         ref = "PyTorch is not installed: no reference timing"
-    print(f"training steps on mlmetal {dev.name}; {ref}; best of 3 rounds of {steps} steps")
-    print(f"{'workload':<36} {'mlmetal ms':>10} {'PyTorch ms':>10} {'ratio':>6}   peak temporaries, planned vs not")
+    print(f"training steps on mlmetal {dev.name} under {', '.join(policies)}; {ref}; best of 3 rounds of {steps} "
+          f"steps; times in ms")
+    head = "".join(f"{'mlm ' + p:>12}" for p in policies) + "".join(f"{'torch ' + m:>12}" for m in modes)
+    ratios = "".join(f"{p + '/' + peers[p]:>14}" for p in policies if peers[p] in modes) + (f"{'best/best':>11}" if modes else "")
+    print(f"{'workload':<32}{head}{ratios}   peak temporaries, planned vs not")
     profiles = []
     for name in only:
         batch = batches[name]
         build_mlmetal, build_torch = BUILD[name]
-        step, trainings = build_mlmetal(dev, batch, size)
-        t_mm = best_seconds(lambda n: [step() for _ in range(n)], steps, 3)
+        extra = {"name": name} if name in UNET or name in STYLE_NETS else {}
+        step, trainings = build_mlmetal(dev, batch, size, **extra)
+        t_mm = {}
+        for policy in policies:
+            with mm.matmul_precision(policy):
+                t_mm[policy] = best_seconds(lambda n: [step() for _ in range(n)], steps, 3)
         planned, unplanned = peak_bytes(trainings, True), peak_bytes(trainings, False)
-        t_pt = ratio = "-"
-        if torch is not None:
-            torch_step = build_torch(torch, tdev, batch, size)
+        t_pt = {}
+        for mode in modes:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
+            autocast = lambda m=mode: torch.autocast(tdev, dtype=torch.bfloat16, enabled=m == "bf16")  # noqa: E731
+            torch_step = build_torch(torch, tdev, batch, size, autocast, **extra)
 
             def run_torch(n):
                 for _ in range(n):
                     torch_step()
                 tsync()
-            t = best_seconds(run_torch, steps, 3)
-            t_pt, ratio = f"{t * 1e3:.2f}", f"{t / t_mm:.2f}"
+            t_pt[mode] = best_seconds(run_torch, steps, 3)
             del torch_step
-        print(f"{describe(name, batch, size):<36} {t_mm * 1e3:>10.2f} {t_pt:>10} {ratio:>6}   "
+        cells = "".join(f"{t * 1e3:>12.2f}" for t in [*t_mm.values(), *t_pt.values()])
+        peer = "".join(f"{t_pt[peers[p]] / t_mm[p]:>13.2f}×" for p in policies if peers[p] in t_pt)
+        best = f"{min(t_pt.values()) / min(t_mm.values()):>10.2f}×" if t_pt else ""
+        print(f"{describe(name, batch, size):<32}{cells}{peer}{best}   "
               f"{planned / 2**20:.1f} vs {unplanned / 2**20:.1f} MiB ({unplanned / planned:.1f}× less)", flush=True)
         profiles.append((name, batch, step))
     if not args.profile:
@@ -424,8 +473,10 @@ def main():
         print("--profile needs PyTorch with CUDA and the cuda backend: no profile")
         return
     for name, batch, step in profiles:
-        print(f"\nprofile of mlmetal's {describe(name, batch, size)}:")
-        profile(torch, step, dev.synchronize, max(3, math.ceil(steps / 2)))
+        for policy in policies:
+            print(f"\nprofile of mlmetal's {describe(name, batch, size)} under {policy}:")
+            with mm.matmul_precision(policy):
+                profile(torch, step, dev.synchronize, max(3, math.ceil(steps / 2)))
 
 
 if __name__ == "__main__":

@@ -129,10 +129,9 @@ template [[host_name("conv2d")]] [[kernel]] decltype(conv2d_tiles<WIDE, WIDE, WI
 template [[host_name("conv2d_medium")]] [[kernel]] decltype(conv2d_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
 template [[host_name("conv2d_narrow")]] [[kernel]] decltype(conv2d_tiles<NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_tiles<NARROW_M, NARROW_N, NARROW_THREADS>;
 
-// y = conv(x, w) + bias on simdgroup matrices (tile.h's MMA staging: k contiguous, MMA_K deep):
-// the GEMM of conv2d_tiled, split likewise. Thread t stages weights of output channel m0 + t % BM
-// and the patches of pixels n0 + t + MMA_THREADS·i, walking the slice's k = (ci, ky, kx), which
-// is the same for every thread. Grid: (ceil(N·OH·OW / BN), ceil(Cout/groups / BM), groups · splits).
+// y = conv(x, w) + bias on simdgroup matrices (tile.h's MMA staging), split as conv2d_tiled
+// splits. A slice's k = (ci, ky, kx) is the same for every thread: it walks the taps once.
+// Grid: (ceil(N·OH·OW / BN), ceil(Cout/groups / BM), groups · splits), MMA_THREADS threads.
 template <uint BM, uint BN>
 kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],
                              device const float* w [[buffer(1)]],
@@ -141,22 +140,24 @@ kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],
                              constant ConvParams& p [[buffer(4)]],
                              uint3 tile [[threadgroup_position_in_grid]],
                              uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[2 * BM * MMA_K / 4];  // [buffer][output channel][k]
-    threadgroup float4 b_q[2 * BN * MMA_K / 4];  // [buffer][pixel][k]
+    threadgroup float4 a_q[BM * MMA_PITCH / 4];  // [output channel][k]
+    threadgroup float4 b_q[BN * MMA_PITCH / 4];  // [pixel][k]
     threadgroup float* a_s = (threadgroup float*)a_q;
     threadgroup float* b_s = (threadgroup float*)b_q;
+    constexpr uint A_EACH = MMA_A_EACH(BM), B_COLS = MMA_B_COLS(BN);
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw, cols = cin_g * khw;
     const uint plane = p.oh * p.ow, pixels = p.n * plane;
     const uint g = tile.z % p.groups, split = tile.z / p.groups, m0 = tile.y * BM, n0 = tile.x * BN;
     const uint k_begin = split * p.chunk, K = min(cols, k_begin + p.chunk);
     y += split * p.n * p.cout * plane;
 
-    constexpr uint A_EACH = BM * MMA_K / MMA_THREADS, B_COLS = BN / MMA_THREADS;
-    const uint a_row = t % BM, a_k = t / BM * A_EACH;
-    const bool a_ok = m0 + a_row < cout_g;
-    device const float* w_row = w + (g * cout_g + (a_ok ? m0 + a_row : 0)) * cols;
+    // A: weights of output channels m0 + t / MMA_K + (MMA_THREADS / MMA_K)·i at k0 + t % MMA_K.
+    device const float* w_rows = w + (g * cout_g + m0 + t / MMA_K) * cols + t % MMA_K;
+    const uint a_rows = cout_g - min(cout_g, m0 + t / MMA_K);  // of this thread's rows, those that exist
+    // B: the patches of pixels n0 + t + MMA_THREADS·i; a pixel past the end gets a window origin
+    // whose every tap is padding.
     uint x_img[B_COLS];
-    int iy0[B_COLS], ix0[B_COLS];  // a pixel past the end gets a window origin whose every tap is padding
+    int iy0[B_COLS], ix0[B_COLS];
     for (uint i = 0; i < B_COLS; ++i) {
         const uint q = n0 + t + MMA_THREADS * i;
         const uint img = q < pixels ? q / plane : 0, r = q < pixels ? q % plane : 0;
@@ -168,12 +169,10 @@ kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],
 
     MMA_TILES(BM, BN) acc(t);
     float a_next[A_EACH], b_next[B_COLS][MMA_K];
-    uint buf = 0;
-    for (uint k0 = k_begin; k0 < K; k0 += MMA_K, buf ^= 1) {
-        for (uint j = 0; j < A_EACH; ++j) {
-            const uint k = k0 + a_k + j;
-            a_next[j] = a_ok && k < K ? w_row[k] : 0.0f;
-        }
+    for (uint k0 = k_begin; k0 < K; k0 += MMA_K) {
+        const bool a_k_ok = k0 + t % MMA_K < K;
+        for (uint i = 0; i < A_EACH; ++i)
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? w_rows[(MMA_THREADS / MMA_K) * i * cols + k0] : 0.0f;
         #pragma unroll
         for (uint j = 0; j < MMA_K; ++j) {
             const bool k_ok = k0 + j < K;
@@ -185,11 +184,10 @@ kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],
             advance(ci, ky, kx, 1, p.kh, p.kw);
         }
         // The previous slice is multiplied while this one's loads are in flight.
-        if (k0 > k_begin) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
-        stage_slice(a_s + buf * BM * MMA_K, b_s + buf * BN * MMA_K, a_next, b_next, t, a_row, a_k);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (k0 > k_begin) acc.multiply(a_s, b_s);
+        stage_slice(a_s, b_s, a_next, b_next, t);
     }
-    if (K > k_begin) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
+    if (K > k_begin) acc.multiply(a_s, b_s);
     acc.store(ConvOut{y, p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g}, b_s);
 }
 template [[host_name("conv2d_mma")]] [[kernel]] decltype(conv2d_mma_tiles<WIDE, WIDE>) conv2d_mma_tiles<WIDE, WIDE>;
@@ -497,9 +495,8 @@ template [[host_name("conv2d_input_grad_medium")]] [[kernel]] decltype(conv2d_in
 template [[host_name("conv2d_input_grad_narrow")]] [[kernel]] decltype(conv2d_input_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_input_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>;
 
 // dx on simdgroup matrices (tile.h's MMA staging): the class GEMMs of conv2d_input_grad_tiled.
-// Thread t stages the weights of input channel m0 + t % BM at its A_EACH reduction steps
-// (co, a, b) of each slice, and the output gradients of class pixels n0 + t + MMA_THREADS·i at
-// all the slice's steps, which are the same for every thread.
+// Every weight a thread stages a slice has the same k = (co, a, b), and a slice's k is the same
+// for every thread's output gradients: each walks its taps once.
 // Grid: (ceil(N·ceil(H/stride_h)·ceil(W/stride_w) / BN), ceil(Cin/groups / BM), groups·stride_h·stride_w).
 template <uint BM, uint BN>
 kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],
@@ -508,10 +505,11 @@ kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],
                                         constant ConvParams& p [[buffer(3)]],
                                         uint3 tile [[threadgroup_position_in_grid]],
                                         uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[2 * BM * MMA_K / 4];  // [buffer][input channel][k]
-    threadgroup float4 b_q[2 * BN * MMA_K / 4];  // [buffer][class pixel][k]
+    threadgroup float4 a_q[BM * MMA_PITCH / 4];  // [input channel][k]
+    threadgroup float4 b_q[BN * MMA_PITCH / 4];  // [class pixel][k]
     threadgroup float* a_s = (threadgroup float*)a_q;
     threadgroup float* b_s = (threadgroup float*)b_q;
+    constexpr uint A_EACH = MMA_A_EACH(BM), B_COLS = MMA_B_COLS(BN);
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
     const uint g = tile.z % p.groups, cls = tile.z / p.groups, m0 = tile.y * BM, n0 = tile.x * BN;
     const ClassTaps ty = class_taps(cls / uint(p.stride_w), p.stride_h, p.dil_h, p.pad_h, p.kh, p.h);
@@ -520,12 +518,12 @@ kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],
     const uint plane = p.h * p.w, cplane = ty.size * tx.size, pixels = p.n * cplane, oplane = p.oh * p.ow;
     if (n0 >= pixels) return;  // a class smaller than the largest (the whole threadgroup leaves)
 
-    constexpr uint A_EACH = BM * MMA_K / MMA_THREADS, B_COLS = BN / MMA_THREADS;
-    const uint a_row = t % BM, a_k = t / BM * A_EACH;
-    const bool a_ok = m0 + a_row < cin_g;
-    device const float* w_col = w + g * cout_g * cin_g * khw + (a_ok ? m0 + a_row : 0) * khw;
-    uint a_co = 0, a_a = 0, a_b = 0;  // this thread's k = (co·ty.count + a)·tx.count + b
-    if (K > 0) advance(a_co, a_a, a_b, a_k, ty.count, tx.count);
+    // A: weights w[co][ci][ky][kx] of input channels m0 + t / MMA_K + (MMA_THREADS / MMA_K)·i
+    // at this thread's k = (co·ty.count + a)·tx.count + b of each slice.
+    device const float* w_rows = w + (g * cout_g * cin_g + m0 + t / MMA_K) * khw;
+    const uint a_rows = cin_g - min(cin_g, m0 + t / MMA_K);
+    uint a_co = 0, a_a = 0, a_b = 0;
+    if (K > 0) advance(a_co, a_a, a_b, t % MMA_K, ty.count, tx.count);
     uint dy_img[B_COLS];
     int oy0[B_COLS], ox0[B_COLS];  // the output each pixel reaches through the class's first taps; OUTSIDE past the end
     for (uint i = 0; i < B_COLS; ++i) {
@@ -535,18 +533,16 @@ kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],
         oy0[i] = q < pixels ? ty.base + int(r / tx.size) : OUTSIDE;
         ox0[i] = tx.base + int(r % tx.size);
     }
-    uint co = 0, ka = 0, kb = 0;  // the slice's first k, the same for every thread
+    uint co = 0, ka = 0, kb = 0;  // the slice's first k
 
     MMA_TILES(BM, BN) acc(t);
     float a_next[A_EACH], b_next[B_COLS][MMA_K];
-    uint buf = 0;
-    for (uint k0 = 0; k0 < K; k0 += MMA_K, buf ^= 1) {
-        for (uint j = 0; j < A_EACH; ++j) {
-            const uint tap = (ty.first + a_a * ty.step) * p.kw + tx.first + a_b * tx.step;
-            a_next[j] = a_ok && k0 + a_k + j < K ? w_col[a_co * cin_g * khw + tap] : 0.0f;
-            advance(a_co, a_a, a_b, 1, ty.count, tx.count);
-        }
-        advance(a_co, a_a, a_b, MMA_K - A_EACH, ty.count, tx.count);
+    for (uint k0 = 0; k0 < K; k0 += MMA_K) {
+        const bool a_k_ok = k0 + t % MMA_K < K;
+        const uint tap = a_co * cin_g * khw + (ty.first + a_a * ty.step) * p.kw + tx.first + a_b * tx.step;
+        for (uint i = 0; i < A_EACH; ++i)
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? w_rows[(MMA_THREADS / MMA_K) * i * khw + tap] : 0.0f;
+        advance(a_co, a_a, a_b, MMA_K, ty.count, tx.count);
         #pragma unroll
         for (uint j = 0; j < MMA_K; ++j) {
             const bool k_ok = k0 + j < K;
@@ -557,11 +553,10 @@ kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],
             }
             advance(co, ka, kb, 1, ty.count, tx.count);
         }
-        if (k0 > 0) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
-        stage_slice(a_s + buf * BM * MMA_K, b_s + buf * BN * MMA_K, a_next, b_next, t, a_row, a_k);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (k0 > 0) acc.multiply(a_s, b_s);
+        stage_slice(a_s, b_s, a_next, b_next, t);
     }
-    if (K > 0) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
+    if (K > 0) acc.multiply(a_s, b_s);
     const uint res_y = cls / uint(p.stride_w), res_x = cls % uint(p.stride_w);
     acc.store(InputGradOut{dx + g * cin_g * plane + res_y * p.w + res_x, m0, n0, cin_g, pixels, cplane, tx.size,
                            uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane}, b_s);
@@ -669,10 +664,10 @@ template [[host_name("conv2d_weight_grad")]] [[kernel]] decltype(conv2d_weight_g
 template [[host_name("conv2d_weight_grad_medium")]] [[kernel]] decltype(conv2d_weight_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_weight_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
 template [[host_name("conv2d_weight_grad_narrow")]] [[kernel]] decltype(conv2d_weight_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_weight_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>;
 
-// dw on simdgroup matrices (tile.h's MMA staging), split like conv2d_weight_grad_tiled. Thread t
-// stages the output gradients of channel m0 + t % BM at its A_EACH pixels of each slice, and the
-// inputs of columns (ci, ky, kx) n0 + t + MMA_THREADS·i at the slice's pixels, which are the
-// same for every thread. Grid: (ceil(Cin/groups·KH·KW / BN), ceil(Cout/groups / BM), groups · splits).
+// dw on simdgroup matrices (tile.h's MMA staging), split as conv2d_weight_grad_tiled splits.
+// Every output gradient a thread stages a slice is at the same pixel, and a slice's pixels are
+// the same for every thread's input columns: each walks its pixels once.
+// Grid: (ceil(Cin/groups·KH·KW / BN), ceil(Cout/groups / BM), groups · splits), MMA_THREADS threads.
 template <uint BM, uint BN>
 kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],
                                          device const float* x [[buffer(1)]],
@@ -680,20 +675,21 @@ kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],
                                          constant ConvParams& p [[buffer(3)]],
                                          uint3 tile [[threadgroup_position_in_grid]],
                                          uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[2 * BM * MMA_K / 4];  // [buffer][output channel][pixel]
-    threadgroup float4 b_q[2 * BN * MMA_K / 4];  // [buffer][column][pixel]
+    threadgroup float4 a_q[BM * MMA_PITCH / 4];  // [output channel][pixel]
+    threadgroup float4 b_q[BN * MMA_PITCH / 4];  // [column][pixel]
     threadgroup float* a_s = (threadgroup float*)a_q;
     threadgroup float* b_s = (threadgroup float*)b_q;
+    constexpr uint A_EACH = MMA_A_EACH(BM), B_COLS = MMA_B_COLS(BN);
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups;
     const uint khw = p.kh * p.kw, cols = cin_g * khw, oplane = p.oh * p.ow, pixels = p.n * oplane;
     const uint g = tile.z % p.groups, split = tile.z / p.groups, m0 = tile.y * BM, n0 = tile.x * BN;
     const uint k_begin = split * p.chunk, k_end = min(pixels, k_begin + p.chunk);
 
-    constexpr uint A_EACH = BM * MMA_K / MMA_THREADS, B_COLS = BN / MMA_THREADS;
-    const uint a_row = t % BM, a_k = t / BM * A_EACH;
-    const bool a_ok = m0 + a_row < cout_g;
-    device const float* dy_row = dy + (g * cout_g + (a_ok ? m0 + a_row : 0)) * oplane;
-    uint a_img = (k_begin + a_k) / oplane, a_pix = (k_begin + a_k) % oplane;
+    // A: output gradients of channels m0 + t / MMA_K + (MMA_THREADS / MMA_K)·i at this thread's
+    // pixel k0 + t % MMA_K of each slice, (a_img, a_pix).
+    device const float* dy_rows = dy + (g * cout_g + m0 + t / MMA_K) * oplane;
+    const uint a_rows = cout_g - min(cout_g, m0 + t / MMA_K);
+    uint a_img = (k_begin + t % MMA_K) / oplane, a_pix = (k_begin + t % MMA_K) % oplane;
     uint x_row[B_COLS];
     int dy0[B_COLS], dx0[B_COLS];  // ky·dil − pad of each column (likewise kx); a column past the end misses the image
     for (uint i = 0; i < B_COLS; ++i) {
@@ -703,17 +699,16 @@ kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],
         dy0[i] = c < cols ? int(ky) * p.dil_h - p.pad_h : OUTSIDE;
         dx0[i] = int(kx) * p.dil_w - p.pad_w;
     }
-    uint img = k_begin / oplane, oy = k_begin % oplane / p.ow, ox = k_begin % p.ow;
+    uint img = k_begin / oplane, oy = k_begin % oplane / p.ow, ox = k_begin % p.ow;  // the slice's first pixel
 
     MMA_TILES(BM, BN) acc(t);
     float a_next[A_EACH], b_next[B_COLS][MMA_K];
-    uint buf = 0;
-    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K, buf ^= 1) {
-        for (uint j = 0; j < A_EACH; ++j) {
-            a_next[j] = a_ok && k0 + a_k + j < k_end ? dy_row[a_img * p.cout * oplane + a_pix] : 0.0f;
-            if (++a_pix == oplane) { a_pix = 0; ++a_img; }
-        }
-        a_pix += MMA_K - A_EACH;
+    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K) {
+        const bool a_k_ok = k0 + t % MMA_K < k_end;
+        device const float* dy_at = dy_rows + a_img * p.cout * oplane + a_pix;
+        for (uint i = 0; i < A_EACH; ++i)
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? dy_at[(MMA_THREADS / MMA_K) * i * oplane] : 0.0f;
+        a_pix += MMA_K;
         while (a_pix >= oplane) { a_pix -= oplane; ++a_img; }
         #pragma unroll
         for (uint j = 0; j < MMA_K; ++j) {
@@ -727,11 +722,10 @@ kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],
             }
             advance(img, oy, ox, 1, p.oh, p.ow);
         }
-        if (k0 > k_begin) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
-        stage_slice(a_s + buf * BM * MMA_K, b_s + buf * BN * MMA_K, a_next, b_next, t, a_row, a_k);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (k0 > k_begin) acc.multiply(a_s, b_s);
+        stage_slice(a_s, b_s, a_next, b_next, t);
     }
-    if (k_end > k_begin) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
+    if (k_end > k_begin) acc.multiply(a_s, b_s);
     acc.store(WeightGradOut{partial + (split * p.cout + g * cout_g) * cols, m0, n0, cout_g, cols}, b_s);
 }
 template [[host_name("conv2d_weight_grad_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<WIDE, WIDE>) conv2d_weight_grad_mma_tiles<WIDE, WIDE>;

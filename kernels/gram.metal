@@ -69,40 +69,38 @@ kernel void gram(device const float* x [[buffer(0)]],
     acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y});
 }
 
-// gram on simdgroup matrices (tile.h's MMA staging, wide tiling): thread t stages feature rows
-// m0 + t and n0 + t, MMA_K features each slice. Grid as gram's, MMA_THREADS threads.
+// gram on simdgroup matrices (tile.h's MMA staging, wide tiling). Grid as gram's, MMA_THREADS threads.
 kernel void gram_mma(device const float* x [[buffer(0)]],
                      device float* partial [[buffer(1)]],
                      constant GramParams& p [[buffer(2)]],
                      uint3 tile [[threadgroup_position_in_grid]],
                      uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[2 * WIDE * MMA_K / 4];  // [buffer][row channel][feature]
-    threadgroup float4 b_q[2 * WIDE * MMA_K / 4];  // [buffer][column channel][feature]
+    threadgroup float4 a_q[WIDE * MMA_PITCH / 4];  // [row channel][feature]
+    threadgroup float4 b_q[WIDE * MMA_PITCH / 4];  // [column channel][feature]
     threadgroup float* a_s = (threadgroup float*)a_q;
     threadgroup float* b_s = (threadgroup float*)b_q;
     if (tile.y > tile.x) return;  // the whole threadgroup leaves together, before any barrier
+    constexpr uint A_EACH = MMA_A_EACH(WIDE);
     const uint item = tile.z % p.batch, split = tile.z / p.batch;
     const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
     const uint k_begin = split * p.chunk, k_end = min(p.hw, k_begin + p.chunk);
-    const bool a_ok = m0 + t < p.c, b_ok = n0 + t < p.c;
     device const float* f = x + item * p.c * p.hw;
-    device const float* a_row = f + (a_ok ? m0 + t : 0) * p.hw;
+    device const float* a_rows = f + (m0 + t / MMA_K) * p.hw + t % MMA_K;
+    const uint a_count = p.c - min(p.c, m0 + t / MMA_K);
+    const bool b_ok = n0 + t < p.c;
     device const float* b_row = f + (b_ok ? n0 + t : 0) * p.hw;
 
     MMA_TILES(WIDE, WIDE) acc(t);
-    float a_next[MMA_K], b_next[1][MMA_K];
-    uint buf = 0;
-    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K, buf ^= 1) {
-        for (uint j = 0; j < MMA_K; ++j) {
-            const bool k_ok = k0 + j < k_end;
-            a_next[j] = a_ok && k_ok ? a_row[k0 + j] : 0.0f;
-            b_next[0][j] = b_ok && k_ok ? b_row[k0 + j] : 0.0f;
-        }
-        if (k0 > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
-        stage_slice(a_s + buf * WIDE * MMA_K, b_s + buf * WIDE * MMA_K, a_next, b_next, t, t, 0);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+    float a_next[A_EACH], b_next[1][MMA_K];
+    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K) {
+        const bool a_k_ok = k0 + t % MMA_K < k_end;
+        for (uint i = 0; i < A_EACH; ++i)
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_count ? a_rows[(MMA_THREADS / MMA_K) * i * p.hw + k0] : 0.0f;
+        for (uint j = 0; j < MMA_K; ++j) b_next[0][j] = b_ok && k0 + j < k_end ? b_row[k0 + j] : 0.0f;
+        if (k0 > k_begin) acc.multiply(a_s, b_s);
+        stage_slice(a_s, b_s, a_next, b_next, t);
     }
-    if (k_end > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+    if (k_end > k_begin) acc.multiply(a_s, b_s);
     acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y}, b_s);
 }
 
@@ -157,38 +155,37 @@ kernel void gram_grad(device const float* dg [[buffer(0)]],
     acc.store(GramGradOut{dx + item * p.c * p.hw, p.alpha, m0, n0, p.c, p.hw});
 }
 
-// gram_grad on simdgroup matrices (tile.h's MMA staging, wide tiling): thread t stages row m0 + t
-// of dG + dGᵀ and feature column n0 + t, MMA_K channels k each slice. Grid as gram_grad's,
-// MMA_THREADS threads.
+// gram_grad on simdgroup matrices (tile.h's MMA staging, wide tiling): A is dG + dGᵀ, formed
+// while staging it. Grid as gram_grad's, MMA_THREADS threads.
 kernel void gram_grad_mma(device const float* dg [[buffer(0)]],
                           device const float* x [[buffer(1)]],
                           device float* dx [[buffer(2)]],
                           constant GramGradParams& p [[buffer(3)]],
                           uint3 tile [[threadgroup_position_in_grid]],
                           uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[2 * WIDE * MMA_K / 4];  // [buffer][channel m][channel k] of dG + dGᵀ
-    threadgroup float4 b_q[2 * WIDE * MMA_K / 4];  // [buffer][feature][channel k]
+    threadgroup float4 a_q[WIDE * MMA_PITCH / 4];  // [channel m][channel k] of dG + dGᵀ
+    threadgroup float4 b_q[WIDE * MMA_PITCH / 4];  // [feature][channel k]
     threadgroup float* a_s = (threadgroup float*)a_q;
     threadgroup float* b_s = (threadgroup float*)b_q;
+    constexpr uint A_EACH = MMA_A_EACH(WIDE);
     const uint item = tile.z, m0 = tile.y * WIDE, n0 = tile.x * WIDE;
-    const bool a_ok = m0 + t < p.c, b_ok = n0 + t < p.hw;
-    const uint m = a_ok ? m0 + t : 0;
+    const uint row = m0 + t / MMA_K, a_count = p.c - min(p.c, row);  // rows row + (MMA_THREADS / MMA_K)·i
+    const bool b_ok = n0 + t < p.hw;
     device const float* g = dg + item * p.c * p.c;
     device const float* f_col = x + item * p.c * p.hw + (b_ok ? n0 + t : 0);
 
     MMA_TILES(WIDE, WIDE) acc(t);
-    float a_next[MMA_K], b_next[1][MMA_K];
-    uint buf = 0;
-    for (uint k0 = 0; k0 < p.c; k0 += MMA_K, buf ^= 1) {
-        for (uint j = 0; j < MMA_K; ++j) {
-            const uint k = k0 + j;
-            a_next[j] = a_ok && k < p.c ? g[m * p.c + k] + g[k * p.c + m] : 0.0f;
-            b_next[0][j] = b_ok && k < p.c ? f_col[k * p.hw] : 0.0f;
+    float a_next[A_EACH], b_next[1][MMA_K];
+    for (uint k0 = 0; k0 < p.c; k0 += MMA_K) {
+        const uint k = k0 + t % MMA_K;
+        for (uint i = 0; i < A_EACH; ++i) {
+            const uint m = row + (MMA_THREADS / MMA_K) * i;
+            a_next[i] = k < p.c && (MMA_THREADS / MMA_K) * i < a_count ? g[m * p.c + k] + g[k * p.c + m] : 0.0f;
         }
-        if (k0 > 0) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
-        stage_slice(a_s + buf * WIDE * MMA_K, b_s + buf * WIDE * MMA_K, a_next, b_next, t, t, 0);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint j = 0; j < MMA_K; ++j) b_next[0][j] = b_ok && k0 + j < p.c ? f_col[(k0 + j) * p.hw] : 0.0f;
+        if (k0 > 0) acc.multiply(a_s, b_s);
+        stage_slice(a_s, b_s, a_next, b_next, t);
     }
-    acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+    acc.multiply(a_s, b_s);
     acc.store(GramGradOut{dx + item * p.c * p.hw, p.alpha, m0, n0, p.c, p.hw}, b_s);
 }

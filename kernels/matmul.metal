@@ -67,8 +67,7 @@ kernel void matmul(device const float* a [[buffer(0)]],
     acc.store(MatmulOut{c + tile.z * p.m * p.n, p.has_bias && tile.z == 0 ? bias : nullptr, m0, n0, p.m, p.n});
 }
 
-// c = A·B (+ bias) on simdgroup matrices (tile.h's MMA staging, wide tiling), split likewise:
-// thread t stages row m0 + t of A and column n0 + t of B, MMA_K steps of k each slice.
+// c = A·B (+ bias) on simdgroup matrices (tile.h's MMA staging, wide tiling), split likewise.
 // Grid: (ceil(n / 128), ceil(m / 128), splits), MMA_THREADS threads.
 kernel void matmul_mma(device const float* a [[buffer(0)]],
                        device const float* b [[buffer(1)]],
@@ -77,30 +76,29 @@ kernel void matmul_mma(device const float* a [[buffer(0)]],
                        constant MatmulParams& p [[buffer(4)]],
                        uint3 tile [[threadgroup_position_in_grid]],
                        uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[2 * WIDE * MMA_K / 4];  // [buffer][row][k]
-    threadgroup float4 b_q[2 * WIDE * MMA_K / 4];  // [buffer][column][k]
+    threadgroup float4 a_q[WIDE * MMA_PITCH / 4];  // [row][k]
+    threadgroup float4 b_q[WIDE * MMA_PITCH / 4];  // [column][k]
     threadgroup float* a_s = (threadgroup float*)a_q;
     threadgroup float* b_s = (threadgroup float*)b_q;
+    constexpr uint A_EACH = MMA_A_EACH(WIDE);
     const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
     const uint k_begin = tile.z * p.chunk, k_end = min(p.k, k_begin + p.chunk);
-    const bool a_ok = m0 + t < p.m, b_ok = n0 + t < p.n;
-    device const float* a_row = a + (a_ok ? m0 + t : 0) * p.a_m;
+    device const float* a_rows = a + (m0 + t / MMA_K) * p.a_m;  // rows m0 + t / MMA_K + (MMA_THREADS / MMA_K)·i
+    const uint a_count = p.m - min(p.m, m0 + t / MMA_K);
+    const bool b_ok = n0 + t < p.n;
     device const float* b_col = b + (b_ok ? n0 + t : 0) * p.b_n;
 
     MMA_TILES(WIDE, WIDE) acc(t);
-    float a_next[MMA_K], b_next[1][MMA_K];
-    uint buf = 0;
-    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K, buf ^= 1) {
-        for (uint j = 0; j < MMA_K; ++j) {
-            const bool k_ok = k0 + j < k_end;
-            a_next[j] = a_ok && k_ok ? a_row[(k0 + j) * p.a_k] : 0.0f;
-            b_next[0][j] = b_ok && k_ok ? b_col[(k0 + j) * p.b_k] : 0.0f;
-        }
-        if (k0 > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
-        stage_slice(a_s + buf * WIDE * MMA_K, b_s + buf * WIDE * MMA_K, a_next, b_next, t, t, 0);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+    float a_next[A_EACH], b_next[1][MMA_K];
+    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K) {
+        const uint ka = k0 + t % MMA_K;
+        for (uint i = 0; i < A_EACH; ++i)
+            a_next[i] = ka < k_end && (MMA_THREADS / MMA_K) * i < a_count ? a_rows[(MMA_THREADS / MMA_K) * i * p.a_m + ka * p.a_k] : 0.0f;
+        for (uint j = 0; j < MMA_K; ++j) b_next[0][j] = b_ok && k0 + j < k_end ? b_col[(k0 + j) * p.b_k] : 0.0f;
+        if (k0 > k_begin) acc.multiply(a_s, b_s);
+        stage_slice(a_s, b_s, a_next, b_next, t);
     }
-    if (k_end > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+    if (k_end > k_begin) acc.multiply(a_s, b_s);
     acc.store(MatmulOut{c + tile.z * p.m * p.n, p.has_bias && tile.z == 0 ? bias : nullptr, m0, n0, p.m, p.n}, b_s);
 }
 

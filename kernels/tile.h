@@ -121,14 +121,20 @@ inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d0, th
 // ---------------------------------------------------------------- products on simdgroup matrices
 //
 // The `_mma` kernels: a threadgroup of MMA_THREADS threads (four simdgroups) owns a tile of the
-// output in one of the three tilings' sizes, and the reduction is staged MMA_K deep, double
-// buffered, with k contiguous — a_s[row][MMA_K], b_s[column][MMA_K] — so that the two elements a
-// lane holds of a matrix are adjacent (one 8-byte load on NVIDIA GPUs) and the 32 bytes between
-// rows put the lanes of a load on distinct banks. Thread t stages row t % rows of A (the
-// A_EACH = rows·MMA_K / MMA_THREADS elements from k = t / rows · A_EACH on) and all MMA_K
-// elements of columns t, t + MMA_THREADS, … of B, so a warp's loads of B run along the columns.
+// output in one of the three tilings' sizes. The reduction is staged MMA_K deep with k contiguous:
+// a_s[row][MMA_PITCH], b_s[column][MMA_PITCH]. A lane's two elements of a matrix are then
+// adjacent (one 8-byte load on NVIDIA GPUs), and rows 24 floats apart put the lanes of a load on
+// distinct banks (16 would put rows 0 and 2 on the same ones). One buffer of each, the next
+// slice's loads in flight in registers while the current one is multiplied: a slice is 32
+// products a simdgroup between barriers, and both buffers fit Apple's 32 KB of threadgroup memory.
+//
+// Thread t stages element t + MMA_THREADS·i of A's slice (row (t + MMA_THREADS·i) / MMA_K,
+// column t % MMA_K: a warp reads two 64-byte runs of k, and every element a thread stages has
+// the same k), and all MMA_K elements of columns t, t + MMA_THREADS, … of B (a warp reads along
+// the columns).
 #define MMA_THREADS 128
-#define MMA_K 8
+#define MMA_K 16
+#define MMA_PITCH 24
 
 // The simdgroup-matrix accumulator: simdgroup s holds TM × TN matrices of 8 × 8, rows
 // TM·8·(s / WARPS_N) …, columns TN·8·(s % WARPS_N) … of the tile. Products run two matrices of
@@ -146,18 +152,21 @@ struct MmaTiles {
             for (uint j = 0; j < TN; ++j) c[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
 
-    // c += one staged slice's product.
+    // c += the staged slice's product.
     void multiply(threadgroup const float* a_s, threadgroup const float* b_s) {
-        simdgroup_float8x8 am[TM], bm[TN];
         #pragma unroll
-        for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], a_s + (row0 + 8 * i) * MMA_K, MMA_K);
-        #pragma unroll
-        for (uint j = 0; j < TN; ++j) simdgroup_load(bm[j], b_s + (col0 + 8 * j) * MMA_K, MMA_K, ulong2(0), true);
-        #pragma unroll
-        for (uint j = 0; j < TN; ++j)
+        for (uint k = 0; k < MMA_K; k += 8) {
+            simdgroup_float8x8 am[TM], bm[TN];
             #pragma unroll
-            for (uint i = 0; i < TM; i += 2)
-                simdgroup_multiply_accumulate_pair(c[i][j], c[i + 1][j], am[i], am[i + 1], bm[j], c[i][j], c[i + 1][j]);
+            for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], a_s + (row0 + 8 * i) * MMA_PITCH + k, MMA_PITCH);
+            #pragma unroll
+            for (uint j = 0; j < TN; ++j) simdgroup_load(bm[j], b_s + (col0 + 8 * j) * MMA_PITCH + k, MMA_PITCH, ulong2(0), true);
+            #pragma unroll
+            for (uint j = 0; j < TN; ++j)
+                #pragma unroll
+                for (uint i = 0; i < TM; i += 2)
+                    simdgroup_multiply_accumulate_pair(c[i][j], c[i + 1][j], am[i], am[i + 1], bm[j], c[i][j], c[i + 1][j]);
+        }
     }
 
     // out.write(row, column, value) for each element of the simdgroup's matrices, tile-relative.
@@ -180,19 +189,27 @@ struct MmaTiles {
     }
 };
 
-// Stores thread t's staged values of a slice: a_next (A_EACH elements of row a_row from k =
-// a_k on) into a_s, b_next (all MMA_K elements of columns t, t + MMA_THREADS, …) into b_s.
+// Stores thread t's staged values of a slice once every simdgroup is done with the last one:
+// a_next[i] at row t / MMA_K + i·MMA_THREADS / MMA_K, column t % MMA_K of a_s; b_next[i] (MMA_K
+// values) as column t + MMA_THREADS·i of b_s.
 template <uint A_EACH, uint B_COLS>
 inline void stage_slice(threadgroup float* a_s, threadgroup float* b_s, thread const float (&a_next)[A_EACH],
-                        thread const float (&b_next)[B_COLS][MMA_K], uint t, uint a_row, uint a_k) {
-    for (uint j = 0; j < A_EACH; ++j) a_s[a_row * MMA_K + a_k + j] = a_next[j];
+                        thread const float (&b_next)[B_COLS][MMA_K], uint t) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint i = 0; i < A_EACH; ++i) a_s[(t / MMA_K + i * (MMA_THREADS / MMA_K)) * MMA_PITCH + t % MMA_K] = a_next[i];
     for (uint i = 0; i < B_COLS; ++i)
-        for (uint j = 0; j < MMA_K; ++j) b_s[(t + MMA_THREADS * i) * MMA_K + j] = b_next[i][j];
+        for (uint j = 0; j < MMA_K; j += 4)
+            *(threadgroup float4*)(b_s + (t + MMA_THREADS * i) * MMA_PITCH + j) =
+                float4(b_next[i][j], b_next[i][j + 1], b_next[i][j + 2], b_next[i][j + 3]);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
 // The accumulator of a BM × BN tile: four simdgroups, two rows of two where the tile is 64 rows
 // or more (64 × 64 or 32 × 64 each), else one row of four (16 × 64 each).
 #define MMA_TILES(BM, BN) MmaTiles<(BM) / ((BM) >= 64 ? 16 : 8), (BN) / ((BM) >= 64 ? 16 : 32), ((BM) >= 64 ? 2 : 4)>
+// The elements of A a thread stages a slice, and the columns of B.
+#define MMA_A_EACH(BM) ((BM) * MMA_K / MMA_THREADS)
+#define MMA_B_COLS(BN) ((BN) / MMA_THREADS)
 
 
 // Moves a reduction index k = (c·KH + ky)·KW + kx (or a pixel index (image·OH + oy)·OW + ox)

@@ -95,20 +95,25 @@ class Residual(mm.nn.Module):
 
 
 class Transformer(mm.nn.Module):
-    """(N, 3, H, W) → conv → stride-2 conv → residual blocks → ×2 upsample + conv → conv + sigmoid → (N, 3, H, W) in [0, 1]."""
+    """(N, 3, H, W) → conv → stride-2 convs → residual blocks → ×2 upsample + conv stages → conv + sigmoid →
+    (N, 3, H, W) in [0, 1].
 
-    def __init__(self, device=None, width: int = 16, blocks: int = 2):
-        def conv_norm_relu(cin, cout, stride=1):
-            return [mm.nn.Conv2d(cin, cout, 3, stride=stride, padding=1, device=device),
+    The defaults are the app's small network; `Transformer(width=32, blocks=5, stages=2, outer_kernel=9)`
+    is Johnson et al.'s (with nearest upsampling and a convolution for each transposed convolution).
+    """
+
+    def __init__(self, device=None, width: int = 16, blocks: int = 2, stages: int = 1, outer_kernel: int = 3):
+        def conv_norm_relu(cin, cout, stride=1, kernel=3):
+            return [mm.nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, device=device),
                     mm.nn.InstanceNorm2d(cout, device=device), mm.nn.ReLU()]
 
+        widths = [width * 2**i for i in range(stages + 1)]
         self.body = mm.nn.Sequential(
-            *conv_norm_relu(3, width),
-            *conv_norm_relu(width, 2 * width, stride=2),
-            *(Residual(2 * width, device) for _ in range(blocks)),
-            mm.nn.Upsample(2),
-            *conv_norm_relu(2 * width, width),
-            mm.nn.Conv2d(width, 3, 3, padding=1, device=device), mm.nn.Sigmoid())
+            *conv_norm_relu(3, width, kernel=outer_kernel),
+            *(m for cin, cout in zip(widths, widths[1:]) for m in conv_norm_relu(cin, cout, stride=2)),
+            *(Residual(widths[-1], device) for _ in range(blocks)),
+            *(m for cin, cout in zip(widths[::-1], widths[-2::-1]) for m in (mm.nn.Upsample(2), *conv_norm_relu(cin, cout))),
+            mm.nn.Conv2d(width, 3, outer_kernel, padding=outer_kernel // 2, device=device), mm.nn.Sigmoid())
 
     def forward(self, x):
         return self.body(x)
@@ -117,9 +122,10 @@ class Transformer(mm.nn.Module):
 class LossNetwork(mm.nn.Module):
     """The frozen VGG-like feature extractor: `features(x)` returns {layer name: ReLU output}."""
 
-    def __init__(self, device=None, weights: dict[str, np.ndarray] | None = None):
+    def __init__(self, device=None, weights: dict[str, np.ndarray] | None = None, layers=LOSS_LAYERS):
+        self.layers = list(layers)  # (name, channels) per convolution, "pool" between stages
         cin = 3
-        for layer in LOSS_LAYERS:
+        for layer in self.layers:
             if layer == "pool":
                 continue
             name, cout = layer
@@ -139,7 +145,7 @@ class LossNetwork(mm.nn.Module):
 
     def features(self, x) -> dict:
         out, h = {}, x
-        for layer in LOSS_LAYERS:
+        for layer in self.layers:
             if layer == "pool":
                 h = mm.ops.avg_pool2d(h, 2)
             else:

@@ -17,8 +17,8 @@ from ..tensor import empty
 from . import groups_for
 
 _C = S.Source.from_file(S.KERNEL_DIR / "tile.h").constants
-TILE_K = _C["TILE_K"]  # the reduction depth of one staged slice
-MMA_THREADS = _C["MMA_THREADS"]  # threads of every `_mma` kernel
+TILE_K = _C["TILE_K"]  # the reduction depth of one staged slice of the float kernels
+MMA_K, MMA_THREADS = _C["MMA_K"], _C["MMA_THREADS"]  # the same of the `_mma` kernels, and their threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +70,11 @@ _LIBRARY = {"conv2d": "conv", "conv2d_input_grad": "conv", "conv2d_weight_grad":
 
 
 def split_reduction(length: int, tiles: int, target: int = 264, min_chunk: int = 256,
-                    multiple: int = TILE_K) -> tuple[int, int]:
+                    multiple: int = MMA_K) -> tuple[int, int]:
     """(splits, chunk): cut a reduction of `length` so ~`target` threadgroups of the wide tiling
     share it (two a multiprocessor on a 132-SM H100), each summing at least `min_chunk` terms (a
-    multiple of `multiple`, the kernel's step) — a long reduction over a small output otherwise
-    leaves most of a GPU idle."""
+    multiple of `multiple`, the kernels' slice: MMA_K, which TILE_K divides) — a long reduction over
+    a small output otherwise leaves most of a GPU idle."""
     splits = max(1, min(target // max(tiles, 1), length // min_chunk))
     chunk = -(-length // splits)
     chunk = -(-chunk // multiple) * multiple
