@@ -237,6 +237,22 @@ kernel void scaled(device const float* x [[buffer(0)]],  // extent: p.n
 """
 
 
+def test_binding_refuses_a_buffer_smaller_than_the_declared_extent(dev):
+    k = dev.library(source=DECLARED).kernel("scaled")
+    x, y = dev.buffer(np.zeros(10, np.float32)), dev.buffer(np.zeros(12, np.float32))
+    cb = dev.command_buffer()
+    cb.dispatch(k, groups=1, threads=32, args=[x, y, {"n": 10}, 0])  # y: 3 float4s of 16 bytes: enough
+    with pytest.raises(mm.DispatchError, match=re.escape(
+            "kernel scaled (<source>:5), parameter `x` (device const float*): the buffer has 40 bytes, the kernel "
+            "reaches 44 (extent p.n = 11 elements)")):
+        cb.dispatch(k, groups=1, threads=32, args=[x, y, {"n": 11}, 0])
+    with pytest.raises(mm.DispatchError, match=r"parameter `y` \(device float4\*\): the buffer has 48 bytes, "
+                                               r"the kernel reaches 64 \(extent \(p.n \+ 3\) / 4 = 4 elements\)"):
+        cb.dispatch(k, groups=1, threads=32, args=[dev.buffer(np.zeros(13, np.float32)), y, {"n": 13}, 0])
+    # a constant bound as a buffer: its values are the device's, so binding cannot check
+    cb.dispatch(k, groups=1, threads=32, args=[x, y, dev.buffer(np.array([10], np.uint32)), 0])
+
+
 def test_checked_build_holds_a_kernel_to_its_declared_extent(checked):
     # x holds 16 floats but the kernel declares it reads p.n = 10: reading x[10] is a bug in the
     # kernel or its declaration, and the checked build says which.
