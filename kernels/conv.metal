@@ -112,10 +112,10 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
     }
 }
 
-kernel void conv2d(device const float* x [[buffer(0)]],
-                   device const float* w [[buffer(1)]],
-                   device const float* bias [[buffer(2)]],
-                   device float* y [[buffer(3)]],
+kernel void conv2d(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
+                   device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                   device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                   device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
                    constant ConvParams& p [[buffer(4)]],
                    uint3 tile [[threadgroup_position_in_grid]],
                    uint t [[thread_index_in_threadgroup]]) {
@@ -124,10 +124,10 @@ kernel void conv2d(device const float* x [[buffer(0)]],
     conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
 }
 
-kernel void conv2d_narrow(device const float* x [[buffer(0)]],
-                          device const float* w [[buffer(1)]],
-                          device const float* bias [[buffer(2)]],
-                          device float* y [[buffer(3)]],
+kernel void conv2d_narrow(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
+                          device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                          device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                          device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
                           constant ConvParams& p [[buffer(4)]],
                           uint3 tile [[threadgroup_position_in_grid]],
                           uint t [[thread_index_in_threadgroup]]) {
@@ -136,10 +136,10 @@ kernel void conv2d_narrow(device const float* x [[buffer(0)]],
     conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
 }
 
-kernel void conv2d_medium(device const float* x [[buffer(0)]],
-                          device const float* w [[buffer(1)]],
-                          device const float* bias [[buffer(2)]],
-                          device float* y [[buffer(3)]],
+kernel void conv2d_medium(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
+                          device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                          device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                          device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
                           constant ConvParams& p [[buffer(4)]],
                           uint3 tile [[threadgroup_position_in_grid]],
                           uint t [[thread_index_in_threadgroup]]) {
@@ -259,8 +259,8 @@ inline void conv2d_3x3_tiled(device const float* x, device const float* w, devic
 
 // Tiles of 8 × 64 pixels.
 kernel void conv2d_3x3(device const float* x [[buffer(0)]],
-                       device const float* w [[buffer(1)]],
-                       device const float* bias [[buffer(2)]],
+                       device const float* w [[buffer(1)]],  // extent: p.cout * p.cin * 9
+                       device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
                        device float* y [[buffer(3)]],
                        constant Conv3x3Params& p [[buffer(4)]],
                        uint3 group [[threadgroup_position_in_grid]],
@@ -272,8 +272,8 @@ kernel void conv2d_3x3(device const float* x [[buffer(0)]],
 
 // Tiles of 16 × 32 pixels, for small images.
 kernel void conv2d_3x3_16x32(device const float* x [[buffer(0)]],
-                             device const float* w [[buffer(1)]],
-                             device const float* bias [[buffer(2)]],
+                             device const float* w [[buffer(1)]],  // extent: p.cout * p.cin * 9
+                             device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
                              device float* y [[buffer(3)]],
                              constant Conv3x3Params& p [[buffer(4)]],
                              uint3 group [[threadgroup_position_in_grid]],
@@ -296,8 +296,8 @@ struct FlipParams {
 // w[g·Cout/g + co][ci][KH − 1 − ky][KW − 1 − kx], laid out (Cin, Cout/groups, KH, KW).
 // ops/conv.py then runs the forward kernel, which stages its operands better than the
 // scatter-shaped conv2d_input_grad does.
-kernel void flip_weights(device const float* w [[buffer(0)]],
-                         device float* out [[buffer(1)]],
+kernel void flip_weights(device const float* w [[buffer(0)]],  // extent: p.count
+                         device float* out [[buffer(1)]],  // extent: p.count
                          constant FlipParams& p [[buffer(2)]],
                          uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -436,9 +436,9 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
     }
 }
 
-kernel void conv2d_input_grad(device const float* dy [[buffer(0)]],
-                              device const float* w [[buffer(1)]],
-                              device float* dx [[buffer(2)]],
+kernel void conv2d_input_grad(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                              device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                              device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
                               constant ConvParams& p [[buffer(3)]],
                               uint3 tile [[threadgroup_position_in_grid]],
                               uint t [[thread_index_in_threadgroup]]) {
@@ -447,9 +447,9 @@ kernel void conv2d_input_grad(device const float* dy [[buffer(0)]],
     conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
 }
 
-kernel void conv2d_input_grad_narrow(device const float* dy [[buffer(0)]],
-                                     device const float* w [[buffer(1)]],
-                                     device float* dx [[buffer(2)]],
+kernel void conv2d_input_grad_narrow(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                     device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                                     device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
                                      constant ConvParams& p [[buffer(3)]],
                                      uint3 tile [[threadgroup_position_in_grid]],
                                      uint t [[thread_index_in_threadgroup]]) {
@@ -458,9 +458,9 @@ kernel void conv2d_input_grad_narrow(device const float* dy [[buffer(0)]],
     conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
 }
 
-kernel void conv2d_input_grad_medium(device const float* dy [[buffer(0)]],
-                                     device const float* w [[buffer(1)]],
-                                     device float* dx [[buffer(2)]],
+kernel void conv2d_input_grad_medium(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                     device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                                     device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
                                      constant ConvParams& p [[buffer(3)]],
                                      uint3 tile [[threadgroup_position_in_grid]],
                                      uint t [[thread_index_in_threadgroup]]) {
@@ -556,9 +556,9 @@ inline void conv2d_weight_grad_tiled(device const float* dy, device const float*
     }
 }
 
-kernel void conv2d_weight_grad(device const float* dy [[buffer(0)]],
-                               device const float* x [[buffer(1)]],
-                               device float* partial [[buffer(2)]],
+kernel void conv2d_weight_grad(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                               device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                               device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
                                constant ConvParams& p [[buffer(3)]],
                                uint3 tile [[threadgroup_position_in_grid]],
                                uint t [[thread_index_in_threadgroup]]) {
@@ -567,9 +567,9 @@ kernel void conv2d_weight_grad(device const float* dy [[buffer(0)]],
     conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
 }
 
-kernel void conv2d_weight_grad_narrow(device const float* dy [[buffer(0)]],
-                                      device const float* x [[buffer(1)]],
-                                      device float* partial [[buffer(2)]],
+kernel void conv2d_weight_grad_narrow(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                      device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                                      device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
                                       constant ConvParams& p [[buffer(3)]],
                                       uint3 tile [[threadgroup_position_in_grid]],
                                       uint t [[thread_index_in_threadgroup]]) {
@@ -578,9 +578,9 @@ kernel void conv2d_weight_grad_narrow(device const float* dy [[buffer(0)]],
     conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
 }
 
-kernel void conv2d_weight_grad_medium(device const float* dy [[buffer(0)]],
-                                      device const float* x [[buffer(1)]],
-                                      device float* partial [[buffer(2)]],
+kernel void conv2d_weight_grad_medium(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                      device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                                      device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
                                       constant ConvParams& p [[buffer(3)]],
                                       uint3 tile [[threadgroup_position_in_grid]],
                                       uint t [[thread_index_in_threadgroup]]) {
@@ -649,9 +649,9 @@ inline void load_tile_3x3(device const float* dy, device const float* x, constan
     }
 }
 
-kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],
-                                   device const float* x [[buffer(1)]],
-                                   device float* partial [[buffer(2)]],
+kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                   device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                                   device float* partial [[buffer(2)]],  // extent: (p.n * p.tiles_x * p.tiles_y + p.chunk - 1) / p.chunk * p.cout * p.cin * 9
                                    constant WeightGrad3x3Params& p [[buffer(3)]],
                                    uint3 group [[threadgroup_position_in_grid]],
                                    uint t [[thread_index_in_threadgroup]]) {
@@ -730,8 +730,8 @@ struct SplitParams {
 };
 
 // out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing).
-kernel void sum_splits(device const float* partial [[buffer(0)]],
-                       device float* out [[buffer(1)]],
+kernel void sum_splits(device const float* partial [[buffer(0)]],  // extent: p.splits * p.count
+                       device float* out [[buffer(1)]],  // extent: p.count
                        constant SplitParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -750,8 +750,8 @@ struct BiasGradParams {
 // partial[x·C + c] (then `sum_splits`), by a strided sum per thread and a tree through
 // threadgroup memory. A channel a threadgroup left most of a GPU idle at few channels.
 // Grid: (splits, C), threads: (BIAS_THREADS).
-kernel void conv2d_bias_grad(device const float* dy [[buffer(0)]],
-                             device float* partial [[buffer(1)]],
+kernel void conv2d_bias_grad(device const float* dy [[buffer(0)]],  // extent: p.n * p.c * p.plane
+                             device float* partial [[buffer(1)]],  // extent: (p.plane + p.chunk - 1) / p.chunk * p.c
                              constant BiasGradParams& p [[buffer(2)]],
                              uint2 tile [[threadgroup_position_in_grid]],
                              uint t [[thread_index_in_threadgroup]]) {

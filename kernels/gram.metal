@@ -19,8 +19,8 @@ struct GramParams {
 // Slice `split` of partial (batch × c × c floats a slice) = α·F[:, range]·F[:, range]ᵀ over
 // the split's feature range. Grid: (tiles, tiles, batch · splits) with tiles = ceil(c / 128);
 // threadgroups below the diagonal return at once.
-kernel void gram(device const float* x [[buffer(0)]],
-                 device float* partial [[buffer(1)]],
+kernel void gram(device const float* x [[buffer(0)]],  // extent: p.batch * p.c * p.hw
+                 device float* partial [[buffer(1)]],  // extent: (p.hw + p.chunk - 1) / p.chunk * p.batch * p.c * p.c
                  constant GramParams& p [[buffer(2)]],
                  uint3 tile [[threadgroup_position_in_grid]],
                  uint t [[thread_index_in_threadgroup]]) {
@@ -76,8 +76,8 @@ struct SplitParams {
 };
 
 // out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing).
-kernel void sum_splits(device const float* partial [[buffer(0)]],
-                       device float* out [[buffer(1)]],
+kernel void sum_splits(device const float* partial [[buffer(0)]],  // extent: p.splits * p.count
+                       device float* out [[buffer(1)]],  // extent: p.count
                        constant SplitParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -93,9 +93,9 @@ struct GramGradParams {
 
 // dx = α·(dG + dGᵀ)·F per batch item; the symmetrised dG is formed while staging it.
 // Grid: (ceil(hw / 128), ceil(c / 128), batch).
-kernel void gram_grad(device const float* dg [[buffer(0)]],
-                      device const float* x [[buffer(1)]],
-                      device float* dx [[buffer(2)]],
+kernel void gram_grad(device const float* dg [[buffer(0)]],  // extent: p.batch * p.c * p.c
+                      device const float* x [[buffer(1)]],  // extent: p.batch * p.c * p.hw
+                      device float* dx [[buffer(2)]],  // extent: p.batch * p.c * p.hw
                       constant GramGradParams& p [[buffer(3)]],
                       uint3 tile [[threadgroup_position_in_grid]],
                       uint t [[thread_index_in_threadgroup]]) {
