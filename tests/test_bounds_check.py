@@ -174,6 +174,50 @@ def test_a_bad_write_is_not_made_and_later_dispatches_run(checked, unchecked):
     np.testing.assert_array_equal(y.numpy(np.float32), np.arange(64) + 1)
 
 
+IDIOMS = HEAD + """
+inline void store(device float* at, float v) { *at = v; }
+inline float first_of(threadgroup const float* row) { return row[0]; }
+struct Pair { float a, b; };
+// Pointer idioms the checked build must keep: arithmetic, comparison loops, ++, `*`, `->`,
+// `&x[i]` passed on, casts to vectors and back, atomics through pointer arithmetic, a
+// threadgroup row passed as a pointer, a pointer chosen by a condition.
+kernel void idioms(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],
+                   device atomic_uint* counts [[buffer(2)]], device const Pair* pairs [[buffer(3)]],
+                   constant P& p [[buffer(4)]],
+                   uint i [[thread_position_in_grid]], uint lid [[thread_index_in_threadgroup]]) {
+    threadgroup float rows[2][32];
+    rows[lid / 32 % 2][lid % 32] = float(lid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (i >= p.n) return;
+    float s = 0.0f;
+    for (device const float* q = x; q < x + p.n; ++q) s += *q;
+    device const float4* v = (device const float4*)x;
+    float4 first = v[0];
+    device const float* back = (device const float*)(v + 1);
+    device float* out = i % 2 == 0 ? y : y + 0;
+    store(&out[i], s + first.w + back[-1] + pairs->b + (pairs + 1)->a + first_of(rows[1]));
+    atomic_fetch_add_explicit(counts + i % 4, 1u, memory_order_relaxed);
+}
+"""
+
+
+def test_pointer_idioms_keep_working(checked, unchecked):
+    outs = []
+    for dev in (checked, unchecked):
+        x = dev.buffer(np.arange(8, dtype=np.float32))
+        y, counts = dev.buffer(np.zeros(64, np.float32)), dev.buffer(np.zeros(4, np.uint32))
+        pairs = dev.buffer(np.array([[1, 2], [3, 4]], np.float32))
+        cb = dev.command_buffer()
+        cb.dispatch(dev.library(source=IDIOMS).kernel("idioms"), groups=1, threads=64, args=[x, y, counts, pairs, {"n": 8}])
+        cb.commit()
+        cb.wait()
+        outs.append((y.numpy(np.float32)[:8].copy(), counts.numpy(np.uint32).copy()))
+    expected = 28 + 3 + 3 + 2 + 3 + 32  # Σx, x[3] twice, pairs[0].b, pairs[1].a, rows[1][0]
+    for y, counts in outs:
+        np.testing.assert_array_equal(y, np.full(8, expected, np.float32))
+        np.testing.assert_array_equal(counts, [2, 2, 2, 2])
+
+
 def test_a_dereference_has_no_line_but_names_kernel_and_buffer(checked):
     src = HEAD + """
 kernel void deref(device float* y [[buffer(0)]], constant P& p [[buffer(1)]]) {

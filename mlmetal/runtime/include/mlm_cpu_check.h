@@ -18,6 +18,7 @@
 #include <metal_stdlib>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <type_traits>
 
 // The first out-of-bounds access of a dispatch; the runtime zeroes `set` before each dispatch.
@@ -43,11 +44,28 @@ struct region {
       : base(uintptr_t(base)), nbytes(nbytes), what(what), kernel(kernel), buffer(buffer), error(error) {}
 };
 
-// Records the first violation of a dispatch (`what` says which access, `where` of what); returns
-// zeroed scratch memory for the access to use instead.
-[[gnu::cold, gnu::noinline]] inline void* fail(const region* r, const char* file, unsigned line, const char* what) {
-  alignas(64) static thread_local unsigned char scratch[1024];  // more than any element a kernel reads
-  __builtin_memset(scratch, 0, sizeof(scratch));
+// Zeroed memory of `size` bytes for an access that must not be made to use instead.
+[[gnu::cold]] inline void* scratch(size_t size) {
+  alignas(64) static thread_local unsigned char fixed[1024];
+  static thread_local unsigned char* grown = nullptr;  // for larger elements and spans; kept for reuse
+  static thread_local size_t grown_size = 0;
+  unsigned char* s = fixed;
+  if (size > sizeof(fixed)) {
+    if (size > grown_size) {
+      std::free(grown);
+      grown_size = (size + 63) / 64 * 64;
+      grown = static_cast<unsigned char*>(std::aligned_alloc(64, grown_size));
+    }
+    s = grown;
+  }
+  __builtin_memset(s, 0, size);
+  return s;
+}
+
+// Records the first violation of a dispatch (`what` says which access, `file`:`line` where);
+// returns scratch memory of `size` bytes for the access to use instead.
+[[gnu::cold, gnu::noinline]] inline void* fail(const region* r, size_t size, const char* file, unsigned line,
+                                               const char* what) {
   mlm_bounds_error* e = r->error;
   int unset = 0;
   if (__atomic_load_n(&e->set, __ATOMIC_RELAXED) == 0 &&
@@ -59,7 +77,7 @@ struct region {
     e->buffer = r->buffer;
     __atomic_store_n(&e->set, 1, __ATOMIC_RELEASE);
   }
-  return scratch;
+  return scratch(size);
 }
 
 // `size` bytes at byte `offset` of a region.
@@ -72,7 +90,7 @@ struct region {
   else
     std::snprintf(what, sizeof(what), "%u bytes at byte offset %lld are out of bounds of %s (%llu bytes)",
                   size, offset, r->what, r->nbytes);
-  return fail(r, file, line, what);
+  return fail(r, size, file, line, what);
 }
 
 // An index with the place of the expression that indexes.
@@ -97,11 +115,13 @@ template <class T, size_t N> struct row {
       char what[512];
       std::snprintf(what, sizeof(what), "index [%lld][%lld] is out of bounds of %s (rows of %zu elements)", outer,
                     s.i, r->what, N);
-      return *static_cast<T*>(fail(r, s.file, s.line, what));
+      return *static_cast<T*>(fail(r, sizeof(T), s.file, s.line, what));
     }
     return p[s.i];
   }
-  operator ptr<T>() const { return ptr<T>(p, r); }
+  // Decays to a pointer into the whole array, as an array row does.
+  template <class U, std::enable_if_t<std::is_convertible<T*, U*>::value, int> = 0>
+  operator ptr<U>() const { return ptr<U>(p, r); }
 };
 
 template <class T> struct access {  // what p[i] gives: an element, or a checked row of an array
@@ -119,10 +139,9 @@ template <class T> struct ptr {
   const region* r;
 
   ptr() = default;
-  ptr(std::nullptr_t) : p(nullptr), r(nullptr) {}
   ptr(void* raw, const region* r) : p(static_cast<T*>(raw)), r(r) {}
   ptr(T* raw, const region* r) : p(raw), r(r) {}
-  // A raw pointer (`&x[i]` passed on) has lost its region: accesses through it go unchecked.
+  // A raw pointer (`&x[i]` passed on, or nullptr) has no region: accesses through it go unchecked.
   ptr(T* raw) : p(raw), r(nullptr) {}
   template <class U, std::enable_if_t<std::is_convertible<U*, T*>::value, int> = 0>
   ptr(const ptr<U>& o) : p(o.p), r(o.r) {}
