@@ -1,16 +1,21 @@
-"""3×3 convolutions (forward; backward = input + weight gradients) and the Gram matrix against a
-reference on the same machine, in the same run.
+"""3×3 convolutions (forward; backward = input + weight gradients), the Gram matrix and a matrix
+product against a reference on the same machine, in the same run, under each matmul precision.
 
     python benchmarks/bench_nn_conv.py            # the convolutions of GPU_CONVS, Gram 4×256×(64·64) on a GPU
     MLMETAL_DEVICE=cpu python benchmarks/bench_nn_conv.py --conv 2 64 32 32 64 --gram 2 64 32 32
 
 The default convolutions span the three tilings: many channels at small images (the style
-network's residual blocks) and few channels at large ones (the U-Net's outer levels).
+network's residual blocks) and few channels at large ones (the U-Net's outer levels), and the
+three shapes the tensor-core work was measured on (64 channels at 256², 128 at 128², 256 at 64²).
 
-The reference is PyTorch (CUDA FP32 with TF32 off, cuDNN, on cuda; its CPU kernels on cpu)
-where installed, else float32 numpy (im2col and BLAS). Each figure is the best of a few rounds
-of `--calls` back-to-back calls encoded into one command buffer and waited for, divided by the
-number of calls; the ratio is the reference's time over mlmetal's (> 1: mlmetal is faster).
+mlmetal runs under each matmul precision policy (`highest`, `high`, `medium`; on cpu `highest`
+only, the others being an exact emulation there). The reference is PyTorch where installed —
+on cuda FP32 with TF32 off, with TF32 on (its default convolution math) and under bf16 autocast,
+cuDNN with benchmark mode on; its CPU kernels on cpu — else float32 numpy (im2col and BLAS).
+Each figure is the best of a few rounds of `--calls` back-to-back calls encoded into one command
+buffer and waited for, divided by the number of calls. Ratios are the reference's time over
+mlmetal's (> 1: mlmetal is faster): each policy against its peer (highest/FP32, high/TF32,
+medium/bf16), and the best mlmetal against PyTorch's fastest setting.
 """
 
 import argparse
@@ -22,7 +27,8 @@ from timing import best_seconds
 from mlmetal import ops
 from mlmetal.tensor import empty
 
-GPU_CONVS = [(4, 128, 64, 64, 128), (4, 64, 128, 128, 64), (4, 16, 256, 256, 16), (4, 9, 256, 256, 16)]
+GPU_CONVS = [(4, 64, 256, 256, 64), (4, 128, 128, 128, 128), (4, 256, 64, 64, 256), (4, 128, 64, 64, 128),
+             (4, 64, 128, 128, 64), (4, 16, 256, 256, 16), (4, 9, 256, 256, 16)]
 CPU_CONVS = [(2, 64, 32, 32, 64), (2, 16, 64, 64, 16)]
 
 
@@ -31,9 +37,9 @@ def label(x, w):
     return f"{'×'.join(map(str, x.shape[:2]))}×{x.shape[2]}²→{w.shape[0]}"
 
 
-def mlmetal_runs(dev, convs, f, alpha):
-    """Encoders for the workloads — each convolution (x, w, g) forward and backward, and the
-    Gram matrix of f — with outputs allocated once."""
+def mlmetal_runs(dev, convs, f, alpha, a, b, policy):
+    """Encoders for the workloads under matmul precision `policy` — each convolution (x, w, g)
+    forward and backward, the Gram matrix of f and the product a·b — with outputs allocated once."""
     conv = dict(stride=1, padding=1, dilation=1, groups=1)
 
     def encoder(*steps):
@@ -43,9 +49,10 @@ def mlmetal_runs(dev, convs, f, alpha):
 
         def run(calls):
             cb = dev.command_buffer()
-            for _ in range(calls):
-                for op, out, inputs, attrs in bound:
-                    op.encode(cb, out, *inputs, **attrs)
+            with mm.matmul_precision(policy):
+                for _ in range(calls):
+                    for op, out, inputs, attrs in bound:
+                        op.encode(cb, out, *inputs, **attrs)
             cb.commit()
             dev.synchronize()
         return run
@@ -59,12 +66,19 @@ def mlmetal_runs(dev, convs, f, alpha):
             ("conv2d_weight_grad", empty(w.shape, dev), (tg, tx), dict(conv, kernel_size=w.shape[2:])))
     tf = mm.tensor(f, dev)
     runs["gram"] = encoder(("gram", empty((f.shape[0], f.shape[1], f.shape[1]), dev), (tf,), dict(alpha=alpha)))
+    ta, tb = mm.tensor(a, dev), mm.tensor(b, dev)
+    runs["matmul"] = encoder(("matmul", empty((a.shape[0], b.shape[1]), dev), (ta, tb), {}))
     return runs
 
 
-def torch_runs(convs, f, alpha, device, tf32=False):
+def torch_runs(convs, f, alpha, a, b, device, mode="fp32"):
+    """PyTorch's runs in `mode`: "fp32" (TF32 off), "tf32" (TF32 on) or "bf16" (autocast)."""
     import torch
     import torch.nn.functional as F
+
+    tf32 = mode == "tf32"
+    torch.backends.cudnn.benchmark = device == "cuda"
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16")
 
     def precision():
         """The TF32 switches are global and read when a call runs, so each run sets them."""
@@ -79,11 +93,13 @@ def torch_runs(convs, f, alpha, device, tf32=False):
         tx = torch.tensor(x, device=device, requires_grad=True)
         tw = torch.tensor(w, device=device, requires_grad=True)
         tg = torch.tensor(g, device=device)
-        y = F.conv2d(tx, tw, padding=1)
+        precision()
+        with autocast:
+            y = F.conv2d(tx, tw, padding=1)
 
         def forward(calls):
             precision()
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 for _ in range(calls):
                     F.conv2d(tx, tw, padding=1)
             sync()
@@ -91,7 +107,7 @@ def torch_runs(convs, f, alpha, device, tf32=False):
         def backward(calls):
             precision()
             for _ in range(calls):
-                torch.autograd.grad(y, (tx, tw), tg, retain_graph=True)
+                torch.autograd.grad(y, (tx, tw), tg.to(y.dtype), retain_graph=True)
             sync()
         return forward, backward
 
@@ -101,18 +117,29 @@ def torch_runs(convs, f, alpha, device, tf32=False):
         runs[f"{label(x, w)} fwd"], runs[f"{label(x, w)} bwd"] = conv_runs(x, w, g)
     feats = torch.tensor(f, device=device).flatten(2)
 
+    ta, tb = torch.tensor(a, device=device), torch.tensor(b, device=device)
+
     def gram(calls):
         precision()
-        for _ in range(calls):
-            torch.baddbmm(feats.new_empty(()), feats, feats.transpose(1, 2), beta=0, alpha=alpha)
+        with autocast:
+            for _ in range(calls):
+                torch.baddbmm(feats.new_empty(()), feats, feats.transpose(1, 2), beta=0, alpha=alpha)
         sync()
 
-    name = f"PyTorch {torch.__version__} ({'CUDA' if device == 'cuda' else 'CPU'} FP32{', TF32 on' if tf32 else ''})"
+    def matmul(calls):
+        precision()
+        with autocast:
+            for _ in range(calls):
+                ta @ tb
+        sync()
+
+    name = f"PyTorch {torch.__version__} ({'CUDA' if device == 'cuda' else 'CPU'} {mode.upper()})"
     runs["gram"] = gram
+    runs["matmul"] = matmul
     return runs, name
 
 
-def numpy_runs(convs, f, alpha):
+def numpy_runs(convs, f, alpha, a, b):
     """float32 numpy: im2col views multiplied through BLAS."""
     from numpy.lib.stride_tricks import sliding_window_view
 
@@ -145,6 +172,12 @@ def numpy_runs(convs, f, alpha):
             alpha * feats @ feats.transpose(0, 2, 1)
 
     runs["gram"] = gram
+
+    def matmul(calls):
+        for _ in range(calls):
+            a @ b
+
+    runs["matmul"] = matmul
     return runs, f"numpy {np.__version__} (float32, BLAS)"
 
 
@@ -152,7 +185,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conv", type=int, nargs=5, metavar=("N", "CIN", "H", "W", "COUT"))
     ap.add_argument("--gram", type=int, nargs=4, metavar=("N", "C", "H", "W"))
-    ap.add_argument("--calls", type=int, default=None, help="calls per timed round (default: 50 on a GPU, 3 on cpu)")
+    ap.add_argument("--matmul", type=int, nargs=3, metavar=("M", "K", "N"))
+    ap.add_argument("--calls", type=int, default=None, help="calls per timed round (default: 20 on a GPU, 3 on cpu)")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
 
@@ -160,7 +194,8 @@ def main():
     gpu = dev.name != "cpu"
     shapes = [args.conv] if args.conv else GPU_CONVS if gpu else CPU_CONVS
     gram_shape = tuple(args.gram or ((4, 256, 64, 64) if gpu else (2, 128, 32, 32)))
-    calls = args.calls or (50 if gpu else 3)
+    mm_shape = tuple(args.matmul or ((4096, 4096, 4096) if gpu else (256, 256, 256)))
+    calls = args.calls or (20 if gpu else 3)
     rng = np.random.default_rng(0)
     convs, flops = [], {}
     for n, cin, h, wd, cout in shapes:
@@ -173,26 +208,32 @@ def main():
     f = rng.standard_normal(gram_shape, dtype=np.float32)
     alpha = 1.0 / (gram_shape[2] * gram_shape[3])
     flops["gram"] = 2 * gram_shape[0] * gram_shape[1] ** 2 * gram_shape[2] * gram_shape[3]
+    a = rng.standard_normal(mm_shape[:2], dtype=np.float32)
+    b = rng.standard_normal(mm_shape[1:], dtype=np.float32)
+    flops["matmul"] = 2 * mm_shape[0] * mm_shape[1] * mm_shape[2]
 
-    ours = mlmetal_runs(dev, convs, f, alpha)
-    references = []
+    policies = ["highest", "high", "medium"] if gpu else ["highest"]
+    ours = {p: mlmetal_runs(dev, convs, f, alpha, a, b, p) for p in policies}
+    peers = {"highest": "fp32", "high": "tf32", "medium": "bf16"}
     try:
-        references.append(torch_runs(convs, f, alpha, "cuda" if dev.name == "cuda" else "cpu"))
-        if dev.name == "cuda":  # DESIGN §8's Gram figure is PyTorch's with TF32 on
-            references.append(torch_runs(convs, f, alpha, "cuda", tf32=True))
+        modes = ["fp32", "tf32", "bf16"] if dev.name == "cuda" else ["fp32"]
+        references = {m: torch_runs(convs, f, alpha, a, b, "cuda" if dev.name == "cuda" else "cpu", m) for m in modes}
     except ImportError:
-        references.append(numpy_runs(convs, f, alpha))
+        references = {"fp32": numpy_runs(convs, f, alpha, a, b)}
 
     print(f"mlmetal on {dev.name}; conv 3×3 (padding 1) N×Cin×H²→Cout, Gram {'×'.join(map(str, gram_shape[:2]))}"
-          f"×({gram_shape[2]}·{gram_shape[3]}); float32; best of {args.rounds} rounds of {calls} calls")
-    times = {name: best_seconds(run, calls, args.rounds) for name, run in ours.items()}
-    for theirs, ref_name in references:
-        print(f"\nreference: {ref_name}")
-        print(f"{'workload':<24}{'mlmetal':>12}{'TFLOP/s':>9}{'reference':>12}{'TFLOP/s':>9}{'ratio':>8}")
-        for name, t_ours in times.items():
-            t_ref = best_seconds(theirs[name], calls, args.rounds)
-            print(f"{name:<24}{t_ours * 1e3:>10.3f}ms{flops[name] / t_ours / 1e12:>9.2f}"
-                  f"{t_ref * 1e3:>10.3f}ms{flops[name] / t_ref / 1e12:>9.2f}{t_ref / t_ours:>7.2f}×")
+          f"×({gram_shape[2]}·{gram_shape[3]}), matmul {'×'.join(map(str, mm_shape))}; float32 data; "
+          f"best of {args.rounds} rounds of {calls} calls; times in ms (TFLOP/s)")
+    print("references: " + "; ".join(f"{m}: {name}" for m, (_, name) in references.items()))
+    head = "".join(f"{'mlm ' + p:>17}" for p in policies) + "".join(f"{'torch ' + m:>17}" for m in references)
+    ratios = "".join(f"{p + '/' + peers[p]:>14}" for p in policies if peers[p] in references) + f"{'best/best':>11}"
+    print(f"{'workload':<22}{head}{ratios}")
+    for name in flops:
+        t = {p: best_seconds(ours[p][name], calls, args.rounds) for p in policies}
+        r = {m: best_seconds(references[m][0][name], calls, args.rounds) for m in references}
+        cells = "".join(f"{v * 1e3:>9.3f} ({flops[name] / v / 1e12:>5.1f})" for v in [*t.values(), *r.values()])
+        peer = "".join(f"{r[peers[p]] / t[p]:>13.2f}×" for p in policies if peers[p] in r)
+        print(f"{name:<22}{cells}{peer}{min(r.values()) / min(t.values()):>10.2f}×", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,22 @@ struct ConvParams {
 // gradient: threadgroup z sums k in [split·chunk, (split+1)·chunk) into slice `split` of y
 // (N·Cout·OH·OW floats a slice; the bias goes into slice 0), and `sum_splits` adds the slices.
 // Grid: (ceil(N·OH·OW / width_n), ceil(Cout/groups / width_m), groups · splits).
+struct ConvOut {
+    device float* y;
+    device const float* bias;  // or null
+    uint m0, n0, rows, pixels, plane, cout, channel0;
+
+    void write(uint m, uint n, float v) const {
+        const uint c = m0 + m, q = n0 + n;
+        if (c < rows && q < pixels)
+            y[((q / plane) * cout + channel0 + c) * plane + q % plane] = v + (bias ? bias[channel0 + c] : 0.0f);
+    }
+};
+
 inline void conv2d_tiled(device const float* x, device const float* w, device const float* bias,
                          device float* y, constant ConvParams& p, uint3 tile, uint t,
                          threadgroup float4* a_tile, threadgroup float4* b_tile,
-                         uint width_m, uint width_n, uint threads) {
+                         uint width_m, uint width_n, uint threads, thread FmaTile& acc) {
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
     const uint plane = p.oh * p.ow, pixels = p.n * plane;
     const uint g = tile.z % p.groups, split = tile.z / p.groups, m0 = tile.y * width_m, n0 = tile.x * width_n;
@@ -67,9 +79,6 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
     // the next step's k = (ci·KH + ky)·KW + kx
     uint ci = (k_begin + sb.k) / khw, ky = (k_begin + sb.k) % khw / p.kw, kx = (k_begin + sb.k) % p.kw;
 
-    const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
-    Block acc;
-    clear(acc);
     float4 a_next = 0.0f, b_next[MAX_STAGED];
     uint buf = 0;
     for (uint k0 = k_begin; k0 < K; k0 += TILE_K, buf ^= 1) {
@@ -91,62 +100,101 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
             advance(ci, ky, kx, step, p.kh, p.kw);
         }
         // The previous slice is multiplied while this one's loads are in flight.
-        if (k0 > k_begin) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                                   width_m, width_n, tm, tn, acc);
+        if (k0 > k_begin) acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
         if (a_stager) a_tile[buf * STAGED(width_m) + sa.k * a_pitch + sa.quad] = a_next;
         #pragma unroll
         for (uint i = 0; i < units; ++i) b_tile[buf * STAGED(width_n) + (sb.k + i * step) * b_pitch + sb.quad] = b_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                   width_m, width_n, tm, tn, acc);
+    acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
+    acc.store(ConvOut{y, p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g});
+}
 
-    for (uint j = 0; j < 8; ++j) {
-        const uint q = n0 + block_row(j, tn, width_n);
-        if (q >= pixels) continue;
-        device float* y_pix = y + ((q / plane) * p.cout + g * cout_g) * plane + q % plane;
-        for (uint i = 0; i < 8; ++i) {
-            const uint m = m0 + block_row(i, tm, width_m);
-            if (m < cout_g) y_pix[m * plane] = acc.v[i][j] + (p.has_bias && split == 0 ? bias[g * cout_g + m] : 0.0f);
-        }
+// The kernels: one template over the tiling (rows × columns a threadgroup, threads), instantiated
+// for each of tile.h's tilings.
+template <uint WM, uint WN, uint THREADS>
+kernel void conv2d_tiles(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
+                         device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                         device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                         device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
+                         constant ConvParams& p [[buffer(4)]],
+                         uint3 tile [[threadgroup_position_in_grid]],
+                         uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(WM)];
+    threadgroup float4 b_tile[2 * STAGED(WN)];
+    FmaTile acc(t, WM, WN);
+    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
+}
+template [[host_name("conv2d")]] [[kernel]] decltype(conv2d_tiles<WIDE, WIDE, WIDE_THREADS>) conv2d_tiles<WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_medium")]] [[kernel]] decltype(conv2d_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_narrow")]] [[kernel]] decltype(conv2d_tiles<NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_tiles<NARROW_M, NARROW_N, NARROW_THREADS>;
+
+// y = conv(x, w) + bias on simdgroup matrices (tile.h's MMA staging: k contiguous, MMA_K deep):
+// the GEMM of conv2d_tiled, split likewise. Thread t stages weights of output channel m0 + t % BM
+// and the patches of pixels n0 + t + MMA_THREADS·i, walking the slice's k = (ci, ky, kx), which
+// is the same for every thread. Grid: (ceil(N·OH·OW / BN), ceil(Cout/groups / BM), groups · splits).
+template <uint BM, uint BN>
+kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
+                             device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                             device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                             device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
+                             constant ConvParams& p [[buffer(4)]],
+                             uint3 tile [[threadgroup_position_in_grid]],
+                             uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_q[2 * BM * MMA_K / 4];  // [buffer][output channel][k]
+    threadgroup float4 b_q[2 * BN * MMA_K / 4];  // [buffer][pixel][k]
+    threadgroup float* a_s = (threadgroup float*)a_q;
+    threadgroup float* b_s = (threadgroup float*)b_q;
+    const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw, cols = cin_g * khw;
+    const uint plane = p.oh * p.ow, pixels = p.n * plane;
+    const uint g = tile.z % p.groups, split = tile.z / p.groups, m0 = tile.y * BM, n0 = tile.x * BN;
+    const uint k_begin = split * p.chunk, K = min(cols, k_begin + p.chunk);
+    y += split * p.n * p.cout * plane;
+
+    constexpr uint A_EACH = BM * MMA_K / MMA_THREADS, B_COLS = BN / MMA_THREADS;
+    const uint a_row = t % BM, a_k = t / BM * A_EACH;
+    const bool a_ok = m0 + a_row < cout_g;
+    device const float* w_row = w + (g * cout_g + (a_ok ? m0 + a_row : 0)) * cols;
+    uint x_img[B_COLS];
+    int iy0[B_COLS], ix0[B_COLS];  // a pixel past the end gets a window origin whose every tap is padding
+    for (uint i = 0; i < B_COLS; ++i) {
+        const uint q = n0 + t + MMA_THREADS * i;
+        const uint img = q < pixels ? q / plane : 0, r = q < pixels ? q % plane : 0;
+        x_img[i] = (img * p.cin + g * cin_g) * p.h * p.w;
+        iy0[i] = q < pixels ? int(r / p.ow) * p.stride_h - p.pad_h : OUTSIDE;
+        ix0[i] = int(r % p.ow) * p.stride_w - p.pad_w;
     }
-}
+    uint ci = k_begin / khw, ky = k_begin % khw / p.kw, kx = k_begin % p.kw;
 
-kernel void conv2d(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
-                   device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                   device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
-                   device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
-                   constant ConvParams& p [[buffer(4)]],
-                   uint3 tile [[threadgroup_position_in_grid]],
-                   uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(WIDE)];
-    threadgroup float4 b_tile[2 * STAGED(WIDE)];
-    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
+    MMA_TILES(BM, BN) acc(t);
+    float a_next[A_EACH], b_next[B_COLS][MMA_K];
+    uint buf = 0;
+    for (uint k0 = k_begin; k0 < K; k0 += MMA_K, buf ^= 1) {
+        for (uint j = 0; j < A_EACH; ++j) {
+            const uint k = k0 + a_k + j;
+            a_next[j] = a_ok && k < K ? w_row[k] : 0.0f;
+        }
+        #pragma unroll
+        for (uint j = 0; j < MMA_K; ++j) {
+            const bool k_ok = k0 + j < K;
+            for (uint i = 0; i < B_COLS; ++i) {
+                const int iy = iy0[i] + int(ky) * p.dil_h, ix = ix0[i] + int(kx) * p.dil_w;
+                const bool inside = iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);  // else zero padding
+                b_next[i][j] = k_ok && inside ? x[x_img[i] + (ci * p.h + uint(iy)) * p.w + uint(ix)] : 0.0f;
+            }
+            advance(ci, ky, kx, 1, p.kh, p.kw);
+        }
+        // The previous slice is multiplied while this one's loads are in flight.
+        if (k0 > k_begin) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
+        stage_slice(a_s + buf * BM * MMA_K, b_s + buf * BN * MMA_K, a_next, b_next, t, a_row, a_k);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (K > k_begin) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
+    acc.store(ConvOut{y, p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g}, b_s);
 }
-
-kernel void conv2d_narrow(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
-                          device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                          device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
-                          device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
-                          constant ConvParams& p [[buffer(4)]],
-                          uint3 tile [[threadgroup_position_in_grid]],
-                          uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(NARROW_M)];
-    threadgroup float4 b_tile[2 * STAGED(NARROW_N)];
-    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
-}
-
-kernel void conv2d_medium(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
-                          device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                          device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
-                          device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
-                          constant ConvParams& p [[buffer(4)]],
-                          uint3 tile [[threadgroup_position_in_grid]],
-                          uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(MEDIUM_M)];
-    threadgroup float4 b_tile[2 * STAGED(MEDIUM_N)];
-    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
-}
+template [[host_name("conv2d_mma")]] [[kernel]] decltype(conv2d_mma_tiles<WIDE, WIDE>) conv2d_mma_tiles<WIDE, WIDE>;
+template [[host_name("conv2d_medium_mma")]] [[kernel]] decltype(conv2d_mma_tiles<MEDIUM_M, MEDIUM_N>) conv2d_mma_tiles<MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_narrow_mma")]] [[kernel]] decltype(conv2d_mma_tiles<NARROW_M, NARROW_N>) conv2d_mma_tiles<NARROW_M, NARROW_N>;
 
 // y = conv(x, w) + bias for a 3×3, stride-1, undilated, ungrouped convolution, directly
 // rather than as a GEMM: the GEMM stages each input value once for each of the nine taps.
@@ -348,10 +396,22 @@ inline ClassTaps class_taps(uint residue, int stride, int dil, int pad, uint k, 
 // images, reduction = (output channel, ky index a, kx index b).
 // Grid: (ceil(N·ceil(H/stride_h)·ceil(W/stride_w) / width_n), ceil(Cin/groups / width_m),
 //        groups·stride_h·stride_w).
+struct InputGradOut {
+    device float* dx;  // at the class's first pixel of group g's first channel in image 0
+    uint m0, n0, rows, pixels, cplane, class_w, stride_h, stride_w, w, plane, image;
+
+    void write(uint m, uint n, float v) const {
+        const uint c = m0 + m, q = n0 + n;
+        if (c >= rows || q >= pixels) return;
+        const uint r = q % cplane;
+        dx[q / cplane * image + c * plane + r / class_w * stride_h * w + r % class_w * stride_w] = v;
+    }
+};
+
 inline void conv2d_input_grad_tiled(device const float* dy, device const float* w, device float* dx,
                                     constant ConvParams& p, uint3 tile, uint t,
                                     threadgroup float4* a_tile, threadgroup float4* b_tile,
-                                    uint width_m, uint width_n, uint threads) {
+                                    uint width_m, uint width_n, uint threads, thread FmaTile& acc) {
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
     const uint g = tile.z % p.groups, cls = tile.z / p.groups, m0 = tile.y * width_m, n0 = tile.x * width_n;
     const ClassTaps ty = class_taps(cls / uint(p.stride_w), p.stride_h, p.dil_h, p.pad_h, p.kh, p.h);
@@ -386,9 +446,6 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
     uint co = 0, ka = 0, kb = 0;  // k = (co·ty.count + ka)·tx.count + kb
     if (K > 0) advance(co, ka, kb, sb.k, ty.count, tx.count);
 
-    const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
-    Block acc;
-    clear(acc);
     float4 a_next = 0.0f, b_next[MAX_STAGED];
     uint buf = 0;
     for (uint k0 = 0; k0 < K; k0 += TILE_K, buf ^= 1) {
@@ -411,63 +468,107 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
             }
             advance(co, ka, kb, step, ty.count, tx.count);
         }
-        if (k0 > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                                   width_m, width_n, tm, tn, acc);
+        if (k0 > 0) acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
         if (a_stager) a_tile[buf * STAGED(width_m) + sa.k * a_pitch + sa.quad] = a_next;
         #pragma unroll
         for (uint i = 0; i < units; ++i) b_tile[buf * STAGED(width_n) + (sb.k + i * step) * b_pitch + sb.quad] = b_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    if (K > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                              width_m, width_n, tm, tn, acc);
+    if (K > 0) acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
+    const uint res_y = cls / uint(p.stride_w), res_x = cls % uint(p.stride_w);
+    acc.store(InputGradOut{dx + g * cin_g * plane + res_y * p.w + res_x, m0, n0, cin_g, pixels, cplane, tx.size,
+                           uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane});
+}
 
-    // Each thread's columns are pixels 4·tn … and width_n/2 + 4·tn … of the tile: their dx
-    // offsets are recomputed here (the staging quads belong to other threads).
-    for (uint j = 0; j < 8; ++j) {
-        const uint q = n0 + block_row(j, tn, width_n);
-        if (q >= pixels) continue;
-        const uint img = q / cplane, r = q % cplane, ry = r / tx.size, rx = r % tx.size;
-        device float* dx_at = dx + (img * p.cin + g * cin_g) * plane
-                              + (cls / uint(p.stride_w) + ry * uint(p.stride_h)) * p.w + cls % uint(p.stride_w) + rx * uint(p.stride_w);
-        for (uint i = 0; i < 8; ++i) {
-            const uint m = m0 + block_row(i, tm, width_m);
-            if (m < cin_g) dx_at[m * plane] = acc.v[i][j];
-        }
+template <uint WM, uint WN, uint THREADS>
+kernel void conv2d_input_grad_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                    device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                                    device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
+                                    constant ConvParams& p [[buffer(3)]],
+                                    uint3 tile [[threadgroup_position_in_grid]],
+                                    uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(WM)];
+    threadgroup float4 b_tile[2 * STAGED(WN)];
+    FmaTile acc(t, WM, WN);
+    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
+}
+template [[host_name("conv2d_input_grad")]] [[kernel]] decltype(conv2d_input_grad_tiles<WIDE, WIDE, WIDE_THREADS>) conv2d_input_grad_tiles<WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_input_grad_medium")]] [[kernel]] decltype(conv2d_input_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_input_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_input_grad_narrow")]] [[kernel]] decltype(conv2d_input_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_input_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>;
+
+// dx on simdgroup matrices (tile.h's MMA staging): the class GEMMs of conv2d_input_grad_tiled.
+// Thread t stages the weights of input channel m0 + t % BM at its A_EACH reduction steps
+// (co, a, b) of each slice, and the output gradients of class pixels n0 + t + MMA_THREADS·i at
+// all the slice's steps, which are the same for every thread.
+// Grid: (ceil(N·ceil(H/stride_h)·ceil(W/stride_w) / BN), ceil(Cin/groups / BM), groups·stride_h·stride_w).
+template <uint BM, uint BN>
+kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                        device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                                        device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
+                                        constant ConvParams& p [[buffer(3)]],
+                                        uint3 tile [[threadgroup_position_in_grid]],
+                                        uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_q[2 * BM * MMA_K / 4];  // [buffer][input channel][k]
+    threadgroup float4 b_q[2 * BN * MMA_K / 4];  // [buffer][class pixel][k]
+    threadgroup float* a_s = (threadgroup float*)a_q;
+    threadgroup float* b_s = (threadgroup float*)b_q;
+    const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
+    const uint g = tile.z % p.groups, cls = tile.z / p.groups, m0 = tile.y * BM, n0 = tile.x * BN;
+    const ClassTaps ty = class_taps(cls / uint(p.stride_w), p.stride_h, p.dil_h, p.pad_h, p.kh, p.h);
+    const ClassTaps tx = class_taps(cls % uint(p.stride_w), p.stride_w, p.dil_w, p.pad_w, p.kw, p.w);
+    const uint K = cout_g * ty.count * tx.count;
+    const uint plane = p.h * p.w, cplane = ty.size * tx.size, pixels = p.n * cplane, oplane = p.oh * p.ow;
+    if (n0 >= pixels) return;  // a class smaller than the largest (the whole threadgroup leaves)
+
+    constexpr uint A_EACH = BM * MMA_K / MMA_THREADS, B_COLS = BN / MMA_THREADS;
+    const uint a_row = t % BM, a_k = t / BM * A_EACH;
+    const bool a_ok = m0 + a_row < cin_g;
+    device const float* w_col = w + g * cout_g * cin_g * khw + (a_ok ? m0 + a_row : 0) * khw;
+    uint a_co = 0, a_a = 0, a_b = 0;  // this thread's k = (co·ty.count + a)·tx.count + b
+    if (K > 0) advance(a_co, a_a, a_b, a_k, ty.count, tx.count);
+    uint dy_img[B_COLS];
+    int oy0[B_COLS], ox0[B_COLS];  // the output each pixel reaches through the class's first taps; OUTSIDE past the end
+    for (uint i = 0; i < B_COLS; ++i) {
+        const uint q = n0 + t + MMA_THREADS * i;
+        const uint img = q < pixels ? q / cplane : 0, r = q < pixels ? q % cplane : 0;
+        dy_img[i] = (img * p.cout + g * cout_g) * oplane;
+        oy0[i] = q < pixels ? ty.base + int(r / tx.size) : OUTSIDE;
+        ox0[i] = tx.base + int(r % tx.size);
     }
-}
+    uint co = 0, ka = 0, kb = 0;  // the slice's first k, the same for every thread
 
-kernel void conv2d_input_grad(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                              device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                              device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
-                              constant ConvParams& p [[buffer(3)]],
-                              uint3 tile [[threadgroup_position_in_grid]],
-                              uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(WIDE)];
-    threadgroup float4 b_tile[2 * STAGED(WIDE)];
-    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
+    MMA_TILES(BM, BN) acc(t);
+    float a_next[A_EACH], b_next[B_COLS][MMA_K];
+    uint buf = 0;
+    for (uint k0 = 0; k0 < K; k0 += MMA_K, buf ^= 1) {
+        for (uint j = 0; j < A_EACH; ++j) {
+            const uint tap = (ty.first + a_a * ty.step) * p.kw + tx.first + a_b * tx.step;
+            a_next[j] = a_ok && k0 + a_k + j < K ? w_col[a_co * cin_g * khw + tap] : 0.0f;
+            advance(a_co, a_a, a_b, 1, ty.count, tx.count);
+        }
+        advance(a_co, a_a, a_b, MMA_K - A_EACH, ty.count, tx.count);
+        #pragma unroll
+        for (uint j = 0; j < MMA_K; ++j) {
+            const bool k_ok = k0 + j < K;
+            for (uint i = 0; i < B_COLS; ++i) {
+                const int oy = oy0[i] - int(ka) * ty.o_step, ox = ox0[i] - int(kb) * tx.o_step;
+                const bool hit = k_ok && oy >= 0 && oy < int(p.oh) && ox >= 0 && ox < int(p.ow);
+                b_next[i][j] = hit ? dy[dy_img[i] + co * oplane + uint(oy) * p.ow + uint(ox)] : 0.0f;
+            }
+            advance(co, ka, kb, 1, ty.count, tx.count);
+        }
+        if (k0 > 0) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
+        stage_slice(a_s + buf * BM * MMA_K, b_s + buf * BN * MMA_K, a_next, b_next, t, a_row, a_k);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (K > 0) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
+    const uint res_y = cls / uint(p.stride_w), res_x = cls % uint(p.stride_w);
+    acc.store(InputGradOut{dx + g * cin_g * plane + res_y * p.w + res_x, m0, n0, cin_g, pixels, cplane, tx.size,
+                           uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane}, b_s);
 }
-
-kernel void conv2d_input_grad_narrow(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                                     device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                                     device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
-                                     constant ConvParams& p [[buffer(3)]],
-                                     uint3 tile [[threadgroup_position_in_grid]],
-                                     uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(NARROW_M)];
-    threadgroup float4 b_tile[2 * STAGED(NARROW_N)];
-    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
-}
-
-kernel void conv2d_input_grad_medium(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                                     device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                                     device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
-                                     constant ConvParams& p [[buffer(3)]],
-                                     uint3 tile [[threadgroup_position_in_grid]],
-                                     uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(MEDIUM_M)];
-    threadgroup float4 b_tile[2 * STAGED(MEDIUM_N)];
-    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
-}
+template [[host_name("conv2d_input_grad_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<WIDE, WIDE>) conv2d_input_grad_mma_tiles<WIDE, WIDE>;
+template [[host_name("conv2d_input_grad_medium_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<MEDIUM_M, MEDIUM_N>) conv2d_input_grad_mma_tiles<MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_input_grad_narrow_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<NARROW_M, NARROW_N>) conv2d_input_grad_mma_tiles<NARROW_M, NARROW_N>;
 
 // dw = dy · patchesᵀ. GEMM per group g: rows = its Cout/groups output channels, columns =
 // (input channel, ky, kx), reduction = output pixels. The reduction is long (N·OH·OW) and the
@@ -475,10 +576,20 @@ kernel void conv2d_input_grad_medium(device const float* dy [[buffer(0)]],  // e
 // slice `split` of `partial` (Cout × Cin/groups·KH·KW floats per slice), and `sum_splits`
 // adds the slices. With one split, `partial` is dw itself.
 // Grid: (ceil(Cin/groups·KH·KW / width_n), ceil(Cout/groups / width_m), groups · splits).
+struct WeightGradOut {
+    device float* out;  // at group g's first row
+    uint m0, n0, rows, cols;
+
+    void write(uint m, uint n, float v) const {
+        const uint r = m0 + m, c = n0 + n;
+        if (r < rows && c < cols) out[r * cols + c] = v;
+    }
+};
+
 inline void conv2d_weight_grad_tiled(device const float* dy, device const float* x, device float* partial,
                                      constant ConvParams& p, uint3 tile, uint t,
                                      threadgroup float4* a_tile, threadgroup float4* b_tile,
-                                     uint width_m, uint width_n, uint threads) {
+                                     uint width_m, uint width_n, uint threads, thread FmaTile& acc) {
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups;
     const uint khw = p.kh * p.kw, cols = cin_g * khw, oplane = p.oh * p.ow, pixels = p.n * oplane;
     const uint g = tile.z % p.groups, split = tile.z / p.groups;
@@ -511,9 +622,6 @@ inline void conv2d_weight_grad_tiled(device const float* dy, device const float*
     }
     uint img = (k_begin + sb.k) / oplane, oy = (k_begin + sb.k) % oplane / p.ow, ox = (k_begin + sb.k) % p.ow;
 
-    const uint tm = t / (width_n / 8), tn = t % (width_n / 8);
-    Block acc;
-    clear(acc);
     float4 a_next = 0.0f, b_next[MAX_STAGED];
     uint buf = 0;
     for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K, buf ^= 1) {
@@ -535,59 +643,100 @@ inline void conv2d_weight_grad_tiled(device const float* dy, device const float*
             }
             advance(img, oy, ox, step, p.oh, p.ow);
         }
-        if (k0 > k_begin) multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                                         width_m, width_n, tm, tn, acc);
+        if (k0 > k_begin) acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
         if (a_stager) a_tile[buf * STAGED(width_m) + sa.k * a_pitch + sa.quad] = a_next;
         #pragma unroll
         for (uint i = 0; i < units; ++i) b_tile[buf * STAGED(width_n) + (sb.k + i * step) * b_pitch + sb.quad] = b_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    multiply_slice(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n),
-                   width_m, width_n, tm, tn, acc);
+    acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
+    acc.store(WeightGradOut{partial + (split * p.cout + g * cout_g) * cols, m0, n0, cout_g, cols});
+}
 
-    device float* out = partial + split * p.cout * cols;
-    for (uint i = 0; i < 8; ++i) {
-        const uint m = m0 + block_row(i, tm, width_m);
-        if (m >= cout_g) continue;
-        for (uint j = 0; j < 8; ++j) {
-            const uint c = n0 + block_row(j, tn, width_n);
-            if (c < cols) out[(g * cout_g + m) * cols + c] = acc.v[i][j];
-        }
+template <uint WM, uint WN, uint THREADS>
+kernel void conv2d_weight_grad_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                     device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                                     device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
+                                     constant ConvParams& p [[buffer(3)]],
+                                     uint3 tile [[threadgroup_position_in_grid]],
+                                     uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_tile[2 * STAGED(WM)];
+    threadgroup float4 b_tile[2 * STAGED(WN)];
+    FmaTile acc(t, WM, WN);
+    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
+}
+template [[host_name("conv2d_weight_grad")]] [[kernel]] decltype(conv2d_weight_grad_tiles<WIDE, WIDE, WIDE_THREADS>) conv2d_weight_grad_tiles<WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_weight_grad_medium")]] [[kernel]] decltype(conv2d_weight_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_weight_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_weight_grad_narrow")]] [[kernel]] decltype(conv2d_weight_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_weight_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>;
+
+// dw on simdgroup matrices (tile.h's MMA staging), split like conv2d_weight_grad_tiled. Thread t
+// stages the output gradients of channel m0 + t % BM at its A_EACH pixels of each slice, and the
+// inputs of columns (ci, ky, kx) n0 + t + MMA_THREADS·i at the slice's pixels, which are the
+// same for every thread. Grid: (ceil(Cin/groups·KH·KW / BN), ceil(Cout/groups / BM), groups · splits).
+template <uint BM, uint BN>
+kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                         device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                                         device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
+                                         constant ConvParams& p [[buffer(3)]],
+                                         uint3 tile [[threadgroup_position_in_grid]],
+                                         uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_q[2 * BM * MMA_K / 4];  // [buffer][output channel][pixel]
+    threadgroup float4 b_q[2 * BN * MMA_K / 4];  // [buffer][column][pixel]
+    threadgroup float* a_s = (threadgroup float*)a_q;
+    threadgroup float* b_s = (threadgroup float*)b_q;
+    const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups;
+    const uint khw = p.kh * p.kw, cols = cin_g * khw, oplane = p.oh * p.ow, pixels = p.n * oplane;
+    const uint g = tile.z % p.groups, split = tile.z / p.groups, m0 = tile.y * BM, n0 = tile.x * BN;
+    const uint k_begin = split * p.chunk, k_end = min(pixels, k_begin + p.chunk);
+
+    constexpr uint A_EACH = BM * MMA_K / MMA_THREADS, B_COLS = BN / MMA_THREADS;
+    const uint a_row = t % BM, a_k = t / BM * A_EACH;
+    const bool a_ok = m0 + a_row < cout_g;
+    device const float* dy_row = dy + (g * cout_g + (a_ok ? m0 + a_row : 0)) * oplane;
+    uint a_img = (k_begin + a_k) / oplane, a_pix = (k_begin + a_k) % oplane;
+    uint x_row[B_COLS];
+    int dy0[B_COLS], dx0[B_COLS];  // ky·dil − pad of each column (likewise kx); a column past the end misses the image
+    for (uint i = 0; i < B_COLS; ++i) {
+        const uint c = n0 + t + MMA_THREADS * i;
+        const uint ci = c < cols ? c / khw : 0, ky = c < cols ? c % khw / p.kw : 0, kx = c < cols ? c % p.kw : 0;
+        x_row[i] = (g * cin_g + ci) * p.h * p.w;
+        dy0[i] = c < cols ? int(ky) * p.dil_h - p.pad_h : OUTSIDE;
+        dx0[i] = int(kx) * p.dil_w - p.pad_w;
     }
-}
+    uint img = k_begin / oplane, oy = k_begin % oplane / p.ow, ox = k_begin % p.ow;
 
-kernel void conv2d_weight_grad(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                               device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
-                               device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
-                               constant ConvParams& p [[buffer(3)]],
-                               uint3 tile [[threadgroup_position_in_grid]],
-                               uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(WIDE)];
-    threadgroup float4 b_tile[2 * STAGED(WIDE)];
-    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, WIDE, WIDE, WIDE_THREADS);
+    MMA_TILES(BM, BN) acc(t);
+    float a_next[A_EACH], b_next[B_COLS][MMA_K];
+    uint buf = 0;
+    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K, buf ^= 1) {
+        for (uint j = 0; j < A_EACH; ++j) {
+            a_next[j] = a_ok && k0 + a_k + j < k_end ? dy_row[a_img * p.cout * oplane + a_pix] : 0.0f;
+            if (++a_pix == oplane) { a_pix = 0; ++a_img; }
+        }
+        a_pix += MMA_K - A_EACH;
+        while (a_pix >= oplane) { a_pix -= oplane; ++a_img; }
+        #pragma unroll
+        for (uint j = 0; j < MMA_K; ++j) {
+            const bool k_ok = k0 + j < k_end;
+            device const float* x_img = x + img * p.cin * p.h * p.w;
+            const int iy = int(oy) * p.stride_h, ix = int(ox) * p.stride_w;
+            for (uint i = 0; i < B_COLS; ++i) {
+                const int tap_y = iy + dy0[i], tap_x = ix + dx0[i];
+                const bool inside = tap_y >= 0 && tap_y < int(p.h) && tap_x >= 0 && tap_x < int(p.w);
+                b_next[i][j] = k_ok && inside ? x_img[x_row[i] + uint(tap_y) * p.w + uint(tap_x)] : 0.0f;
+            }
+            advance(img, oy, ox, 1, p.oh, p.ow);
+        }
+        if (k0 > k_begin) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
+        stage_slice(a_s + buf * BM * MMA_K, b_s + buf * BN * MMA_K, a_next, b_next, t, a_row, a_k);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (k_end > k_begin) acc.multiply(a_s + (buf ^ 1) * BM * MMA_K, b_s + (buf ^ 1) * BN * MMA_K);
+    acc.store(WeightGradOut{partial + (split * p.cout + g * cout_g) * cols, m0, n0, cout_g, cols}, b_s);
 }
-
-kernel void conv2d_weight_grad_narrow(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                                      device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
-                                      device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
-                                      constant ConvParams& p [[buffer(3)]],
-                                      uint3 tile [[threadgroup_position_in_grid]],
-                                      uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(NARROW_M)];
-    threadgroup float4 b_tile[2 * STAGED(NARROW_N)];
-    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, NARROW_M, NARROW_N, NARROW_THREADS);
-}
-
-kernel void conv2d_weight_grad_medium(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                                      device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
-                                      device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
-                                      constant ConvParams& p [[buffer(3)]],
-                                      uint3 tile [[threadgroup_position_in_grid]],
-                                      uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_tile[2 * STAGED(MEDIUM_M)];
-    threadgroup float4 b_tile[2 * STAGED(MEDIUM_N)];
-    conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS);
-}
+template [[host_name("conv2d_weight_grad_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<WIDE, WIDE>) conv2d_weight_grad_mma_tiles<WIDE, WIDE>;
+template [[host_name("conv2d_weight_grad_medium_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<MEDIUM_M, MEDIUM_N>) conv2d_weight_grad_mma_tiles<MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_weight_grad_narrow_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<NARROW_M, NARROW_N>) conv2d_weight_grad_mma_tiles<NARROW_M, NARROW_N>;
 
 // dw of a 3×3, stride-1, undilated, ungrouped convolution, directly rather than as a GEMM.
 // The GEMM of conv2d_weight_grad stages every (input channel, ky, kx) column of the patches
@@ -722,22 +871,6 @@ kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],  // ext
             if (co < p.cout && c < p.cin) out[(co * p.cin + c) * 9 + v % 9] = s;
         }
     }
-}
-
-struct SplitParams {
-    uint count;   // floats per slice
-    uint splits;
-};
-
-// out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing).
-kernel void sum_splits(device const float* partial [[buffer(0)]],  // extent: p.splits * p.count
-                       device float* out [[buffer(1)]],  // extent: p.count
-                       constant SplitParams& p [[buffer(2)]],
-                       uint i [[thread_position_in_grid]]) {
-    if (i >= p.count) return;
-    float s = 0.0f;
-    for (uint k = 0; k < p.splits; ++k) s += partial[k * p.count + i];
-    out[i] = s;
 }
 
 struct BiasGradParams {

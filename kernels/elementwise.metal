@@ -110,20 +110,21 @@ kernel void linear_activation(device const float* x [[buffer(0)]],  // extent: p
     if (i < p.n) out[i] = fma(p.a, x[i], p.b);
 }
 
+// Not max(x, 0), which is fmax and turns NaN into 0: NaN stays NaN, as in PyTorch.
 kernel void relu(device const float* x [[buffer(0)]],  // extent: p.n
                  device float* out [[buffer(1)]],  // extent: p.n
                  constant CountParams& p [[buffer(2)]],
                  uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = max(x[i], 0.0f);
+    if (i < p.n) out[i] = x[i] < 0.0f ? 0.0f : x[i];
 }
 
-// dx = g where x > 0 (0 at the kink, as PyTorch)
+// dx = 0 where x ≤ 0, else g (0 at the kink; g where x is NaN, as PyTorch)
 kernel void relu_grad(device const float* g [[buffer(0)]],  // extent: p.n
                       device const float* x [[buffer(1)]],  // extent: p.n
                       device float* out [[buffer(2)]],  // extent: p.n
                       constant CountParams& p [[buffer(3)]],
                       uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = x[i] > 0.0f ? g[i] : 0.0f;
+    if (i < p.n) out[i] = x[i] <= 0.0f ? 0.0f : g[i];
 }
 
 struct LeakyParams {

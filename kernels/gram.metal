@@ -2,7 +2,7 @@
 // dF = α·(dG + dGᵀ)·F — MPSNNGramMatrixCalculation's forward and gradient, α shared by both.
 //
 // Both are tiled products in kernels/tile.h's wide tiling (128×128 outputs, 256 threads,
-// pipelined staging, 8×8 register blocks). G is symmetric, so only tiles on or above the
+// pipelined staging), with float register blocks or simdgroup matrices (`_mma`). G is symmetric, so only tiles on or above the
 // diagonal are computed, each written twice; the H·W reduction is long and G small, so it is
 // split across threadgroups (slices of `partial`, added by `sum_splits`).
 #include <metal_stdlib>
@@ -14,6 +14,20 @@ struct GramParams {
     uint batch, c, hw;  // features are batch × c × hw
     float alpha;
     uint chunk;         // features each split sums (a multiple of TILE_K)
+};
+
+struct GramOut {
+    device float* g;
+    float alpha;
+    uint m0, n0, c;
+    bool mirror;  // a tile above the diagonal writes its mirror image below it too
+
+    void write(uint i, uint j, float v) const {
+        const uint m = m0 + i, n = n0 + j;
+        if (m >= c || n >= c) return;
+        g[m * c + n] = alpha * v;
+        if (mirror) g[n * c + m] = alpha * v;
+    }
 };
 
 // Slice `split` of partial (batch × c × c floats a slice) = α·F[:, range]·F[:, range]ᵀ over
@@ -35,9 +49,7 @@ kernel void gram(device const float* x [[buffer(0)]],  // extent: p.batch * p.c 
     // tiles at step s.k, so a warp reads 8-float runs of 16 channels.
     const Stage s = along_k(t);
 
-    const uint tm = t / (WIDE / 8), tn = t % (WIDE / 8);
-    Block acc;
-    clear(acc);
+    FmaTile acc(t, WIDE, WIDE);
     float4 a_next, b_next;
     uint buf = 0;
     for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K, buf ^= 1) {
@@ -48,47 +60,66 @@ kernel void gram(device const float* x [[buffer(0)]],  // extent: p.batch * p.c 
             b_next[j] = n0 + r < p.c && k < k_end ? f[(n0 + r) * p.hw + k] : 0.0f;
         }
         // The previous slice is multiplied while this one's loads are in flight.
-        if (k0 > k_begin) multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE),
-                                         WIDE, WIDE, tm, tn, acc);
+        if (k0 > k_begin) acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
         a_tile[buf * STAGED(WIDE) + s.k * pitch(WIDE) + s.quad] = a_next;
         b_tile[buf * STAGED(WIDE) + s.k * pitch(WIDE) + s.quad] = b_next;
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE), WIDE, WIDE, tm, tn, acc);
-
-    device float* g = partial + (split * p.batch + item) * p.c * p.c;
-    for (uint i = 0; i < 8; ++i) {
-        const uint m = m0 + block_row(i, tm, WIDE);
-        if (m >= p.c) continue;
-        for (uint j = 0; j < 8; ++j) {
-            const uint n = n0 + block_row(j, tn, WIDE);
-            if (n >= p.c) continue;
-            const float v = p.alpha * acc.v[i][j];
-            g[m * p.c + n] = v;
-            if (tile.x != tile.y) g[n * p.c + m] = v;  // the mirrored tile below the diagonal
-        }
-    }
+    acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
+    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y});
 }
 
-struct SplitParams {
-    uint count;   // floats per slice
-    uint splits;
-};
+// gram on simdgroup matrices (tile.h's MMA staging, wide tiling): thread t stages feature rows
+// m0 + t and n0 + t, MMA_K features each slice. Grid as gram's, MMA_THREADS threads.
+kernel void gram_mma(device const float* x [[buffer(0)]],  // extent: p.batch * p.c * p.hw
+                     device float* partial [[buffer(1)]],  // extent: (p.hw + p.chunk - 1) / p.chunk * p.batch * p.c * p.c
+                     constant GramParams& p [[buffer(2)]],
+                     uint3 tile [[threadgroup_position_in_grid]],
+                     uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_q[2 * WIDE * MMA_K / 4];  // [buffer][row channel][feature]
+    threadgroup float4 b_q[2 * WIDE * MMA_K / 4];  // [buffer][column channel][feature]
+    threadgroup float* a_s = (threadgroup float*)a_q;
+    threadgroup float* b_s = (threadgroup float*)b_q;
+    if (tile.y > tile.x) return;  // the whole threadgroup leaves together, before any barrier
+    const uint item = tile.z % p.batch, split = tile.z / p.batch;
+    const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
+    const uint k_begin = split * p.chunk, k_end = min(p.hw, k_begin + p.chunk);
+    const bool a_ok = m0 + t < p.c, b_ok = n0 + t < p.c;
+    device const float* f = x + item * p.c * p.hw;
+    device const float* a_row = f + (a_ok ? m0 + t : 0) * p.hw;
+    device const float* b_row = f + (b_ok ? n0 + t : 0) * p.hw;
 
-// out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing).
-kernel void sum_splits(device const float* partial [[buffer(0)]],  // extent: p.splits * p.count
-                       device float* out [[buffer(1)]],  // extent: p.count
-                       constant SplitParams& p [[buffer(2)]],
-                       uint i [[thread_position_in_grid]]) {
-    if (i >= p.count) return;
-    float s = 0.0f;
-    for (uint k = 0; k < p.splits; ++k) s += partial[k * p.count + i];
-    out[i] = s;
+    MMA_TILES(WIDE, WIDE) acc(t);
+    float a_next[MMA_K], b_next[1][MMA_K];
+    uint buf = 0;
+    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K, buf ^= 1) {
+        for (uint j = 0; j < MMA_K; ++j) {
+            const bool k_ok = k0 + j < k_end;
+            a_next[j] = a_ok && k_ok ? a_row[k0 + j] : 0.0f;
+            b_next[0][j] = b_ok && k_ok ? b_row[k0 + j] : 0.0f;
+        }
+        if (k0 > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+        stage_slice(a_s + buf * WIDE * MMA_K, b_s + buf * WIDE * MMA_K, a_next, b_next, t, t, 0);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (k_end > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y}, b_s);
 }
 
 struct GramGradParams {
     uint batch, c, hw;
     float alpha;
+};
+
+struct GramGradOut {
+    device float* dx;
+    float alpha;
+    uint m0, n0, c, hw;
+
+    void write(uint i, uint j, float v) const {
+        const uint m = m0 + i, n = n0 + j;
+        if (m < c && n < hw) dx[m * hw + n] = alpha * v;
+    }
 };
 
 // dx = α·(dG + dGᵀ)·F per batch item; the symmetrised dG is formed while staging it.
@@ -107,9 +138,7 @@ kernel void gram_grad(device const float* dg [[buffer(0)]],  // extent: p.batch 
     // dG is staged along k (its rows are), the features along their rows.
     const Stage sa = along_k(t), sb = along_rows(t, WIDE);
 
-    const uint tm = t / (WIDE / 8), tn = t % (WIDE / 8);
-    Block acc;
-    clear(acc);
+    FmaTile acc(t, WIDE, WIDE);
     float4 a_next, b_next;
     uint buf = 0;
     for (uint k0 = 0; k0 < p.c; k0 += TILE_K, buf ^= 1) {
@@ -119,21 +148,47 @@ kernel void gram_grad(device const float* dg [[buffer(0)]],  // extent: p.batch 
             a_next[j] = m < p.c && ka < p.c ? g[m * p.c + ka] + g[ka * p.c + m] : 0.0f;
             b_next[j] = n < p.hw && kb < p.c ? f[kb * p.hw + n] : 0.0f;
         }
-        if (k0 > 0) multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE),
-                                   WIDE, WIDE, tm, tn, acc);
+        if (k0 > 0) acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
         a_tile[buf * STAGED(WIDE) + sa.k * pitch(WIDE) + sa.quad] = a_next;
         b_tile[buf * STAGED(WIDE) + sb.k * pitch(WIDE) + sb.quad] = b_next;
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE), WIDE, WIDE, tm, tn, acc);
+    acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
+    acc.store(GramGradOut{dx + item * p.c * p.hw, p.alpha, m0, n0, p.c, p.hw});
+}
 
-    device float* out = dx + item * p.c * p.hw;
-    for (uint i = 0; i < 8; ++i) {
-        const uint m = m0 + block_row(i, tm, WIDE);
-        if (m >= p.c) continue;
-        for (uint j = 0; j < 8; ++j) {
-            const uint n = n0 + block_row(j, tn, WIDE);
-            if (n < p.hw) out[m * p.hw + n] = p.alpha * acc.v[i][j];
+// gram_grad on simdgroup matrices (tile.h's MMA staging, wide tiling): thread t stages row m0 + t
+// of dG + dGᵀ and feature column n0 + t, MMA_K channels k each slice. Grid as gram_grad's,
+// MMA_THREADS threads.
+kernel void gram_grad_mma(device const float* dg [[buffer(0)]],  // extent: p.batch * p.c * p.c
+                          device const float* x [[buffer(1)]],  // extent: p.batch * p.c * p.hw
+                          device float* dx [[buffer(2)]],  // extent: p.batch * p.c * p.hw
+                          constant GramGradParams& p [[buffer(3)]],
+                          uint3 tile [[threadgroup_position_in_grid]],
+                          uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_q[2 * WIDE * MMA_K / 4];  // [buffer][channel m][channel k] of dG + dGᵀ
+    threadgroup float4 b_q[2 * WIDE * MMA_K / 4];  // [buffer][feature][channel k]
+    threadgroup float* a_s = (threadgroup float*)a_q;
+    threadgroup float* b_s = (threadgroup float*)b_q;
+    const uint item = tile.z, m0 = tile.y * WIDE, n0 = tile.x * WIDE;
+    const bool a_ok = m0 + t < p.c, b_ok = n0 + t < p.hw;
+    const uint m = a_ok ? m0 + t : 0;
+    device const float* g = dg + item * p.c * p.c;
+    device const float* f_col = x + item * p.c * p.hw + (b_ok ? n0 + t : 0);
+
+    MMA_TILES(WIDE, WIDE) acc(t);
+    float a_next[MMA_K], b_next[1][MMA_K];
+    uint buf = 0;
+    for (uint k0 = 0; k0 < p.c; k0 += MMA_K, buf ^= 1) {
+        for (uint j = 0; j < MMA_K; ++j) {
+            const uint k = k0 + j;
+            a_next[j] = a_ok && k < p.c ? g[m * p.c + k] + g[k * p.c + m] : 0.0f;
+            b_next[0][j] = b_ok && k < p.c ? f_col[k * p.hw] : 0.0f;
         }
+        if (k0 > 0) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+        stage_slice(a_s + buf * WIDE * MMA_K, b_s + buf * WIDE * MMA_K, a_next, b_next, t, t, 0);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
     }
+    acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+    acc.store(GramGradOut{dx + item * p.c * p.hw, p.alpha, m0, n0, p.c, p.hw}, b_s);
 }

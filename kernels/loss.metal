@@ -98,7 +98,8 @@ kernel void huber_loss_grad(device const float* g [[buffer(0)]],  // extent: (p.
                             constant LossParams& p [[buffer(5)]],
                             uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
-    dy[i] = grad_scale(g, weights, p, i) * clamp(y[i] - t[i], -p.delta, p.delta);
+    float d = y[i] - t[i];  // clipped to ±delta; not clamp, whose fmin/fmax would clip NaN to −delta
+    dy[i] = grad_scale(g, weights, p, i) * (d < -p.delta ? -p.delta : d > p.delta ? p.delta : d);
 }
 
 // Logits y, labels t smoothed to t·(1 − s) + s/2:
@@ -250,8 +251,8 @@ kernel void loss_finish(device const float2* partial [[buffer(0)]],  // extent: 
     else out[0] = nonzero > 0.0f ? sum / nonzero : 0.0f;
 }
 
-// scale[0] = g[0] / (number of nonzero weights), or 0 if there is none: the gradient of
-// reduction "sum_by_nonzero_weights" per unit of elementwise loss. One threadgroup.
+// scale[0] = g[0] / (number of nonzero weights), or 0·g[0] if there is none (NaN stays NaN):
+// the gradient of reduction "sum_by_nonzero_weights" per unit of elementwise loss. One threadgroup.
 kernel void loss_nonzero_scale(device const float* g [[buffer(0)]],  // extent: 1
                                device const float* weights [[buffer(1)]],  // extent: p.has_weights * p.n
                                device float* scale [[buffer(2)]],  // extent: 1
@@ -266,7 +267,7 @@ kernel void loss_nonzero_scale(device const float* g [[buffer(0)]],  // extent: 
     for (uint j = lid; j < p.n; j += tpg)
         nonzero += (p.has_weights ? p.weight * weights[j] : p.weight) != 0.0f ? 1.0f : 0.0f;
     nonzero = threadgroup_total(nonzero, scratch, lane, sg, nsg);
-    if (lid == 0) scale[0] = nonzero > 0.0f ? g[0] / nonzero : 0.0f;
+    if (lid == 0) scale[0] = nonzero > 0.0f ? g[0] / nonzero : 0.0f * g[0];
 }
 
 struct CountParams {

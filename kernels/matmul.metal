@@ -2,7 +2,7 @@
 // gradient of a fully connected layer.
 //
 // A tiled product in kernels/tile.h's wide tiling (128×128 outputs, 256 threads, pipelined
-// staging, 8×8 register blocks). Transposes are strides, so one kernel serves a·b, a·bᵀ (linear
+// staging), with float register blocks (`matmul`) or simdgroup matrices (`matmul_mma`). Transposes are strides, so one kernel serves a·b, a·bᵀ (linear
 // layers) and aᵀ·b (their weight gradients); each operand is staged along whichever of its
 // dimensions is contiguous, so that a warp's loads are.
 #include <metal_stdlib>
@@ -18,9 +18,20 @@ struct MatmulParams {
     uint chunk;          // reduction steps each split sums (k itself for one split)
 };
 
+struct MatmulOut {
+    device float* c;
+    device const float* bias;  // or null
+    uint m0, n0, m, n;
+
+    void write(uint i, uint j, float v) const {
+        const uint row = m0 + i, col = n0 + j;
+        if (row < m && col < n) c[row * n + col] = v + (bias ? bias[col] : 0.0f);
+    }
+};
+
 // c = A·B (+ bias), C row-major. A long reduction over a small C is split like the weight
 // gradient of a convolution: threadgroup z sums k in [z·chunk, (z+1)·chunk) into slice z of c
-// (m·n floats a slice; the bias goes into slice 0), and conv's `sum_splits` adds the slices.
+// (m·n floats a slice; the bias goes into slice 0), and `sum_splits` adds the slices.
 // Grid: (ceil(n / 128), ceil(m / 128), splits).
 kernel void matmul(device const float* a [[buffer(0)]],  // extent: (p.m - 1) * p.a_m + (p.k - 1) * p.a_k + 1
                    device const float* b [[buffer(1)]],  // extent: (p.k - 1) * p.b_k + (p.n - 1) * p.b_n + 1
@@ -36,9 +47,7 @@ kernel void matmul(device const float* a [[buffer(0)]],  // extent: (p.m - 1) * 
     const Stage sa = p.a_k == 1 ? along_k(t) : along_rows(t, WIDE);
     const Stage sb = p.b_n == 1 ? along_rows(t, WIDE) : along_k(t);
 
-    const uint tm = t / (WIDE / 8), tn = t % (WIDE / 8);
-    Block acc;
-    clear(acc);
+    FmaTile acc(t, WIDE, WIDE);
     float4 a_next, b_next;
     uint buf = 0;
     for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K, buf ^= 1) {
@@ -49,24 +58,50 @@ kernel void matmul(device const float* a [[buffer(0)]],  // extent: (p.m - 1) * 
             b_next[j] = n < p.n && kb < k_end ? b[kb * p.b_k + n * p.b_n] : 0.0f;
         }
         // The previous slice is multiplied while this one's loads are in flight.
-        if (k0 > k_begin) multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE),
-                                   WIDE, WIDE, tm, tn, acc);
+        if (k0 > k_begin) acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
         a_tile[buf * STAGED(WIDE) + sa.k * pitch(WIDE) + sa.quad] = a_next;
         b_tile[buf * STAGED(WIDE) + sb.k * pitch(WIDE) + sb.quad] = b_next;
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    multiply_slice(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE), WIDE, WIDE, tm, tn, acc);
+    acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
+    acc.store(MatmulOut{c + tile.z * p.m * p.n, p.has_bias && tile.z == 0 ? bias : nullptr, m0, n0, p.m, p.n});
+}
 
-    device float* out = c + tile.z * p.m * p.n;
-    const bool add_bias = p.has_bias && tile.z == 0;
-    for (uint i = 0; i < 8; ++i) {
-        const uint m = m0 + block_row(i, tm, WIDE);
-        if (m >= p.m) continue;
-        for (uint j = 0; j < 8; ++j) {
-            const uint n = n0 + block_row(j, tn, WIDE);
-            if (n < p.n) out[m * p.n + n] = acc.v[i][j] + (add_bias ? bias[n] : 0.0f);
+// c = A·B (+ bias) on simdgroup matrices (tile.h's MMA staging, wide tiling), split likewise:
+// thread t stages row m0 + t of A and column n0 + t of B, MMA_K steps of k each slice.
+// Grid: (ceil(n / 128), ceil(m / 128), splits), MMA_THREADS threads.
+kernel void matmul_mma(device const float* a [[buffer(0)]],  // extent: (p.m - 1) * p.a_m + (p.k - 1) * p.a_k + 1
+                       device const float* b [[buffer(1)]],  // extent: (p.k - 1) * p.b_k + (p.n - 1) * p.b_n + 1
+                       device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.n
+                       device float* c [[buffer(3)]],  // extent: (p.k + p.chunk - 1) / p.chunk * p.m * p.n
+                       constant MatmulParams& p [[buffer(4)]],
+                       uint3 tile [[threadgroup_position_in_grid]],
+                       uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 a_q[2 * WIDE * MMA_K / 4];  // [buffer][row][k]
+    threadgroup float4 b_q[2 * WIDE * MMA_K / 4];  // [buffer][column][k]
+    threadgroup float* a_s = (threadgroup float*)a_q;
+    threadgroup float* b_s = (threadgroup float*)b_q;
+    const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
+    const uint k_begin = tile.z * p.chunk, k_end = min(p.k, k_begin + p.chunk);
+    const bool a_ok = m0 + t < p.m, b_ok = n0 + t < p.n;
+    device const float* a_row = a + (a_ok ? m0 + t : 0) * p.a_m;
+    device const float* b_col = b + (b_ok ? n0 + t : 0) * p.b_n;
+
+    MMA_TILES(WIDE, WIDE) acc(t);
+    float a_next[MMA_K], b_next[1][MMA_K];
+    uint buf = 0;
+    for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K, buf ^= 1) {
+        for (uint j = 0; j < MMA_K; ++j) {
+            const bool k_ok = k0 + j < k_end;
+            a_next[j] = a_ok && k_ok ? a_row[(k0 + j) * p.a_k] : 0.0f;
+            b_next[0][j] = b_ok && k_ok ? b_col[(k0 + j) * p.b_k] : 0.0f;
         }
+        if (k0 > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+        stage_slice(a_s + buf * WIDE * MMA_K, b_s + buf * WIDE * MMA_K, a_next, b_next, t, t, 0);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
     }
+    if (k_end > k_begin) acc.multiply(a_s + (buf ^ 1) * WIDE * MMA_K, b_s + (buf ^ 1) * WIDE * MMA_K);
+    acc.store(MatmulOut{c + tile.z * p.m * p.n, p.has_bias && tile.z == 0 ? bias : nullptr, m0, n0, p.m, p.n}, b_s);
 }
 
 struct BiasGradParams {

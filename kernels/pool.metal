@@ -16,8 +16,10 @@ struct PoolParams {
 };
 
 // The first maximum of the window at output (oh, ow) of one plane, as an index into the plane.
-// Row-major window order with a strict `>` makes ties go to the earliest element; the forward
-// and the gradient kernels share this one function so that they always agree on the arg-max.
+// Row-major window order with a strict `>` makes ties go to the earliest element; NaN counts as
+// above everything (as in PyTorch: a window holding NaN pools to NaN), so the first NaN ends the
+// search. The forward and the gradient kernels share this one function so that they always
+// agree on the arg-max.
 inline int window_argmax(device const float* plane, constant PoolParams& p, int oh, int ow) {
     int h0 = oh * p.sh - p.ph, w0 = ow * p.sw - p.pw;
     float best = 0.0f;
@@ -29,9 +31,10 @@ inline int window_argmax(device const float* plane, constant PoolParams& p, int 
             int x = w0 + dx;
             if (x < 0 || x >= p.w) continue;
             float v = plane[y * p.w + x];
-            if (at < 0 || v > best) {
+            if (at < 0 || !(v <= best)) {  // v > best, or v is NaN
                 best = v;
                 at = y * p.w + x;
+                if (v != v) return at;
             }
         }
     }
@@ -55,8 +58,8 @@ struct Pool2x2Params {
 };
 
 // max_pool2d's common case, 2×2 windows with stride 2, no padding and an even width: a window's
-// two rows are two aligned float2 loads. Same tie rule as window_argmax (first maximum in
-// row-major order, strict >), so max_pool2d_grad finds the same arg-max.
+// two rows are two aligned float2 loads. Same result as window_argmax (the first maximum in
+// row-major order, NaN above everything), so max_pool2d_grad finds the same arg-max.
 kernel void max_pool2d_2x2(device const float2* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.ow
                            device float* out [[buffer(1)]],  // extent: p.count
                            constant Pool2x2Params& p [[buffer(2)]],
@@ -66,9 +69,9 @@ kernel void max_pool2d_2x2(device const float2* x [[buffer(0)]],  // extent: p.c
     uint top = (plane * p.h + 2 * oh) * p.ow + ow;  // in float2s: an input row is ow of them
     float2 a = x[top], b = x[top + p.ow];
     float best = a.x;
-    if (a.y > best) best = a.y;
-    if (b.x > best) best = b.x;
-    if (b.y > best) best = b.y;
+    if (!(a.y <= best) && best == best) best = a.y;  // a.y > best, or a.y is NaN and best is not
+    if (!(b.x <= best) && best == best) best = b.x;
+    if (!(b.y <= best) && best == best) best = b.y;
     out[i] = best;
 }
 

@@ -50,9 +50,11 @@ inline Taps bilinear_taps(int j, int scale, int n) {
     return t;
 }
 
-// Input row i's weight in output row j.
+// Input row i's weight in output row j; −1 where row j does not read row i. (A row it reads may
+// weigh 0: PyTorch still adds 0·g there, so a NaN gradient reaches every pixel its output read.)
 inline float bilinear_weight(int j, int i, int scale, int n) {
     Taps t = bilinear_taps(j, scale, n);
+    if (t.i0 != i && t.i1 != i) return -1.0f;
     return (t.i0 == i ? t.w0 : 0.0f) + (t.i1 == i ? t.w1 : 0.0f);
 }
 
@@ -71,7 +73,7 @@ kernel void upsample_bilinear(device const float* x [[buffer(0)]],  // extent: p
 
 // dx[y, x] = Σ over the outputs (j, k) that sample it of g[j, k]·weight(j, y)·weight(k, x).
 // Output rows j sampling input row y lie within s·(y − 1) ≤ j < s·(y + 2); the loop visits
-// those (3s×3s outputs) and the weights are zero for the ones that do not sample it.
+// those (3s×3s outputs) and skips the ones that do not sample it.
 kernel void upsample_bilinear_grad(device const float* g [[buffer(0)]],  // extent: p.count / (p.h * p.w) * p.oh * p.ow
                                    device float* dx [[buffer(1)]],  // extent: p.count
                                    constant ResampleParams& p [[buffer(2)]],
@@ -82,10 +84,12 @@ kernel void upsample_bilinear_grad(device const float* g [[buffer(0)]],  // exte
     float acc = 0.0f;
     for (int j = max(p.scale * (y - 1), 0); j < min(p.scale * (y + 2), p.oh); j++) {
         float wy = bilinear_weight(j, y, p.scale, p.h);
-        if (wy == 0.0f) continue;
+        if (wy < 0.0f) continue;
         float row = 0.0f;
-        for (int k = max(p.scale * (x - 1), 0); k < min(p.scale * (x + 2), p.ow); k++)
-            row = fma(gp[j * p.ow + k], bilinear_weight(k, x, p.scale, p.w), row);
+        for (int k = max(p.scale * (x - 1), 0); k < min(p.scale * (x + 2), p.ow); k++) {
+            float wx = bilinear_weight(k, x, p.scale, p.w);
+            if (wx >= 0.0f) row = fma(gp[j * p.ow + k], wx, row);
+        }
         acc = fma(wy, row, acc);
     }
     dx[i] = acc;

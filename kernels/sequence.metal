@@ -46,8 +46,8 @@ struct ArgmaxParams {
     uint cols;
 };
 
-// out[r] = the column of row r's largest value, the first one on ties (as numpy's argmax for
-// finite rows).
+// out[r] = the column of row r's largest value, the first one on ties; NaN counts as above
+// everything (as numpy's and PyTorch's argmax).
 kernel void argmax(device const float* x [[buffer(0)]],  // extent: p.rows * p.cols
                    device int* out [[buffer(1)]],  // extent: p.rows
                    constant ArgmaxParams& p [[buffer(2)]],
@@ -56,7 +56,7 @@ kernel void argmax(device const float* x [[buffer(0)]],  // extent: p.rows * p.c
     device const float* row = x + r * p.cols;
     uint best = 0;
     for (uint c = 1; c < p.cols; ++c) {
-        if (row[c] > row[best]) best = c;
+        if (!(row[c] <= row[best]) && row[best] == row[best]) best = c;  // greater, or the first NaN
     }
     out[r] = int(best);
 }

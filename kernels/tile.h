@@ -1,8 +1,7 @@
-// The register-blocked tile product shared by conv.metal, matmul.metal and gram.metal.
+// The tiling family: the tiled products of conv.metal, matmul.metal and gram.metal.
 //
-// A threadgroup owns a tile of the output, `width_m` rows by `width_n` columns, and each of its
-// threads accumulates an 8×8 block of it in registers: 512 multiply-adds per thread for every
-// TILE_K-deep slice of the operands staged in threadgroup memory. Three tilings:
+// A threadgroup owns a tile of the output, `width_m` rows by `width_n` columns, and multiplies
+// TILE_K-deep slices of the operands staged in threadgroup memory. Three tilings:
 //
 //   wide    128 × 128 outputs, 256 threads: the workhorse;
 //   medium   64 × 128 outputs, 128 threads: for convolutions with 33 to 64 channels, and
@@ -12,17 +11,22 @@
 // Staging is pipelined: while the threads multiply the slice in one of two threadgroup buffers,
 // the next slice's loads from device memory are already in flight into registers, and are
 // stored into the other buffer afterwards — one barrier per slice, and the load latency hidden
-// behind the arithmetic. A thread's block is four 4×4 quarters, rows 4·tm … 4·tm+3 of each half
-// of the tile (likewise the columns), so that a warp reads the staged slices as consecutive
-// float4s: no bank conflicts, a quarter of the loads scalars would take. The slices are stored
-// k-major (tile[k][row]), each row of k padded by one float4 so that threads storing down k
-// land in different banks.
+// behind the arithmetic. The slices are stored k-major (tile[k][row]), each row of k padded by
+// one float4 so that threads storing down k land in different banks.
 //
-// On the cpu backend a barrier costs each thread a fiber switch; 512 multiply-adds between
-// barriers keep that small.
+// Two accumulators multiply the staged slices, and a product kernel is written once for both:
 //
-// Kernels call their tiled body with the tiling's sizes as literal arguments (the bodies are
-// inlined, so the sizes are compile-time constants there), and declare the staging buffers.
+// - FmaTile: each thread accumulates an 8×8 block of the tile in registers with float fma, 512
+//   multiply-adds a slice. A thread's block is four 4×4 quarters, rows 4·tm … 4·tm+3 of each half
+//   of the tile (likewise the columns), so that a warp reads the staged slices as consecutive
+//   float4s: no bank conflicts, a quarter of the loads scalars would take. On the cpu backend a
+//   barrier costs each thread a fiber switch; 512 multiply-adds between barriers keep that small.
+// - MmaTile<TM, TN>: each simdgroup accumulates TM × TN 8×8 simdgroup matrices (the matrix
+//   hardware: tensor cores on NVIDIA GPUs, Apple's simdgroup matrices), under the precision
+//   policy the library was compiled with. Simdgroups tile the threadgroup's tile row-major.
+//
+// Kernels pass the tiling's sizes as literal arguments (the bodies are inlined, so the sizes are
+// compile-time constants there), and declare the staging buffers.
 #pragma once
 
 #define TILE_K 8            // reduction depth staged per slice
@@ -69,24 +73,127 @@ inline uint block_row(uint i, uint q, uint width) {
     return (i < 4 ? 0 : width / 2) + 4 * q + i % 4;
 }
 
-inline void clear(thread Block& acc) {
-    for (uint i = 0; i < 8; ++i)
-        for (uint j = 0; j < 8; ++j) acc.v[i][j] = 0.0f;
+// The float accumulator: thread t's 8×8 block of the tile, rows 4·tm … and columns 4·tn … of
+// each half.
+struct FmaTile {
+    Block acc;
+    uint tm, tn, width_m, width_n;
+
+    FmaTile(uint t, uint width_m, uint width_n)
+        : tm(t / (width_n / 8)), tn(t % (width_n / 8)), width_m(width_m), width_n(width_n) {
+        for (uint i = 0; i < 8; ++i)
+            for (uint j = 0; j < 8; ++j) acc.v[i][j] = 0.0f;
+    }
+
+    // acc += the outer products of one staged slice.
+    void multiply(threadgroup const float4* a_tile, threadgroup const float4* b_tile) {
+        const uint a_pitch = pitch(width_m), b_pitch = pitch(width_n);
+        for (uint k = 0; k < TILE_K; ++k) {
+            const float4 a0 = a_tile[k * a_pitch + tm], a1 = a_tile[k * a_pitch + width_m / 8 + tm];
+            const float4 b0 = b_tile[k * b_pitch + tn], b1 = b_tile[k * b_pitch + width_n / 8 + tn];
+            const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+            for (uint i = 0; i < 8; ++i)
+                for (uint j = 0; j < 8; ++j) acc.v[i][j] = fma(a[i], b[j], acc.v[i][j]);
+        }
+    }
+
+    // out.write(row, column, value) for each element of the block, tile-relative; column by
+    // column, so what out works out per column is done once for eight rows.
+    template <typename Out>
+    void store(thread const Out& out) const {
+        for (uint j = 0; j < 8; ++j)
+            for (uint i = 0; i < 8; ++i) out.write(block_row(i, tm, width_m), block_row(j, tn, width_n), acc.v[i][j]);
+    }
+};
+
+#ifndef MLM_SIMDGROUP_PAIR
+// d0 = a0·b + c0 and d1 = a1·b + c1. Matrix hardware that multiplies 16 × 8 tiles (NVIDIA's)
+// computes both in one instruction, and the cuda backend defines this itself.
+inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d0, thread simdgroup_float8x8& d1,
+                                               simdgroup_float8x8 a0, simdgroup_float8x8 a1, simdgroup_float8x8 b,
+                                               simdgroup_float8x8 c0, simdgroup_float8x8 c1) {
+    simdgroup_multiply_accumulate(d0, a0, b, c0);
+    simdgroup_multiply_accumulate(d1, a1, b, c1);
+}
+#endif
+
+// ---------------------------------------------------------------- products on simdgroup matrices
+//
+// The `_mma` kernels: a threadgroup of MMA_THREADS threads (four simdgroups) owns a tile of the
+// output in one of the three tilings' sizes, and the reduction is staged MMA_K deep, double
+// buffered, with k contiguous — a_s[row][MMA_K], b_s[column][MMA_K] — so that the two elements a
+// lane holds of a matrix are adjacent (one 8-byte load on NVIDIA GPUs) and the 32 bytes between
+// rows put the lanes of a load on distinct banks. Thread t stages row t % rows of A (the
+// A_EACH = rows·MMA_K / MMA_THREADS elements from k = t / rows · A_EACH on) and all MMA_K
+// elements of columns t, t + MMA_THREADS, … of B, so a warp's loads of B run along the columns.
+#define MMA_THREADS 128
+#define MMA_K 8
+
+// The simdgroup-matrix accumulator: simdgroup s holds TM × TN matrices of 8 × 8, rows
+// TM·8·(s / WARPS_N) …, columns TN·8·(s % WARPS_N) … of the tile. Products run two matrices of
+// a column at a time (simdgroup_multiply_accumulate_pair), so TM is even.
+template <uint TM, uint TN, uint WARPS_N>
+struct MmaTiles {
+    simdgroup_float8x8 c[TM][TN];
+    uint row0, col0, simdgroup, lane;
+
+    MmaTiles(uint t)
+        : row0(t / 32 / WARPS_N * 8 * TM), col0(t / 32 % WARPS_N * 8 * TN), simdgroup(t / 32), lane(t % 32) {
+        #pragma unroll
+        for (uint i = 0; i < TM; ++i)
+            #pragma unroll
+            for (uint j = 0; j < TN; ++j) c[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+
+    // c += one staged slice's product.
+    void multiply(threadgroup const float* a_s, threadgroup const float* b_s) {
+        simdgroup_float8x8 am[TM], bm[TN];
+        #pragma unroll
+        for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], a_s + (row0 + 8 * i) * MMA_K, MMA_K);
+        #pragma unroll
+        for (uint j = 0; j < TN; ++j) simdgroup_load(bm[j], b_s + (col0 + 8 * j) * MMA_K, MMA_K, ulong2(0), true);
+        #pragma unroll
+        for (uint j = 0; j < TN; ++j)
+            #pragma unroll
+            for (uint i = 0; i < TM; i += 2)
+                simdgroup_multiply_accumulate_pair(c[i][j], c[i + 1][j], am[i], am[i + 1], bm[j], c[i][j], c[i + 1][j]);
+    }
+
+    // out.write(row, column, value) for each element of the simdgroup's matrices, tile-relative.
+    // The matrices go through `scratch` (a staging buffer, free once every simdgroup is done
+    // with it) eight rows at a time: 64·TN floats a simdgroup. A lane writes columns lane,
+    // lane + 32, …, so a simdgroup writes 32 consecutive columns of a row at once.
+    template <typename Out>
+    void store(thread const Out& out, threadgroup float* scratch) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        threadgroup float* strip = scratch + simdgroup * 64 * TN;
+        #pragma unroll
+        for (uint i = 0; i < TM; ++i) {
+            #pragma unroll
+            for (uint j = 0; j < TN; ++j) simdgroup_store(c[i][j], strip + 8 * j, 8 * TN);
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+            for (uint col = lane; col < 8 * TN; col += 32)
+                for (uint r = 0; r < 8; ++r) out.write(row0 + 8 * i + r, col0 + col, strip[r * 8 * TN + col]);
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+        }
+    }
+};
+
+// Stores thread t's staged values of a slice: a_next (A_EACH elements of row a_row from k =
+// a_k on) into a_s, b_next (all MMA_K elements of columns t, t + MMA_THREADS, …) into b_s.
+template <uint A_EACH, uint B_COLS>
+inline void stage_slice(threadgroup float* a_s, threadgroup float* b_s, thread const float (&a_next)[A_EACH],
+                        thread const float (&b_next)[B_COLS][MMA_K], uint t, uint a_row, uint a_k) {
+    for (uint j = 0; j < A_EACH; ++j) a_s[a_row * MMA_K + a_k + j] = a_next[j];
+    for (uint i = 0; i < B_COLS; ++i)
+        for (uint j = 0; j < MMA_K; ++j) b_s[(t + MMA_THREADS * i) * MMA_K + j] = b_next[i][j];
 }
 
-// acc += the outer products of one staged slice for this thread's rows (tm) and columns (tn).
-inline void multiply_slice(threadgroup const float4* a_tile, threadgroup const float4* b_tile,
-                           uint width_m, uint width_n, uint tm, uint tn, thread Block& acc) {
-    const uint a_pitch = pitch(width_m), b_pitch = pitch(width_n);
-    for (uint k = 0; k < TILE_K; ++k) {
-        const float4 a0 = a_tile[k * a_pitch + tm], a1 = a_tile[k * a_pitch + width_m / 8 + tm];
-        const float4 b0 = b_tile[k * b_pitch + tn], b1 = b_tile[k * b_pitch + width_n / 8 + tn];
-        const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-        const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-        for (uint i = 0; i < 8; ++i)
-            for (uint j = 0; j < 8; ++j) acc.v[i][j] = fma(a[i], b[j], acc.v[i][j]);
-    }
-}
+// The accumulator of a BM × BN tile: four simdgroups, two rows of two where the tile is 64 rows
+// or more (64 × 64 or 32 × 64 each), else one row of four (16 × 64 each).
+#define MMA_TILES(BM, BN) MmaTiles<(BM) / ((BM) >= 64 ? 16 : 8), (BN) / ((BM) >= 64 ? 16 : 32), ((BM) >= 64 ? 2 : 4)>
+
 
 // Moves a reduction index k = (c·KH + ky)·KW + kx (or a pixel index (image·OH + oy)·OW + ox)
 // `steps` places on, without dividing.
@@ -96,4 +203,21 @@ inline void advance(thread uint& c, thread uint& ky, thread uint& kx, uint steps
         kx -= kw;
         if (++ky == kh) { ky = 0; ++c; }
     }
+}
+
+// A long reduction split across threadgroups leaves its slices in `partial`; this adds them.
+struct SplitParams {
+    uint count;   // floats per slice
+    uint splits;
+};
+
+// out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing).
+kernel void sum_splits(device const float* partial [[buffer(0)]],  // extent: p.splits * p.count
+                       device float* out [[buffer(1)]],  // extent: p.count
+                       constant SplitParams& p [[buffer(2)]],
+                       uint i [[thread_position_in_grid]]) {
+    if (i >= p.count) return;
+    float s = 0.0f;
+    for (uint k = 0; k < p.splits; ++k) s += partial[k * p.count + i];
+    out[i] = s;
 }

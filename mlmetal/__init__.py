@@ -4,9 +4,10 @@ from .runtime.backends import BackendUnavailable, available, device
 from .runtime.device import (Buffer, CommandBuffer, Device, DispatchError, ExecutionError, Kernel, Library,
                              Predicate)
 from .runtime.source import KernelSourceError, LintError
+from .precision import get_matmul_precision, matmul_precision, set_matmul_precision
 from .tensor import Tensor, empty, tensor
 from . import ops  # noqa: E402  (ops use the names above)
-from .ops import ShapeError
+from .ops import DTypeError, ShapeError
 from .graph import Graph, GraphError, GraphTensor
 from . import nn, optim, random, train
 from .ops.predicate import Predicates

@@ -3,13 +3,98 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 import mlmetal as mm
+from mlmetal.runtime.backends import BACKENDS
 
+# ---------------------------------------------------------------- flags: argparse types and the shared ones
+
+def integer(lo: int, hi: int | None = None):
+    """An argparse type: an integer from `lo` (to `hi`); its error names the allowed values."""
+    allowed = f"an integer ≥ {lo}" if hi is None else f"an integer from {lo} to {hi}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def number(lo: float, *, above: bool = False):
+    """An argparse type: a finite number ≥ `lo` (> `lo` if `above`)."""
+    allowed = f"a finite number {'>' if above else '≥'} {lo:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < lo or (above and value == lo):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: the path of a readable file."""
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"expected a readable file, got {text!r}"
+                                         f"{' (no such file)' if not os.path.exists(text) else ''}")
+    return text
+
+
+SEED = integer(0, 2**31 - 1)  # the apps derive further seeds by adding small offsets; generators take 32 bits
+
+
+def _device_flag() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device", choices=BACKENDS, default=None,
+                   help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
+    return p
+
+
+def training_flags(out: str, size: int, size_help: str, steps: int | None = None) -> argparse.ArgumentParser:
+    """The flags every training command takes, as an argparse parent parser.
+
+    One per command: argparse hands a parent's actions to its children as they are, so a default
+    set for one command would change every other's.
+    """
+    p = argparse.ArgumentParser(add_help=False, parents=[_device_flag()])
+    p.add_argument("--seed", type=SEED, default=0, help="seed for initialisation and data (default 0)")
+    p.add_argument("--out", default=out, help=f"directory for what it writes (default ./{out})")
+    p.add_argument("--steps", type=integer(1), default=steps,
+                   help=f"training steps in all (default {steps})" if steps else
+                   "stop after this many training steps in all (default: every epoch)")
+    p.add_argument("--size", type=integer(1), default=size, help=f"{size_help} (default {size})")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def _check_out(out: str) -> str | None:
+    """Why `out` cannot take a command's output, or None (it is created here, as the command would)."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"argument --out: cannot create directory {out!r} ({e.strerror})"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"argument --out: cannot write into {out!r} (permission denied)"
+    return None
+
+
+# ---------------------------------------------------------------- commands
 
 def demo(args) -> int:
     """Compile a few kernels from kernels/, dispatch them, and show what they computed."""
@@ -110,7 +195,8 @@ def bench(args) -> int:
 
 
 def _apps():
-    """The app modules under mlmetal/apps that define a command: COMMAND, HELP, add_arguments(p), run(args)."""
+    """The app modules under mlmetal/apps that define a command: COMMAND, HELP, FLAGS (`training_flags`'
+    arguments), add_arguments(p) for the rest, check_arguments(args) -> the problem or None, run(args)."""
     import importlib
     import pkgutil
 
@@ -123,22 +209,27 @@ def _apps():
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlmetal", description="Hand-written MSL kernels on any device.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="compile and dispatch a few kernels and show what they computed")
-    p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
-    p.add_argument("--size", type=int, default=1 << 20, help="elements per buffer (default 1048576)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
+    p = sub.add_parser("demo", help="compile and dispatch a few kernels and show what they computed",
+                       parents=[_device_flag()])
+    p.add_argument("--size", type=integer(4, 2**28), default=1 << 20, help="elements per buffer (default 1048576)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed for the inputs")
     p.set_defaults(func=demo)
     p = sub.add_parser("info", help="show backends, device, compiler and compile cache")
     p.set_defaults(func=info)
-    p = sub.add_parser("bench", help="run the benchmarks (from a source checkout)")
+    p = sub.add_parser("bench", help="run the benchmarks (from a source checkout)", parents=[_device_flag()])
     p.add_argument("names", nargs="*", help="which, e.g. runtime random nn_conv (default: all)")
-    p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
     p.set_defaults(func=bench)
+    commands = {}
     for app in _apps():
-        p = sub.add_parser(app.COMMAND, help=app.HELP, description=app.__doc__.strip().splitlines()[0])
+        p = commands[app.COMMAND] = sub.add_parser(app.COMMAND, help=app.HELP, parents=[training_flags(**app.FLAGS)],
+                                                   description=app.__doc__.strip().splitlines()[0])
         app.add_arguments(p)
-        p.set_defaults(func=app.run)
+        p.set_defaults(func=app.run, check=app.check_arguments)
     args = parser.parse_args(argv)
+    if args.command in commands:  # what one flag's type cannot see: flags together, and the output directory
+        problem = args.check(args) or _check_out(args.out)
+        if problem:
+            commands[args.command].error(problem)
     try:
         return args.func(args)
     except (mm.BackendUnavailable, mm.KernelSourceError, mm.DispatchError, RuntimeError) as e:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from typing import Any, Callable
 
 import numpy as np
 
 from . import ops
+from .ops import ShapeError
 from .runtime.device import Device
-from .tensor import Tensor
+from .tensor import DTYPES, Tensor
 
 
 class GraphError(ValueError):
@@ -79,6 +81,9 @@ class Node:
 class Graph:
     """An inference graph under construction: ops on its tensors append nodes.
 
+    `run` and training steps may be called from several threads: one graph runs one at a time
+    (its plans' buffers are shared by every run), so each gets the result it would alone.
+
     Example:
         >>> g = mm.Graph(dev)
         >>> x = g.input("x", (4, 3))
@@ -95,12 +100,28 @@ class Graph:
         self._recording: list[Node] | None = None  # nodes created by a gradient rule
         self._plans: dict = {}
         self.replay = True  # plans made from now on replay unchanged nodes' dispatches (see Plan)
+        self.lock = threading.RLock()  # held by every run and training step
+        self._training: tuple | None = None  # (the arguments it was derived with, the Training)
 
     def input(self, name: str, shape, dtype=np.float32) -> GraphTensor:
-        """A named input, fed by `run(inputs={name: array})`."""
+        """A named input, fed by `run(inputs={name: array})`.
+
+        Args:
+            name: its key in `run`'s and `step`'s inputs.
+            shape: positive integer sizes.
+            dtype: float32 (default), int32 or uint32.
+
+        Example:
+            >>> x = g.input("x", (4, 3, 32, 32))
+        """
         if name in self.inputs:
             raise GraphError(f"graph already has an input named {name!r}")
-        t = self.inputs[name] = GraphTensor(self, shape, dtype, name=name)
+        dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
+        if dims is None or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in dims):
+            raise ShapeError(f"input {name!r}: shape must be a tuple of positive integers, got {shape!r}")
+        if np.dtype(dtype) not in DTYPES:
+            raise ShapeError(f"input {name!r}: dtype {np.dtype(dtype)} is not one of {', '.join(map(str, DTYPES))}")
+        t = self.inputs[name] = GraphTensor(self, dims, dtype, name=name)
         return t
 
     @contextlib.contextmanager
@@ -181,7 +202,20 @@ class Graph:
 
         Returns:
             a Training whose `step(**inputs)` runs forward, backward and updates.
+
+        A graph has one training graph: asked again with the same arguments, this returns the
+        one it made; asked with others, it raises GraphError, since a second set of gradient
+        nodes and updates would run in every step too (every parameter updated twice). Build
+        the network in a new `mm.Graph` for another training graph.
         """
+        args = (loss, source_gradient, node_handler, optimizer)
+        if self._training is not None:
+            made, training = self._training
+            if all(a is b for a, b in zip(made, args)):
+                return training
+            raise GraphError(f"this graph already has a training graph (derived from {training.loss}); a second "
+                             "one would run in every step too, applying each update twice: build the network "
+                             "in a new mm.Graph for another")
         forward = list(self.nodes)
         needs = self._needs_gradient(forward)
         if not needs.get(loss, False):
@@ -219,7 +253,9 @@ class Graph:
         if node_handler is not None:
             created = self._handle(created, param_grads, node_handler)
         updates = optimizer.append_updates(self, param_grads) if optimizer is not None else []
-        return Training(self, loss, param_grads, created, updates, optimizer)
+        training = Training(self, loss, param_grads, created, updates, optimizer)
+        self._training = (args, training)
+        return training
 
     def _prune(self, created: list[Node], param_grads: dict) -> list[Node]:
         """Drop the gradient nodes no parameter gradient depends on (e.g. an input gradient above a cut)."""
@@ -293,13 +329,25 @@ class Graph:
             outputs: the tensors to return.
             commit_every: nodes per `commit_and_continue`, so the device starts while the rest is encoded.
         """
-        outputs = list(outputs) if outputs is not None else list(self.nodes[-1].outputs)
-        plan = self.plan(tuple(outputs))
-        values = plan.execute(self.bind_inputs(inputs), commit_every)
-        return [values[o].numpy() if isinstance(values[o], Tensor) else values[o] for o in outputs]
+        bound = self.bind_inputs(inputs)
+        if outputs is None:
+            if not self.nodes:
+                raise GraphError("the graph has no nodes to run")
+            outputs = self.nodes[-1].outputs
+        outputs = list(outputs)
+        with self.lock:
+            values = self.plan(tuple(outputs)).execute(bound, commit_every)
+            return [values[o].numpy() if isinstance(values[o], Tensor) else values[o] for o in outputs]
 
     def bind_inputs(self, inputs: dict) -> dict[GraphTensor, Any]:
-        """Check `inputs` against the graph's declared inputs; {graph tensor: array or tensor}."""
+        """Check `inputs` against the graph's declared inputs; {graph tensor: array or tensor}.
+
+        Arrays are converted to the declared dtype within its kind (float64 to float32, say);
+        an array of another kind (integers for a float32 input) or a tensor of another dtype is
+        refused, as its bits would be read as the declared dtype's.
+        """
+        if not isinstance(inputs, dict):
+            raise GraphError(f"inputs must be a dict {{name: array}}, got {type(inputs).__name__}")
         missing = [n for n in self.inputs if n not in inputs]
         extra = [n for n in inputs if n not in self.inputs]
         if missing or extra:
@@ -311,12 +359,16 @@ class Graph:
             if isinstance(v, Tensor):
                 if v.shape != t.shape:
                     raise GraphError(f"input {name!r} has shape {v.shape}; the graph declared {t.shape}")
+                if v.dtype != t.dtype:
+                    raise ops.DTypeError(f"input {name!r} is a {v.dtype} tensor; the graph declared {t.dtype}")
+                if v.device is not self.device:
+                    raise GraphError(f"input {name!r} lives on {v.device.name}; the graph on {self.device.name}")
                 bound[t] = v
                 continue
             a = np.asarray(v)
             if a.shape != t.shape:
                 raise GraphError(f"input {name!r} has shape {a.shape}; the graph declared {t.shape}")
-            bound[t] = np.ascontiguousarray(a, dtype=t.dtype)
+            bound[t] = _convert(name, a, t.dtype)
         return bound
 
     def plan(self, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True, copy: int = 0,
@@ -327,9 +379,21 @@ class Graph:
         independent plans with buffers of their own, one per iteration kept in flight.
         """
         key = (tuple(outputs), len(self.nodes), plan_lifetimes, copy, updates, self.replay)
-        if key not in self._plans:
-            self._plans[key] = Plan(self, outputs, plan_lifetimes, updates, self.replay)
-        return self._plans[key]
+        with self.lock:
+            if key not in self._plans:
+                self._plans[key] = Plan(self, outputs, plan_lifetimes, updates, self.replay)
+            return self._plans[key]
+
+
+def _convert(name: str, a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Array `a` fed to input `name` as `dtype`: floats to a float input, integers that fit to an integer one."""
+    fits = a.dtype.kind == dtype.kind == "f" or (
+        a.dtype.kind in "iu" and dtype.kind in "iu"
+        and (a.size == 0 or np.iinfo(dtype).min <= a.min() and a.max() <= np.iinfo(dtype).max))
+    if not fits:
+        raise ops.DTypeError(f"input {name!r} is a {a.dtype} array; the graph declared {dtype}"
+                             + (f" (convert it: .astype(np.{dtype}))" if a.dtype.kind in "iufb" else ""))
+    return np.ascontiguousarray(a, dtype=dtype)
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -416,7 +480,8 @@ class Plan:
         """Encode every node into `cb` (with `commit_and_continue` every `commit_every` nodes)
         and return the outputs' tensors (with any others it built), without the final commit or
         wait — so a caller can keep several iterations in flight (each with its own plan, see
-        `Graph.plan(copy=)`)."""
+        `Graph.plan(copy=)`). The caller keeps other threads off the plan until it has read the
+        outputs (`with graph.lock:`), as `Graph.run` does."""
         dev = self.graph.device
         if self._buffers is None:
             self._buffers = [dev.buffer(nbytes=b) for b in self.slot_bytes]
@@ -492,16 +557,19 @@ class Training:
         return [t.value for t in self.param_grads]
 
     def step(self, commit_every: int = 16, **inputs) -> float:
-        """Run one training step; returns the loss and leaves each parameter's gradient in `p.grad`."""
-        grads = list(self.param_grads.values())
-        if self.optimizer is not None:
-            self.optimizer.prepare_step()
-        plan = self.graph.plan((self.loss, *grads), updates=True)
-        values = plan.execute(self.graph.bind_inputs(inputs), commit_every)
-        for t, g in self.param_grads.items():
-            t.value.grad = values[g]
-        loss = values[self.loss].numpy()
-        return float(loss.sum())
+        """Run one training step; returns the loss and leaves each parameter's gradient in `p.grad`.
+
+        Steps from several threads take turns, each one whole (forward, backward, updates).
+        """
+        bound = self.graph.bind_inputs(inputs)
+        with self.graph.lock:
+            if self.optimizer is not None:
+                self.optimizer.prepare_step()
+            plan = self.graph.plan((self.loss, *self.param_grads.values()), updates=True)
+            values = plan.execute(bound, commit_every)
+            for t, g in self.param_grads.items():
+                t.value._step_gradient(values[g], self.graph.lock)
+            return float(values[self.loss].numpy().sum())
 
     @property
     def peak_bytes(self) -> int:

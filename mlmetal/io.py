@@ -29,26 +29,28 @@ loss's target); "stop_gradient": true may mark any input, parameter or node outp
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
+import secrets
+import shutil
 import stat
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
-from safetensors import SafetensorError
 
 from . import ops
 from .graph import Graph, GraphTensor
 from .nn import Module, Parameter
 from .optim import SGD, Adam, Optimizer
-from .tensor import Tensor, _device, tensor
+from .tensor import Tensor, _device, empty
 
 VERSION = 1
 GRAPH, WEIGHTS = "graph.json", "weights.safetensors"
@@ -66,6 +68,8 @@ MAX_ATTRS = 64                     # per node; an attribute list holds at most t
 MAX_ATTR_DEPTH = 3
 MAX_ATTR_INT = 2**31               # kernels take 32-bit constants
 MAX_ZIP_MEMBERS = 64
+MAX_FLOAT = float(np.finfo(np.float32).max)  # float attributes reach the kernels as float32
+READ_CHUNK = 8 << 20               # bytes of weights read at a time
 
 _DTYPES = {"float32": np.dtype(np.float32), "int32": np.dtype(np.int32), "uint32": np.dtype(np.uint32)}
 _SAFETENSORS_DTYPES = {"F32": "float32", "I32": "int32", "U32": "uint32"}
@@ -129,6 +133,7 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
         >>> mm.save("denoiser.zip", graph, outputs={"rgb": y}, module=net)
         >>> mm.save("ckpt", net, optimizer=opt)
     """
+    path = _target(path)
     if isinstance(what, Graph):
         if module is not None:
             module.named_parameters()  # names each parameter
@@ -146,7 +151,7 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
     arrays = {name: np.ascontiguousarray(t.numpy()) for name, t in tensors.items()}
     graph_bytes = _dumps(meta).encode()
     weight_bytes = safetensors.numpy.save(arrays, metadata={"format": "mlmetal", "version": str(VERSION)})
-    _write(Path(path), graph_bytes, weight_bytes)
+    _write(path, graph_bytes, weight_bytes)
 
 
 def _describe_module(module: Module):
@@ -295,89 +300,216 @@ def _to_json(v, where: str):
                       f"generator and cannot be saved; feed random inputs instead)")
 
 
+def _target(path) -> Path:
+    """The path a model is saved to; refused when it names no model (`mm.save("")` would write into the cwd)."""
+    if Path(path).name in ("", ".."):
+        raise ValueError(f"mm.save: {os.fspath(path)!r} names no model; give a directory or a file ending in .zip")
+    return Path(path)
+
+
 def _write(path: Path, graph_bytes: bytes, weight_bytes: bytes) -> None:
-    """Write both members; each file appears whole or not at all (a temporary file, then a rename)."""
-    if path.suffix == ".zip":
+    """Write a saved model so that `path` holds the old model or the whole new one at every moment.
+
+    Each save is written beside `path` under a temporary name and then renamed over it: a `.zip`
+    with one rename, a directory by exchanging the two directories. New files and directories
+    get the modes `open` and `mkdir` give (0666 and 0777 less the umask). Errors name `path`.
+    """
+    _check_target(path)
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            with zipfile.ZipFile(f, "w") as zf:
-                zf.writestr(GRAPH, graph_bytes, compress_type=zipfile.ZIP_DEFLATED)
-                zf.writestr(WEIGHTS, weight_bytes, compress_type=zipfile.ZIP_STORED)
-        os.replace(f.name, path)
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    for name, data in ((WEIGHTS, weight_bytes), (GRAPH, graph_bytes)):
-        with tempfile.NamedTemporaryFile(dir=path, suffix=".tmp", delete=False) as f:
-            f.write(data)
-        os.replace(f.name, path / name)
+        if path.suffix == ".zip":
+            _write_zip(path, graph_bytes, weight_bytes)
+        else:
+            _write_directory(path, {WEIGHTS: weight_bytes, GRAPH: graph_bytes})
+    except OSError as e:
+        # a temporary's name means nothing to the caller: say which path could not be saved, and why
+        raise type(e)(e.errno, f"cannot save {path}: {e.strerror or e}") from None
+
+
+def _check_target(path: Path) -> None:
+    """Refuse, before anything is written, a path that cannot hold a model or holds something else."""
+    for parent in path.parents:  # the nearest that exists must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"cannot save {path}: {parent} is not a directory")
+            break
+    if path.suffix == ".zip":
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, f"cannot save {path}: {path} is a directory; a .zip model is a file")
+    elif path.exists():
+        if not path.is_dir():
+            raise FileExistsError(errno.EEXIST, f"cannot save {path}: {path} is a file; a model without .zip is "
+                                                f"a directory")
+        # the whole directory is replaced: what is not a saved model's would be lost with it
+        others = sorted(set(os.listdir(path)) - {GRAPH, WEIGHTS})
+        if others:
+            raise FileExistsError(errno.EEXIST, f"cannot save {path}: it holds files other than a saved model's: "
+                                                f"{_few(others)}")
+
+
+def _temporary(path: Path) -> Path:
+    """An unused name beside `path`, hidden, for a save in progress."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def _create(path: Path):
+    """A new file open for writing; the umask applies to its mode, as for `open(path, "w")`."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+
+
+def _write_zip(path: Path, graph_bytes: bytes, weight_bytes: bytes) -> None:
+    tmp = _temporary(path)
+    try:
+        with _create(tmp) as f, zipfile.ZipFile(f, "w") as zf:
+            zf.writestr(GRAPH, graph_bytes, compress_type=zipfile.ZIP_DEFLATED)
+            zf.writestr(WEIGHTS, weight_bytes, compress_type=zipfile.ZIP_STORED)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_directory(path: Path, members: dict) -> None:
+    if path.is_symlink() and path.is_dir():
+        path = Path(os.path.realpath(path))  # save into the directory the link names, as before
+    old = path.stat() if path.exists() else None
+    tmp = _temporary(path)
+    os.mkdir(tmp, 0o777)
+    try:
+        if old is not None:
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))  # the model directory keeps its permissions
+        for name, data in members.items():
+            with _create(tmp / name) as f:
+                f.write(data)
+        if old is None:
+            os.rename(tmp, path)
+            return
+        if not _exchange(tmp, path):  # no atomic exchange here: the old model steps aside for a moment
+            aside = _temporary(path)
+            os.rename(path, aside)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(aside, path)
+                raise
+            tmp = aside
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)  # the old model, now under the temporary name
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux's renameat2, macOS's renamex_np); False where the system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "renameat2"):
+        at_fdcwd, rename_exchange = -100, 2
+        result = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), ctypes.c_uint(rename_exchange))
+    elif hasattr(libc, "renamex_np"):
+        rename_swap = 2
+        result = libc.renamex_np(os.fsencode(a), os.fsencode(b), ctypes.c_uint(rename_swap))
+    else:
+        return False
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # a file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 # ---------------------------------------------------------------- reading archives
 
 class _Archive:
-    """The two members of a saved model, read with bounded sizes from a directory or a zip."""
+    """The two members of a saved model, read with bounded sizes from a directory or a zip.
+
+    Errors name the member, not the path: `_read` puts the path in front of every message.
+    """
 
     def __init__(self, path: Path):
-        self.path = path
-        self.zip = None
+        self.zip = self.dir = None
         if path.suffix == ".zip":
+            file, _ = _open_regular(path, "the archive", follow=True)  # the caller's own path may be a link
             try:
-                self.zip = zipfile.ZipFile(path)
+                self.zip = zipfile.ZipFile(file)
             except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as e:
-                _fail(str(path), f"not a readable zip archive ({e})")
+                file.close()
+                raise FormatError(f"not a readable zip archive ({e})") from None
             try:
                 self._check_members()
             except FormatError:
                 self.zip.close()
                 raise
-        elif not path.is_dir():
-            _fail(str(path), "no saved model here (expected a directory, or a file ending in .zip)")
+            return
+        try:
+            # members are opened relative to this handle: a save swapping the directory meanwhile gives an
+            # error, never graph.json of one model and the weights of another
+            self.dir = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            raise FormatError("no saved model here (expected a directory, or a file ending in .zip)") from None
 
     def _check_members(self) -> None:
         infos = self.zip.infolist()
         if len(infos) > MAX_ZIP_MEMBERS:
-            _fail(str(self.path), f"{len(infos)} archive members; a saved model has 2")
+            raise FormatError(f"{len(infos)} archive members; a saved model has 2")
         seen = set()
         for info in infos:
             name = info.filename
             parts = name.replace("\\", "/").split("/")
             if not name or name.startswith(("/", "\\")) or "\\" in name or ".." in parts or ":" in name or "\0" in name:
-                _fail(str(self.path), f"archive member {name[:MAX_NAME]!r} has a path outside the archive")
+                raise FormatError(f"archive member {name[:MAX_NAME]!r} has a path outside the archive")
             if name in seen:
-                _fail(str(self.path), f"archive member {name[:MAX_NAME]!r} appears twice")
+                raise FormatError(f"archive member {name[:MAX_NAME]!r} appears twice")
             seen.add(name)
 
     def open(self, name: str):
         """(binary stream, size in bytes) of member `name`."""
-        where = f"{self.path}: {name}"
         if self.zip is not None:
             try:
                 info = self.zip.getinfo(name)
             except KeyError:
-                _fail(str(self.path), f"the archive has no {name}")
+                raise FormatError(f"the archive has no {name}") from None
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
-                _fail(where, "is encrypted or compressed with a method other than stored or deflated")
+                _fail(name, "is encrypted or compressed with a method other than stored or deflated")
             if name == WEIGHTS and info.compress_type != zipfile.ZIP_STORED:
                 # stored, as mm.save writes it: the archive's size then bounds what loading reads (no zip bombs)
-                _fail(where, "must be stored uncompressed")
+                _fail(name, "must be stored uncompressed")
             return self.zip.open(info), info.file_size
-        member = self.path / name
-        try:
-            # O_NOFOLLOW: a symbolic link could point anywhere outside the saved model
-            fd = os.open(member, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except FileNotFoundError:
-            _fail(str(self.path), f"the directory has no {name}")
-        except OSError as e:
-            _fail(where, f"cannot be opened ({e.strerror}; symbolic links are refused)")
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            _fail(where, "is not a regular file")
-        return os.fdopen(fd, "rb"), st.st_size
+        return _open_regular(name, name, dir_fd=self.dir)
 
     def close(self):
         if self.zip is not None:
             self.zip.close()
+        if self.dir is not None:
+            os.close(self.dir)
+
+
+_NOT_REGULAR = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def _open_regular(path, where: str, dir_fd=None, follow=False):
+    """(binary file, size) of a regular file; anything else is refused before a byte is read.
+
+    O_NONBLOCK: opening a named pipe would otherwise wait for a writer, forever. O_NOFOLLOW (unless
+    `follow`): a symbolic link in a saved model could point anywhere. The check is made on the
+    opened file (fstat), so nothing can be swapped in between.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise FormatError(f"{where} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow:
+            raise FormatError(f"{where} is a symbolic link; symbolic links are refused") from None
+        raise FormatError(f"{where} cannot be opened ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FormatError(f"{where} is {_NOT_REGULAR.get(stat.S_IFMT(st.st_mode), 'not a file')}, not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb"), st.st_size
 
 
 def _read_exact(stream, n: int, where: str) -> bytes:
@@ -531,8 +663,10 @@ def _attr(v, where: str, depth: int = 0):
         return v
     if type(v) is int:
         return _int(v, where, -MAX_ATTR_INT, MAX_ATTR_INT)
-    if type(v) is float:
-        return v  # the parser already refused NaN and infinities
+    if type(v) is float:  # the parser already refused NaN and infinities
+        if abs(v) > MAX_FLOAT:
+            _fail(where, f"{v!r} is beyond float32's range (±{MAX_FLOAT:.7g}), which the kernels take")
+        return v
     if type(v) is str:
         if len(v) > MAX_NAME:
             _fail(where, f"a string of {len(v)} characters; at most {MAX_NAME} are accepted")
@@ -603,6 +737,9 @@ def _validate(meta) -> _Spec:
             _fail(f"{g}.parameters[{i}]", f"a second parameter named {t.name!r}")
         if t.name.startswith("optimizer."):
             _fail(f"{g}.parameters[{i}]", "names starting with 'optimizer.' are reserved for optimizer state")
+        if t.trainable is not None and t.dtype != np.float32:
+            _fail(f"{g}.parameters[{i}]", f"{t.name} is {t.dtype}; parameters are float32 (a constant of another "
+                                          f"dtype has \"trainable\": null)")
         params[t.name] = t
         count(t, f"{g}.parameters[{i}]")
 
@@ -699,15 +836,14 @@ def _validate_optimizer(v, params: dict, weights: dict) -> dict:
 
 # ---------------------------------------------------------------- reading weights.safetensors
 
-def _read_weights(stream, size: int, expected: dict) -> dict[str, np.ndarray]:
-    """Read and check a safetensors stream against `expected` ({name: (shape, dtype)}), header first."""
+def _read_header(stream, size: int, expected: dict) -> list:
+    """Check a safetensors stream's header against `expected` ({name: (shape, dtype)}); the tensors'
+    (begin, end, name) in file order, the stream left at the first tensor's first byte."""
     w = WEIGHTS
-    head = _read_exact(stream, 8, w)
-    n = int.from_bytes(head, "little")
+    n = int.from_bytes(_read_exact(stream, 8, w), "little")
     if n > MAX_JSON_BYTES or 8 + n > size:
         _fail(w, f"header of {n} bytes claimed in a file of {size} bytes")
-    raw_header = _read_exact(stream, n, w)
-    header = _parse_json(raw_header, f"{w} header")
+    header = _parse_json(_read_exact(stream, n, w), f"{w} header")
     if not isinstance(header, dict):
         _fail(f"{w} header", "expected an object")
     meta = header.pop("__metadata__", {})
@@ -733,26 +869,32 @@ def _read_weights(stream, size: int, expected: dict) -> dict[str, np.ndarray]:
         if end - begin != math.prod(shape) * dtype.itemsize:
             _fail(f"{where}.data_offsets", f"[{begin}, {end}] do not span the {math.prod(shape)} elements of {shape}")
         spans.append((begin, end, name))
+    spans.sort()
     position = 0
-    for begin, end, name in sorted(spans):
+    for begin, end, name in spans:
         if begin != position:
             _fail(f"{w} header.{name}", f"data starts at byte {begin}, not at {position}: "
                                         f"tensors overlap or leave gaps")
         position = end
     if 8 + n + position != size:
         _fail(w, f"the file has {size} bytes; its header describes {8 + n + position}")
-    data = _read_exact(stream, position, w)
+    return spans
+
+
+def _read_data(stream, spans: list, write) -> None:
+    """Stream each tensor's bytes to `write(name, offset, chunk)`: memory for one chunk, not for the file."""
+    chunk = memoryview(bytearray(min(READ_CHUNK, max((end - begin for begin, end, _ in spans), default=0))))
+    for begin, end, name in spans:
+        offset = 0
+        while offset < end - begin:
+            got = stream.readinto(chunk[:min(len(chunk), end - begin - offset)])
+            if not got:
+                _fail(WEIGHTS, f"ends after {begin + offset} of the {spans[-1][1]} data bytes its header "
+                               f"describes (truncated?)")
+            write(name, offset, chunk[:got])
+            offset += got
     if stream.read(1):
-        _fail(w, "has bytes after its last tensor")
-    try:
-        arrays = safetensors.numpy.load(head + raw_header + data)
-    except (SafetensorError, ValueError, TypeError) as e:
-        _fail(w, f"the safetensors library refuses it: {str(e)[:200]}")
-    for name, (shape, dtype) in expected.items():
-        a = arrays.get(name)
-        if a is None or a.shape != shape or a.dtype != dtype:
-            _fail(w, f"{name} does not read back as {shape} {dtype}")
-    return arrays
+        _fail(WEIGHTS, "has bytes after its last tensor")
 
 
 def _few(names: list) -> str:
@@ -760,11 +902,13 @@ def _few(names: list) -> str:
     return (", ".join(shown) + (f" and {len(names) - 8} more" if len(names) > 8 else "")) or "none"
 
 
-def _read(path) -> tuple[_Spec, dict]:
-    """Read and check a saved model completely, on the host: (what graph.json describes, weights)."""
+def _read(path, place) -> _Spec:
+    """Read and check a saved model on the host; only then call `place(spec)` for a `write(name, offset,
+    chunk)` that receives each tensor's bytes, streamed from the file."""
     path = Path(path)
-    archive = _Archive(path)
+    archive = None
     try:
+        archive = _Archive(path)
         stream, size = archive.open(GRAPH)
         with stream:
             if size > MAX_JSON_BYTES:
@@ -775,13 +919,17 @@ def _read(path) -> tuple[_Spec, dict]:
         spec = _validate(_parse_json(data, GRAPH))
         stream, size = archive.open(WEIGHTS)
         with stream:
-            arrays = _read_weights(stream, size, spec.weights)
-        return spec, arrays
+            spans = _read_header(stream, size, spec.weights)
+            _read_data(stream, spans, place(spec))
+        return spec
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
     # a damaged member (zipfile raises NotImplementedError for flags it does not know), or a vanished file
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
         raise FormatError(f"{path}: cannot be read ({str(e)[:200]})") from None
     finally:
-        archive.close()
+        if archive is not None:
+            archive.close()
 
 
 # ---------------------------------------------------------------- loading
@@ -838,17 +986,30 @@ def load(path, device=None) -> Model:
         >>> model.run({"x": noisy})["output"].shape
         (1, 3, 64, 64)
     """
-    spec, arrays = _read(path)
-    dev = _device(device)
     params: dict[str, Tensor] = {}
-    for t in spec.params:
-        a = arrays[t.name]
-        p = tensor(a, dev, t.dtype) if t.trainable is None else Parameter(a, dev, t.trainable)
-        p.name = t.name
-        if t.stop_gradient:
-            p.stop_gradient = True
-        params[t.name] = p
-    optimizer = _build_optimizer(spec.optimizer, params, arrays) if spec.optimizer else None
+    dev = optimizer = None
+
+    def place(spec: _Spec):
+        nonlocal dev, optimizer
+        dev = _device(device)
+        for t in spec.params:
+            p = empty(t.shape, dev, t.dtype)  # filled from the file below, without a host copy of it all
+            p = p if t.trainable is None else Parameter(p, trainable=t.trainable)
+            p.name = t.name
+            if t.stop_gradient:
+                p.stop_gradient = True
+            params[t.name] = p
+        tensors = dict(params)
+        if spec.optimizer:
+            saved = spec.optimizer
+            kind = _OPTIMIZERS[saved["type"]]
+            optimizer = kind.cls([params[n] for n in saved["parameters"]], **kind.kwargs(saved["attrs"]))
+            _set_hyper_parameters(optimizer, saved)
+            tensors.update(_state_tensors(optimizer, saved, saved["parameters"]))
+        dev.synchronize()  # nothing in flight may write these buffers after the file does
+        return lambda name, offset, chunk: tensors[name].buffer.write(chunk, offset)
+
+    spec = _read(path, place)
     if spec.kind == "module":
         return Model(None, {}, {}, params, optimizer)
     g = Graph(dev)
@@ -868,22 +1029,17 @@ def load(path, device=None) -> Model:
     return Model(g, dict(g.inputs), {name: resolve(r) for name, r in spec.outputs.items()}, params, optimizer)
 
 
-def _build_optimizer(saved: dict, params: dict, arrays: dict) -> Optimizer:
-    kind = _OPTIMIZERS[saved["type"]]
-    opt = kind.cls([params[n] for n in saved["parameters"]], **kind.kwargs(saved["attrs"]))
-    _set_optimizer_state(opt, saved, saved["parameters"], arrays)
-    return opt
-
-
-def _set_optimizer_state(opt: Optimizer, saved: dict, names: list, arrays: dict) -> None:
-    """Hyper-parameters, step count and per-parameter state; `names[i]` names `opt.params[i]`."""
-    kind = _OPTIMIZERS[saved["type"]]
-    for k, v in kind.kwargs(saved["attrs"]).items():
+def _set_hyper_parameters(opt: Optimizer, saved: dict) -> None:
+    for k, v in _OPTIMIZERS[saved["type"]].kwargs(saved["attrs"]).items():
         setattr(opt, k, v)
     opt.steps = saved["steps"]
-    for p, name in zip(opt.params, names):
-        for slot, t in zip(kind.slots, opt.state[id(p)]):
-            t.assign(arrays[_state_name(saved["type"], slot, name)])
+
+
+def _state_tensors(opt: Optimizer, saved: dict, names: list) -> dict[str, Tensor]:
+    """The optimizer's state tensors by saved name; `names[i]` names `opt.params[i]`."""
+    slots = _OPTIMIZERS[saved["type"]].slots
+    return {_state_name(saved["type"], slot, name): t
+            for p, name in zip(opt.params, names) for slot, t in zip(slots, opt.state[id(p)])}
 
 
 def restore(path, module: Module, optimizer: Optimizer | None = None, strict: bool = True) -> None:
@@ -905,40 +1061,55 @@ def restore(path, module: Module, optimizer: Optimizer | None = None, strict: bo
         >>> net, opt = make_net(), mm.optim.Adam(net.parameters())
         >>> mm.io.restore("ckpt", net, opt)
     """
-    spec, arrays = _read(path)
-    saved = {t.name: t for t in spec.params if t.trainable is not None}
     mine = module.named_parameters()
-    missing = [n for n in mine if n not in saved]
-    extra = [n for n in saved if n not in mine]
-    wrong = [f"{n} {mine[n].shape} {mine[n].dtype} (saved {saved[n].shape} {saved[n].dtype})"
-             for n in mine if n in saved and (mine[n].shape != saved[n].shape or mine[n].dtype != saved[n].dtype)]
-    if wrong or (strict and (missing or extra)):
-        raise FormatError(f"{path}: the weights do not fit the {type(module).__name__}: missing {_few(missing)}; "
-                          f"unexpected {_few(extra)}; wrong shape {_few(wrong)}")
-    names = None
+    targets: dict[str, Tensor] = {}  # what the save will change, by saved name
+    arrays: dict[str, np.ndarray] = {}
+    optimizer_saved = None
+
+    def place(spec: _Spec):
+        nonlocal optimizer_saved
+        saved = {t.name: t for t in spec.params if t.trainable is not None}
+        missing = [n for n in mine if n not in saved]
+        extra = [n for n in saved if n not in mine]
+        wrong = [f"{n} {mine[n].shape} {mine[n].dtype} (saved {saved[n].shape} {saved[n].dtype})"
+                 for n in mine if n in saved and (mine[n].shape != saved[n].shape or mine[n].dtype != saved[n].dtype)]
+        if wrong or (strict and (missing or extra)):
+            raise FormatError(f"the weights do not fit the {type(module).__name__}: missing {_few(missing)}; "
+                              f"unexpected {_few(extra)}; wrong shape {_few(wrong)}")
+        targets.update((n, p) for n, p in mine.items() if n in saved)
+        if optimizer is not None:
+            optimizer_saved = spec.optimizer
+            targets.update(_state_tensors(optimizer, spec.optimizer, _optimizer_names(spec, optimizer, mine)))
+        # read into host arrays first: a save that cannot be read to its end changes nothing
+        arrays.update((n, np.empty(t.shape, t.dtype)) for n, t in targets.items())
+        flat = {n: a.reshape(-1).view(np.uint8) for n, a in arrays.items()}
+
+        def write(name, offset, chunk):
+            if name in flat:  # constants, and parameters the module lacks, are skipped
+                flat[name][offset:offset + len(chunk)] = chunk
+        return write
+
+    _read(path, place)
+    for n, t in targets.items():
+        t.assign(arrays[n])
     if optimizer is not None:
-        names = _optimizer_names(path, spec, optimizer, mine)
-    for n, p in mine.items():
-        if n in saved:
-            p.assign(arrays[n])
-    if optimizer is not None:
-        _set_optimizer_state(optimizer, spec.optimizer, names, arrays)
+        _set_hyper_parameters(optimizer, optimizer_saved)
 
 
-def _optimizer_names(path, spec: _Spec, optimizer: Optimizer, mine: dict) -> list:
+def _optimizer_names(spec: _Spec, optimizer: Optimizer, mine: dict) -> list:
     """The saved name of each of the optimizer's parameters, once the saved state is known to fit."""
     saved = spec.optimizer
     if saved is None:
-        raise FormatError(f"{path}: holds no optimizer state")
+        raise FormatError("holds no optimizer state")
     if type(optimizer) is not _OPTIMIZERS[saved["type"]].cls:
-        raise FormatError(f"{path}: holds {saved['type']} state; cannot restore a {type(optimizer).__name__}")
+        raise FormatError(f"holds {saved['type']} state; cannot restore a {type(optimizer).__name__}")
     by_id = {id(p): n for n, p in mine.items()}
     names = [by_id.get(id(p)) for p in optimizer.params]
     if None in names:
-        raise FormatError(f"{path}: the optimizer updates parameters outside the module")
+        raise FormatError("the optimizer updates parameters outside the module")
     missing = [n for n in names if n not in saved["parameters"]]
     extra = [n for n in saved["parameters"] if n not in names]
     if missing or extra:
-        raise FormatError(f"{path}: the optimizer's parameters differ from the saved ones: missing {_few(missing)}; "
+        raise FormatError(f"the optimizer's parameters differ from the saved ones: missing {_few(missing)}; "
                           f"unexpected {_few(extra)}")
     return names

@@ -43,7 +43,6 @@ class Parameter(Tensor):
         super().__init__(t.buffer, t.shape, t.dtype)
         self.statistic = statistic
         self.trainable = trainable and not statistic
-        self.grad: Tensor | None = None
         self.name = ""
 
 

@@ -45,14 +45,19 @@ class Optimizer:
             graph.append(self.op, [p, grad, *state], self.attrs(), out_values=[p, *state])
             graph.nodes[-1].is_update = True
             nodes.append(graph.nodes[-1])
-        self._nodes = nodes
+        self._nodes += nodes  # every training graph it updates in, so each sees this step's attributes
         return nodes
 
     def prepare_step(self) -> None:
-        """Advance the step count and refresh the update nodes' attributes (learning rate, step)."""
+        """Advance the step count and refresh the update nodes' attributes (learning rate, step);
+        an attribute that cannot be (a learning rate past float32's range) leaves both as they were."""
         self.steps += 1
         if self._nodes:  # the attributes do not depend on the shapes: checked once, for the first node
-            attrs = ops.infer(self.op, *self._nodes[0].inputs, **self.attrs())[1]
+            try:
+                attrs = ops.infer(self.op, *self._nodes[0].inputs, **self.attrs())[1]
+            except ops.ShapeError:
+                self.steps -= 1
+                raise
             for n in self._nodes:
                 n.attrs.update(attrs)
 

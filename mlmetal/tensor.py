@@ -23,6 +23,8 @@ class Tensor:
     """
 
     stop_gradient = False
+    _grad = None
+    _grad_lock = None  # set while `_grad` is a training plan's buffer, copied only when read (see grad)
 
     def __init__(self, buffer: Buffer, shape: tuple[int, ...], dtype=np.float32):
         self.buffer = buffer
@@ -53,6 +55,29 @@ class Tensor:
         """A host copy of the tensor, after the device has finished the work committed so far."""
         self.device.synchronize()
         return self.buffer.numpy(self.dtype)[: self.size].reshape(self.shape).copy()
+
+    @property
+    def grad(self) -> "Tensor | None":
+        """The gradient of the latest training step: a tensor of its own, which later steps leave
+        as it is (copied on the device from the step's buffers when first read)."""
+        while True:
+            lock = self._grad_lock
+            if lock is None:
+                return self._grad
+            with lock:  # the training graph's: no step overwrites its buffers meanwhile
+                if self._grad_lock is lock:
+                    from . import ops
+
+                    self._grad, self._grad_lock = ops.reshape(self._grad, shape=self.shape), None
+
+    @grad.setter
+    def grad(self, value: "Tensor | None") -> None:
+        self._grad, self._grad_lock = value, None
+
+    def _step_gradient(self, view: "Tensor", lock) -> None:
+        """Set by a training step: `view` lives in the plan's buffers, which the next step
+        overwrites under `lock`, so `grad` copies it if it is read before then."""
+        self._grad, self._grad_lock = view, lock
 
     def __array__(self, dtype=None, copy=None):
         a = self.numpy()

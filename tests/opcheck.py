@@ -1,8 +1,9 @@
 """The one generic op checker, driven by a table of rows (one per registered op).
 
 Each family's test module (tests/test_ops_<family>.py) declares its rows with `row(...)`
-and gets its tests from `make_tests(rows)`: forward against the float64 reference, and
-the gradient rule against central finite differences of that reference.
+and gets its tests from `make_tests(rows)`: forward against the float64 reference, the
+gradient rule against central finite differences of that reference, and NaN propagation (a
+NaN in an input gives NaN where the reference, which follows PyTorch, has one).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mlmetal as mm
@@ -33,6 +34,7 @@ class Row:
     grad_atol: float = 2e-3
     fd_eps: float = 1e-3
     wrt: tuple[int, ...] | None = None  # inputs whose gradients are checked; default: all with one
+    nan_spreads: str = ""  # why the kernel may turn more outputs NaN than the reference (a NaN input); "": it may not
 
 
 def row(op: str, case, **kw) -> Row:
@@ -66,6 +68,19 @@ def check_forward(dev, r: Row, inputs, attrs):
         got = o.numpy()
         assert np.isfinite(got).all() or not np.isfinite(e).all(), f"{r.op}: non-finite output"
         np.testing.assert_allclose(got, e, rtol=r.rtol, atol=r.atol, err_msg=f"{r.op} {attrs}")
+
+
+def check_nan(dev, r: Row, inputs, attrs):
+    """NaN wherever the reference has NaN; with `r.nan_spreads`, possibly elsewhere too, else nowhere else."""
+    if not r.nan_spreads:
+        return check_forward(dev, r, inputs, attrs)
+    _, out = run_op(dev, r.op, inputs, attrs)
+    ref, _ = reference(r.op, inputs, attrs)
+    for o, e in zip(_as_tuple(out), _as_tuple(ref)):
+        got, e = o.numpy(), np.asarray(e)
+        assert np.isnan(got[np.isnan(e)]).all(), f"{r.op}: a NaN of the reference is not NaN {attrs}"
+        both = ~np.isnan(got)
+        np.testing.assert_allclose(got[both], e[both], rtol=r.rtol, atol=r.atol, err_msg=f"{r.op} {attrs}")
 
 
 def finite_difference(f, inputs: list[np.ndarray], i: int, eps: float) -> np.ndarray:
@@ -107,8 +122,19 @@ def check_grad(dev, r: Row, inputs, attrs, seed: int):
                                    err_msg=f"{r.op}: gradient of input {i} {attrs}")
 
 
+def with_nan(inputs: list[np.ndarray], data: st.DataObject) -> list[np.ndarray] | None:
+    """`inputs` with one element of one float input NaN (None when no input is float)."""
+    floating = [i for i, a in enumerate(inputs) if a.dtype.kind == "f" and a.size]
+    if not floating:
+        return None
+    i = data.draw(st.sampled_from(floating), label="nan input")
+    poisoned = [a.copy() for a in inputs]
+    poisoned[i].flat[data.draw(st.integers(0, inputs[i].size - 1), label="nan at")] = np.nan
+    return poisoned
+
+
 def make_tests(rows: list[Row]):
-    """(test_forward, test_grad) parametrized over `rows`."""
+    """(test_forward, test_grad, test_nan) parametrized over `rows`."""
     ids = [r.op for r in rows]
 
     @pytest.mark.parametrize("r", rows, ids=ids)
@@ -116,6 +142,16 @@ def make_tests(rows: list[Row]):
     def test_forward(dev, r, data):
         inputs, attrs = r.case(data)
         check_forward(dev, r, inputs, attrs)
+
+    @pytest.mark.parametrize("r", rows, ids=ids)
+    @settings(max_examples=max(2, settings.default.max_examples // 3))
+    @given(data=st.data())
+    def test_nan(dev, r, data):
+        """A NaN in an input gives NaN exactly where the float64 reference has one (which follows PyTorch)."""
+        inputs, attrs = r.case(data)
+        poisoned = with_nan(inputs, data)
+        if poisoned is not None:
+            check_nan(dev, r, poisoned, attrs)
 
     diff_rows = [r for r in rows if ops.REGISTRY[r.op].grad is not None]
 
@@ -125,7 +161,7 @@ def make_tests(rows: list[Row]):
         inputs, attrs = (r.grad_case or r.case)(data)
         check_grad(dev, r, inputs, attrs, seed)
 
-    return test_forward, test_grad
+    return test_forward, test_grad, test_nan
 
 
 # ---------------------------------------------------------------- drawing inputs

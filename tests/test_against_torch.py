@@ -2,7 +2,8 @@
 
 The float64 references define every op; this file checks that the references (and so the
 kernels) mean what PyTorch means by the same name: padding, dilation, groups, pooling
-windows, align_corners=False upsampling, biased/unbiased variances, optimizer updates.
+windows, align_corners=False upsampling, biased/unbiased variances, optimizer updates, and where a
+NaN goes.
 """
 
 import numpy as np
@@ -114,3 +115,44 @@ def test_linear_and_gram(dev):
     f = arr(rng, 2, 4, 3, 5)
     ft = torch.from_numpy(f).reshape(2, 4, 15)
     close(mm.ops.gram(mm.tensor(f, dev), alpha=1 / 15), ft @ ft.transpose(1, 2) / 15)
+
+
+NAN_OPS = [  # (op, attributes, PyTorch's function of the input (and labels))
+    ("relu", {}, torch.relu),
+    ("leaky_relu", {"slope": 0.1}, lambda x: F.leaky_relu(x, 0.1)),
+    ("sigmoid", {}, torch.sigmoid),
+    ("tanh", {}, torch.tanh),
+    ("softmax", {}, lambda x: torch.softmax(x, 1)),
+    ("max_pool2d", {"kernel": 2}, lambda x: F.max_pool2d(x, 2)),
+    ("max_pool2d", {"kernel": 3, "stride": 1, "padding": 1}, lambda x: F.max_pool2d(x, 3, 1, 1)),
+    ("avg_pool2d", {"kernel": 2}, lambda x: F.avg_pool2d(x, 2)),
+    ("upsample", {"scale": 2, "mode": "nearest"}, lambda x: F.interpolate(x, scale_factor=2, mode="nearest")),
+    ("upsample", {"scale": 2, "mode": "bilinear"},
+     lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)),
+    ("mse_loss", {"reduction": "none"}, lambda y, t: F.mse_loss(y, t, reduction="none")),
+    ("mae_loss", {"reduction": "none"}, lambda y, t: F.l1_loss(y, t, reduction="none")),
+    ("huber_loss", {"reduction": "none", "delta": 0.5}, lambda y, t: F.huber_loss(y, t, reduction="none", delta=0.5)),
+    ("sigmoid_cross_entropy_loss", {"reduction": "mean"},
+     lambda y, t: F.binary_cross_entropy_with_logits(y, t).reshape(1)),
+    ("softmax_cross_entropy_loss", {"reduction": "sum"}, lambda y, t: F.cross_entropy(y, t, reduction="sum").reshape(1)),
+]
+
+
+@pytest.mark.parametrize("op, attrs, theirs", NAN_OPS, ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(NAN_OPS)])
+@pytest.mark.parametrize("where", [0, 5, 37])
+def test_nan_propagates_as_in_torch(dev, op, attrs, theirs, where):
+    """A NaN in the input gives NaN in the output and in the input's gradient exactly where PyTorch's does."""
+    rng = np.random.default_rng(where)
+    x = arr(rng, 2, 3, 4, 4)
+    x.flat[where] = np.nan
+    inputs = [x] + ([rng.uniform(0, 1, x.shape).astype(np.float32)] if "loss" in op else [])
+    xt = [torch.from_numpy(a).requires_grad_(i == 0) for i, a in enumerate(inputs)]
+    out_t = theirs(*xt)
+    g = arr(rng, *out_t.shape)
+    out_t.backward(torch.from_numpy(g))
+
+    ts = [mm.tensor(a, dev) for a in inputs]
+    out = getattr(mm.ops, op)(*ts, **attrs)
+    grad = mm.ops.REGISTRY[op].grad(mm.tensor(g, dev), out, *ts, **mm.ops.infer(op, *ts, **attrs)[1])[0]
+    np.testing.assert_allclose(out.numpy(), out_t.detach().numpy(), rtol=1e-4, atol=1e-5)  # NaN where theirs is
+    np.testing.assert_allclose(grad.numpy(), xt[0].grad.numpy(), rtol=1e-4, atol=1e-5)

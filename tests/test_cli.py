@@ -29,7 +29,7 @@ def test_every_training_command_takes_the_common_flags(command, capsys):
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
     out = capsys.readouterr().out
-    missing = [flag for flag in ("--device", "--seed", "--out", "--steps", "--size") if flag not in out]
+    missing = [flag for flag in ("--device", "--seed", "--out", "--steps", "--size", "--no-progress") if flag not in out]
     assert not missing, f"mlmetal {command} lacks {missing}"
 
 

@@ -84,7 +84,7 @@ def cli_args(dev, out):
     """The parsed arguments of `mlmetal denoise` at the tiny size."""
     import argparse
 
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(parents=[cli.training_flags(**denoise.FLAGS)])
     denoise.add_arguments(parser)
     return parser.parse_args(["--device", dev.name, "--out", str(out), *TINY])
 
@@ -92,7 +92,7 @@ def cli_args(dev, out):
 def test_every_flag_is_documented():
     import argparse
 
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(parents=[cli.training_flags(**denoise.FLAGS)])
     denoise.add_arguments(parser)
     text = parser.format_help()
     for flag in ("--device", "--seed", "--out", "--epochs", "--size", "--spp", "--refresh-every", "--halve-every"):

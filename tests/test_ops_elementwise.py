@@ -63,7 +63,7 @@ ROWS = [
     row("softmax_grad", channels_case(2), rtol=1e-4, atol=1e-5),
 ]
 
-test_forward, test_grad = make_tests(ROWS)
+test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 @pytest.mark.parametrize("op, shapes, attrs, message", [

@@ -35,7 +35,7 @@ ROWS = [
     row("gram_grad", gram_grad_case, rtol=rtol_for(2 * MAX_C), atol=4 * rtol_for(2 * MAX_C)),
 ]
 
-test_forward, test_grad = make_tests(ROWS)
+test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 def test_gram_split_reduction_is_symmetric(dev):

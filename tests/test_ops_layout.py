@@ -53,7 +53,7 @@ ROWS = [
     row("slice_channels_grad", fit(slice_grad_case), rtol=0, atol=0),
 ]
 
-test_forward, test_grad = make_tests(ROWS)
+test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 def test_concat_takes_a_list(dev):

@@ -59,7 +59,7 @@ ROWS = [row(name, loss_case(name), rtol=rtol_for(40**4, 1e-6), atol=1e-5, grad_c
 ROWS += [row(f"{name}_grad", loss_case(name, grad_op=True), rtol=1e-5, atol=1e-6) for name in LOSSES]
 ROWS += [row("initial_gradient", initial_case, rtol=0, atol=0)]
 
-test_forward, test_grad = make_tests(ROWS)
+test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 def test_sigmoid_cross_entropy_is_finite_for_large_logits(dev):

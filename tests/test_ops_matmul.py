@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import mlmetal as mm
 from conftest import rtol_for
-from mlmetal.ops import conv as conv_ops
+from mlmetal.ops import tiling
 from opcheck import AWKWARD_DIMS, Row, check_forward, floats, make_tests, row
 
 DIMS = AWKWARD_DIMS | st.sampled_from([63, 64, 65, 127, 129])  # around the 64×64 output tile
@@ -46,7 +46,7 @@ ROWS = [
     row("linear_bias_grad", bias_grad_case, rtol=rtol_for(MAX_K), atol=rtol_for(MAX_K)),
 ]
 
-test_forward, test_grad = make_tests(ROWS)
+test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 @pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True)])
@@ -54,7 +54,7 @@ def test_long_reduction_split(dev, ta, tb):
     """A long reduction into one output tile (a discriminator's logit: 6272 features to 1) is
     summed by many threadgroups, then added; a linear layer's bias is added exactly once."""
     m, k, n = 5, 6272, 3
-    assert conv_ops.split_reduction(k, 1, min_chunk=64)[0] > 1
+    assert tiling.split_reduction(k, 1, min_chunk=64)[0] > 1
     rng = np.random.default_rng(k)
     a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
     b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)

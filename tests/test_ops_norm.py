@@ -59,7 +59,7 @@ ROWS = [
     row("batch_norm_inference_grad", norm_case("batch_norm_inference_grad"), rtol=rtol_for(4096, 1e-5), atol=1e-3),
 ]
 
-test_forward, test_grad = make_tests(ROWS)
+test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 @pytest.mark.parametrize("threads", [32, 96, 256, 1024])

@@ -26,7 +26,7 @@ ROWS = [
     row("upsample_grad", upsample_case(grad_op=True), atol=5e-5),
 ]
 
-test_forward, test_grad = make_tests(ROWS)
+test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 def test_bilinear_matches_pytorch_convention(dev):

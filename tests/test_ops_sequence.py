@@ -55,7 +55,7 @@ ROWS = [
     row("reshape", reshape_case(), rtol=0, atol=0, grad_case=reshape_case(small=True)),
 ]
 
-test_forward, test_grad = make_tests(ROWS)
+test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 def test_argmax_takes_the_first_of_equal_maxima(dev):
@@ -85,6 +85,7 @@ def test_embedding_gradient_in_a_training_graph(dev):
     ("reshape", [(2, 3)], {"shape": (4, 2)}, "cannot reshape"),
 ])
 def test_sequence_errors(dev, op, shapes, attrs, message):
-    ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in shapes]
+    dtypes = [mm.ops.REGISTRY[op].input_dtype(i) for i in range(len(shapes))]
+    ts = [mm.tensor(np.zeros(s, d), dev, dtype=d) for s, d in zip(shapes, dtypes)]
     with pytest.raises(mm.ShapeError, match=message):
         getattr(mm.ops, op)(*ts, **attrs)

@@ -27,6 +27,7 @@ import numpy as np
 
 import mlmetal as mm
 from mlmetal.apps.digits import load_digits, upscale
+from mlmetal.cli import integer, number
 from mlmetal.ops.predicate import Predicates
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -235,20 +236,21 @@ def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e
 
 COMMAND = "caption"
 HELP = "train the digit captioner and decode with early exit by predication"
+FLAGS = dict(out="caption-out", size=8, size_help="image side, a multiple of 8: 8 (the digits' own) or larger to train "
+                                                 "on them upscaled bilinearly")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches (default 0)")
-    p.add_argument("--out", default="caption-out",
-                   help="directory for the weights (captioner.zip) and a report of what it spelled (default ./caption-out)")
-    p.add_argument("--epochs", type=int, default=15, help="passes over the training digits (default 15)")
-    p.add_argument("--steps", type=int, default=None, help="stop after this many training steps in all (default: every epoch)")
-    p.add_argument("--size", type=int, default=8,
-                   help="image side, a multiple of 8: 8 (default, the digits' own) or larger to train on them upscaled bilinearly")
-    p.add_argument("--batch", type=int, default=64, help="digits per training step (default 64)")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate, halved every third of the epochs (default 0.01)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--epochs", type=integer(1), default=15, help="passes over the training digits (default 15)")
+    p.add_argument("--batch", type=integer(1, 1347), default=64,
+                   help="digits per training step, at most the 1347 training digits (default 64)")
+    p.add_argument("--lr", type=number(0, above=True), default=1e-2,
+                   help="Adam's learning rate, halved every third of the epochs (default 0.01)")
+
+
+def check_arguments(args) -> str | None:
+    """What the flags' types cannot see alone."""
+    return None if args.size % 8 == 0 else f"argument --size: expected a multiple of 8, got {args.size}"
 
 
 def run(args) -> int:
@@ -256,8 +258,6 @@ def run(args) -> int:
 
     Returns 0, or 130 when Ctrl-C cut training short (what was learnt is still saved and reported).
     """
-    if args.size < 8 or args.size % 8:
-        raise SystemExit(f"mlmetal caption: --size must be a multiple of 8, got {args.size}")
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

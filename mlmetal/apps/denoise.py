@@ -29,6 +29,7 @@ import numpy as np
 import mlmetal as mm
 from mlmetal import raytrace as rt
 from mlmetal.apps.images import to_image
+from mlmetal.cli import integer, number
 
 CHANNELS = 9  # noisy rgb, albedo, normal
 TEST_SEEDS = 1_000_000  # held-out scenes are numbered from here; training scenes stay far below
@@ -320,30 +321,36 @@ def loss_curve(steps: list[float], validations: list[dict], noisy_psnr: float, s
 
 COMMAND = "denoise"
 HELP = "train the ray-tracing denoiser U-Net on path-traced renders and show what it learnt"
+FLAGS = dict(out="denoise-out", size=48, size_help="image side in pixels, divisible by 2**depth")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, training scenes and noise (default 0)")
-    p.add_argument("--out", default="denoise-out", help="output directory (default ./denoise-out)")
-    p.add_argument("--epochs", type=int, default=80, help="passes over the current training set (default 80)")
-    p.add_argument("--steps", type=int, default=None, help="stop after this many training steps in all (default: every epoch)")
-    p.add_argument("--size", type=int, default=48, help="image side in pixels, divisible by 2**depth (default 48)")
-    p.add_argument("--width", type=int, default=12, help="channels of the U-Net's first stage (default 12)")
-    p.add_argument("--depth", type=int, default=2, help="U-Net encoder stages (default 2)")
-    p.add_argument("--scenes", type=int, default=32, help="training images rendered per refresh (default 32)")
-    p.add_argument("--batch", type=int, default=4, help="images per training step (default 4)")
-    p.add_argument("--spp", type=int, default=2, help="samples per pixel of the noisy input (default 2)")
-    p.add_argument("--clean-spp", type=int, default=128,
+    p.add_argument("--epochs", type=integer(1), default=80, help="passes over the current training set (default 80)")
+    p.add_argument("--width", type=integer(1), default=12, help="channels of the U-Net's first stage (default 12)")
+    p.add_argument("--depth", type=integer(1), default=2, help="U-Net encoder stages (default 2)")
+    p.add_argument("--scenes", type=integer(1), default=32, help="training images rendered per refresh (default 32)")
+    p.add_argument("--batch", type=integer(1), default=4, help="images per training step, at most --scenes (default 4)")
+    p.add_argument("--spp", type=integer(1), default=2, help="samples per pixel of the noisy input (default 2)")
+    p.add_argument("--clean-spp", type=integer(1), default=128,
                    help="samples per pixel of the clean training target (default 128; held-out targets get at least 512)")
-    p.add_argument("--refresh-every", type=int, default=10,
+    p.add_argument("--refresh-every", type=integer(1), default=10,
                    help="render new training scenes and validate every K epochs (default 10)")
-    p.add_argument("--halve-every", type=int, default=40, help="halve the learning rate every M epochs (default 40)")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam's initial learning rate (default 0.003)")
-    p.add_argument("--log-weight", type=float, default=0.5,
+    p.add_argument("--halve-every", type=integer(1), default=40,
+                   help="halve the learning rate every M epochs (default 40)")
+    p.add_argument("--lr", type=number(0, above=True), default=3e-3, help="Adam's initial learning rate (default 0.003)")
+    p.add_argument("--log-weight", type=number(0), default=0.5,
                    help="weight of the Laplacian-of-Gaussian loss against the RGB loss (default 0.5)")
-    p.add_argument("--test", type=int, default=8, help="held-out scenes denoised at the end (default 8)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--test", type=integer(1), default=8, help="held-out scenes denoised at the end (default 8)")
+
+
+def check_arguments(args) -> str | None:
+    """What the flags' types cannot see alone."""
+    if args.size % 2**args.depth:
+        return f"argument --size: expected a multiple of 2**depth = {2**args.depth} (--depth {args.depth}), " \
+               f"got {args.size}"
+    if args.batch > args.scenes:
+        return f"argument --batch: expected at most --scenes = {args.scenes}, got {args.batch}"
+    return None
 
 
 def run(args) -> int:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import mlmetal as mm
 from mlmetal.apps.digits import train_digits, upscale
+from mlmetal.cli import integer, number
 
 LATENT = 32
 
@@ -282,30 +283,31 @@ def train_gan(device=None, epochs: int = 200, batch: int = 64, lr: float = 1e-3,
 
 COMMAND = "gan"
 HELP = "train a GAN on the handwritten digits and write a grid of samples per epoch"
+FLAGS = dict(out="out/gan", size=8, size_help="image side: 8 (the digits' own), or 16, 32, … to train on the digits "
+                                             "upscaled bilinearly, the generator gaining a ×2 upsampling stage per doubling")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
-    p.add_argument("--epochs", type=int, default=200, help="passes over the 1797 digits (default 200)")
-    p.add_argument("--steps", type=int, default=None, help="stop after this many steps in all (default: every epoch)")
-    p.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate for both networks (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, latents and shuffling (default 0)")
-    p.add_argument("--out", default="out/gan", help="directory for the sample grids and weights (default out/gan)")
-    p.add_argument("--size", type=int, default=8,
-                   help="image side: 8 (default, the digits' own), or 16, 32, … to train on the digits upscaled "
-                        "bilinearly, the generator gaining a ×2 upsampling stage per doubling")
+    p.add_argument("--epochs", type=integer(1), default=200, help="passes over the 1797 digits (default 200)")
+    p.add_argument("--batch", type=integer(1, 1797), default=64, help="images per step (default 64)")
+    p.add_argument("--lr", type=number(0, above=True), default=1e-3,
+                   help="Adam's learning rate for both networks (default 1e-3)")
     p.add_argument("--no-judge", dest="judge", action="store_false",
                    help="skip training the digits classifier that scores the samples")
 
 
-def run(args) -> int:
+def check_arguments(args) -> str | None:
+    """What the flags' types cannot see alone."""
     try:
         upsampling_stages(args.size)
-    except ValueError as e:
-        raise SystemExit(f"mlmetal gan: --{e}") from None
+    except ValueError:
+        return f"argument --size: expected 8, 16, 32, … (8·2^k), got {args.size}"
+    return None
+
+
+def run(args) -> int:
     result = train_gan(args.device, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, out=args.out,
-                       steps=args.steps, judge=args.judge, size=args.size)
+                       steps=args.steps, judge=args.judge, progress=args.progress, size=args.size)
     out = Path(args.out)
     gan = result["gan"]
     # Saved on every exit, Ctrl-C included: training is the expensive part.

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import mlmetal as mm
 from mlmetal.apps.images import to_image
+from mlmetal.cli import existing_file, integer, number
 
 # The loss network: (name, output channels of the random default) per 3×3 convolution + ReLU,
 # "pool" for a 2×2 average pool. A `--loss-weights` file holds `<name>.weight` (out, in, 3, 3)
@@ -274,39 +275,76 @@ def train_style(style: np.ndarray, content: np.ndarray, device=None, steps: int 
 
 COMMAND = "style"
 HELP = "train a style-transfer network and write the stylised image every N steps"
+FLAGS = dict(out="style-out", size=64, steps=300, size_help="images are resized to size×size; even, at least 4")
+
+
+def _image(text: str) -> str:
+    return text if text == "default" else existing_file(text)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--style", default="default",
+    p.add_argument("--style", type=_image, default="default",
                    help="style image, any format Pillow reads ('default': a generated one of colourful waves)")
-    p.add_argument("--content", default="default",
+    p.add_argument("--content", type=_image, default="default",
                    help="content image, any format Pillow reads ('default': generated shapes on a gradient)")
-    p.add_argument("--device", default=None, help="cpu, cuda or metal (default: MLMETAL_DEVICE or the best present)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the networks' initialisation (default 0)")
-    p.add_argument("--out", default="style-out", help="directory for the images and weights (default ./style-out)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--size", type=int, default=64, help="images are resized to size×size; even (default 64)")
-    p.add_argument("--every", type=int, default=50, help="write the stylised image every this many steps (default 50)")
-    p.add_argument("--style-weight", type=float, default=30.0, help="the style loss's weight (default 30)")
-    p.add_argument("--content-weight", type=float, default=1.0, help="the content loss's weight (default 1)")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate (default 1e-2)")
+    p.add_argument("--every", type=integer(1), default=50,
+                   help="write the stylised image every this many steps (default 50)")
+    p.add_argument("--style-weight", type=number(0), default=30.0, help="the style loss's weight (default 30)")
+    p.add_argument("--content-weight", type=number(0), default=1.0, help="the content loss's weight (default 1)")
+    p.add_argument("--lr", type=number(0, above=True), default=1e-2, help="Adam's learning rate (default 1e-2)")
     names = ", ".join(f"{layer[0]}.weight, {layer[0]}.bias" for layer in LOSS_LAYERS if layer != "pool")
-    p.add_argument("--loss-weights", default=None, metavar="PATH",
+    p.add_argument("--loss-weights", type=existing_file, default=None, metavar="PATH",
                    help=f"a .safetensors file of loss-network weights (default: fixed random filters). Tensors: {names}; "
                         "each weight (out, in, 3, 3) float32, each bias (out,); the first conv takes RGB in [0, 1]; "
                         f"style from {', '.join(STYLE_LAYERS)}, content from {CONTENT_LAYER}, 2×2 average pools "
                         "after conv1_2 and conv2_2")
 
 
+def check_arguments(args) -> str | None:
+    """What the flags' types cannot see alone: the size, and what the files hold."""
+    from PIL import Image
+
+    # the transformer halves the image and doubles it back; the loss network pools it twice
+    if args.size % 2 or args.size < 4:
+        return f"argument --size: expected an even integer ≥ 4, got {args.size}"
+    for flag in ("style", "content"):
+        path = getattr(args, flag)
+        if path != "default":
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as e:  # noqa: BLE001 — Pillow raises many kinds for what it cannot read
+                return f"argument --{flag}: cannot read {path!r} as an image ({e})"
+    return _loss_weights_problem(args.loss_weights) if args.loss_weights else None
+
+
+def _loss_weights_problem(path: str) -> str | None:
+    """Why a --loss-weights file cannot be the loss network (from its header alone), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "numpy") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        return f"argument --loss-weights: cannot read {path!r} as safetensors ({e})"
+    cin = 3
+    for layer in LOSS_LAYERS:
+        if layer != "pool":
+            w, b = shapes.get(f"{layer[0]}.weight"), shapes.get(f"{layer[0]}.bias")
+            if w is None or len(w) != 4 or w[1:] != (cin, 3, 3) or b != w[:1]:
+                return (f"argument --loss-weights: {path!r} needs {layer[0]}.weight (out, {cin}, 3, 3) and "
+                        f"{layer[0]}.bias (out,), has {w or 'no weight'} and {b or 'no bias'}")
+            cin = w[0]
+    return None
+
+
 def run(args) -> int:
-    if args.size % 2:
-        raise SystemExit("mlmetal style: --size must be even (the transformer downsamples by 2 and upsamples back)")
     style = default_style(args.size, args.seed) if args.style == "default" else load_image(args.style, args.size)
     content = default_content(args.size) if args.content == "default" else load_image(args.content, args.size)
     weights = read_loss_weights(args.loss_weights) if args.loss_weights else None
     result = train_style(style, content, args.device, steps=args.steps, every=args.every,
                          style_weight=args.style_weight, content_weight=args.content_weight, lr=args.lr,
-                         loss_weights=weights, seed=args.seed, out=args.out)
+                         loss_weights=weights, seed=args.seed, out=args.out, progress=args.progress)
     out = Path(args.out)
     # Saved on every exit, Ctrl-C included: training is the expensive part.
     result["model"].transformer.save_weights(out / "transformer.zip")

@@ -15,7 +15,14 @@ An op is a small closed unit:
   other ops — so the same rule runs eagerly and, in a graph, appends gradient nodes.
   `grad=None` marks an op as not differentiable (gradient kernels themselves, optimizer
   updates); every such op says so explicitly;
-- `kernels`: the `library.kernel` names it dispatches (checked to exist by the tests).
+- `kernels`: the `library.kernel` names it dispatches (checked to exist by the tests);
+- `in_dtypes`: the dtypes of its leading inputs, for the few that take int32 token ids or
+  uint32 flags; every other input is float32.
+
+Before `check` runs, every input's dtype is checked against the op's (DTypeError); after it,
+every float attribute is checked to fit a float32, which is how kernels receive them
+(ShapeError naming the attribute): infinities pass, as IEEE arithmetic defines them; NaN and
+finite values past float32's range do not.
 
 `mm.ops.<name>(*inputs, **attrs)` runs an op eagerly on device tensors. The family modules
 (conv.py, pool.py, ...) each register their ops at import.
@@ -27,6 +34,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import math
 import pkgutil
 from typing import Any, Callable
 
@@ -37,6 +45,14 @@ from ..tensor import Tensor, empty
 
 class ShapeError(ValueError):
     """An op was given incompatible shapes or attributes; raised before anything is dispatched."""
+
+
+class DTypeError(ShapeError, TypeError):
+    """An op or a graph input was given a tensor (or array) of the wrong dtype; raised before anything is dispatched."""
+
+
+FLOAT32 = np.dtype(np.float32)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +67,28 @@ class Op:
     # False when encode depends on more than its tensors and attributes (a generator's position):
     # a graph's plan then encodes the node afresh on every run instead of replaying its dispatches.
     replayable: bool = True
+    in_dtypes: tuple[np.dtype, ...] = ()  # of the leading inputs; the rest are float32
+    input_names: tuple[str, ...] = ()  # `check`'s names for its inputs, for error messages
+
+    def input_dtype(self, i: int) -> np.dtype:
+        return self.in_dtypes[i] if i < len(self.in_dtypes) else FLOAT32
+
+    def input_name(self, i: int) -> str:
+        return f"input {i}" + (f" ({self.input_names[i]})" if i < len(self.input_names) else "")
 
 
 REGISTRY: dict[str, Op] = {}
 
 
-def register(name: str, *, check, encode, reference, grad, kernels, out_dtype=np.float32, replayable=True) -> Op:
+def register(name: str, *, check, encode, reference, grad, kernels, out_dtype=np.float32, replayable=True,
+             in_dtypes=()) -> Op:
     """Add an op to the registry and expose it as `mm.ops.<name>`."""
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
-    op = REGISTRY[name] = Op(name, check, encode, reference, grad, tuple(kernels), out_dtype, replayable)
+    names = tuple(p.name for p in inspect.signature(check).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    op = REGISTRY[name] = Op(name, check, encode, reference, grad, tuple(kernels), out_dtype, replayable,
+                             tuple(np.dtype(d) for d in in_dtypes), names)
     globals()[name] = _entry_point(name, check)
     return op
 
@@ -100,13 +128,30 @@ def _graph_tensor():
 
 
 def infer(name: str, *inputs, **attrs) -> tuple[Any, dict]:
-    """Output shape(s) and normalised attributes of op `name` on `inputs`; raises ShapeError."""
+    """Output shape(s) and normalised attributes of op `name` on `inputs` (tensors or graph
+    tensors); raises ShapeError (DTypeError for an input of the wrong dtype)."""
     op = REGISTRY[name]
+    for i, x in enumerate(inputs):
+        if x.dtype != op.input_dtype(i):
+            raise DTypeError(f"{name}: {op.input_name(i)} is {x.dtype}; it takes {op.input_dtype(i)}")
     shapes = [tuple(x.shape) for x in inputs]
     try:
-        return op.check(*shapes, **attrs)
-    except TypeError as e:  # a missing or unknown attribute
+        out, norm = op.check(*shapes, **attrs)
+    except ShapeError:
+        raise
+    except (TypeError, ValueError) as e:  # a missing or unknown attribute, one that is not a number
         raise ShapeError(f"{name}: {e}") from None
+    check_float_attrs(name, norm)
+    return out, norm
+
+
+def check_float_attrs(name: str, attrs: dict) -> None:
+    """Raise ShapeError unless every float attribute of op `name` (normalised) fits a float32 or is infinite."""
+    for k, v in attrs.items():
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, (float, np.floating)) and not (abs(x) <= FLOAT32_MAX or math.isinf(x)):
+                raise ShapeError(f"{name}: attribute {k} = {x!r} " + ("is NaN" if math.isnan(x) else
+                                 f"does not fit a float32 (at most ±{FLOAT32_MAX:.7g})"))
 
 
 def apply(name: str, *inputs, **attrs):

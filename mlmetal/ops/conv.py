@@ -12,11 +12,7 @@ from .. import ops as _ops
 from ..reference import conv as R
 from ..tensor import empty
 from . import apply, ensure, groups_for, pair, register
-
-TILE_K = 8  # the reduction step of the tiled kernels (kernels/tile.h)
-WIDE, WIDE_THREADS = 128, 256  # the wide tiling: WIDE × WIDE outputs a threadgroup
-MEDIUM_M, MEDIUM_N, MEDIUM_THREADS = 64, 128, 128  # the medium tiling: MEDIUM_M rows × MEDIUM_N columns
-NARROW_M, NARROW_N, NARROW_THREADS = 16, 256, 64  # the narrow tiling: NARROW_M rows × NARROW_N columns
+from .tiling import MEDIUM, partial_for, product, split_reduction, sum_splits, tiling
 # The backends whose bias gradient spreads each channel's sum over several threadgroups; on
 # cpu that costs more barriers than it saves.
 SPREAD_BACKENDS = {"cuda", "metal"}
@@ -75,29 +71,6 @@ def _params(n, cin, h, w, cout, oh, ow, kh, kw, a, has_bias=0, chunk=0):
                 pad_h=ph, pad_w=pw, dil_h=dh, dil_w=dw, groups=a["groups"], has_bias=has_bias, chunk=chunk)
 
 
-def tiling(rows: int) -> tuple[str, int, int, int]:
-    """(kernel name suffix, tile rows, tile columns, threads) for a product with `rows` output
-    rows a group and many columns: a tiling whose tiles are mostly full, and as tall as can be
-    (a tall tile stages fewer operand loads per multiply-add)."""
-    if rows <= 2 * NARROW_M:
-        return "_narrow", NARROW_M, NARROW_N, NARROW_THREADS
-    if rows <= MEDIUM_M:
-        return "_medium", MEDIUM_M, MEDIUM_N, MEDIUM_THREADS
-    return "", WIDE, WIDE, WIDE_THREADS
-
-
-def split_reduction(length: int, tiles: int, target: int = 264, min_chunk: int = 256,
-                    multiple: int = TILE_K) -> tuple[int, int]:
-    """(splits, chunk): cut a reduction of `length` so ~`target` threadgroups of the wide tiling
-    share it (two a multiprocessor on a 132-SM H100), each summing at least `min_chunk` terms (a
-    multiple of `multiple`, the kernel's step) — a long reduction over a small output otherwise
-    leaves most of a GPU idle."""
-    splits = max(1, min(target // max(tiles, 1), length // min_chunk))
-    chunk = -(-length // splits)
-    chunk = -(-chunk // multiple) * multiple
-    return -(-length // chunk), chunk
-
-
 # ---------------------------------------------------------------- conv2d
 
 def _conv2d_check(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
@@ -134,7 +107,7 @@ def direct_conv(backend: str, cout: int, kernel_size, stride, dilation, groups, 
     conv2d_3x3 runs on GPUs, for 3×3 stride-1 windows, few channels, and images that fill at
     least MIN_TILE_USE of their tiles (the GEMM's columns run on from one image into the next,
     so small images waste none of its tiles; 8×8 digits would leave 7/8 of conv2d_3x3's idle)."""
-    if not (backend in DIRECT_BACKENDS and cout <= MEDIUM_M and tuple(kernel_size) == (3, 3) and stride == (1, 1)
+    if not (backend in DIRECT_BACKENDS and cout <= MEDIUM.rows and tuple(kernel_size) == (3, 3) and stride == (1, 1)
             and dilation == (1, 1) and groups == 1):
         return None
     name, cols, use = pixel_tiles(*out_size)
@@ -155,18 +128,17 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
         cb.dispatch(y.device.library("conv").kernel(name), threads=CF_THREADS, groups=(n * tiles, groups_for(cout, CF_CO)),
                     args=[x, w, w if b is None else b, y, params])
         return
-    variant, rows, cols, threads = tiling(cout // groups)
-    lib = y.device.library("conv")
-    grid = (groups_for(n * oh * ow, cols), groups_for(cout // groups, rows), groups)
+    t = tiling(cout // groups)
+    k, threads = product(y.device, "conv2d", t)
+    grid = (groups_for(n * oh * ow, t.cols), groups_for(cout // groups, t.rows), groups)
     # Split only below a wave of one threadgroup a multiprocessor: the slices of a large output
     # cost more to add than the split gains (4×128×64²→128, 128 tiles in two: 0.186 → 0.225 ms).
     reduction = cin // groups * w.shape[2] * w.shape[3]
     splits, chunk = split_reduction(reduction, math.prod(grid), target=132, min_chunk=128)
-    partial = y if splits == 1 else empty((splits, y.size), y.device)
+    partial = partial_for(y, splits)
     params = _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a, has_bias=int(b is not None), chunk=chunk)
-    cb.dispatch(lib.kernel("conv2d" + variant), groups=(*grid[:2], groups * splits), threads=threads,
-                args=[x, w, w if b is None else b, partial, params])
-    sum_splits(cb, lib, partial, y, splits)
+    cb.dispatch(k, groups=(*grid[:2], groups * splits), threads=threads, args=[x, w, w if b is None else b, partial, params])
+    sum_splits(cb, k.library, partial, y, splits)
 
 
 def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups):
@@ -176,9 +148,13 @@ def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups):
     return (dx, dw) if b is None else (dx, dw, apply("conv2d_bias_grad", g))
 
 
+def _products(name):
+    """The kernels of tiled product `name`: each tiling, with each accumulator."""
+    return [f"conv.{name}{t}{acc}" for t in ("", "_medium", "_narrow") for acc in ("", "_mma")]
+
+
 register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2d, grad=_conv2d_grad,
-         kernels=["conv.conv2d", "conv.conv2d_medium", "conv.conv2d_narrow", "conv.conv2d_3x3",
-                  "conv.conv2d_3x3_16x32", "conv.sum_splits"])
+         kernels=[*_products("conv2d"), "conv.conv2d_3x3", "conv.conv2d_3x3_16x32", "conv.sum_splits"])
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
@@ -241,17 +217,16 @@ def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, g
                     args=[w, flipped, dict(count=flipped.size, cout=cout, cin_g=cin_g, groups=groups, kh=kh, kw=kw)])
         _conv2d_encode(cb, dx, g, flipped, stride=(1, 1), padding=tuple(turned), dilation=dilation, groups=groups)
         return
-    variant, rows, cols, threads = tiling(cin // groups)
-    k = dx.device.library("conv").kernel("conv2d_input_grad" + variant)
+    t = tiling(cin // groups)
+    k, threads = product(dx.device, "conv2d_input_grad", t)
     (sh, sw) = stride
     class_pixels = n * -(-h // sh) * -(-wd // sw)  # the largest of the stride_h·stride_w pixel classes
-    grid = (groups_for(class_pixels, cols), groups_for(cin // groups, rows), groups * sh * sw)
+    grid = (groups_for(class_pixels, t.cols), groups_for(cin // groups, t.rows), groups * sh * sw)
     cb.dispatch(k, groups=grid, threads=threads, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, kh, kw, a)])
 
 
 register("conv2d_input_grad", check=_input_grad_check, encode=_input_grad_encode, reference=R.conv2d_input_grad,
-         grad=None, kernels=["conv.conv2d_input_grad", "conv.conv2d_input_grad_medium", "conv.conv2d_input_grad_narrow",
-                             "conv.flip_weights"])
+         grad=None, kernels=[*_products("conv2d_input_grad"), "conv.flip_weights"])
 
 
 def _weight_grad_check(g, x, *, kernel_size, stride=1, padding=0, dilation=1, groups=1):
@@ -276,7 +251,7 @@ WG_ROWS, WG_COLS, WG_CO, WG_CI, WG_THREADS = 8, 16, 16, 16, 256  # conv2d_weight
 
 def direct_weight_grad(backend: str, cout: int, kernel_size, stride, dilation, groups) -> bool:
     """Whether conv2d_weight_grad_3x3 computes this weight gradient (rather than the GEMM)."""
-    return (backend in DIRECT_BACKENDS and cout <= MEDIUM_M and kernel_size == (3, 3) and stride == (1, 1)
+    return (backend in DIRECT_BACKENDS and cout <= MEDIUM.rows and kernel_size == (3, 3) and stride == (1, 1)
             and dilation == (1, 1) and groups == 1)
 
 
@@ -289,7 +264,7 @@ def _weight_grad_3x3(cb, dw, g, x, padding):
     target = 264 if dw.device.name in SPREAD_BACKENDS else 4
     splits, chunk = split_reduction(n * tiles_x * tiles_y, blocks, target=target, min_chunk=2, multiple=1)
     lib = dw.device.library("conv")
-    partial = dw if splits == 1 else empty((splits, dw.size), dw.device)
+    partial = partial_for(dw, splits)
     params = dict(n=n, cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
                   tiles_x=tiles_x, tiles_y=tiles_y, chunk=chunk)
     cb.dispatch(lib.kernel("conv2d_weight_grad_3x3"), groups=(groups_for(cin, WG_CI), groups_for(cout, WG_CO), splits),
@@ -304,32 +279,22 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
     n, cin, h, wd = x.shape
     _, cout, oh, ow = g.shape
     cols = dw.size // cout
-    variant, rows, width, threads = tiling(cout // groups)
-    grid = (groups_for(cols, width), groups_for(cout // groups, rows), groups)
+    t = tiling(cout // groups)
+    k, threads = product(dw.device, "conv2d_weight_grad", t)
+    grid = (groups_for(cols, t.cols), groups_for(cout // groups, t.rows), groups)
     # On GPUs the split's target is tuned per tiling (H100, U-Net and style steps at 256²):
     # twice the threadgroups for the narrow tiling (16→16 at 256²: 173 → 135 µs), half for the
     # medium one (32→64 at 64²: 58 → 50 µs).
-    target = int(264 * SPLIT_FACTOR.get(variant, 1)) if dw.device.name in SPREAD_BACKENDS else 264
+    target = int(264 * SPLIT_FACTOR.get(t.suffix, 1)) if dw.device.name in SPREAD_BACKENDS else 264
     splits, chunk = split_reduction(n * oh * ow, math.prod(grid), target=target)
-    lib = dw.device.library("conv")
-    partial = dw if splits == 1 else empty((splits, dw.size), dw.device)
+    partial = partial_for(dw, splits)
     params = _params(n, cin, h, wd, cout, oh, ow, *kernel_size, a, chunk=chunk)
-    cb.dispatch(lib.kernel("conv2d_weight_grad" + variant), groups=(*grid[:2], groups * splits), threads=threads,
-                args=[g, x, partial, params])
-    sum_splits(cb, lib, partial, dw, splits)
-
-
-def sum_splits(cb, lib, partial, out, splits):
-    """out = the sum of the `splits` slices of partial (nothing to do for one: partial is out);
-    `lib` is a library with a sum_splits kernel (conv's or gram's)."""
-    if splits > 1:
-        cb.dispatch(lib.kernel("sum_splits"), groups=groups_for(out.size, 256), threads=256,
-                    args=[partial, out, {"count": out.size, "splits": splits}])
+    cb.dispatch(k, groups=(*grid[:2], groups * splits), threads=threads, args=[g, x, partial, params])
+    sum_splits(cb, k.library, partial, dw, splits)
 
 
 register("conv2d_weight_grad", check=_weight_grad_check, encode=_weight_grad_encode, reference=R.conv2d_weight_grad,
-         grad=None, kernels=["conv.conv2d_weight_grad", "conv.conv2d_weight_grad_medium", "conv.conv2d_weight_grad_narrow",
-                  "conv.conv2d_weight_grad_3x3", "conv.sum_splits"])
+         grad=None, kernels=[*_products("conv2d_weight_grad"), "conv.conv2d_weight_grad_3x3", "conv.sum_splits"])
 
 
 def _bias_grad_check(g):
@@ -346,7 +311,7 @@ def _bias_grad_encode(cb, db, g):
     target = 64 if db.device.name in SPREAD_BACKENDS else c
     splits, chunk = split_reduction(h * w, c, target=target, min_chunk=1024)
     lib = db.device.library("conv")
-    partial = db if splits == 1 else empty((splits, c), db.device)
+    partial = partial_for(db, splits)
     cb.dispatch(lib.kernel("conv2d_bias_grad"), groups=(splits, c), threads=256,
                 args=[g, partial, {"n": n, "c": c, "plane": h * w, "chunk": chunk}])
     sum_splits(cb, lib, partial, db, splits)

@@ -7,9 +7,8 @@ The module is not ops/gram.py: a family submodule named like one of its ops woul
 import math
 
 from ..reference import gram as R
-from ..tensor import empty
 from . import apply, ensure, groups_for, register
-from .conv import WIDE, WIDE_THREADS, sum_splits, split_reduction  # the gram kernels use the wide tiling
+from .tiling import WIDE, partial_for, product, split_reduction, sum_splits
 
 
 def _check_features(op, x):
@@ -41,18 +40,18 @@ def _gram_check(x, alpha=1.0):
 
 def _gram_encode(cb, g, x, *, alpha):
     n, c, h, w = x.shape
-    tiles = groups_for(c, WIDE)
+    tiles = groups_for(c, WIDE.rows)
     splits, chunk = split_reduction(h * w, n * tiles * (tiles + 1) // 2)
-    lib = g.device.library("gram")
-    partial = g if splits == 1 else empty((splits, g.size), g.device)
-    cb.dispatch(lib.kernel("gram"), groups=(tiles, tiles, n * splits), threads=WIDE_THREADS,
+    k, threads = product(g.device, "gram")
+    partial = partial_for(g, splits)
+    cb.dispatch(k, groups=(tiles, tiles, n * splits), threads=threads,
                 args=[x, partial, dict(batch=n, c=c, hw=h * w, alpha=alpha, chunk=chunk)])
-    sum_splits(cb, lib, partial, g, splits)
+    sum_splits(cb, k.library, partial, g, splits)
 
 
 register("gram", check=_gram_check, encode=_gram_encode, reference=R.gram,
          grad=lambda g, out, x, *, alpha: (apply("gram_grad", g, x, alpha=alpha),),
-         kernels=["gram.gram", "gram.sum_splits"])
+         kernels=["gram.gram", "gram.gram_mma", "gram.sum_splits"])
 
 
 def _gram_grad_check(g, x, alpha=1.0):
@@ -65,10 +64,10 @@ def _gram_grad_check(g, x, alpha=1.0):
 
 def _gram_grad_encode(cb, dx, g, x, *, alpha):
     n, c, h, w = x.shape
-    k = dx.device.library("gram").kernel("gram_grad")
-    cb.dispatch(k, groups=(groups_for(h * w, WIDE), groups_for(c, WIDE), n), threads=WIDE_THREADS,
+    k, threads = product(dx.device, "gram_grad")
+    cb.dispatch(k, groups=(groups_for(h * w, WIDE.cols), groups_for(c, WIDE.rows), n), threads=threads,
                 args=[g, x, dx, dict(batch=n, c=c, hw=h * w, alpha=alpha)])
 
 
 register("gram_grad", check=_gram_grad_check, encode=_gram_grad_encode, reference=R.gram_grad,
-         grad=None, kernels=["gram.gram_grad"])
+         grad=None, kernels=["gram.gram_grad", "gram.gram_grad_mma"])

@@ -10,8 +10,7 @@ public `mm.ops.linear(x, w, b=None)` drops a None.
 from .. import ops as _ops
 from ..reference import matmul as R
 from . import apply, ensure, groups_for, register
-from ..tensor import empty
-from .conv import WIDE, WIDE_THREADS, split_reduction, sum_splits  # the wide tiling; conv's split sums
+from .tiling import WIDE, partial_for, product, split_reduction, sum_splits
 
 
 def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
@@ -20,15 +19,15 @@ def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
     k = a.shape[0] if transpose_a else a.shape[1]
     a_m, a_k = (1, a.shape[1]) if transpose_a else (a.shape[1], 1)
     b_k, b_n = (1, b.shape[1]) if transpose_b else (b.shape[1], 1)
-    grid = (groups_for(n, WIDE), groups_for(m, WIDE))
+    grid = (groups_for(n, WIDE.cols), groups_for(m, WIDE.rows))
     # A long reduction into a few tiles (a linear layer's logit, 6272 features to 1) is split
     # across threadgroups: one threadgroup would otherwise walk all of it alone.
     splits, chunk = split_reduction(k, grid[0] * grid[1], min_chunk=64)
-    partial = c if splits == 1 else empty((splits, m * n), c.device)
+    partial = partial_for(c, splits)
     params = dict(m=m, n=n, k=k, a_m=a_m, a_k=a_k, b_k=b_k, b_n=b_n, has_bias=int(bias is not None), chunk=chunk)
-    kernel = c.device.library("matmul").kernel("matmul")
-    cb.dispatch(kernel, groups=(*grid, splits), threads=WIDE_THREADS, args=[a, b, b if bias is None else bias, partial, params])
-    sum_splits(cb, c.device.library("conv"), partial, c, splits)
+    kernel, threads = product(c.device, "matmul")
+    cb.dispatch(kernel, groups=(*grid, splits), threads=threads, args=[a, b, b if bias is None else bias, partial, params])
+    sum_splits(cb, kernel.library, partial, c, splits)
 
 
 def _check_matrix(op, what, s):
@@ -77,7 +76,7 @@ def _matmul_grad(g, c, a, b, *, transpose_a, transpose_b):
 
 
 register("matmul", check=_matmul_check, encode=_matmul_encode, reference=R.matmul, grad=_matmul_grad,
-         kernels=["matmul.matmul", "conv.sum_splits"])
+         kernels=["matmul.matmul", "matmul.matmul_mma", "matmul.sum_splits"])
 
 
 # ---------------------------------------------------------------- linear
@@ -104,7 +103,7 @@ def _linear_grad(g, y, x, w, b=None):
 
 
 register("linear", check=_linear_check, encode=_linear_encode, reference=R.linear, grad=_linear_grad,
-         kernels=["matmul.matmul", "conv.sum_splits"])
+         kernels=["matmul.matmul", "matmul.matmul_mma", "matmul.sum_splits"])
 
 
 def linear(x, w, b=None):

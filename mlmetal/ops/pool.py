@@ -7,6 +7,8 @@ PyTorch's count_include_pad=True). The max-pool gradient goes to each window's a
 ties going to the first maximum in row-major window order.
 """
 
+import math
+
 import numpy as np
 
 from ..reference import pool as R
@@ -160,7 +162,7 @@ def _log_check(x, sigma=1.0, size=5):
     ensure(len(x) == 4, "log_filter", f"expected an NCHW input, got shape {x}")
     ensure(isinstance(size, (int, np.integer)) and size % 2 == 1 and 1 <= size <= MAX_FILTER, "log_filter",
            f"size must be an odd integer from 1 to {MAX_FILTER}, got {size!r}")
-    ensure(float(sigma) > 0, "log_filter", f"sigma must be positive, got {sigma!r}")
+    ensure(0 < float(sigma) < math.inf, "log_filter", f"sigma must be positive and finite, got {sigma!r}")
     return x, {"sigma": float(sigma), "size": int(size)}
 
 

@@ -71,7 +71,7 @@ def _set_check(words, word=0, value=1):
 
 register("predicate_set", check=_set_check, reference=R.predicate_set, grad=None, out_dtype=np.uint32,
          encode=lambda cb, out, words, word, value: _encode(cb, out, "predicate_set", words, word=word, value=value),
-         kernels=["predicate.predicate_set"])
+         kernels=["predicate.predicate_set"], in_dtypes=(np.uint32,))
 
 
 def _decrement_check(words, word=0):
@@ -86,7 +86,7 @@ def _decrement_check(words, word=0):
 
 register("predicate_decrement", check=_decrement_check, reference=R.predicate_decrement, grad=None,
          out_dtype=np.uint32, encode=lambda cb, out, words, word: _encode(cb, out, "predicate_decrement", words, word=word),
-         kernels=["predicate.predicate_decrement"])
+         kernels=["predicate.predicate_decrement"], in_dtypes=(np.uint32,))
 
 
 # ---------------------------------------------------------------- compare
@@ -119,7 +119,7 @@ def _compare_encode(cb, out, x, words, word, threshold, compare, index):
 
 
 register("predicate_compare", check=_compare_check, encode=_compare_encode, reference=R.predicate_compare,
-         grad=None, out_dtype=np.uint32, kernels=["predicate.predicate_compare"])
+         grad=None, out_dtype=np.uint32, kernels=["predicate.predicate_compare"], in_dtypes=(np.float32, np.uint32))
 
 
 # ---------------------------------------------------------------- all / any
@@ -134,7 +134,7 @@ def _reduce_op(name, doc):
 
     check.__doc__ = doc
     register(name, check=check, encode=encode, reference=getattr(R, name), grad=None, out_dtype=np.uint32,
-             kernels=[f"predicate.{name}"])
+             kernels=[f"predicate.{name}"], in_dtypes=(np.uint32, np.uint32))
 
 
 _reduce_op("predicate_all", """Predicate words with word `word` set to 1 if every flag (uint32) is nonzero, else 0.

@@ -40,7 +40,7 @@ def _embedding_encode(cb, out, ids, table):
 
 register("embedding", check=_embedding_check, encode=_embedding_encode, reference=R.embedding,
          grad=lambda g, out, ids, table: (None, apply("embedding_grad", g, ids, vocab=table.shape[0])),
-         kernels=["sequence.embedding"])
+         kernels=["sequence.embedding"], in_dtypes=(np.int32, np.float32))
 
 
 def _embedding_grad_check(g, ids, vocab):
@@ -58,7 +58,7 @@ def _embedding_grad_encode(cb, out, g, ids, vocab):
 
 
 register("embedding_grad", check=_embedding_grad_check, encode=_embedding_grad_encode, reference=R.embedding_grad,
-         grad=None, kernels=["sequence.embedding_grad"])
+         grad=None, kernels=["sequence.embedding_grad"], in_dtypes=(np.float32, np.int32))
 
 
 # ---------------------------------------------------------------- argmax and running flags
@@ -106,7 +106,7 @@ def _still_running_encode(cb, out, tokens, running, end):
 
 
 register("still_running", check=_still_running_check, encode=_still_running_encode, reference=R.still_running,
-         grad=None, out_dtype=np.uint32, kernels=["sequence.still_running"])
+         grad=None, out_dtype=np.uint32, kernels=["sequence.still_running"], in_dtypes=(np.int32, np.uint32))
 
 
 # ---------------------------------------------------------------- reshape

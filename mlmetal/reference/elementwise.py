@@ -24,7 +24,7 @@ def relu(x):
 
 
 def relu_grad(g, x):
-    return np.where(x > 0, g, 0.0)
+    return np.where(x <= 0, 0.0, g)  # g where x is NaN, as PyTorch
 
 
 def leaky_relu(x, slope):

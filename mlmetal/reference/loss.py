@@ -58,7 +58,7 @@ def _sigmoid(y):
 mse_loss = _elementwise(lambda y, t: (y - t) ** 2)
 mse_loss_grad = _elementwise_grad(lambda y, t: 2 * (y - t))
 mae_loss = _elementwise(lambda y, t: np.abs(y - t))
-mae_loss_grad = _elementwise_grad(lambda y, t: np.sign(y - t))
+mae_loss_grad = _elementwise_grad(lambda y, t: np.nan_to_num(np.sign(y - t)))  # 0 for NaN, as Metal's sign and PyTorch
 huber_loss = _elementwise(lambda y, t, delta: np.where(np.abs(y - t) <= delta, 0.5 * (y - t) ** 2,
                                                        delta * (np.abs(y - t) - 0.5 * delta)))
 huber_loss_grad = _elementwise_grad(lambda y, t, delta: np.clip(y - t, -delta, delta))

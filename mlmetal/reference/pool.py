@@ -33,7 +33,7 @@ def max_pool2d_grad(g, x, kernel, stride, padding):
     win = _windows(x, kernel, stride, padding, -np.inf)
     first = np.argmax(win, axis=0)  # argmax returns the first maximum: the kernel's tie rule
     hit = np.arange(win.shape[0]).reshape(-1, 1, 1, 1, 1) == first
-    return _scatter(hit * g, x.shape, kernel, stride, padding)
+    return _scatter(np.where(hit, g, 0.0), x.shape, kernel, stride, padding)  # a NaN g reaches its arg-max only
 
 
 def avg_pool2d(x, kernel, stride, padding):
@@ -59,4 +59,4 @@ def log_taps(sigma, size):
 def log_filter(x, sigma, size):
     taps = log_taps(sigma, size)
     win = _windows(x, (size, size), (1, 1), (size // 2, size // 2), 0.0)
-    return np.tensordot(taps.reshape(-1), win, axes=1)
+    return (taps.reshape(-1, 1, 1, 1, 1) * win).sum(axis=0)  # not tensordot, whose BLAS may drop 0·NaN

@@ -4,6 +4,12 @@ Not a numpy fallback: a test that passes here ran the shader. Threadgroups are s
 over all cores; the threads of a group run as a plain loop, or as fibers switching at
 barriers and simd functions when the kernel uses them (see include/mlm_cpu_runtime.cpp).
 Execution is asynchronous: committed command buffers go to one in-order worker thread.
+
+The runtime and the kernel libraries are loaded privately (RTLD_LOCAL) and each is linked to
+export only the names cpu.py looks up: C++ compiled here must neither bind to nor be bound by
+another library of the process (a std:: template instantiation the runtime exported, weakly,
+would stand in for the same one in CuPy's or PyTorch's code). Kernels reach the runtime's
+barrier and simd exchange through a table of hooks it fills in (include/mlm_cpu_abi.h).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import queue
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -68,15 +75,26 @@ def _headers_digest() -> str:
     return cache.key(*(p.name + p.read_text() for p in sorted(INCLUDE.iterdir()) if p.is_file()))
 
 
-def _compile(text: str, out: Path, source_name: str, extra: tuple[str, ...] = ()) -> None:
+def _export_list(names: list[str], path: Path) -> list[str]:
+    """Write the linker's list of the only symbols to export; return the flags that apply it
+    (-Xlinker, not -Wl, which would split a path at its commas)."""
+    if sys.platform == "darwin":
+        path.write_text("".join(f"_{n}\n" for n in names))
+        return ["-Xlinker", "-exported_symbols_list", "-Xlinker", str(path)]
+    path.write_text("{ global: " + "".join(f"{n}; " for n in names) + "local: *; };\n")
+    return ["-Xlinker", f"--version-script={path}"]
+
+
+def _compile(text: str, out: Path, source_name: str, exports: list[str], extra: tuple[str, ...] = ()) -> None:
     cxx, _ = compiler()
-    src_file = out.with_suffix(".cpp")
+    src_file, list_file = out.with_suffix(".cpp"), out.with_suffix(".exports")
     src_file.write_text(text)
     try:
-        proc = subprocess.run([cxx, *FLAGS, "-I", str(INCLUDE), str(src_file), "-o", str(out), *extra],
-                              capture_output=True, text=True)
+        proc = subprocess.run([cxx, *FLAGS, "-I", str(INCLUDE), str(src_file), "-o", str(out),
+                               *_export_list(exports, list_file), *extra], capture_output=True, text=True)
     finally:
         src_file.unlink(missing_ok=True)
+        list_file.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise CompileError(_compiler_messages(proc.stderr, source_name))
 
@@ -88,11 +106,19 @@ def _compiler_messages(stderr: str, source_name: str) -> list[str]:
     return errors or lines[-20:] or [f"{source_name}: the C++ compiler failed without a message"]
 
 
-def build(text: str, source_name: str, what: str = "kernels") -> tuple[Path, bool]:
-    """Compile (or find in the cache) a shared library from C++ text."""
+def build(text: str, source_name: str, exports: list[str], what: str = "kernels") -> tuple[Path, bool]:
+    """Compile (or find in the cache) a shared library from C++ text that exports `exports` alone."""
     cxx, version = compiler()
-    k = cache.key(text, _headers_digest(), cxx, version, " ".join(FLAGS), cpu_features())
-    return cache.lookup(f"{what}-{k}.so", lambda tmp: _compile(text, tmp, source_name), subdir="cpu")
+    k = cache.key(text, _headers_digest(), cxx, version, " ".join(FLAGS), cpu_features(), " ".join(exports))
+    return cache.lookup(f"{what}-{k}.so", lambda tmp: _compile(text, tmp, source_name, exports), subdir="cpu")
+
+
+def kernel_exports(src: S.Source) -> list[str]:
+    """What a kernel library exports: each kernel's two entries and the hook table."""
+    return ["mlm_hooks"] + [f"{k}__mlm_{kind}" for k in src.kernels for kind in ("group", "thread")]
+
+
+RUNTIME_EXPORTS = ["mlm_run", "mlm_set_threads", "mlm_threads", "mlm_cpu_link"]
 
 
 # ---------------------------------------------------------------- the executor
@@ -104,16 +130,25 @@ class Launch(ctypes.Structure):
 GROUP_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(Launch), ctypes.c_uint, ctypes.c_uint, ctypes.c_uint)
 
 
-@lru_cache(maxsize=None)
+_runtime_lock = threading.Lock()
+
+
 def runtime() -> ctypes.CDLL:
-    """The executor library (thread pool, fibers), loaded globally so kernels resolve its hooks."""
+    """The executor library (thread pool, fibers), built and loaded once per process."""
+    with _runtime_lock:
+        return _load_runtime()
+
+
+@lru_cache(maxsize=None)
+def _load_runtime() -> ctypes.CDLL:
     text = (INCLUDE / "mlm_cpu_runtime.cpp").read_text()
-    path, _ = build(text, "mlm_cpu_runtime.cpp", what="runtime")
-    lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    path, _ = build(text, "mlm_cpu_runtime.cpp", RUNTIME_EXPORTS, what="runtime")
+    lib = ctypes.CDLL(str(path))  # RTLD_LOCAL: see the module's docstring
     lib.mlm_run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(Launch)]
     lib.mlm_run.restype = ctypes.c_int
     lib.mlm_set_threads.argtypes = [ctypes.c_uint]
     lib.mlm_threads.restype = ctypes.c_uint
+    lib.mlm_cpu_link.argtypes = [ctypes.c_void_p]
     threads = int(os.environ.get("MLMETAL_CPU_THREADS", "0") or 0)
     lib.mlm_set_threads(threads)
     return lib
@@ -142,10 +177,11 @@ class CpuKernel(D.Kernel):
 class CpuLibrary(D.Library):
     def __init__(self, device: "CpuDevice", src: S.Source):
         super().__init__(device, src)
-        runtime()  # the hooks kernels call must be loaded before the kernels
         self.cpp = S.generate(src, "cpu", check_bounds=device.check_bounds)
-        path, self.compiled = build(self.cpp, src.name, what="kernels-checked" if device.check_bounds else "kernels")
+        path, self.compiled = build(self.cpp, src.name, kernel_exports(src),
+                                    what="kernels-checked" if device.check_bounds else "kernels")
         self.so = ctypes.CDLL(str(path))
+        runtime().mlm_cpu_link(ctypes.addressof(ctypes.c_void_p.in_dll(self.so, "mlm_hooks")))
 
     def _make_kernel(self, sig: S.Kernel) -> D.Kernel:
         return CpuKernel(self, sig)
@@ -184,10 +220,12 @@ class CpuDevice(D.Device):
 
     def __init__(self, check_bounds: bool = False):
         super().__init__()
+        self._rt = runtime()  # here, not in the worker: a failure to build it is this call's error
         self.check_bounds = check_bounds
         self._bounds = BoundsError()  # one dispatch runs at a time, on the queue's worker
         self._queue: queue.Queue[_Batch] = queue.Queue()
-        self._last: _Batch | None = None
+        self._last: _Batch | None = None  # the batch queued last, which synchronize waits for
+        self._submit_lock = threading.Lock()  # keeps `_last` the last in the queue whatever the threads
         self._worker = threading.Thread(target=self._loop, name="mlmetal-cpu-queue", daemon=True)
         self._worker.start()
 
@@ -204,8 +242,9 @@ class CpuDevice(D.Device):
 
     def _submit(self, work: list[D.Dispatch]) -> _Batch:
         batch = _Batch(work)
-        self._last = batch
-        self._queue.put(batch)
+        with self._submit_lock:
+            self._last = batch
+            self._queue.put(batch)
         return batch
 
     def _wait(self, batch: _Batch) -> None:
@@ -222,7 +261,7 @@ class CpuDevice(D.Device):
             self._wait(last)
 
     def _loop(self):
-        rt = runtime()
+        rt = self._rt
         while True:
             batch = self._queue.get()
             try:

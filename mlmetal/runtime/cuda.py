@@ -200,12 +200,13 @@ class CudaKernel(D.Kernel):
                             for p in sig.buffers]
 
     def _build(self, max_registers: int) -> tuple[int, int]:
-        if max_registers not in self._builds:
-            driver = _cupy().cuda.driver
-            ptr = driver.moduleGetFunction(self.library.module(max_registers), self.name)
-            # 0: CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, what registers and shared memory allow
-            self._builds[max_registers] = ptr, driver.funcGetAttribute(0, ptr)
-        return self._builds[max_registers]
+        with self.library._lock:
+            if max_registers not in self._builds:
+                driver = _cupy().cuda.driver
+                ptr = driver.moduleGetFunction(self.library.module(max_registers), self.name)
+                # 0: CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, what registers and shared memory allow
+                self._builds[max_registers] = ptr, driver.funcGetAttribute(0, ptr)
+            return self._builds[max_registers]
 
     def function(self, threads: int) -> int:
         """The CUfunction that launches `threads` threads a threadgroup."""
@@ -228,13 +229,15 @@ class CudaLibrary(D.Library):
 
     def module(self, max_registers: int = 0) -> int:
         """The CUmodule built with `max_registers` registers a thread at most (0: no cap)."""
-        if max_registers not in self._modules:
-            cubin = build(self.cu, self.source.name, self.device.arch, max_registers).read_bytes()
-            # Loaded for the life of the process, like the device's cache of libraries; the driver
-            # loads into the calling thread's current context, so make it the device's.
-            with self.device.gpu:
-                self._modules[max_registers] = _cupy().cuda.driver.moduleLoadData(cubin)
-        return self._modules[max_registers]
+        self.device.bind_thread()
+        with self._lock:
+            if max_registers not in self._modules:
+                cubin = build(self.cu, self.source.name, self.device.arch, max_registers).read_bytes()
+                # Loaded for the life of the process, like the device's cache of libraries; the driver
+                # loads into the calling thread's current context, so make it the device's.
+                with self.device.gpu:
+                    self._modules[max_registers] = _cupy().cuda.driver.moduleLoadData(cubin)
+            return self._modules[max_registers]
 
     def _make_kernel(self, sig: S.Kernel) -> D.Kernel:
         return CudaKernel(self, sig)
@@ -284,6 +287,7 @@ class CudaDevice(D.Device):
     """The cuda backend (CuPy and an NVIDIA GPU). Example: `dev = mm.device("cuda")`."""
 
     name = "cuda"
+    has_simdgroup_matrix = True  # tensor cores (mma.sync)
 
     @staticmethod
     def unavailable() -> str | None:
@@ -311,6 +315,18 @@ class CudaDevice(D.Device):
         self._inflight: collections.deque[_Batch] = collections.deque()
         self._events: list = []  # completion events of retired commits, for reuse
         self._submit_lock = threading.Lock()  # one thread at a time enqueues, so commit order is stream order
+        self._bound = threading.local()
+
+    def bind_thread(self) -> None:
+        """Make the GPU's primary context current in the calling thread, once per thread.
+
+        A thread starts with none, and the driver calls here (module loads, cuLaunchKernel) fail
+        without one, unless some runtime call happened to bind it first (a cudaMalloc, which
+        CuPy's memory pool often skips).
+        """
+        if not getattr(self._bound, "done", False):
+            _cupy().cuda.runtime.setDevice(self.gpu.id)  # CUDA 12 on: binds the device's primary context
+            self._bound.done = True
 
     def _make_library(self, src: S.Source) -> D.Library:
         return CudaLibrary(self, src)
@@ -319,6 +335,7 @@ class CudaDevice(D.Device):
         return CudaBuffer(self, nbytes)
 
     def _submit(self, work: list[D.Dispatch]) -> _Batch:
+        self.bind_thread()
         # Every function is resolved (and any rebuild done) before the commit's first launch.
         functions = [d.kernel.function(d.threads[0] * d.threads[1] * d.threads[2]) for d in work]
         cupy = _cupy()

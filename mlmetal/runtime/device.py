@@ -43,7 +43,7 @@ class Buffer:
         raise NotImplementedError
 
     def __repr__(self):
-        return f"<{type(self).__name__} {self.nbytes} bytes on {self.device.name}>"
+        return f"<{type(self).__name__} {self.nbytes} bytes on {self.device.label}>"
 
 
 class HostBuffer(Buffer):
@@ -66,8 +66,9 @@ class HostBuffer(Buffer):
 
 def _as_bytes(data: Any) -> np.ndarray:
     arr = np.ascontiguousarray(data)
-    if arr.dtype == object:
-        raise TypeError(f"cannot make a buffer from an array of Python objects ({type(data).__name__})")
+    if arr.dtype.kind not in "biufc":  # text, bytes and objects have no bytes a kernel could mean
+        raise TypeError(f"cannot make a buffer from {type(data).__name__} data (dtype {arr.dtype}): "
+                        "give numbers, e.g. a numpy array")
     return arr.reshape(-1).view(np.uint8)
 
 
@@ -110,7 +111,7 @@ class Kernel:
         self._packers = {p.name: _fast_packer(sig.struct_of(p)) for p in self.params if p.kind == "constant"}
 
     def __repr__(self):
-        return f"<Kernel {self.name} ({self.sig.where}) on {self.library.device.name}>"
+        return f"<Kernel {self.name} ({self.sig.where}) on {self.library.device.label}>"
 
     def pack_fast(self, param: S.Param, values: Any) -> bytes:
         """`pack`, through a precompiled struct when the values are plainly right; else `pack`'s checks."""
@@ -120,7 +121,7 @@ class Kernel:
                 vals = [values[n] for n in packer[0]]
                 if not any(v.__class__ is bool for v in vals):
                     return packer[1].pack(*vals)
-            except (KeyError, struct.error, TypeError):
+            except (KeyError, struct.error, TypeError, OverflowError):
                 pass
         return self.pack(param, values)
 
@@ -144,13 +145,14 @@ class Kernel:
         for f in st.fields:
             code = S.SCALARS[f.type]
             v = values[f.name]
+            field = f"{where}, field {st.name}.{f.name}"
             if f.count == 1:
-                out.append(_pack_scalar(code, v, f"{where}, field {f.name} ({f.type})"))
+                out.append(_pack_scalar(code, v, f"{field} ({f.type})"))
             else:
                 seq = list(np.asarray(v).reshape(-1)) if not np.isscalar(v) else None
                 if seq is None or len(seq) != f.count:
-                    raise DispatchError(f"{where}, field {f.name}: expected {f.count} values of {f.type}")
-                out.extend(_pack_scalar(code, x, f"{where}, field {f.name}[{i}]") for i, x in enumerate(seq))
+                    raise DispatchError(f"{field}: expected {f.count} values of {f.type}")
+                out.extend(_pack_scalar(code, x, f"{field}[{i}]") for i, x in enumerate(seq))
         return b"".join(out)
 
 
@@ -165,7 +167,10 @@ def _pack_scalar(code: str, v: Any, where: str) -> bytes:
     if code == "f":
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise DispatchError(f"{where}: expected a number, got {v!r}")
-        return struct.pack("<f", float(v))
+        try:
+            return struct.pack("<f", float(v))
+        except OverflowError:  # finite and past float32's largest value (inf and NaN pack as themselves)
+            raise DispatchError(f"{where}: {v!r} is beyond float32's range (±3.4028235e38)") from None
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise DispatchError(f"{where}: expected an integer, got {v!r}")
     lo, hi = (0, 2**32) if code == "I" else (-(2**31), 2**31)
@@ -190,18 +195,16 @@ def _shape3(v: Any, what: str, kernel: Kernel) -> tuple[int, int, int]:
         return (v, 1, 1)
     if type(v) is tuple and len(v) == 3 and all(type(x) is int and x >= 1 for x in v):
         return v
-    where = kernel.where
-    if isinstance(v, (int, np.integer)):
-        v = (v,)
     try:
-        t = tuple(int(x) for x in v)
+        items = [v] if isinstance(v, (int, np.integer)) else list(v)
     except TypeError:
-        raise DispatchError(f"{where}: {what} must be 1 to 3 integers, got {v!r}") from None
-    if not 1 <= len(t) <= 3 or any(isinstance(x, bool) for x in v):
-        raise DispatchError(f"{where}: {what} must be 1 to 3 integers, got {v!r}")
-    t = t + (1,) * (3 - len(t))
+        items = []
+    integers = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in items)
+    if not 1 <= len(items) <= 3 or not integers:
+        raise DispatchError(f"{kernel.where}: {what} must be 1 to 3 positive integers, got {v!r}")
+    t = tuple(int(x) for x in items) + (1,) * (3 - len(items))
     if any(x < 1 for x in t):
-        raise DispatchError(f"{where}: {what} {t} is empty: every dimension must be at least 1")
+        raise DispatchError(f"{kernel.where}: {what} {t} is empty: every dimension must be at least 1")
     return t
 
 
@@ -249,8 +252,7 @@ def bind(kernel: Kernel, groups, threads, args: Sequence | None, named: dict, pr
         except TypeError:
             raise DispatchError(f"{where}: predicate must be mm.Predicate(buffer, offset) or (buffer, offset)") from None
     if predicate is not None and predicate.buffer.device is not kernel.library.device:
-        raise DispatchError(f"{where}: the predicate buffer lives on {predicate.buffer.device.name}, "
-                            f"the kernel on {kernel.library.device.name}")
+        raise DispatchError(f"{where}: the predicate buffer {_elsewhere(predicate.buffer.device, kernel.library.device)}")
     return Dispatch(kernel, g, t, out, predicate)
 
 
@@ -264,7 +266,7 @@ def _bind_one(kernel: Kernel, p: S.Param, value: Any) -> Buffer | bytes:
     where = f"kernel {kernel.name} ({p.loc}), parameter `{p.name}` ({p.type})"
     if isinstance(value, Buffer):
         if value.device is not dev:
-            raise DispatchError(f"{where}: buffer lives on {value.device.name}, the kernel on {dev.name}")
+            raise DispatchError(f"{where}: buffer {_elsewhere(value.device, dev)}")
         if p.kind == "constant":
             st = kernel.sig.struct_of(p)
             need = st.nbytes if st is not None else 4
@@ -277,7 +279,21 @@ def _bind_one(kernel: Kernel, p: S.Param, value: Any) -> Buffer | bytes:
                         + (" (copy arrays to the device with dev.buffer(array))" if isinstance(value, np.ndarray) else ""))
 
 
+def _elsewhere(there: "Device", here: "Device") -> str:
+    """Where a buffer lives when it is not on the kernel's device, told apart however alike they are."""
+    text = f"lives on {there.label}, the kernel on {here.label}"
+    if there.name == here.name:
+        text += (f" (two {here.name} devices: each has its own queue and buffers; use one, as "
+                 f"mm.device({here.name!r}) returns the same device every call)")
+    return text
+
+
 # ---------------------------------------------------------------- libraries
+
+# The matmul precision policies (mlmetal.precision), in the order of the MLM_MATMUL_PRECISION
+# values that kernels are compiled with (include/mlm_simdgroup_matrix.h).
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
 
 class Library:
     """The kernels of one MSL source, linted and compiled for a device."""
@@ -289,6 +305,7 @@ class Library:
         if problems:
             raise S.LintError(problems)
         self._kernels: dict[str, Kernel] = {}
+        self._lock = threading.RLock()  # kernels (and a backend's builds) are made once, whichever thread asks
 
     @property
     def names(self) -> list[str]:
@@ -296,12 +313,16 @@ class Library:
 
     def kernel(self, name: str) -> Kernel:
         """The kernel function `name` of this library."""
-        if name not in self._kernels:
+        kernel = self._kernels.get(name)
+        if kernel is None:
             sig = self.source.kernels.get(name)
             if sig is None:
                 raise KeyError(f"{self.source.name} has no kernel {name!r} (kernels: {', '.join(self.names) or 'none'})")
-            self._kernels[name] = self._make_kernel(sig)
-        return self._kernels[name]
+            with self._lock:
+                if name not in self._kernels:
+                    self._kernels[name] = self._make_kernel(sig)
+                kernel = self._kernels[name]
+        return kernel
 
     def _make_kernel(self, sig: S.Kernel) -> Kernel:
         raise NotImplementedError
@@ -343,7 +364,7 @@ class CommandBuffer:
             raise DispatchError("this command buffer was committed; encode into a new one "
                                 "(or use commit_and_continue)")
         if not isinstance(kernel, Kernel) or kernel.library.device is not self.device:
-            raise DispatchError(f"expected a kernel of {self.device.name}, got {kernel!r}")
+            raise DispatchError(f"expected a kernel of {self.device.label}, got {kernel!r}")
         d = bind(kernel, groups, threads, args, named, predicate if predicate is not None else self.predicate)
         self._encoded.append(d)
 
@@ -398,34 +419,63 @@ class CommandBuffer:
 
 # ---------------------------------------------------------------- device
 
+_ordinals: dict[str, int] = {}
+_ordinals_lock = threading.Lock()
+
+
 class Device:
-    """A backend: allocation, libraries, command buffers. Subclasses implement the underscored hooks."""
+    """A backend: allocation, libraries, command buffers. Subclasses implement the underscored hooks.
+
+    Every method may be called from any thread; a command buffer belongs to the thread that encodes it.
+
+    Ops choose kernels by what a device can do, never by its name:
+    `has_simdgroup_matrix`: simdgroup matrix products run on matrix hardware (every backend runs
+    them; the cpu backend emulates them exactly, for tests, not for speed).
+    """
 
     name = "abstract"
+    has_simdgroup_matrix = False
 
     def __init__(self):
+        with _ordinals_lock:  # devices of one backend are numbered in creation order
+            self.ordinal = _ordinals[self.name] = _ordinals.get(self.name, -1) + 1
         self._libraries: dict[Any, Library] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while a library compiles
+        self._discard_lock = threading.Lock()
         self._discard: Buffer | None = None  # see discard()
 
-    def library(self, name: str | None = None, *, source: str | None = None, path: str | Path | None = None) -> Library:
+    @property
+    def label(self) -> str:
+        """The backend's name, numbered from the second device of that backend on: 'cpu', 'cpu:1'."""
+        return self.name if self.ordinal == 0 else f"{self.name}:{self.ordinal}"
+
+    def library(self, name: str | None = None, *, source: str | None = None, path: str | Path | None = None,
+                precision: str = "highest") -> Library:
         """Compile a kernel library: `name` of a file in kernels/, a `source` string, or a `path`.
+
+        `precision` is the matmul precision policy its simdgroup matrix products round their
+        operands by (mlmetal.precision); kernels without them are the same under every policy.
 
         Example:
             >>> lib = dev.library("elementwise"); k = lib.kernel("axpy")
         """
         if sum(x is not None for x in (name, source, path)) != 1:
             raise TypeError("give exactly one of a library name, source= or path=")
+        if precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {precision!r}")
+        level = MATMUL_PRECISIONS.index(precision)
+        defines = {"MLM_MATMUL_PRECISION": level} if level else {}
         key = ("name", name) if name is not None else ("path", str(path)) if path is not None else ("source", source)
+        key += (precision,)
         with self._lock:
             lib = self._libraries.get(key)
             if lib is None:
                 if name is not None:
-                    src = S.Source.from_file(S.find(name))
+                    src = S.Source.from_file(S.find(name), defines)
                 elif path is not None:
-                    src = S.Source.from_file(path)
+                    src = S.Source.from_file(path, defines)
                 else:
-                    src = S.Source(source, name="<source>")
+                    src = S.Source(source, name="<source>", defines=defines)
                 lib = self._libraries[key] = self._make_library(src)
         return lib
 
@@ -440,7 +490,9 @@ class Device:
             buf = self._alloc(raw.nbytes)
             buf.write(raw)
             return buf
-        if int(nbytes) <= 0:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+            raise TypeError(f"nbytes must be an integer, got {nbytes!r}")
+        if nbytes <= 0:
             raise ValueError(f"nbytes must be positive, got {nbytes}")
         return self._alloc(int(nbytes))
 
@@ -448,7 +500,7 @@ class Device:
         """A buffer of at least `nbytes` for what a kernel must write and nobody reads (instance
         norm's statistics, say): one per device, grown when asked for more, shared by every such
         use. Work in flight keeps the buffer it was given alive."""
-        with self._lock:
+        with self._discard_lock:
             buf = self._discard
             if buf is None or buf.nbytes < nbytes:
                 buf = self._discard = self._alloc(max(int(nbytes), 2 * buf.nbytes if buf else 4096))
@@ -462,7 +514,7 @@ class Device:
         raise NotImplementedError
 
     def __repr__(self):
-        return f"<mlmetal device {self.name}>"
+        return f"<mlmetal device {self.label}>"
 
     # hooks
     def _make_library(self, src: S.Source) -> Library:

@@ -17,6 +17,7 @@ import platform
 import re
 import struct
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -80,11 +81,12 @@ class MetalKernel(D.Kernel):
 
     def pipeline(self, threads: int) -> _Pipeline:
         """This kernel compiled for threadgroups of `threads` threads (once per size)."""
-        if threads not in self._pipelines:
-            function = self.library.compiled(threads).function(self.name)
-            flag = self.library.device.buffer(np.zeros(1, np.uint32))
-            self._pipelines[threads] = _Pipeline(self, threads, function, flag)
-        return self._pipelines[threads]
+        with self.library._lock:
+            if threads not in self._pipelines:
+                function = self.library.compiled(threads).function(self.name)
+                flag = self.library.device.buffer(np.zeros(1, np.uint32))
+                self._pipelines[threads] = _Pipeline(self, threads, function, flag)
+            return self._pipelines[threads]
 
 
 class MetalLibrary(D.Library):
@@ -94,14 +96,15 @@ class MetalLibrary(D.Library):
 
     def compiled(self, threads: int):
         """The library's MSL with wrappers for `threads`-thread threadgroups, compiled once."""
-        if threads not in self._compiled:
-            text = S.generate(self.source, "metal", threads=threads)
-            mc = self.device.mc_module
-            try:
-                self._compiled[threads] = self.device.mc.kernel(text)
-            except mc.error as e:
-                raise CompileError(_compiler_messages(str(e), self.source.name)) from None
-        return self._compiled[threads]
+        with self._lock:
+            if threads not in self._compiled:
+                text = S.generate(self.source, "metal", threads=threads)
+                mc = self.device.mc_module
+                try:
+                    self._compiled[threads] = self.device.mc.kernel(text)
+                except mc.error as e:
+                    raise CompileError(_compiler_messages(str(e), self.source.name)) from None
+            return self._compiled[threads]
 
     def _make_kernel(self, sig: S.Kernel) -> D.Kernel:
         return MetalKernel(self, sig)
@@ -121,6 +124,7 @@ class MetalDevice(D.Device):
     """The metal backend (macOS 14 or later, Apple silicon). Example: `dev = mm.device("metal")`."""
 
     name = "metal"
+    has_simdgroup_matrix = True  # Apple GPUs' simdgroup matrices (Apple7 and later)
 
     @staticmethod
     def unavailable() -> str | None:
@@ -148,6 +152,8 @@ class MetalDevice(D.Device):
         # Bound as the predicate of unpredicated dispatches: the wrapper always takes one.
         self._always = self.buffer(np.ones(1, np.uint32))
         self._pending: list[_Batch] = []  # committed and not yet waited, in commit order
+        self._submit_lock = threading.Lock()  # one thread at a time commits, so commit order is run order
+        self._wait_lock = threading.Lock()  # one thread at a time releases run handles and checks flags
 
     def _make_library(self, src: S.Source) -> D.Library:
         return MetalLibrary(self, src)
@@ -158,8 +164,9 @@ class MetalDevice(D.Device):
     def _submit(self, work: list[D.Dispatch]) -> _Batch:
         # Compile everything first, so a compile error commits nothing.
         pipelines = [d.kernel.pipeline(int(np.prod(d.threads))) for d in work]
-        batch = _Batch([self._run(d, p) for d, p in zip(work, pipelines)], pipelines)
-        self._pending.append(batch)
+        with self._submit_lock:
+            batch = _Batch([self._run(d, p) for d, p in zip(work, pipelines)], pipelines)
+            self._pending.append(batch)
         return batch
 
     def _run(self, d: D.Dispatch, pipeline: _Pipeline):
@@ -178,12 +185,14 @@ class MetalDevice(D.Device):
                                    f"dispatch it: {e}") from None
 
     def _wait(self, batch: _Batch) -> None:
-        if not batch.waited:
-            while batch.runs:
-                del batch.runs[0]  # releasing a run handle blocks until its command buffer completed
-            batch.waited = True
-            self._pending.remove(batch)
-            batch.error = self._check(batch)
+        with self._wait_lock:
+            if not batch.waited:
+                while batch.runs:
+                    del batch.runs[0]  # releasing a run handle blocks until its command buffer completed
+                batch.error = self._check(batch)
+                with self._submit_lock:
+                    self._pending.remove(batch)
+                batch.waited = True
         if batch.error is not None:
             raise batch.error
 
@@ -206,5 +215,7 @@ class MetalDevice(D.Device):
         return batch.waited
 
     def synchronize(self) -> None:
-        for batch in list(self._pending):
+        with self._submit_lock:
+            pending = list(self._pending)
+        for batch in pending:
             self._wait(batch)

@@ -47,7 +47,9 @@ BUILTIN_TYPES = {"uint", "uint2", "uint3", "ushort", "ushort2", "ushort3", "int"
 # `device float* y [[buffer(1)]],  // extent: p.n` — the comment after the last parameter of a line.
 EXTENT = re.compile(r"[\s,){]*//\s*extent:\s*([^;\n]*)")
 
-SYNC_CALL = re.compile(r"\b(threadgroup_barrier|simdgroup_barrier|simd_\w+|quad_\w+)\s*\(")
+# Calls that wait for other threads: on cpu a kernel making one runs its threads as fibers. A
+# simdgroup matrix load is collective (mlm_simdgroup_matrix.h).
+SYNC_CALL = re.compile(r"\b(threadgroup_barrier|simdgroup_barrier|simd_\w+|quad_\w+|simdgroup_load)\s*\(")
 
 
 class KernelSourceError(Exception):
@@ -185,6 +187,27 @@ class Function:
     body_span: tuple[int, int]  # offsets of '{' and '}'
     start: int  # offset of the declaration's first character
     line: int
+    template: tuple["TemplateParam", ...] | None = None  # a function template's parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateParam:
+    """One parameter of a template kernel: `uint WM` (type 'uint') or `typename Acc` (type None)."""
+
+    type: str | None
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    """`template [[host_name("name")]] [[kernel]] decltype(fn<args>) fn<args>;`: a kernel `name`
+    made of template kernel `fn` with `args`."""
+
+    name: str
+    template: str
+    args: tuple[str, ...]
+    offset: int  # of the instantiation's `template`
+    end: int  # just past its `;`
 
 
 @dataclasses.dataclass
@@ -196,6 +219,14 @@ class Kernel:
     source: "Source"
     function: Function
     uses_sync: bool  # calls barriers or simd functions (directly or through helpers)
+    instance: Instance | None = None  # the instantiation this kernel is, for a template kernel
+
+    def template_bindings(self) -> list[str]:
+        """The template parameters as the local definitions a generated wrapper starts with."""
+        if self.instance is None:
+            return []
+        return [f"    constexpr {p.type} {p.name} = ({a});" if p.type else f"    using {p.name} = {a};"
+                for p, a in zip(self.function.template, self.instance.args)]
 
     @property
     def buffers(self) -> list[Param]:
@@ -249,17 +280,19 @@ class Kernel:
 class Source:
     """One MSL translation unit: a file in kernels/ or a user string, with local headers inlined."""
 
-    def __init__(self, text: str, name: str = "<source>", include_dir: Path | None = None):
+    def __init__(self, text: str, name: str = "<source>", include_dir: Path | None = None,
+                 defines: dict[str, int] | None = None):
         self.name = name
         self.include_dir = include_dir or KERNEL_DIR
+        self.defines = dict(defines or {})  # macros every target's translation unit starts with
         self.raw = text
         self.text, self.line_map = self._inline_includes(text, name)
         self.clean = blank_comments(self.text)
 
     @classmethod
-    def from_file(cls, path: Path | str) -> "Source":
+    def from_file(cls, path: Path | str, defines: dict[str, int] | None = None) -> "Source":
         path = Path(path)
-        return cls(path.read_text(), name=_display_name(path), include_dir=path.parent)
+        return cls(path.read_text(), name=_display_name(path), include_dir=path.parent, defines=defines)
 
     # -- includes: local headers are inlined so every target compiles one self-contained unit
     def _inline_includes(self, text: str, name: str, seen: tuple = ()) -> tuple[str, list[tuple[str, int]]]:
@@ -329,7 +362,8 @@ class Source:
             if decl.lstrip().startswith("#") or "=" in decl:
                 continue
             fns.append(Function(name, bool(re.search(r"\bkernel\b", decl)), (m.end() - 1, close),
-                                (open_b, _match(clean, open_b)), start, self.where(m.start())[1]))
+                                (open_b, _match(clean, open_b)), start, self.where(m.start())[1],
+                                _template_params(decl)))
         return fns
 
     @cached_property
@@ -346,13 +380,59 @@ class Source:
 
     @cached_property
     def kernels(self) -> dict[str, Kernel]:
+        """The dispatchable kernels: plain kernel functions, and each instantiation of a template kernel."""
         kernels = {}
         helpers = {f.name: f for f in self.functions if not f.is_kernel}
+        templates = {f.name: f for f in self.functions if f.is_kernel and f.template is not None}
         for fn in self.functions:
-            if not fn.is_kernel:
-                continue
-            kernels[fn.name] = Kernel(fn.name, self._params(fn), self, fn, self._uses_sync(fn, helpers))
+            if fn.is_kernel and fn.template is None:
+                kernels[fn.name] = Kernel(fn.name, self._params(fn), self, fn, self._uses_sync(fn, helpers))
+        for inst in self.instances:
+            fn = templates.get(inst.template)
+            if fn is None or len(fn.template) != len(inst.args):
+                why = f"no template kernel {inst.template}" if fn is None else \
+                      f"{inst.template} takes {len(fn.template)} template arguments, not {len(inst.args)}"
+                raise LintError([f"{self.loc(inst.offset)}: instantiation: {inst.name}: {why}"])
+            kernels[inst.name] = Kernel(inst.name, self._params(fn), self, fn, self._uses_sync(fn, helpers), inst)
         return kernels
+
+    @cached_property
+    def instances(self) -> list[Instance]:
+        """Every `template [[host_name("name")]] [[kernel]] decltype(fn<args>) fn<args>;` line."""
+        found = []
+        clean = self.clean
+        for m in INSTANCE.finditer(clean):
+            name = self.text[m.start("name"):m.end("name")].strip().strip('"')
+            inner = clean[m.end() :_match(clean, m.end() - 1)]
+            fn, args = inner.split("<", 1)
+            args = args[:args.rindex(">")]
+            end = clean.index(";", m.end())
+            found.append(Instance(name, fn.strip(), tuple(a.strip() for _, a in _split_top(args)), m.start(), end + 1))
+        return found
+
+    @cached_property
+    def constants(self) -> dict[str, int]:
+        """Integer `#define NAME value` constants of the source and its headers, their values worked
+        out (other such constants, + - * / % and parentheses): what Python shares with the kernels."""
+        defines = dict(re.findall(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+([^\n]+)$", self.clean, re.M))
+        values: dict[str, int] = {}
+
+        def value(name, seen=()):
+            if name not in values:
+                expr = defines[name].strip()
+                if name in seen or not re.fullmatch(r"[\w\s+\-*/%()]+", expr):
+                    raise ValueError(name)
+                names = {n: value(n, seen + (name,)) for n in re.findall(r"[A-Za-z_]\w*", expr)}
+                values[name] = int(eval(expr.replace("/", "//"), {"__builtins__": {}}, names))
+            return values[name]
+
+        out = {}
+        for name in defines:
+            try:
+                out[name] = value(name)
+            except (ValueError, KeyError, SyntaxError, ZeroDivisionError, TypeError):
+                pass  # not an integer constant (a function-like macro, a float, an expression of variables)
+        return out
 
     def _params(self, fn: Function) -> list[Param]:
         params = []
@@ -519,6 +599,21 @@ def compile_extent(k: Kernel, p: Param) -> Extent:
     return Extent(p, compile(tree, p.extent_loc, "eval"), frozenset(uses), item[0])
 
 
+INSTANCE = re.compile(r"\btemplate\s*\[\[\s*host_name\s*\((?P<name>[^)]*)\)\s*\]\]\s*"
+                      r"(?:\[\[\s*kernel\s*\]\]|kernel)\s*decltype\s*\(")
+
+
+def _template_params(decl: str) -> tuple[TemplateParam, ...] | None:
+    m = re.search(r"\btemplate\s*<(.*)>", decl, re.S)
+    if not m:
+        return None
+    params = []
+    for _, item in _split_top(m.group(1)):
+        words = item.split()
+        params.append(TemplateParam(None if words[0] in ("typename", "class") else " ".join(words[:-1]), words[-1]))
+    return tuple(params)
+
+
 # ---------------------------------------------------------------- lint
 
 VEC3 = r"\b(?:float|half|int|uint|short|ushort|char|uchar|bool)3\b"
@@ -551,6 +646,12 @@ def lint(src: Source) -> list[str]:
         (r"\[\[\s*threadgroup\s*\(", "no-threadgroup-param",
          "[[threadgroup(n)]] parameters cannot be sized by metalcompute; declare a threadgroup array in the kernel"),
         (SWIZZLE, "no-swizzle", "multi-component swizzles are not provided by the compatibility headers; use .x/.y/.z/.w"),
+        (r"\bthread_elements\s*\(", "no-thread-elements",
+         "thread_elements() exposes a lane's share of a simdgroup matrix, whose layout the cpu and cuda backends "
+         "do not reproduce; load and store whole matrices"),
+        (r"\bbfloat\w*|\bsimdgroup_bfloat8x8\b", "no-bfloat", "bfloat needs MSL 3.1; mlmetal targets MSL 2.3"),
+        (r"\bsimdgroup_matrix\s*<\s*\w+\s*,(?!\s*8\s*,\s*8\s*>)[^>]*>", "simdgroup-matrix-size",
+         "simdgroup matrices are 8×8 (simdgroup_matrix<T, 8, 8>)"),
     ]
     for pattern, rule, msg in token_rules:
         for m in re.finditer(pattern, clean):
@@ -574,13 +675,13 @@ def lint(src: Source) -> list[str]:
     for m in re.finditer(r"\bthreadgroup\b", clean):
         if inside(m.start(), [(f.params_span[0], f.params_span[1]) for f in functions]):
             continue  # pointer parameters of helper functions
+        decl = _statement_from(clean, m.start())
+        if "*" in decl.split("=")[0]:
+            continue  # a threadgroup pointer (a parameter, variable or cast, in a function or a method), fine anywhere
         if not inside(m.start(), all_bodies):
             if not re.match(r"threadgroup\s*\(", clean[m.start():]) and not clean[:m.start()].rstrip().endswith("[["):
                 report(m.start(), "threadgroup-scope", "threadgroup variables may only be declared inside a kernel function")
             continue
-        decl = _statement_from(clean, m.start())
-        if "*" in decl.split("=")[0]:
-            continue  # a threadgroup pointer, fine anywhere
         if not inside(m.start(), kernel_bodies):
             report(m.start(), "threadgroup-scope", "threadgroup arrays may only be declared in a kernel function, not a helper")
         elif not re.match(r"threadgroup\s+[\w:<>\s,]+?\s+\w+\s*\[", decl):
@@ -759,41 +860,58 @@ def generate(src: Source, target: str, threads: int | None = None, check_bounds:
         raise ValueError("the metal wrapper is generated per threadgroup size: pass threads=")
     if check_bounds and target != "cpu":
         raise ValueError("bounds checking is a build of the cpu target only")
+    text = src.text
+    # Instantiation lines are replaced by their kernels' wrappers: blank them, keeping the lines.
+    for inst in src.instances:
+        text = text[:inst.offset] + re.sub(r"[^\n]", " ", text[inst.offset:inst.end]) + text[inst.end:]
     rules = [(_POINTER, _checked_pointer)] if check_bounds else []
-    out = [PRELUDE[target] + (CHECK_PRELUDE if check_bounds else ""), _line(src, 0)]
+    out = [_defines(src), PRELUDE[target] + (CHECK_PRELUDE if check_bounds else ""), _line(src, 0)]
     pos = 0
-    kernels = {k.function.start: k for k in src.kernels.values()}
+    by_function: dict[int, list[Kernel]] = {}
+    for k in src.kernels.values():
+        by_function.setdefault(k.function.start, []).append(k)
     for fn in sorted(src.functions, key=lambda f: f.start):
-        k = kernels.get(fn.start)
-        if k is None:
+        if fn.start not in by_function:
+            if fn.is_kernel:  # a template kernel never instantiated: nothing to compile
+                out.append(_emit(src, text, pos, fn.start, rules))
+                pos = fn.body_span[1] + 1
             continue
-        out.append(_emit(src, pos, fn.start, rules))
-        out.append(_entry(k, target, threads, check_bounds))
+        out.append(_emit(src, text, pos, fn.start, rules))
         body_a, body_b = fn.body_span
-        if check_bounds:
-            body = _emit(src, body_a, body_b + 1, [(_TG_DECL, lambda m: _checked_array(m, k.name)),
-                                                    (_TG_ARRAY, lambda m: "static thread_local"), *rules])
-        elif target != "metal":
-            body = _emit(src, body_a, body_b + 1, [(_TG_ARRAY, lambda m: "static thread_local" if target == "cpu" else "__shared__")])
-        else:
-            # Threadgroup arrays belong in the kernel function's outermost scope (OpenCL's rule,
-            # which clang enforces and MSL's address spaces descend from), so the body's statements
-            # join the wrapper's scope instead of nesting in a block of their own.
-            body = _emit(src, body_a + 1, body_b)
-        out.append(_line(src, body_a) + body + "\n}\n")
-        if target == "cpu":
-            out.append(_cpu_entries(k))
+        # A template kernel's body is written out once for each instantiation, after the
+        # definitions of its template parameters.
+        for k in by_function[fn.start]:
+            if check_bounds:
+                body = _emit(src, text, body_a, body_b + 1, [(_TG_DECL, lambda m: _checked_array(m, k.name)),
+                                                              (_TG_ARRAY, lambda m: "static thread_local"), *rules])
+            elif target != "metal":
+                body = _emit(src, text, body_a, body_b + 1,
+                             [(_TG_ARRAY, lambda m: "static thread_local" if target == "cpu" else "__shared__")])
+            else:
+                # Threadgroup arrays belong in the kernel function's outermost scope (OpenCL's rule,
+                # which clang enforces and MSL's address spaces descend from), so the body's statements
+                # join the wrapper's scope instead of nesting in a block of their own.
+                body = _emit(src, text, body_a + 1, body_b)
+            out.append(_entry(k, target, threads, check_bounds))
+            out.append("".join(line + "\n" for line in k.template_bindings()))
+            out.append(_line(src, body_a) + body + "\n}\n")
+            if target == "cpu":
+                out.append(_cpu_entries(k))
         out.append(_line(src, body_b + 1))
         pos = body_b + 1
-    out.append(_emit(src, pos, len(src.text), rules))
+    out.append(_emit(src, text, pos, len(text), rules))
     return "".join(out)
 
 
-def _emit(src: Source, a: int, b: int, rules=()) -> str:
-    """src.text[a:b] with each rule's matches (found in the comment-free text) replaced by
-    rule(match), and a `#line` wherever an inlined header starts or ends, so that compiler
-    messages and the bounds checks' `__FILE__`/`__LINE__` name the header's own lines."""
-    text = src.text
+def _defines(src: Source) -> str:
+    return "".join(f"#define {name} {value}\n" for name, value in src.defines.items())
+
+
+def _emit(src: Source, text: str, a: int, b: int, rules=()) -> str:
+    """text[a:b] (src's text, or a copy with the same offsets) with each rule's matches (found in
+    the comment-free text) replaced by rule(match), and a `#line` wherever an inlined header
+    starts or ends, so that compiler messages and the bounds checks' `__FILE__`/`__LINE__` name
+    the header's own lines."""
     edits = [(m.start(), m.end(), repl(m)) for pattern, repl in rules for m in pattern.finditer(src.clean, a, b)]
     edits += [(at, at, f'#line {line} "{name}"\n') for at, name, line in src.include_breaks if a < at < b]
     out, last = [], a

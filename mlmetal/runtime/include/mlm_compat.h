@@ -85,6 +85,9 @@
 #define uint2 mlm_uint2
 #define uint3 mlm_uint3
 #define uint4 mlm_uint4
+#define ulong2 mlm_ulong2
+#define ulong3 mlm_ulong3
+#define ulong4 mlm_ulong4
 #define half2 mlm_half2
 #define half3 mlm_half3
 #define half4 mlm_half4
@@ -99,6 +102,7 @@ namespace metal {
 using uint = unsigned int;
 using ushort = unsigned short;
 using uchar = unsigned char;
+using ulong = unsigned long;  // 64-bit in MSL, as on every target here (LP64)
 using size_t = decltype(sizeof(0));
 
 // Reinterprets the bits of x; memcpy of a constant size compiles to a register move everywhere.
@@ -194,6 +198,7 @@ template <> struct traits<short> : scalar_traits<short, integer, ushort> {};
 template <> struct traits<ushort> : scalar_traits<ushort, integer> {};
 template <> struct traits<int> : scalar_traits<int, integer, uint> {};
 template <> struct traits<uint> : scalar_traits<uint, integer> {};
+template <> struct traits<ulong> : scalar_traits<ulong, integer> {};
 template <> struct traits<half> : scalar_traits<half, floating> {};
 template <> struct traits<float> : scalar_traits<float, floating> {};
 template <class T, int N> struct traits<vec<T, N>> : traits<T> {
@@ -328,6 +333,7 @@ MLM_VEC_NAMES(short)
 MLM_VEC_NAMES(ushort)
 MLM_VEC_NAMES(int)
 MLM_VEC_NAMES(uint)
+MLM_VEC_NAMES(ulong)
 MLM_VEC_NAMES(half)
 MLM_VEC_NAMES(float)
 #undef MLM_VEC_NAMES

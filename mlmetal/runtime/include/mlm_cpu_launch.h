@@ -1,9 +1,16 @@
-// Prelude of every cpu translation unit: what the generated entry wrappers take.
+// Prelude of every cpu translation unit: what the generated entry wrappers take, and the hooks
+// mlm_cpu.h's barrier and simd functions call, reached through a table the runtime fills in.
 #pragma once
 #include <metal_stdlib>
+#include "mlm_cpu_abi.h"
 
-struct mlm_launch {
-    unsigned int groups[3];     // threadgroups per grid
-    unsigned int threads[3];    // threads per threadgroup
-    const unsigned int* pred;   // predicate word, or null when the dispatch has none
-};
+extern "C" {
+mlm_cpu_hooks mlm_hooks = {nullptr, nullptr};
+
+// Hidden: never exported, and calls to them inline to one indirect call through the table.
+__attribute__((visibility("hidden"))) void mlm_cpu_barrier(void) { mlm_hooks.barrier(); }
+__attribute__((visibility("hidden"))) const void* mlm_cpu_simd_exchange(const void* value, unsigned size,
+                                                                        unsigned* lane, unsigned* active) {
+    return mlm_hooks.simd_exchange(value, size, lane, active);
+}
+}

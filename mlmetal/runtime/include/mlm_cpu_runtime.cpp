@@ -6,6 +6,13 @@
 // no system call per switch (ucontext's swapcontext makes one to save the signal mask).
 // All fibers of a threadgroup run on one OS thread, so `thread_local` threadgroup arrays
 // are shared by exactly the threads of one group.
+//
+// Everything here is private to this library except the extern "C" functions at the end: cpu.py
+// links it with an export list, so none of its C++ (the std:: templates it instantiates) can
+// bind to another library's code. Kernels reach the barrier and simd exchange through the table
+// mlm_cpu_link fills in (mlm_cpu_abi.h).
+
+#include "mlm_cpu_abi.h"
 
 #include <atomic>
 #include <condition_variable>
@@ -18,12 +25,6 @@
 #include <vector>
 #include <sys/mman.h>
 #include <unistd.h>
-
-struct mlm_launch {
-    unsigned int groups[3];
-    unsigned int threads[3];
-    const unsigned int* pred;
-};
 
 typedef void (*mlm_group_fn)(void* const*, const mlm_launch*, unsigned, unsigned, unsigned);
 typedef void (*mlm_thread_fn)(void* const*, const mlm_launch*, unsigned, unsigned, unsigned, unsigned);
@@ -330,6 +331,41 @@ private:
 Pool* g_pool = nullptr;
 std::mutex g_pool_mutex;
 
+// ------------------------------------------------------------------ the kernels' hooks
+void cpu_barrier(void) {
+    Worker* w = tls_worker;
+    if (!w || !w->current) {
+        // The wrapper generator runs kernels with barriers as fibers; reaching this means the
+        // barrier hid where the source scan could not see it.
+        std::fputs("mlmetal: threadgroup_barrier called outside a fiber\n", stderr);
+        std::abort();
+    }
+    yield_fiber(w);
+}
+
+const void* cpu_simd_exchange(const void* value, unsigned size, unsigned* lane, unsigned* active) {
+    Worker* w = tls_worker;
+    if (!w || !w->current || size > kSlotBytes) {
+        std::fputs("mlmetal: simd function called outside a fiber or on a value over 64 bytes\n", stderr);
+        std::abort();
+    }
+    Fiber* f = w->current;
+    const unsigned my_lane = f->lid & 31u, sg = f->lid >> 5, parity = f->round & 1u;
+    const unsigned simdgroups = unsigned(w->tags.size() / 64);
+    unsigned char* slots = &w->slots[(size_t(parity) * simdgroups + sg) * 32 * kSlotBytes];
+    unsigned* tags = &w->tags[(size_t(parity) * simdgroups + sg) * 32];
+    const unsigned tag = f->round + 1;
+    std::memcpy(slots + my_lane * size, value, size);
+    tags[my_lane] = tag;
+    yield_fiber(w);
+    unsigned mask = 0;
+    for (unsigned l = 0; l < 32; ++l)
+        if (tags[l] == tag) mask |= 1u << l;
+    *lane = my_lane;
+    *active = mask;
+    return slots;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ exported
@@ -372,38 +408,10 @@ int mlm_run(mlm_group_fn group, mlm_thread_fn thread, int fibers, void* const* b
     return job.failed.load();
 }
 
-void mlm_cpu_barrier(void) {
-    Worker* w = tls_worker;
-    if (!w || !w->current) {
-        // The wrapper generator runs kernels with barriers as fibers; reaching this means the
-        // barrier hid where the source scan could not see it.
-        std::fputs("mlmetal: threadgroup_barrier called outside a fiber\n", stderr);
-        std::abort();
-    }
-    yield_fiber(w);
-}
-
-const void* mlm_cpu_simd_exchange(const void* value, unsigned size, unsigned* lane, unsigned* active) {
-    Worker* w = tls_worker;
-    if (!w || !w->current || size > kSlotBytes) {
-        std::fputs("mlmetal: simd function called outside a fiber or on a value over 64 bytes\n", stderr);
-        std::abort();
-    }
-    Fiber* f = w->current;
-    const unsigned my_lane = f->lid & 31u, sg = f->lid >> 5, parity = f->round & 1u;
-    const unsigned simdgroups = unsigned(w->tags.size() / 64);
-    unsigned char* slots = &w->slots[(size_t(parity) * simdgroups + sg) * 32 * kSlotBytes];
-    unsigned* tags = &w->tags[(size_t(parity) * simdgroups + sg) * 32];
-    const unsigned tag = f->round + 1;
-    std::memcpy(slots + my_lane * size, value, size);
-    tags[my_lane] = tag;
-    yield_fiber(w);
-    unsigned mask = 0;
-    for (unsigned l = 0; l < 32; ++l)
-        if (tags[l] == tag) mask |= 1u << l;
-    *lane = my_lane;
-    *active = mask;
-    return slots;
+// Fills in a kernel library's hooks (its `mlm_hooks`), right after it is loaded.
+void mlm_cpu_link(mlm_cpu_hooks* hooks) {
+    hooks->barrier = cpu_barrier;
+    hooks->simd_exchange = cpu_simd_exchange;
 }
 
 }  // extern "C"

@@ -1,0 +1,94 @@
+"""The tiling family of kernels/tile.h, seen from Python: which tiling and accumulator a product
+runs with, and how a long reduction is split across threadgroups.
+
+The sizes are read from tile.h itself (`Source.constants`), so the kernels and this module cannot
+disagree. A product kernel exists for each tiling with each accumulator: `name` with float register
+blocks, `name_mma` with simdgroup matrices, which run on the matrix hardware under the matmul
+precision policy (mlmetal.precision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..precision import get_matmul_precision
+from ..runtime import source as S
+from ..tensor import empty
+from . import groups_for
+
+_C = S.Source.from_file(S.KERNEL_DIR / "tile.h").constants
+TILE_K = _C["TILE_K"]  # the reduction depth of one staged slice
+MMA_THREADS = _C["MMA_THREADS"]  # threads of every `_mma` kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    suffix: str  # of the kernel names: "", "_medium", "_narrow"
+    rows: int  # of output a threadgroup
+    cols: int
+    threads: int
+
+
+WIDE = Tiling("", _C["WIDE"], _C["WIDE"], _C["WIDE_THREADS"])
+MEDIUM = Tiling("_medium", _C["MEDIUM_M"], _C["MEDIUM_N"], _C["MEDIUM_THREADS"])
+NARROW = Tiling("_narrow", _C["NARROW_M"], _C["NARROW_N"], _C["NARROW_THREADS"])
+
+
+def tiling(rows: int) -> Tiling:
+    """The tiling for a product with `rows` output rows a group and many columns: one whose tiles
+    are mostly full, and as tall as can be (a tall tile stages fewer operand loads per product)."""
+    if rows <= 2 * NARROW.rows:
+        return NARROW
+    if rows <= MEDIUM.rows:
+        return MEDIUM
+    return WIDE
+
+
+# The policies under which products run on simdgroup matrices. Under `highest` the float kernels
+# are faster than the split-TF32 products on the GPUs measured (benchmarks/bench_nn_conv.py).
+MATRIX_POLICIES = {"high", "medium"}
+
+
+def matrix_hardware(device) -> bool:
+    """Whether products on `device` run on simdgroup matrices (tests force it on cpu, whose
+    emulation is exact but slow)."""
+    return device.has_simdgroup_matrix
+
+
+def product(device, name: str, t: Tiling = WIDE):
+    """(kernel, threads) of product `name` in tiling `t` for the precision policy in force:
+    simdgroup matrices where the device has matrix hardware and the policy is one of
+    MATRIX_POLICIES, float register blocks otherwise."""
+    policy = get_matmul_precision()
+    if policy in MATRIX_POLICIES and matrix_hardware(device):
+        return device.library(_LIBRARY[name], precision=policy).kernel(name + t.suffix + "_mma"), MMA_THREADS
+    return device.library(_LIBRARY[name]).kernel(name + t.suffix), t.threads
+
+
+_LIBRARY = {"conv2d": "conv", "conv2d_input_grad": "conv", "conv2d_weight_grad": "conv",
+            "matmul": "matmul", "gram": "gram", "gram_grad": "gram"}
+
+
+def split_reduction(length: int, tiles: int, target: int = 264, min_chunk: int = 256,
+                    multiple: int = TILE_K) -> tuple[int, int]:
+    """(splits, chunk): cut a reduction of `length` so ~`target` threadgroups of the wide tiling
+    share it (two a multiprocessor on a 132-SM H100), each summing at least `min_chunk` terms (a
+    multiple of `multiple`, the kernel's step) — a long reduction over a small output otherwise
+    leaves most of a GPU idle."""
+    splits = max(1, min(target // max(tiles, 1), length // min_chunk))
+    chunk = -(-length // splits)
+    chunk = -(-chunk // multiple) * multiple
+    return -(-length // chunk), chunk
+
+
+def partial_for(out, splits: int):
+    """Where a product split `splits` ways writes its slices: `out` itself for one."""
+    return out if splits == 1 else empty((splits, out.size), out.device)
+
+
+def sum_splits(cb, lib, partial, out, splits: int) -> None:
+    """out = the sum of the `splits` slices of partial (nothing to do for one: partial is out);
+    `lib` is the product's library (each that includes tile.h has the kernel)."""
+    if splits > 1:
+        cb.dispatch(lib.kernel("sum_splits"), groups=groups_for(out.size, 256), threads=256,
+                    args=[partial, out, {"count": out.size, "splits": splits}])

@@ -1,0 +1,304 @@
+// mlm_simdgroup_matrix.h — Metal's simdgroup matrices for the cpu and cuda backends.
+//
+// simdgroup_float8x8 and simdgroup_half8x8 are 8×8 matrices that the 32 lanes of a simdgroup
+// hold together, with make_filled_simdgroup_matrix, simdgroup_load, simdgroup_store,
+// simdgroup_multiply and simdgroup_multiply_accumulate as in MSL 2.3. No lane may look inside
+// one (the lint refuses `thread_elements()`), so each backend keeps the layout that suits it:
+//
+// - cpu: every lane keeps the whole matrix. A load reads all 64 elements and then waits for the
+//   other lanes (one simd exchange round), so no lane's later store can change what another lane
+//   loaded: the load is collective, as on a GPU. A product is exact float arithmetic on the
+//   operands rounded per the precision policy: d = c, then d = fma(a[i][k], b[k][j], d) for
+//   k = 0 … 7.
+// - cuda: lane l owns two elements of row l/4, columns 2(l%4) and 2(l%4)+1 (`row`), and the same
+//   two of column l/4 (`col`): the A operand (with its k order permuted, which a sum does not
+//   see) and the B operand of NVIDIA's mma.m16n8k8, whose accumulator has the `row` layout. A
+//   product is a tensor-core instruction. Its 16 rows are two 8×8 products sharing b:
+//   simdgroup_multiply_accumulate_pair (not MSL; kernels/tile.h has it as two products for the
+//   other backends) computes both at once, a single product leaves half the instruction idle.
+//
+// The precision policy, MLM_MATMUL_PRECISION (fixed when a library is compiled; mlmetal.precision
+// names it), says how float operands enter a product; half operands are exact in all three and
+// sums are float always:
+//   0 `highest`  float accuracy: exact on cpu; on cuda the split-TF32 scheme, a = hi + lo with
+//                both TF32, and a·b ≈ hi·hi + hi·lo + lo·hi in three tensor-core products;
+//   1 `high`     operands rounded to TF32 (10-bit mantissa; nearest, ties away from zero, as
+//                cvt.rna.tf32.f32 does);
+//   2 `medium`   operands rounded to bfloat16 (7-bit mantissa; nearest, ties to even).
+// The cpu backend rounds exactly as the cuda backend does, so a CPU test checks the numerics of a
+// GPU run. (Apple GPUs multiply float matrices at float precision whatever the policy.)
+#pragma once
+#include "mlm_compat.h"
+
+#ifndef MLM_MATMUL_PRECISION
+#define MLM_MATMUL_PRECISION 0
+#endif
+
+namespace metal {
+
+namespace detail {
+#if MLM_CUDA
+MLM_FN float round_tf32(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+}
+MLM_FN float round_bf16(float x) {
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return __uint_as_float(unsigned(h) << 16);
+}
+#else
+// The 13 bits below TF32's mantissa rounded away: adding half of the last kept bit to the
+// magnitude rounds ties away from zero; a carry into the exponent is the right result (up to inf).
+MLM_FN float round_tf32(float x) {
+  unsigned b = as_type<unsigned>(x);
+  if ((b & 0x7f800000u) == 0x7f800000u) return x;  // inf and NaN pass unchanged
+  return as_type<float>((b + 0x1000u) & ~0x1fffu);
+}
+MLM_FN float round_bf16(float x) {
+  unsigned b = as_type<unsigned>(x);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return as_type<float>((b | 0x400000u) & 0xffff0000u);  // quiet NaN
+  return as_type<float>((b + 0x7fffu + (b >> 16 & 1u)) & 0xffff0000u);
+}
+#endif
+
+// A float operand as the policy lets it into a product; a half operand as it is.
+MLM_FN float operand(float x) {
+#if MLM_MATMUL_PRECISION == 1
+  return round_tf32(x);
+#elif MLM_MATMUL_PRECISION == 2
+  return round_bf16(x);
+#else
+  return x;
+#endif
+}
+MLM_FN float operand(half x) { return float(x); }
+}  // namespace detail
+
+template <class T, int Cols, int Rows> struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "simdgroup matrices are 8×8 (MSL 2.3)");
+  static_assert(detail::same<T, float> || detail::same<T, half>,
+                "simdgroup matrices hold float or half (bfloat needs MSL 3.1)");
+#if MLM_CUDA
+  float row[2];  // elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1) of lane l
+  float col[2];  // elements (2(l%4), l/4) and (2(l%4)+1, l/4)
+  bool has_col;  // false after a product: col is gathered from the other lanes when first used
+#else
+  T e[8][8];
+#endif
+  simdgroup_matrix() = default;
+  // The diagonal matrix with `diagonal` on its diagonal, as MSL's constructor makes.
+  MLM_FN simdgroup_matrix(T diagonal);
+};
+
+using simdgroup_float8x8 = simdgroup_matrix<float, 8, 8>;
+using simdgroup_half8x8 = simdgroup_matrix<half, 8, 8>;
+
+namespace detail {
+// Where element (r, c) of a matrix lies in memory whose rows are `stride` elements apart: in the
+// 8×8 block at `origin` (x: column, y: row), or, transposed, at (c, r) of that block.
+MLM_FN ulong element_at(ulong r, ulong c, ulong stride, ulong2 origin, bool transpose) {
+  return transpose ? (origin.y + c) * stride + origin.x + r : (origin.y + r) * stride + origin.x + c;
+}
+}  // namespace detail
+
+#if MLM_CUDA
+
+namespace detail {
+MLM_FN unsigned matrix_row() { return lane_id() >> 2; }
+MLM_FN unsigned matrix_pair() { return 2u * (lane_id() & 3u); }
+
+// T as it is stored: a half result rounds to half.
+template <class T> MLM_FN float stored(float x) { return float(T(x)); }
+
+// Column layout gathered from the row layout: (k, l/4) for k = 2(l%4), 2(l%4)+1 sits in lane
+// 4k + (l/4)/2, element (l/4)%2.
+template <class T> MLM_FN void columns(const simdgroup_matrix<T, 8, 8>& m, float (&c)[2]) {
+  if (m.has_col) {
+    c[0] = m.col[0];
+    c[1] = m.col[1];
+    return;
+  }
+  const unsigned g = matrix_row(), k = matrix_pair(), odd = g & 1u;
+  for (unsigned i = 0; i < 2; ++i) {
+    const unsigned src = 4u * (k + i) + g / 2u;
+    const float even_v = __shfl_sync(all_lanes, m.row[0], int(src));
+    const float odd_v = __shfl_sync(all_lanes, m.row[1], int(src));
+    c[i] = odd ? odd_v : even_v;
+  }
+}
+
+// d (16×8) = a (16×8) · b (8×8) + d on the tensor cores: TF32 operands (bits of floats whose
+// low 13 bits are zero) or, with Bf16, bfloat16 pairs packed low element first.
+MLM_FN void mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
+        "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
+}
+MLM_FN unsigned bf16_pair(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+MLM_FN void mma_bf16(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  // a: rows g (a[0], a[2]) and g+8 (a[1], a[3]) at k = 2t, 2t+1; b: k = 2t, 2t+1 of column g.
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(bf16_pair(a[0], a[2])), "r"(bf16_pair(a[1], a[3])), "r"(bf16_pair(b[0], b[1])));
+}
+
+// The TF32 A fragment (rows g and g+8, k slots t and t+4) holds k = 2t and 2t+1, in the order
+// the row layout keeps them; the B fragment then takes the same k from the column layout.
+MLM_FN void split_tf32(const float (&x)[4], float (&hi)[4], float (&lo)[4]) {
+  for (int i = 0; i < 4; ++i) {
+    hi[i] = round_tf32(x[i]);
+    lo[i] = round_tf32(x[i] - hi[i]);
+  }
+}
+MLM_FN void split_tf32(const float (&x)[2], float (&hi)[2], float (&lo)[2]) {
+  for (int i = 0; i < 2; ++i) {
+    hi[i] = round_tf32(x[i]);
+    lo[i] = round_tf32(x[i] - hi[i]);
+  }
+}
+
+// d += a·b for the stacked rows a (as mma_tf32 takes them) and b's column layout, under the policy.
+template <class U, class V> MLM_FN void product(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  constexpr bool floats = same<U, float> && same<V, float>;
+  if constexpr (floats && MLM_MATMUL_PRECISION == 2) {
+    mma_bf16(d, a, b);
+  } else if constexpr (MLM_MATMUL_PRECISION == 0 && (same<U, float> || same<V, float>)) {
+    float a_hi[4], a_lo[4], b_hi[2], b_lo[2];
+    split_tf32(a, a_hi, a_lo);  // a half operand is exact in TF32: its lo is zero
+    split_tf32(b, b_hi, b_lo);
+    if constexpr (same<U, float>) mma_tf32(d, a_lo, b_hi);
+    if constexpr (same<V, float>) mma_tf32(d, a_hi, b_lo);
+    mma_tf32(d, a_hi, b_hi);
+  } else {
+    float a_r[4], b_r[2];
+    for (int i = 0; i < 4; ++i) a_r[i] = same<U, float> ? round_tf32(operand(a[i])) : a[i];
+    for (int i = 0; i < 2; ++i) b_r[i] = same<V, float> ? round_tf32(operand(b[i])) : b[i];
+    mma_tf32(d, a_r, b_r);
+  }
+}
+}  // namespace detail
+
+template <class T, int C, int R> MLM_FN simdgroup_matrix<T, C, R>::simdgroup_matrix(T diagonal) {
+  const unsigned g = detail::matrix_row(), k = detail::matrix_pair();
+  for (unsigned i = 0; i < 2; ++i) {
+    row[i] = g == k + i ? float(diagonal) : 0.0f;
+    col[i] = row[i];
+  }
+  has_col = true;
+}
+
+template <class T, int C, int R = C> MLM_FN simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, C, R> m;
+  m.row[0] = m.row[1] = m.col[0] = m.col[1] = float(value);
+  m.has_col = true;
+  return m;
+}
+
+template <class T, class P>
+MLM_FN void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_per_row = 8,
+                           ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  const unsigned g = detail::matrix_row(), k = detail::matrix_pair();
+  for (unsigned i = 0; i < 2; ++i) {
+    d.row[i] = float(src[detail::element_at(g, k + i, elements_per_row, matrix_origin, transpose_matrix)]);
+    d.col[i] = float(src[detail::element_at(k + i, g, elements_per_row, matrix_origin, transpose_matrix)]);
+  }
+  d.has_col = true;
+}
+
+template <class T, class P>
+MLM_FN void simdgroup_store(simdgroup_matrix<T, 8, 8> a, P dst, ulong elements_per_row = 8,
+                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  const unsigned g = detail::matrix_row(), k = detail::matrix_pair();
+  for (unsigned i = 0; i < 2; ++i)
+    dst[detail::element_at(g, k + i, elements_per_row, matrix_origin, transpose_matrix)] = T(a.row[i]);
+}
+
+template <class T, class U, class V>
+MLM_FN void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<U, 8, 8>& a,
+                                          const simdgroup_matrix<V, 8, 8>& b, const simdgroup_matrix<T, 8, 8>& c) {
+  float acc[4] = {c.row[0], c.row[1], 0.0f, 0.0f}, rows[4] = {a.row[0], 0.0f, a.row[1], 0.0f}, cols[2];
+  detail::columns(b, cols);
+  detail::product<U, V>(acc, rows, cols);
+  d.row[0] = detail::stored<T>(acc[0]);
+  d.row[1] = detail::stored<T>(acc[1]);
+  d.has_col = false;
+}
+
+// d0 = a0·b + c0 and d1 = a1·b + c1: one tensor-core instruction for both. Not MSL: kernels/tile.h
+// defines it as two products where this header does not.
+#define MLM_SIMDGROUP_PAIR 1
+template <class T, class U, class V>
+MLM_FN void simdgroup_multiply_accumulate_pair(simdgroup_matrix<T, 8, 8>& d0, simdgroup_matrix<T, 8, 8>& d1,
+                                               const simdgroup_matrix<U, 8, 8>& a0, const simdgroup_matrix<U, 8, 8>& a1,
+                                               const simdgroup_matrix<V, 8, 8>& b, const simdgroup_matrix<T, 8, 8>& c0,
+                                               const simdgroup_matrix<T, 8, 8>& c1) {
+  float acc[4] = {c0.row[0], c0.row[1], c1.row[0], c1.row[1]}, rows[4] = {a0.row[0], a1.row[0], a0.row[1], a1.row[1]};
+  float cols[2];
+  detail::columns(b, cols);
+  detail::product<U, V>(acc, rows, cols);
+  d0.row[0] = detail::stored<T>(acc[0]);
+  d0.row[1] = detail::stored<T>(acc[1]);
+  d1.row[0] = detail::stored<T>(acc[2]);
+  d1.row[1] = detail::stored<T>(acc[3]);
+  d0.has_col = d1.has_col = false;
+}
+
+#else  // cpu
+
+template <class T, int C, int R> MLM_FN simdgroup_matrix<T, C, R>::simdgroup_matrix(T diagonal) {
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) e[i][j] = i == j ? diagonal : T(0.0f);
+}
+
+template <class T, int C, int R = C> MLM_FN simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, C, R> m;
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) m.e[i][j] = value;
+  return m;
+}
+
+template <class T, class P>
+MLM_FN void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_per_row = 8,
+                           ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  for (ulong r = 0; r < 8; ++r)
+    for (ulong c = 0; c < 8; ++c) d.e[r][c] = src[detail::element_at(r, c, elements_per_row, matrix_origin, transpose_matrix)];
+  simdgroup_barrier(mem_flags::mem_none);  // every lane has loaded before any goes on
+}
+
+template <class T, class P>
+MLM_FN void simdgroup_store(simdgroup_matrix<T, 8, 8> a, P dst, ulong elements_per_row = 8,
+                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  for (ulong r = 0; r < 8; ++r)
+    for (ulong c = 0; c < 8; ++c) dst[detail::element_at(r, c, elements_per_row, matrix_origin, transpose_matrix)] = a.e[r][c];
+}
+
+template <class T, class U, class V>
+MLM_FN void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<U, 8, 8>& a,
+                                          const simdgroup_matrix<V, 8, 8>& b, const simdgroup_matrix<T, 8, 8>& c) {
+  float out[8][8];
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) {
+      float s = float(c.e[i][j]);
+      for (int k = 0; k < 8; ++k) s = fma(detail::operand(a.e[i][k]), detail::operand(b.e[k][j]), s);
+      out[i][j] = s;
+    }
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) d.e[i][j] = T(out[i][j]);  // after the sum: d may be a, b or c
+}
+
+#endif
+
+template <class T, class U, class V>
+MLM_FN void simdgroup_multiply(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<U, 8, 8>& a,
+                               const simdgroup_matrix<V, 8, 8>& b) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<T, 8, 8>(T(0.0f)));
+}
+
+}  // namespace metal

@@ -1,0 +1,305 @@
+"""Simdgroup matrices (include/mlm_simdgroup_matrix.h), the matmul precision policy, and the tiled
+products on simdgroup matrices (`*_mma` kernels of tile.h) under each policy.
+
+The bound every product is held to: with operands rounded to p mantissa bits (unit roundoff
+u = 2^-(p+1): TF32 2^-11, bfloat16 2^-8; float operands unrounded, u = 0) and float32 sums of K
+terms,
+
+    |computed − exact| ≤ (2u + 2K·2^-24) · Σ_k |a_ik|·|b_kj|,
+
+since each product of rounded operands is within 2u (to first order) of the exact product, and
+each of the K float additions within 2^-24 of the magnitude the sum has reached; the factor 2 on
+the sums leaves room for the matrix hardware's own order and rounding of the additions. Under
+`highest` the cuda backend's split-TF32 products are each within about 3·2^-22 (the dropped lo·lo
+term and lo's own rounding), taken as u = 2^-21. The cpu emulation rounds operands exactly as the
+cuda backend does, so the one bound holds on both, and on cpu the `high` and `medium` products
+are compared bit for bit with a numpy model of the emulation.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mlmetal as mm
+from mlmetal.ops import tiling
+from mlmetal.reference import conv as RC
+from mlmetal.reference import gram as RG
+
+ROUNDOFF = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}
+POLICIES = list(ROUNDOFF)
+
+
+def roundoff(dev, policy):
+    return 2.0**-21 if policy == "highest" and dev.name == "cuda" else ROUNDOFF[policy]
+
+
+def assert_within(got, exact, magnitude, k, u):
+    """|got − exact| ≤ (2u + 2K·2^-24)·magnitude elementwise (magnitude = Σ|a|·|b|)."""
+    bound = (2 * u + 2 * k * 2.0**-24) * magnitude + 1e-30
+    err = np.abs(got.astype(np.float64) - exact)
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert np.all(err <= bound), f"error {err[worst]:.3g} over the bound {bound[worst]:.3g} at {worst}"
+
+
+def round_tf32(a):
+    b = np.asarray(a, np.float32).view(np.uint32)
+    return ((b + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def round_bf16(a):
+    b = np.asarray(a, np.float32).view(np.uint32)
+    return ((b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)).view(np.float32)
+
+
+def emulated_product(a, b, c, policy):
+    """The cpu emulation's d = c + a·b for operands whose rounded products are exact floats:
+    float32 sums in order k = 0 … 7."""
+    r = {"high": round_tf32, "medium": round_bf16}[policy]
+    ra, rb, d = r(a), r(b), c.astype(np.float32).copy()
+    for k in range(8):
+        d = (d + ra[:, k:k + 1] * rb[k:k + 1, :]).astype(np.float32)
+    return d
+
+
+def run(dev, lib, name, groups, threads, args):
+    cb = dev.command_buffer()
+    cb.dispatch(lib.kernel(name), groups=groups, threads=threads, args=args)
+    cb.commit()
+    cb.wait()
+
+
+# ---------------------------------------------------------------- loads and stores
+
+ROUNDTRIP = """
+#include <metal_stdlib>
+using namespace metal;
+struct P { uint stride, ox, oy, t_in, out_stride, px, py, t_out; };
+kernel void roundtrip(device const T* src [[buffer(0)]], device T* dst [[buffer(1)]], constant P& p [[buffer(2)]],
+                      uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup T staged[64];
+    simdgroup_matrix<T, 8, 8> m;
+    simdgroup_load(m, src, p.stride, ulong2(p.ox, p.oy), p.t_in != 0);
+    simdgroup_store(m, staged, 8);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_load(m, staged);
+    simdgroup_store(m, dst, p.out_stride, ulong2(p.px, p.py), p.t_out != 0);
+}
+"""
+
+
+def block(a, stride, ox, oy, transpose):
+    """The matrix simdgroup_load reads: the 8×8 block of rows `stride` apart at column ox, row
+    oy, transposed where asked."""
+    m = a.reshape(-1, stride)[oy:oy + 8, ox:ox + 8]
+    return m.T if transpose else m
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float", "half"])
+@given(data=st.data())
+def test_load_and_store_honour_stride_origin_and_transpose(dev, dtype, data):
+    stride = data.draw(st.integers(8, 19), label="stride")
+    ox, oy = data.draw(st.integers(0, stride - 8), label="ox"), data.draw(st.integers(0, 3), label="oy")
+    out_stride = data.draw(st.integers(8, 13), label="out_stride")
+    px, py = data.draw(st.integers(0, out_stride - 8), label="px"), data.draw(st.integers(0, 2), label="py")
+    t_in, t_out = data.draw(st.booleans(), label="t_in"), data.draw(st.booleans(), label="t_out")
+    src = np.random.default_rng(stride).standard_normal((oy + 8) * stride).astype(dtype)
+    lib = dev.library(source=ROUNDTRIP.replace("T", "float" if dtype == np.float32 else "half"))
+    poison = np.full((py + 8) * out_stride, 7.5, dtype)
+    dst = dev.buffer(poison)
+    run(dev, lib, "roundtrip", 1, 32, [dev.buffer(src), dst,
+                                       dict(stride=stride, ox=ox, oy=oy, t_in=int(t_in), out_stride=out_stride,
+                                            px=px, py=py, t_out=int(t_out))])
+    want = poison.reshape(-1, out_stride).copy()
+    m = block(src, stride, ox, oy, t_in)
+    want[py:py + 8, px:px + 8] = m.T if t_out else m
+    np.testing.assert_array_equal(dst.numpy(dtype).reshape(-1, out_stride), want)
+
+
+# ---------------------------------------------------------------- products
+
+PRODUCT = """
+#include <metal_stdlib>
+using namespace metal;
+#include "tile.h"
+kernel void products(device const float* a [[buffer(0)]], device const float* b [[buffer(1)]],
+                     device const float* c [[buffer(2)]], device float* d [[buffer(3)]]) {
+    simdgroup_float8x8 ma0, ma1, mb, mc, d0, d1, d2;
+    simdgroup_load(ma0, a);
+    simdgroup_load(ma1, a + 64);
+    simdgroup_load(mb, b);
+    simdgroup_load(mc, c);
+    simdgroup_multiply_accumulate(d0, ma0, mb, mc);            // one product
+    simdgroup_multiply_accumulate_pair(d1, d2, ma0, ma1, mb, mc, mc);  // two sharing b
+    simdgroup_store(d0, d);
+    simdgroup_store(d1, d + 64);
+    simdgroup_store(d2, d + 128);
+    simdgroup_multiply(d0, ma1, mb);                            // no accumulator
+    simdgroup_store(d0, d + 192);
+    simdgroup_multiply_accumulate(d0, simdgroup_float8x8(2.0f), mb, make_filled_simdgroup_matrix<float, 8>(0.5f));
+    simdgroup_store(d0, d + 256);
+}
+"""
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_products_under_each_policy(dev, policy):
+    rng = np.random.default_rng(POLICIES.index(policy))
+    a = rng.standard_normal((2, 8, 8)).astype(np.float32)
+    b, c = rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal((8, 8)).astype(np.float32)
+    out = dev.buffer(nbytes=5 * 64 * 4)
+    lib = dev.library(source=PRODUCT, precision=policy)
+    run(dev, lib, "products", 1, 32, [dev.buffer(a), dev.buffer(b), dev.buffer(c), out])
+    d = out.numpy(np.float32).reshape(5, 8, 8)
+    a64, b64, c64 = a.astype(np.float64), b.astype(np.float64), c.astype(np.float64)
+    u = roundoff(dev, policy)
+    assert_within(d[0], a64[0] @ b64 + c64, np.abs(a64[0]) @ np.abs(b64) + np.abs(c64), 9, u)
+    assert_within(d[2], a64[1] @ b64 + c64, np.abs(a64[1]) @ np.abs(b64) + np.abs(c64), 9, u)
+    assert_within(d[3], a64[1] @ b64, np.abs(a64[1]) @ np.abs(b64), 8, u)
+    np.testing.assert_array_equal(d[1], d[0])  # the pair's first product is the single one
+    assert_within(d[4], 2 * b64 + 0.5, 2 * np.abs(b64) + 0.5, 9, u)  # the diagonal constructor
+    if dev.name == "cpu" and policy != "highest":
+        np.testing.assert_array_equal(d[0], emulated_product(a[0], b, c, policy))
+        np.testing.assert_array_equal(d[2], emulated_product(a[1], b, c, policy))
+    if policy != "highest":  # the operands really are rounded: a float product differs
+        assert not np.array_equal(d[0], (a64[0] @ b64 + c64).astype(np.float32))
+
+
+HALF_PRODUCT = """
+#include <metal_stdlib>
+using namespace metal;
+kernel void half_product(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                         device const float* c [[buffer(2)]], device float* d [[buffer(3)]], device half* e [[buffer(4)]]) {
+    simdgroup_half8x8 ma, mb, me;
+    simdgroup_float8x8 mc;
+    simdgroup_load(ma, a);
+    simdgroup_load(mb, b);
+    simdgroup_load(mc, c);
+    simdgroup_multiply_accumulate(mc, ma, mb, mc);  // half operands, float accumulator
+    simdgroup_store(mc, d);
+    simdgroup_multiply(me, ma, mb);                 // a half result
+    simdgroup_store(me, e);
+}
+"""
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_half_operands_are_exact_under_every_policy(dev, policy):
+    rng = np.random.default_rng(7)
+    a, b = (rng.standard_normal((8, 8)).astype(np.float16) for _ in range(2))
+    c = rng.standard_normal((8, 8)).astype(np.float32)
+    d, e = dev.buffer(nbytes=256), dev.buffer(nbytes=128)
+    run(dev, dev.library(source=HALF_PRODUCT, precision=policy), "half_product", 1, 32,
+        [dev.buffer(a), dev.buffer(b), dev.buffer(c), d, e])
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    assert_within(d.numpy(np.float32).reshape(8, 8), a64 @ b64 + c, np.abs(a64) @ np.abs(b64) + np.abs(c), 9, 0.0)
+    half_result = e.numpy(np.float16).reshape(8, 8).astype(np.float64)
+    assert_within(half_result, a64 @ b64, np.abs(a64) @ np.abs(b64), 8, 2.0**-12)  # u: the result's rounding to half
+
+
+# ---------------------------------------------------------------- the policy
+
+def test_policy_is_set_scoped_and_checked():
+    assert mm.get_matmul_precision() == "highest"
+    with mm.matmul_precision("medium"):
+        assert mm.get_matmul_precision() == "medium"
+        with mm.matmul_precision("high"):
+            assert mm.get_matmul_precision() == "high"
+        with mm.matmul_precision(None):  # a graph without a setting of its own
+            assert mm.get_matmul_precision() == "medium"
+    try:
+        mm.set_matmul_precision("high")
+        assert mm.get_matmul_precision() == "high"
+        seen = []
+        with mm.matmul_precision("medium"):  # a block covers its own thread only
+            t = threading.Thread(target=lambda: seen.append(mm.get_matmul_precision()))
+            t.start()
+            t.join()
+        assert seen == ["high"]
+    finally:
+        mm.set_matmul_precision("highest")
+    for bad in ("fp16", "HIGH", None, 1):
+        with pytest.raises(ValueError, match="'highest', 'high', 'medium'"):
+            mm.set_matmul_precision(bad)
+
+
+def test_device_library_refuses_an_unknown_precision(dev):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        dev.library("matmul", precision="low")
+
+
+# ---------------------------------------------------------------- the tiled products on simdgroup matrices
+
+@pytest.fixture
+def matrix_products(monkeypatch):
+    """Products on simdgroup matrices under every policy, on every backend (the cpu one emulates them)."""
+    monkeypatch.setattr(tiling, "matrix_hardware", lambda device: True)
+    monkeypatch.setattr(tiling, "MATRIX_POLICIES", set(POLICIES))
+
+
+CHANNELS = st.sampled_from([1, 3, 8, 9, 16, 17, 31, 33, 40, 64, 65, 72])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=6)
+@given(data=st.data())
+def test_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, data):
+    n, cin, cout = data.draw(st.integers(1, 2), label="n"), data.draw(CHANNELS, label="cin"), data.draw(CHANNELS, label="cout")
+    size, k = data.draw(st.integers(1, 12), label="size"), data.draw(st.sampled_from([1, 3, 4]), label="k")
+    stride, pad = data.draw(st.sampled_from([1, 2]), label="stride"), data.draw(st.integers(0, 1), label="pad")
+    if size + 2 * pad < k:
+        size = k
+    rng = np.random.default_rng(cin * 100 + cout)
+    x = rng.standard_normal((n, cin, size, size)).astype(np.float32)
+    w = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    a = dict(stride=(stride, stride), padding=(pad, pad), dilation=(1, 1), groups=1)
+    u = roundoff(dev, policy)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    with mm.matmul_precision(policy):
+        y = mm.ops.conv2d(mm.tensor(x, dev), mm.tensor(w, dev), mm.tensor(b, dev), stride=stride, padding=pad).numpy()
+        ref = RC.conv2d(x64, w64, b.astype(np.float64), **a)
+        assert_within(y, ref, RC.conv2d(np.abs(x64), np.abs(w64), np.abs(b.astype(np.float64)), **a), cin * k * k + 1, u)
+        g = rng.standard_normal(y.shape).astype(np.float32)
+        g64 = g.astype(np.float64)
+        dx = mm.ops.conv2d_input_grad(mm.tensor(g, dev), mm.tensor(w, dev), input_size=(size, size),
+                                      stride=stride, padding=pad).numpy()
+        assert_within(dx, RC.conv2d_input_grad(g64, w64, input_size=(size, size), **a),
+                      RC.conv2d_input_grad(np.abs(g64), np.abs(w64), input_size=(size, size), **a), cout * k * k, u)
+        dw = mm.ops.conv2d_weight_grad(mm.tensor(g, dev), mm.tensor(x, dev), kernel_size=(k, k),
+                                       stride=stride, padding=pad).numpy()
+        assert_within(dw, RC.conv2d_weight_grad(g64, x64, kernel_size=(k, k), **a),
+                      RC.conv2d_weight_grad(np.abs(g64), np.abs(x64), kernel_size=(k, k), **a), n * y.shape[2] * y.shape[3], u)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=6)
+@given(m=st.sampled_from([1, 7, 33, 130]), k=st.sampled_from([1, 8, 31, 200]), n=st.sampled_from([1, 9, 64, 129]),
+       transpose_a=st.booleans(), transpose_b=st.booleans())
+def test_matmul_on_simdgroup_matrices(dev, matrix_products, policy, m, k, n, transpose_a, transpose_b):
+    rng = np.random.default_rng(m * k * n)
+    a = rng.standard_normal((k, m) if transpose_a else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if transpose_b else (k, n)).astype(np.float32)
+    with mm.matmul_precision(policy):
+        c = mm.ops.matmul(mm.tensor(a, dev), mm.tensor(b, dev), transpose_a=transpose_a, transpose_b=transpose_b).numpy()
+    a64 = (a.T if transpose_a else a).astype(np.float64)
+    b64 = (b.T if transpose_b else b).astype(np.float64)
+    assert_within(c, a64 @ b64, np.abs(a64) @ np.abs(b64), k, roundoff(dev, policy))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=4)
+@given(n=st.integers(1, 2), c=st.sampled_from([1, 5, 33, 129]), hw=st.sampled_from([1, 7, 20]))
+def test_gram_on_simdgroup_matrices(dev, matrix_products, policy, n, c, hw):
+    rng = np.random.default_rng(c * hw)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    dg = rng.standard_normal((n, c, c)).astype(np.float32)
+    x64, dg64 = x.astype(np.float64), dg.astype(np.float64)
+    u = roundoff(dev, policy)
+    with mm.matmul_precision(policy):
+        g = mm.ops.gram(mm.tensor(x, dev), alpha=0.5).numpy()
+        dx = mm.ops.gram_grad(mm.tensor(dg, dev), mm.tensor(x, dev), alpha=0.5).numpy()
+    assert_within(g, RG.gram(x64, alpha=0.5), RG.gram(np.abs(x64), alpha=0.5), hw * hw, u)
+    assert_within(dx, RG.gram_grad(dg64, x64, alpha=0.5), RG.gram_grad(np.abs(dg64), np.abs(x64), alpha=0.5), 2 * c, u)
