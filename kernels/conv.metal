@@ -113,10 +113,10 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
 // The kernels: one template over the tiling (rows × columns a threadgroup, threads), instantiated
 // for each of tile.h's tilings.
 template <uint WM, uint WN, uint THREADS>
-kernel void conv2d_tiles(device const float* x [[buffer(0)]],
-                         device const float* w [[buffer(1)]],
-                         device const float* bias [[buffer(2)]],
-                         device float* y [[buffer(3)]],
+kernel void conv2d_tiles(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
+                         device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                         device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                         device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
                          constant ConvParams& p [[buffer(4)]],
                          uint3 tile [[threadgroup_position_in_grid]],
                          uint t [[thread_index_in_threadgroup]]) {
@@ -133,10 +133,10 @@ template [[host_name("conv2d_narrow")]] [[kernel]] decltype(conv2d_tiles<NARROW_
 // splits. A slice's k = (ci, ky, kx) is the same for every thread: it walks the taps once.
 // Grid: (ceil(N·OH·OW / BN), ceil(Cout/groups / BM), groups · splits), MMA_THREADS threads.
 template <uint BM, uint BN>
-kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],
-                             device const float* w [[buffer(1)]],
-                             device const float* bias [[buffer(2)]],
-                             device float* y [[buffer(3)]],
+kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
+                             device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                             device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                             device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
                              constant ConvParams& p [[buffer(4)]],
                              uint3 tile [[threadgroup_position_in_grid]],
                              uint t [[thread_index_in_threadgroup]]) {
@@ -305,8 +305,8 @@ inline void conv2d_3x3_tiled(device const float* x, device const float* w, devic
 
 // Tiles of 8 × 64 pixels.
 kernel void conv2d_3x3(device const float* x [[buffer(0)]],
-                       device const float* w [[buffer(1)]],
-                       device const float* bias [[buffer(2)]],
+                       device const float* w [[buffer(1)]],  // extent: p.cout * p.cin * 9
+                       device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
                        device float* y [[buffer(3)]],
                        constant Conv3x3Params& p [[buffer(4)]],
                        uint3 group [[threadgroup_position_in_grid]],
@@ -318,8 +318,8 @@ kernel void conv2d_3x3(device const float* x [[buffer(0)]],
 
 // Tiles of 16 × 32 pixels, for small images.
 kernel void conv2d_3x3_16x32(device const float* x [[buffer(0)]],
-                             device const float* w [[buffer(1)]],
-                             device const float* bias [[buffer(2)]],
+                             device const float* w [[buffer(1)]],  // extent: p.cout * p.cin * 9
+                             device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
                              device float* y [[buffer(3)]],
                              constant Conv3x3Params& p [[buffer(4)]],
                              uint3 group [[threadgroup_position_in_grid]],
@@ -342,8 +342,8 @@ struct FlipParams {
 // w[g·Cout/g + co][ci][KH − 1 − ky][KW − 1 − kx], laid out (Cin, Cout/groups, KH, KW).
 // ops/conv.py then runs the forward kernel, which stages its operands better than the
 // scatter-shaped conv2d_input_grad does.
-kernel void flip_weights(device const float* w [[buffer(0)]],
-                         device float* out [[buffer(1)]],
+kernel void flip_weights(device const float* w [[buffer(0)]],  // extent: p.count
+                         device float* out [[buffer(1)]],  // extent: p.count
                          constant FlipParams& p [[buffer(2)]],
                          uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -479,9 +479,9 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
 }
 
 template <uint WM, uint WN, uint THREADS>
-kernel void conv2d_input_grad_tiles(device const float* dy [[buffer(0)]],
-                                    device const float* w [[buffer(1)]],
-                                    device float* dx [[buffer(2)]],
+kernel void conv2d_input_grad_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                    device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                                    device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
                                     constant ConvParams& p [[buffer(3)]],
                                     uint3 tile [[threadgroup_position_in_grid]],
                                     uint t [[thread_index_in_threadgroup]]) {
@@ -499,9 +499,9 @@ template [[host_name("conv2d_input_grad_narrow")]] [[kernel]] decltype(conv2d_in
 // for every thread's output gradients: each walks its taps once.
 // Grid: (ceil(N·ceil(H/stride_h)·ceil(W/stride_w) / BN), ceil(Cin/groups / BM), groups·stride_h·stride_w).
 template <uint BM, uint BN>
-kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],
-                                        device const float* w [[buffer(1)]],
-                                        device float* dx [[buffer(2)]],
+kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                        device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                                        device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
                                         constant ConvParams& p [[buffer(3)]],
                                         uint3 tile [[threadgroup_position_in_grid]],
                                         uint t [[thread_index_in_threadgroup]]) {
@@ -649,9 +649,9 @@ inline void conv2d_weight_grad_tiled(device const float* dy, device const float*
 }
 
 template <uint WM, uint WN, uint THREADS>
-kernel void conv2d_weight_grad_tiles(device const float* dy [[buffer(0)]],
-                                     device const float* x [[buffer(1)]],
-                                     device float* partial [[buffer(2)]],
+kernel void conv2d_weight_grad_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                     device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                                     device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
                                      constant ConvParams& p [[buffer(3)]],
                                      uint3 tile [[threadgroup_position_in_grid]],
                                      uint t [[thread_index_in_threadgroup]]) {
@@ -669,9 +669,9 @@ template [[host_name("conv2d_weight_grad_narrow")]] [[kernel]] decltype(conv2d_w
 // the same for every thread's input columns: each walks its pixels once.
 // Grid: (ceil(Cin/groups·KH·KW / BN), ceil(Cout/groups / BM), groups · splits), MMA_THREADS threads.
 template <uint BM, uint BN>
-kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],
-                                         device const float* x [[buffer(1)]],
-                                         device float* partial [[buffer(2)]],
+kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                         device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                                         device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
                                          constant ConvParams& p [[buffer(3)]],
                                          uint3 tile [[threadgroup_position_in_grid]],
                                          uint t [[thread_index_in_threadgroup]]) {
@@ -792,9 +792,9 @@ inline void load_tile_3x3(device const float* dy, device const float* x, constan
     }
 }
 
-kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],
-                                   device const float* x [[buffer(1)]],
-                                   device float* partial [[buffer(2)]],
+kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                   device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                                   device float* partial [[buffer(2)]],  // extent: (p.n * p.tiles_x * p.tiles_y + p.chunk - 1) / p.chunk * p.cout * p.cin * 9
                                    constant WeightGrad3x3Params& p [[buffer(3)]],
                                    uint3 group [[threadgroup_position_in_grid]],
                                    uint t [[thread_index_in_threadgroup]]) {
@@ -877,8 +877,8 @@ struct BiasGradParams {
 // partial[x·C + c] (then `sum_splits`), by a strided sum per thread and a tree through
 // threadgroup memory. A channel a threadgroup left most of a GPU idle at few channels.
 // Grid: (splits, C), threads: (BIAS_THREADS).
-kernel void conv2d_bias_grad(device const float* dy [[buffer(0)]],
-                             device float* partial [[buffer(1)]],
+kernel void conv2d_bias_grad(device const float* dy [[buffer(0)]],  // extent: p.n * p.c * p.plane
+                             device float* partial [[buffer(1)]],  // extent: (p.plane + p.chunk - 1) / p.chunk * p.c
                              constant BiasGradParams& p [[buffer(2)]],
                              uint2 tile [[threadgroup_position_in_grid]],
                              uint t [[thread_index_in_threadgroup]]) {

@@ -33,8 +33,8 @@ struct GramOut {
 // Slice `split` of partial (batch × c × c floats a slice) = α·F[:, range]·F[:, range]ᵀ over
 // the split's feature range. Grid: (tiles, tiles, batch · splits) with tiles = ceil(c / 128);
 // threadgroups below the diagonal return at once.
-kernel void gram(device const float* x [[buffer(0)]],
-                 device float* partial [[buffer(1)]],
+kernel void gram(device const float* x [[buffer(0)]],  // extent: p.batch * p.c * p.hw
+                 device float* partial [[buffer(1)]],  // extent: (p.hw + p.chunk - 1) / p.chunk * p.batch * p.c * p.c
                  constant GramParams& p [[buffer(2)]],
                  uint3 tile [[threadgroup_position_in_grid]],
                  uint t [[thread_index_in_threadgroup]]) {
@@ -70,8 +70,8 @@ kernel void gram(device const float* x [[buffer(0)]],
 }
 
 // gram on simdgroup matrices (tile.h's MMA staging, wide tiling). Grid as gram's, MMA_THREADS threads.
-kernel void gram_mma(device const float* x [[buffer(0)]],
-                     device float* partial [[buffer(1)]],
+kernel void gram_mma(device const float* x [[buffer(0)]],  // extent: p.batch * p.c * p.hw
+                     device float* partial [[buffer(1)]],  // extent: (p.hw + p.chunk - 1) / p.chunk * p.batch * p.c * p.c
                      constant GramParams& p [[buffer(2)]],
                      uint3 tile [[threadgroup_position_in_grid]],
                      uint t [[thread_index_in_threadgroup]]) {
@@ -122,9 +122,9 @@ struct GramGradOut {
 
 // dx = α·(dG + dGᵀ)·F per batch item; the symmetrised dG is formed while staging it.
 // Grid: (ceil(hw / 128), ceil(c / 128), batch).
-kernel void gram_grad(device const float* dg [[buffer(0)]],
-                      device const float* x [[buffer(1)]],
-                      device float* dx [[buffer(2)]],
+kernel void gram_grad(device const float* dg [[buffer(0)]],  // extent: p.batch * p.c * p.c
+                      device const float* x [[buffer(1)]],  // extent: p.batch * p.c * p.hw
+                      device float* dx [[buffer(2)]],  // extent: p.batch * p.c * p.hw
                       constant GramGradParams& p [[buffer(3)]],
                       uint3 tile [[threadgroup_position_in_grid]],
                       uint t [[thread_index_in_threadgroup]]) {
@@ -157,9 +157,9 @@ kernel void gram_grad(device const float* dg [[buffer(0)]],
 
 // gram_grad on simdgroup matrices (tile.h's MMA staging, wide tiling): A is dG + dGᵀ, formed
 // while staging it. Grid as gram_grad's, MMA_THREADS threads.
-kernel void gram_grad_mma(device const float* dg [[buffer(0)]],
-                          device const float* x [[buffer(1)]],
-                          device float* dx [[buffer(2)]],
+kernel void gram_grad_mma(device const float* dg [[buffer(0)]],  // extent: p.batch * p.c * p.c
+                          device const float* x [[buffer(1)]],  // extent: p.batch * p.c * p.hw
+                          device float* dx [[buffer(2)]],  // extent: p.batch * p.c * p.hw
                           constant GramGradParams& p [[buffer(3)]],
                           uint3 tile [[threadgroup_position_in_grid]],
                           uint t [[thread_index_in_threadgroup]]) {

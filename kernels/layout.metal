@@ -11,8 +11,8 @@ struct TransposeParams {
 // memory so that both the read and the write are coalesced. Threadgroups of 32×8 threads,
 // each thread moving four elements; the tile's extra column keeps the column reads free
 // of bank conflicts.
-kernel void transpose(device const float* x [[buffer(0)]],
-                      device float* out [[buffer(1)]],
+kernel void transpose(device const float* x [[buffer(0)]],  // extent: p.rows * p.cols
+                      device float* out [[buffer(1)]],  // extent: p.rows * p.cols
                       constant TransposeParams& p [[buffer(2)]],
                       uint2 group [[threadgroup_position_in_grid]],
                       uint2 t [[thread_position_in_threadgroup]]) {
@@ -41,8 +41,8 @@ struct ChannelCopyParams {
 
 // dst[n, dst_offset + c, i] = src[n, src_offset + c, i] for c < channels: one dispatch per
 // input of a concat, or the one copy of a slice (and of its gradient).
-kernel void copy_channels(device const float* src [[buffer(0)]],
-                          device float* dst [[buffer(1)]],
+kernel void copy_channels(device const float* src [[buffer(0)]],  // extent: p.count / (p.inner * p.channels) * p.src_channels * p.inner
+                          device float* dst [[buffer(1)]],  // extent: p.count / (p.inner * p.channels) * p.dst_channels * p.inner
                           constant ChannelCopyParams& p [[buffer(2)]],
                           uint j [[thread_position_in_grid]]) {
     if (j >= p.count) return;

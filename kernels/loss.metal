@@ -33,10 +33,10 @@ inline float grad_scale(device const float* g, device const float* weights, cons
 
 // ---------------------------------------------------------------- elementwise losses
 
-kernel void mse_loss(device const float* y [[buffer(0)]],
-                     device const float* t [[buffer(1)]],
-                     device const float* weights [[buffer(2)]],
-                     device float* out [[buffer(3)]],
+kernel void mse_loss(device const float* y [[buffer(0)]],  // extent: p.n
+                     device const float* t [[buffer(1)]],  // extent: p.n
+                     device const float* weights [[buffer(2)]],  // extent: p.has_weights * p.n
+                     device float* out [[buffer(3)]],  // extent: p.n
                      constant LossParams& p [[buffer(4)]],
                      uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -44,21 +44,21 @@ kernel void mse_loss(device const float* y [[buffer(0)]],
     out[i] = element_weight(weights, p, i) * d * d;
 }
 
-kernel void mse_loss_grad(device const float* g [[buffer(0)]],
-                          device const float* y [[buffer(1)]],
-                          device const float* t [[buffer(2)]],
-                          device const float* weights [[buffer(3)]],
-                          device float* dy [[buffer(4)]],
+kernel void mse_loss_grad(device const float* g [[buffer(0)]],  // extent: (p.n - 1) * p.g_stride + 1
+                          device const float* y [[buffer(1)]],  // extent: p.n
+                          device const float* t [[buffer(2)]],  // extent: p.n
+                          device const float* weights [[buffer(3)]],  // extent: p.has_weights * p.n
+                          device float* dy [[buffer(4)]],  // extent: p.n
                           constant LossParams& p [[buffer(5)]],
                           uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
     dy[i] = grad_scale(g, weights, p, i) * 2.0f * (y[i] - t[i]);
 }
 
-kernel void mae_loss(device const float* y [[buffer(0)]],
-                     device const float* t [[buffer(1)]],
-                     device const float* weights [[buffer(2)]],
-                     device float* out [[buffer(3)]],
+kernel void mae_loss(device const float* y [[buffer(0)]],  // extent: p.n
+                     device const float* t [[buffer(1)]],  // extent: p.n
+                     device const float* weights [[buffer(2)]],  // extent: p.has_weights * p.n
+                     device float* out [[buffer(3)]],  // extent: p.n
                      constant LossParams& p [[buffer(4)]],
                      uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -66,11 +66,11 @@ kernel void mae_loss(device const float* y [[buffer(0)]],
 }
 
 // sign(y − t), 0 where y = t (PyTorch's choice at the kink)
-kernel void mae_loss_grad(device const float* g [[buffer(0)]],
-                          device const float* y [[buffer(1)]],
-                          device const float* t [[buffer(2)]],
-                          device const float* weights [[buffer(3)]],
-                          device float* dy [[buffer(4)]],
+kernel void mae_loss_grad(device const float* g [[buffer(0)]],  // extent: (p.n - 1) * p.g_stride + 1
+                          device const float* y [[buffer(1)]],  // extent: p.n
+                          device const float* t [[buffer(2)]],  // extent: p.n
+                          device const float* weights [[buffer(3)]],  // extent: p.has_weights * p.n
+                          device float* dy [[buffer(4)]],  // extent: p.n
                           constant LossParams& p [[buffer(5)]],
                           uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -78,10 +78,10 @@ kernel void mae_loss_grad(device const float* g [[buffer(0)]],
 }
 
 // ½d² for |d| ≤ delta, else delta·(|d| − ½delta)
-kernel void huber_loss(device const float* y [[buffer(0)]],
-                       device const float* t [[buffer(1)]],
-                       device const float* weights [[buffer(2)]],
-                       device float* out [[buffer(3)]],
+kernel void huber_loss(device const float* y [[buffer(0)]],  // extent: p.n
+                       device const float* t [[buffer(1)]],  // extent: p.n
+                       device const float* weights [[buffer(2)]],  // extent: p.has_weights * p.n
+                       device float* out [[buffer(3)]],  // extent: p.n
                        constant LossParams& p [[buffer(4)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -90,11 +90,11 @@ kernel void huber_loss(device const float* y [[buffer(0)]],
     out[i] = element_weight(weights, p, i) * l;
 }
 
-kernel void huber_loss_grad(device const float* g [[buffer(0)]],
-                            device const float* y [[buffer(1)]],
-                            device const float* t [[buffer(2)]],
-                            device const float* weights [[buffer(3)]],
-                            device float* dy [[buffer(4)]],
+kernel void huber_loss_grad(device const float* g [[buffer(0)]],  // extent: (p.n - 1) * p.g_stride + 1
+                            device const float* y [[buffer(1)]],  // extent: p.n
+                            device const float* t [[buffer(2)]],  // extent: p.n
+                            device const float* weights [[buffer(3)]],  // extent: p.has_weights * p.n
+                            device float* dy [[buffer(4)]],  // extent: p.n
                             constant LossParams& p [[buffer(5)]],
                             uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -104,10 +104,10 @@ kernel void huber_loss_grad(device const float* g [[buffer(0)]],
 
 // Logits y, labels t smoothed to t·(1 − s) + s/2:
 // max(y, 0) − y·t + log(1 + e^−|y|), which never exponentiates a positive number.
-kernel void sigmoid_cross_entropy_loss(device const float* y [[buffer(0)]],
-                                       device const float* t [[buffer(1)]],
-                                       device const float* weights [[buffer(2)]],
-                                       device float* out [[buffer(3)]],
+kernel void sigmoid_cross_entropy_loss(device const float* y [[buffer(0)]],  // extent: p.n
+                                       device const float* t [[buffer(1)]],  // extent: p.n
+                                       device const float* weights [[buffer(2)]],  // extent: p.has_weights * p.n
+                                       device float* out [[buffer(3)]],  // extent: p.n
                                        constant LossParams& p [[buffer(4)]],
                                        uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -116,11 +116,11 @@ kernel void sigmoid_cross_entropy_loss(device const float* y [[buffer(0)]],
     out[i] = element_weight(weights, p, i) * l;
 }
 
-kernel void sigmoid_cross_entropy_loss_grad(device const float* g [[buffer(0)]],
-                                            device const float* y [[buffer(1)]],
-                                            device const float* t [[buffer(2)]],
-                                            device const float* weights [[buffer(3)]],
-                                            device float* dy [[buffer(4)]],
+kernel void sigmoid_cross_entropy_loss_grad(device const float* g [[buffer(0)]],  // extent: (p.n - 1) * p.g_stride + 1
+                                            device const float* y [[buffer(1)]],  // extent: p.n
+                                            device const float* t [[buffer(2)]],  // extent: p.n
+                                            device const float* weights [[buffer(3)]],  // extent: p.has_weights * p.n
+                                            device float* dy [[buffer(4)]],  // extent: p.n
                                             constant LossParams& p [[buffer(5)]],
                                             uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -134,10 +134,10 @@ kernel void sigmoid_cross_entropy_loss_grad(device const float* g [[buffer(0)]],
 // Logits y and labels t of (N, C, positions), labels being probabilities over the channels
 // smoothed to t·(1 − s) + s/C; one thread per (n, position):
 // Σ_c t_c·(logsumexp(y) − y_c).
-kernel void softmax_cross_entropy_loss(device const float* y [[buffer(0)]],
-                                       device const float* t [[buffer(1)]],
-                                       device const float* weights [[buffer(2)]],
-                                       device float* out [[buffer(3)]],
+kernel void softmax_cross_entropy_loss(device const float* y [[buffer(0)]],  // extent: p.n * p.channels
+                                       device const float* t [[buffer(1)]],  // extent: p.n * p.channels
+                                       device const float* weights [[buffer(2)]],  // extent: p.has_weights * p.n
+                                       device float* out [[buffer(3)]],  // extent: p.n
                                        constant LossParams& p [[buffer(4)]],
                                        uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -155,11 +155,11 @@ kernel void softmax_cross_entropy_loss(device const float* y [[buffer(0)]],
 }
 
 // ∂/∂y_c = softmax(y)_c·Σ_k t_k − t_c (labels need not sum to one)
-kernel void softmax_cross_entropy_loss_grad(device const float* g [[buffer(0)]],
-                                            device const float* y [[buffer(1)]],
-                                            device const float* t [[buffer(2)]],
-                                            device const float* weights [[buffer(3)]],
-                                            device float* dy [[buffer(4)]],
+kernel void softmax_cross_entropy_loss_grad(device const float* g [[buffer(0)]],  // extent: (p.n - 1) * p.g_stride + 1
+                                            device const float* y [[buffer(1)]],  // extent: p.n * p.channels
+                                            device const float* t [[buffer(2)]],  // extent: p.n * p.channels
+                                            device const float* weights [[buffer(3)]],  // extent: p.has_weights * p.n
+                                            device float* dy [[buffer(4)]],  // extent: p.n * p.channels
                                             constant LossParams& p [[buffer(5)]],
                                             uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -199,8 +199,8 @@ inline float threadgroup_total(float v, threadgroup float* scratch, uint lane, u
 
 // Threadgroup g: partial[g] = (Σ values, number of nonzero weights) over its grid-stride share.
 // The count is what reduction "sum_by_nonzero_weights" divides by.
-kernel void loss_partial(device const float* values [[buffer(0)]],
-                         device const float* weights [[buffer(1)]],
+kernel void loss_partial(device const float* values [[buffer(0)]],  // extent: p.n
+                         device const float* weights [[buffer(1)]],  // extent: p.has_weights * p.n
                          device float2* partial [[buffer(2)]],
                          constant ReduceParams& p [[buffer(3)]],
                          uint i [[thread_position_in_grid]],
@@ -229,8 +229,8 @@ struct FinishParams {
 
 // out[0] = Σ partial sums / divisor; 0 when there is no nonzero weight to divide by.
 // One threadgroup; the partials are added in a fixed order, so the result is reproducible.
-kernel void loss_finish(device const float2* partial [[buffer(0)]],
-                        device float* out [[buffer(1)]],
+kernel void loss_finish(device const float2* partial [[buffer(0)]],  // extent: p.groups
+                        device float* out [[buffer(1)]],  // extent: 1
                         constant FinishParams& p [[buffer(2)]],
                         uint lid [[thread_index_in_threadgroup]],
                         uint tpg [[threads_per_threadgroup]],
@@ -253,9 +253,9 @@ kernel void loss_finish(device const float2* partial [[buffer(0)]],
 
 // scale[0] = g[0] / (number of nonzero weights), or 0·g[0] if there is none (NaN stays NaN):
 // the gradient of reduction "sum_by_nonzero_weights" per unit of elementwise loss. One threadgroup.
-kernel void loss_nonzero_scale(device const float* g [[buffer(0)]],
-                               device const float* weights [[buffer(1)]],
-                               device float* scale [[buffer(2)]],
+kernel void loss_nonzero_scale(device const float* g [[buffer(0)]],  // extent: 1
+                               device const float* weights [[buffer(1)]],  // extent: p.has_weights * p.n
+                               device float* scale [[buffer(2)]],  // extent: 1
                                constant ReduceParams& p [[buffer(3)]],
                                uint lid [[thread_index_in_threadgroup]],
                                uint tpg [[threads_per_threadgroup]],
@@ -275,7 +275,7 @@ struct CountParams {
 };
 
 // The gradient that starts a backward pass: ones, dL/dL = 1.
-kernel void initial_gradient(device float* out [[buffer(0)]],
+kernel void initial_gradient(device float* out [[buffer(0)]],  // extent: p.n
                              constant CountParams& p [[buffer(1)]],
                              uint i [[thread_position_in_grid]]) {
     if (i < p.n) out[i] = 1.0f;

@@ -33,10 +33,10 @@ struct MatmulOut {
 // gradient of a convolution: threadgroup z sums k in [z·chunk, (z+1)·chunk) into slice z of c
 // (m·n floats a slice; the bias goes into slice 0), and `sum_splits` adds the slices.
 // Grid: (ceil(n / 128), ceil(m / 128), splits).
-kernel void matmul(device const float* a [[buffer(0)]],
-                   device const float* b [[buffer(1)]],
-                   device const float* bias [[buffer(2)]],
-                   device float* c [[buffer(3)]],
+kernel void matmul(device const float* a [[buffer(0)]],  // extent: (p.m - 1) * p.a_m + (p.k - 1) * p.a_k + 1
+                   device const float* b [[buffer(1)]],  // extent: (p.k - 1) * p.b_k + (p.n - 1) * p.b_n + 1
+                   device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.n
+                   device float* c [[buffer(3)]],  // extent: (p.k + p.chunk - 1) / p.chunk * p.m * p.n
                    constant MatmulParams& p [[buffer(4)]],
                    uint3 tile [[threadgroup_position_in_grid]],
                    uint t [[thread_index_in_threadgroup]]) {
@@ -69,10 +69,10 @@ kernel void matmul(device const float* a [[buffer(0)]],
 
 // c = A·B (+ bias) on simdgroup matrices (tile.h's MMA staging, wide tiling), split likewise.
 // Grid: (ceil(n / 128), ceil(m / 128), splits), MMA_THREADS threads.
-kernel void matmul_mma(device const float* a [[buffer(0)]],
-                       device const float* b [[buffer(1)]],
-                       device const float* bias [[buffer(2)]],
-                       device float* c [[buffer(3)]],
+kernel void matmul_mma(device const float* a [[buffer(0)]],  // extent: (p.m - 1) * p.a_m + (p.k - 1) * p.a_k + 1
+                       device const float* b [[buffer(1)]],  // extent: (p.k - 1) * p.b_k + (p.n - 1) * p.b_n + 1
+                       device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.n
+                       device float* c [[buffer(3)]],  // extent: (p.k + p.chunk - 1) / p.chunk * p.m * p.n
                        constant MatmulParams& p [[buffer(4)]],
                        uint3 tile [[threadgroup_position_in_grid]],
                        uint t [[thread_index_in_threadgroup]]) {
@@ -107,8 +107,8 @@ struct BiasGradParams {
 };
 
 // db[j] = Σ_i g[i, j]: a thread a column, so a warp reads consecutive columns of each row.
-kernel void linear_bias_grad(device const float* g [[buffer(0)]],
-                             device float* db [[buffer(1)]],
+kernel void linear_bias_grad(device const float* g [[buffer(0)]],  // extent: p.rows * p.cols
+                             device float* db [[buffer(1)]],  // extent: p.cols
                              constant BiasGradParams& p [[buffer(2)]],
                              uint j [[thread_position_in_grid]]) {
     if (j >= p.cols) return;

@@ -99,8 +99,8 @@ inline Moments group_moments(device const float* x, constant NormParams& p, uint
 
 // out = (x − mean)/√(var + eps)·γ[c] + β[c]; stats[group] = (mean, var) for batch norm's running averages.
 kernel void norm_forward(device const float* x [[buffer(0)]],
-                         device const float* gamma [[buffer(1)]],
-                         device const float* beta [[buffer(2)]],
+                         device const float* gamma [[buffer(1)]],  // extent: p.channels
+                         device const float* beta [[buffer(2)]],  // extent: p.channels
                          device float* out [[buffer(3)]],
                          device float* stats [[buffer(4)]],
                          constant NormParams& p [[buffer(5)]],
@@ -138,7 +138,7 @@ kernel void norm_forward(device const float* x [[buffer(0)]],
 // and the group's Σ(g·x̂), Σg go to partial[group] for the γ and β gradients (norm_param_grad).
 kernel void norm_backward(device const float* g [[buffer(0)]],
                           device const float* x [[buffer(1)]],
-                          device const float* gamma [[buffer(2)]],
+                          device const float* gamma [[buffer(2)]],  // extent: p.channels
                           device float* dx [[buffer(3)]],
                           device float* partial [[buffer(4)]],
                           constant NormParams& p [[buffer(5)]],
@@ -208,9 +208,9 @@ struct ParamGradParams {
 };
 
 // dγ[c] = Σₙ Σ(g·x̂), dβ[c] = Σₙ Σg: the per-group partials added in a fixed order.
-kernel void norm_param_grad(device const float* partial [[buffer(0)]],
-                            device float* dgamma [[buffer(1)]],
-                            device float* dbeta [[buffer(2)]],
+kernel void norm_param_grad(device const float* partial [[buffer(0)]],  // extent: 2 * p.groups * p.channels
+                            device float* dgamma [[buffer(1)]],  // extent: p.channels
+                            device float* dbeta [[buffer(2)]],  // extent: p.channels
                             constant ParamGradParams& p [[buffer(3)]],
                             uint c [[thread_position_in_grid]]) {
     if (c >= p.channels) return;
@@ -231,9 +231,9 @@ struct RunningParams {
 
 // PyTorch's running averages: mean ← (1 − m)·mean + m·batch mean, and the same for the
 // variance with the batch's unbiased variance. Updates the buffers in place.
-kernel void batch_norm_update(device const float* stats [[buffer(0)]],
-                              device float* running_mean [[buffer(1)]],
-                              device float* running_var [[buffer(2)]],
+kernel void batch_norm_update(device const float* stats [[buffer(0)]],  // extent: 2 * p.channels
+                              device float* running_mean [[buffer(1)]],  // extent: p.channels
+                              device float* running_var [[buffer(2)]],  // extent: p.channels
                               constant RunningParams& p [[buffer(3)]],
                               uint c [[thread_position_in_grid]]) {
     if (c >= p.channels) return;
@@ -250,12 +250,12 @@ struct InferenceParams {
 };
 
 // out = (x − running mean)/√(running var + eps)·γ + β, elementwise.
-kernel void batch_norm_inference(device const float* x [[buffer(0)]],
-                                 device const float* gamma [[buffer(1)]],
-                                 device const float* beta [[buffer(2)]],
-                                 device const float* mean [[buffer(3)]],
-                                 device const float* var [[buffer(4)]],
-                                 device float* out [[buffer(5)]],
+kernel void batch_norm_inference(device const float* x [[buffer(0)]],  // extent: p.count
+                                 device const float* gamma [[buffer(1)]],  // extent: p.channels
+                                 device const float* beta [[buffer(2)]],  // extent: p.channels
+                                 device const float* mean [[buffer(3)]],  // extent: p.channels
+                                 device const float* var [[buffer(4)]],  // extent: p.channels
+                                 device float* out [[buffer(5)]],  // extent: p.count
                                  constant InferenceParams& p [[buffer(6)]],
                                  uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -265,14 +265,14 @@ kernel void batch_norm_inference(device const float* x [[buffer(0)]],
 
 // The inference-mode gradients, one threadgroup per channel (the statistics are constants):
 // dx = g·γ·rstd, dγ[c] = Σ g·x̂, dβ[c] = Σ g.
-kernel void batch_norm_inference_grad(device const float* g [[buffer(0)]],
-                                      device const float* x [[buffer(1)]],
-                                      device const float* gamma [[buffer(2)]],
-                                      device const float* mean [[buffer(3)]],
-                                      device const float* var [[buffer(4)]],
-                                      device float* dx [[buffer(5)]],
-                                      device float* dgamma [[buffer(6)]],
-                                      device float* dbeta [[buffer(7)]],
+kernel void batch_norm_inference_grad(device const float* g [[buffer(0)]],  // extent: p.rows * p.channels * p.hw
+                                      device const float* x [[buffer(1)]],  // extent: p.rows * p.channels * p.hw
+                                      device const float* gamma [[buffer(2)]],  // extent: p.channels
+                                      device const float* mean [[buffer(3)]],  // extent: p.channels
+                                      device const float* var [[buffer(4)]],  // extent: p.channels
+                                      device float* dx [[buffer(5)]],  // extent: p.rows * p.channels * p.hw
+                                      device float* dgamma [[buffer(6)]],  // extent: p.channels
+                                      device float* dbeta [[buffer(7)]],  // extent: p.channels
                                       constant NormParams& p [[buffer(8)]],
                                       uint2 group [[threadgroup_position_in_grid]],
                                       uint lid [[thread_index_in_threadgroup]],

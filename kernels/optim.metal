@@ -17,11 +17,11 @@ struct SgdParams {
 // torch.optim.SGD (dampening 0): g ← grad + wd·param, b ← momentum·b + g, and the step is b
 // (g + momentum·b with Nesterov). A zero buffer makes the first step b = g, which is how
 // torch starts its buffer; with momentum 0 the step is plain g.
-kernel void sgd_update(device const float* param [[buffer(0)]],
-                       device const float* grad [[buffer(1)]],
-                       device const float* momentum_buffer [[buffer(2)]],
-                       device float* param_out [[buffer(3)]],
-                       device float* momentum_out [[buffer(4)]],
+kernel void sgd_update(device const float* param [[buffer(0)]],  // extent: p.n
+                       device const float* grad [[buffer(1)]],  // extent: p.n
+                       device const float* momentum_buffer [[buffer(2)]],  // extent: p.n
+                       device float* param_out [[buffer(3)]],  // extent: p.n
+                       device float* momentum_out [[buffer(4)]],  // extent: p.n
                        constant SgdParams& p [[buffer(5)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -48,13 +48,13 @@ struct AdamParams {
 
 // torch.optim.Adam: g ← grad + wd·param; m ← β₁m + (1 − β₁)g; v ← β₂v + (1 − β₂)g²;
 // param ← param − lr/(1 − β₁ᵗ) · m / (√v/√(1 − β₂ᵗ) + eps).
-kernel void adam_update(device const float* param [[buffer(0)]],
-                        device const float* grad [[buffer(1)]],
-                        device const float* m [[buffer(2)]],
-                        device const float* v [[buffer(3)]],
-                        device float* param_out [[buffer(4)]],
-                        device float* m_out [[buffer(5)]],
-                        device float* v_out [[buffer(6)]],
+kernel void adam_update(device const float* param [[buffer(0)]],  // extent: p.n
+                        device const float* grad [[buffer(1)]],  // extent: p.n
+                        device const float* m [[buffer(2)]],  // extent: p.n
+                        device const float* v [[buffer(3)]],  // extent: p.n
+                        device float* param_out [[buffer(4)]],  // extent: p.n
+                        device float* m_out [[buffer(5)]],  // extent: p.n
+                        device float* v_out [[buffer(6)]],  // extent: p.n
                         constant AdamParams& p [[buffer(7)]],
                         uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;

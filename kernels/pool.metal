@@ -41,8 +41,8 @@ inline int window_argmax(device const float* plane, constant PoolParams& p, int 
     return at;
 }
 
-kernel void max_pool2d(device const float* x [[buffer(0)]],
-                       device float* out [[buffer(1)]],
+kernel void max_pool2d(device const float* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.w
+                       device float* out [[buffer(1)]],  // extent: p.count
                        constant PoolParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -60,8 +60,8 @@ struct Pool2x2Params {
 // max_pool2d's common case, 2×2 windows with stride 2, no padding and an even width: a window's
 // two rows are two aligned float2 loads. Same result as window_argmax (the first maximum in
 // row-major order, NaN above everything), so max_pool2d_grad finds the same arg-max.
-kernel void max_pool2d_2x2(device const float2* x [[buffer(0)]],
-                           device float* out [[buffer(1)]],
+kernel void max_pool2d_2x2(device const float2* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.ow
+                           device float* out [[buffer(1)]],  // extent: p.count
                            constant Pool2x2Params& p [[buffer(2)]],
                            uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -86,9 +86,9 @@ inline int2 windows_covering(int y, int k, int s, int pad, int n_out) {
 
 // dx[n,c,y,x] = Σ g over the windows whose arg-max is (y, x): a gather over the few windows
 // covering the pixel, each one's arg-max recomputed with the forward's tie rule.
-kernel void max_pool2d_grad(device const float* g [[buffer(0)]],
-                            device const float* x [[buffer(1)]],
-                            device float* dx [[buffer(2)]],
+kernel void max_pool2d_grad(device const float* g [[buffer(0)]],  // extent: p.count / (p.h * p.w) * p.oh * p.ow
+                            device const float* x [[buffer(1)]],  // extent: p.count
+                            device float* dx [[buffer(2)]],  // extent: p.count
                             constant PoolParams& p [[buffer(3)]],
                             uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -107,8 +107,8 @@ kernel void max_pool2d_grad(device const float* g [[buffer(0)]],
 }
 
 // Padding counts as zeros: every window is divided by kh·kw (PyTorch's count_include_pad=True).
-kernel void avg_pool2d(device const float* x [[buffer(0)]],
-                       device float* out [[buffer(1)]],
+kernel void avg_pool2d(device const float* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.w
+                       device float* out [[buffer(1)]],  // extent: p.count
                        constant PoolParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -122,8 +122,8 @@ kernel void avg_pool2d(device const float* x [[buffer(0)]],
     out[i] = acc / float(p.kh * p.kw);
 }
 
-kernel void avg_pool2d_grad(device const float* g [[buffer(0)]],
-                            device float* dx [[buffer(1)]],
+kernel void avg_pool2d_grad(device const float* g [[buffer(0)]],  // extent: p.count / (p.h * p.w) * p.oh * p.ow
+                            device float* dx [[buffer(1)]],  // extent: p.count
                             constant PoolParams& p [[buffer(2)]],
                             uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -148,8 +148,8 @@ struct FilterParams {
 // A fixed size×size filter applied to every channel alone (a depthwise correlation), zero
 // padding of size/2 so the output keeps the input's size. The Laplacian-of-Gaussian taps come
 // from the host; the filter is symmetric, so the same kernel also computes its own gradient.
-kernel void log_filter(device const float* x [[buffer(0)]],
-                       device float* out [[buffer(1)]],
+kernel void log_filter(device const float* x [[buffer(0)]],  // extent: p.count
+                       device float* out [[buffer(1)]],  // extent: p.count
                        constant FilterParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;

@@ -35,8 +35,8 @@ inline void copy_other_words(device const uint* words, device uint* out, uint co
 }
 
 // out[word] = value
-kernel void predicate_set(device const uint* words [[buffer(0)]],
-                          device uint* out [[buffer(1)]],
+kernel void predicate_set(device const uint* words [[buffer(0)]],  // extent: p.count
+                          device uint* out [[buffer(1)]],  // extent: p.count
                           constant PredicateSetParams& p [[buffer(2)]],
                           uint lid [[thread_index_in_threadgroup]],
                           uint tpg [[threads_per_threadgroup]]) {
@@ -45,8 +45,8 @@ kernel void predicate_set(device const uint* words [[buffer(0)]],
 }
 
 // out[word] = max(words[word], 1) - 1: a countdown that stops at 0 (a step budget).
-kernel void predicate_decrement(device const uint* words [[buffer(0)]],
-                                device uint* out [[buffer(1)]],
+kernel void predicate_decrement(device const uint* words [[buffer(0)]],  // extent: p.count
+                                device uint* out [[buffer(1)]],  // extent: p.count
                                 constant PredicateWordParams& p [[buffer(2)]],
                                 uint lid [[thread_index_in_threadgroup]],
                                 uint tpg [[threads_per_threadgroup]]) {
@@ -66,9 +66,9 @@ struct PredicateCompareParams {
 };
 
 // out[word] = (x[index] <compare> threshold) ? 1 : 0, e.g. "the loss is still above 0.01".
-kernel void predicate_compare(device const float* x [[buffer(0)]],
-                              device const uint* words [[buffer(1)]],
-                              device uint* out [[buffer(2)]],
+kernel void predicate_compare(device const float* x [[buffer(0)]],  // extent: p.index + 1
+                              device const uint* words [[buffer(1)]],  // extent: p.count
+                              device uint* out [[buffer(2)]],  // extent: p.count
                               constant PredicateCompareParams& p [[buffer(3)]],
                               uint lid [[thread_index_in_threadgroup]],
                               uint tpg [[threads_per_threadgroup]]) {
@@ -109,9 +109,9 @@ inline uint count_nonzero(device const uint* flags, uint n, threadgroup uint* sh
 }
 
 // out[word] = 1 if every flag is nonzero, else 0
-kernel void predicate_all(device const uint* flags [[buffer(0)]],
-                          device const uint* words [[buffer(1)]],
-                          device uint* out [[buffer(2)]],
+kernel void predicate_all(device const uint* flags [[buffer(0)]],  // extent: p.n
+                          device const uint* words [[buffer(1)]],  // extent: p.count
+                          device uint* out [[buffer(2)]],  // extent: p.count
                           constant PredicateReduceParams& p [[buffer(3)]],
                           uint lid [[thread_index_in_threadgroup]],
                           uint tpg [[threads_per_threadgroup]]) {
@@ -122,9 +122,9 @@ kernel void predicate_all(device const uint* flags [[buffer(0)]],
 }
 
 // out[word] = 1 if any flag is nonzero, else 0
-kernel void predicate_any(device const uint* flags [[buffer(0)]],
-                          device const uint* words [[buffer(1)]],
-                          device uint* out [[buffer(2)]],
+kernel void predicate_any(device const uint* flags [[buffer(0)]],  // extent: p.n
+                          device const uint* words [[buffer(1)]],  // extent: p.count
+                          device uint* out [[buffer(2)]],  // extent: p.count
                           constant PredicateReduceParams& p [[buffer(3)]],
                           uint lid [[thread_index_in_threadgroup]],
                           uint tpg [[threads_per_threadgroup]]) {

@@ -97,7 +97,7 @@ inline void store_quad(device uint* out, uint n, uint q, uint4 v) {
 // Thread i writes quads i and i + threads_per_grid. Two independent Philox chains per thread
 // keep the ALUs busy while the stores drain: on an H100, one quad per thread ran about 10%
 // under the store bandwidth, two ran at it.
-kernel void philox(device uint* out [[buffer(0)]],
+kernel void philox(device uint* out [[buffer(0)]],  // extent: p.n
                    constant PhiloxParams& p [[buffer(1)]],
                    uint i [[thread_position_in_grid]],
                    uint threads [[threads_per_grid]]) {
@@ -159,9 +159,9 @@ inline uint mtgp32_output(uint o, uint t, uint dist, float a, float b) {
 // A state is a chain of dependent steps, so a step's latency is the kernel's speed: each step
 // issues its loads first and finishes and stores the previous step's number while they are
 // in flight.
-kernel void mtgp32(device uint* out [[buffer(0)]],
-                   device uint* state [[buffer(1)]],
-                   device const uint* params [[buffer(2)]],
+kernel void mtgp32(device uint* out [[buffer(0)]],  // extent: p.n
+                   device uint* state [[buffer(1)]],  // extent: p.states * 351
+                   device const uint* params [[buffer(2)]],  // extent: p.states * 36
                    constant MTGP32Params& p [[buffer(3)]],
                    uint g [[threadgroup_position_in_grid]],
                    uint t [[thread_position_in_threadgroup]]) {
@@ -218,9 +218,9 @@ kernel void mtgp32(device uint* out [[buffer(0)]],
 // state, which walks each step word by word. Without barriers a threadgroup's threads run as a
 // plain loop instead of fibers; one threadgroup per state keeps all cores busy. On a GPU this
 // variant would leave 255 of 256 lanes idle.
-kernel void mtgp32_serial(device uint* out [[buffer(0)]],
-                          device uint* state [[buffer(1)]],
-                          device const uint* params [[buffer(2)]],
+kernel void mtgp32_serial(device uint* out [[buffer(0)]],  // extent: p.n
+                          device uint* state [[buffer(1)]],  // extent: p.states * 351
+                          device const uint* params [[buffer(2)]],  // extent: p.states * 36
                           constant MTGP32Params& p [[buffer(3)]],
                           uint g [[threadgroup_position_in_grid]],
                           uint lane [[thread_index_in_threadgroup]]) {
@@ -277,8 +277,8 @@ struct MTGP32SeedParams {
     uint states;
 };
 
-kernel void mtgp32_seed(device uint* state [[buffer(0)]],
-                        device const uint* params [[buffer(1)]],
+kernel void mtgp32_seed(device uint* state [[buffer(0)]],  // extent: p.states * 351
+                        device const uint* params [[buffer(1)]],  // extent: p.states * 36
                         constant MTGP32SeedParams& p [[buffer(2)]],
                         uint b [[thread_position_in_grid]]) {
     if (b >= p.states) return;

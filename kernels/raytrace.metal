@@ -288,10 +288,10 @@ inline float3 trace(device const Scene& s, constant RenderParams& p, uint px, ui
 }
 
 // rgb, albedo, normal: (scenes, 3, height, width). Threads cover (x, y, scene).
-kernel void raytrace(device float* rgb [[buffer(0)]],
-                     device float* albedo [[buffer(1)]],
-                     device float* normal [[buffer(2)]],
-                     device const Scene* scenes [[buffer(3)]],
+kernel void raytrace(device float* rgb [[buffer(0)]],  // extent: p.scenes * 3 * p.width * p.height
+                     device float* albedo [[buffer(1)]],  // extent: p.scenes * 3 * p.width * p.height
+                     device float* normal [[buffer(2)]],  // extent: p.scenes * 3 * p.width * p.height
+                     device const Scene* scenes [[buffer(3)]],  // extent: p.scenes
                      constant RenderParams& p [[buffer(4)]],
                      uint3 gid [[thread_position_in_grid]]) {
     if (gid.x >= p.width || gid.y >= p.height || gid.z >= p.scenes) return;

@@ -11,7 +11,7 @@ struct SumParams {
 // slice stays in cache while one fiber after another walks it), then reduce by simd_sum
 // within each simdgroup and through threadgroup memory across simdgroups. A second
 // dispatch with one threadgroup sums the partials.
-kernel void sum_partial(device const float* x [[buffer(0)]],
+kernel void sum_partial(device const float* x [[buffer(0)]],  // extent: p.n
                         device float* partial [[buffer(1)]],
                         constant SumParams& p [[buffer(2)]],
                         uint lid [[thread_index_in_threadgroup]],
@@ -50,8 +50,8 @@ struct ScanParams {
 
 // Exclusive prefix sum of each threadgroup's slice of x (one element a thread), and the
 // slice's total in block_sums[group]. `scan_add` then adds the scanned block sums back.
-kernel void scan_block(device const uint* x [[buffer(0)]],
-                       device uint* out [[buffer(1)]],
+kernel void scan_block(device const uint* x [[buffer(0)]],  // extent: p.n
+                       device uint* out [[buffer(1)]],  // extent: p.n
                        device uint* block_sums [[buffer(2)]],
                        constant ScanParams& p [[buffer(3)]],
                        uint i [[thread_position_in_grid]],
@@ -76,7 +76,7 @@ kernel void scan_block(device const uint* x [[buffer(0)]],
     if (i < p.n) out[i] = before + simd_totals[sg];
 }
 
-kernel void scan_add(device uint* out [[buffer(0)]],
+kernel void scan_add(device uint* out [[buffer(0)]],  // extent: p.n
                      device const uint* scanned_block_sums [[buffer(1)]],
                      constant ScanParams& p [[buffer(2)]],
                      uint i [[thread_position_in_grid]],
@@ -92,8 +92,8 @@ struct HistogramParams {
 
 // Counts into threadgroup atomics first, so the device-memory atomics are one per bin per
 // threadgroup rather than one per element.
-kernel void histogram(device const uint* x [[buffer(0)]],
-                      device atomic_uint* counts [[buffer(1)]],
+kernel void histogram(device const uint* x [[buffer(0)]],  // extent: p.n
+                      device atomic_uint* counts [[buffer(1)]],  // extent: p.bins
                       constant HistogramParams& p [[buffer(2)]],
                       uint i [[thread_position_in_grid]],
                       uint grid [[threads_per_grid]],

@@ -13,8 +13,8 @@ struct ResampleParams {
     int scale;
 };
 
-kernel void upsample_nearest(device const float* x [[buffer(0)]],
-                             device float* out [[buffer(1)]],
+kernel void upsample_nearest(device const float* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.w
+                             device float* out [[buffer(1)]],  // extent: p.count
                              constant ResampleParams& p [[buffer(2)]],
                              uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -24,8 +24,8 @@ kernel void upsample_nearest(device const float* x [[buffer(0)]],
 }
 
 // dx = the sum of g over the s×s block each input pixel was copied to
-kernel void upsample_nearest_grad(device const float* g [[buffer(0)]],
-                                  device float* dx [[buffer(1)]],
+kernel void upsample_nearest_grad(device const float* g [[buffer(0)]],  // extent: p.count / (p.h * p.w) * p.oh * p.ow
+                                  device float* dx [[buffer(1)]],  // extent: p.count
                                   constant ResampleParams& p [[buffer(2)]],
                                   uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -58,8 +58,8 @@ inline float bilinear_weight(int j, int i, int scale, int n) {
     return (t.i0 == i ? t.w0 : 0.0f) + (t.i1 == i ? t.w1 : 0.0f);
 }
 
-kernel void upsample_bilinear(device const float* x [[buffer(0)]],
-                              device float* out [[buffer(1)]],
+kernel void upsample_bilinear(device const float* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.w
+                              device float* out [[buffer(1)]],  // extent: p.count
                               constant ResampleParams& p [[buffer(2)]],
                               uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -74,8 +74,8 @@ kernel void upsample_bilinear(device const float* x [[buffer(0)]],
 // dx[y, x] = Σ over the outputs (j, k) that sample it of g[j, k]·weight(j, y)·weight(k, x).
 // Output rows j sampling input row y lie within s·(y − 1) ≤ j < s·(y + 2); the loop visits
 // those (3s×3s outputs) and skips the ones that do not sample it.
-kernel void upsample_bilinear_grad(device const float* g [[buffer(0)]],
-                                   device float* dx [[buffer(1)]],
+kernel void upsample_bilinear_grad(device const float* g [[buffer(0)]],  // extent: p.count / (p.h * p.w) * p.oh * p.ow
+                                   device float* dx [[buffer(1)]],  // extent: p.count
                                    constant ResampleParams& p [[buffer(2)]],
                                    uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;

@@ -12,9 +12,9 @@ struct EmbeddingParams {
 
 // out[i, f] = table[ids[i], f]; an id outside [0, vocab) gives a zero row instead of a
 // read out of bounds.
-kernel void embedding(device const int* ids [[buffer(0)]],
-                      device const float* table [[buffer(1)]],
-                      device float* out [[buffer(2)]],
+kernel void embedding(device const int* ids [[buffer(0)]],  // extent: p.n
+                      device const float* table [[buffer(1)]],  // extent: p.vocab * p.dim
+                      device float* out [[buffer(2)]],  // extent: p.n * p.dim
                       constant EmbeddingParams& p [[buffer(3)]],
                       uint j [[thread_position_in_grid]]) {
     if (j >= p.n * p.dim) return;
@@ -26,9 +26,9 @@ kernel void embedding(device const int* ids [[buffer(0)]],
 // dtable[v, f] = Σ over tokens i with ids[i] == v of g[i, f]. One thread per table element
 // walks all the tokens: no float atomics, and the sum's order (hence its rounding) is the
 // same on every backend.
-kernel void embedding_grad(device const float* g [[buffer(0)]],
-                           device const int* ids [[buffer(1)]],
-                           device float* out [[buffer(2)]],
+kernel void embedding_grad(device const float* g [[buffer(0)]],  // extent: p.n * p.dim
+                           device const int* ids [[buffer(1)]],  // extent: p.n
+                           device float* out [[buffer(2)]],  // extent: p.vocab * p.dim
                            constant EmbeddingParams& p [[buffer(3)]],
                            uint j [[thread_position_in_grid]]) {
     if (j >= p.vocab * p.dim) return;
@@ -48,8 +48,8 @@ struct ArgmaxParams {
 
 // out[r] = the column of row r's largest value, the first one on ties; NaN counts as above
 // everything (as numpy's and PyTorch's argmax).
-kernel void argmax(device const float* x [[buffer(0)]],
-                   device int* out [[buffer(1)]],
+kernel void argmax(device const float* x [[buffer(0)]],  // extent: p.rows * p.cols
+                   device int* out [[buffer(1)]],  // extent: p.rows
                    constant ArgmaxParams& p [[buffer(2)]],
                    uint r [[thread_position_in_grid]]) {
     if (r >= p.rows) return;
@@ -67,9 +67,9 @@ struct StillRunningParams {
 };
 
 // out[i] = 1 while sequence i is running: it was running and has not just emitted `end`.
-kernel void still_running(device const int* tokens [[buffer(0)]],
-                          device const uint* running [[buffer(1)]],
-                          device uint* out [[buffer(2)]],
+kernel void still_running(device const int* tokens [[buffer(0)]],  // extent: p.n
+                          device const uint* running [[buffer(1)]],  // extent: p.n
+                          device uint* out [[buffer(2)]],  // extent: p.n
                           constant StillRunningParams& p [[buffer(3)]],
                           uint i [[thread_position_in_grid]]) {
     if (i < p.n) out[i] = (running[i] != 0u && tokens[i] != p.end) ? 1u : 0u;

@@ -229,8 +229,8 @@ struct SplitParams {
 };
 
 // out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing).
-kernel void sum_splits(device const float* partial [[buffer(0)]],
-                       device float* out [[buffer(1)]],
+kernel void sum_splits(device const float* partial [[buffer(0)]],  // extent: p.splits * p.count
+                       device float* out [[buffer(1)]],  // extent: p.count
                        constant SplitParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;

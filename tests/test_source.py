@@ -52,6 +52,10 @@ VIOLATIONS = [
      "no-thread-elements", 5),
     ("kernel void k(device float* x [[buffer(0)]]) {\n simdgroup_bfloat8x8 m; }", "no-bfloat", 4),
     ("kernel void k(device float* x [[buffer(0)]]) {\n simdgroup_matrix<float, 4, 4> m; }", "simdgroup-matrix-size", 4),
+    ("struct P { uint n; };\nkernel void k(device float* x [[buffer(0)]],\n constant P& p [[buffer(1)]],  // extent: p.n\n"
+     " device float* y [[buffer(2)]]) {}", "extent", 5),
+    ("struct P { uint n; };\nkernel void k(device float* x [[buffer(0)]],  // extent: p.m\n constant P& p [[buffer(1)]]) {}",
+     "extent", 4),
 ]
 
 
@@ -66,7 +70,7 @@ def test_every_lint_rule_has_a_failing_example(body, rule, line):
 def test_every_rule_is_exercised():
     source = Path(S.__file__).read_text()
     rules = set(re.findall(r'"(no-[\w-]+|include|threadgroup-scope|threadgroup-array|address-space|kernel-param|'
-                           r'buffer-index|constant-struct)"', source))
+                           r'buffer-index|constant-struct|extent)"', source))
     assert rules <= {r for _, r, _ in VIOLATIONS}, rules - {r for _, r, _ in VIOLATIONS}
 
 
@@ -122,6 +126,11 @@ def test_local_headers_are_inlined_with_their_own_line_numbers(tmp_path):
     src = S.Source.from_file(tmp_path / "k.metal")
     assert any(p.endswith("common.h:3: no-double: `double` is not available in MSL; use float") for p in S.lint(src))
     assert "twice" in S.generate(src, "cpu")
+    # compiler messages (and the bounds checks) name the header's lines, then the includer's again
+    (tmp_path / "k2.metal").write_text(HEAD + '#include "common.h"\nstruct S { float v; };\nkernel void k() {}\n')
+    text = S.generate(S.Source.from_file(tmp_path / "k2.metal"), "cpu")
+    assert f'#line 1 "{tmp_path / "common.h"}"\n// helper\n' in text
+    assert f'#line 4 "{tmp_path / "k2.metal"}"\nstruct S' in text
 
 
 # ---------------------------------------------------------------- generated wrappers
@@ -161,3 +170,26 @@ def test_cpu_wrapper_text():
     text = S.generate(S.Source.from_file(S.find("layout")), "cpu")
     assert "static thread_local float tile[32][33];" in text
     assert 'extern "C" void transpose__mlm_group(' in text and 'extern "C" void transpose__mlm_thread(' in text
+
+
+def test_checked_cpu_wrapper_text():
+    text = S.generate(S.Source.from_file(S.find("layout")), "cpu", check_bounds=True)
+    assert text.startswith('#include "mlm_cpu_launch.h"\n#include "mlm_cpu_check.h"\n')
+    # threadgroup arrays: thread-local storage and a checked view under the array's name
+    assert ("static thread_local float tile__mlm_tg[32][33]; const ::metal::check::region tile__mlm_rg(&tile__mlm_tg, "
+            'sizeof(tile__mlm_tg), "threadgroup array `tile`", "transpose", -1, __mlm_err); '
+            "auto tile = ::metal::check::view(tile__mlm_tg, &tile__mlm_rg);") in text
+    # buffers: a region (address, extent, name) and a checked pointer over it; extents and the
+    # error record follow the buffers
+    assert "const unsigned long long* __mlm_ext = (const unsigned long long*)__mlm_b[3];" in text
+    assert ('const ::metal::check::region __mlm_r0(__mlm_b[0], __mlm_ext[0], "buffer `x` [[buffer(0)]]", "transpose", '
+            "0, __mlm_err);") in text
+    assert "::metal::check::ptr<const float> x(__mlm_b[0], &__mlm_r0);" in text
+    # pointer types in bodies and helpers, casts included; `thread` pointers stay raw
+    src = S.Source(HEAD + "inline float f(threadgroup const float4* t, thread float* r, const device uint* u) { return 0; }\n"
+                          "kernel void k(device float* x [[buffer(0)]]) { ((device float4*)x)[0] = 0; }")
+    text = S.generate(src, "cpu", check_bounds=True)
+    assert ("float f(::metal::check::ptr<const float4> t, thread float* r, ::metal::check::ptr<const uint> u)" in text
+            and "((::metal::check::ptr<float4>)x)[0] = 0;" in text)
+    with pytest.raises(ValueError, match="cpu target"):
+        S.generate(src, "cuda", check_bounds=True)

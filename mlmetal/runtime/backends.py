@@ -9,7 +9,7 @@ import sys
 from .device import Device
 
 BACKENDS = ("metal", "cuda", "cpu")
-_devices: dict[str, Device] = {}
+_devices: dict[tuple[str, bool], Device] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -31,22 +31,34 @@ def available(name: str) -> str | None:
         return f"{name} backend cannot be imported: {e}"
 
 
-def device(name: str | None = None) -> Device:
+def device(name: str | None = None, *, check_bounds: bool | None = None) -> Device:
     """The device of backend `name` ('cpu', 'cuda', 'metal'); by default `MLMETAL_DEVICE`, else the best present.
+
+    Args:
+        name: the backend; None for `MLMETAL_DEVICE`, else metal on a Mac, cuda with a GPU, else cpu.
+        check_bounds: cpu only: compile kernels with bounds-checked pointers, so that an access
+            outside a buffer or threadgroup array raises instead of corrupting memory (several
+            times slower). None follows `MLMETAL_CHECK_BOUNDS=1`.
 
     Example:
         >>> import mlmetal as mm
-        >>> dev = mm.device("cpu")
+        >>> dev = mm.device("cpu", check_bounds=True)
     """
     name = name or os.environ.get("MLMETAL_DEVICE") or None
     if name is None:
         candidates = (["metal"] if sys.platform == "darwin" else []) + ["cuda", "cpu"]
         name = next(n for n in candidates if n == "cpu" or available(n) is None)
     name = name.lower()
-    if name not in _devices:
+    if check_bounds and name != "cpu":
+        raise ValueError(f"check_bounds is a feature of the cpu backend, not of {name!r} "
+                         "(on cuda, run under compute-sanitizer)")
+    if check_bounds is None:
+        check_bounds = name == "cpu" and os.environ.get("MLMETAL_CHECK_BOUNDS", "0") not in ("", "0")
+    key = (name, bool(check_bounds))
+    if key not in _devices:
         cls = _backend_class(name)
         why = cls.unavailable()
         if why:
             raise BackendUnavailable(f"mlmetal device {name!r} is not available here: {why}")
-        _devices[name] = cls()
-    return _devices[name]
+        _devices[key] = cls(check_bounds=True) if check_bounds else cls()
+    return _devices[key]

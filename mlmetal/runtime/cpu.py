@@ -177,13 +177,20 @@ class CpuKernel(D.Kernel):
 class CpuLibrary(D.Library):
     def __init__(self, device: "CpuDevice", src: S.Source):
         super().__init__(device, src)
-        self.cpp = S.generate(src, "cpu")
-        path, self.compiled = build(self.cpp, src.name, kernel_exports(src))
+        self.cpp = S.generate(src, "cpu", check_bounds=device.check_bounds)
+        path, self.compiled = build(self.cpp, src.name, kernel_exports(src),
+                                    what="kernels-checked" if device.check_bounds else "kernels")
         self.so = ctypes.CDLL(str(path))
         runtime().mlm_cpu_link(ctypes.addressof(ctypes.c_void_p.in_dll(self.so, "mlm_hooks")))
 
     def _make_kernel(self, sig: S.Kernel) -> D.Kernel:
         return CpuKernel(self, sig)
+
+
+class BoundsError(ctypes.Structure):
+    """struct mlm_bounds_error of include/mlm_cpu_check.h: the first out-of-bounds access of a dispatch."""
+
+    _fields_ = [("set", ctypes.c_int), ("buffer", ctypes.c_int), ("message", ctypes.c_char * 1016)]
 
 
 class _Batch:
@@ -194,7 +201,12 @@ class _Batch:
 
 
 class CpuDevice(D.Device):
-    """The cpu backend. Example: `dev = mm.device("cpu")`."""
+    """The cpu backend. Example: `dev = mm.device("cpu")`.
+
+    With `check_bounds` its kernels are compiled with pointers that know their buffer's (or
+    threadgroup array's) extent, and an access outside it fails the dispatch with an
+    ExecutionError naming kernel, .metal file and line, buffer and index (MLMETAL_CHECK_BOUNDS=1).
+    """
 
     name = "cpu"
 
@@ -206,9 +218,11 @@ class CpuDevice(D.Device):
             return str(e)
         return None
 
-    def __init__(self):
+    def __init__(self, check_bounds: bool = False):
         super().__init__()
         self._rt = runtime()  # here, not in the worker: a failure to build it is this call's error
+        self.check_bounds = check_bounds
+        self._bounds = BoundsError()  # one dispatch runs at a time, on the queue's worker
         self._queue: queue.Queue[_Batch] = queue.Queue()
         self._last: _Batch | None = None  # the batch queued last, which synchronize waits for
         self._submit_lock = threading.Lock()  # keeps `_last` the last in the queue whatever the threads
@@ -258,15 +272,15 @@ class CpuDevice(D.Device):
             finally:
                 batch.done.set()
 
-    @staticmethod
-    def _run(rt: ctypes.CDLL, d: D.Dispatch) -> None:
+    def _run(self, rt: ctypes.CDLL, d: D.Dispatch) -> None:
         p = d.predicate
         if p is not None and ctypes.c_uint32.from_address(p.buffer.ptr + p.offset).value == 0:
             # Read as the dispatch comes up in queue order, after the work before it, as the
             # wrapper's own check would; skipping here saves starting every threadgroup.
             return
         keep = []  # packed constants must outlive the call
-        ptrs = (ctypes.c_void_p * max(1, len(d.args)))()
+        n = len(d.args)
+        ptrs = (ctypes.c_void_p * max(1, n + 2 * self.check_bounds))()
         for i, a in enumerate(d.args):
             if isinstance(a, bytes):
                 arr = np.frombuffer(a + b"\0" * 16, dtype=np.uint8).copy()
@@ -274,8 +288,36 @@ class CpuDevice(D.Device):
                 ptrs[i] = arr.ctypes.data
             else:
                 ptrs[i] = a.ptr
+        if self.check_bounds:  # the checked wrapper takes the extents and the error record after the buffers
+            extents = (ctypes.c_ulonglong * max(1, n))(*self._extents(d))
+            keep.append(extents)
+            ptrs[n], ptrs[n + 1] = ctypes.addressof(extents), ctypes.addressof(self._bounds)
+            self._bounds.set = 0
         launch = Launch((ctypes.c_uint * 3)(*d.groups), (ctypes.c_uint * 3)(*d.threads),
                         d.predicate.buffer.ptr + d.predicate.offset if d.predicate else None)
         k: CpuKernel = d.kernel  # type: ignore[assignment]
         if rt.mlm_run(k.group, k.thread, int(k.fibers), ptrs, ctypes.byref(launch)):
             raise D.ExecutionError(f"kernel {k.name}: could not map fiber stacks for {np.prod(d.threads)} threads")
+        if self.check_bounds and self._bounds.set:
+            raise D.ExecutionError(self._bounds_message(d))
+
+    @staticmethod
+    def _declared(d: D.Dispatch) -> dict[int, tuple[S.Param, int]]:
+        """buffer index -> (parameter, bytes) of each extent the kernel declares, at this dispatch's constants."""
+        sig = d.kernel.sig
+        values = {p.name: sig.unpack(p, a) for p, a in zip(d.kernel.params, d.args) if isinstance(a, bytes)}
+        return {p.index: (p, nbytes) for p, _, nbytes in sig.extent_bytes(values)}
+
+    def _extents(self, d: D.Dispatch) -> list[int]:
+        """Each argument's extent in bytes: its size, or less where the kernel declares less."""
+        declared = self._declared(d)
+        return [min(len(a) if isinstance(a, bytes) else a.nbytes, declared.get(i, (None, 1 << 62))[1])
+                for i, a in enumerate(d.args)]
+
+    def _bounds_message(self, d: D.Dispatch) -> str:
+        message = self._bounds.message.decode(errors="replace")
+        p, nbytes = self._declared(d).get(self._bounds.buffer, (None, 0))
+        a = d.args[self._bounds.buffer] if 0 <= self._bounds.buffer < len(d.args) else None
+        if p is not None and isinstance(a, D.Buffer) and nbytes < a.nbytes:
+            message += f"; that is its declared extent `{p.extent}` ({p.extent_loc}), the buffer holds {a.nbytes} bytes"
+        return message

@@ -242,6 +242,10 @@ def bind(kernel: Kernel, groups, threads, args: Sequence | None, named: dict, pr
     out: list[Buffer | bytes] = []
     for p in params:
         out.append(_bind_one(kernel, p, bound[p.name]))
+    for p, count, need in kernel.sig.extent_bytes(bound):  # what the kernel declares it reaches
+        if out[p.index].nbytes < need:
+            raise DispatchError(f"kernel {kernel.name} ({p.loc}), parameter `{p.name}` ({p.type}): the buffer has "
+                                f"{out[p.index].nbytes} bytes, the kernel reaches {need} (extent {p.extent} = {count} elements)")
     if predicate is not None and not isinstance(predicate, Predicate):
         try:
             predicate = Predicate(*predicate)

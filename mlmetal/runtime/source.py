@@ -11,10 +11,14 @@ predicate check.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import numbers
 import re
+import struct
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 if not KERNEL_DIR.is_dir():  # editable install / source checkout: kernels/ sits beside the package
@@ -39,6 +43,9 @@ BUILTINS = {
     "simdgroups_per_threadgroup": ("((__mlm_t0*__mlm_t1*__mlm_t2+31u)/32u)",),
 }
 BUILTIN_TYPES = {"uint", "uint2", "uint3", "ushort", "ushort2", "ushort3", "int", "short"}
+
+# `device float* y [[buffer(1)]],  // extent: p.n` — the comment after the last parameter of a line.
+EXTENT = re.compile(r"[\s,){]*//\s*extent:\s*([^;\n]*)")
 
 # Calls that wait for other threads: on cpu a kernel making one runs its threads as fibers. A
 # simdgroup matrix load is collective (mlm_simdgroup_matrix.h).
@@ -158,6 +165,8 @@ class Param:
     index: int | None  # [[buffer(i)]]
     builtin: str | None
     loc: str  # file:line of the declaration
+    extent: str | None = None  # the `// extent: EXPR` after a buffer parameter: elements it may touch
+    extent_loc: str = ""  # file:line of that comment
 
     @property
     def base_type(self) -> str:
@@ -235,6 +244,38 @@ class Kernel:
     def where(self) -> str:
         return self.source.loc(self.function.start)
 
+    @cached_property
+    def extents(self) -> list["Extent"]:
+        """The declared extent of every buffer parameter that has one (the lint has checked them)."""
+        return [compile_extent(self, p) for p in self.buffers if p.extent is not None]
+
+    def unpack(self, param: Param, data: bytes) -> dict | int | float:
+        """The values in a constant's packed bytes: a dict of its struct's fields, or its scalar."""
+        st = self.struct_of(param)
+        if st is None:
+            return struct.unpack_from("<" + SCALARS[param.base_type], data)[0]
+        flat = struct.unpack_from("<" + "".join(SCALARS[f.type] * f.count for f in st.fields), data)
+        values, at = {}, 0
+        for f in st.fields:
+            values[f.name] = flat[at] if f.count == 1 else list(flat[at:at + f.count])
+            at += f.count
+        return values
+
+    def extent_bytes(self, values: dict) -> list[tuple[Param, int, int]]:
+        """(parameter, elements, bytes) each declared extent reaches, for constants given as
+        `values` (parameter name -> dict of fields, or a scalar). Extents that read a constant
+        bound as a buffer, whose values the host does not see, are left out."""
+        out = []
+        for e in self.extents:
+            scope = {name: values.get(name) for name in e.uses}
+            if all(isinstance(v, (dict, numbers.Number)) for v in scope.values()):
+                try:
+                    count = int(eval(e.code, {"__builtins__": {}, "min": min, "max": max}, scope))
+                except (ArithmeticError, LookupError, TypeError, ValueError):
+                    continue  # e.g. a zero divisor: the kernel's own arithmetic fails alike, not its bounds
+                out.append((e.param, count, max(count, 0) * e.item))
+        return out
+
 
 class Source:
     """One MSL translation unit: a file in kernels/ or a user string, with local headers inlined."""
@@ -270,6 +311,14 @@ class Source:
                 out.append(line)
                 line_map.append((name, lineno))
         return "\n".join(out), line_map
+
+    @cached_property
+    def include_breaks(self) -> list[tuple[int, str, int]]:
+        """(offset, file, line) of each line of the inlined text that does not follow its predecessor
+        in the same file: where a header's lines start, and where the includer's resume."""
+        starts = [0] + [m.end() for m in re.finditer("\n", self.text)]
+        return [(starts[i], *self.line_map[i]) for i in range(1, len(self.line_map))
+                if self.line_map[i] != (self.line_map[i - 1][0], self.line_map[i - 1][1] + 1)]
 
     def where(self, offset: int) -> tuple[str, int]:
         """(file, line) of an offset in the inlined text."""
@@ -396,13 +445,17 @@ class Source:
             nm = re.search(r"(\w+)\s*$", decl)
             name = nm.group(1) if nm else "?"
             ptype = " ".join(decl[: nm.start()].split()) if nm else decl
+            end = a + 1 + offset + len(text)
+            eol = self.text.find("\n", end)
+            extent = EXTENT.match(self.text, end, len(self.text) if eol < 0 else eol)
+            extent = (extent.group(1).strip(), self.loc(extent.start(1))) if extent else (None, "")
             if attr and attr.group(1) == "buffer":
                 is_ref = "&" in ptype and "*" not in ptype
                 kind = "constant" if is_ref and ptype.startswith("constant") else "buffer"
                 index = int(attr.group(2)) if attr.group(2) and attr.group(2).isdigit() else None
-                params.append(Param(kind, name, ptype, index, None, where))
+                params.append(Param(kind, name, ptype, index, None, where, *extent))
             else:
-                params.append(Param("builtin", name, ptype, None, attr.group(1) if attr else None, where))
+                params.append(Param("builtin", name, ptype, None, attr.group(1) if attr else None, where, *extent))
         return params
 
     def _uses_sync(self, fn: Function, helpers: dict[str, Function]) -> bool:
@@ -445,6 +498,105 @@ def _field_names(decl: str) -> list[Field]:
         elif re.match(r"\w+$", item):
             fields.append(Field(ftype, item, 1))
     return fields
+
+
+# ---------------------------------------------------------------- extents
+#
+# A buffer parameter may declare how many elements of its type the kernel touches, as a C
+# expression over the kernel's constants, in a comment after the parameter:
+#
+#     device float* y [[buffer(1)]],  // extent: p.n
+#
+# Binding then refuses a smaller buffer, and the bounds-checked cpu build holds accesses to it.
+
+SCALAR_BYTES = {"bool": 1, "char": 1, "uchar": 1, "short": 2, "ushort": 2, "half": 2, "int": 4, "uint": 4,
+                "float": 4, "unsigned": 4, "unsigned int": 4, "atomic_int": 4, "atomic_uint": 4}
+
+
+def layout(type_: str, structs: dict[str, Struct]) -> tuple[int, int] | None:
+    """(size, alignment) of an MSL type in a buffer, or None for a type this cannot size."""
+    t = " ".join(re.sub(r"\b(?:const|volatile)\b", " ", type_).split())
+    atomic = re.fullmatch(r"atomic\s*<\s*(\w+)\s*>", t)
+    if atomic:
+        t = atomic.group(1)
+    if t in SCALAR_BYTES:
+        return SCALAR_BYTES[t], SCALAR_BYTES[t]
+    vec = re.fullmatch(r"(\w+?)([234])", t)
+    if vec and vec.group(1) in SCALAR_BYTES:
+        size = SCALAR_BYTES[vec.group(1)] * (4 if vec.group(2) == "3" else int(vec.group(2)))
+        return size, size
+    st = structs.get(t)
+    if st is None:
+        return None
+    size, align = 0, 1
+    for f in st.fields:
+        fl = layout(f.type, structs)
+        if fl is None:
+            return None
+        size = -(-size // fl[1]) * fl[1] + fl[0] * f.count
+        align = max(align, fl[1])
+    return -(-size // align) * align, align
+
+
+@dataclasses.dataclass(frozen=True)
+class Extent:
+    param: Param
+    code: Any  # the expression compiled for eval
+    uses: frozenset[str]  # the constant parameters it reads
+    item: int  # bytes of one element
+
+
+_EXTENT_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Mod, ast.LShift, ast.RShift, ast.USub, ast.UAdd)
+
+
+def compile_extent(k: Kernel, p: Param) -> Extent:
+    """A parameter's extent expression compiled; ValueError saying what is wrong with it."""
+    if p.kind != "buffer" or "*" not in p.type:
+        raise ValueError("only buffer pointers declare an extent")
+    item = layout(p.base_type, k.source.structs)
+    if item is None:
+        raise ValueError(f"cannot size its element type `{p.base_type}`")
+    constants = {c.name: k.struct_of(c) for c in k.buffers if c.kind == "constant"}
+    try:
+        tree = ast.parse(re.sub(r"\b(\d+)[uU]\b", r"\1", p.extent), mode="eval")
+    except SyntaxError:
+        raise ValueError(f"cannot read `{p.extent}` (integers, + - * / % << >>, min, max, and the kernel's "
+                         "constants such as p.n)") from None
+    uses = set()
+
+    class ToPython(ast.NodeTransformer):  # C's integer `/`, and struct fields read from dicts
+        def visit_BinOp(self, node):
+            self.generic_visit(node)
+            return ast.BinOp(node.left, ast.FloorDiv() if isinstance(node.op, ast.Div) else node.op, node.right)
+
+        def visit_Attribute(self, node):
+            st = constants.get(getattr(node.value, "id", None))
+            if st is None or node.attr not in {f.name for f in st.fields}:
+                raise ValueError(f"`{ast.unparse(node)}` is not a field of the kernel's constants")
+            uses.add(node.value.id)
+            return ast.Subscript(node.value, ast.Constant(node.attr), ast.Load())
+
+        def visit_Name(self, node):
+            if node.id not in constants or constants[node.id] is not None:
+                raise ValueError(f"`{node.id}` is not a scalar constant of the kernel")
+            uses.add(node.id)
+            return node
+
+        def visit_Call(self, node):
+            if getattr(node.func, "id", None) not in ("min", "max") or node.keywords or len(node.args) < 2:
+                raise ValueError("only min(a, b) and max(a, b) may be called")
+            node.args = [self.visit(a) for a in node.args]
+            return node
+
+        def generic_visit(self, node):
+            if not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Subscript, ast.Load) + _EXTENT_OPS) \
+                    and not (isinstance(node, ast.Constant) and type(node.value) is int):
+                raise ValueError(f"`{ast.unparse(node)}` is not allowed in an extent")
+            return super().generic_visit(node)
+
+    # Safe to eval: the tree holds nothing but arithmetic on integers and the constants' values.
+    tree = ast.fix_missing_locations(ToPython().visit(tree))
+    return Extent(p, compile(tree, p.extent_loc, "eval"), frozenset(uses), item[0])
 
 
 INSTANCE = re.compile(r"\btemplate\s*\[\[\s*host_name\s*\((?P<name>[^)]*)\)\s*\]\]\s*"
@@ -580,6 +732,11 @@ def _lint_kernel(src: Source, k: Kernel, problems: list[str]):
         def report(_, rule, msg, loc=p.loc):
             problems.append(f"{loc}: {rule}: {msg}")
         at = None
+        if p.extent is not None:
+            try:
+                compile_extent(k, p)
+            except ValueError as e:
+                problems.append(f"{p.extent_loc}: extent: kernel {k.name}, parameter `{p.name}`: {e}")
         if p.kind == "builtin":
             if p.builtin is None:
                 report(at, "kernel-param", f"kernel {k.name}: parameter `{p.name}` has no attribute "
@@ -684,11 +841,14 @@ def _launch_vars(lid: str) -> list[str]:
     ]
 
 
-def generate(src: Source, target: str, threads: int | None = None) -> str:
+def generate(src: Source, target: str, threads: int | None = None, check_bounds: bool = False) -> str:
     """The whole translation unit for `target`, with every kernel's entry wrapper.
 
     cpu:   per kernel, `<name>__mlm_group` (runs a threadgroup as a plain loop) and
-           `<name>__mlm_thread` (runs one thread; the runtime gives it a fiber).
+           `<name>__mlm_thread` (runs one thread; the runtime gives it a fiber). With
+           `check_bounds`, device, constant and threadgroup pointers and threadgroup arrays
+           become checked pointers (include/mlm_cpu_check.h), and the wrapper takes each
+           buffer's extent and an error record after the buffers.
     cuda:  per kernel, an `extern "C" __global__` of the same name taking
            the buffers as pointers and a predicate pointer.
     metal: per kernel, a 1-D kernel for threadgroups of exactly `threads` threads
@@ -698,11 +858,14 @@ def generate(src: Source, target: str, threads: int | None = None) -> str:
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
     if target == "metal" and not threads:
         raise ValueError("the metal wrapper is generated per threadgroup size: pass threads=")
-    text, clean = src.text, src.clean
+    if check_bounds and target != "cpu":
+        raise ValueError("bounds checking is a build of the cpu target only")
+    text = src.text
     # Instantiation lines are replaced by their kernels' wrappers: blank them, keeping the lines.
     for inst in src.instances:
         text = text[:inst.offset] + re.sub(r"[^\n]", " ", text[inst.offset:inst.end]) + text[inst.end:]
-    out = [_defines(src), PRELUDE[target], _line(src, 0)]
+    rules = [(_POINTER, _checked_pointer)] if check_bounds else []
+    out = [_defines(src), PRELUDE[target] + (CHECK_PRELUDE if check_bounds else ""), _line(src, 0)]
     pos = 0
     by_function: dict[int, list[Kernel]] = {}
     for k in src.kernels.values():
@@ -710,32 +873,33 @@ def generate(src: Source, target: str, threads: int | None = None) -> str:
     for fn in sorted(src.functions, key=lambda f: f.start):
         if fn.start not in by_function:
             if fn.is_kernel:  # a template kernel never instantiated: nothing to compile
-                out.append(text[pos:fn.start])
+                out.append(_emit(src, text, pos, fn.start, rules))
                 pos = fn.body_span[1] + 1
             continue
-        out.append(text[pos:fn.start])
+        out.append(_emit(src, text, pos, fn.start, rules))
         body_a, body_b = fn.body_span
-        body = text[body_a:body_b + 1]
-        if target != "metal":
-            repl = "static thread_local" if target == "cpu" else "__shared__"
-            body_clean = clean[body_a:body_b + 1]
-            body = "".join(_sub_at(body, body_clean, _TG_ARRAY, repl))
-        else:
-            # Threadgroup arrays belong in the kernel function's outermost scope (OpenCL's rule,
-            # which clang enforces and MSL's address spaces descend from), so the body's statements
-            # join the wrapper's scope instead of nesting in a block of their own.
-            body = body[1:-1]
         # A template kernel's body is written out once for each instantiation, after the
         # definitions of its template parameters.
         for k in by_function[fn.start]:
-            out.append(_entry(k, target, threads))
+            if check_bounds:
+                body = _emit(src, text, body_a, body_b + 1, [(_TG_DECL, lambda m: _checked_array(m, k.name)),
+                                                              (_TG_ARRAY, lambda m: "static thread_local"), *rules])
+            elif target != "metal":
+                body = _emit(src, text, body_a, body_b + 1,
+                             [(_TG_ARRAY, lambda m: "static thread_local" if target == "cpu" else "__shared__")])
+            else:
+                # Threadgroup arrays belong in the kernel function's outermost scope (OpenCL's rule,
+                # which clang enforces and MSL's address spaces descend from), so the body's statements
+                # join the wrapper's scope instead of nesting in a block of their own.
+                body = _emit(src, text, body_a + 1, body_b)
+            out.append(_entry(k, target, threads, check_bounds))
             out.append("".join(line + "\n" for line in k.template_bindings()))
             out.append(_line(src, body_a) + body + "\n}\n")
             if target == "cpu":
                 out.append(_cpu_entries(k))
         out.append(_line(src, body_b + 1))
         pos = body_b + 1
-    out.append(text[pos:])
+    out.append(_emit(src, text, pos, len(text), rules))
     return "".join(out)
 
 
@@ -743,13 +907,43 @@ def _defines(src: Source) -> str:
     return "".join(f"#define {name} {value}\n" for name, value in src.defines.items())
 
 
-def _sub_at(text: str, clean: str, pattern: re.Pattern, repl: str):
-    last = 0
-    for m in pattern.finditer(clean):
-        yield text[last:m.start()]
-        yield repl
-        last = m.end()
-    yield text[last:]
+def _emit(src: Source, text: str, a: int, b: int, rules=()) -> str:
+    """text[a:b] (src's text, or a copy with the same offsets) with each rule's matches (found in
+    the comment-free text) replaced by rule(match), and a `#line` wherever an inlined header
+    starts or ends, so that compiler messages and the bounds checks' `__FILE__`/`__LINE__` name
+    the header's own lines."""
+    edits = [(m.start(), m.end(), repl(m)) for pattern, repl in rules for m in pattern.finditer(src.clean, a, b)]
+    edits += [(at, at, f'#line {line} "{name}"\n') for at, name, line in src.include_breaks if a < at < b]
+    out, last = [], a
+    for start, end, repl in sorted(edits, key=lambda e: (e[0], -e[1])):
+        if start < last:
+            continue  # inside an earlier (longer) match
+        out += [text[last:start], repl]
+        last = end
+    out.append(text[last:b])
+    return "".join(out)
+
+
+# The address space of a pointer type (`device const float*`, `(device uint4*)`, `threadgroup float4*`)
+# and its pointee; `thread` pointers stay raw.
+_POINTER = re.compile(r"\b(const\s+)?(device|constant|threadgroup)\s+((?:const\s+|volatile\s+)*)"
+                      r"([A-Za-z_][\w:]*(?:\s*<[^<>;()]*>)?)(\s+const)?\s*\*")
+# A whole threadgroup array declaration: type, name, dimensions.
+_TG_DECL = re.compile(r"\bthreadgroup\s+((?:const\s+)?[\w:]+(?:\s*<[^;>]*>)?)\s+(\w+)\s*((?:\[[^\];]*\]\s*)+);")
+
+
+def _checked_pointer(m: re.Match) -> str:
+    const = m.group(1) or "const" in m.group(3).split() or m.group(5) or m.group(2) == "constant"
+    return f"::metal::check::ptr<{'const ' if const else ''}{m.group(4)}>"
+
+
+def _checked_array(m: re.Match, kernel: str) -> str:
+    """A threadgroup array as its storage plus a checked view of it under the array's name."""
+    t, name, dims = m.group(1), m.group(2), " ".join(m.group(3).split())
+    return (f"static thread_local {t} {name}__mlm_tg{dims}; "
+            f"const ::metal::check::region {name}__mlm_rg(&{name}__mlm_tg, sizeof({name}__mlm_tg), "
+            f'"threadgroup array `{name}`", "{kernel}", -1, __mlm_err); '
+            f"auto {name} = ::metal::check::view({name}__mlm_tg, &{name}__mlm_rg);")
 
 
 def _line(src: Source, offset: int) -> str:
@@ -757,14 +951,31 @@ def _line(src: Source, offset: int) -> str:
     return f'\n#line {l} "{f}"\n'
 
 
-def _entry(k: Kernel, target: str, threads: int | None) -> str:
+def _checked_binding_lines(k: Kernel) -> list[str]:
+    """Each buffer pointer as a checked pointer over its region: the extents and the error
+    record come after the buffers in the wrapper's array of pointers."""
+    n = len(k.buffers)
+    lines = [f"    const unsigned long long* __mlm_ext = (const unsigned long long*)__mlm_b[{n}];",
+             f"    mlm_bounds_error* __mlm_err = (mlm_bounds_error*)__mlm_b[{n + 1}];"]
+    for p in k.buffers:
+        if p.kind == "constant" or "&" in p.type:
+            lines += _binding_lines_one(p, f"__mlm_b[{p.index}]")
+            continue
+        i = p.index
+        lines += [f'    const ::metal::check::region __mlm_r{i}(__mlm_b[{i}], __mlm_ext[{i}], "buffer `{p.name}` '
+                  f'[[buffer({i})]]", "{k.name}", {i}, __mlm_err);',
+                  f"    {_POINTER.sub(_checked_pointer, p.type)} {p.name}(__mlm_b[{i}], &__mlm_r{i});"]
+    return lines
+
+
+def _entry(k: Kernel, target: str, threads: int | None, check_bounds: bool = False) -> str:
     if target == "cpu":
         head = [f"static inline __attribute__((always_inline)) void {k.name}__mlm_body("
                 "void* const* __mlm_b, const mlm_launch& __mlm_L, uint __mlm_g0, uint __mlm_g1, uint __mlm_g2, "
                 "uint __mlm_lid, uint __mlm_l0, uint __mlm_l1, uint __mlm_l2) {",
                 "    const uint __mlm_n0 = __mlm_L.groups[0], __mlm_n1 = __mlm_L.groups[1], __mlm_n2 = __mlm_L.groups[2];",
                 "    const uint __mlm_t0 = __mlm_L.threads[0], __mlm_t1 = __mlm_L.threads[1], __mlm_t2 = __mlm_L.threads[2];",
-                *_binding_lines(k, lambda i: f"__mlm_b[{i}]")]
+                *(_checked_binding_lines(k) if check_bounds else _binding_lines(k, lambda i: f"__mlm_b[{i}]"))]
     elif target == "cuda":
         args = ", ".join([_cuda_param(p) for p in k.buffers] + ["const unsigned int* __mlm_pred"])
         head = [f'extern "C" __global__ void {k.name}({args}) {{',
@@ -818,6 +1029,7 @@ def _cpu_entries(k: Kernel) -> str:
     )
 
 
+CHECK_PRELUDE = '#include "mlm_cpu_check.h"\n'
 PRELUDE = {
     "cpu": '#include "mlm_cpu_launch.h"\n',
     "cuda": '#include "mlm_cuda_launch.h"\n',
