@@ -329,6 +329,120 @@ kernel void conv2d_3x3_16x32(device const float* x [[buffer(0)]],
     conv2d_3x3_tiled(x, w, bias, y, p, group, t, xs, ws, 32);
 }
 
+// y = conv(x, w) + bias of a 3×3, stride-1, undilated, ungrouped convolution on simdgroup
+// matrices, directly: the GEMM (conv2d_mma) gathers each input value once for each of the nine
+// taps; here a threadgroup stages C3_CI input channels of a tile of C3_ROWS × C3_COLS output
+// pixels once, with the halo the taps reach, and multiplies each tap's shifted view of it — an
+// 8 × 8 block of it is C3_CI channels (rows C3_X_PITCH apart) by 8 pixels of a row — by that
+// tap's weights, which pack_weights_3x3 has laid out [chunk][tap][channel][C3_CI] so they stage
+// as one contiguous copy. The tile is C3_CO output channels by its pixels: four simdgroups, each
+// 32 channels by 4 rows of C3_COLS pixels (tile.h's MmaTiles), the next chunk's loads in flight
+// while this one is multiplied. Grid: (N · tiles of an image, ceil(Cout / C3_CO)), MMA_THREADS threads.
+#define C3_CO 64
+#define C3_CI 8
+#define C3_ROWS 8
+#define C3_COLS 16
+#define C3_X_PITCH ((C3_ROWS + 2) * (C3_COLS + 2))  // 180 floats a staged channel: rows 180 apart fall on distinct banks
+#define C3_X_EACH ((C3_CI * C3_X_PITCH + MMA_THREADS - 1) / MMA_THREADS)  // staged input floats a thread
+#define C3_W_QUADS (9 * C3_CO * C3_CI / 4 / MMA_THREADS)                   // staged weight float4s a thread
+
+struct PackParams {
+    uint cin, cout, chunks, cout_padded;  // chunks of C3_CI input channels; output channels rounded up to C3_CO
+};
+
+// wp[chunk][tap][co][e] = w[co][C3_CI·chunk + e][tap], zeros past the channels.
+kernel void pack_weights_3x3(device const float* w [[buffer(0)]],  // extent: p.cout * p.cin * 9
+                             device float* wp [[buffer(1)]],  // extent: p.chunks * 9 * p.cout_padded * 8
+                             constant PackParams& p [[buffer(2)]],
+                             uint i [[thread_position_in_grid]]) {
+    if (i >= p.chunks * 9 * p.cout_padded * C3_CI) return;
+    const uint e = i % C3_CI, co = i / C3_CI % p.cout_padded, tap = i / (C3_CI * p.cout_padded) % 9;
+    const uint ci = i / (C3_CI * p.cout_padded * 9) * C3_CI + e;
+    wp[i] = co < p.cout && ci < p.cin ? w[(co * p.cin + ci) * 9 + tap] : 0.0f;
+}
+
+// acc += a staged chunk's product: for each tap (ky, kx), its weights by the staged input shifted
+// by (ky, kx). A simdgroup's matrix j covers tile pixels col0 + 8j … (8 of one row).
+template <uint TM, uint TN, uint WARPS_N>
+inline void multiply_3x3(thread MmaTiles<TM, TN, WARPS_N>& acc, threadgroup const float* w_s,
+                         threadgroup const float* x_s) {
+    #pragma unroll
+    for (uint tap = 0; tap < 9; ++tap) {
+        simdgroup_float8x8 am[TM], bm[TN];
+        #pragma unroll
+        for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], w_s + (tap * C3_CO + acc.row0 + 8 * i) * C3_CI, C3_CI);
+        #pragma unroll
+        for (uint j = 0; j < TN; ++j) {
+            const uint px = acc.col0 + 8 * j, row = px / C3_COLS + tap / 3, col = px % C3_COLS + tap % 3;
+            simdgroup_load(bm[j], x_s + row * (C3_COLS + 2) + col, C3_X_PITCH);
+        }
+        #pragma unroll
+        for (uint j = 0; j < TN; ++j)
+            #pragma unroll
+            for (uint i = 0; i < TM; i += 2)
+                simdgroup_multiply_accumulate_pair(acc.c[i][j], acc.c[i + 1][j], am[i], am[i + 1], bm[j], acc.c[i][j], acc.c[i + 1][j]);
+    }
+}
+
+struct Conv3x3Out {
+    device float* y;           // the image's first output channel
+    device const float* bias;  // or null
+    uint co0, oy0, ox0, cout, oh, ow;
+
+    void write(uint m, uint n, float v) const {
+        const uint co = co0 + m, oy = oy0 + n / C3_COLS, ox = ox0 + n % C3_COLS;
+        if (co < cout && oy < oh && ox < ow) y[(co * oh + oy) * ow + ox] = v + (bias ? bias[co] : 0.0f);
+    }
+};
+
+kernel void conv2d_3x3_mma(device const float* x [[buffer(0)]],
+                           device const float* wp [[buffer(1)]],  // extent: (p.cin + 7) / 8 * 9 * ((p.cout + 63) / 64 * 64) * 8
+                           device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                           device float* y [[buffer(3)]],
+                           constant Conv3x3Params& p [[buffer(4)]],
+                           uint2 group [[threadgroup_position_in_grid]],
+                           uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 w_q[9 * C3_CO * C3_CI / 4];    // [tap][output channel][input channel]
+    threadgroup float4 x_q[C3_CI * C3_X_PITCH / 4];   // [input channel][row][column] with the halo
+    threadgroup float* w_s = (threadgroup float*)w_q;
+    threadgroup float* x_s = (threadgroup float*)x_q;
+    const uint img = group.x / p.tiles, r = group.x % p.tiles, co0 = group.y * C3_CO;
+    const int oy0 = int(r / p.tiles_x * C3_ROWS), ox0 = int(r % p.tiles_x * C3_COLS);
+    const uint chunks = (p.cin + C3_CI - 1) / C3_CI, cout_padded = (p.cout + C3_CO - 1) / C3_CO * C3_CO;
+    device const float* x_img = x + img * p.cin * p.h * p.w;
+    // this thread's staged input values: element t + MMA_THREADS·i of a chunk's (channel, row, column)
+    int x_off[C3_X_EACH];  // offset in a channel's plane, or -1 outside the image (padding) or past the tile
+    for (uint i = 0; i < C3_X_EACH; ++i) {
+        const uint e = t + MMA_THREADS * i, s = e % C3_X_PITCH;
+        const int iy = oy0 - p.pad_h + int(s / (C3_COLS + 2)), ix = ox0 - p.pad_w + int(s % (C3_COLS + 2));
+        const bool inside = e < C3_CI * C3_X_PITCH && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
+        x_off[i] = inside ? iy * int(p.w) + ix : -1;
+    }
+    device const float4* w_tile = (device const float4*)wp + co0 * C3_CI / 4;
+
+    MMA_TILES(C3_CO, C3_ROWS * C3_COLS) acc(t);
+    float x_next[C3_X_EACH];
+    float4 w_next[C3_W_QUADS];
+    for (uint chunk = 0; chunk < chunks; ++chunk) {
+        for (uint i = 0; i < C3_X_EACH; ++i) {
+            const uint ci = chunk * C3_CI + (t + MMA_THREADS * i) / C3_X_PITCH;
+            x_next[i] = x_off[i] >= 0 && ci < p.cin ? x_img[ci * p.h * p.w + uint(x_off[i])] : 0.0f;
+        }
+        for (uint i = 0; i < C3_W_QUADS; ++i) {
+            const uint q = t + MMA_THREADS * i, tap = q / (C3_CO * C3_CI / 4);  // float4 q of the chunk's 9 · C3_CO · C3_CI
+            w_next[i] = w_tile[(chunk * 9 + tap) * cout_padded * C3_CI / 4 + q % (C3_CO * C3_CI / 4)];
+        }
+        if (chunk > 0) multiply_3x3(acc, w_s, x_s);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint i = 0; i < C3_X_EACH; ++i)
+            if (t + MMA_THREADS * i < C3_CI * C3_X_PITCH) x_s[t + MMA_THREADS * i] = x_next[i];
+        for (uint i = 0; i < C3_W_QUADS; ++i) w_q[t + MMA_THREADS * i] = w_next[i];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    multiply_3x3(acc, w_s, x_s);
+    acc.store(Conv3x3Out{y + img * p.cout * p.oh * p.ow, p.has_bias ? bias : nullptr, co0, uint(oy0), uint(ox0), p.cout, p.oh, p.ow}, w_s);
+}
+
 struct FlipParams {
     uint count;   // elements of the weights
     uint cout;    // output channels of the forward convolution

@@ -333,3 +333,35 @@ def test_graphs_run_under_the_policy_in_force_or_their_own(dev, matrix_products)
         np.testing.assert_array_equal(g.run({"x": xs}, outputs=[y])[0], eager("medium"))
     with pytest.raises(ValueError, match="matmul precision must be one of"):
         mm.Graph(dev, matmul_precision="low")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=6)
+@given(data=st.data())
+def test_3x3_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, data):
+    """conv2d_3x3_mma: output channels either side of its 64-channel tiles, input channels either
+    side of its 8-channel chunks, images either side of its 8 × 16 pixel tiles, padding 0 to 2
+    (the input gradient of padding p is a forward convolution padded 2 − p)."""
+    from mlmetal.ops import conv as conv_ops
+    n, cin = data.draw(st.integers(1, 2), label="n"), data.draw(st.sampled_from([1, 3, 8, 9, 17]), label="cin")
+    cout = data.draw(st.sampled_from([conv_ops.C3_MMA_MIN_COUT, 31, 64, 65, 72]), label="cout")
+    h, w = data.draw(st.sampled_from([1, 7, 8, 9, 16, 17, 20]), label="h"), data.draw(st.sampled_from([3, 15, 16, 17, 33]), label="w")
+    pad = data.draw(st.integers(0, 2), label="pad")
+    if min(h, w) + 2 * pad < 3:
+        pad = 1
+        h, w = max(h, 1), max(w, 1)
+    rng = np.random.default_rng(cin * 1000 + cout + h)
+    x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
+    wt = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    a = dict(stride=(1, 1), padding=(pad, pad), dilation=(1, 1), groups=1)
+    x64, w64, b64 = x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64)
+    u = roundoff(dev, policy)
+    with mm.matmul_precision(policy):
+        y = mm.ops.conv2d(mm.tensor(x, dev), mm.tensor(wt, dev), mm.tensor(b, dev), padding=pad).numpy()
+        assert_within(y, RC.conv2d(x64, w64, b64, **a), RC.conv2d(np.abs(x64), np.abs(w64), np.abs(b64), **a), 9 * cin + 1, u)
+        g = rng.standard_normal(y.shape).astype(np.float32)
+        dx = mm.ops.conv2d_input_grad(mm.tensor(g, dev), mm.tensor(wt, dev), input_size=(h, w), padding=pad).numpy()
+        g64 = g.astype(np.float64)
+        assert_within(dx, RC.conv2d_input_grad(g64, w64, input_size=(h, w), **a),
+                      RC.conv2d_input_grad(np.abs(g64), np.abs(w64), input_size=(h, w), **a), 9 * cout, u)

@@ -12,7 +12,14 @@ from .. import ops as _ops
 from ..reference import conv as R
 from ..tensor import empty
 from . import apply, ensure, groups_for, pair, register
-from .tiling import MEDIUM, partial_for, product, split_reduction, sum_splits, tiling
+from ..runtime import source as S
+from .tiling import MEDIUM, MMA_THREADS, matrix_policy, partial_for, product, split_reduction, sum_splits, tiling
+
+_C = S.Source.from_file(S.find("conv")).constants
+C3_CO, C3_CI, C3_ROWS, C3_COLS = _C["C3_CO"], _C["C3_CI"], _C["C3_ROWS"], _C["C3_COLS"]  # conv2d_3x3_mma's tiles
+# conv2d_3x3_mma from this many output channels on; fewer fill too little of its C3_CO-channel tiles
+# and the float kernel conv2d_3x3 is faster (bench_nn_conv.py, H200).
+C3_MMA_MIN_COUT = 17
 # The backends whose bias gradient spreads each channel's sum over several threadgroups; on
 # cpu that costs more barriers than it saves.
 SPREAD_BACKENDS = {"cuda", "metal"}
@@ -114,10 +121,31 @@ def direct_conv(backend: str, cout: int, kernel_size, stride, dilation, groups, 
     return (name, cols) if use >= MIN_TILE_USE else None
 
 
+def _conv3x3_mma(cb, y, x, w, b, padding, policy):
+    """y = conv(x, w) + b on simdgroup matrices, directly (conv2d_3x3_mma), after packing w."""
+    n, cin, h, wd = x.shape
+    _, cout, oh, ow = y.shape
+    lib = y.device.library("conv", precision=policy)
+    chunks, cout_padded = groups_for(cin, C3_CI), groups_for(cout, C3_CO) * C3_CO
+    packed = empty((chunks * 9 * cout_padded * C3_CI,), y.device)
+    cb.dispatch(lib.kernel("pack_weights_3x3"), groups=groups_for(packed.size, 256), threads=256,
+                args=[w, packed, dict(cin=cin, cout=cout, chunks=chunks, cout_padded=cout_padded)])
+    tiles_x = groups_for(ow, C3_COLS)
+    tiles = tiles_x * groups_for(oh, C3_ROWS)
+    params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
+                  tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None))
+    cb.dispatch(lib.kernel("conv2d_3x3_mma"), groups=(n * tiles, groups_for(cout, C3_CO)), threads=MMA_THREADS,
+                args=[x, packed, w if b is None else b, y, params])
+
+
 def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
+    policy = matrix_policy(y.device)
+    if (policy and cout >= C3_MMA_MIN_COUT and tuple(w.shape[2:]) == (3, 3) and stride == (1, 1) and dilation == (1, 1)
+            and groups == 1):
+        return _conv3x3_mma(cb, y, x, w, b, padding, policy)
     direct = direct_conv(y.device.name, cout, w.shape[2:], stride, dilation, groups, (oh, ow))
     if direct:
         name, cols = direct
@@ -154,7 +182,8 @@ def _products(name):
 
 
 register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2d, grad=_conv2d_grad,
-         kernels=[*_products("conv2d"), "conv.conv2d_3x3", "conv.conv2d_3x3_16x32", "conv.sum_splits"])
+         kernels=[*_products("conv2d"), "conv.conv2d_3x3", "conv.conv2d_3x3_16x32", "conv.conv2d_3x3_mma",
+                  "conv.pack_weights_3x3", "conv.sum_splits"])
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):

@@ -55,12 +55,18 @@ def matrix_hardware(device) -> bool:
     return device.has_simdgroup_matrix
 
 
-def product(device, name: str, t: Tiling = WIDE):
-    """(kernel, threads) of product `name` in tiling `t` for the precision policy in force:
-    simdgroup matrices where the device has matrix hardware and the policy is one of
-    MATRIX_POLICIES, float register blocks otherwise."""
+def matrix_policy(device) -> str | None:
+    """The precision policy in force where products on `device` run on simdgroup matrices under it,
+    else None (the float kernels run)."""
     policy = get_matmul_precision()
-    if policy in MATRIX_POLICIES and matrix_hardware(device):
+    return policy if policy in MATRIX_POLICIES and matrix_hardware(device) else None
+
+
+def product(device, name: str, t: Tiling = WIDE):
+    """(kernel, threads) of product `name` in tiling `t`: on simdgroup matrices where
+    `matrix_policy` says so, float register blocks otherwise."""
+    policy = matrix_policy(device)
+    if policy:
         return device.library(_LIBRARY[name], precision=policy).kernel(name + t.suffix + "_mma"), MMA_THREADS
     return device.library(_LIBRARY[name]).kernel(name + t.suffix), t.threads
 

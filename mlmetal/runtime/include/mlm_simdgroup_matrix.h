@@ -23,7 +23,7 @@
 //   0 `highest`  float accuracy: exact on cpu; on cuda the split-TF32 scheme, a = hi + lo with
 //                both TF32, and a·b ≈ hi·hi + hi·lo + lo·hi in three tensor-core products;
 //   1 `high`     operands rounded to TF32 (10-bit mantissa; nearest, ties away from zero, as
-//                cvt.rna.tf32.f32 does);
+//                cvt.rna.tf32.f32 rounds);
 //   2 `medium`   operands rounded to bfloat16 (7-bit mantissa; nearest, ties to even).
 // The cpu backend rounds exactly as the cuda backend does, so a CPU test checks the numerics of a
 // GPU run. (Apple GPUs multiply float matrices at float precision whatever the policy.)
@@ -38,10 +38,8 @@ namespace metal {
 
 namespace detail {
 #if MLM_CUDA
-MLM_FN float round_tf32(float x) {
-  unsigned r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return __uint_as_float(r);
+MLM_FN float round_tf32(float x) {  // as the cpu branch: two integer operations, no NaN test
+  return __uint_as_float((__float_as_uint(x) + 0x1000u) & ~0x1fffu);
 }
 MLM_FN float round_bf16(float x) {
   unsigned short h;
@@ -50,11 +48,12 @@ MLM_FN float round_bf16(float x) {
 }
 #else
 // The 13 bits below TF32's mantissa rounded away: adding half of the last kept bit to the
-// magnitude rounds ties away from zero; a carry into the exponent is the right result (up to inf).
+// magnitude rounds ties away from zero (cvt.rna's rounding); a carry into the exponent is the right
+// result, up to infinity. Infinities and quiet NaNs (bit 22 set) keep their class; a signalling NaN
+// whose payload lies in the low 13 bits alone, which no arithmetic produces, becomes infinity.
+// Two integer operations: cvt.rna.tf32.f32 costs four on sm_90, and operands are rounded often.
 MLM_FN float round_tf32(float x) {
-  unsigned b = as_type<unsigned>(x);
-  if ((b & 0x7f800000u) == 0x7f800000u) return x;  // inf and NaN pass unchanged
-  return as_type<float>((b + 0x1000u) & ~0x1fffu);
+  return as_type<float>((as_type<unsigned>(x) + 0x1000u) & ~0x1fffu);
 }
 MLM_FN float round_bf16(float x) {
   unsigned b = as_type<unsigned>(x);
@@ -178,8 +177,9 @@ template <class U, class V> MLM_FN void product(float (&d)[4], const float (&a)[
     mma_tf32(d, a_hi, b_hi);
   } else {
     float a_r[4], b_r[2];
-    for (int i = 0; i < 4; ++i) a_r[i] = same<U, float> ? round_tf32(operand(a[i])) : a[i];
-    for (int i = 0; i < 2; ++i) b_r[i] = same<V, float> ? round_tf32(operand(b[i])) : b[i];
+    // Rounded per the policy (a bfloat16 value is a TF32 one too); half values are TF32 already.
+    for (int i = 0; i < 4; ++i) a_r[i] = same<U, float> ? operand(a[i]) : a[i];
+    for (int i = 0; i < 2; ++i) b_r[i] = same<V, float> ? operand(b[i]) : b[i];
     mma_tf32(d, a_r, b_r);
   }
 }
