@@ -981,6 +981,103 @@ kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],  // ext
     }
 }
 
+// dw of a 3×3, stride-1, undilated, ungrouped convolution on simdgroup matrices, directly: a
+// threadgroup sums, over its share of the images' C3_ROWS × C3_COLS pixel tiles, the output
+// gradients of D3_CO channels times the nine shifted views of D3_CI input channels, staged once
+// with their halo as conv2d_3x3_mma stages them. For each tap an 8 × 8 block of the product is
+// 8 output channels' gradients at 8 pixels of a row times the input at those pixels shifted by
+// the tap. Four simdgroups of 16 output × 8 input channels, all nine taps each (18 matrices), the
+// next tile's loads in flight while this one is multiplied. Threadgroup z sums tiles
+// [z·chunk, (z+1)·chunk) into slice z of `partial`, which sum_splits adds.
+// Grid: (ceil(Cin / D3_CI), ceil(Cout / D3_CO), splits), MMA_THREADS threads.
+#define D3_CO 32
+#define D3_CI 16
+#define D3_PX (C3_ROWS * C3_COLS)                                          // pixels a tile: one a thread
+#define D3_DY_PITCH (D3_PX + 8)                                            // 136: a lane pair's rows on distinct banks
+#define D3_X_PITCH (C3_X_PITCH + 4)                                        // 184: likewise down the input channels
+#define D3_X_EACH ((D3_CI * C3_X_PITCH + MMA_THREADS - 1) / MMA_THREADS)   // staged input floats a thread
+
+kernel void conv2d_weight_grad_3x3_mma(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                       device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                                       device float* partial [[buffer(2)]],  // extent: (p.n * p.tiles_x * p.tiles_y + p.chunk - 1) / p.chunk * p.cout * p.cin * 9
+                                       constant WeightGrad3x3Params& p [[buffer(3)]],
+                                       uint3 group [[threadgroup_position_in_grid]],
+                                       uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float4 dy_q[D3_CO * D3_DY_PITCH / 4];  // [output channel][pixel of the tile]
+    threadgroup float4 x_q[D3_CI * D3_X_PITCH / 4];    // [input channel][row][column] with the halo
+    threadgroup float* dy_s = (threadgroup float*)dy_q;
+    threadgroup float* x_s = (threadgroup float*)x_q;
+    const uint ci0 = group.x * D3_CI, co0 = group.y * D3_CO, split = group.z;
+    const uint tiles_image = p.tiles_x * p.tiles_y;
+    const uint first = split * p.chunk, last = min(p.n * tiles_image, first + p.chunk);
+    const uint simdgroup = t / 32, lane = t % 32, co_w = simdgroup / 2 * 16, ci_w = simdgroup % 2 * 8;
+    const uint plane = p.oh * p.ow, in_plane = p.h * p.w;
+
+    simdgroup_float8x8 acc[9][2];
+    #pragma unroll
+    for (uint tap = 0; tap < 9; ++tap)
+        #pragma unroll
+        for (uint i = 0; i < 2; ++i) acc[tap][i] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    float dy_next[D3_CO], x_next[D3_X_EACH];
+    for (uint tile = first; tile <= last; ++tile) {
+        if (tile < last) {  // thread t stages pixel t's output gradients and its share of the input
+            const uint img = tile / tiles_image, r = tile % tiles_image;
+            const uint oy0 = r / p.tiles_x * C3_ROWS, ox0 = r % p.tiles_x * C3_COLS;
+            const uint oy = oy0 + t / C3_COLS, ox = ox0 + t % C3_COLS;
+            const bool px_ok = oy < p.oh && ox < p.ow;
+            device const float* dy_px = dy + (img * p.cout + co0) * plane + oy * p.ow + ox;
+            for (uint i = 0; i < D3_CO; ++i) dy_next[i] = px_ok && co0 + i < p.cout ? dy_px[i * plane] : 0.0f;
+            device const float* x_img = x + (img * p.cin + ci0) * in_plane;
+            uint ci = t / C3_X_PITCH, s = t % C3_X_PITCH;
+            for (uint i = 0; i < D3_X_EACH; ++i) {
+                const int iy = int(oy0 + s / (C3_COLS + 2)) - p.pad_h, ix = int(ox0 + s % (C3_COLS + 2)) - p.pad_w;
+                const bool inside = ci < D3_CI && ci0 + ci < p.cin && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
+                x_next[i] = inside ? x_img[ci * in_plane + uint(iy) * p.w + uint(ix)] : 0.0f;
+                s += MMA_THREADS;
+                while (s >= C3_X_PITCH) { s -= C3_X_PITCH; ++ci; }
+            }
+        }
+        if (tile > first) {  // the previous tile's products, while this one's loads are in flight
+            #pragma unroll
+            for (uint k = 0; k < D3_PX; k += 8) {
+                simdgroup_float8x8 a0, a1, b;
+                simdgroup_load(a0, dy_s + co_w * D3_DY_PITCH + k, D3_DY_PITCH);
+                simdgroup_load(a1, dy_s + (co_w + 8) * D3_DY_PITCH + k, D3_DY_PITCH);
+                #pragma unroll
+                for (uint tap = 0; tap < 9; ++tap) {
+                    const uint row = k / C3_COLS + tap / 3, col = k % C3_COLS + tap % 3;
+                    simdgroup_load(b, x_s + ci_w * D3_X_PITCH + row * (C3_COLS + 2) + col, D3_X_PITCH, ulong2(0), true);
+                    simdgroup_multiply_accumulate_pair(acc[tap][0], acc[tap][1], a0, a1, b, acc[tap][0], acc[tap][1]);
+                }
+            }
+        }
+        if (tile == last) break;
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint i = 0; i < D3_CO; ++i) dy_s[i * D3_DY_PITCH + t] = dy_next[i];
+        for (uint i = 0; i < D3_X_EACH; ++i) {
+            const uint e = t + MMA_THREADS * i;
+            if (e < D3_CI * C3_X_PITCH) x_s[e / C3_X_PITCH * D3_X_PITCH + e % C3_X_PITCH] = x_next[i];
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+
+    // Each simdgroup's 16 × 8 block of each tap, through threadgroup memory, to partial[co][ci][tap].
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    threadgroup float* strip = dy_s + simdgroup * 128;
+    device float* out = partial + split * p.cout * p.cin * 9;
+    #pragma unroll
+    for (uint tap = 0; tap < 9; ++tap) {
+        simdgroup_store(acc[tap][0], strip, 8);
+        simdgroup_store(acc[tap][1], strip + 64, 8);
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint e = lane; e < 128; e += 32) {
+            const uint co = co0 + co_w + e / 8, ci = ci0 + ci_w + e % 8;
+            if (co < p.cout && ci < p.cin) out[(co * p.cin + ci) * 9 + tap] = strip[e];
+        }
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+    }
+}
+
 struct BiasGradParams {
     uint n, c, plane;  // dy is N × C × plane
     uint chunk;        // pixels of the plane each split sums

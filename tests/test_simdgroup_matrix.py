@@ -339,9 +339,10 @@ def test_graphs_run_under_the_policy_in_force_or_their_own(dev, matrix_products)
 @settings(max_examples=6)
 @given(data=st.data())
 def test_3x3_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, data):
-    """conv2d_3x3_mma: output channels either side of its 64-channel tiles, input channels either
-    side of its 8-channel chunks, images either side of its 8 × 16 pixel tiles, padding 0 to 2
-    (the input gradient of padding p is a forward convolution padded 2 − p)."""
+    """conv2d_3x3_mma and conv2d_weight_grad_3x3_mma: output channels either side of their 64- and
+    32-channel tiles, input channels either side of their 8- and 16-channel chunks, images either
+    side of their 8 × 16 pixel tiles, padding 0 to 2 (the input gradient of padding p is a forward
+    convolution padded 2 − p)."""
     from mlmetal.ops import conv as conv_ops
     n, cin = data.draw(st.integers(1, 2), label="n"), data.draw(st.sampled_from([1, 3, 8, 9, 17]), label="cin")
     cout = data.draw(st.sampled_from([conv_ops.C3_MMA_MIN_COUT, 31, 64, 65, 72]), label="cout")
@@ -365,3 +366,6 @@ def test_3x3_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, da
         g64 = g.astype(np.float64)
         assert_within(dx, RC.conv2d_input_grad(g64, w64, input_size=(h, w), **a),
                       RC.conv2d_input_grad(np.abs(g64), np.abs(w64), input_size=(h, w), **a), 9 * cout, u)
+        dw = mm.ops.conv2d_weight_grad(mm.tensor(g, dev), mm.tensor(x, dev), kernel_size=(3, 3), padding=pad).numpy()
+        assert_within(dw, RC.conv2d_weight_grad(g64, x64, kernel_size=(3, 3), **a),
+                      RC.conv2d_weight_grad(np.abs(g64), np.abs(x64), kernel_size=(3, 3), **a), n * y.shape[2] * y.shape[3], u)

@@ -17,9 +17,20 @@ from .tiling import MEDIUM, MMA_THREADS, matrix_policy, partial_for, product, sp
 
 _C = S.Source.from_file(S.find("conv")).constants
 C3_CO, C3_CI, C3_ROWS, C3_COLS = _C["C3_CO"], _C["C3_CI"], _C["C3_ROWS"], _C["C3_COLS"]  # conv2d_3x3_mma's tiles
-# conv2d_3x3_mma from this many output channels on; fewer fill too little of its C3_CO-channel tiles
-# and the float kernel conv2d_3x3 is faster (bench_nn_conv.py, H200).
+D3_CO, D3_CI = _C["D3_CO"], _C["D3_CI"]  # conv2d_weight_grad_3x3_mma's channels a threadgroup
+# conv2d_3x3_mma and conv2d_weight_grad_3x3_mma from this many output channels on; fewer fill too
+# little of their tiles and the float kernels are faster (H200: 16 → 16 at 256², forward 0.087 ms
+# against 0.143; 32 → 32 at 256², 0.179 against 0.176).
 C3_MMA_MIN_COUT = 17
+
+
+def direct_mma(device, cout, kernel_size, stride, dilation, groups) -> str | None:
+    """The matmul precision policy when the direct 3×3 kernels on simdgroup matrices compute this
+    convolution's passes, else None."""
+    policy = matrix_policy(device)
+    fits = (cout >= C3_MMA_MIN_COUT and tuple(kernel_size) == (3, 3) and stride == (1, 1) and dilation == (1, 1)
+            and groups == 1)
+    return policy if fits else None
 # The backends whose bias gradient spreads each channel's sum over several threadgroups; on
 # cpu that costs more barriers than it saves.
 SPREAD_BACKENDS = {"cuda", "metal"}
@@ -142,9 +153,8 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
-    policy = matrix_policy(y.device)
-    if (policy and cout >= C3_MMA_MIN_COUT and tuple(w.shape[2:]) == (3, 3) and stride == (1, 1) and dilation == (1, 1)
-            and groups == 1):
+    policy = direct_mma(y.device, cout, w.shape[2:], stride, dilation, groups)
+    if policy:
         return _conv3x3_mma(cb, y, x, w, b, padding, policy)
     direct = direct_conv(y.device.name, cout, w.shape[2:], stride, dilation, groups, (oh, ow))
     if direct:
@@ -301,7 +311,25 @@ def _weight_grad_3x3(cb, dw, g, x, padding):
     sum_splits(cb, lib, partial, dw, splits)
 
 
+def _weight_grad_3x3_mma(cb, dw, g, x, padding, policy):
+    n, cin, h, wd = x.shape
+    _, cout, oh, ow = g.shape
+    tiles_x, tiles_y = groups_for(ow, C3_COLS), groups_for(oh, C3_ROWS)
+    blocks = groups_for(cin, D3_CI) * groups_for(cout, D3_CO)
+    splits, chunk = split_reduction(n * tiles_x * tiles_y, blocks, target=264, min_chunk=2, multiple=1)
+    lib = dw.device.library("conv", precision=policy)
+    partial = partial_for(dw, splits)
+    params = dict(n=n, cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
+                  tiles_x=tiles_x, tiles_y=tiles_y, chunk=chunk)
+    cb.dispatch(lib.kernel("conv2d_weight_grad_3x3_mma"), groups=(groups_for(cin, D3_CI), groups_for(cout, D3_CO), splits),
+                threads=MMA_THREADS, args=[g, x, partial, params])
+    sum_splits(cb, lib, partial, dw, splits)
+
+
 def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation, groups):
+    policy = direct_mma(dw.device, g.shape[1], kernel_size, stride, dilation, groups)
+    if policy:
+        return _weight_grad_3x3_mma(cb, dw, g, x, padding, policy)
     if direct_weight_grad(dw.device.name, g.shape[1], kernel_size, stride, dilation, groups):
         return _weight_grad_3x3(cb, dw, g, x, padding)
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
@@ -323,7 +351,8 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
 
 
 register("conv2d_weight_grad", check=_weight_grad_check, encode=_weight_grad_encode, reference=R.conv2d_weight_grad,
-         grad=None, kernels=[*_products("conv2d_weight_grad"), "conv.conv2d_weight_grad_3x3", "conv.sum_splits"])
+         grad=None, kernels=[*_products("conv2d_weight_grad"), "conv.conv2d_weight_grad_3x3",
+                             "conv.conv2d_weight_grad_3x3_mma", "conv.sum_splits"])
 
 
 def _bias_grad_check(g):
