@@ -80,6 +80,9 @@ def training_flags(out: str, size: int, size_help: str, steps: int | None = None
                    "stop after this many training steps in all (default: every epoch)")
     p.add_argument("--size", type=integer(1), default=size, help=f"{size_help} (default {size})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--precision", choices=("highest", "high", "medium"), default="highest",
+                   help="matmul precision policy of convolutions, matmuls and Gram matrices: float32, TF32 or "
+                        "bfloat16 operands (default highest; see the README)")
     return p
 
 
@@ -164,7 +167,11 @@ def info(args) -> int:
         print(f"C++ compiler: {path} ({version})")
     except cpu.CompilerNotFound as e:
         print(f"C++ compiler: none ({e})")
-    print(f"compile cache: {cache.cache_dir()}")
+    try:
+        print(f"compile cache: {cache.cache_dir()}")
+    except cache.CacheError as e:
+        print(f"compile cache: unusable ({e})")
+    print(f"matmul precision: {mm.get_matmul_precision()} (mm.set_matmul_precision; the training commands' --precision)")
     return 0
 
 
@@ -230,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         problem = args.check(args) or _check_out(args.out)
         if problem:
             commands[args.command].error(problem)
+        mm.set_matmul_precision(args.precision)
     try:
         return args.func(args)
     except (mm.BackendUnavailable, mm.KernelSourceError, mm.DispatchError, RuntimeError) as e:
