@@ -294,42 +294,36 @@ def direct_weight_grad(backend: str, cout: int, kernel_size, stride, dilation, g
             and dilation == (1, 1) and groups == 1)
 
 
-def _weight_grad_3x3(cb, dw, g, x, padding):
+# The direct 3×3 weight gradients: (kernel, pixel tile rows × columns, input × output channels a
+# threadgroup, threads), in float32 and on simdgroup matrices.
+WG_DIRECT = {None: ("conv2d_weight_grad_3x3", WG_ROWS, WG_COLS, WG_CI, WG_CO, WG_THREADS),
+             "mma": ("conv2d_weight_grad_3x3_mma", C3_ROWS, C3_COLS, D3_CI, D3_CO, MMA_THREADS)}
+
+
+def _weight_grad_3x3(cb, dw, g, x, padding, policy=None):
+    """dw of a 3×3 stride-1 convolution by a direct kernel: on simdgroup matrices under `policy`,
+    else in float32. Each threadgroup sums a chunk of the images' pixel tiles; sum_splits adds them."""
     n, cin, h, wd = x.shape
     _, cout, oh, ow = g.shape
-    tiles_x, tiles_y = groups_for(ow, WG_COLS), groups_for(oh, WG_ROWS)
-    blocks = groups_for(cin, WG_CI) * groups_for(cout, WG_CO)
+    name, rows, cols, ci_block, co_block, threads = WG_DIRECT["mma" if policy else None]
+    tiles_x, tiles_y = groups_for(ow, cols), groups_for(oh, rows)
+    blocks = groups_for(cin, ci_block) * groups_for(cout, co_block)
     # As many splits as fill a GPU twice over (at least two tiles each); on cpu a few.
     target = 264 if dw.device.name in SPREAD_BACKENDS else 4
     splits, chunk = split_reduction(n * tiles_x * tiles_y, blocks, target=target, min_chunk=2, multiple=1)
-    lib = dw.device.library("conv")
+    lib = dw.device.library("conv", precision=policy or "highest")
     partial = partial_for(dw, splits)
     params = dict(n=n, cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
                   tiles_x=tiles_x, tiles_y=tiles_y, chunk=chunk)
-    cb.dispatch(lib.kernel("conv2d_weight_grad_3x3"), groups=(groups_for(cin, WG_CI), groups_for(cout, WG_CO), splits),
-                threads=WG_THREADS, args=[g, x, partial, params])
-    sum_splits(cb, lib, partial, dw, splits)
-
-
-def _weight_grad_3x3_mma(cb, dw, g, x, padding, policy):
-    n, cin, h, wd = x.shape
-    _, cout, oh, ow = g.shape
-    tiles_x, tiles_y = groups_for(ow, C3_COLS), groups_for(oh, C3_ROWS)
-    blocks = groups_for(cin, D3_CI) * groups_for(cout, D3_CO)
-    splits, chunk = split_reduction(n * tiles_x * tiles_y, blocks, target=264, min_chunk=2, multiple=1)
-    lib = dw.device.library("conv", precision=policy)
-    partial = partial_for(dw, splits)
-    params = dict(n=n, cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
-                  tiles_x=tiles_x, tiles_y=tiles_y, chunk=chunk)
-    cb.dispatch(lib.kernel("conv2d_weight_grad_3x3_mma"), groups=(groups_for(cin, D3_CI), groups_for(cout, D3_CO), splits),
-                threads=MMA_THREADS, args=[g, x, partial, params])
+    cb.dispatch(lib.kernel(name), groups=(groups_for(cin, ci_block), groups_for(cout, co_block), splits),
+                threads=threads, args=[g, x, partial, params])
     sum_splits(cb, lib, partial, dw, splits)
 
 
 def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation, groups):
     policy = direct_mma(dw.device, g.shape[1], kernel_size, stride, dilation, groups)
     if policy:
-        return _weight_grad_3x3_mma(cb, dw, g, x, padding, policy)
+        return _weight_grad_3x3(cb, dw, g, x, padding, policy)
     if direct_weight_grad(dw.device.name, g.shape[1], kernel_size, stride, dilation, groups):
         return _weight_grad_3x3(cb, dw, g, x, padding)
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
