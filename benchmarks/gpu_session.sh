@@ -4,6 +4,7 @@
 # (or ./out) so they survive a timeout.
 #
 #   bash benchmarks/gpu_session.sh            # on the GPU machine, from the repository root
+#   bash benchmarks/gpu_session.sh tests      # only the suite; `benchmarks` for only the benchmarks
 #
 # Test dependencies missing there can travel as wheels in .whl/ (see the device notes).
 set -uo pipefail
@@ -16,17 +17,29 @@ fi
 export PYTHONPATH="$PWD:$PWD/benchmarks:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 MLMETAL_DEVICE=cuda
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$out/tests.log"
 
-timeout 300 python3 -m pytest tests -q -p no:cacheprovider -x -rfE 2>&1 | tee -a "$out/tests.log" | tail -15
+part="${1:-all}"
+if [ "$part" != benchmarks ]; then
+    timeout 540 python3 -m pytest tests -q -p no:cacheprovider -rfE 2>&1 | tee -a "$out/tests.log" | tail -15
+fi
+[ "$part" = tests ] && exit 0
 while read -r bench args; do
     echo "== $bench $args"
     echo "== $bench $args" >> "$out/benchmarks.log"
-    timeout 120 python3 "benchmarks/$bench.py" $args 2>&1 | tee -a "$out/benchmarks.log" | tail -25
+    timeout 240 python3 "benchmarks/$bench.py" $args 2>&1 | tee -a "$out/benchmarks.log" | tail -25
 done <<EOF
 bench_runtime
 bench_random
 bench_nn_conv
 bench_nn_ops
-bench_training --profile
+bench_training --only style,unet,dcgan,gan,style-full,unet-full
+bench_training --only style-full,unet-full --precision high --profile
 bench_predicate
 bench_strategies --chart $out/strategies-cuda.png
+bench_soak --device cuda --steps 10000
 EOF
+# The denoiser under two matmul precision policies, same seed: the PSNR each reaches.
+for precision in highest high; do
+    echo "== mlmetal denoise --precision $precision" | tee -a "$out/benchmarks.log"
+    timeout 240 python3 -m mlmetal denoise --device cuda --precision $precision --no-progress \
+        --out "$out/denoise-$precision" 2>&1 | tee -a "$out/benchmarks.log" | tail -3
+done
