@@ -285,6 +285,54 @@ def test_resumed_training_equals_uninterrupted_bit_for_bit(dev, tmp_path, kind):
         np.testing.assert_array_equal(p.numpy(), expected[n], err_msg=n)
 
 
+# ---------------------------------------------------------------- models saved by earlier versions
+
+FORMAT1 = Path(__file__).parent / "data" / "format1"
+
+
+def format1_network(dev, seed):
+    """The network of the saves in tests/data/format1 (made by main at 7c9d455), with weights from `seed`."""
+    mm.nn.seed(seed)
+    return mm.nn.Sequential(mm.nn.Conv2d(2, 3, 3, padding=1, device=dev), mm.nn.BatchNorm2d(3, device=dev),
+                            mm.nn.Tanh(), mm.nn.InstanceNorm2d(3, device=dev), mm.nn.Conv2d(3, 2, 1, device=dev))
+
+
+def resume(graph_tensors, train, expected, kind, parameters):
+    """Run the saved graph on batch 2, train on batches 2 and 3, and compare with what the saving
+    code computed next (bit for bit on cpu, where the same kernels ran)."""
+    tol = dict(rtol=1e-4, atol=1e-5)
+    g, y = graph_tensors
+    batch = lambda i: {"x": expected[f"x{i}"], "t": expected[f"t{i}"]}  # noqa: E731
+    np.testing.assert_allclose(g.run(batch(2), outputs=[y])[0], expected[f"{kind}_y"], **tol)
+    np.testing.assert_allclose([train.step(**batch(i)) for i in (2, 3)], expected[f"{kind}_losses"], **tol)
+    for name, p in parameters.items():
+        np.testing.assert_allclose(p.numpy(), expected[f"{kind}_after.{name}"], err_msg=name, **tol)
+
+
+def test_a_graph_saved_by_format1_code_loads_and_resumes(dev):
+    """graph-adam.zip: a graph with its Adam state after two steps; the loaded model runs and trains on as the old code did."""
+    expected = np.load(FORMAT1 / "expected.npz")
+    model = mm.load(FORMAT1 / "graph-adam.zip", device=dev)
+    opt = model.optimizer
+    assert type(opt) is mm.optim.Adam and opt.steps == 2
+    assert (opt.lr, opt.betas, opt.eps, opt.weight_decay) == (1e-2, (0.8, 0.99), 1e-6, 1e-3)
+    train = model.outputs["loss"].training_graph(optimizer=opt)
+    resume((model.graph, model.outputs["y"]), train, expected, "adam", model.parameters)
+
+
+def test_a_module_saved_by_format1_code_restores(dev):
+    """module-sgd: a module's weights with SGD's momentum after two steps, restored into a fresh module and optimizer."""
+    expected = np.load(FORMAT1 / "expected.npz")
+    net = format1_network(dev, 5)
+    opt = mm.optim.SGD(net.parameters(), lr=0.5)
+    io.restore(FORMAT1 / "module-sgd", net, opt)
+    assert opt.steps == 2 and (opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == (0.05, 0.9, 1e-3, True)
+    g = mm.Graph(dev)
+    y = net(g.input("x", (2, 2, 5, 5)))
+    train = mm.ops.mse_loss(y, g.input("t", (2, 2, 5, 5)), reduction="mean").training_graph(optimizer=opt)
+    resume((g, y), train, expected, "sgd", net.named_parameters())
+
+
 # ---------------------------------------------------------------- across backends and into PyTorch
 
 def saved_cnn(dev, tmp_path):
