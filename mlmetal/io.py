@@ -115,8 +115,8 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
     A graph is saved as the nodes its outputs depend on (gradient and update nodes of a
     derived training graph are left out: derive it again after loading), with the inputs and
     parameters those nodes read. A module is saved as its weights only: graph.json then lists
-    its parameters and no nodes. Parameters are named by dotted name (`Module.named_parameters`
-    sets `p.name`); a graph's unnamed or doubly named tensors are saved as `leaves.<i>`.
+    its parameters and no nodes. Parameters are named by dotted name; a graph's tensors that
+    have no name, or share one, are saved as `leaves.<i>`.
 
     Args:
         path: a directory, or a file ending in `.zip`.
@@ -127,7 +127,7 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
             output0, output1, ...) or one tensor (named output). Default: the outputs of the
             last node that is neither a gradient nor an optimizer update.
         module: for a graph, the module whose dotted names its parameters are saved under
-            (default: each parameter's `name`, set by the last `named_parameters()` call).
+            (default: each parameter's `name`, which `mm.load` sets and is otherwise empty).
 
     Example:
         >>> mm.save("denoiser.zip", graph, outputs={"rgb": y}, module=net)
@@ -135,9 +135,8 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
     """
     path = _target(path)
     if isinstance(what, Graph):
-        if module is not None:
-            module.named_parameters()  # names each parameter
-        meta, tensors = _describe_graph(what, outputs)
+        names = {} if module is None else {id(p): name for name, p in module.named_parameters().items()}
+        meta, tensors = _describe_graph(what, outputs, names)
     elif isinstance(what, Module):
         if outputs is not None:
             raise FormatError("outputs= applies to a graph; a module is saved as its weights only")
@@ -161,13 +160,13 @@ def _describe_module(module: Module):
     return meta, dict(params)
 
 
-def _describe_graph(graph: Graph, outputs):
+def _describe_graph(graph: Graph, outputs, names: dict):
     named = _named_outputs(graph, outputs)
     nodes = _nodes_for(graph, named.values())
-    # name every leaf the saved nodes read: its own dotted name where that is set and unique
+    # name every leaf the saved nodes read: its dotted name (`names`, by id) or its own, where set and unique
     leaves = [x for n in nodes for x in n.inputs if x.node is None and x.value is not None]
     leaves = list(dict.fromkeys(leaves))
-    own = [getattr(t.value, "name", "") or "" for t in leaves]
+    own = [names.get(id(t.value)) or getattr(t.value, "name", "") or "" for t in leaves]
     uses = collections.Counter(own)
     leaf_names = {t: name if name and uses[name] == 1 and not name.startswith("leaves.") else f"leaves.{i}"
                   for i, (t, name) in enumerate(zip(leaves, own))}

@@ -141,6 +141,21 @@ def test_round_trip_gives_the_same_outputs(dev, tmp_path_factory, recipe, zipped
     np.testing.assert_array_equal(g2.run({"x": xv}, outputs=[y2])[0], expected)
 
 
+def test_named_parameters_changes_nothing_and_save_names_by_module(dev, tmp_path):
+    """named_parameters() only reports; a graph is saved under its module's dotted names, or
+    without module= under the names its parameters carry (empty ones as leaves.<i>)."""
+    net = mm.nn.Sequential(mm.nn.Linear(3, 2, device=dev))
+    net.layers[0].weight.name = "mine"
+    assert net.named_parameters() == {"layers.0.weight": net.layers[0].weight, "layers.0.bias": net.layers[0].bias}
+    assert net.layers[0].weight.name == "mine" and net.layers[0].bias.name == ""
+    g = mm.Graph(dev)
+    y = net(g.input("x", (1, 3)))
+    mm.save(tmp_path / "by-module", g, outputs={"y": y}, module=net)
+    assert set(mm.load(tmp_path / "by-module", device=dev).parameters) == {"layers.0.weight", "layers.0.bias"}
+    mm.save(tmp_path / "own", g, outputs={"y": y})
+    assert set(mm.load(tmp_path / "own", device=dev).parameters) == {"mine", "leaves.1"}
+
+
 def test_gradient_nodes_and_losses_round_trip(dev, tmp_path):
     """Saving a training graph's gradients saves the gradient ops too: every loss and most op families."""
     rng = np.random.default_rng(3)
@@ -267,7 +282,7 @@ def test_resumed_training_equals_uninterrupted_bit_for_bit(dev, tmp_path, kind):
     g1, loss1, train1 = training(first, first_opt, dev)
     assert [train1.step(**b) for b in data[:3]] == losses[:3]
     mm.save(tmp_path / "ckpt.zip", first, first_opt)
-    mm.save(tmp_path / "graph", g1, first_opt, outputs={"loss": loss1})
+    mm.save(tmp_path / "graph", g1, first_opt, outputs={"loss": loss1}, module=first)
 
     second = small_net(dev, 42)
     second_opt = make_optimizer(kind, second.parameters(), {"lr": 0.3})
