@@ -167,18 +167,20 @@ class Graph:
             self._params[key] = t
         return self._params[key]
 
-    def append(self, name: str, inputs: list, attrs: dict, out_values: list[Tensor] | None = None):
+    def append(self, name: str, inputs: list, attrs: dict, out_values: list[Tensor] | None = None,
+               update: bool = False):
         """Append a node applying op `name`; returns its output tensor(s).
 
         `out_values` binds the outputs to existing device tensors: the node writes them in
-        place (an optimizer's update of its parameters and state).
+        place (a predicate's words, an optimizer's parameters and state). `update` marks an
+        optimizer's update, which runs in training steps only.
         """
         gins = [x if isinstance(x, GraphTensor) else self.leaf(x) for x in inputs]
         for x in gins:
             if x.graph is not self:
                 raise GraphError(f"{name}: input {x} belongs to another graph")
         shape, norm = ops.infer(name, *gins, **attrs)
-        node = Node(name, gins, norm)
+        node = Node(name, gins, norm, is_update=update)
         op = ops.REGISTRY[name]
         shapes = shape if isinstance(shape, list) else [shape]
         node.outputs = [GraphTensor(self, s, norm.get("dtype", op.out_dtype), node=node) for s in shapes]
@@ -575,13 +577,19 @@ class Training:
         """
         bound = self.graph.bind_inputs(inputs)
         with self.graph.lock:
-            if self.optimizer is not None:
-                self.optimizer.prepare_step()
+            self.prepare_step()
             plan = self.graph.plan((self.loss, *self.param_grads.values()), updates=True)
             values = plan.execute(bound, commit_every)
             for t, g in self.param_grads.items():
                 t.value._step_gradient(values[g], self.graph.lock)
             return float(values[self.loss].numpy().sum())
+
+    def prepare_step(self) -> None:
+        """Advance the optimizer's step count and give the update nodes this step's attributes."""
+        if self.optimizer is not None:
+            attrs = self.optimizer.prepare_step()
+            for n in self.update_nodes:
+                n.attrs = attrs
 
     @property
     def peak_bytes(self) -> int:

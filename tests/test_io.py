@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -263,6 +264,42 @@ def test_optimizer_state_round_trips(dev, tmp_path_factory, opt_spec, steps, zip
     assert loaded.graph is None and loaded.optimizer.attrs() == opt.attrs() and loaded.optimizer.steps == steps
     with pytest.raises(mm.FormatError, match="not a graph"):
         loaded.run({})
+
+
+def test_a_new_optimizer_saves_and_restores_without_the_loader_knowing_it(dev, tmp_path, monkeypatch):
+    """An optimizer class defined here (SGD's update with a fixed momentum, under a name of its
+    own) round-trips through mm.save, mm.load and io.restore: io.py holds no optimizer's details."""
+    monkeypatch.setattr(mm.optim.Optimizer, "KINDS", dict(mm.optim.Optimizer.KINDS))
+
+    class HeavyBall(mm.optim.Optimizer):
+        name, op, slots = "heavy_ball", "sgd_update", ("velocity",)
+
+        def hyper(self):
+            return dict(lr=self.lr, momentum=0.5, weight_decay=0.0, nesterov=False)
+
+        def set_hyper(self, attrs):
+            self.lr = attrs["lr"]
+
+    net = small_net(dev, 0)
+    opt = HeavyBall(net.parameters(), lr=0.05)
+    _, _, train = training(net, opt, dev)
+    for b in batches(2):
+        train.step(**b)
+    mm.save(tmp_path / "ckpt", net, opt)
+    assert "optimizer.heavy_ball.velocity.layers.0.weight" in safetensors.numpy.load_file(tmp_path / "ckpt" / "weights.safetensors")
+    loaded = mm.load(tmp_path / "ckpt", device=dev)
+    assert type(loaded.optimizer) is HeavyBall and loaded.optimizer.steps == 2 and loaded.optimizer.lr == 0.05
+    fresh = small_net(dev, 1)
+    fresh_opt = HeavyBall(fresh.parameters(), lr=1.0)
+    io.restore(tmp_path / "ckpt", fresh, fresh_opt)
+    assert fresh_opt.lr == 0.05 and fresh_opt.steps == 2
+    saved = state_of(opt, net)
+    assert sum(np.abs(states[0]).sum() > 0 for states in saved.values()) >= 8  # moved: not the zeros it started from
+    for (name, states), loaded_p in zip(saved.items(), loaded.optimizer.params):
+        for got in (state_of(fresh_opt, fresh)[name][0], loaded.optimizer.state[id(loaded_p)][0].numpy()):
+            np.testing.assert_array_equal(got, states[0], err_msg=name)
+    with pytest.raises(mm.FormatError, match="holds heavy_ball state; cannot restore a SGD"):
+        io.restore(tmp_path / "ckpt", fresh, mm.optim.SGD(fresh.parameters(), lr=0.1))
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
