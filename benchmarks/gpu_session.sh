@@ -29,4 +29,5 @@ bench_nn_ops
 bench_training --profile
 bench_predicate
 bench_strategies --chart $out/strategies-cuda.png
+bench_replay
 EOF
