@@ -7,6 +7,7 @@ import pytest
 
 import mlmetal as mm
 from mlmetal.runtime import source as S
+from mlmetal.runtime.msl import lint as lint_module
 
 HEAD = "#include <metal_stdlib>\nusing namespace metal;\n"
 
@@ -68,7 +69,7 @@ def test_every_lint_rule_has_a_failing_example(body, rule, line):
 
 
 def test_every_rule_is_exercised():
-    source = Path(S.__file__).read_text()
+    source = Path(lint_module.__file__).read_text()
     rules = set(re.findall(r'"(no-[\w-]+|include|threadgroup-scope|threadgroup-array|address-space|kernel-param|'
                            r'buffer-index|constant-struct|extent)"', source))
     assert rules <= {r for _, r, _ in VIOLATIONS}, rules - {r for _, r, _ in VIOLATIONS}
