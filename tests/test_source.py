@@ -1,5 +1,6 @@
 """Kernel sources: signature parsing, the MSL-subset lint, and the wrapper generator's text."""
 
+import ctypes
 import re
 from pathlib import Path
 
@@ -194,3 +195,19 @@ def test_checked_cpu_wrapper_text():
             and "((::metal::check::ptr<float4>)x)[0] = 0;" in text)
     with pytest.raises(ValueError, match="cpu target"):
         S.generate(src, "cuda", check_bounds=True)
+
+
+def test_the_launch_record_is_declared_once():
+    """struct mlm_launch is written in include/mlm_launch.h alone; the metal prelude, cpu.py's
+    ctypes structure and metal.py's packing are made from it, field for field."""
+    from mlmetal.runtime import cpu, metal
+
+    root = Path(S.__file__).resolve().parents[1]
+    declared = [p for p in root.rglob("*") if p.suffix in (".h", ".cpp", ".py") and
+                re.search(r"struct\s+mlm_launch\s*\{|\bmlm_launch\b.*\{\s*uint", p.read_text())]
+    assert declared == [root / "runtime" / "include" / "mlm_launch.h"], declared
+    fields = S.launch_struct().fields
+    assert [f.name for f in fields] == [name for name, _ in cpu.Launch._fields_]
+    assert ctypes.sizeof(cpu.Launch) == metal.LAUNCH.size == S.launch_struct().nbytes
+    text = S.generate(S.Source.from_file(S.find("elementwise")), "metal", threads=64)
+    assert all(f"{f.name}{f'[{f.count}]' if f.count > 1 else ''};" in text for f in fields)

@@ -10,7 +10,7 @@ from .msl import wrap, wrap_cpu, wrap_cuda, wrap_metal
 from .msl.lint import lint
 from .msl.parse import (BUILTINS, KERNEL_DIR, SCALARS, Extent, Field, Function, Instance, Kernel,  # noqa: F401
                         KernelSourceError, LintError, Param, Source, Struct, TemplateParam, blank_comments,
-                        compile_extent, find, layout)
+                        compile_extent, find, launch_struct, layout)
 from .msl.wrap_cuda import by_value  # noqa: F401
 
 TARGETS = {"cpu": wrap_cpu.TARGET, "cuda": wrap_cuda.TARGET, "metal": wrap_metal.TARGET}

@@ -610,6 +610,14 @@ def _template_params(decl: str) -> tuple[TemplateParam, ...] | None:
     return tuple(params)
 
 
+LAUNCH_H = Path(__file__).resolve().parents[1] / "include" / "mlm_launch.h"
+
+
+def launch_struct() -> Struct:
+    """struct mlm_launch of include/mlm_launch.h, as the wrappers read it (the backends pack it from this)."""
+    return Source(LAUNCH_H.read_text(), name=LAUNCH_H.name).structs["mlm_launch"]
+
+
 def find(library: str) -> Path:
     """The .metal file of a library name, e.g. 'elementwise' -> kernels/elementwise.metal."""
     path = KERNEL_DIR / f"{library}.metal"

@@ -79,9 +79,9 @@ def _body(src: Source, text: str, span: tuple[int, int], k: Kernel, check_bounds
 def _entries(k: Kernel) -> str:
     # The plain loop walks the threadgroup in thread_index order with the 3-D position kept
     # in counters: no division per thread, and the innermost loop is simple enough to vectorise.
+    # No predicate check: the cpu queue reads the predicate before it launches a dispatch.
     return (
         f'extern "C" void {k.name}__mlm_group(void* const* b, const mlm_launch* L, uint g0, uint g1, uint g2) {{\n'
-        "    if (L->pred != nullptr && *L->pred == 0u) return;\n"
         "    const uint t0 = L->threads[0], t1 = L->threads[1], t2 = L->threads[2];\n"
         "    uint lid = 0;\n"
         "    for (uint l2 = 0; l2 < t2; ++l2)\n"
@@ -89,7 +89,6 @@ def _entries(k: Kernel) -> str:
         f"            for (uint l0 = 0; l0 < t0; ++l0, ++lid) {k.name}__mlm_body(b, *L, g0, g1, g2, lid, l0, l1, l2);\n"
         "}\n"
         f'extern "C" void {k.name}__mlm_thread(void* const* b, const mlm_launch* L, uint g0, uint g1, uint g2, uint lid) {{\n'
-        "    if (L->pred != nullptr && *L->pred == 0u) return;\n"
         "    const uint t0 = L->threads[0], t1 = L->threads[1];\n"
         f"    {k.name}__mlm_body(b, *L, g0, g1, g2, lid, lid % t0, (lid / t0) % t1, lid / (t0 * t1));\n"
         "}\n"

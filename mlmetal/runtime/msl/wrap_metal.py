@@ -3,11 +3,14 @@ rebuilds the 3-D builtins from a launch buffer, as metalcompute dispatches (runt
 
 from __future__ import annotations
 
-from .parse import Kernel, Source
+import re
+
+from .parse import LAUNCH_H, Kernel, Source
 from .wrap import Target, emit, launch_lines
 
+# metalcompute compiles one string: the launch record's declaration is copied in from its header
 PRELUDE = ("#include <metal_stdlib>\nusing namespace metal;\n"
-           "struct mlm_launch { uint groups[3]; uint threads[3]; uint pred_word; uint has_pred; };\n")
+           + re.search(r"^struct mlm_launch \{.*?^\};\n", LAUNCH_H.read_text(), re.M | re.S).group(0))
 
 
 def _entry(k: Kernel, threads: int | None, check_bounds: bool) -> list[str]:
