@@ -288,6 +288,7 @@ class CudaDevice(D.Device):
 
     name = "cuda"
     has_simdgroup_matrix = True  # tensor cores (mma.sync)
+    cheap_barriers = True
 
     @staticmethod
     def unavailable() -> str | None:

@@ -126,6 +126,7 @@ class MetalDevice(D.Device):
 
     name = "metal"
     has_simdgroup_matrix = True  # Apple GPUs' simdgroup matrices (Apple7 and later)
+    cheap_barriers = True
 
     @staticmethod
     def unavailable() -> str | None:
