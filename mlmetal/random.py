@@ -240,7 +240,7 @@ class MTGP32(Generator):
     """MTGP32 (period 2¹¹²¹³ − 1 per state) with `states` states interleaved as cuRAND's host generator.
 
     With B states, stream chunk c (words 256c … 256c+255) is step c div B of state c mod B.
-    One threadgroup of 256 threads advances one state, 256 words a step. A call ending inside
+    One threadgroup of 256 threads advances one state, 256 words per step. A call ending inside
     a chunk does not keep that chunk's step in the state; the next call makes it again and
     writes the rest.
 

@@ -1,7 +1,8 @@
 """Kernel sources, as the backends and tests use them: found and parsed (msl/parse.py), linted
 (msl/lint.py), and written out with one entry wrapper per kernel for a target (msl/wrap.py and
 msl/wrap_cpu.py, wrap_cuda.py, wrap_metal.py). Kernel bodies are never edited; the wrapper
-replaces the parameter list and prepends the builtin values and the predicate check.
+replaces the parameter list and prepends the builtin values and the predicate check (the cpu
+queue checks predicates before launching instead).
 """
 
 from __future__ import annotations
