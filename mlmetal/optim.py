@@ -11,6 +11,7 @@ op (kernel, registration, reference) and its test.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import numpy as np
@@ -57,8 +58,7 @@ class Optimizer:
     @classmethod
     def update_attrs(cls, hyper: dict, steps: int) -> dict:
         """The update op's attributes after `steps` steps: the hyper-parameters, and the step number where the op takes one."""
-        takes_step = "step" in inspect.signature(ops.REGISTRY[cls.op].check).parameters
-        return {**hyper, "step": max(steps, 1)} if takes_step else dict(hyper)
+        return {**hyper, "step": max(steps, 1)} if _takes_step(cls.op) else dict(hyper)
 
     def attrs(self) -> dict:
         return self.update_attrs(self.hyper(), self.steps)
@@ -116,6 +116,11 @@ class Optimizer:
         opt = cls.KINDS[entry["type"]](params, lr=entry["attrs"]["lr"])
         opt.restore(entry)
         return opt
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_step(op: str) -> bool:
+    return "step" in inspect.signature(ops.REGISTRY[op].check).parameters
 
 
 class SGD(Optimizer):
