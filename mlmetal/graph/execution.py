@@ -101,7 +101,6 @@ class Plan:
                         free.append(self.slots[x])
         self.peak_bytes = sum(self.slot_bytes)
         self._buffers = None
-        self.replay = replay
         # per node: the graph inputs it reads, whose buffers may change from run to run (replay's
         # key), or None where its op's encoding depends on more than tensors and attributes (a generator)
         self._fed = [list(dict.fromkeys(x for x in n.inputs if x.is_input))
