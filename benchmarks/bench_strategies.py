@@ -80,7 +80,7 @@ def run_strategy(name, dev, args, batches):
         slot = k % in_flight
         if pending[slot] is not None:  # the iteration that last used these buffers must be done
             pending[slot][0].wait()
-        train.optimizer.prepare_step()
+        train.prepare_step()
         cb = dev.command_buffer()
         values = plans[slot].encode(train.graph.bind_inputs(batches[k % len(batches)]), cb, commit_every)
         cb.commit()

@@ -36,6 +36,7 @@ bench_training --only style-full,unet-full --precision high --profile
 bench_predicate
 bench_strategies --chart $out/strategies-cuda.png
 bench_soak --device cuda --steps 10000
+bench_replay
 EOF
 # The denoiser under two matmul precision policies, same seed: the PSNR each reaches.
 for precision in highest high; do

@@ -49,7 +49,7 @@ import safetensors.numpy
 from . import ops
 from .graph import Graph, GraphTensor
 from .nn import Module, Parameter
-from .optim import SGD, Adam, Optimizer
+from .optim import Optimizer
 from .tensor import Tensor, _device, empty
 
 VERSION = 1
@@ -83,30 +83,6 @@ def _fail(where: str, message: str):
     raise FormatError(f"{where}: {message}")
 
 
-# ---------------------------------------------------------------- optimizers in the format
-
-@dataclasses.dataclass(frozen=True)
-class _OptimizerKind:
-    cls: type
-    op: str               # the update op, whose `check` validates the hyper-parameters
-    slots: tuple          # names of the per-parameter state tensors, in `Optimizer.state` order
-
-    def kwargs(self, attrs: dict) -> dict:
-        """The constructor's keyword arguments (and attribute names) from the update op's attributes."""
-        if self.cls is Adam:
-            return {"lr": attrs["lr"], "betas": (attrs["beta1"], attrs["beta2"]), "eps": attrs["eps"],
-                    "weight_decay": attrs["weight_decay"]}
-        return dict(attrs)
-
-
-_OPTIMIZERS = {"sgd": _OptimizerKind(SGD, "sgd_update", ("momentum_buffer",)),
-               "adam": _OptimizerKind(Adam, "adam_update", ("m", "v"))}
-
-
-def _state_name(kind: str, slot: str, param: str) -> str:
-    return f"optimizer.{kind}.{slot}.{param}"
-
-
 # ---------------------------------------------------------------- saving
 
 def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module: Module | None = None) -> None:
@@ -115,19 +91,19 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
     A graph is saved as the nodes its outputs depend on (gradient and update nodes of a
     derived training graph are left out: derive it again after loading), with the inputs and
     parameters those nodes read. A module is saved as its weights only: graph.json then lists
-    its parameters and no nodes. Parameters are named by dotted name (`Module.named_parameters`
-    sets `p.name`); a graph's unnamed or doubly named tensors are saved as `leaves.<i>`.
+    its parameters and no nodes. Parameters are named by dotted name; a graph's tensors that
+    have no name, or share one, are saved as `leaves.<i>`.
 
     Args:
         path: a directory, or a file ending in `.zip`.
         what: an `mm.Graph` or an `mm.nn.Module`.
-        optimizer: an `mm.optim.SGD` or `Adam` over parameters being saved; its state and
+        optimizer: an `mm.optim` optimizer over parameters being saved; its state and
             hyper-parameters are saved with them.
         outputs: for a graph, the tensors to record: {name: tensor}, a list (named
             output0, output1, ...) or one tensor (named output). Default: the outputs of the
             last node that is neither a gradient nor an optimizer update.
         module: for a graph, the module whose dotted names its parameters are saved under
-            (default: each parameter's `name`, set by the last `named_parameters()` call).
+            (default: each parameter's `name`, which `mm.load` sets and is otherwise empty).
 
     Example:
         >>> mm.save("denoiser.zip", graph, outputs={"rgb": y}, module=net)
@@ -135,9 +111,8 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
     """
     path = _target(path)
     if isinstance(what, Graph):
-        if module is not None:
-            module.named_parameters()  # names each parameter
-        meta, tensors = _describe_graph(what, outputs)
+        names = {} if module is None else {id(p): name for name, p in module.named_parameters().items()}
+        meta, tensors = _describe_graph(what, outputs, names)
     elif isinstance(what, Module):
         if outputs is not None:
             raise FormatError("outputs= applies to a graph; a module is saved as its weights only")
@@ -161,13 +136,13 @@ def _describe_module(module: Module):
     return meta, dict(params)
 
 
-def _describe_graph(graph: Graph, outputs):
+def _describe_graph(graph: Graph, outputs, names: dict):
     named = _named_outputs(graph, outputs)
     nodes = _nodes_for(graph, named.values())
-    # name every leaf the saved nodes read: its own dotted name where that is set and unique
+    # name every leaf the saved nodes read: its dotted name (`names`, by id) or its own, where set and unique
     leaves = [x for n in nodes for x in n.inputs if x.node is None and x.value is not None]
     leaves = list(dict.fromkeys(leaves))
-    own = [getattr(t.value, "name", "") or "" for t in leaves]
+    own = [names.get(id(t.value)) or getattr(t.value, "name", "") or "" for t in leaves]
     uses = collections.Counter(own)
     leaf_names = {t: name if name and uses[name] == 1 and not name.startswith("leaves.") else f"leaves.{i}"
                   for i, (t, name) in enumerate(zip(leaves, own))}
@@ -236,20 +211,18 @@ def _nodes_for(graph: Graph, outputs) -> list:
 
 
 def _describe_optimizer(opt: Optimizer, tensors: dict) -> dict:
-    kind = next((k for k, v in _OPTIMIZERS.items() if type(opt) is v.cls), None)
-    if kind is None:
-        raise FormatError(f"cannot save a {type(opt).__name__}: the format knows {', '.join(_OPTIMIZERS)}")
-    names = {id(t): name for name, t in tensors.items()}
-    lost = [p for p in opt.params if id(p) not in names]
+    if Optimizer.KINDS.get(getattr(opt, "name", None)) is not type(opt):
+        raise FormatError(f"cannot save a {type(opt).__name__}: the format knows {', '.join(Optimizer.KINDS)}")
+    by_id = {id(t): name for name, t in tensors.items()}
+    lost = [p for p in opt.params if id(p) not in by_id]
     if lost:
         raise FormatError(f"{len(lost)} of the optimizer's parameters (shapes {[p.shape for p in lost][:4]}) are not "
                           f"among the saved parameters")
-    attrs = {k: v for k, v in opt.attrs().items() if k != "step"}
-    for p in opt.params:
-        for slot, t in zip(_OPTIMIZERS[kind].slots, opt.state[id(p)]):
-            tensors[_state_name(kind, slot, names[id(p)])] = t
-    return {"type": kind, "steps": int(opt.steps), "parameters": [names[id(p)] for p in opt.params],
-            "attrs": {k: _to_json(v, f"optimizer attribute {k!r}") for k, v in attrs.items()}}
+    names = [by_id[id(p)] for p in opt.params]
+    tensors.update(opt.saved_state(names))
+    entry = opt.describe(names)
+    entry["attrs"] = {k: _to_json(v, f"optimizer attribute {k!r}") for k, v in entry["attrs"].items()}
+    return entry
 
 
 def _dumps(meta: dict) -> str:
@@ -810,14 +783,14 @@ def _ref_spec(r: tuple, inputs: dict, params: dict, nodes: list) -> _TensorSpec:
 def _validate_optimizer(v, params: dict, weights: dict) -> dict:
     where = f"{GRAPH}.optimizer"
     e = _obj(v, where, ("type", "steps", "parameters", "attrs"))
-    kind = _OPTIMIZERS[_choice(e["type"], _OPTIMIZERS, f"{where}.type")]
+    kind = Optimizer.KINDS[_choice(e["type"], Optimizer.KINDS, f"{where}.type")]
     steps = _int(e["steps"], f"{where}.steps", 0, MAX_ATTR_INT)
     attrs = {k: _attr(v, f"{where}.attrs.{k}") for k, v in _dict(e["attrs"], f"{where}.attrs", MAX_ATTRS).items()}
     if "step" in attrs:
         _fail(f"{where}.attrs", "the step number is `steps`, not an attribute")
     # the update op's own check validates the hyper-parameters (and the step its next update uses)
     shapes = [(1,)] * (2 + len(kind.slots))
-    _checked(kind.op, shapes, {**attrs, **({"step": max(steps, 1)} if kind.cls is Adam else {})}, where)
+    _checked(kind.op, shapes, kind.update_attrs(attrs, steps), where)
     names = _list(e["parameters"], f"{where}.parameters", MAX_TENSORS)
     if not names:
         _fail(f"{where}.parameters", "an optimizer needs at least one parameter")
@@ -830,7 +803,7 @@ def _validate_optimizer(v, params: dict, weights: dict) -> dict:
         _fail(f"{where}.parameters", "lists a parameter twice")
     for name in names:
         for slot in kind.slots:
-            weights[_state_name(e["type"], slot, name)] = (params[name].shape, params[name].dtype)
+            weights[kind.state_name(slot, name)] = (params[name].shape, params[name].dtype)
     return {"type": e["type"], "steps": steps, "attrs": attrs, "parameters": list(names)}
 
 
@@ -1002,10 +975,8 @@ def load(path, device=None) -> Model:
         tensors = dict(params)
         if spec.optimizer:
             saved = spec.optimizer
-            kind = _OPTIMIZERS[saved["type"]]
-            optimizer = kind.cls([params[n] for n in saved["parameters"]], **kind.kwargs(saved["attrs"]))
-            _set_hyper_parameters(optimizer, saved)
-            tensors.update(_state_tensors(optimizer, saved, saved["parameters"]))
+            optimizer = Optimizer.from_saved([params[n] for n in saved["parameters"]], saved)
+            tensors.update(optimizer.saved_state(saved["parameters"]))
         dev.synchronize()  # nothing in flight may write these buffers after the file does
         return lambda name, offset, chunk: tensors[name].buffer.write(chunk, offset)
 
@@ -1027,19 +998,6 @@ def load(path, device=None) -> Model:
             o.stop_gradient = s.stop_gradient
         built.append(out)
     return Model(g, dict(g.inputs), {name: resolve(r) for name, r in spec.outputs.items()}, params, optimizer)
-
-
-def _set_hyper_parameters(opt: Optimizer, saved: dict) -> None:
-    for k, v in _OPTIMIZERS[saved["type"]].kwargs(saved["attrs"]).items():
-        setattr(opt, k, v)
-    opt.steps = saved["steps"]
-
-
-def _state_tensors(opt: Optimizer, saved: dict, names: list) -> dict[str, Tensor]:
-    """The optimizer's state tensors by saved name; `names[i]` names `opt.params[i]`."""
-    slots = _OPTIMIZERS[saved["type"]].slots
-    return {_state_name(saved["type"], slot, name): t
-            for p, name in zip(opt.params, names) for slot, t in zip(slots, opt.state[id(p)])}
 
 
 def restore(path, module: Module, optimizer: Optimizer | None = None, strict: bool = True) -> None:
@@ -1079,7 +1037,7 @@ def restore(path, module: Module, optimizer: Optimizer | None = None, strict: bo
         targets.update((n, p) for n, p in mine.items() if n in saved)
         if optimizer is not None:
             optimizer_saved = spec.optimizer
-            targets.update(_state_tensors(optimizer, spec.optimizer, _optimizer_names(spec, optimizer, mine)))
+            targets.update(optimizer.saved_state(_optimizer_names(spec, optimizer, mine)))
         # read into host arrays first: a save that cannot be read to its end changes nothing
         arrays.update((n, np.empty(t.shape, t.dtype)) for n, t in targets.items())
         flat = {n: a.reshape(-1).view(np.uint8) for n, a in arrays.items()}
@@ -1093,7 +1051,7 @@ def restore(path, module: Module, optimizer: Optimizer | None = None, strict: bo
     for n, t in targets.items():
         t.assign(arrays[n])
     if optimizer is not None:
-        _set_hyper_parameters(optimizer, optimizer_saved)
+        optimizer.restore(optimizer_saved)
 
 
 def _optimizer_names(spec: _Spec, optimizer: Optimizer, mine: dict) -> list:
@@ -1101,7 +1059,7 @@ def _optimizer_names(spec: _Spec, optimizer: Optimizer, mine: dict) -> list:
     saved = spec.optimizer
     if saved is None:
         raise FormatError("holds no optimizer state")
-    if type(optimizer) is not _OPTIMIZERS[saved["type"]].cls:
+    if type(optimizer) is not Optimizer.KINDS[saved["type"]]:
         raise FormatError(f"holds {saved['type']} state; cannot restore a {type(optimizer).__name__}")
     by_id = {id(p): n for n, p in mine.items()}
     names = [by_id.get(id(p)) for p in optimizer.params]

@@ -30,6 +30,9 @@ def seed(n: int) -> None:
 class Parameter(Tensor):
     """A trainable tensor; after a training step `grad` holds its gradient.
 
+    `name` is empty unless set (`mm.load` sets the saved name); `mm.save` names a graph's
+    parameters by the dotted names of its `module=`, else by `name`.
+
     Args:
         data: an array, or a device tensor whose buffer the parameter takes over.
         device: where to put an array (default `mm.device()`).
@@ -75,7 +78,6 @@ class Module:
         out: dict[str, Parameter] = {}
         for name, v in vars(self).items():
             if isinstance(v, Parameter):
-                v.name = prefix + name
                 out[prefix + name] = v
             elif isinstance(v, Module):
                 out.update(v.named_parameters(f"{prefix}{name}."))

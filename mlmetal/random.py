@@ -240,7 +240,7 @@ class MTGP32(Generator):
     """MTGP32 (period 2¹¹²¹³ − 1 per state) with `states` states interleaved as cuRAND's host generator.
 
     With B states, stream chunk c (words 256c … 256c+255) is step c div B of state c mod B.
-    One threadgroup of 256 threads advances one state, 256 words a step. A call ending inside
+    One threadgroup of 256 threads advances one state, 256 words per step. A call ending inside
     a chunk does not keep that chunk's step in the state; the next call makes it again and
     writes the rest.
 
@@ -262,9 +262,10 @@ class MTGP32(Generator):
         if not 1 <= states <= len(sets):
             raise ValueError(f"states must be in 1..{len(sets)} (one MTGP32 parameter set each), got {states}")
         self.states = int(states)
-        # Kernel variant: 256 threads a state on GPUs; one thread a state on cpu, where barriers
-        # would make every step 256 fiber switches (both write the same stream).
-        self.kernel = "mtgp32_serial" if device.name == "cpu" else "mtgp32"
+        # Kernel variant: 256 threads per state where barriers are cheap (GPUs); one thread per
+        # state elsewhere (cpu, where barriers would make every step 256 fiber switches). Both
+        # write the same stream.
+        self.kernel = "mtgp32" if device.cheap_barriers else "mtgp32_serial"
         table = np.array([[s["pos"], s["sh1"], s["sh2"], s["mask"], *s["tbl"], *s["tmp_tbl"]]
                           for s in sets[:states]], np.uint32)
         self.params = device.buffer(table)

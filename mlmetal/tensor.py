@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -94,6 +95,13 @@ class Tensor:
 
     def __repr__(self):
         return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device.name})"
+
+
+class Symbolic:
+    """A tensor of a graph under construction (mlmetal.graph's GraphTensor): an op given one
+    appends a node to its `graph` instead of running, so the ops need not know the graph."""
+
+    graph: Any
 
 
 def _device(device: Device | str | None) -> Device:

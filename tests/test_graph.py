@@ -17,7 +17,7 @@ def reference_run(graph: mm.Graph, inputs: dict, overrides: dict | None = None, 
     vals = {}
     for name, t in graph.inputs.items():
         vals[t] = np.asarray(inputs[name], np.float64)
-    for t in graph._params.values():
+    for t in graph.leaves.values():
         vals[t] = overrides.get(id(t.value), t.value.numpy().astype(np.float64))
     for n in graph.nodes:
         if upto is not None and n is upto:
@@ -373,8 +373,9 @@ def test_replayed_steps_equal_encoded_steps_bit_for_bit(dev):
 
 
 def test_replay_follows_device_inputs_that_change(dev):
-    """Steps fed device tensors: the same one twice (the quick path, nothing looked up), then
-    another, then the first again; every loss and parameter equals an unreplayed run's."""
+    """Steps fed device tensors: the same one twice (every node replays), then another (the
+    nodes reading it encode afresh), then the first again; every loss and parameter equals an
+    unreplayed run's."""
     rng = np.random.default_rng(1)
     a, b = (rng.standard_normal((2, 3, 8, 8)).astype(np.float32) for _ in range(2))
     results = []
@@ -409,3 +410,25 @@ def test_replay_skips_encoding_unchanged_nodes_only(dev, monkeypatch):
     assert first["conv2d"] == 1 and second.get("conv2d", 0) == 0     # replayed: same buffers and attributes
     assert second["adam_update"] == first["adam_update"] == 6        # the step count changes every step
     assert second["random_tensor"] == first["random_tensor"] == 1    # a generator draws afresh every run
+    monkeypatch.setitem(mm.ops.REGISTRY, "tanh", dataclasses.replace(mm.ops.REGISTRY["tanh"],
+                                                                     encode=counted("tanh", mm.ops.REGISTRY["tanh"].encode)))
+    before = dict(calls)
+    train.step(x=np.ones((2, 3, 8, 8), np.float32))  # an array: a new buffer, read by the conv alone
+    assert calls["conv2d"] - before["conv2d"] == 1 and calls.get("tanh", 0) == 0
+
+
+@pytest.mark.parametrize("rule, message", [
+    (lambda g, out, x, w: (mm.ops.mul(g, w),), "gave 1 gradients for its 2 inputs"),
+    (lambda g, out, x, w: (None, mm.ops.reshape(mm.ops.mul(g, x), shape=(6,))),
+     r"gave input 1 a gradient of \(6,\) float32; the input is \(2, 3\) float32"),
+    (lambda g, out, x, w: None, "gave NoneType gradients for its 2 inputs"),
+])
+def test_training_graph_checks_each_gradient_rule(dev, monkeypatch, rule, message):
+    """Backward asserts one gradient (or None) per input, shaped as the input: a rule that gets
+    either wrong is named, instead of gradients being zipped to the wrong inputs."""
+    monkeypatch.setitem(mm.ops.REGISTRY, "mul", dataclasses.replace(mm.ops.REGISTRY["mul"], grad=rule))
+    w = mm.nn.Parameter(np.ones((2, 3), np.float32), dev)
+    g = mm.Graph(dev)
+    loss = mm.ops.mse_loss(mm.ops.mul(g.input("x", (2, 3)), w), mm.tensor(np.zeros((2, 3)), dev))
+    with pytest.raises(mm.GraphError, match=f"the gradient rule of mul {message}"):
+        loss.training_graph()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -141,6 +142,21 @@ def test_round_trip_gives_the_same_outputs(dev, tmp_path_factory, recipe, zipped
     np.testing.assert_array_equal(g2.run({"x": xv}, outputs=[y2])[0], expected)
 
 
+def test_named_parameters_changes_nothing_and_save_names_by_module(dev, tmp_path):
+    """named_parameters() only reports; a graph is saved under its module's dotted names, or
+    without module= under the names its parameters carry (empty ones as leaves.<i>)."""
+    net = mm.nn.Sequential(mm.nn.Linear(3, 2, device=dev))
+    net.layers[0].weight.name = "mine"
+    assert net.named_parameters() == {"layers.0.weight": net.layers[0].weight, "layers.0.bias": net.layers[0].bias}
+    assert net.layers[0].weight.name == "mine" and net.layers[0].bias.name == ""
+    g = mm.Graph(dev)
+    y = net(g.input("x", (1, 3)))
+    mm.save(tmp_path / "by-module", g, outputs={"y": y}, module=net)
+    assert set(mm.load(tmp_path / "by-module", device=dev).parameters) == {"layers.0.weight", "layers.0.bias"}
+    mm.save(tmp_path / "own", g, outputs={"y": y})
+    assert set(mm.load(tmp_path / "own", device=dev).parameters) == {"mine", "leaves.1"}
+
+
 def test_gradient_nodes_and_losses_round_trip(dev, tmp_path):
     """Saving a training graph's gradients saves the gradient ops too: every loss and most op families."""
     rng = np.random.default_rng(3)
@@ -250,6 +266,42 @@ def test_optimizer_state_round_trips(dev, tmp_path_factory, opt_spec, steps, zip
         loaded.run({})
 
 
+def test_a_new_optimizer_saves_and_restores_without_the_loader_knowing_it(dev, tmp_path, monkeypatch):
+    """An optimizer class defined here (SGD's update with a fixed momentum, under a name of its
+    own) round-trips through mm.save, mm.load and io.restore: io.py holds no optimizer's details."""
+    monkeypatch.setattr(mm.optim.Optimizer, "KINDS", dict(mm.optim.Optimizer.KINDS))
+
+    class HeavyBall(mm.optim.Optimizer):
+        name, op, slots = "heavy_ball", "sgd_update", ("velocity",)
+
+        def hyper(self):
+            return dict(lr=self.lr, momentum=0.5, weight_decay=0.0, nesterov=False)
+
+        def set_hyper(self, attrs):
+            self.lr = attrs["lr"]
+
+    net = small_net(dev, 0)
+    opt = HeavyBall(net.parameters(), lr=0.05)
+    _, _, train = training(net, opt, dev)
+    for b in batches(2):
+        train.step(**b)
+    mm.save(tmp_path / "ckpt", net, opt)
+    assert "optimizer.heavy_ball.velocity.layers.0.weight" in safetensors.numpy.load_file(tmp_path / "ckpt" / "weights.safetensors")
+    loaded = mm.load(tmp_path / "ckpt", device=dev)
+    assert type(loaded.optimizer) is HeavyBall and loaded.optimizer.steps == 2 and loaded.optimizer.lr == 0.05
+    fresh = small_net(dev, 1)
+    fresh_opt = HeavyBall(fresh.parameters(), lr=1.0)
+    io.restore(tmp_path / "ckpt", fresh, fresh_opt)
+    assert fresh_opt.lr == 0.05 and fresh_opt.steps == 2
+    saved = state_of(opt, net)
+    assert sum(np.abs(states[0]).sum() > 0 for states in saved.values()) >= 8  # moved: not the zeros it started from
+    for (name, states), loaded_p in zip(saved.items(), loaded.optimizer.params):
+        for got in (state_of(fresh_opt, fresh)[name][0], loaded.optimizer.state[id(loaded_p)][0].numpy()):
+            np.testing.assert_array_equal(got, states[0], err_msg=name)
+    with pytest.raises(mm.FormatError, match="holds heavy_ball state; cannot restore a SGD"):
+        io.restore(tmp_path / "ckpt", fresh, mm.optim.SGD(fresh.parameters(), lr=0.1))
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_resumed_training_equals_uninterrupted_bit_for_bit(dev, tmp_path, kind):
     hyper = {"sgd": dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True),
@@ -267,7 +319,7 @@ def test_resumed_training_equals_uninterrupted_bit_for_bit(dev, tmp_path, kind):
     g1, loss1, train1 = training(first, first_opt, dev)
     assert [train1.step(**b) for b in data[:3]] == losses[:3]
     mm.save(tmp_path / "ckpt.zip", first, first_opt)
-    mm.save(tmp_path / "graph", g1, first_opt, outputs={"loss": loss1})
+    mm.save(tmp_path / "graph", g1, first_opt, outputs={"loss": loss1}, module=first)
 
     second = small_net(dev, 42)
     second_opt = make_optimizer(kind, second.parameters(), {"lr": 0.3})
@@ -283,6 +335,54 @@ def test_resumed_training_equals_uninterrupted_bit_for_bit(dev, tmp_path, kind):
     assert [train3.step(**b) for b in data[3:]] == losses[3:]
     for n, p in model.parameters.items():
         np.testing.assert_array_equal(p.numpy(), expected[n], err_msg=n)
+
+
+# ---------------------------------------------------------------- models saved by earlier versions
+
+FORMAT1 = Path(__file__).parent / "data" / "format1"
+
+
+def format1_network(dev, seed):
+    """The network of the saves in tests/data/format1 (made by main at 7c9d455), with weights from `seed`."""
+    mm.nn.seed(seed)
+    return mm.nn.Sequential(mm.nn.Conv2d(2, 3, 3, padding=1, device=dev), mm.nn.BatchNorm2d(3, device=dev),
+                            mm.nn.Tanh(), mm.nn.InstanceNorm2d(3, device=dev), mm.nn.Conv2d(3, 2, 1, device=dev))
+
+
+def resume(graph_tensors, train, expected, kind, parameters):
+    """Run the saved graph on batch 2, train on batches 2 and 3, and compare with what the saving
+    code computed next (bit for bit on cpu, where the same kernels ran)."""
+    tol = dict(rtol=1e-4, atol=1e-5)
+    g, y = graph_tensors
+    batch = lambda i: {"x": expected[f"x{i}"], "t": expected[f"t{i}"]}  # noqa: E731
+    np.testing.assert_allclose(g.run(batch(2), outputs=[y])[0], expected[f"{kind}_y"], **tol)
+    np.testing.assert_allclose([train.step(**batch(i)) for i in (2, 3)], expected[f"{kind}_losses"], **tol)
+    for name, p in parameters.items():
+        np.testing.assert_allclose(p.numpy(), expected[f"{kind}_after.{name}"], err_msg=name, **tol)
+
+
+def test_a_graph_saved_by_format1_code_loads_and_resumes(dev):
+    """graph-adam.zip: a graph with its Adam state after two steps; the loaded model runs and trains on as the old code did."""
+    expected = np.load(FORMAT1 / "expected.npz")
+    model = mm.load(FORMAT1 / "graph-adam.zip", device=dev)
+    opt = model.optimizer
+    assert type(opt) is mm.optim.Adam and opt.steps == 2
+    assert (opt.lr, opt.betas, opt.eps, opt.weight_decay) == (1e-2, (0.8, 0.99), 1e-6, 1e-3)
+    train = model.outputs["loss"].training_graph(optimizer=opt)
+    resume((model.graph, model.outputs["y"]), train, expected, "adam", model.parameters)
+
+
+def test_a_module_saved_by_format1_code_restores(dev):
+    """module-sgd: a module's weights with SGD's momentum after two steps, restored into a fresh module and optimizer."""
+    expected = np.load(FORMAT1 / "expected.npz")
+    net = format1_network(dev, 5)
+    opt = mm.optim.SGD(net.parameters(), lr=0.5)
+    io.restore(FORMAT1 / "module-sgd", net, opt)
+    assert opt.steps == 2 and (opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == (0.05, 0.9, 1e-3, True)
+    g = mm.Graph(dev)
+    y = net(g.input("x", (2, 2, 5, 5)))
+    train = mm.ops.mse_loss(y, g.input("t", (2, 2, 5, 5)), reduction="mean").training_graph(optimizer=opt)
+    resume((g, y), train, expected, "sgd", net.named_parameters())
 
 
 # ---------------------------------------------------------------- across backends and into PyTorch

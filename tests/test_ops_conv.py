@@ -119,7 +119,7 @@ def test_narrow_weight_and_bias_grad(dev, monkeypatch, x, cout, attrs, spread):
     """The weight gradient for few channels (the narrow tiling) with 5×5, 3×3 and 1×1 windows,
     groups, odd rows, and pixels split across threadgroups; the bias gradient over the same
     output gradients, in one threadgroup a channel (cpu) and split (GPUs)."""
-    monkeypatch.setattr(conv_ops, "SPREAD_BACKENDS", {dev.name} if spread else set())
+    monkeypatch.setattr(dev, "cheap_barriers", spread)
     y = out_shape(x, (cout, x[1] // attrs["groups"], *attrs["kernel_size"]), attrs)
     assert tiling.tiling(cout // attrs["groups"]) is tiling.NARROW
     assert tiling.split_reduction(y[0] * y[2] * y[3], 1)[0] > 1
@@ -137,7 +137,7 @@ def test_direct_3x3_kernels(dev, monkeypatch, data):
     counts either side of their 16-channel blocks and 4-channel chunks, images either side of
     their 8×16, 8×64 and 16×32-pixel tiles, padding 0–2, with and without bias, the weight gradient's
     tiles split across threadgroups or not."""
-    monkeypatch.setattr(conv_ops, "DIRECT_BACKENDS", {dev.name})
+    monkeypatch.setattr(dev, "cheap_barriers", True)
     monkeypatch.setattr(conv_ops, "MIN_TILE_USE", 0)  # small images too
     draw = lambda s, label: data.draw(s, label=label)  # noqa: E731
     channels = st.sampled_from([1, 3, 4, 5, 15, 16, 17, 33]) | st.integers(1, 40)
@@ -146,9 +146,9 @@ def test_direct_3x3_kernels(dev, monkeypatch, data):
     h, w = (max(3 - 2 * pad, draw(st.sampled_from([1, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65]) | st.integers(1, 70), d))
             for d in "hw")
     y = (n, cout, h + 2 * pad - 2, w + 2 * pad - 2)
-    assert conv_ops.direct_conv(dev.name, cout, (3, 3), (1, 1), (1, 1), 1, y[2:])
-    assert conv_ops.direct_conv(dev.name, cin, (3, 3), (1, 1), (1, 1), 1, (h, w))  # the input gradient's turned convolution
-    assert conv_ops.direct_weight_grad(dev.name, cout, (3, 3), (1, 1), (1, 1), 1)
+    assert conv_ops.direct_conv(dev, cout, (3, 3), (1, 1), (1, 1), 1, y[2:])
+    assert conv_ops.direct_conv(dev, cin, (3, 3), (1, 1), (1, 1), 1, (h, w))  # the input gradient's turned convolution
+    assert conv_ops.direct_weight_grad(dev, cout, (3, 3), (1, 1), (1, 1), 1)
     x, wt = floats((n, cin, h, w), data), floats((cout, cin, 3, 3), data)
     bias = [floats((cout,), data)] if draw(st.booleans(), "bias") else []
     attrs = dict(stride=(1, 1), padding=(pad, pad), dilation=(1, 1))

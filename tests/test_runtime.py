@@ -337,8 +337,14 @@ def test_unknown_kernel_and_library(dev):
         dev.library("nope")
 
 
-def test_discard_buffer_is_shared_and_grows(dev):
-    a = dev.discard(100)
-    assert a.nbytes >= 100 and dev.discard(50) is a
-    b = dev.discard(a.nbytes + 1)
-    assert b.nbytes > a.nbytes and dev.discard(10) is b
+def test_ops_choose_by_capability_not_by_name(dev, monkeypatch):
+    """Instance norm's threadgroup width and MTGP32's kernel follow `cheap_barriers`, whatever the
+    device is called."""
+    from mlmetal.ops import norm
+
+    for name in ("cpu", "cuda"):
+        monkeypatch.setattr(dev, "name", name)
+        for cheap, kernel, threads in ((True, "mtgp32", 1024), (False, "mtgp32_serial", 32)):
+            monkeypatch.setattr(dev, "cheap_barriers", cheap)
+            assert mm.random.MTGP32(dev, 0, states=2).kernel == kernel
+            assert norm._threads(dev, 64 * 64) == threads

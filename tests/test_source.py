@@ -1,5 +1,6 @@
 """Kernel sources: signature parsing, the MSL-subset lint, and the wrapper generator's text."""
 
+import ctypes
 import re
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 import mlmetal as mm
 from mlmetal.runtime import source as S
+from mlmetal.runtime.msl import lint as lint_module
 
 HEAD = "#include <metal_stdlib>\nusing namespace metal;\n"
 
@@ -68,7 +70,7 @@ def test_every_lint_rule_has_a_failing_example(body, rule, line):
 
 
 def test_every_rule_is_exercised():
-    source = Path(S.__file__).read_text()
+    source = Path(lint_module.__file__).read_text()
     rules = set(re.findall(r'"(no-[\w-]+|include|threadgroup-scope|threadgroup-array|address-space|kernel-param|'
                            r'buffer-index|constant-struct|extent)"', source))
     assert rules <= {r for _, r, _ in VIOLATIONS}, rules - {r for _, r, _ in VIOLATIONS}
@@ -193,3 +195,19 @@ def test_checked_cpu_wrapper_text():
             and "((::metal::check::ptr<float4>)x)[0] = 0;" in text)
     with pytest.raises(ValueError, match="cpu target"):
         S.generate(src, "cuda", check_bounds=True)
+
+
+def test_the_launch_record_is_declared_once():
+    """struct mlm_launch is written in include/mlm_launch.h alone; the metal prelude, cpu.py's
+    ctypes structure and metal.py's packing are made from it, field for field."""
+    from mlmetal.runtime import cpu, metal
+
+    root = Path(S.__file__).resolve().parents[1]
+    declared = [p for p in root.rglob("*") if p.suffix in (".h", ".cpp", ".py") and
+                re.search(r"struct\s+mlm_launch\s*\{|\bmlm_launch\b.*\{\s*uint", p.read_text())]
+    assert declared == [root / "runtime" / "include" / "mlm_launch.h"], declared
+    fields = S.launch_struct().fields
+    assert [f.name for f in fields] == [name for name, _ in cpu.Launch._fields_]
+    assert ctypes.sizeof(cpu.Launch) == metal.LAUNCH.size == S.launch_struct().nbytes
+    text = S.generate(S.Source.from_file(S.find("elementwise")), "metal", threads=64)
+    assert all(f"{f.name}{f'[{f.count}]' if f.count > 1 else ''};" in text for f in fields)

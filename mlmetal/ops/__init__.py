@@ -31,7 +31,6 @@ finite values past float32's range do not.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import inspect
 import math
@@ -40,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..tensor import Tensor, empty
+from ..tensor import Symbolic, Tensor, empty
 
 
 class ShapeError(ValueError):
@@ -116,15 +115,7 @@ def _entry_point(name: str, check):
 
 
 def _is_tensor(x) -> bool:
-    return isinstance(x, (Tensor, _graph_tensor()))
-
-
-@functools.lru_cache(maxsize=None)
-def _graph_tensor():
-    """The GraphTensor class (the tape imports this module, so it is looked up on first use)."""
-    from ..graph import GraphTensor
-
-    return GraphTensor
+    return isinstance(x, (Tensor, Symbolic))
 
 
 def infer(name: str, *inputs, **attrs) -> tuple[Any, dict]:
@@ -158,7 +149,7 @@ def apply(name: str, *inputs, **attrs):
     """Run op `name` eagerly (check, allocate the output(s), encode, commit asynchronously),
     or, when any input is a graph tensor, append it to that graph as a node."""
     op = REGISTRY[name]
-    graph_inputs = [x for x in inputs if isinstance(x, _graph_tensor())]
+    graph_inputs = [x for x in inputs if isinstance(x, Symbolic)]
     if graph_inputs:
         return graph_inputs[0].graph.append(name, list(inputs), attrs)
     for i, x in enumerate(inputs):

@@ -31,17 +31,17 @@ def direct_mma(device, cout, kernel_size, stride, dilation, groups) -> str | Non
     fits = (cout >= C3_MMA_MIN_COUT and tuple(kernel_size) == (3, 3) and stride == (1, 1) and dilation == (1, 1)
             and groups == 1)
     return policy if fits else None
-# The backends whose bias gradient spreads each channel's sum over several threadgroups; on
-# cpu that costs more barriers than it saves.
-SPREAD_BACKENDS = {"cuda", "metal"}
-# The backends that run 3×3 stride-1 convolutions of up to 64 output channels with the direct
+
+
+# Devices whose barriers are cheap (Device.cheap_barriers: GPUs) spread the bias gradient's
+# channel sums over several threadgroups; on cpu that costs more barriers than it saves.
+# They also run 3×3 stride-1 convolutions of up to 64 output channels with the direct
 # kernels conv2d_3x3 and conv2d_weight_grad_3x3 instead of the GEMMs. H100, batch 4:
 #   forward       16→16 at 256²: 63 µs against the narrow GEMM's 100 (cuDNN 115);
 #                 64→64 at 64²: 65 against the medium GEMM's 92 (cuDNN 58);
 #   weight grad   16→16 at 256²: 57 µs against 145 (cuDNN 162); 64→64 at 64²: 53 against 78;
 #                 but 128→128 at 64²: 168 against the wide GEMM's 148.
 # On cpu, where each barrier is a fiber switch for each thread, the GEMMs win.
-DIRECT_BACKENDS = {"cuda", "metal"}
 MAX_ELEMENTS = 2**31  # kernels index with 32-bit integers
 SPLIT_FACTOR = {"_narrow": 2, "_medium": 0.5}  # the weight gradient's split target, relative to the wide tiling's
 
@@ -120,12 +120,12 @@ def pixel_tiles(height: int, width: int) -> tuple[str, int, float]:
     return CF_KERNELS[cols], cols, height * width / covered(cols)
 
 
-def direct_conv(backend: str, cout: int, kernel_size, stride, dilation, groups, out_size) -> tuple[str, int] | None:
+def direct_conv(device, cout: int, kernel_size, stride, dilation, groups, out_size) -> tuple[str, int] | None:
     """(kernel, tile columns) when conv2d_3x3 computes this convolution, None for the GEMM:
     conv2d_3x3 runs on GPUs, for 3×3 stride-1 windows, few channels, and images that fill at
     least MIN_TILE_USE of their tiles (the GEMM's columns run on from one image into the next,
     so small images waste none of its tiles; 8×8 digits would leave 7/8 of conv2d_3x3's idle)."""
-    if not (backend in DIRECT_BACKENDS and cout <= MEDIUM.rows and tuple(kernel_size) == (3, 3) and stride == (1, 1)
+    if not (device.cheap_barriers and cout <= MEDIUM.rows and tuple(kernel_size) == (3, 3) and stride == (1, 1)
             and dilation == (1, 1) and groups == 1):
         return None
     name, cols, use = pixel_tiles(*out_size)
@@ -156,7 +156,7 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     policy = direct_mma(y.device, cout, w.shape[2:], stride, dilation, groups)
     if policy:
         return _conv3x3_mma(cb, y, x, w, b, padding, policy)
-    direct = direct_conv(y.device.name, cout, w.shape[2:], stride, dilation, groups, (oh, ow))
+    direct = direct_conv(y.device, cout, w.shape[2:], stride, dilation, groups, (oh, ow))
     if direct:
         name, cols = direct
         tiles_x = groups_for(ow, cols)
@@ -288,9 +288,9 @@ def _weight_grad_check(g, x, *, kernel_size, stride=1, padding=0, dilation=1, gr
 WG_ROWS, WG_COLS, WG_CO, WG_CI, WG_THREADS = 8, 16, 16, 16, 256  # conv2d_weight_grad_3x3's tiles (conv.metal)
 
 
-def direct_weight_grad(backend: str, cout: int, kernel_size, stride, dilation, groups) -> bool:
+def direct_weight_grad(device, cout: int, kernel_size, stride, dilation, groups) -> bool:
     """Whether conv2d_weight_grad_3x3 computes this weight gradient (rather than the GEMM)."""
-    return (backend in DIRECT_BACKENDS and cout <= MEDIUM.rows and kernel_size == (3, 3) and stride == (1, 1)
+    return (device.cheap_barriers and cout <= MEDIUM.rows and kernel_size == (3, 3) and stride == (1, 1)
             and dilation == (1, 1) and groups == 1)
 
 
@@ -309,7 +309,7 @@ def _weight_grad_3x3(cb, dw, g, x, padding, policy=None):
     tiles_x, tiles_y = groups_for(ow, cols), groups_for(oh, rows)
     blocks = groups_for(cin, ci_block) * groups_for(cout, co_block)
     # As many splits as fill a GPU twice over (at least two tiles each); on cpu a few.
-    target = 264 if dw.device.name in SPREAD_BACKENDS else 4
+    target = 264 if dw.device.cheap_barriers else 4
     splits, chunk = split_reduction(n * tiles_x * tiles_y, blocks, target=target, min_chunk=2, multiple=1)
     lib = dw.device.library("conv", precision=policy or "highest")
     partial = partial_for(dw, splits)
@@ -324,7 +324,7 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
     policy = direct_mma(dw.device, g.shape[1], kernel_size, stride, dilation, groups)
     if policy:
         return _weight_grad_3x3(cb, dw, g, x, padding, policy)
-    if direct_weight_grad(dw.device.name, g.shape[1], kernel_size, stride, dilation, groups):
+    if direct_weight_grad(dw.device, g.shape[1], kernel_size, stride, dilation, groups):
         return _weight_grad_3x3(cb, dw, g, x, padding)
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
@@ -336,7 +336,7 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
     # On GPUs the split's target is tuned per tiling (H100, U-Net and style steps at 256²):
     # twice the threadgroups for the narrow tiling (16→16 at 256²: 173 → 135 µs), half for the
     # medium one (32→64 at 64²: 58 → 50 µs).
-    target = int(264 * SPLIT_FACTOR.get(t.suffix, 1)) if dw.device.name in SPREAD_BACKENDS else 264
+    target = int(264 * SPLIT_FACTOR.get(t.suffix, 1)) if dw.device.cheap_barriers else 264
     splits, chunk = split_reduction(n * oh * ow, math.prod(grid), target=target)
     partial = partial_for(dw, splits)
     params = _params(n, cin, h, wd, cout, oh, ow, *kernel_size, a, chunk=chunk)
@@ -360,7 +360,7 @@ def _bias_grad_encode(cb, db, g):
     # On a GPU a channel a threadgroup leaves most of it idle at few channels (H100, dy of
     # 4×16×256²: 0.064 ms; split four ways, 0.053 ms); many splits of many channels lose to the
     # extra pass (64 channels split eight ways: 0.030 → 0.058 ms).
-    target = 64 if db.device.name in SPREAD_BACKENDS else c
+    target = 64 if db.device.cheap_barriers else c
     splits, chunk = split_reduction(h * w, c, target=target, min_chunk=1024)
     lib = db.device.library("conv")
     partial = partial_for(db, splits)

@@ -1,8 +1,4 @@
-"""Gram matrices of feature maps, for style losses (kernels/gram.metal).
-
-The module is not ops/gram.py: a family submodule named like one of its ops would replace
-`mm.ops.gram` with itself once imported.
-"""
+"""Gram matrices of feature maps, for style losses (kernels/gram.metal)."""
 
 import math
 

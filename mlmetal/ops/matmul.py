@@ -1,8 +1,5 @@
 """Matrix products and fully connected layers (kernels/matmul.metal).
 
-The module is not ops/matmul.py: a family submodule named like one of its ops would replace
-`mm.ops.matmul` with itself once imported.
-
 `linear` takes an optional bias the way `conv2d` does: the op has two or three inputs and the
 public `mm.ops.linear(x, w, b=None)` drops a None.
 """

@@ -14,9 +14,10 @@ from . import apply, ensure, groups_for, register
 
 
 def _threads(dev, m: int) -> int:
-    """Threads for a group of m elements: enough to cover it, at most 1024 (32 on cpu, where each
-    is a fiber and a barrier costs more than the arithmetic it separates)."""
-    cap = 32 if dev.name == "cpu" else 1024
+    """Threads for a group of m elements: enough to cover it, at most 1024 (32 where barriers are
+    not cheap, as on cpu, where each thread is a fiber and a barrier costs more than the arithmetic
+    it separates)."""
+    cap = 1024 if dev.cheap_barriers else 32
     return min(cap, 32 * ((m + 31) // 32))
 
 
@@ -72,7 +73,7 @@ def _instance_check(x, gamma, beta, eps=1e-5):
 
 
 def _instance_encode(cb, out, x, gamma, beta, eps):
-    stats = x.device.discard(8 * x.shape[0] * x.shape[1])  # (mean, var) per plane: batch norm's, unread here
+    stats = empty((x.shape[0] * x.shape[1], 2), x.device)  # (mean, var) per plane: batch norm's, unread here
     _encode_forward(cb, out, x, gamma, beta, stats, rows=1, eps=eps)
 
 

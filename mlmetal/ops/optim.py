@@ -90,14 +90,14 @@ def update_in_place(name, param, grad, *state, **attrs):
     """Run optimizer op `name` writing the new parameter and state into `param` and `state`.
 
     Args:
-        name: "sgd_update" or "adam_update".
+        name: an optimizer's update op (`mm.optim.Adam.op` is "adam_update"), one of kernels/optim.metal's.
         param, grad, *state: the op's inputs (state: the momentum buffer, or m and v).
         **attrs: the op's attributes.
 
     Example:
         >>> update_in_place("adam_update", w, dw, m, v, lr=1e-3, step=t)
     """
-    ensure(name in ("sgd_update", "adam_update"), name, "is not an optimizer update")
+    ensure(name in REGISTRY and REGISTRY[name].kernels[0].startswith("optim."), name, "is not an optimizer update")
     op = REGISTRY[name]
     _, attrs = infer(name, param, grad, *state, **attrs)
     cb = param.device.command_buffer()

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..reference import predicate as R
 from ..runtime.device import Device, Predicate
-from ..tensor import Tensor, tensor
+from ..tensor import Symbolic, Tensor, tensor
 from . import ensure, infer, register
 
 COMPARES = {op: i for i, op in enumerate((">", ">=", "<", "<=", "==", "!="))}
@@ -208,9 +208,7 @@ class Predicates:
         return self._write("predicate_any", [flags], graph, word=i)
 
     def _write(self, op, inputs, graph, **attrs):
-        from ..graph import GraphTensor  # the tape imports the ops
-
-        graph = graph or next((x.graph for x in inputs if isinstance(x, GraphTensor)), None)
+        graph = graph or next((x.graph for x in inputs if isinstance(x, Symbolic)), None)
         if graph is not None:
             # bound to the buffer: the node writes it in place on every run, and the plan
             # keeps it (nodes that write bound tensors always run)

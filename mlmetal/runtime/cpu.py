@@ -124,7 +124,9 @@ RUNTIME_EXPORTS = ["mlm_run", "mlm_set_threads", "mlm_threads", "mlm_cpu_link"]
 # ---------------------------------------------------------------- the executor
 
 class Launch(ctypes.Structure):
-    _fields_ = [("groups", ctypes.c_uint * 3), ("threads", ctypes.c_uint * 3), ("pred", ctypes.c_void_p)]
+    """struct mlm_launch (include/mlm_launch.h)."""
+
+    _fields_ = [(f.name, ctypes.c_uint * f.count if f.count > 1 else ctypes.c_uint) for f in S.launch_struct().fields]
 
 
 GROUP_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(Launch), ctypes.c_uint, ctypes.c_uint, ctypes.c_uint)
@@ -275,8 +277,8 @@ class CpuDevice(D.Device):
     def _run(self, rt: ctypes.CDLL, d: D.Dispatch) -> None:
         p = d.predicate
         if p is not None and ctypes.c_uint32.from_address(p.buffer.ptr + p.offset).value == 0:
-            # Read as the dispatch comes up in queue order, after the work before it, as the
-            # wrapper's own check would; skipping here saves starting every threadgroup.
+            # Read as the dispatch comes up in queue order, after the work before it: the cpu
+            # wrappers leave the predicate to this check (a kernel runs once it is launched).
             return
         keep = []  # packed constants must outlive the call
         n = len(d.args)
@@ -293,8 +295,7 @@ class CpuDevice(D.Device):
             keep.append(extents)
             ptrs[n], ptrs[n + 1] = ctypes.addressof(extents), ctypes.addressof(self._bounds)
             self._bounds.set = 0
-        launch = Launch((ctypes.c_uint * 3)(*d.groups), (ctypes.c_uint * 3)(*d.threads),
-                        d.predicate.buffer.ptr + d.predicate.offset if d.predicate else None)
+        launch = Launch(groups=(ctypes.c_uint * 3)(*d.groups), threads=(ctypes.c_uint * 3)(*d.threads))
         k: CpuKernel = d.kernel  # type: ignore[assignment]
         if rt.mlm_run(k.group, k.thread, int(k.fibers), ptrs, ctypes.byref(launch)):
             raise D.ExecutionError(f"kernel {k.name}: could not map fiber stacks for {np.prod(d.threads)} threads")

@@ -34,7 +34,7 @@ INCLUDE = Path(__file__).resolve().parent / "include"
 # -default-device: helper functions in MSL carry no __device__; --fmad=false: a*b+c stays two
 # roundings, as on the cpu backend (-ffp-contract=off), so elementwise kernels agree bit for bit.
 OPTIONS = ("-std=c++17", "-default-device", "--fmad=false", f"-I{INCLUDE}")
-REGISTERS_PER_BLOCK = 65536  # every NVIDIA GPU since Kepler: 64 registers a thread at 1024 threads
+REGISTERS_PER_BLOCK = 65536  # every NVIDIA GPU since Kepler: 64 registers per thread at 1024 threads
 
 
 class CompileError(S.KernelSourceError):
@@ -184,7 +184,7 @@ class CudaBuffer(D.Buffer):
 class CudaKernel(D.Kernel):
     """A kernel as the compiler built it, and, on demand, rebuilt to fit larger threadgroups.
 
-    A kernel using more than 64 registers a thread cannot launch 1024 threads, which the contract
+    A kernel using more than 64 registers per thread cannot launch 1024 threads, which the contract
     allows. Metal compiles each pipeline for its threadgroup size; here a dispatch too large for
     the default build gets the library compiled again with registers capped to fit (spilling
     what does not fit), and the default build keeps serving the sizes it can.
@@ -209,7 +209,7 @@ class CudaKernel(D.Kernel):
             return self._builds[max_registers]
 
     def function(self, threads: int) -> int:
-        """The CUfunction that launches `threads` threads a threadgroup."""
+        """The CUfunction that launches `threads` threads per threadgroup."""
         if threads <= self.max_threads:
             return self.ptr
         cap = min(255, REGISTERS_PER_BLOCK // threads // 8 * 8)  # registers are allocated 8 at a time
@@ -228,7 +228,7 @@ class CudaLibrary(D.Library):
         self.module(0)  # compile now: errors belong to library creation
 
     def module(self, max_registers: int = 0) -> int:
-        """The CUmodule built with `max_registers` registers a thread at most (0: no cap)."""
+        """The CUmodule built with `max_registers` registers per thread at most (0: no cap)."""
         self.device.bind_thread()
         with self._lock:
             if max_registers not in self._modules:
@@ -288,6 +288,7 @@ class CudaDevice(D.Device):
 
     name = "cuda"
     has_simdgroup_matrix = True  # tensor cores (mma.sync)
+    cheap_barriers = True
 
     @staticmethod
     def unavailable() -> str | None:

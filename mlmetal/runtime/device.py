@@ -430,19 +430,21 @@ class Device:
 
     Ops choose kernels by what a device can do, never by its name:
     `has_simdgroup_matrix`: simdgroup matrix products run on matrix hardware (every backend runs
-    them; the cpu backend emulates them exactly, for tests, not for speed).
+    them; the cpu backend emulates them exactly, for tests, not for speed);
+    `cheap_barriers`: a threadgroup's threads run side by side, so a barrier costs next to
+    nothing and wide threadgroups and many of them pay (GPUs); on cpu each thread is a fiber and
+    each barrier a switch for every one of them.
     """
 
     name = "abstract"
     has_simdgroup_matrix = False
+    cheap_barriers = False
 
     def __init__(self):
         with _ordinals_lock:  # devices of one backend are numbered in creation order
             self.ordinal = _ordinals[self.name] = _ordinals.get(self.name, -1) + 1
         self._libraries: dict[Any, Library] = {}
         self._lock = threading.Lock()  # held while a library compiles
-        self._discard_lock = threading.Lock()
-        self._discard: Buffer | None = None  # see discard()
 
     @property
     def label(self) -> str:
@@ -495,16 +497,6 @@ class Device:
         if nbytes <= 0:
             raise ValueError(f"nbytes must be positive, got {nbytes}")
         return self._alloc(int(nbytes))
-
-    def discard(self, nbytes: int) -> Buffer:
-        """A buffer of at least `nbytes` for what a kernel must write and nobody reads (instance
-        norm's statistics, say): one per device, grown when asked for more, shared by every such
-        use. Work in flight keeps the buffer it was given alive."""
-        with self._discard_lock:
-            buf = self._discard
-            if buf is None or buf.nbytes < nbytes:
-                buf = self._discard = self._alloc(max(int(nbytes), 2 * buf.nbytes if buf else 4096))
-        return buf
 
     def command_buffer(self) -> CommandBuffer:
         return CommandBuffer(self)

@@ -25,8 +25,9 @@ import numpy as np
 from . import device as D
 from . import source as S
 
-# struct mlm_launch of the generated wrapper: groups[3], threads[3], pred_word, has_pred.
-LAUNCH = struct.Struct("<8I")
+# struct mlm_launch (include/mlm_launch.h): 32-bit words, in its fields' order
+LAUNCH_FIELDS = S.launch_struct().fields
+LAUNCH = struct.Struct("<" + "I" * sum(f.count for f in LAUNCH_FIELDS))
 
 
 def _metalcompute():
@@ -125,6 +126,7 @@ class MetalDevice(D.Device):
 
     name = "metal"
     has_simdgroup_matrix = True  # Apple GPUs' simdgroup matrices (Apple7 and later)
+    cheap_barriers = True
 
     @staticmethod
     def unavailable() -> str | None:
@@ -176,7 +178,8 @@ class MetalDevice(D.Device):
             pred, word, has_pred = self._always, 0, 0
         else:
             pred, word, has_pred = d.predicate.buffer, d.predicate.offset // 4, 1
-        launch = LAUNCH.pack(*d.groups, *d.threads, word, has_pred)
+        values = {"groups": d.groups, "threads": d.threads, "pred_word": (word,), "has_pred": (has_pred,)}
+        launch = LAUNCH.pack(*[x for f in LAUNCH_FIELDS for x in values[f.name]])
         count = d.groups[0] * d.groups[1] * d.groups[2] * pipeline.threads
         try:
             return pipeline.function(count, *args, pred.mc, launch, pipeline.flag.mc)

@@ -27,7 +27,7 @@ template <class T> struct simd_round {
   unsigned lane, active;
 
   MLM_FN explicit simd_round(T x) {
-    static_assert(sizeof(T) <= 64, "simd functions exchange at most 64 bytes a lane");
+    static_assert(sizeof(T) <= 64, "simd functions exchange at most 64 bytes per lane");
     slots = static_cast<const unsigned char*>(mlm_cpu_simd_exchange(&x, sizeof(T), &lane, &active));
   }
   MLM_FN bool is_active(unsigned l) const { return l < 32 && (active >> l & 1); }

@@ -6,12 +6,7 @@
 // in when the library is loaded (mlm_cpu_link). Plain C: the runtime includes it without
 // <metal_stdlib>'s address-space macros.
 #pragma once
-
-struct mlm_launch {
-    unsigned int groups[3];     // threadgroups per grid
-    unsigned int threads[3];    // threads per threadgroup
-    const unsigned int* pred;   // predicate word, or null when the dispatch has none
-};
+#include "mlm_launch.h"  // the launch record; the cpu queue skips a dispatch whose predicate is 0 before launching it
 
 // The runtime functions behind mlm_cpu.h's barrier and simd-group functions.
 struct mlm_cpu_hooks {

@@ -1,0 +1,113 @@
+"""Graphs: ops on graph tensors append nodes to a tape, and nothing runs until the graph is run.
+
+tape.py records nodes; autodiff.py derives a training graph from the tape (DESIGN §3);
+execution.py plans buffers, encodes and replays dispatches, and runs training steps.
+`Graph` is a tape with the other two's entry points.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from ..precision import check as check_precision
+from ..runtime.device import Device
+from ..tensor import Tensor
+from .autodiff import gradients
+from .execution import Plan, Training, bind_inputs
+from .tape import GraphError, GraphTensor, Node, Tape
+
+__all__ = ["Graph", "GraphError", "GraphTensor", "Node", "Plan", "Training"]
+
+
+class Graph(Tape):
+    """An inference graph under construction: ops on its tensors append nodes.
+
+    `run` and training steps may be called from several threads: one graph runs one at a time
+    (its plans' buffers are shared by every run), so each gets the result it would alone.
+
+    Example:
+        >>> g = mm.Graph(dev)
+        >>> x = g.input("x", (4, 3))
+        >>> y = mm.ops.relu(x)
+        >>> g.run({"x": np.ones((4, 3), np.float32)}, outputs=[y])[0].shape
+        (4, 3)
+    """
+
+    def __init__(self, device: Device, matmul_precision: str | None = None):
+        super().__init__(device)
+        # this graph's matmul precision policy (mlmetal.precision); None: the one in force when it runs
+        self.matmul_precision = None if matmul_precision is None else check_precision(matmul_precision)
+        self._plans: dict = {}
+        self.replay = True  # plans made from now on replay unchanged nodes' dispatches (see Plan)
+        self.lock = threading.RLock()  # held by every run and training step
+        self._training: tuple | None = None  # (the arguments it was derived with, the Training)
+
+    def training_graph(self, loss: GraphTensor, source_gradient: GraphTensor | None = None,
+                       node_handler: Callable | None = None, optimizer=None) -> Training:
+        """Append the gradient nodes of everything `loss` depends on, and the optimizer's updates.
+
+        Args:
+            loss: the tensor the backward pass starts from (usually a loss, or a sum of losses).
+            source_gradient: its initial gradient; None uses the loss op's own
+                (`initial_gradient`: ones of the loss's shape).
+            node_handler: called once on every node created; returning False drops the node
+                and prunes the gradients that would flow through it.
+            optimizer: appends an update node for every trainable parameter that gets a gradient.
+
+        Returns:
+            a Training whose `step(**inputs)` runs forward, backward and updates.
+
+        A graph has one training graph: asked again with the same arguments, this returns the
+        one it made; asked with others, it raises GraphError, since a second set of gradient
+        nodes and updates would run in every step too (every parameter updated twice). Build
+        the network in a new `mm.Graph` for another training graph.
+        """
+        args = (loss, source_gradient, node_handler, optimizer)
+        if self._training is not None:
+            made, training = self._training
+            if all(a is b for a, b in zip(made, args)):
+                return training
+            raise GraphError(f"this graph already has a training graph (derived from {training.loss}); a second "
+                             "one would run in every step too, applying each update twice: build the network "
+                             "in a new mm.Graph for another")
+        param_grads, created = gradients(self, loss, source_gradient, node_handler)
+        updates = optimizer.append_updates(self, param_grads) if optimizer is not None else []
+        training = Training(self, loss, param_grads, created, updates, optimizer)
+        self._training = (args, training)
+        return training
+
+    def run(self, inputs: dict, outputs: list[GraphTensor] | None = None, commit_every: int = 16):
+        """Run the graph; returns the numpy values of `outputs` (default: the last node's outputs).
+
+        Args:
+            inputs: {name: array} for every graph input, with the declared shapes.
+            outputs: the tensors to return.
+            commit_every: nodes per `commit_and_continue`, so the device starts while the rest is encoded.
+        """
+        bound = self.bind_inputs(inputs)
+        if outputs is None:
+            if not self.nodes:
+                raise GraphError("the graph has no nodes to run")
+            outputs = self.nodes[-1].outputs
+        outputs = list(outputs)
+        with self.lock:
+            values = self.plan(tuple(outputs)).execute(bound, commit_every)
+            return [values[o].numpy() if isinstance(values[o], Tensor) else values[o] for o in outputs]
+
+    def bind_inputs(self, inputs: dict) -> dict[GraphTensor, Any]:
+        """Check `inputs` against the graph's declared inputs (see execution.bind_inputs)."""
+        return bind_inputs(self, inputs)
+
+    def plan(self, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True, copy: int = 0,
+             updates: bool = False) -> Plan:
+        """The (cached) execution plan computing `outputs`.
+
+        `updates` adds the optimizer's update nodes (a training step); `copy` numbers
+        independent plans with buffers of their own, one per iteration kept in flight.
+        """
+        key = (tuple(outputs), len(self.nodes), plan_lifetimes, copy, updates, self.replay)
+        with self.lock:
+            if key not in self._plans:
+                self._plans[key] = Plan(self, outputs, plan_lifetimes, updates, self.replay)
+            return self._plans[key]
