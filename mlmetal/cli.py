@@ -66,8 +66,10 @@ def _device_flag() -> argparse.ArgumentParser:
     return p
 
 
-def training_flags(out: str, size: int, size_help: str, steps: int | None = None) -> argparse.ArgumentParser:
-    """The flags every training command takes, as an argparse parent parser.
+def training_flags(out: str, size: int, size_help: str, steps: int | None = None,
+                   distributed: bool = False) -> argparse.ArgumentParser:
+    """The flags every training command takes, as an argparse parent parser (with --distributed
+    where the command can train data-parallel).
 
     One per command: argparse hands a parent's actions to its children as they are, so a default
     set for one command would change every other's.
@@ -80,6 +82,10 @@ def training_flags(out: str, size: int, size_help: str, steps: int | None = None
                    "stop after this many training steps in all (default: every epoch)")
     p.add_argument("--size", type=integer(1), default=size, help=f"{size_help} (default {size})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    if distributed:
+        p.add_argument("--distributed", action="store_true",
+                       help="train data-parallel with the processes mpirun started (MPI; NCCL between GPUs, "
+                            "one a process); each trains on batches of its own, rank 0 reports, validates and saves")
     return p
 
 
@@ -231,13 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             commands[args.command].error(problem)
     try:
-        return args.func(args)
+        status = args.func(args)
     except (mm.BackendUnavailable, mm.KernelSourceError, mm.DispatchError, RuntimeError) as e:
         print(f"mlmetal: {e}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:  # before anything worth saving existed (the apps save what they trained)
         print(f"mlmetal {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 130  # Ctrl-C reaches every rank mpirun started: each stops by itself
+    if status not in (0, 130) and mm.distributed.size() > 1:  # the other ranks would wait for this one
+        mm.distributed.abort(f"mlmetal {args.command} failed (exit status {status})", status)
+    return status
 
 
 if __name__ == "__main__":

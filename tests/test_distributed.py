@@ -37,9 +37,9 @@ def mpiexec() -> str:
     return found
 
 
-def run_job(scenario: str, out: Path, timeout: float = 120, **env) -> tuple[int, str, float]:
-    """(exit status, output, seconds) of `mpiexec -n 2 python distributed_job.py scenario out`."""
-    cmd = [mpiexec(), "-n", "2", sys.executable, str(Path(__file__).with_name("distributed_job.py")), scenario, str(out)]
+def run_ranks(args: list, timeout: float = 120, **env) -> tuple[int, str, float]:
+    """(exit status, output, seconds) of `mpiexec -n 2 python *args` on cpu."""
+    cmd = [mpiexec(), "-n", "2", sys.executable, *map(str, args)]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=dict(os.environ, MLMETAL_DEVICE="cpu", **env))
@@ -48,8 +48,12 @@ def run_job(scenario: str, out: Path, timeout: float = 120, **env) -> tuple[int,
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n 2 … {scenario} still ran after {timeout} s:\n{output}")
+        pytest.fail(f"{' '.join(cmd)} still ran after {timeout} s:\n{output}")
     return proc.returncode, output, time.monotonic() - start
+
+
+def run_job(scenario: str, out: Path, **env) -> tuple[int, str, float]:
+    return run_ranks([Path(__file__).with_name("distributed_job.py"), scenario, out], **env)
 
 
 @multiprocess
@@ -105,6 +109,24 @@ def test_ranks_with_different_parameters_stop_at_the_start_naming_the_first(tmp_
     assert ("the ranks' parameters differ: parameter 0 is `layers.0.weight` of shape (4, 2, 3, 3) on rank 0, "
             "`layers.0.weight` of shape (5, 2, 3, 3) on rank 1") in output
     assert seconds < 60
+
+
+@multiprocess
+def test_denoise_trains_on_two_ranks_and_rank_0_alone_reports_and_saves(tmp_path):
+    status, output, _ = run_ranks(["-m", "mlmetal", "denoise", "--distributed", "--steps", 4, "--epochs", 2,
+                                   "--size", 16, "--scenes", 4, "--batch", 2, "--test", 2, "--clean-spp", 8,
+                                   "--refresh-every", 1, "--out", tmp_path])
+    assert status == 0, output
+    assert output.count("trained 4 steps on 2 ranks of cpu") == 1 and output.count("PSNR on 2 held-out") == 1, output
+    assert (tmp_path / "denoiser.zip").is_file()
+
+
+def test_distributed_flag_only_where_a_command_trains_data_parallel(capsys):
+    from mlmetal.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["gan", "--distributed"])
+    assert e.value.code == 2 and "unrecognized arguments: --distributed" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- one rank, in this process
