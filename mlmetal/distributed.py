@@ -132,6 +132,8 @@ def abort(reason: str, code: int = 1) -> None:
 
     where = f"rank {rank()} of {size()}"
     print(f"mlmetal.distributed: {where}: {reason}; stopping every rank", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    time.sleep(1)  # the launcher forwards what the ranks printed: once they are stopped, what it had not yet is lost
     MPI.COMM_WORLD.Abort(code)
 
 
