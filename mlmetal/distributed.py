@@ -56,10 +56,6 @@ def init(timeout: float | None = None) -> "World":
     global _world
     if _world is not None:
         return _world
-    try:
-        from mpi4py import MPI
-    except ImportError as e:
-        raise DistributedError(f"mm.distributed needs mpi4py and an MPI: pip install 'mlmetal[distributed]' ({e})") from None
     if timeout is None:
         text = os.environ.get("MLMETAL_DISTRIBUTED_TIMEOUT", "300")
         try:
@@ -70,6 +66,11 @@ def init(timeout: float | None = None) -> "World":
             raise DistributedError(f"MLMETAL_DISTRIBUTED_TIMEOUT must be a number of seconds > 0, got {text!r}")
     elif not timeout > 0:
         raise DistributedError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as e:  # RuntimeError: mpi4py found no MPI library to load
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DistributedError(f"mm.distributed needs mpi4py and an MPI: pip install 'mlmetal[distributed]' ({first})") from None
     world = World(MPI, float(timeout))
     if world.local_size > 1 and not os.environ.get("MLMETAL_CPU_THREADS"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -171,6 +171,27 @@ def test_collectives_of_one_rank(dev, world):
     assert (mm.distributed.rank(), mm.distributed.size()) == (world.rank, world.size) == (0, 1)
 
 
+def test_init_without_an_mpi_library_says_what_to_install():
+    out = subprocess.run([sys.executable, "-c", "import mlmetal as mm; mm.distributed.init()"], capture_output=True,
+                         text=True, env=dict(os.environ, MPI4PY_LIBMPI="/nonexistent/libmpi.so.12"))
+    assert out.returncode == 1 and ("mm.distributed needs mpi4py and an MPI: pip install 'mlmetal[distributed]' "
+                                    "(cannot load MPI library)") in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"env": "soon"}, "MLMETAL_DISTRIBUTED_TIMEOUT must be a number of seconds > 0, got 'soon'"),
+    ({"env": "0"}, "MLMETAL_DISTRIBUTED_TIMEOUT must be a number of seconds > 0, got '0'"),
+    ({"timeout": -1}, "timeout must be a number of seconds > 0, got -1"),
+])
+def test_init_refuses_a_timeout_that_is_no_wait(monkeypatch, setting, message):
+    monkeypatch.setattr(mm.distributed, "_world", None)
+    if "env" in setting:
+        monkeypatch.setenv("MLMETAL_DISTRIBUTED_TIMEOUT", setting["env"])
+    with pytest.raises(mm.distributed.DistributedError, match=re.escape(message)):
+        mm.distributed.init(timeout=setting.get("timeout"))
+    assert mm.distributed._world is None
+
+
 def test_data_parallel_needs_init(dev, monkeypatch):
     monkeypatch.setattr(mm.distributed, "_world", None)
     model = job.net(dev)
