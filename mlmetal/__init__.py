@@ -9,7 +9,7 @@ from .tensor import Tensor, empty, tensor
 from . import ops  # noqa: E402  (ops use the names above)
 from .ops import DTypeError, ShapeError
 from .graph import Graph, GraphError, GraphTensor
-from . import nn, optim, random, train
+from . import distributed, nn, optim, random, train
 from .ops.predicate import Predicates
 
 __version__ = "0.1.0"

@@ -66,8 +66,10 @@ def _device_flag() -> argparse.ArgumentParser:
     return p
 
 
-def training_flags(out: str, size: int, size_help: str, steps: int | None = None) -> argparse.ArgumentParser:
-    """The flags every training command takes, as an argparse parent parser.
+def training_flags(out: str, size: int, size_help: str, steps: int | None = None,
+                   distributed: bool = False) -> argparse.ArgumentParser:
+    """The flags every training command takes, as an argparse parent parser (with --distributed
+    where the command can train data-parallel).
 
     One per command: argparse hands a parent's actions to its children as they are, so a default
     set for one command would change every other's.
@@ -83,6 +85,10 @@ def training_flags(out: str, size: int, size_help: str, steps: int | None = None
     p.add_argument("--precision", choices=("highest", "high", "medium"), default="highest",
                    help="matmul precision policy of convolutions, matmuls and Gram matrices: float32, TF32 or "
                         "bfloat16 operands (default highest; see the README)")
+    if distributed:
+        p.add_argument("--distributed", action="store_true",
+                       help="train data-parallel with the processes mpirun started (MPI; NCCL between GPUs, "
+                            "one a process); each trains on batches of its own, rank 0 reports, validates and saves")
     return p
 
 
@@ -239,13 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             commands[args.command].error(problem)
         mm.set_matmul_precision(args.precision)
     try:
-        return args.func(args)
+        status = args.func(args)
     except (mm.BackendUnavailable, mm.KernelSourceError, mm.DispatchError, RuntimeError) as e:
         print(f"mlmetal: {e}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:  # before anything worth saving existed (the apps save what they trained)
         print(f"mlmetal {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 130  # Ctrl-C reaches every rank mpirun started: each stops by itself
+    if status not in (0, 130) and mm.distributed.size() > 1:  # the other ranks would wait for this one
+        mm.distributed.abort(f"mlmetal {args.command} failed (exit status {status})", status)
+    return status
 
 
 if __name__ == "__main__":

@@ -94,11 +94,14 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
     its parameters and no nodes. Parameters are named by dotted name; a graph's tensors that
     have no name, or share one, are saved as `leaves.<i>`.
 
+    In data-parallel training (`mm.distributed`), rank 0 alone writes; on the other ranks this
+    does nothing.
+
     Args:
         path: a directory, or a file ending in `.zip`.
         what: an `mm.Graph` or an `mm.nn.Module`.
-        optimizer: an `mm.optim` optimizer over parameters being saved; its state and
-            hyper-parameters are saved with them.
+        optimizer: an `mm.optim` optimizer over parameters being saved (or an
+            `mm.distributed.DataParallel` of one); its state and hyper-parameters are saved with them.
         outputs: for a graph, the tensors to record: {name: tensor}, a list (named
             output0, output1, ...) or one tensor (named output). Default: the outputs of the
             last node that is neither a gradient nor an optimizer update.
@@ -109,6 +112,12 @@ def save(path, what, optimizer: Optimizer | None = None, *, outputs=None, module
         >>> mm.save("denoiser.zip", graph, outputs={"rgb": y}, module=net)
         >>> mm.save("ckpt", net, optimizer=opt)
     """
+    from . import distributed
+
+    if distributed.rank() != 0:  # every rank holds the same model: one writes it
+        return
+    if isinstance(optimizer, distributed.DataParallel):
+        optimizer = optimizer.optimizer
     path = _target(path)
     if isinstance(what, Graph):
         names = {} if module is None else {id(p): name for name, p in module.named_parameters().items()}

@@ -107,8 +107,9 @@ def inputs_of(graph: mm.Graph, batch: int, size: int):
     return [graph.input(name, (batch, 3, size, size)) for name in ("noisy", "albedo", "normal")]
 
 
-def training_graph(net: UNet, batch: int, size: int, lr: float, log_weight: float):
-    """RGB L1 plus `log_weight` × Laplacian-of-Gaussian L1, summed; Adam over the net."""
+def training_graph(net: UNet, batch: int, size: int, lr: float, log_weight: float, distributed: bool = False):
+    """RGB L1 plus `log_weight` × Laplacian-of-Gaussian L1, summed; Adam over the net (averaging
+    the gradients over mm.distributed's ranks when `distributed`)."""
     g = mm.Graph(net.device)
     out = net(*inputs_of(g, batch, size))
     clean = g.input("clean", (batch, 3, size, size))
@@ -116,7 +117,8 @@ def training_graph(net: UNet, batch: int, size: int, lr: float, log_weight: floa
     log_loss = mm.ops.mae_loss(mm.ops.log_filter(out, sigma=1.0, size=5), mm.ops.log_filter(clean, sigma=1.0, size=5),
                                reduction="mean", weight=log_weight)
     loss = mm.ops.add(rgb_loss, log_loss)
-    return loss.training_graph(optimizer=mm.optim.Adam(net.parameters(), lr=lr))
+    optimizer = mm.optim.Adam(net.parameters(), lr=lr)
+    return loss.training_graph(optimizer=mm.distributed.DataParallel(optimizer) if distributed else optimizer)
 
 
 class Renders:
@@ -161,7 +163,7 @@ def other_backend(dev) -> str:
 def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int = 2, epochs: int = 80,
                    scenes: int = 32, batch: int = 4, spp: int = 2, clean_spp: int = 128, refresh_every: int = 10,
                    halve_every: int = 40, lr: float = 3e-3, log_weight: float = 0.5, validation: int = 8,
-                   seed: int = 0, progress: bool = True, steps: int | None = None) -> dict:
+                   seed: int = 0, progress: bool = True, steps: int | None = None, distributed: bool = False) -> dict:
     """Train a UNet on fresh path-traced renders; returns the net, its optimizer, histories and timings.
 
     Ctrl-C stops training early and returns what was learnt so far (`interrupted` is True).
@@ -184,6 +186,9 @@ def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int =
         seed: initialisation, scene layouts and noise.
         progress: show a progress bar.
         steps: stop after this many training steps in all (default: run every epoch).
+        distributed: train data-parallel with the other ranks of `mm.distributed` (`init()` first):
+            each renders scenes of its own and takes `batch` images a step; rank 0 alone shows
+            progress and validates.
 
     Example:
         >>> result = train_denoiser("cpu", size=32, epochs=10); result["validations"][-1]["psnr"]
@@ -193,13 +198,14 @@ def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int =
         raise ValueError(f"size must be divisible by 2**depth = {2**depth}, got {size}")
     if not 1 <= batch <= scenes:
         raise ValueError(f"batch must be from 1 to scenes = {scenes}, got {batch}")
+    rank = mm.distributed.rank() if distributed else 0
     mm.nn.seed(seed)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, rank] if rank else seed)  # rank 0 renders what one process would
     net = UNet(width, depth, dev)
-    train = training_graph(net, batch, size, lr, log_weight)
+    train = training_graph(net, batch, size, lr, log_weight, distributed)
     schedule = mm.optim.StepDecay(train.optimizer, every=halve_every)
     evaluate = Denoiser(net, validation, size)
-    val = Renders(dev, TEST_SEEDS + 10_000 + np.arange(validation), size, spp, clean_spp, noise_seed=7)
+    val = Renders(dev, TEST_SEEDS + 10_000 + np.arange(validation), size, spp, clean_spp, noise_seed=7) if rank == 0 else None
     data = {"epoch": 0}
     step_losses: list[float] = []  # kept here rather than from fit's history, which Ctrl-C would lose
     validations: list[dict] = []
@@ -232,13 +238,13 @@ def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int =
     t0 = time.perf_counter()
     interrupted = False
     try:
-        mm.train.fit(step, batches, epochs, validate=validate, every=refresh_every, schedule=schedule,
-                     progress=progress, steps=steps)
+        mm.train.fit(step, batches, epochs, validate=validate if rank == 0 else None, every=refresh_every,
+                     schedule=schedule, progress=progress and rank == 0, steps=steps)
     except KeyboardInterrupt:
         interrupted = True
     timings["train"] = time.perf_counter() - t0
     return {"net": net, "optimizer": train.optimizer, "device": dev, "steps": step_losses,
-            "validations": validations, "noisy_psnr": psnr(val.noisy, val.clean),
+            "validations": validations, "noisy_psnr": psnr(val.noisy, val.clean) if val else None,
             "interrupted": interrupted, "timings": timings, "size": size, "spp": spp, "clean_spp": clean_spp,
             "refresh_every": refresh_every}
 
@@ -321,7 +327,7 @@ def loss_curve(steps: list[float], validations: list[dict], noisy_psnr: float, s
 
 COMMAND = "denoise"
 HELP = "train the ray-tracing denoiser U-Net on path-traced renders and show what it learnt"
-FLAGS = dict(out="denoise-out", size=48, size_help="image side in pixels, divisible by 2**depth")
+FLAGS = dict(out="denoise-out", size=48, size_help="image side in pixels, divisible by 2**depth", distributed=True)
 
 
 def add_arguments(p) -> None:
@@ -357,7 +363,10 @@ def run(args) -> int:
     """Train, save, reload (on another backend if present), denoise held-out renders, write the pictures.
 
     Returns 0, or 130 when Ctrl-C cut training short (what was learnt is still saved and shown).
+    With --distributed, every rank trains and rank 0 alone does the rest.
     """
+    if args.distributed:
+        mm.distributed.init()  # before the device: a process picks its GPU by its rank on its host
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -365,7 +374,9 @@ def run(args) -> int:
                             scenes=args.scenes, batch=args.batch, spp=args.spp, clean_spp=args.clean_spp,
                             refresh_every=args.refresh_every, halve_every=args.halve_every, lr=args.lr,
                             log_weight=args.log_weight, validation=args.test, seed=args.seed,
-                            progress=args.progress, steps=args.steps)
+                            progress=args.progress, steps=args.steps, distributed=args.distributed)
+    if mm.distributed.rank() != 0:
+        return 130 if result["interrupted"] else 0
     if result["interrupted"]:
         print(f"interrupted after {len(result['steps'])} steps: saving and showing what was learnt", file=sys.stderr)
     net, dev = result["net"], result["device"]
@@ -389,7 +400,8 @@ def run(args) -> int:
     loss_curve(result["steps"], result["validations"], result["noisy_psnr"]).save(out / "loss.png")
 
     t = result["timings"]
-    print(f"trained {len(result['steps'])} steps on {dev.name} in {t['train']:.0f} s "
+    ranks = f"{mm.distributed.size()} ranks of " if mm.distributed.size() > 1 else ""
+    print(f"trained {len(result['steps'])} steps on {ranks}{dev.name} in {t['train']:.0f} s "
           f"({t['render']:.0f} s of it rendering); deployed on {target}")
     print(f"PSNR on {len(test)} held-out renders ({args.spp} spp vs {max(args.clean_spp, 512)} spp): "
           f"noisy {before:.2f} dB -> denoised {after:.2f} dB ({after - before:+.2f} dB)")

@@ -196,7 +196,7 @@ class BoundsError(ctypes.Structure):
 
 
 class _Batch:
-    def __init__(self, work: list[D.Dispatch]):
+    def __init__(self, work: list[D.Dispatch | D.HostStep]):
         self.work = work
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -242,7 +242,7 @@ class CpuDevice(D.Device):
     def _alloc(self, nbytes: int) -> D.Buffer:
         return CpuBuffer(self, nbytes)
 
-    def _submit(self, work: list[D.Dispatch]) -> _Batch:
+    def _submit(self, work: list[D.Dispatch | D.HostStep]) -> _Batch:
         batch = _Batch(work)
         with self._submit_lock:
             self._last = batch
@@ -274,7 +274,10 @@ class CpuDevice(D.Device):
             finally:
                 batch.done.set()
 
-    def _run(self, rt: ctypes.CDLL, d: D.Dispatch) -> None:
+    def _run(self, rt: ctypes.CDLL, d: D.Dispatch | D.HostStep) -> None:
+        if d.__class__ is D.HostStep:
+            d.fn()
+            return
         p = d.predicate
         if p is not None and ctypes.c_uint32.from_address(p.buffer.ptr + p.offset).value == 0:
             # Read as the dispatch comes up in queue order, after the work before it: the cpu

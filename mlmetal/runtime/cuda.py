@@ -335,15 +335,19 @@ class CudaDevice(D.Device):
     def _alloc(self, nbytes: int) -> D.Buffer:
         return CudaBuffer(self, nbytes)
 
-    def _submit(self, work: list[D.Dispatch]) -> _Batch:
+    def _submit(self, work: list[D.Dispatch | D.HostStep]) -> _Batch:
         self.bind_thread()
         # Every function is resolved (and any rebuild done) before the commit's first launch.
-        functions = [d.kernel.function(d.threads[0] * d.threads[1] * d.threads[2]) for d in work]
+        functions = [None if d.__class__ is D.HostStep else d.kernel.function(d.threads[0] * d.threads[1] * d.threads[2])
+                     for d in work]
         cupy = _cupy()
         launch = cupy.cuda.driver.launchKernel
         with self._submit_lock:
             self._retire()
             for f, d in zip(functions, work):
+                if f is None:  # a host step enqueues its own work here, in stream order
+                    d.fn()
+                    continue
                 params = d.__dict__.get("_launch")  # a replayed dispatch keeps its argument block
                 if params is None:
                     params = d._launch = _launch_params(d)

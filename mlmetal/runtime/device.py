@@ -11,7 +11,7 @@ import dataclasses
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -190,6 +190,14 @@ class Dispatch:
     predicate: Predicate | None
 
 
+@dataclasses.dataclass
+class HostStep:
+    """Host work at its place in the device's order, encoded by `CommandBuffer.host_step`."""
+
+    fn: Callable[[], None]
+    what: str
+
+
 def _shape3(v: Any, what: str, kernel: Kernel) -> tuple[int, int, int]:
     if type(v) is int and v >= 1:
         return (v, 1, 1)
@@ -342,7 +350,7 @@ class CommandBuffer:
     def __init__(self, device: "Device"):
         self.device = device
         self.predicate: Predicate | None = None
-        self._encoded: list[Dispatch] = []
+        self._encoded: list[Dispatch | HostStep] = []
         self._submitted: list[Any] = []
         self._committed = False
 
@@ -368,16 +376,35 @@ class CommandBuffer:
         d = bind(kernel, groups, threads, args, named, predicate if predicate is not None else self.predicate)
         self._encoded.append(d)
 
+    def host_step(self, fn: Callable[[], None], what: str) -> None:
+        """Encode a call of `fn()` at this point of the queue, in order with the work around it
+        (a collective of mm.distributed: MPI, or NCCL on the GPU's stream).
+
+        The cpu backend's worker calls it once the work encoded before it has run, and runs the
+        work after it once it returns; what it raises fails the commit as a kernel's error would.
+        The cuda backend calls it while it enqueues the commit, between the launches before and
+        after it: `fn` must enqueue its work on the device's stream (`dev.stream`), not wait for
+        it. The metal backend refuses host steps.
+
+        Args:
+            fn: takes no arguments.
+            what: names the step in errors.
+        """
+        if self._committed:
+            raise DispatchError("this command buffer was committed; encode into a new one "
+                                "(or use commit_and_continue)")
+        self._encoded.append(HostStep(fn, what))
+
     def encoded(self) -> int:
         """How many dispatches wait in this buffer for the next commit (a mark for `since`)."""
         return len(self._encoded)
 
-    def since(self, mark: int) -> list[Dispatch]:
+    def since(self, mark: int) -> list[Dispatch | HostStep]:
         """The dispatches encoded after `mark` (= `encoded()` then), bound and checked: a graph's
         plan records them to `replay` on its next run."""
         return self._encoded[mark:]
 
-    def replay(self, dispatches: list[Dispatch]) -> None:
+    def replay(self, dispatches: list[Dispatch | HostStep]) -> None:
         """Encode dispatches bound earlier (by `since`) again, skipping the binding's checks."""
         if self._committed:
             raise DispatchError("this command buffer was committed; encode into a new one "
@@ -515,7 +542,7 @@ class Device:
     def _alloc(self, nbytes: int) -> Buffer:
         raise NotImplementedError
 
-    def _submit(self, work: list[Dispatch]) -> Any:
+    def _submit(self, work: list[Dispatch | HostStep]) -> Any:
         raise NotImplementedError
 
     def _wait(self, handle: Any) -> None:

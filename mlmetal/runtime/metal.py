@@ -163,7 +163,11 @@ class MetalDevice(D.Device):
     def _alloc(self, nbytes: int) -> D.Buffer:
         return MetalBuffer(self, nbytes)
 
-    def _submit(self, work: list[D.Dispatch]) -> _Batch:
+    def _submit(self, work: list[D.Dispatch | D.HostStep]) -> _Batch:
+        steps = [d.what for d in work if d.__class__ is D.HostStep]
+        if steps:  # metalcompute's runs give no point in the queue to call the host at without waiting
+            raise D.DispatchError(f"{steps[0]}: the metal backend runs no host steps (mm.distributed's "
+                                  "collectives); nothing of this commit ran")
         # Compile everything first, so a compile error commits nothing.
         pipelines = [d.kernel.pipeline(int(np.prod(d.threads))) for d in work]
         with self._submit_lock:

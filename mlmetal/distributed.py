@@ -1,0 +1,465 @@
+"""Data-parallel training across processes and GPUs: MPI between any processes, NCCL between NVIDIA GPUs.
+
+`mpirun -n 4 python train.py` starts four processes; `init()` in each reads its rank and the
+world's size from MPI (mpi4py). Collectives are encoded into command buffers as host steps
+(`CommandBuffer.host_step`), so the host never waits for them: on cpu the queue's worker runs
+them through MPI, in order with the kernels around them; on cuda they are NCCL calls enqueued
+on the device's stream (the NCCL unique id travels over MPI). One process drives one device: a
+process picks its GPU by its rank among the processes of its host, and on cpu takes its share
+of the host's cores.
+
+No rank waits forever. An exception that ends a rank's program prints and stops every rank
+(MPI_Abort); a launcher stops the others when a rank dies; and a collective that waits longer
+than the timeout (`init(timeout=)`, else MLMETAL_DISTRIBUTED_TIMEOUT, else 300 s) for the other
+ranks stops every rank, naming itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import sys
+import threading
+import time
+
+import numpy as np
+
+from . import ops
+from .runtime import backends
+from .tensor import Tensor
+
+
+class DistributedError(RuntimeError):
+    """Ranks that disagree (parameters, optimizers), a collective that timed out, or MPI or NCCL missing."""
+
+
+_world: "World | None" = None
+
+
+def init(timeout: float | None = None) -> "World":
+    """Join the processes `mpirun`/`mpiexec` started (alone, a world of one); returns the world.
+
+    Call it before the first `mm.device()`: a process picks its GPU by its rank on its host,
+    and on cpu takes its share of the host's cores (unless MLMETAL_CPU_THREADS says). Calling
+    it again returns the same world.
+
+    Args:
+        timeout: seconds a collective waits for the other ranks before it stops the job
+            (default MLMETAL_DISTRIBUTED_TIMEOUT, else 300).
+
+    Example:
+        >>> world = mm.distributed.init()       # under `mpirun -n 2 python train.py`
+        >>> world.rank, world.size
+        (0, 2)
+    """
+    global _world
+    if _world is not None:
+        return _world
+    if timeout is None:
+        text = os.environ.get("MLMETAL_DISTRIBUTED_TIMEOUT", "300")
+        try:
+            timeout = float(text)
+        except ValueError:
+            timeout = float("nan")
+        if not timeout > 0:
+            raise DistributedError(f"MLMETAL_DISTRIBUTED_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    elif not timeout > 0:
+        raise DistributedError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as e:  # RuntimeError: mpi4py found no MPI library to load
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DistributedError(f"mm.distributed needs mpi4py and an MPI: pip install 'mlmetal[distributed]' ({first})") from None
+    world = World(MPI, float(timeout))
+    if world.local_size > 1 and not os.environ.get("MLMETAL_CPU_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["MLMETAL_CPU_THREADS"] = str(max(1, cores // world.local_size))
+    _pick_gpu(world.local_rank)
+    if world.size > 1:
+        _stop_all_on_uncaught_exceptions()
+    _world = world
+    return world
+
+
+def rank() -> int:
+    """This process's rank: 0 to size() - 1 (0 before `init`)."""
+    return _world.rank if _world is not None else 0
+
+
+def size() -> int:
+    """How many processes train together (1 before `init`)."""
+    return _world.size if _world is not None else 1
+
+
+def barrier() -> None:
+    """Wait until every rank has called `barrier` (the host's program, not the device's work:
+    `dev.synchronize()` first for that)."""
+    world = _require_world("barrier")
+    world.wait(world.host_comm.Ibarrier(), "barrier")
+
+
+def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
+    """The sum (or mean) of `tensor` over the ranks, as a new tensor, computed in the device's order.
+
+    Args:
+        tensor: a float32 tensor of the same shape on every rank.
+        op: "sum" or "mean".
+
+    Example:
+        >>> total = mm.distributed.all_reduce(mm.tensor([float(mm.distributed.rank())]))   # 0 + 1 on 2 ranks
+    """
+    return ops.apply("all_reduce", tensor, op=op)
+
+
+def broadcast(tensor: Tensor, root: int = 0) -> Tensor:
+    """Overwrite `tensor` on every rank with its contents on rank `root`, in the device's order; returns it.
+
+    Example:
+        >>> mm.distributed.broadcast(weights, root=0)
+    """
+    world = _require_world("broadcast")
+    if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < world.size:
+        raise DistributedError(f"broadcast: root must be a rank from 0 to {world.size - 1}, got {root!r}")
+    cb = tensor.device.command_buffer()
+    world.transport(tensor.device).broadcast(cb, tensor, int(root))
+    cb.commit()
+    return tensor
+
+
+def abort(reason: str, code: int = 1) -> None:
+    """Print `reason` naming this rank and stop every rank of the job (MPI_Abort); does not return."""
+    from mpi4py import MPI
+
+    where = f"rank {rank()} of {size()}"
+    print(f"mlmetal.distributed: {where}: {reason}; stopping every rank", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    time.sleep(1)  # the launcher forwards what the ranks printed: once they are stopped, what it had not yet is lost
+    MPI.COMM_WORLD.Abort(code)
+
+
+def _require_world(what: str) -> "World":
+    if _world is None:
+        raise DistributedError(f"{what}: call mm.distributed.init() first (under mpirun, in every process)")
+    return _world
+
+
+def _stop_all_on_uncaught_exceptions() -> None:
+    """An exception that would end this rank's program stops every rank instead of leaving them
+    waiting for it (mpi4py's `python -m mpi4py` does the same)."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        abort(f"{kind.__name__}: {value}" if str(value) else kind.__name__)
+
+    sys.excepthook = hook
+
+
+def _pick_gpu(local_rank: int) -> None:
+    """Make GPU local_rank (mod the GPUs present) this process's, where cuda can run."""
+    if backends.available("cuda") is not None:
+        return
+    import cupy
+
+    gpu = local_rank % cupy.cuda.runtime.getDeviceCount()
+    made = backends._devices.get(("cuda", False))
+    if made is not None and made.gpu.id != gpu:
+        raise DistributedError(f"this process's cuda device is GPU {made.gpu.id}; as rank {local_rank} on its host it "
+                               f"should drive GPU {gpu}: call mm.distributed.init() before mm.device()")
+    cupy.cuda.runtime.setDevice(gpu)
+
+
+# ---------------------------------------------------------------- the world and its transports
+
+class World:
+    """The processes training together: this one's rank, their number, and the communicators."""
+
+    def __init__(self, MPI, timeout: float):
+        self.MPI = MPI
+        comm = MPI.COMM_WORLD
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        # Two communicators, so collectives the device's queue runs never meet the host's (a
+        # barrier, a check) out of order: each communicator's collectives match in call order.
+        self.queue_comm, self.host_comm = comm.Dup(), comm.Dup()
+        self.timeout = timeout
+        self._transports: dict = {}
+
+    def __repr__(self):
+        return f"<mlmetal world: rank {self.rank} of {self.size}>"
+
+    def wait(self, request, what: str) -> None:
+        """Wait for a non-blocking MPI request, yielding the core meanwhile (MPI would spin on it,
+        taking it from the ranks that share the host); stop the job past the timeout."""
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-5
+        while not request.Test():
+            if time.monotonic() > deadline:
+                abort(f"{what} waited {self.timeout:g} s for the other ranks (one of them stopped, hangs, or "
+                      "runs other collectives; MLMETAL_DISTRIBUTED_TIMEOUT sets the wait)")
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+
+    def host_allgather(self, obj, what: str) -> list:
+        """Every rank's `obj` (picklable), by rank."""
+        data = np.frombuffer(pickle.dumps(obj), np.uint8)
+        sizes = np.zeros(self.size, np.int64)
+        self.wait(self.host_comm.Iallgather(np.array([data.size], np.int64), sizes), what)
+        out = np.empty(int(sizes.sum()), np.uint8)
+        self.wait(self.host_comm.Iallgatherv(data, (out, sizes)), what)
+        ends = np.cumsum(sizes)
+        return [pickle.loads(out[e - s:e].tobytes()) for s, e in zip(sizes, ends)]
+
+    def host_bcast(self, obj, what: str, root: int = 0):
+        """Rank `root`'s `obj` (picklable), on every rank."""
+        data = np.frombuffer(pickle.dumps(obj), np.uint8)
+        n = np.array([data.size], np.int64)
+        self.wait(self.host_comm.Ibcast(n, root), what)
+        buf = data.copy() if self.rank == root else np.empty(int(n[0]), np.uint8)
+        self.wait(self.host_comm.Ibcast(buf, root), what)
+        return pickle.loads(buf.tobytes())
+
+    def transport(self, dev) -> "_Mpi | _Nccl":
+        """How collectives of device `dev` travel: NCCL on cuda, MPI through host memory elsewhere."""
+        t = self._transports.get(dev)
+        if t is None:
+            if dev.name == "metal":
+                raise DistributedError("mm.distributed does not run on the metal backend yet; use cpu")
+            t = self._transports[dev] = _Nccl(self, dev) if dev.name == "cuda" else _Mpi(self)
+        return t
+
+
+class _Mpi:
+    """Collectives through MPI on the buffers' host memory, run by the cpu backend's worker in queue order."""
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def all_reduce(self, cb, inputs: list[Tensor], outputs: list[Tensor], what: str) -> None:
+        world, MPI = self.world, self.world.MPI
+        ins = [x.buffer.numpy(np.float32)[:x.size] for x in inputs]
+        outs = [y.buffer.numpy(np.float32)[:y.size] for y in outputs]
+        ends = np.cumsum([x.size for x in ins])[:-1]
+
+        def step():
+            flat = np.concatenate(ins)  # one message for the bucket
+            world.wait(world.queue_comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM), what)
+            for y, part in zip(outs, np.split(flat, ends)):
+                y[...] = part
+
+        cb.host_step(step, what)
+
+    def broadcast(self, cb, tensor: Tensor, root: int) -> None:
+        world, view = self.world, tensor.buffer.numpy(np.uint8)[:tensor.nbytes]
+        what = f"broadcast of {tensor.shape} from rank {root}"
+        cb.host_step(lambda: world.wait(world.queue_comm.Ibcast(view, root), what), what)
+
+
+class _Nccl:
+    """Collectives through NCCL, enqueued on the cuda device's stream."""
+
+    def __init__(self, world: World, dev):
+        try:
+            from cupy.cuda import nccl
+        except ImportError as e:
+            nccl, why = None, str(e)
+        else:
+            why = "cupy.cuda.nccl.available is False"
+        if nccl is None or not nccl.available:
+            raise DistributedError(f"mm.distributed on cuda needs NCCL: pip install nvidia-nccl-cu13 (or -cu12, as "
+                                   f"CuPy's CUDA) ({why})")
+        self.nccl, self.world, self.dev = nccl, world, dev
+        uid = world.host_bcast(nccl.get_unique_id() if world.rank == 0 else None, "NCCL's unique id")
+        dev.bind_thread()
+        with dev.gpu:
+            self.comm = nccl.NcclCommunicator(world.size, uid, world.rank)
+        self.watchdog = _Watchdog(world, dev) if world.size > 1 else None
+
+    def _enqueue(self, cb, calls, what: str) -> None:
+        """A host step making NCCL `calls` (each taking the stream's pointer) as one group."""
+        nccl, stream = self.nccl, self.dev.stream
+
+        def step():
+            started = self.watchdog.mark() if self.watchdog else None
+            nccl.groupStart()
+            try:
+                for call in calls:
+                    call(stream.ptr)
+            finally:
+                nccl.groupEnd()
+            if self.watchdog:
+                self.watchdog.watch(started, what)
+
+        cb.host_step(step, what)
+
+    def all_reduce(self, cb, inputs: list[Tensor], outputs: list[Tensor], what: str) -> None:
+        nccl, comm = self.nccl, self.comm
+        self._enqueue(cb, [lambda s, x=x, y=y: comm.allReduce(x.buffer.ptr, y.buffer.ptr, x.size, nccl.NCCL_FLOAT32,
+                                                              nccl.NCCL_SUM, s) for x, y in zip(inputs, outputs)], what)
+
+    def broadcast(self, cb, tensor: Tensor, root: int) -> None:
+        nccl, comm = self.nccl, self.comm
+        self._enqueue(cb, [lambda s: comm.bcast(tensor.buffer.ptr, tensor.nbytes, nccl.NCCL_UINT8, root, s)],
+                      f"broadcast of {tensor.shape} from rank {root}")
+
+
+class _Watchdog:
+    """Stops the job when a collective on the GPU's stream has run longer than the timeout: NCCL
+    itself waits forever for a rank that stopped, and so would the host waiting on the stream."""
+
+    def __init__(self, world: World, dev):
+        self.world, self.dev = world, dev
+        self.pending: collections.deque = collections.deque()  # (started, finished events, what), in stream order
+        threading.Thread(target=self._run, name="mlmetal-nccl-watchdog", daemon=True).start()
+
+    def mark(self):
+        import cupy
+
+        event = cupy.cuda.Event(disable_timing=True)
+        event.record(self.dev.stream)
+        return event
+
+    def watch(self, started, what: str) -> None:
+        self.pending.append((started, self.mark(), what))
+
+    def _run(self):
+        self.dev.bind_thread()
+        since = None  # when the oldest pending collective was first seen running
+        while True:
+            time.sleep(0.5)
+            while self.pending and self.pending[0][1].done:
+                self.pending.popleft()
+                since = None
+            if self.pending and self.pending[0][0].done:
+                since = since or time.monotonic()
+                if time.monotonic() - since > self.world.timeout:
+                    abort(f"{self.pending[0][2]} ran {self.world.timeout:g} s on the GPU waiting for the other ranks "
+                          "(one of them stopped or hangs; MLMETAL_DISTRIBUTED_TIMEOUT sets the wait)")
+
+
+def encode_all_reduce(cb, inputs: list[Tensor], outputs: list[Tensor], op: str) -> None:
+    """Encode the all_reduce op: outputs = the sum (or mean) over the ranks of the inputs; a copy
+    before `init`, in the world of this process alone."""
+    scale = cb.device.library("elementwise").kernel("scale")
+
+    def times(s: float, xs: list[Tensor], ys: list[Tensor]) -> None:
+        for x, y in zip(xs, ys):
+            cb.dispatch(scale, groups=ops.groups_for(x.size, 256), threads=256, args=[x, y, {"n": x.size, "s": s}])
+
+    if _world is None:
+        times(1.0, inputs, outputs)
+        return
+    what = f"all_reduce of {len(inputs)} tensor{'s' if len(inputs) > 1 else ''} " \
+           f"({sum(x.nbytes for x in inputs) / 1024:.1f} KiB)"
+    _world.transport(cb.device).all_reduce(cb, inputs, outputs, what)
+    if op == "mean" and _world.size > 1:
+        times(1.0 / _world.size, outputs, outputs)
+
+
+# ---------------------------------------------------------------- data-parallel training graphs
+
+class DataParallel:
+    """An optimizer whose training graphs average every gradient over the ranks before its updates.
+
+    Where a training graph is derived (`loss.training_graph(optimizer=dp)`), it checks that every
+    rank has the same parameters (names and shapes, in order: the first difference is an error on
+    every rank), broadcasts the parameters, the optimizer's state and step count from rank 0, and
+    appends an all_reduce node (op="mean") for each bucket of gradients, placed right after the
+    node that computes the bucket's last gradient, so each bucket's reduction is encoded as soon
+    as it can be. The inner optimizer's updates then read the averaged gradients, which are also
+    each parameter's `grad`. Every rank must run the same steps.
+
+    Args:
+        optimizer: what each rank would train with alone (`mm.optim.SGD`, `mm.optim.Adam`).
+        bucket_bytes: gradients are reduced in buckets of about this many bytes (default 25 MiB,
+            as PyTorch's DistributedDataParallel); a larger gradient is a bucket of its own.
+
+    Example:
+        >>> mm.distributed.init()
+        >>> opt = mm.distributed.DataParallel(mm.optim.Adam(net.parameters(), lr=1e-3))
+        >>> train = loss.training_graph(optimizer=opt)
+    """
+
+    def __init__(self, optimizer, bucket_bytes: int = 25 << 20):
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+        self.optimizer = optimizer
+        self.bucket_bytes = int(bucket_bytes)
+        self.buckets: list = []  # the all_reduce nodes appended, in the order the backward pass reaches them
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:  # so a schedule (mm.optim.StepDecay) may hold the wrapper
+        self.optimizer.lr = value
+
+    @property
+    def params(self) -> list:
+        return self.optimizer.params
+
+    def prepare_step(self) -> None:
+        self.optimizer.prepare_step()
+
+    def append_updates(self, graph, param_grads: dict) -> list:
+        """Check the ranks agree, broadcast rank 0's state, append the bucketed all_reduce nodes
+        and then the inner optimizer's updates (rebinding `param_grads` to the averaged gradients)."""
+        world = _require_world("DataParallel")
+        mine = {id(p) for p in self.optimizer.params if getattr(p, "trainable", True)}
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        reduced = [t for t in param_grads if id(t.value) in mine]
+        self._check_ranks_agree(world, reduced)
+        self._broadcast_state(world)
+        reduced.sort(key=lambda t: order.get(param_grads[t].node, -1))  # the order the backward pass computes them
+        for bucket in self._buckets(reduced):
+            grads = [param_grads[t] for t in bucket]
+            out = graph.append("all_reduce", grads, {"op": "mean"})
+            node = graph.nodes.pop()
+            last = grads[-1].node
+            graph.nodes.insert(graph.nodes.index(last) + 1 if last is not None else 0, node)
+            self.buckets.append(node)
+            for t, g in zip(bucket, out if isinstance(out, tuple) else (out,)):
+                param_grads[t] = g
+        return self.optimizer.append_updates(graph, param_grads)
+
+    def _buckets(self, tensors: list) -> list[list]:
+        buckets, size = [], self.bucket_bytes  # "full", so the first tensor opens a bucket
+        for t in tensors:
+            if size + t.nbytes > self.bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(t)
+            size += t.nbytes
+        return buckets
+
+    def _check_ranks_agree(self, world: World, reduced: list) -> None:
+        """Raise on every rank, naming the first difference, unless all ranks reduce the same gradients alike."""
+        params = [(getattr(t.value, "name", "") or "unnamed", t.shape) for t in reduced]
+        mine = (type(self.optimizer).__name__, self.bucket_bytes, params)
+        everyone = world.host_allgather(mine, "DataParallel's check that the ranks agree")
+        for r, theirs in enumerate(everyone[1:], 1):
+            if theirs == everyone[0]:
+                continue
+            (kind0, bucket0, params0), (kind, bucket, params) = everyone[0], theirs
+            if kind != kind0 or bucket != bucket0:
+                raise DistributedError(f"DataParallel: rank 0 trains with {kind0} in buckets of {bucket0} bytes, "
+                                       f"rank {r} with {kind} in buckets of {bucket} bytes")
+            i = next(i for i in range(max(len(params), len(params0))) if params[i:i + 1] != params0[i:i + 1])
+
+            def show(ps):
+                return f"`{ps[i][0]}` of shape {ps[i][1]}" if i < len(ps) else "none"
+
+            counts = f" (rank 0 trains {len(params0)}, rank {r} {len(params)})" if len(params) != len(params0) else ""
+            raise DistributedError(f"DataParallel: the ranks' parameters differ{counts}: parameter {i} is {show(params0)} "
+                                   f"on rank 0, {show(params)} on rank {r}")
+
+    def _broadcast_state(self, world: World) -> None:
+        opt = self.optimizer
+        for p in opt.params:
+            for t in (p, *opt.state[id(p)]):
+                broadcast(t, 0)
+        opt.steps = world.host_bcast(opt.steps, "the optimizer's step count")
