@@ -376,6 +376,8 @@ class DataParallel:
         optimizer: what each rank would train with alone (`mm.optim.SGD`, `mm.optim.Adam`).
         bucket_bytes: gradients are reduced in buckets of about this many bytes (default 25 MiB,
             as PyTorch's DistributedDataParallel); a larger gradient is a bucket of its own.
+        module: the module whose parameters these are, if any: the check that the ranks agree
+            names parameters by its dotted names (else by the names they carry).
 
     Example:
         >>> mm.distributed.init()
@@ -383,11 +385,12 @@ class DataParallel:
         >>> train = loss.training_graph(optimizer=opt)
     """
 
-    def __init__(self, optimizer, bucket_bytes: int = 25 << 20):
+    def __init__(self, optimizer, bucket_bytes: int = 25 << 20, module=None):
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
         self.optimizer = optimizer
         self.bucket_bytes = int(bucket_bytes)
+        self._names = {id(p): n for n, p in module.named_parameters().items()} if module is not None else {}
         self.buckets: list = []  # the all_reduce nodes appended, in the order the backward pass reaches them
 
     @property
@@ -402,8 +405,9 @@ class DataParallel:
     def params(self) -> list:
         return self.optimizer.params
 
-    def prepare_step(self) -> None:
-        self.optimizer.prepare_step()
+    def prepare_step(self) -> dict:
+        """The inner optimizer's step: its update attributes for this step."""
+        return self.optimizer.prepare_step()
 
     def append_updates(self, graph, param_grads: dict) -> list:
         """Check the ranks agree, broadcast rank 0's state, append the bucketed all_reduce nodes
@@ -438,7 +442,7 @@ class DataParallel:
 
     def _check_ranks_agree(self, world: World, reduced: list) -> None:
         """Raise on every rank, naming the first difference, unless all ranks reduce the same gradients alike."""
-        params = [(getattr(t.value, "name", "") or "unnamed", t.shape) for t in reduced]
+        params = [(self._names.get(id(t.value)) or getattr(t.value, "name", "") or "unnamed", t.shape) for t in reduced]
         mine = (type(self.optimizer).__name__, self.bucket_bytes, params)
         everyone = world.host_allgather(mine, "DataParallel's check that the ranks agree")
         for r, theirs in enumerate(everyone[1:], 1):

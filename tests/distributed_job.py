@@ -52,7 +52,7 @@ def main(scenario: str, out: str) -> None:
     world = mm.distributed.init()
     dev = mm.device("cpu")
     model = net(dev, 5 if scenario == "mismatch" and world.rank == 1 else 4)
-    train = training(dev, model, BATCH, mm.distributed.DataParallel(adam(model), bucket_bytes=BUCKET_BYTES))
+    train = training(dev, model, BATCH, mm.distributed.DataParallel(adam(model), bucket_bytes=BUCKET_BYTES, module=model))
     for step in range(STEPS):
         if world.rank == 1 and step == FAIL_AT:
             if scenario == "raise":

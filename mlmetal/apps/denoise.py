@@ -118,7 +118,7 @@ def training_graph(net: UNet, batch: int, size: int, lr: float, log_weight: floa
                                reduction="mean", weight=log_weight)
     loss = mm.ops.add(rgb_loss, log_loss)
     optimizer = mm.optim.Adam(net.parameters(), lr=lr)
-    return loss.training_graph(optimizer=mm.distributed.DataParallel(optimizer) if distributed else optimizer)
+    return loss.training_graph(optimizer=mm.distributed.DataParallel(optimizer, module=net) if distributed else optimizer)
 
 
 class Renders:
