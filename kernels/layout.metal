@@ -49,3 +49,29 @@ kernel void copy_channels(device const float* src [[buffer(0)]],  // extent: p.c
     uint i = j % p.inner, c = (j / p.inner) % p.channels, n = j / (p.inner * p.channels);
     dst[(n * p.dst_channels + p.dst_offset + c) * p.inner + i] = src[(n * p.src_channels + p.src_offset + c) * p.inner + i];
 }
+
+struct GatherParams {
+    uint n;          // output elements
+    uint dims;       // merged axes of the output, at most 8
+    uint src_size;   // x's elements
+    int offset;      // the element of x that output element 0 reads
+    uint shape[8];   // the output's merged axes
+    int stride[8];   // x's stride along each, in elements: negative along a reversed slice, 0 to broadcast
+};
+
+// out[i] = x[offset + Σ_d i_d·stride_d], i_d the coordinates of i: a permutation of the axes, a
+// strided slice or a broadcast, each one strided read into a contiguous output. (Tensors are
+// contiguous, so a view is a copy; the host merges axes the strides walk as one.)
+kernel void gather(device const float* x [[buffer(0)]],  // extent: p.src_size
+                   device float* out [[buffer(1)]],  // extent: p.n
+                   constant GatherParams& p [[buffer(2)]],
+                   uint i [[thread_position_in_grid]]) {
+    if (i >= p.n) return;
+    int at = p.offset;
+    uint rest = i;
+    for (uint d = p.dims; d-- > 0;) {
+        at += int(rest % p.shape[d]) * p.stride[d];
+        rest /= p.shape[d];
+    }
+    out[i] = x[at];
+}

@@ -1,4 +1,4 @@
-"""Concat and slice along the channels against their references; shape errors."""
+"""Concat and slice along the channels and broadcasts against their references; shape errors."""
 
 import numpy as np
 import pytest
@@ -47,10 +47,26 @@ def fit(case):
     return fitted
 
 
+def any_shape(data, small, max_axes=4):
+    dims = st.integers(1, 4) if small else AWKWARD_DIMS
+    return tuple(data.draw(st.lists(dims, min_size=1, max_size=3 if small else max_axes), label="shape"))
+
+
+def broadcast_to_case(small=False):
+    """x and a shape it broadcasts to: more leading axes, and some of x's size-1 axes grown."""
+    def case(data):
+        shape = any_shape(data, small, max_axes=3)
+        x_shape = tuple(1 if data.draw(st.booleans(), label="broadcast") else n for n in shape)
+        lead = data.draw(st.lists(st.integers(1, 3 if small else 5), max_size=2), label="leading")
+        return [floats(x_shape, data)], {"shape": tuple(lead) + shape}
+    return case
+
+
 ROWS = [
     row("concat", concat_case(), rtol=0, atol=0, grad_case=concat_case(small=True)),
     row("slice_channels", slice_case(), rtol=0, atol=0, grad_case=slice_case(small=True)),
     row("slice_channels_grad", fit(slice_grad_case), rtol=0, atol=0),
+    row("broadcast_to", broadcast_to_case(), rtol=0, atol=0, grad_case=broadcast_to_case(small=True)),
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
@@ -79,3 +95,14 @@ def test_concat_errors(dev, shapes, message):
 def test_slice_errors(dev, start, stop):
     with pytest.raises(mm.ShapeError, match="slice_channels"):
         mm.ops.slice_channels(mm.tensor(np.zeros((1, 4, 2, 2), np.float32), dev), start, stop)
+
+
+@pytest.mark.parametrize("op, attrs, message", [
+    ("broadcast_to", {"shape": (3, 5)}, r"cannot broadcast \(3, 4, 1\) to \(3, 5\)"),
+    ("broadcast_to", {"shape": (3, 3, 1)}, r"do not broadcast"),
+    ("broadcast_to", {"shape": (3, 4, 0)}, "positive ints"),
+])
+def test_layout_errors(dev, op, attrs, message):
+    with pytest.raises(mm.ShapeError, match=message):
+        getattr(mm.ops, op)(mm.tensor(np.zeros((3, 4, 1), np.float32), dev), **attrs)
+

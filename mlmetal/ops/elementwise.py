@@ -1,29 +1,162 @@
 """Elementwise ops and activations (kernels/elementwise.metal).
 
-Most ops here are maps over same-shaped float32 tensors: `_map` registers one from its
-kernel name, attribute defaults and gradient rule. The gradient kernels of the activations
-are ops too (relu_grad, sigmoid_grad, ...), so a gradient rule is a call like any other.
+The binary ops (add, sub, mul, div, maximum, minimum, equal) and `where` broadcast their inputs
+by NumPy's rules; their gradients sum back over the axes an input was broadcast along
+(`broadcast.sum_to`). Same-shaped inputs, the training steps' case, take a kernel without index
+arithmetic.
+
+The rest are maps over same-shaped float32 tensors: `_map` registers one from its kernel name,
+attribute defaults and gradient rule. The gradient kernels of the activations are ops too
+(relu_grad, sigmoid_grad, ...), so a gradient rule is a call like any other.
 """
 
 import math
 
 from ..reference import elementwise as R
 from . import apply, ensure, groups_for, register
+from .broadcast import MAX_DIMS, broadcast_shape, broadcast_strides, merge_axes, padded, sum_to
 
 
-def _add_check(x, y):
-    """out = x + y, for tensors of the same shape."""
-    ensure(x == y, "add", f"shapes {x} and {y} differ")
-    return x, {}
+# ---------------------------------------------------------------- broadcasting
+
+def _broadcast_check(op, *shapes):
+    """The output shape of `shapes` broadcast together, checked to fit the kernels' MAX_DIMS merged axes."""
+    out = broadcast_shape(op, *shapes)
+    merged, _ = merge_axes(out, *(broadcast_strides(s, out) for s in shapes))
+    ensure(len(merged) <= MAX_DIMS, op, f"shapes {' and '.join(map(str, shapes))} broadcast along {len(merged)} "
+                                        f"separate axes; the kernels take at most {MAX_DIMS}")
+    return out
 
 
-def _add_encode(cb, out, x, y):
-    k = out.device.library("elementwise").kernel("add")
-    cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, y, out, {"n": out.size}])
+def _broadcast_params(out_shape, *shapes):
+    """BroadcastParams of elementwise.metal: the output's merged axes and each input's strides along them."""
+    merged, strides = merge_axes(out_shape, *(broadcast_strides(s, out_shape) for s in shapes))
+    return {"n": math.prod(out_shape), "dims": len(merged), "sizes": padded([math.prod(s) for s in shapes], 3),
+            "shape": padded(merged), "strides": padded([v for s in strides for v in padded(s)], 3 * MAX_DIMS)}
 
 
-register("add", check=_add_check, encode=_add_encode, reference=R.add,
-         grad=lambda g, out, x, y: (g, g), kernels=["elementwise.add"])
+def _encode_broadcast(cb, kernel, out, *inputs):
+    k = out.device.library("elementwise").kernel(kernel)
+    cb.dispatch(k, groups=groups_for(out.size, 256), threads=256,
+                args=[*inputs, out, _broadcast_params(out.shape, *(x.shape for x in inputs))])
+
+
+def _binary(name, doc, grad, same_shape_kernel=True):
+    """Register a binary op broadcasting its inputs (kernels `<name>_broadcast` and, for same-shaped
+    inputs, `<name>`; `<name>` alone when it has no same-shape kernel)."""
+    def check(x, y):
+        return _broadcast_check(name, x, y), {}
+
+    def encode(cb, out, x, y):
+        if same_shape_kernel and x.shape == y.shape:
+            k = out.device.library("elementwise").kernel(name)
+            cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, y, out, {"n": out.size}])
+        else:
+            _encode_broadcast(cb, f"{name}_broadcast" if same_shape_kernel else name, out, x, y)
+
+    check.__doc__ = doc
+    kernels = [f"elementwise.{name}", f"elementwise.{name}_broadcast"] if same_shape_kernel else [f"elementwise.{name}"]
+    register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad, kernels=kernels)
+
+
+_binary("add", """out = x + y, broadcast by NumPy's rules.
+
+    Example:
+        >>> z = mm.ops.add(x, b)  # x (N, C, H, W), b (C, 1, 1)
+    """, grad=lambda g, out, x, y: (sum_to(g, x.shape), sum_to(g, y.shape)))
+
+_binary("sub", """out = x − y, broadcast by NumPy's rules.
+
+    Example:
+        >>> centred = mm.ops.sub(x, mm.ops.mean(x, axis=1, keepdims=True))
+    """, grad=lambda g, out, x, y: (sum_to(g, x.shape), apply("scale", sum_to(g, y.shape), s=-1.0)))
+
+_binary("mul", """out = x · y, broadcast by NumPy's rules.
+
+    Example:
+        >>> z = mm.ops.mul(x, y)
+    """, grad=lambda g, out, x, y: (sum_to(apply("mul", g, y), x.shape), sum_to(apply("mul", g, x), y.shape)))
+
+
+def _div_grad(g, out, x, y):
+    q = apply("div", g, y)  # dx = g/y; dy = −g·x/y² = −(g/y)·out
+    return sum_to(q, x.shape), apply("scale", sum_to(apply("mul", q, out), y.shape), s=-1.0)
+
+
+_binary("div", """out = x / y, broadcast by NumPy's rules (IEEE division: x/0 is ±inf, 0/0 NaN).
+
+    Example:
+        >>> probs = mm.ops.div(counts, mm.ops.sum(counts, axis=1, keepdims=True))
+    """, grad=_div_grad)
+
+_binary("maximum", """The larger of x and y, broadcast; NaN if either is NaN (PyTorch's maximum, not fmax).
+
+    Its gradient goes to the larger input, half to each where they tie.
+
+    Example:
+        >>> y = mm.ops.maximum(x, floor)
+    """, grad=lambda g, out, x, y: (sum_to(apply("maximum_grad", g, x, y), x.shape),
+                                    sum_to(apply("maximum_grad", g, y, x), y.shape)))
+
+_binary("minimum", """The smaller of x and y, broadcast; NaN if either is NaN (PyTorch's minimum, not fmin).
+
+    Its gradient goes to the smaller input, half to each where they tie.
+
+    Example:
+        >>> y = mm.ops.minimum(x, ceiling)
+    """, grad=lambda g, out, x, y: (sum_to(apply("minimum_grad", g, x, y), x.shape),
+                                    sum_to(apply("minimum_grad", g, y, x), y.shape)))
+
+# A comparison: no gradient flows through it (None for both inputs, as through PyTorch's bool result).
+_binary("equal", """1.0 where x == y, else 0.0 (float32), broadcast; NaN equals nothing.
+
+    Example:
+        >>> is_max = mm.ops.equal(x, mm.ops.max(x, axis=1, keepdims=True))
+    """, grad=lambda g, out, x, y: (None, None), same_shape_kernel=False)
+
+
+def _ternary(name, doc, grad):
+    """Register an op of three inputs broadcast together (kernel `name`)."""
+    def check(x, y, z):
+        return _broadcast_check(name, x, y, z), {}
+
+    def encode(cb, out, x, y, z):
+        _encode_broadcast(cb, name, out, x, y, z)
+
+    check.__doc__ = doc
+    register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad, kernels=[f"elementwise.{name}"])
+
+
+_ternary("where", """a where cond is nonzero, else b; the three broadcast by NumPy's rules.
+
+    Args:
+        cond: float32, nonzero (NaN included) for true.
+        a, b: the values taken where cond is true and false.
+
+    Example:
+        >>> y = mm.ops.where(mask, x, mm.ops.scale(x, s=0.1))
+    """, grad=lambda g, out, cond, a, b: (None, sum_to(apply("where_grad", g, cond, branch=0), a.shape),
+                                          sum_to(apply("where_grad", g, cond, branch=1), b.shape)))
+
+_ternary("maximum_grad", "dL/da of maximum(a, b) given dL/dout `g`, at out's shape: g where a > b, g/2 where a == b.",
+         grad=None)
+_ternary("minimum_grad", "dL/da of minimum(a, b) given dL/dout `g`, at out's shape: g where a < b, g/2 where a == b.",
+         grad=None)
+
+
+def _where_grad_check(g, cond, branch):
+    """dL/da (branch 0) or dL/db (branch 1) of where(cond, a, b) at the output's shape: g where cond
+    picks that branch, else 0."""
+    ensure(branch in (0, 1), "where_grad", f"branch must be 0 (a) or 1 (b), got {branch!r}")
+    return _broadcast_check("where_grad", g, cond), {"branch": int(branch)}
+
+
+def _where_grad_encode(cb, out, g, cond, branch):
+    _encode_broadcast(cb, "where_grad_" + "ab"[branch], out, g, cond)
+
+
+register("where_grad", check=_where_grad_check, encode=_where_grad_encode, reference=R.where_grad, grad=None,
+         kernels=["elementwise.where_grad_a", "elementwise.where_grad_b"])
 
 
 def _map(name, n_inputs, doc, grad, kernel=None, **defaults):
@@ -50,12 +183,6 @@ def _map(name, n_inputs, doc, grad, kernel=None, **defaults):
     register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad,
              kernels=[f"elementwise.{kernel}"])
 
-
-_map("mul", 2, """out = x * y, elementwise, for tensors of the same shape.
-
-    Example:
-        >>> z = mm.ops.mul(x, y)
-    """, grad=lambda g, out, x, y: (apply("mul", g, y), apply("mul", g, x)))
 
 _map("scale", 1, """out = s * x.
 
@@ -155,3 +282,4 @@ def _softmax_grad_encode(cb, out, g, y):
 
 register("softmax_grad", check=_softmax_grad_check, encode=_softmax_grad_encode, reference=R.softmax_grad,
          grad=None, kernels=["elementwise.softmax_grad"])
+

@@ -1,9 +1,13 @@
-"""Concatenating and slicing along the channels, dim 1 of (N, C, ...) (kernels/layout.metal).
+"""Moving data between layouts (kernels/layout.metal): concatenating and slicing along the
+channels (dim 1 of (N, C, ...)), and broadcasts.
 
 `concat` is the registry's one op with a variable number of inputs: its check, encode,
 reference and gradient rule take `*inputs`, like any op's, and only the public entry point
 `mm.ops.concat([a, b, ...])` takes a list. Likewise `mm.ops.slice_channels(x, start, stop)`
 takes its attributes positionally. Both replace the `*inputs, **attrs` entries `register` made.
+
+Tensors are contiguous buffers (and a graph gives every node's output a buffer of its own), so
+`broadcast_to` copies, through one strided read (`gather`).
 """
 
 import math
@@ -13,6 +17,7 @@ import sys
 from ..reference import layout as R
 from ..tensor import Tensor
 from . import apply, ensure, groups_for, register
+from .broadcast import MAX_DIMS, broadcast_shape, broadcast_strides, merge_axes, padded, sum_to
 
 
 def _copy(cb, src, dst, channels, src_offset, dst_offset):
@@ -119,3 +124,47 @@ def _slice_grad_encode(cb, out, g, channels, start):
 
 register("slice_channels_grad", check=_slice_grad_check, encode=_slice_grad_encode, reference=R.slice_channels_grad,
          grad=None, kernels=["elementwise.fill_u32", "layout.copy_channels"])
+
+
+# ---------------------------------------------------------------- strided copies
+
+def _gather(cb, out, x, strides, offset=0):
+    """out[i] = x[offset + Σ i_d·strides_d] over out's axes (dispatches layout.gather)."""
+    merged, (merged_strides,) = merge_axes(out.shape, strides)
+    p = {"n": out.size, "dims": len(merged), "src_size": x.size, "offset": offset, "shape": padded(merged),
+         "stride": padded(merged_strides)}
+    k = out.device.library("layout").kernel("gather")
+    cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, out, p])
+
+
+def _fits_kernels(op, shape):
+    ensure(len([n for n in shape if n != 1]) <= MAX_DIMS, op,
+           f"{shape} has more than {MAX_DIMS} axes longer than 1; the kernels take at most {MAX_DIMS}")
+    ensure(math.prod(shape) < 2**31, op, f"tensors of 2^31 elements or more are not supported, got {shape}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------- broadcast_to
+
+def _broadcast_to_check(x, shape):
+    """x repeated along the axes it broadcasts over to `shape`, by NumPy's rules (a copy).
+
+    Example:
+        >>> mm.ops.broadcast_to(b, shape=(4, 3)).shape   # b (3,) or (1, 3) or (4, 1)
+        (4, 3)
+    """
+    ensure(isinstance(shape, (tuple, list)) and all(_is_int(n) and n >= 1 for n in shape), "broadcast_to",
+           f"shape must be a sequence of positive ints, got {shape!r}")
+    shape = tuple(int(n) for n in shape)
+    ensure(len(x) <= len(shape) and broadcast_shape("broadcast_to", x, shape) == shape, "broadcast_to",
+           f"cannot broadcast {x} to {shape}")
+    _fits_kernels("broadcast_to", shape)
+    return shape, {"shape": shape}
+
+
+register("broadcast_to", check=_broadcast_to_check,
+         encode=lambda cb, out, x, shape: _gather(cb, out, x, broadcast_strides(x.shape, shape)),
+         reference=R.broadcast_to, grad=lambda g, out, x, shape: (sum_to(g, x.shape),), kernels=["layout.gather"])

@@ -7,8 +7,47 @@ def add(x, y):
     return np.asarray(x, np.float64) + np.asarray(y, np.float64)
 
 
+def sub(x, y):
+    return x - y
+
+
 def mul(x, y):
     return x * y
+
+
+def div(x, y):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return x / y
+
+
+def maximum(x, y):
+    return np.maximum(x, y)  # NaN if either is NaN, as PyTorch
+
+
+def minimum(x, y):
+    return np.minimum(x, y)
+
+
+def equal(x, y):
+    return (x == y).astype(np.float64)
+
+
+def where(cond, a, b):
+    return np.where(cond != 0, a, b)
+
+
+def where_grad(g, cond, branch):
+    taken = (cond != 0) if branch == 0 else (cond == 0)
+    return np.where(taken, g, 0.0) + np.zeros(np.broadcast_shapes(g.shape, cond.shape))
+
+
+def maximum_grad(g, a, b):
+    # PyTorch: where(a == b, g/2, g), then 0 where a < b (so all of g where either is NaN)
+    return np.where(a < b, 0.0, np.where(a == b, g / 2, g)) + np.zeros(np.broadcast_shapes(g.shape, a.shape, b.shape))
+
+
+def minimum_grad(g, a, b):
+    return np.where(a > b, 0.0, np.where(a == b, g / 2, g)) + np.zeros(np.broadcast_shapes(g.shape, a.shape, b.shape))
 
 
 def scale(x, s):
@@ -58,3 +97,4 @@ def softmax(x):
 
 def softmax_grad(g, y):
     return y * (g - (g * y).sum(axis=1, keepdims=True))
+

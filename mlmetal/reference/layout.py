@@ -1,4 +1,5 @@
-"""References of kernels/layout.metal: concatenating and slicing along the channels (dim 1)."""
+"""References of kernels/layout.metal: concatenating and slicing along the channels (dim 1), and
+broadcasts."""
 
 import numpy as np
 
@@ -15,3 +16,8 @@ def slice_channels_grad(g, channels, start):
     out = np.zeros(g.shape[:1] + (channels,) + g.shape[2:])
     out[:, start:start + g.shape[1]] = g
     return out
+
+
+def broadcast_to(x, shape):
+    return np.broadcast_to(x, shape).copy()
+
