@@ -285,6 +285,146 @@ kernel void tanh_grad(device const float* g [[buffer(0)]],  // extent: p.n
     if (i < p.n) out[i] = g[i] * (1.0f - y[i] * y[i]);
 }
 
+// ---------------------------------------------------------------- math
+//
+// Kernels named like the op would shadow Metal's functions (exp, log, sqrt, ...), so they are the
+// op's name with `_op`. precise:: wherever the result must hold for large or tiny inputs.
+
+kernel void exp_op(device const float* x [[buffer(0)]],  // extent: p.n
+                   device float* out [[buffer(1)]],  // extent: p.n
+                   constant CountParams& p [[buffer(2)]],
+                   uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = precise::exp(x[i]);
+}
+
+kernel void log_op(device const float* x [[buffer(0)]],  // extent: p.n
+                   device float* out [[buffer(1)]],  // extent: p.n
+                   constant CountParams& p [[buffer(2)]],
+                   uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = precise::log(x[i]);
+}
+
+kernel void sqrt_op(device const float* x [[buffer(0)]],  // extent: p.n
+                    device float* out [[buffer(1)]],  // extent: p.n
+                    constant CountParams& p [[buffer(2)]],
+                    uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = precise::sqrt(x[i]);
+}
+
+kernel void rsqrt_op(device const float* x [[buffer(0)]],  // extent: p.n
+                     device float* out [[buffer(1)]],  // extent: p.n
+                     constant CountParams& p [[buffer(2)]],
+                     uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = precise::rsqrt(x[i]);
+}
+
+kernel void abs_op(device const float* x [[buffer(0)]],  // extent: p.n
+                   device float* out [[buffer(1)]],  // extent: p.n
+                   constant CountParams& p [[buffer(2)]],
+                   uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = fabs(x[i]);
+}
+
+// dx = g·sign(x): 0 at the kink, and 0 where x is NaN (Metal's sign, and PyTorch's)
+kernel void abs_grad(device const float* g [[buffer(0)]],  // extent: p.n
+                     device const float* x [[buffer(1)]],  // extent: p.n
+                     device float* out [[buffer(2)]],  // extent: p.n
+                     constant CountParams& p [[buffer(3)]],
+                     uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = g[i] * sign(x[i]);
+}
+
+struct ClampParams {
+    uint n;
+    float min;  // -INFINITY or INFINITY for a side without a bound
+    float max;
+};
+
+// Not metal::clamp, whose fmin/fmax would clip NaN to a bound: NaN stays NaN, as in PyTorch.
+kernel void clamp_op(device const float* x [[buffer(0)]],  // extent: p.n
+                     device float* out [[buffer(1)]],  // extent: p.n
+                     constant ClampParams& p [[buffer(2)]],
+                     uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = x[i] < p.min ? p.min : x[i] > p.max ? p.max : x[i];
+}
+
+// dx = g where min ≤ x ≤ max (the bounds included, as PyTorch), else 0 (NaN included)
+kernel void clamp_grad(device const float* g [[buffer(0)]],  // extent: p.n
+                       device const float* x [[buffer(1)]],  // extent: p.n
+                       device float* out [[buffer(2)]],  // extent: p.n
+                       constant ClampParams& p [[buffer(3)]],
+                       uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = x[i] >= p.min && x[i] <= p.max ? g[i] : 0.0f;
+}
+
+struct PowerParams {
+    uint n;
+    float exponent;
+};
+
+// x^e. Metal's pow is defined for x ≥ 0 only, so a negative base is raised by its magnitude and
+// takes the sign an integer power gives it (odd: negative); to any other power it is NaN, as in
+// PyTorch. x^0 is 1 for every x, NaN included.
+kernel void power(device const float* x [[buffer(0)]],  // extent: p.n
+                  device float* out [[buffer(1)]],  // extent: p.n
+                  constant PowerParams& p [[buffer(2)]],
+                  uint i [[thread_position_in_grid]]) {
+    if (i >= p.n) return;
+    float v = x[i], e = p.exponent, r = precise::pow(fabs(v), e);
+    bool integral = e == rint(e), odd = fabs(fmod(e, 2.0f)) == 1.0f;  // ±∞: integral, even
+    out[i] = e == 0.0f ? 1.0f : !(v < 0.0f) ? r : !integral ? NAN : odd ? -r : r;
+}
+
+// Φ(x), the standard normal distribution function, as erfc(−x/√2)/2 with erfc by the Chebyshev
+// fit of Press et al. (Numerical Recipes, erfcc): relative error below 1.2e−7 everywhere, so
+// gelu keeps its precision far out on the negative side, where Φ is tiny and 1 + erf(x)
+// would cancel.
+inline float normal_cdf(float x) {
+    float z = fabs(x) * 0.70710678f, t = 1.0f / (1.0f + 0.5f * z);
+    float poly = -1.26551223f + t * (1.00002368f + t * (0.37409196f + t * (0.09678418f + t * (-0.18628806f
+                 + t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f + t * (-0.82215223f + t * 0.17087277f))))))));
+    float tail = 0.5f * t * precise::exp(-z * z + poly);  // Φ(−|x|)
+    return x < 0.0f ? tail : 1.0f - tail;
+}
+
+// x·Φ(x): the exact GELU (PyTorch's default, approximate="none"), not the tanh approximation.
+kernel void gelu(device const float* x [[buffer(0)]],  // extent: p.n
+                 device float* out [[buffer(1)]],  // extent: p.n
+                 constant CountParams& p [[buffer(2)]],
+                 uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = x[i] * normal_cdf(x[i]);
+}
+
+// dx = g·(Φ(x) + x·φ(x)), φ the standard normal density
+kernel void gelu_grad(device const float* g [[buffer(0)]],  // extent: p.n
+                      device const float* x [[buffer(1)]],  // extent: p.n
+                      device float* out [[buffer(2)]],  // extent: p.n
+                      constant CountParams& p [[buffer(3)]],
+                      uint i [[thread_position_in_grid]]) {
+    if (i >= p.n) return;
+    float v = x[i];
+    out[i] = g[i] * (normal_cdf(v) + v * 0.39894228f * precise::exp(-0.5f * v * v));
+}
+
+// x·σ(x); precise::exp so that e^-x overflows to inf (σ = 0) instead of NaN.
+kernel void silu(device const float* x [[buffer(0)]],  // extent: p.n
+                 device float* out [[buffer(1)]],  // extent: p.n
+                 constant CountParams& p [[buffer(2)]],
+                 uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = x[i] / (1.0f + precise::exp(-x[i]));
+}
+
+// dx = g·σ(x)·(1 + x·(1 − σ(x)))
+kernel void silu_grad(device const float* g [[buffer(0)]],  // extent: p.n
+                      device const float* x [[buffer(1)]],  // extent: p.n
+                      device float* out [[buffer(2)]],  // extent: p.n
+                      constant CountParams& p [[buffer(3)]],
+                      uint i [[thread_position_in_grid]]) {
+    if (i >= p.n) return;
+    float s = 1.0f / (1.0f + precise::exp(-x[i]));
+    out[i] = g[i] * s * (1.0f + x[i] * (1.0f - s));
+}
+
 struct SoftmaxParams {
     uint positions;  // N·inner
     uint channels;

@@ -1,5 +1,7 @@
 """Elementwise ops and activations against their references (table rows for the generic checker)."""
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import strategies as st
@@ -68,6 +70,34 @@ def broadcast_case(n_inputs, small=False, rounded=False, positive=None, cond=Non
     return case
 
 
+def positive(case, at=0.0):
+    """`case` with its inputs' magnitudes, plus `at`."""
+    def positive_case(data):
+        xs, attrs = case(data)
+        return [(np.abs(x) + at).astype(np.float32) for x in xs], attrs
+    return positive_case
+
+
+def pow_case(small=False):
+    def case(data):
+        [x], _ = (small_same_shape if small else same_shape)(1, scale=2.0)(data)
+        if small:  # positive bases away from 0: a fractional power is smooth there
+            x = (np.abs(x) + 0.5).astype(np.float32)
+        return [x], {"exponent": data.draw(st.sampled_from([2.0, 3.0, 0.5, -1.0, 0.0, 1.5, -2.0, 1.0]), label="p")}
+    return case
+
+
+def clamp_case(small=False):
+    def case(data):
+        [x], _ = (small_same_shape if small else same_shape)(1)(data)
+        lo = data.draw(st.sampled_from([-math.inf, -1.0, -0.25]), label="min")
+        hi = data.draw(st.sampled_from([math.inf, 1.0, 0.5]), label="max")
+        if small:  # keep finite differences off the bounds
+            x = np.where((np.abs(x - lo) < 0.01) | (np.abs(x - hi) < 0.01), 0.0, x).astype(np.float32)
+        return [x], {"min": lo, "max": hi}
+    return case
+
+
 def where_grad_case(data):
     [g, c], _ = broadcast_case(2, cond=1)(data)
     return [g, c], {"branch": data.draw(st.integers(0, 1), label="branch")}
@@ -109,6 +139,22 @@ ROWS = [
     row("tanh_grad", same_shape(2)),
     row("softmax", channels_case(1), rtol=1e-5, atol=1e-6, grad_case=channels_case(1, small=True)),
     row("softmax_grad", channels_case(2), rtol=1e-4, atol=1e-5),
+    # exp(±30) is within float32's range; exp(x) = e^x·(1 + δ) with |δ| a few ulp
+    row("exp", same_shape(1, scale=10.0), rtol=1e-6, atol=0, grad_case=small_same_shape(1)),
+    row("log", positive(same_shape(1), at=1e-3), rtol=1e-6, atol=1e-6, grad_case=positive(small_same_shape(1), at=0.5)),
+    row("sqrt", positive(same_shape(1)), rtol=1e-6, atol=0, grad_case=positive(small_same_shape(1), at=0.5)),
+    row("rsqrt", positive(same_shape(1), at=0.1), rtol=1e-6, atol=0,
+        grad_case=positive(small_same_shape(1), at=0.5)),
+    row("abs", same_shape(1), rtol=0, atol=0, grad_case=small_same_shape(1, away_from_zero=True)),
+    row("abs_grad", same_shape(2), rtol=0, atol=0),
+    row("clamp", clamp_case(), rtol=0, atol=0, grad_case=clamp_case(small=True)),
+    row("clamp_grad", lambda data: (same_shape(2)(data)[0], clamp_case()(data)[1]), rtol=0, atol=0),
+    row("pow", pow_case(), rtol=1e-5, atol=1e-6, grad_case=pow_case(small=True)),
+    # Φ by a fit of relative error 1.2e−7; far out on the negative side gelu is below atol
+    row("gelu", same_shape(1, scale=4.0), rtol=1e-5, atol=1e-6, grad_case=small_same_shape(1)),
+    row("gelu_grad", same_shape(2, scale=3.0), rtol=1e-5, atol=1e-6),
+    row("silu", same_shape(1, scale=10.0), rtol=1e-5, atol=1e-6, grad_case=small_same_shape(1)),
+    row("silu_grad", same_shape(2, scale=3.0), rtol=1e-5, atol=1e-6),
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
@@ -119,6 +165,8 @@ test_forward, test_grad, test_nan = make_tests(ROWS)
     ("add", [(2, 3), (2,)], {}, r"shapes \(2, 3\) and \(2,\) do not broadcast"),
     ("where", [(2, 1), (3,), (4,)], {}, r"shapes \(2, 1\) and \(3,\) and \(4,\) do not broadcast"),
     ("maximum", [(2,) * 9, (1, 2) * 4 + (1,)], {}, "at most 8"),
+    ("clamp", [(2,)], {"min": 1.0, "max": 0.0}, "min = 1.0 is above max = 0.0"),
+    ("pow", [(2,)], {}, "missing attribute"),
     ("scale", [(2,)], {"t": 1.0}, "unexpected attribute"),
     ("softmax", [(3,)], {}, "N, C"),
     ("relu", [(2,), (2,)], {}, "takes 1 tensor"),
@@ -136,3 +184,8 @@ def test_scalars_broadcast(dev):
     assert two.shape == ()
     np.testing.assert_array_equal(mm.ops.mul(mm.tensor(x, dev), two).numpy(), x * 2)
     np.testing.assert_array_equal(mm.ops.sub(two, mm.tensor(x, dev)).numpy(), 2 - x)
+
+
+def test_neg(dev):
+    x = np.array([1.5, -2.0, 0.0, np.nan], np.float32)
+    np.testing.assert_array_equal(mm.ops.neg(mm.tensor(x, dev)).numpy(), -x)

@@ -11,6 +11,7 @@ attribute defaults and gradient rule. The gradient kernels of the activations ar
 """
 
 import math
+import sys
 
 from ..reference import elementwise as R
 from . import apply, ensure, groups_for, register
@@ -159,11 +160,12 @@ register("where_grad", check=_where_grad_check, encode=_where_grad_encode, refer
          kernels=["elementwise.where_grad_a", "elementwise.where_grad_b"])
 
 
-def _map(name, n_inputs, doc, grad, kernel=None, **defaults):
+def _map(name, n_inputs, doc, grad, kernel=None, validate=None, **defaults):
     """Register an op mapping `n_inputs` same-shaped tensors to one, elementwise.
 
-    Its float attributes (with `defaults`) are also the fields of the kernel's constant
-    struct, after `n`, the element count.
+    Its float attributes (with `defaults`; None: the attribute must be given) are also the
+    fields of the kernel's constant struct, after `n`, the element count; `validate(attrs)`
+    checks them together.
     """
     kernel = kernel or name
 
@@ -173,7 +175,13 @@ def _map(name, n_inputs, doc, grad, kernel=None, **defaults):
         unknown = set(attrs) - set(defaults)
         if unknown:
             raise TypeError(f"unexpected attribute(s) {', '.join(sorted(unknown))}")
-        return shapes[0], {k: float(attrs.get(k, v)) for k, v in defaults.items()}
+        missing = [k for k, v in defaults.items() if v is None and k not in attrs]
+        if missing:
+            raise TypeError(f"missing attribute(s) {', '.join(missing)}")
+        norm = {k: float(attrs.get(k, v)) for k, v in defaults.items()}
+        if validate:
+            validate(norm)
+        return shapes[0], norm
 
     def encode(cb, out, *inputs, **attrs):
         k = out.device.library("elementwise").kernel(kernel)
@@ -283,3 +291,105 @@ def _softmax_grad_encode(cb, out, g, y):
 register("softmax_grad", check=_softmax_grad_check, encode=_softmax_grad_encode, reference=R.softmax_grad,
          grad=None, kernels=["elementwise.softmax_grad"])
 
+
+# ---------------------------------------------------------------- math
+
+_map("exp", 1, """e^x.
+
+    Example:
+        >>> y = mm.ops.exp(x)
+    """, grad=lambda g, out, x: (apply("mul", g, out),), kernel="exp_op")
+
+_map("log", 1, """The natural logarithm (−inf at 0, NaN below).
+
+    Example:
+        >>> y = mm.ops.log(x)
+    """, grad=lambda g, out, x: (apply("div", g, x),), kernel="log_op")
+
+_map("sqrt", 1, """√x (NaN below 0).
+
+    Example:
+        >>> y = mm.ops.sqrt(x)
+    """, grad=lambda g, out, x: (apply("div", apply("scale", g, s=0.5), out),), kernel="sqrt_op")
+
+# d/dx x^(−1/2) = −½·x^(−3/2) = −½·out³
+_map("rsqrt", 1, """1/√x.
+
+    Example:
+        >>> inv_std = mm.ops.rsqrt(variance)
+    """, grad=lambda g, out, x: (apply("scale", apply("mul", g, apply("pow", out, exponent=3.0)), s=-0.5),),
+     kernel="rsqrt_op")
+
+_map("abs", 1, """|x|; its gradient is 0 at x = 0.
+
+    Example:
+        >>> y = mm.ops.abs(x)
+    """, grad=lambda g, out, x: (apply("abs_grad", g, x),), kernel="abs_op")
+
+_map("abs_grad", 2, "dL/dx of abs given dL/dout `g` and the input x: g·sign(x), 0 where x is 0 or NaN.", grad=None)
+
+
+def _bounds_in_order(attrs):
+    ensure(attrs["min"] <= attrs["max"], "clamp", f"min = {attrs['min']} is above max = {attrs['max']}")
+
+
+_map("clamp", 1, """x limited to [min, max]; NaN stays NaN.
+
+    Args:
+        x: any shape.
+        min, max: the bounds (default −inf and inf: no bound on that side).
+
+    Example:
+        >>> y = mm.ops.clamp(x, min=0.0, max=6.0)
+    """, grad=lambda g, out, x, min, max: (apply("clamp_grad", g, x, min=min, max=max),), kernel="clamp_op",
+     validate=_bounds_in_order, min=-math.inf, max=math.inf)
+
+_map("clamp_grad", 2, "dL/dx of clamp given dL/dout `g` and the input x: g where min ≤ x ≤ max, else 0.", grad=None,
+     validate=_bounds_in_order, min=-math.inf, max=math.inf)
+
+
+def _pow_grad(g, out, x, exponent):
+    if exponent == 0:  # x^0 = 1: no gradient (not 0·x^−1, which is NaN at 0)
+        return (None,)
+    return (apply("scale", apply("mul", g, apply("pow", x, exponent=exponent - 1)), s=exponent),)
+
+
+_map("pow", 1, """x to a scalar power, as PyTorch: a negative base to an integer power keeps the sign that
+    power gives it, to any other power it is NaN; x^0 = 1.
+
+    Args:
+        x: any shape.
+        exponent: the power.
+
+    Example:
+        >>> sq = mm.ops.pow(x, exponent=2.0)
+    """, grad=_pow_grad, kernel="power", exponent=None)
+
+_map("gelu", 1, """x·Φ(x), Φ the standard normal distribution function: the exact GELU (PyTorch's default,
+    approximate="none"; not the tanh approximation).
+
+    Example:
+        >>> y = mm.ops.gelu(x)
+    """, grad=lambda g, out, x: (apply("gelu_grad", g, x),))
+
+_map("gelu_grad", 2, "dL/dx of gelu given dL/dout `g` and the input x: g·(Φ(x) + x·φ(x)).", grad=None)
+
+_map("silu", 1, """x·σ(x), σ the sigmoid (also called swish).
+
+    Example:
+        >>> y = mm.ops.silu(x)
+    """, grad=lambda g, out, x: (apply("silu_grad", g, x),))
+
+_map("silu_grad", 2, "dL/dx of silu given dL/dout `g` and the input x: g·σ(x)·(1 + x·(1 − σ(x))).", grad=None)
+
+
+def neg(x, /):
+    """−x (the op `scale` with s = −1).
+
+    Example:
+        >>> y = mm.ops.neg(x)
+    """
+    return apply("scale", x, s=-1.0)
+
+
+sys.modules[__package__].neg = neg
