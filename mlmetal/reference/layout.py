@@ -1,5 +1,5 @@
-"""References of kernels/layout.metal: concatenating and slicing along the channels (dim 1), and
-broadcasts."""
+"""References of kernels/layout.metal: concatenating and slicing along the channels (dim 1), permuting
+axes, strided slices and broadcasts."""
 
 import numpy as np
 
@@ -21,3 +21,20 @@ def slice_channels_grad(g, channels, start):
 def broadcast_to(x, shape):
     return np.broadcast_to(x, shape).copy()
 
+
+def transpose(x, perm):
+    return np.transpose(x, perm).copy()
+
+
+def _index(start, stop, step, drop):
+    return tuple(i if d in drop else slice(i, j, k) for d, (i, j, k) in enumerate(zip(start, stop, step)))
+
+
+def strided_slice(x, start, stop, step, drop):
+    return np.array(x[_index(start, stop, step, drop)])
+
+
+def strided_slice_grad(g, shape, start, stop, step, drop):
+    out = np.zeros(shape)
+    out[_index(start, stop, step, drop)] = g
+    return out
