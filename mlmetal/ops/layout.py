@@ -259,8 +259,8 @@ def _strided_slice_check(x, start=None, stop=None, step=None, drop=()):
         if d in drop:
             ensure(stop[d] is None and step[d] is None, op,
                    f"axis {d} is indexed by an integer (drop): its index is start[{d}]; stop and step must be None")
-            ensure(start[d] is not None and -n <= start[d] < n, op,
-                   f"index {start[d]} is out of range for axis {d} of size {n}")
+            ensure(start[d] is not None, op, f"axis {d} is indexed by an integer (drop): give its index as start[{d}]")
+            ensure(-n <= start[d] < n, op, f"index {start[d]} is out of range for axis {d} of size {n}")
             starts[d] = int(start[d]) % n
         else:
             ensure(step[d] != 0, op, f"step of axis {d} is 0")
