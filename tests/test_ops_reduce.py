@@ -12,12 +12,13 @@ mean's error.
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.ops import reduce as reduce_ops
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, check_forward, check_nan, floats, make_tests, row, with_nan
 
 U = 2.0**-24
 
@@ -55,6 +56,30 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+
+
+def long_rows_case(data):
+    """Rows longer than a thread's chunk, reduced along their innermost axes (the case a
+    threadgroup a row takes on GPUs)."""
+    shape = (data.draw(st.integers(1, 5), label="outer"), data.draw(st.integers(1, 40), label="middle"),
+             data.draw(st.integers(65, 3000), label="row"))
+    axis = data.draw(st.sampled_from([-1, (1, 2), None]), label="axis")
+    attrs = {"axis": axis, "keepdims": data.draw(st.booleans(), label="keepdims")}
+    return [floats(shape, data)], attrs
+
+
+@pytest.mark.parametrize("r", ROWS, ids=[r.op for r in ROWS])
+@settings(max_examples=max(2, settings.default.max_examples // 3))
+@given(data=st.data())
+def test_group_a_row(dev, monkeypatch, r, data):
+    """The GPUs' kernel (a threadgroup a row, Device.cheap_barriers), run here too: values and
+    NaN as the rows check them."""
+    monkeypatch.setattr(dev, "cheap_barriers", True, raising=False)
+    inputs, attrs = long_rows_case(data)
+    if r.op == "var":
+        attrs["correction"] = 1
+    check_forward(dev, r, inputs, attrs)
+    check_nan(dev, r, with_nan(inputs, data), attrs)
 
 
 def test_max_gradient_is_shared_among_ties(dev):
@@ -100,10 +125,13 @@ LONG = [((2**20,), 0), ((4, 2**18), 1), ((2**18, 4), 0), ((2**10, 2**10), None)]
 
 @pytest.mark.parametrize("shape, axis", LONG, ids=["vector", "rows", "columns", "all"])
 @pytest.mark.parametrize("data", ["constant", "uniform", "normal"])
-def test_long_axis_within_bound(dev, shape, axis, data):
-    """2^20 elements, reduced along the innermost axis, a kept innermost axis, and all of them.
-    The constant 0.1 is the case where adding in order drifts the most (every addition rounds
-    the same way): such a sum would break the bound, this one may not."""
+@pytest.mark.parametrize("cheap_barriers", [False, True], ids=["thread-a-chunk", "group-a-row"])
+def test_long_axis_within_bound(dev, monkeypatch, shape, axis, data, cheap_barriers):
+    """2^20 elements, reduced along the innermost axis, a kept innermost axis, and all of them,
+    by each kernel (a threadgroup a row where barriers are cheap, on GPUs). The constant 0.1 is
+    the case where adding in order drifts the most (every addition rounds the same way): such a
+    sum would break the bound, this one may not."""
+    monkeypatch.setattr(dev, "cheap_barriers", cheap_barriers, raising=False)
     rng = np.random.default_rng(len(shape))
     x = {"constant": lambda: np.full(shape, 0.1, np.float32), "uniform": lambda: rng.random(shape, np.float32),
          "normal": lambda: rng.standard_normal(shape, np.float32)}[data]()
@@ -112,8 +140,10 @@ def test_long_axis_within_bound(dev, shape, axis, data):
     check_long(dev, x, axis)
 
 
-def test_two_to_the_24_within_bound(dev):
+@pytest.mark.parametrize("cheap_barriers", [False, True], ids=["thread-a-chunk", "group-a-row"])
+def test_two_to_the_24_within_bound(dev, monkeypatch, cheap_barriers):
     """The issue's case: 2^24 elements on one axis (as check_long; 3 s on a 2-core cpu)."""
+    monkeypatch.setattr(dev, "cheap_barriers", cheap_barriers, raising=False)
     x = np.random.default_rng(24).random(2**24, np.float32)
     assert serial_sum_error(x) > sum_bound(x.astype(np.float64), 0)
     check_long(dev, x, 0)
