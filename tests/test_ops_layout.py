@@ -145,6 +145,18 @@ def test_slice_errors(dev, start, stop):
         mm.ops.slice_channels(mm.tensor(np.zeros((1, 4, 2, 2), np.float32), dev), start, stop)
 
 
+def test_many_axes_of_size_one(dev):
+    """Axes of size 1 take no place in the kernels' eight: a slice of a 10-D tensor and its gradient."""
+    a = np.arange(4 * 5, dtype=np.float32).reshape(1, 4, 1, 1, 1, 5, 1, 1, 1, 1)
+    attrs = dict(start=(0, 1, 0, 0, 0, None), stop=(None, None, None, None, None, 2), step=(None, 2), drop=(0, 4))
+    y = mm.ops.strided_slice(mm.tensor(a, dev), **attrs)
+    np.testing.assert_array_equal(y.numpy(), a[0, 1::2, :, :, 0, :2])
+    dx = mm.ops.strided_slice_grad(y, shape=a.shape, **attrs).numpy()
+    expected = np.zeros_like(a)
+    expected[0, 1::2, :, :, 0, :2] = a[0, 1::2, :, :, 0, :2]
+    np.testing.assert_array_equal(dx, expected)
+
+
 def test_strided_slice_as_numpy_indexes(dev):
     """x[:, 2:5, ::2], x[1, ::-1], x[-1] and x[..., 0] as NumPy reads them."""
     a = np.arange(3 * 6 * 5, dtype=np.float32).reshape(3, 6, 5)

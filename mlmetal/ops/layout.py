@@ -300,10 +300,11 @@ def _strided_slice_grad_check(g, shape, start, stop, step, drop):
 def _strided_slice_grad_encode(cb, dx, g, shape, start, stop, step, drop):
     taken = _slice_of(shape, start, stop, step, drop)
     g_strides = iter(contiguous_strides(g.shape))
-    p = {"n": dx.size, "dims": len(shape), "g_size": g.size, "shape": padded(shape),
-         "start": padded(a for a, _, _ in taken), "step": padded((c for _, c, _ in taken)),
-         "count": padded(n for _, _, n in taken),
-         "g_stride": padded(0 if d in drop else next(g_strides) for d in range(len(shape)))}
+    g_stride = [0 if d in drop else next(g_strides) for d in range(len(shape))]
+    axes = [d for d, n in enumerate(shape) if n != 1]  # a size-1 axis is taken whole (start 0)
+    p = {"n": dx.size, "dims": len(axes), "g_size": g.size, "shape": padded(shape[d] for d in axes),
+         "start": padded(taken[d][0] for d in axes), "step": padded(taken[d][1] for d in axes),
+         "count": padded(taken[d][2] for d in axes), "g_stride": padded(g_stride[d] for d in axes)}
     k = dx.device.library("layout").kernel("strided_slice_grad")
     cb.dispatch(k, groups=groups_for(dx.size, 256), threads=256, args=[g, dx, p])
 
