@@ -49,3 +49,59 @@ kernel void copy_channels(device const float* src [[buffer(0)]],  // extent: p.c
     uint i = j % p.inner, c = (j / p.inner) % p.channels, n = j / (p.inner * p.channels);
     dst[(n * p.dst_channels + p.dst_offset + c) * p.inner + i] = src[(n * p.src_channels + p.src_offset + c) * p.inner + i];
 }
+
+struct GatherParams {
+    uint n;          // output elements
+    uint dims;       // merged axes of the output, at most 8
+    uint src_size;   // x's elements
+    int offset;      // the element of x that output element 0 reads
+    uint shape[8];   // the output's merged axes
+    int stride[8];   // x's stride along each, in elements: negative along a reversed slice, 0 to broadcast
+};
+
+// out[i] = x[offset + Σ_d i_d·stride_d], i_d the coordinates of i: a permutation of the axes, a
+// strided slice or a broadcast, each one strided read into a contiguous output. (Tensors are
+// contiguous, so a view is a copy; the host merges axes the strides walk as one.)
+kernel void gather(device const float* x [[buffer(0)]],  // extent: p.src_size
+                   device float* out [[buffer(1)]],  // extent: p.n
+                   constant GatherParams& p [[buffer(2)]],
+                   uint i [[thread_position_in_grid]]) {
+    if (i >= p.n) return;
+    int at = p.offset;
+    uint rest = i;
+    for (uint d = p.dims; d-- > 0;) {
+        at += int(rest % p.shape[d]) * p.stride[d];
+        rest /= p.shape[d];
+    }
+    out[i] = x[at];
+}
+
+struct SliceGradParams {
+    uint n;            // elements of x (and of the gradient written)
+    uint dims;         // x's axes, at most 8
+    uint g_size;       // the slice's elements
+    uint shape[8];     // x's axes
+    int start[8];      // the slice's first index along each ...
+    int step[8];       // ... its step (negative: reversed) ...
+    uint count[8];     // ... and how many indices it takes
+    uint g_stride[8];  // the slice's stride along each of x's axes (0 along an axis indexed by an integer)
+};
+
+// dx of strided_slice: g where x's element is in the slice, 0 elsewhere, written as a read for
+// every element of dx (no zero fill first, no scattered writes).
+kernel void strided_slice_grad(device const float* g [[buffer(0)]],  // extent: p.g_size
+                               device float* out [[buffer(1)]],  // extent: p.n
+                               constant SliceGradParams& p [[buffer(2)]],
+                               uint i [[thread_position_in_grid]]) {
+    if (i >= p.n) return;
+    uint at = 0, rest = i;
+    bool inside = true;
+    for (uint d = p.dims; d-- > 0;) {
+        int from_start = int(rest % p.shape[d]) - p.start[d];
+        rest /= p.shape[d];
+        int k = from_start / p.step[d];
+        inside = inside && k * p.step[d] == from_start && k >= 0 && uint(k) < p.count[d];
+        at += uint(k) * p.g_stride[d];
+    }
+    out[i] = inside ? g[at] : 0.0f;
+}

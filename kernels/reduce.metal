@@ -110,3 +110,121 @@ kernel void histogram(device const uint* x [[buffer(0)]],  // extent: p.n
         if (c) atomic_fetch_add_explicit(&counts[b], c, memory_order_relaxed);
     }
 }
+
+// ---------------------------------------------------------------- reductions over any axes
+//
+// x's axes, size-1 ones dropped, fall into kept and reduced ones (neighbours of one kind merged
+// by the host); each output element folds the `length` elements that share its kept
+// coordinates. A pass writes `splits` partial results per output (split-major), each folding
+// a `chunk` of them, and the host folds the partials in further passes until one is left. No
+// term passes through more than 64 additions in a thread plus the tree of a threadgroup in
+// any pass, whatever the length: the error bound of a sum stays that of a pairwise one.
+
+#define REDUCE_SUM 0
+#define REDUCE_SQUARES 1  // Σ (x − centre)², the centre per output: the variance's second pass
+#define REDUCE_MAX 2
+#define REDUCE_MIN 3
+
+struct ReduceParams {
+    uint outputs;            // output elements
+    uint length;             // elements folded into each
+    uint chunk;              // of those, a split folds this many
+    uint splits;             // partial results per output
+    uint size;               // x's elements
+    float scale;             // multiplies each result (1/length for a mean, 1 for partials)
+    uint kept_dims;          // merged axes of x that are kept (at most 8) ...
+    uint reduced_dims;       // ... and reduced (at most 8)
+    uint kept_shape[8];
+    uint kept_stride[8];     // in x's elements
+    uint reduced_shape[8];
+    uint reduced_stride[8];
+};
+
+inline uint kept_offset(constant ReduceParams& p, uint o) {
+    uint at = 0;
+    for (uint d = p.kept_dims; d-- > 0;) {
+        at += o % p.kept_shape[d] * p.kept_stride[d];
+        o /= p.kept_shape[d];
+    }
+    return at;
+}
+
+inline uint reduced_offset(constant ReduceParams& p, uint r) {
+    uint at = 0;
+    for (uint d = p.reduced_dims; d-- > 0;) {
+        at += r % p.reduced_shape[d] * p.reduced_stride[d];
+        r /= p.reduced_shape[d];
+    }
+    return at;
+}
+
+inline float fold_identity(uint op) {
+    return op == REDUCE_MAX ? -INFINITY : op == REDUCE_MIN ? INFINITY : 0.0f;
+}
+
+// Neither max nor fmax, which drop a NaN: a NaN anywhere makes the max NaN, as in PyTorch
+// (when neither comparison holds, a or b is NaN, and so is a + b).
+inline float fold(uint op, float a, float b) {
+    if (op == REDUCE_MAX) return a > b ? a : b >= a ? b : a + b;
+    if (op == REDUCE_MIN) return a < b ? a : b <= a ? b : a + b;
+    return a + b;
+}
+
+inline float term(uint op, float v, float centre) {
+    return op == REDUCE_SQUARES ? (v - centre) * (v - centre) : v;
+}
+
+// A thread per (split, output) folds its chunk in order: for outputs whose kept axis is
+// innermost (neighbouring threads read neighbouring addresses) or whose reductions are short.
+template <uint OP>
+kernel void reduce_threads(device const float* x [[buffer(0)]],  // extent: p.size
+                           device const float* centre [[buffer(1)]],  // extent: p.outputs
+                           device float* out [[buffer(2)]],  // extent: p.splits * p.outputs
+                           constant ReduceParams& p [[buffer(3)]],
+                           uint t [[thread_position_in_grid]]) {
+    if (t >= p.splits * p.outputs) return;
+    uint o = t % p.outputs, split = t / p.outputs;
+    uint base = kept_offset(p, o), begin = split * p.chunk, end = min(begin + p.chunk, p.length);
+    float c = OP == REDUCE_SQUARES ? centre[o] : 0.0f, acc = fold_identity(OP);
+    for (uint r = begin; r < end; ++r) acc = fold(OP, acc, term(OP, x[base + reduced_offset(p, r)], c));
+    out[t] = acc * p.scale;
+}
+
+// A threadgroup per (split, output), its threads striding through the chunk together (so
+// they read neighbouring addresses along an innermost reduced axis), then folding their
+// results in a butterfly within each simdgroup and across simdgroups through threadgroup
+// memory. The butterfly, not simd_max, keeps max's NaN rule.
+template <uint OP>
+kernel void reduce_groups(device const float* x [[buffer(0)]],  // extent: p.size
+                          device const float* centre [[buffer(1)]],  // extent: p.outputs
+                          device float* out [[buffer(2)]],  // extent: p.splits * p.outputs
+                          constant ReduceParams& p [[buffer(3)]],
+                          uint group [[threadgroup_position_in_grid]],
+                          uint lid [[thread_index_in_threadgroup]],
+                          uint tpg [[threads_per_threadgroup]],
+                          uint lane [[thread_index_in_simdgroup]],
+                          uint sg [[simdgroup_index_in_threadgroup]],
+                          uint nsg [[simdgroups_per_threadgroup]]) {
+    threadgroup float totals[32];
+    uint o = group % p.outputs, split = group / p.outputs;
+    uint base = kept_offset(p, o), begin = split * p.chunk, end = min(begin + p.chunk, p.length);
+    float c = OP == REDUCE_SQUARES ? centre[o] : 0.0f, acc = fold_identity(OP);
+    for (uint r = begin + lid; r < end; r += tpg) acc = fold(OP, acc, term(OP, x[base + reduced_offset(p, r)], c));
+    for (uint d = 16; d > 0; d /= 2) acc = fold(OP, acc, simd_shuffle_xor(acc, d));
+    if (lane == 0) totals[sg] = acc;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (sg == 0) {
+        acc = lane < nsg ? totals[lane] : fold_identity(OP);
+        for (uint d = 16; d > 0; d /= 2) acc = fold(OP, acc, simd_shuffle_xor(acc, d));
+        if (lid == 0) out[group] = acc * p.scale;
+    }
+}
+
+template [[host_name("sum_threads")]] [[kernel]] decltype(reduce_threads<REDUCE_SUM>) reduce_threads<REDUCE_SUM>;
+template [[host_name("squares_threads")]] [[kernel]] decltype(reduce_threads<REDUCE_SQUARES>) reduce_threads<REDUCE_SQUARES>;
+template [[host_name("max_threads")]] [[kernel]] decltype(reduce_threads<REDUCE_MAX>) reduce_threads<REDUCE_MAX>;
+template [[host_name("min_threads")]] [[kernel]] decltype(reduce_threads<REDUCE_MIN>) reduce_threads<REDUCE_MIN>;
+template [[host_name("sum_groups")]] [[kernel]] decltype(reduce_groups<REDUCE_SUM>) reduce_groups<REDUCE_SUM>;
+template [[host_name("squares_groups")]] [[kernel]] decltype(reduce_groups<REDUCE_SQUARES>) reduce_groups<REDUCE_SQUARES>;
+template [[host_name("max_groups")]] [[kernel]] decltype(reduce_groups<REDUCE_MAX>) reduce_groups<REDUCE_MAX>;
+template [[host_name("min_groups")]] [[kernel]] decltype(reduce_groups<REDUCE_MIN>) reduce_groups<REDUCE_MIN>;

@@ -42,23 +42,26 @@ kernel void embedding_grad(device const float* g [[buffer(0)]],  // extent: p.n 
 }
 
 struct ArgmaxParams {
-    uint rows;
-    uint cols;
+    uint outputs;  // outer·inner
+    uint length;   // of the axis searched
+    uint inner;    // elements after it (its stride)
 };
 
-// out[r] = the column of row r's largest value, the first one on ties; NaN counts as above
-// everything (as numpy's and PyTorch's argmax).
-kernel void argmax(device const float* x [[buffer(0)]],  // extent: p.rows * p.cols
-                   device int* out [[buffer(1)]],  // extent: p.rows
+// out[o] = the index of the largest value along the axis, the first one on ties; NaN counts as
+// above everything (as numpy's and PyTorch's argmax). A thread per output: neighbouring threads
+// read neighbouring addresses where the axis is not the last.
+kernel void argmax(device const float* x [[buffer(0)]],  // extent: p.outputs * p.length
+                   device int* out [[buffer(1)]],  // extent: p.outputs
                    constant ArgmaxParams& p [[buffer(2)]],
-                   uint r [[thread_position_in_grid]]) {
-    if (r >= p.rows) return;
-    device const float* row = x + r * p.cols;
+                   uint o [[thread_position_in_grid]]) {
+    if (o >= p.outputs) return;
+    device const float* row = x + (o / p.inner) * p.length * p.inner + o % p.inner;
     uint best = 0;
-    for (uint c = 1; c < p.cols; ++c) {
-        if (!(row[c] <= row[best]) && row[best] == row[best]) best = c;  // greater, or the first NaN
+    for (uint c = 1; c < p.length; ++c) {
+        if (!(row[c * p.inner] <= row[best * p.inner]) && row[best * p.inner] == row[best * p.inner])
+            best = c;  // greater, or the first NaN
     }
-    out[r] = int(best);
+    out[o] = int(best);
 }
 
 struct StillRunningParams {

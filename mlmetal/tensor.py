@@ -124,7 +124,7 @@ def tensor(data, device: Device | str | None = None, dtype=None) -> Tensor:
     a = np.asarray(data)
     if dtype is None:
         dtype = np.float32 if a.dtype.kind in "fb" or a.dtype == object else a.dtype
-    a = np.ascontiguousarray(a, dtype=dtype)
+    a = np.asarray(a, dtype=dtype, order="C")  # not ascontiguousarray, which makes a 0-d array 1-d
     dev = _device(device)
     buf = dev.buffer(a) if a.size else dev.buffer(nbytes=4)
     return Tensor(buf, a.shape, a.dtype)

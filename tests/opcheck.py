@@ -169,7 +169,7 @@ def make_tests(rows: list[Row]):
 def floats(shape, data: st.DataObject, scale: float = 1.0) -> np.ndarray:
     """A float32 array of `shape` from a drawn seed (fast to draw, reproducible)."""
     seed = data.draw(st.integers(0, 2**31), label="seed")
-    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+    return np.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, np.float32)  # 0-d stays an array
 
 
 AWKWARD_DIMS = st.sampled_from([1, 2, 3, 31, 32, 33]) | st.integers(1, 40)

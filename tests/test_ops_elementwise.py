@@ -1,5 +1,7 @@
 """Elementwise ops and activations against their references (table rows for the generic checker)."""
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import strategies as st
@@ -42,11 +44,87 @@ def channels_case(n_inputs, small=False):
     return case
 
 
+def broadcast_case(n_inputs, small=False, rounded=False, positive=None, cond=None):
+    """`n_inputs` arrays whose shapes broadcast together: each drops some leading axes of a drawn
+    shape and has size 1 along some others (or, one time in four, all share the shape: the
+    same-shape kernels). `rounded`: multiples of ½, so that values tie; `positive`: the index of an
+    input kept away from 0 (a divisor); `cond`: the index of an input that is a condition, half zeros."""
+    def case(data):
+        dims = st.integers(1, 4) if small else AWKWARD_DIMS
+        out = data.draw(st.lists(dims, min_size=1, max_size=3 if small else 4), label="shape")
+        if data.draw(st.integers(0, 3), label="same shape") == 0:
+            shapes = [tuple(out)] * n_inputs
+        else:
+            shapes = []
+            for _ in range(n_inputs):
+                lead = data.draw(st.integers(0, len(out)), label="dropped axes")
+                shapes.append(tuple(1 if data.draw(st.booleans(), label="broadcast") else n for n in out[lead:]))
+        xs = [floats(s, data) for s in shapes]
+        if rounded:
+            xs = [(np.round(x * 2) / 2).astype(np.float32) for x in xs]
+        if positive is not None:
+            xs[positive] = np.where(np.abs(xs[positive]) < 0.2, 0.5, xs[positive]).astype(np.float32)
+        if cond is not None:
+            xs[cond] = np.where(xs[cond] < 0, 0.0, xs[cond]).astype(np.float32)
+        return xs, {}
+    return case
+
+
+def positive(case, at=0.0):
+    """`case` with its inputs' magnitudes, plus `at`."""
+    def positive_case(data):
+        xs, attrs = case(data)
+        return [(np.abs(x) + at).astype(np.float32) for x in xs], attrs
+    return positive_case
+
+
+def pow_case(small=False):
+    def case(data):
+        [x], _ = (small_same_shape if small else same_shape)(1, scale=2.0)(data)
+        if small:  # positive bases away from 0: a fractional power is smooth there
+            x = (np.abs(x) + 0.5).astype(np.float32)
+        return [x], {"exponent": data.draw(st.sampled_from([2.0, 3.0, 0.5, -1.0, 0.0, 1.5, -2.0, 1.0]), label="p")}
+    return case
+
+
+def clamp_case(small=False):
+    def case(data):
+        [x], _ = (small_same_shape if small else same_shape)(1)(data)
+        lo = data.draw(st.sampled_from([-math.inf, -1.0, -0.25]), label="min")
+        hi = data.draw(st.sampled_from([math.inf, 1.0, 0.5]), label="max")
+        if small:  # keep finite differences off the bounds
+            x = np.where((np.abs(x - lo) < 0.01) | (np.abs(x - hi) < 0.01), 0.0, x).astype(np.float32)
+        return [x], {"min": lo, "max": hi}
+    return case
+
+
+def where_grad_case(data):
+    [g, c], _ = broadcast_case(2, cond=1)(data)
+    return [g, c], {"branch": data.draw(st.integers(0, 1), label="branch")}
+
+
+def gradient_at_output(case):
+    """`case`'s inputs as (g, inputs...), g of their broadcast shape: a gradient op's inputs."""
+    def grad_case(data):
+        xs, attrs = case(data)
+        return [floats(np.broadcast_shapes(*(x.shape for x in xs)), data), *xs], attrs
+    return grad_case
+
+
 FLOATS = st.floats(-2, 2)
 
 ROWS = [
-    row("add", same_shape(2), grad_case=small_same_shape(2)),
-    row("mul", same_shape(2), grad_case=small_same_shape(2)),
+    row("add", broadcast_case(2), grad_case=broadcast_case(2, small=True)),
+    row("sub", broadcast_case(2), grad_case=broadcast_case(2, small=True)),
+    row("mul", broadcast_case(2), grad_case=broadcast_case(2, small=True)),
+    row("div", broadcast_case(2), rtol=1e-6, atol=0, grad_case=broadcast_case(2, small=True, positive=1)),
+    row("maximum", broadcast_case(2, rounded=True), rtol=0, atol=0, grad_case=broadcast_case(2, small=True)),
+    row("minimum", broadcast_case(2, rounded=True), rtol=0, atol=0, grad_case=broadcast_case(2, small=True)),
+    row("maximum_grad", gradient_at_output(broadcast_case(2, rounded=True)), rtol=0, atol=0),
+    row("minimum_grad", gradient_at_output(broadcast_case(2, rounded=True)), rtol=0, atol=0),
+    row("equal", broadcast_case(2, rounded=True), rtol=0, atol=0),
+    row("where", broadcast_case(3, cond=0), rtol=0, atol=0, grad_case=broadcast_case(3, small=True, cond=0)),
+    row("where_grad", where_grad_case, rtol=0, atol=0),
     row("scale", same_shape(1, s=FLOATS), grad_case=small_same_shape(1, s=FLOATS)),
     row("linear_activation", same_shape(1, a=FLOATS, b=FLOATS), grad_case=small_same_shape(1, a=FLOATS, b=FLOATS)),
     row("relu", same_shape(1), rtol=0, atol=0, grad_case=small_same_shape(1, away_from_zero=True)),
@@ -61,14 +139,34 @@ ROWS = [
     row("tanh_grad", same_shape(2)),
     row("softmax", channels_case(1), rtol=1e-5, atol=1e-6, grad_case=channels_case(1, small=True)),
     row("softmax_grad", channels_case(2), rtol=1e-4, atol=1e-5),
+    # exp(±30) is within float32's range; exp(x) = e^x·(1 + δ) with |δ| a few ulp
+    row("exp", same_shape(1, scale=10.0), rtol=1e-6, atol=0, grad_case=small_same_shape(1)),
+    row("log", positive(same_shape(1), at=1e-3), rtol=1e-6, atol=1e-6, grad_case=positive(small_same_shape(1), at=0.5)),
+    row("sqrt", positive(same_shape(1)), rtol=1e-6, atol=0, grad_case=positive(small_same_shape(1), at=0.5)),
+    row("rsqrt", positive(same_shape(1), at=0.1), rtol=1e-6, atol=0,
+        grad_case=positive(small_same_shape(1), at=0.5)),
+    row("abs", same_shape(1), rtol=0, atol=0, grad_case=small_same_shape(1, away_from_zero=True)),
+    row("abs_grad", same_shape(2), rtol=0, atol=0),
+    row("clamp", clamp_case(), rtol=0, atol=0, grad_case=clamp_case(small=True)),
+    row("clamp_grad", lambda data: (same_shape(2)(data)[0], clamp_case()(data)[1]), rtol=0, atol=0),
+    row("pow", pow_case(), rtol=1e-5, atol=1e-6, grad_case=pow_case(small=True)),
+    # Φ by a fit of relative error 1.2e−7; far out on the negative side gelu is below atol
+    row("gelu", same_shape(1, scale=4.0), rtol=1e-5, atol=1e-6, grad_case=small_same_shape(1)),
+    row("gelu_grad", same_shape(2, scale=3.0), rtol=1e-5, atol=1e-6),
+    row("silu", same_shape(1, scale=10.0), rtol=1e-5, atol=1e-6, grad_case=small_same_shape(1)),
+    row("silu_grad", same_shape(2, scale=3.0), rtol=1e-5, atol=1e-6),
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
 @pytest.mark.parametrize("op, shapes, attrs, message", [
-    ("mul", [(2, 3), (3, 2)], {}, "differ"),
-    ("add", [(2, 3), (2,)], {}, "differ"),
+    ("mul", [(2, 3), (3, 2)], {}, r"shapes \(2, 3\) and \(3, 2\) do not broadcast"),
+    ("add", [(2, 3), (2,)], {}, r"shapes \(2, 3\) and \(2,\) do not broadcast"),
+    ("where", [(2, 1), (3,), (4,)], {}, r"shapes \(2, 1\) and \(3,\) and \(4,\) do not broadcast"),
+    ("maximum", [(2,) * 9, (1, 2) * 4 + (1,)], {}, "at most 8"),
+    ("clamp", [(2,)], {"min": 1.0, "max": 0.0}, "min = 1.0 is above max = 0.0"),
+    ("pow", [(2,)], {}, "missing attribute"),
     ("scale", [(2,)], {"t": 1.0}, "unexpected attribute"),
     ("softmax", [(3,)], {}, "N, C"),
     ("relu", [(2,), (2,)], {}, "takes 1 tensor"),
@@ -77,3 +175,17 @@ def test_elementwise_errors(dev, op, shapes, attrs, message):
     ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in shapes]
     with pytest.raises(mm.ShapeError, match=message):
         getattr(mm.ops, op)(*ts, **attrs)
+
+
+def test_scalars_broadcast(dev):
+    """A 0-d tensor (mm.tensor of a scalar) broadcasts as NumPy's scalars do."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    two = mm.tensor(np.float32(2.0), dev)
+    assert two.shape == ()
+    np.testing.assert_array_equal(mm.ops.mul(mm.tensor(x, dev), two).numpy(), x * 2)
+    np.testing.assert_array_equal(mm.ops.sub(two, mm.tensor(x, dev)).numpy(), 2 - x)
+
+
+def test_neg(dev):
+    x = np.array([1.5, -2.0, 0.0, np.nan], np.float32)
+    np.testing.assert_array_equal(mm.ops.neg(mm.tensor(x, dev)).numpy(), -x)

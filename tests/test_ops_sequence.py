@@ -27,8 +27,11 @@ def embedding_grad_case(data):
 
 
 def argmax_case(data):
-    shape = (data.draw(AWKWARD_DIMS, label="rows"), data.draw(AWKWARD_DIMS, label="cols"))
-    return [floats(shape, data)], {}
+    """Scores of 1 to 3 axes, searched along one of them (or all); rounded to tenths, so values tie."""
+    shape = tuple(data.draw(st.lists(AWKWARD_DIMS, min_size=1, max_size=3), label="shape"))
+    axis = data.draw(st.none() | st.integers(-len(shape), len(shape) - 1), label="axis")
+    x = np.round(floats(shape, data), 1).astype(np.float32)
+    return [x], {"axis": axis, "keepdims": data.draw(st.booleans(), label="keepdims")}
 
 
 def still_running_case(data):
@@ -81,7 +84,7 @@ def test_embedding_gradient_in_a_training_graph(dev):
 
 @pytest.mark.parametrize("op, shapes, attrs, message", [
     ("embedding", [(3, 1), (4, 2)], {}, "vector of token ids"),
-    ("argmax", [(3,)], {}, "N, C"),
+    ("argmax", [(3,)], {"axis": 1}, "axis 1 is not an axis of a tensor of shape"),
     ("reshape", [(2, 3)], {"shape": (4, 2)}, "cannot reshape"),
 ])
 def test_sequence_errors(dev, op, shapes, attrs, message):

@@ -30,6 +30,7 @@ finite values past float32's range do not.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import importlib
 import inspect
@@ -77,6 +78,8 @@ class Op:
 
 
 REGISTRY: dict[str, Op] = {}
+# Registering an op binds its name in this module, so `abs`, `max`, `min`, `sum` and `pow` are ops
+# here: this module reaches Python's own through `builtins`.
 
 
 def register(name: str, *, check, encode, reference, grad, kernels, out_dtype=np.float32, replayable=True,
@@ -140,7 +143,7 @@ def check_float_attrs(name: str, attrs: dict) -> None:
     """Raise ShapeError unless every float attribute of op `name` (normalised) fits a float32 or is infinite."""
     for k, v in attrs.items():
         for x in v if isinstance(v, tuple) else (v,):
-            if isinstance(x, (float, np.floating)) and not (abs(x) <= FLOAT32_MAX or math.isinf(x)):
+            if isinstance(x, (float, np.floating)) and not (builtins.abs(x) <= FLOAT32_MAX or math.isinf(x)):
                 raise ShapeError(f"{name}: attribute {k} = {x!r} " + ("is NaN" if math.isnan(x) else
                                  f"does not fit a float32 (at most ±{FLOAT32_MAX:.7g})"))
 
@@ -173,7 +176,7 @@ def apply(name: str, *inputs, **attrs):
 
 def groups_for(n: int, threads: int) -> int:
     """Threadgroups of `threads` that cover `n` items."""
-    return max(1, (n + threads - 1) // threads)
+    return builtins.max(1, (n + threads - 1) // threads)
 
 
 def ensure(cond: bool, op: str, message: str) -> None:

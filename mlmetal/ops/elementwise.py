@@ -1,36 +1,171 @@
 """Elementwise ops and activations (kernels/elementwise.metal).
 
-Most ops here are maps over same-shaped float32 tensors: `_map` registers one from its
-kernel name, attribute defaults and gradient rule. The gradient kernels of the activations
-are ops too (relu_grad, sigmoid_grad, ...), so a gradient rule is a call like any other.
+The binary ops (add, sub, mul, div, maximum, minimum, equal) and `where` broadcast their inputs
+by NumPy's rules; their gradients sum back over the axes an input was broadcast along
+(`broadcast.sum_to`). Same-shaped inputs, the training steps' case, take a kernel without index
+arithmetic.
+
+The rest are maps over same-shaped float32 tensors: `_map` registers one from its kernel name,
+attribute defaults and gradient rule. The gradient kernels of the activations are ops too
+(relu_grad, sigmoid_grad, ...), so a gradient rule is a call like any other.
 """
 
 import math
+import sys
 
 from ..reference import elementwise as R
 from . import apply, ensure, groups_for, register
+from .broadcast import MAX_DIMS, broadcast_shape, broadcast_strides, merge_axes, padded, sum_to
 
 
-def _add_check(x, y):
-    """out = x + y, for tensors of the same shape."""
-    ensure(x == y, "add", f"shapes {x} and {y} differ")
-    return x, {}
+# ---------------------------------------------------------------- broadcasting
+
+def _broadcast_check(op, *shapes):
+    """The output shape of `shapes` broadcast together, checked to fit the kernels' MAX_DIMS merged axes."""
+    out = broadcast_shape(op, *shapes)
+    merged, _ = merge_axes(out, *(broadcast_strides(s, out) for s in shapes))
+    ensure(len(merged) <= MAX_DIMS, op, f"shapes {' and '.join(map(str, shapes))} broadcast along {len(merged)} "
+                                        f"separate axes; the kernels take at most {MAX_DIMS}")
+    return out
 
 
-def _add_encode(cb, out, x, y):
-    k = out.device.library("elementwise").kernel("add")
-    cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, y, out, {"n": out.size}])
+def _broadcast_params(out_shape, *shapes):
+    """BroadcastParams of elementwise.metal: the output's merged axes and each input's strides along them."""
+    merged, strides = merge_axes(out_shape, *(broadcast_strides(s, out_shape) for s in shapes))
+    return {"n": math.prod(out_shape), "dims": len(merged), "sizes": padded([math.prod(s) for s in shapes], 3),
+            "shape": padded(merged), "strides": padded([v for s in strides for v in padded(s)], 3 * MAX_DIMS)}
 
 
-register("add", check=_add_check, encode=_add_encode, reference=R.add,
-         grad=lambda g, out, x, y: (g, g), kernels=["elementwise.add"])
+def _encode_broadcast(cb, kernel, out, *inputs):
+    k = out.device.library("elementwise").kernel(kernel)
+    cb.dispatch(k, groups=groups_for(out.size, 256), threads=256,
+                args=[*inputs, out, _broadcast_params(out.shape, *(x.shape for x in inputs))])
 
 
-def _map(name, n_inputs, doc, grad, kernel=None, **defaults):
+def _binary(name, doc, grad, same_shape_kernel=True):
+    """Register a binary op broadcasting its inputs (kernels `<name>_broadcast` and, for same-shaped
+    inputs, `<name>`; `<name>` alone when it has no same-shape kernel)."""
+    def check(x, y):
+        return _broadcast_check(name, x, y), {}
+
+    def encode(cb, out, x, y):
+        if same_shape_kernel and x.shape == y.shape:
+            k = out.device.library("elementwise").kernel(name)
+            cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, y, out, {"n": out.size}])
+        else:
+            _encode_broadcast(cb, f"{name}_broadcast" if same_shape_kernel else name, out, x, y)
+
+    check.__doc__ = doc
+    kernels = [f"elementwise.{name}", f"elementwise.{name}_broadcast"] if same_shape_kernel else [f"elementwise.{name}"]
+    register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad, kernels=kernels)
+
+
+_binary("add", """out = x + y, broadcast by NumPy's rules.
+
+    Example:
+        >>> z = mm.ops.add(x, b)  # x (N, C, H, W), b (C, 1, 1)
+    """, grad=lambda g, out, x, y: (sum_to(g, x.shape), sum_to(g, y.shape)))
+
+_binary("sub", """out = x − y, broadcast by NumPy's rules.
+
+    Example:
+        >>> centred = mm.ops.sub(x, mm.ops.mean(x, axis=1, keepdims=True))
+    """, grad=lambda g, out, x, y: (sum_to(g, x.shape), apply("scale", sum_to(g, y.shape), s=-1.0)))
+
+_binary("mul", """out = x · y, broadcast by NumPy's rules.
+
+    Example:
+        >>> z = mm.ops.mul(x, y)
+    """, grad=lambda g, out, x, y: (sum_to(apply("mul", g, y), x.shape), sum_to(apply("mul", g, x), y.shape)))
+
+
+def _div_grad(g, out, x, y):
+    q = apply("div", g, y)  # dx = g/y; dy = −g·x/y² = −(g/y)·out
+    return sum_to(q, x.shape), apply("scale", sum_to(apply("mul", q, out), y.shape), s=-1.0)
+
+
+_binary("div", """out = x / y, broadcast by NumPy's rules (IEEE division: x/0 is ±inf, 0/0 NaN).
+
+    Example:
+        >>> probs = mm.ops.div(counts, mm.ops.sum(counts, axis=1, keepdims=True))
+    """, grad=_div_grad)
+
+_binary("maximum", """The larger of x and y, broadcast; NaN if either is NaN (PyTorch's maximum, not fmax).
+
+    Its gradient goes to the larger input, half to each where they tie.
+
+    Example:
+        >>> y = mm.ops.maximum(x, floor)
+    """, grad=lambda g, out, x, y: (sum_to(apply("maximum_grad", g, x, y), x.shape),
+                                    sum_to(apply("maximum_grad", g, y, x), y.shape)))
+
+_binary("minimum", """The smaller of x and y, broadcast; NaN if either is NaN (PyTorch's minimum, not fmin).
+
+    Its gradient goes to the smaller input, half to each where they tie.
+
+    Example:
+        >>> y = mm.ops.minimum(x, ceiling)
+    """, grad=lambda g, out, x, y: (sum_to(apply("minimum_grad", g, x, y), x.shape),
+                                    sum_to(apply("minimum_grad", g, y, x), y.shape)))
+
+# A comparison: no gradient flows through it (None for both inputs, as through PyTorch's bool result).
+_binary("equal", """1.0 where x == y, else 0.0 (float32), broadcast; NaN equals nothing.
+
+    Example:
+        >>> is_max = mm.ops.equal(x, mm.ops.max(x, axis=1, keepdims=True))
+    """, grad=lambda g, out, x, y: (None, None), same_shape_kernel=False)
+
+
+def _ternary(name, doc, grad):
+    """Register an op of three inputs broadcast together (kernel `name`)."""
+    def check(x, y, z):
+        return _broadcast_check(name, x, y, z), {}
+
+    def encode(cb, out, x, y, z):
+        _encode_broadcast(cb, name, out, x, y, z)
+
+    check.__doc__ = doc
+    register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad, kernels=[f"elementwise.{name}"])
+
+
+_ternary("where", """a where cond is nonzero, else b; the three broadcast by NumPy's rules.
+
+    Args:
+        cond: float32, nonzero (NaN included) for true.
+        a, b: the values taken where cond is true and false.
+
+    Example:
+        >>> y = mm.ops.where(mask, x, mm.ops.scale(x, s=0.1))
+    """, grad=lambda g, out, cond, a, b: (None, sum_to(apply("where_grad", g, cond, branch=0), a.shape),
+                                          sum_to(apply("where_grad", g, cond, branch=1), b.shape)))
+
+_ternary("maximum_grad", "dL/da of maximum(a, b) given dL/dout `g`, at out's shape: g where a > b, g/2 where a == b.",
+         grad=None)
+_ternary("minimum_grad", "dL/da of minimum(a, b) given dL/dout `g`, at out's shape: g where a < b, g/2 where a == b.",
+         grad=None)
+
+
+def _where_grad_check(g, cond, branch):
+    """dL/da (branch 0) or dL/db (branch 1) of where(cond, a, b) at the output's shape: g where cond
+    picks that branch, else 0."""
+    ensure(branch in (0, 1), "where_grad", f"branch must be 0 (a) or 1 (b), got {branch!r}")
+    return _broadcast_check("where_grad", g, cond), {"branch": int(branch)}
+
+
+def _where_grad_encode(cb, out, g, cond, branch):
+    _encode_broadcast(cb, "where_grad_" + "ab"[branch], out, g, cond)
+
+
+register("where_grad", check=_where_grad_check, encode=_where_grad_encode, reference=R.where_grad, grad=None,
+         kernels=["elementwise.where_grad_a", "elementwise.where_grad_b"])
+
+
+def _map(name, n_inputs, doc, grad, kernel=None, validate=None, **defaults):
     """Register an op mapping `n_inputs` same-shaped tensors to one, elementwise.
 
-    Its float attributes (with `defaults`) are also the fields of the kernel's constant
-    struct, after `n`, the element count.
+    Its float attributes (with `defaults`; None: the attribute must be given) are also the
+    fields of the kernel's constant struct, after `n`, the element count; `validate(attrs)`
+    checks them together.
     """
     kernel = kernel or name
 
@@ -40,7 +175,13 @@ def _map(name, n_inputs, doc, grad, kernel=None, **defaults):
         unknown = set(attrs) - set(defaults)
         if unknown:
             raise TypeError(f"unexpected attribute(s) {', '.join(sorted(unknown))}")
-        return shapes[0], {k: float(attrs.get(k, v)) for k, v in defaults.items()}
+        missing = [k for k, v in defaults.items() if v is None and k not in attrs]
+        if missing:
+            raise TypeError(f"missing attribute(s) {', '.join(missing)}")
+        norm = {k: float(attrs.get(k, v)) for k, v in defaults.items()}
+        if validate:
+            validate(norm)
+        return shapes[0], norm
 
     def encode(cb, out, *inputs, **attrs):
         k = out.device.library("elementwise").kernel(kernel)
@@ -50,12 +191,6 @@ def _map(name, n_inputs, doc, grad, kernel=None, **defaults):
     register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad,
              kernels=[f"elementwise.{kernel}"])
 
-
-_map("mul", 2, """out = x * y, elementwise, for tensors of the same shape.
-
-    Example:
-        >>> z = mm.ops.mul(x, y)
-    """, grad=lambda g, out, x, y: (apply("mul", g, y), apply("mul", g, x)))
 
 _map("scale", 1, """out = s * x.
 
@@ -155,3 +290,106 @@ def _softmax_grad_encode(cb, out, g, y):
 
 register("softmax_grad", check=_softmax_grad_check, encode=_softmax_grad_encode, reference=R.softmax_grad,
          grad=None, kernels=["elementwise.softmax_grad"])
+
+
+# ---------------------------------------------------------------- math
+
+_map("exp", 1, """e^x.
+
+    Example:
+        >>> y = mm.ops.exp(x)
+    """, grad=lambda g, out, x: (apply("mul", g, out),), kernel="exp_op")
+
+_map("log", 1, """The natural logarithm (−inf at 0, NaN below).
+
+    Example:
+        >>> y = mm.ops.log(x)
+    """, grad=lambda g, out, x: (apply("div", g, x),), kernel="log_op")
+
+_map("sqrt", 1, """√x (NaN below 0).
+
+    Example:
+        >>> y = mm.ops.sqrt(x)
+    """, grad=lambda g, out, x: (apply("div", apply("scale", g, s=0.5), out),), kernel="sqrt_op")
+
+# d/dx x^(−1/2) = −½·x^(−3/2) = −½·out³
+_map("rsqrt", 1, """1/√x.
+
+    Example:
+        >>> inv_std = mm.ops.rsqrt(variance)
+    """, grad=lambda g, out, x: (apply("scale", apply("mul", g, apply("pow", out, exponent=3.0)), s=-0.5),),
+     kernel="rsqrt_op")
+
+_map("abs", 1, """|x|; its gradient is 0 at x = 0.
+
+    Example:
+        >>> y = mm.ops.abs(x)
+    """, grad=lambda g, out, x: (apply("abs_grad", g, x),), kernel="abs_op")
+
+_map("abs_grad", 2, "dL/dx of abs given dL/dout `g` and the input x: g·sign(x), 0 where x is 0 or NaN.", grad=None)
+
+
+def _bounds_in_order(attrs):
+    ensure(attrs["min"] <= attrs["max"], "clamp", f"min = {attrs['min']} is above max = {attrs['max']}")
+
+
+_map("clamp", 1, """x limited to [min, max]; NaN stays NaN.
+
+    Args:
+        x: any shape.
+        min, max: the bounds (default −inf and inf: no bound on that side).
+
+    Example:
+        >>> y = mm.ops.clamp(x, min=0.0, max=6.0)
+    """, grad=lambda g, out, x, min, max: (apply("clamp_grad", g, x, min=min, max=max),), kernel="clamp_op",
+     validate=_bounds_in_order, min=-math.inf, max=math.inf)
+
+_map("clamp_grad", 2, "dL/dx of clamp given dL/dout `g` and the input x: g where min ≤ x ≤ max, else 0.", grad=None,
+     validate=_bounds_in_order, min=-math.inf, max=math.inf)
+
+
+def _pow_grad(g, out, x, exponent):
+    if exponent == 0:  # x^0 = 1: no gradient (not 0·x^−1, which is NaN at 0)
+        return (None,)
+    return (apply("scale", apply("mul", g, apply("pow", x, exponent=exponent - 1)), s=exponent),)
+
+
+_map("pow", 1, """x to a scalar power, as PyTorch: a negative base to an integer power keeps the sign that
+    power gives it, to any other power it is NaN; x^0 = 1.
+
+    Args:
+        x: any shape.
+        exponent: the power.
+
+    Example:
+        >>> sq = mm.ops.pow(x, exponent=2.0)
+    """, grad=_pow_grad, kernel="power", exponent=None)
+
+_map("gelu", 1, """x·Φ(x), Φ the standard normal distribution function: the exact GELU (PyTorch's default,
+    approximate="none"; not the tanh approximation).
+
+    Example:
+        >>> y = mm.ops.gelu(x)
+    """, grad=lambda g, out, x: (apply("gelu_grad", g, x),))
+
+_map("gelu_grad", 2, "dL/dx of gelu given dL/dout `g` and the input x: g·(Φ(x) + x·φ(x)).", grad=None)
+
+_map("silu", 1, """x·σ(x), σ the sigmoid (also called swish).
+
+    Example:
+        >>> y = mm.ops.silu(x)
+    """, grad=lambda g, out, x: (apply("silu_grad", g, x),))
+
+_map("silu_grad", 2, "dL/dx of silu given dL/dout `g` and the input x: g·σ(x)·(1 + x·(1 − σ(x))).", grad=None)
+
+
+def neg(x, /):
+    """−x (the op `scale` with s = −1).
+
+    Example:
+        >>> y = mm.ops.neg(x)
+    """
+    return apply("scale", x, s=-1.0)
+
+
+sys.modules[__package__].neg = neg

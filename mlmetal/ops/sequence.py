@@ -6,6 +6,7 @@ Token ids are int32 tensors, flags uint32 (nonzero = true).
 """
 
 import math
+import numbers
 
 import numpy as np
 
@@ -63,20 +64,34 @@ register("embedding_grad", check=_embedding_grad_check, encode=_embedding_grad_e
 
 # ---------------------------------------------------------------- argmax and running flags
 
-def _argmax_check(x):
-    """The column of each row's largest value, as int32 (the first on ties): greedy decoding's choice.
+def _argmax_check(x, axis=-1, keepdims=False):
+    """The index of the largest value along `axis`, as int32 (the first on ties; NaN counts as the
+    largest): greedy decoding's choice. No gradient.
+
+    Args:
+        x: any shape.
+        axis: the axis searched (default the last); None searches the flattened tensor.
+        keepdims: keep that axis as size 1.
 
     Example:
         >>> mm.ops.argmax(mm.tensor(np.array([[0.1, 2.0, 0.3]]))).numpy()
         array([1], dtype=int32)
     """
-    ensure(len(x) == 2, "argmax", f"expected (N, C) scores, got shape {x}")
-    return (x[0],), {}
+    ensure(len(x) >= 1 and math.prod(x) >= 1, "argmax", f"expected a non-empty tensor, got shape {x}")
+    if axis is None:
+        return ((1,) * len(x) if keepdims else ()), {"axis": None, "keepdims": bool(keepdims)}
+    ensure(isinstance(axis, numbers.Integral) and not isinstance(axis, bool) and -len(x) <= axis < len(x), "argmax",
+           f"axis {axis!r} is not an axis of a tensor of shape {x}")
+    axis = int(axis) % len(x)
+    out = x[:axis] + ((1,) if keepdims else ()) + x[axis + 1:]
+    return out, {"axis": axis, "keepdims": bool(keepdims)}
 
 
-def _argmax_encode(cb, out, x):
+def _argmax_encode(cb, out, x, axis, keepdims):
+    length, inner = (x.size, 1) if axis is None else (x.shape[axis], math.prod(x.shape[axis + 1:]))
     k = out.device.library("sequence").kernel("argmax")
-    cb.dispatch(k, groups=groups_for(x.shape[0], 64), threads=64, args=[x, out, {"rows": x.shape[0], "cols": x.shape[1]}])
+    cb.dispatch(k, groups=groups_for(out.size, 64), threads=64,
+                args=[x, out, {"outputs": out.size, "length": length, "inner": inner}])
 
 
 register("argmax", check=_argmax_check, encode=_argmax_encode, reference=R.argmax, grad=None, out_dtype=np.int32,

@@ -17,8 +17,8 @@ def embedding_grad(g, ids, vocab):
     return out
 
 
-def argmax(x):
-    return np.argmax(x, axis=1).astype(np.int32)
+def argmax(x, axis, keepdims):
+    return np.argmax(x, axis=axis, keepdims=keepdims).astype(np.int32)
 
 
 def still_running(tokens, running, end):
