@@ -89,7 +89,7 @@ def _encode_reduce(cb, out, x, axes, kind, scale=1.0, centre=None):
     # on cpu, where each barrier switches every thread's fiber, a thread a chunk is faster (a
     # (4096, 512) sum over rows: 4.5 ms against 127). (Device.cheap_barriers comes with main's
     # issue-21 merge; until then getattr reads False.)
-    groups = inner_reduced and length > SERIAL and getattr(out.device, "cheap_barriers", False)
+    groups = inner_reduced and length > SERIAL and out.device.cheap_barriers
     chunk = min(length, GROUP_THREADS * SERIAL if groups else SERIAL)
     splits = -(-length // chunk)
     target = out if splits == 1 else empty((splits, outputs), out.device)
