@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,8 @@ class GraphError(ValueError):
 
 
 class GraphTensor(Symbolic):
-    """A symbolic tensor: an input, a parameter, or the output of a node."""
+    """A symbolic tensor: an input, a parameter, or the output of a node. Its operators and
+    methods (`x + y`, `x.sum(axis=1)`, `x[:, 0]`) append the ops' nodes (tensor.Operators)."""
 
     def __init__(self, graph: "Tape", shape, dtype=np.float32, node: "Node | None" = None, name: str = "",
                  value: Tensor | None = None):
@@ -38,8 +38,8 @@ class GraphTensor(Symbolic):
         self.stop_gradient = False
 
     @property
-    def size(self) -> int:
-        return math.prod(self.shape)
+    def device(self) -> Device:
+        return self.graph.device
 
     @property
     def nbytes(self) -> int:
@@ -48,6 +48,10 @@ class GraphTensor(Symbolic):
     @property
     def is_input(self) -> bool:
         return self.node is None and self.value is None
+
+    def __bool__(self):
+        raise TypeError(f"{self} has no value until its graph runs, so it is neither true nor false "
+                        "(Python's `if` and `and` run while the graph is built)")
 
     def training_graph(self, source_gradient: "GraphTensor | None" = None, node_handler=None, optimizer=None):
         """Derive the training graph that ends at this tensor (usually a loss). See `Graph.training_graph`."""
