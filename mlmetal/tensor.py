@@ -364,23 +364,57 @@ def _device(device: Device | str | None) -> Device:
 
 
 def tensor(data, device: Device | str | None = None, dtype=None) -> Tensor:
-    """A device tensor holding a copy of `data` (float data becomes float32).
+    """A device tensor holding a copy of `data`.
+
+    mlmetal stores float32, int32 and uint32. A NumPy array of another dtype is refused, with
+    one exception: float64 becomes float32 (NumPy's default float is rarely meant as double
+    precision here). Python numbers and lists become float32 (floats) or int32 (integers), as
+    in MLX. Pass `dtype=` to convert anything else on purpose.
 
     Args:
-        data: an array-like.
+        data: an array, a number, or nested lists of numbers.
         device: a Device, a backend name, or None for `mm.device()`.
-        dtype: float32 (default for floating data), int32 or uint32.
+        dtype: float32, int32 or uint32; None keeps the data's (see above).
+
+    Raises:
+        DTypeError: a dtype mlmetal does not store, or integers that do not fit the dtype.
 
     Example:
-        >>> x = mm.tensor(np.arange(6.0).reshape(2, 3))
+        >>> x = mm.tensor(np.arange(6.0).reshape(2, 3))        # float64 data: a float32 tensor
+        >>> ids = mm.tensor(np.array([3, 1]), dtype=np.int32)  # int64 data: converted on purpose
     """
     a = np.asarray(data)
     if dtype is None:
-        dtype = np.float32 if a.dtype.kind in "fb" or a.dtype == object else a.dtype
+        dtype = _stored_dtype(a, from_numpy=isinstance(data, (np.ndarray, np.generic)))
+    else:
+        dtype = np.dtype(dtype)
+        if dtype not in DTYPES:
+            raise _dtype_error(f"mm.tensor: dtype={dtype} is not one mlmetal stores")
+    if dtype.kind in "iu" and a.dtype.kind in "iu" and a.size and not (
+            np.iinfo(dtype).min <= a.min() and a.max() <= np.iinfo(dtype).max):
+        raise _dtype_error(f"mm.tensor: integers from {a.min()} to {a.max()} do not fit {dtype}")
     a = np.asarray(a, dtype=dtype, order="C")  # not ascontiguousarray, which makes a 0-d array 1-d
     dev = _device(device)
     buf = dev.buffer(a) if a.size else dev.buffer(nbytes=4)
     return Tensor(buf, a.shape, a.dtype)
+
+
+def _stored_dtype(a: np.ndarray, from_numpy: bool) -> np.dtype:
+    """The dtype `mm.tensor` stores `a` as when not told: see `tensor`."""
+    if a.dtype in DTYPES:
+        return a.dtype
+    if a.dtype == np.float64:
+        return np.dtype(np.float32)
+    if not from_numpy and a.dtype.kind in "iu":  # Python integers (int64 in NumPy's eyes)
+        return np.dtype(np.int32)
+    what = f"a NumPy array of {a.dtype}" if from_numpy else f"data of {a.dtype} ({type(a.flat[0]).__name__ if a.size else 'empty'})"
+    to = "int32" if a.dtype.kind in "iu" else "float32"
+    raise _dtype_error(f"mm.tensor: {what} is not something mlmetal stores, and is not converted silently; "
+                       f"convert it first (array.astype(np.{to})) or pass dtype=np.{to}")
+
+
+def _dtype_error(message: str):
+    return ops.DTypeError(f"{message} (mlmetal stores {', '.join(map(str, DTYPES))}; float64 arrays become float32)")
 
 
 def empty(shape, device: Device | str | None = None, dtype=np.float32) -> Tensor:
