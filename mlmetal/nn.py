@@ -41,6 +41,8 @@ class Parameter(Tensor):
             trainable, and `Module.unfreeze` leaves it so.
     """
 
+    from_parameters = True  # what an op computes from parameters alone follows them into graphs (Tensor.derivation)
+
     def __init__(self, data, device: Device | str | None = None, trainable: bool = True, statistic: bool = False):
         t = data if isinstance(data, Tensor) else tensor(data, device)
         super().__init__(t.buffer, t.shape, t.dtype)

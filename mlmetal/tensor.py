@@ -281,6 +281,10 @@ class Tensor(Operators):
     """
 
     stop_gradient = False
+    # (op, inputs, attributes, output index) of a tensor an op computed eagerly from parameters
+    # alone (`w.T`, `b.reshape(-1, 1, 1)`, `2 * w`): a graph reading it records that op on the
+    # parameters instead of a constant copy (Tape.leaf), so their gradients and updates reach it
+    derivation = None
     _grad = None
     _grad_lock = None  # set while `_grad` is a training plan's buffer, copied only when read (see grad)
 
@@ -296,6 +300,11 @@ class Tensor(Operators):
     @property
     def device(self) -> Device:
         return self.buffer.device
+
+    @property
+    def from_parameters(self) -> bool:
+        """Whether this is a parameter (nn.Parameter) or computed from parameters alone (see `derivation`)."""
+        return self.derivation is not None
 
     @property
     def nbytes(self) -> int:
@@ -338,6 +347,7 @@ class Tensor(Operators):
             raise ValueError(f"cannot assign an array of shape {a.shape} to a tensor of shape {self.shape}")
         self.device.synchronize()
         self.buffer.write(np.ascontiguousarray(a, dtype=self.dtype))
+        self.derivation = None  # data of its own now
         return self
 
     def __bool__(self) -> bool:

@@ -105,6 +105,25 @@ def test_graph_tensors_mix_with_device_tensors_and_inputs(dev):
     assert x.ndim == 2 and x.size == 12 and len(x) == 3 and x.device is dev
 
 
+def test_ops_on_parameters_alone_follow_them_into_graphs(dev):
+    """`x @ w.T + b.reshape(...)`: w.T and b.reshape run eagerly on the parameters, yet a graph
+    reading them records those ops on the parameters, so gradients and later updates reach them."""
+    w, b = Parameter(RNG.standard_normal((5, 4)).astype(np.float32), dev), Parameter(np.zeros(5, np.float32), dev)
+    wt, column = w.T, b.reshape(1, 5)
+    assert wt.derivation is not None and column.derivation is not None
+    assert (mm.tensor(X, dev) @ wt).derivation is None  # data and parameters: data, as before
+    g = mm.Graph(dev)
+    y = g.input("x", (3, 4)) @ wt + column
+    train = (y * y).sum().training_graph()
+    train.step(x=X)
+    np.testing.assert_allclose(w.grad.numpy(), 2 * (X @ w.numpy().T).T @ X, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.grad.numpy(), 2 * (X @ w.numpy().T).sum(axis=0), rtol=1e-5, atol=1e-5)
+    w.assign(np.ones((5, 4)))  # the graph reads w as it is now, not the copy w.T made when it was built
+    np.testing.assert_allclose(g.run({"x": X}, outputs=[y])[0], X @ np.ones((4, 5)), rtol=1e-6)
+    wt.assign(np.zeros((4, 5)))
+    assert wt.derivation is None  # assigned: data of its own
+
+
 BATCHED = [((2, 3, 4), (4, 5)), ((2, 3, 4), (2, 4, 5)), ((3, 4), (2, 4, 5)), ((2, 1, 3, 4), (3, 4, 2))]
 
 

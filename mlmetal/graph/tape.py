@@ -87,6 +87,7 @@ class Tape:
         self.nodes: list[Node] = []
         self.inputs: dict[str, GraphTensor] = {}
         self.leaves: dict[int, GraphTensor] = {}  # by id of the device tensor
+        self._derived: dict[int, tuple[Tensor, GraphTensor]] = {}  # see leaf()
         self._recording: list[Node] | None = None  # see recording()
 
     def input(self, name: str, shape, dtype=np.float32) -> GraphTensor:
@@ -138,8 +139,15 @@ class Tape:
         return self.append("random_tensor", [], {"shape": shape, "generator": generator, "distribution": distribution})
 
     def leaf(self, value: Tensor) -> GraphTensor:
-        """The graph tensor of a device tensor (a parameter or a constant) used by a node."""
+        """The graph tensor of a device tensor (a parameter or a constant) used by a node; for one
+        computed from parameters alone (`w.T`), the output of a node recording that computation."""
         key = id(value)
+        if value.derivation is not None and not value.stop_gradient:
+            if key not in self._derived:
+                op, inputs, attrs, index = value.derivation
+                out = self.append(op, list(inputs), attrs)
+                self._derived[key] = (value, out if index is None else out[index])  # value: its id stays its own
+            return self._derived[key][1]
         if key not in self.leaves:
             if value.device is not self.device:
                 raise GraphError(f"a tensor on {value.device.name} used in a graph on {self.device.name}")
