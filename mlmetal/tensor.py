@@ -111,7 +111,9 @@ class Operators:
         """`value` as a 0-d float32 tensor on this tensor's device, checked as an op's float attribute."""
         value = _number(value)
         ops.check_float_attrs(op, {"y": value})
-        return tensor(np.float32(value), self.device)
+        c = tensor(np.float32(value), self.device)
+        c.from_parameters = getattr(self, "from_parameters", False)  # `w / 2` follows w (Tensor.derivation)
+        return c
 
     # ------------------------------------------------ views and layout
 
@@ -282,9 +284,12 @@ class Tensor(Operators):
 
     stop_gradient = False
     # (op, inputs, attributes, output index) of a tensor an op computed eagerly from parameters
-    # alone (`w.T`, `b.reshape(-1, 1, 1)`, `2 * w`): a graph reading it records that op on the
-    # parameters instead of a constant copy (Tape.leaf), so their gradients and updates reach it
+    # alone (`w.T`, `b.reshape(-1, 1, 1)`, `w / 2`): a graph reading it records that op on the
+    # parameters instead of a constant copy (Tape.leaf), so their gradients and updates reach it.
+    # from_parameters marks what such an op may read: parameters, its results, and the constants
+    # an operator makes for them (the 2 of `w / 2`).
     derivation = None
+    from_parameters = False
     _grad = None
     _grad_lock = None  # set while `_grad` is a training plan's buffer, copied only when read (see grad)
 
@@ -300,11 +305,6 @@ class Tensor(Operators):
     @property
     def device(self) -> Device:
         return self.buffer.device
-
-    @property
-    def from_parameters(self) -> bool:
-        """Whether this is a parameter (nn.Parameter) or computed from parameters alone (see `derivation`)."""
-        return self.derivation is not None
 
     @property
     def nbytes(self) -> int:
@@ -347,7 +347,7 @@ class Tensor(Operators):
             raise ValueError(f"cannot assign an array of shape {a.shape} to a tensor of shape {self.shape}")
         self.device.synchronize()
         self.buffer.write(np.ascontiguousarray(a, dtype=self.dtype))
-        self.derivation = None  # data of its own now
+        self.derivation, self.from_parameters = None, False  # data of its own now
         return self
 
     def __bool__(self) -> bool:
