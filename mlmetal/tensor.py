@@ -58,37 +58,37 @@ class Operators:
 
     def __add__(self, other):
         if _is_number(other):
-            return ops.linear_activation(self, a=1.0, b=_number(other))
-        return ops.add(self, _operand("+", other))
+            return ops.linear_activation(self, a=1.0, b=float(other))
+        return ops.add(self, other) if isinstance(other, Operators) else _unsupported("+", other)
 
     __radd__ = __add__  # x + s and s + x round alike
 
     def __sub__(self, other):
         if _is_number(other):
-            return ops.linear_activation(self, a=1.0, b=-_number(other))
-        return ops.sub(self, _operand("-", other))
+            return ops.linear_activation(self, a=1.0, b=-float(other))
+        return ops.sub(self, other) if isinstance(other, Operators) else _unsupported("-", other)
 
     def __rsub__(self, other):
         if _is_number(other):
-            return ops.linear_activation(self, a=-1.0, b=_number(other))
-        return ops.sub(_operand("-", other), self)
+            return ops.linear_activation(self, a=-1.0, b=float(other))
+        return _unsupported("-", other)
 
     def __mul__(self, other):
         if _is_number(other):
-            return ops.scale(self, s=_number(other))
-        return ops.mul(self, _operand("*", other))
+            return ops.scale(self, s=float(other))
+        return ops.mul(self, other) if isinstance(other, Operators) else _unsupported("*", other)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other):
         if _is_number(other):
             other = self._constant("div", other)
-        return ops.div(self, _operand("/", other))
+        return ops.div(self, other) if isinstance(other, Operators) else _unsupported("/", other)
 
     def __rtruediv__(self, other):
         if _is_number(other):
-            other = self._constant("div", other)
-        return ops.div(_operand("/", other), self)
+            return ops.div(self._constant("div", other), self)
+        return _unsupported("/", other)
 
     def __neg__(self):
         return ops.neg(self)
@@ -99,17 +99,17 @@ class Operators:
     def __pow__(self, exponent):
         if not _is_number(exponent):
             raise TypeError(f"x ** p takes a number as p, got {type(exponent).__name__}")
-        return ops.pow(self, exponent=_number(exponent))
+        return ops.pow(self, exponent=float(exponent))
 
     def __matmul__(self, other):
-        return ops.matmul(self, _operand("@", other))
+        return ops.matmul(self, other) if isinstance(other, Operators) else _unsupported("@", other)
 
     def __rmatmul__(self, other):
-        return ops.matmul(_operand("@", other), self)
+        return _unsupported("@", other)
 
     def _constant(self, op: str, value) -> "Tensor":
         """`value` as a 0-d float32 tensor on this tensor's device, checked as an op's float attribute."""
-        value = _number(value)
+        value = float(value)
         ops.check_float_attrs(op, {"y": value})
         c = tensor(np.float32(value), self.device)
         c.from_parameters = getattr(self, "from_parameters", False)  # `w / 2` follows w (Tensor.derivation)
@@ -209,16 +209,13 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) or (isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "biuf")
 
 
-def _number(v) -> float:
-    return float(v)
-
-
-def _operand(op: str, v):
-    """The other operand of a binary operator: a tensor, else a TypeError saying what to pass."""
-    if isinstance(v, Operators):
-        return v
-    hint = " (make it a tensor first: mm.tensor(array))" if isinstance(v, (np.ndarray, list, tuple)) else ""
-    raise TypeError(f"unsupported operand for {op}: a tensor and a {type(v).__name__}{hint}")
+def _unsupported(op: str, v):
+    """NotImplemented for an operand Python may find another way to combine; a TypeError saying what to
+    pass for the arrays and sequences that never will."""
+    if isinstance(v, (np.ndarray, list, tuple)):
+        raise TypeError(f"unsupported operand for {op}: a tensor and a {type(v).__name__} (make it a tensor first: "
+                        f"mm.tensor(array))")
+    return NotImplemented
 
 
 def _dims(args) -> tuple:
