@@ -414,7 +414,7 @@ def _stored_dtype(a: np.ndarray, from_numpy: bool) -> np.dtype:
         return np.dtype(np.float32)
     if not from_numpy and a.dtype.kind in "iu":  # Python integers (int64 in NumPy's eyes)
         return np.dtype(np.int32)
-    what = f"a NumPy array of {a.dtype}" if from_numpy else f"data of {a.dtype} ({type(a.flat[0]).__name__ if a.size else 'empty'})"
+    what = f"a NumPy array of {a.dtype}" if from_numpy else f"data of {a.dtype}"
     to = "int32" if a.dtype.kind in "iu" else "float32"
     raise _dtype_error(f"mm.tensor: {what} is not something mlmetal stores, and is not converted silently; "
                        f"convert it first (array.astype(np.{to})) or pass dtype=np.{to}")

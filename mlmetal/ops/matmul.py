@@ -60,7 +60,8 @@ def _matmul_check(a, b, transpose_a=False, transpose_b=False):
     """
     op = "matmul"
     for what, s in (("a", a), ("b", b)):
-        ensure(len(s) >= 2 and min(s) >= 1, op, f"{what} must be a non-empty matrix or batch of matrices, got shape {s}")
+        ensure(len(s) >= 2 and min(s) >= 1, op,
+               f"{what} must be a non-empty matrix or batch of matrices, got shape {s}")
         ensure(math.prod(s) < 2**31, op, f"{what} has 2^31 elements or more")
     ensure(all(x == y or 1 in (x, y) for x, y in zip(a[-3::-1], b[-3::-1])), op,
            f"the batch axes {a[:-2]} of a and {b[:-2]} of b do not broadcast")
