@@ -188,6 +188,14 @@ def test_graph_tensor_has_no_truth_value(dev):
         bool(x)
 
 
+def test_graph_run_refuses_one_tensor_as_outputs(dev):
+    """A graph tensor iterates over its rows, so `outputs=y` must be refused rather than run row by row."""
+    g = mm.Graph(dev)
+    y = g.input("x", (2, 3)) * 2
+    with pytest.raises(TypeError, match=r"outputs is a list of tensors: outputs=\[y\]"):
+        g.run({"x": X[:2, :3]}, outputs=y)
+
+
 def test_one_element_tensor_truth(dev):
     assert bool(mm.tensor(np.float32(2), dev)) and not bool(mm.tensor(np.zeros(1, np.float32), dev))
 
