@@ -107,11 +107,11 @@ def mlmetal_style(dev, batch, size, name="style"):
     style_loss = None
     for n, t in zip(style_layers, grams):
         term = mm.ops.mse_loss(mm.ops.gram(fy[n], alpha=alpha(fy[n])), mm.tensor(np.repeat(t, batch, 0), dev))
-        style_loss = term if style_loss is None else mm.ops.add(style_loss, term)
+        style_loss = term if style_loss is None else style_loss + term
     target = fx[content_layer]
     target.stop_gradient = True
     content_loss = mm.ops.mse_loss(fy[content_layer], target)
-    total = mm.ops.add(mm.ops.scale(style_loss, s=STYLE_WEIGHT), mm.ops.scale(content_loss, s=CONTENT_WEIGHT))
+    total = STYLE_WEIGHT * style_loss + CONTENT_WEIGHT * content_loss
     train = total.training_graph(optimizer=mm.optim.Adam(transformer.parameters(), lr=1e-2))
     content = mm.tensor(np.repeat(style.default_content(size)[None], batch, 0), dev)
     return lambda: train.step(content=content), [train]
@@ -145,7 +145,7 @@ class DCGenerator(mm.nn.Module):
             mm.nn.Upsample(2), mm.nn.Conv2d(64, 1, 3, padding=1, device=device), mm.nn.Tanh())
 
     def forward(self, z):
-        return self.body(mm.ops.reshape(self.project(z), shape=(z.shape[0], 128, 7, 7)))
+        return self.body(self.project(z).reshape(z.shape[0], 128, 7, 7))
 
 
 class DCDiscriminator(mm.nn.Module):
@@ -159,7 +159,7 @@ class DCDiscriminator(mm.nn.Module):
         self.logit = mm.nn.Linear(128 * 7 * 7, 1, device=device)
 
     def forward(self, x):
-        return self.logit(mm.ops.reshape(self.body(x), shape=(x.shape[0], 128 * 7 * 7)))
+        return self.logit(self.body(x).flatten(1))
 
 
 def mlmetal_dcgan(dev, batch, size):

@@ -10,6 +10,8 @@ from . import ops  # noqa: E402  (ops use the names above)
 from .ops import DTypeError, ShapeError
 from .graph import Graph, GraphError, GraphTensor
 from . import distributed, nn, optim, random, train
+from .factories import arange, full, ones, rand, randn, zeros
+from .functional import grad, value_and_grad
 from .ops.predicate import Predicates
 
 __version__ = "0.1.0"

@@ -821,7 +821,17 @@ def _validate_optimizer(v, params: dict, weights: dict) -> dict:
 def _read_header(stream, size: int, expected: dict) -> list:
     """Check a safetensors stream's header against `expected` ({name: (shape, dtype)}); the tensors'
     (begin, end, name) in file order, the stream left at the first tensor's first byte."""
-    w = WEIGHTS
+    n, header = _safetensors_header(stream, size, WEIGHTS)
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        _fail(WEIGHTS, f"tensors differ from graph.json: missing {_few(missing)}; unexpected {_few(extra)}")
+    return _spans(header, n, size, expected, WEIGHTS, f"{GRAPH} says")
+
+
+def _safetensors_header(stream, size: int, w: str) -> tuple[int, dict]:
+    """(its length, the header: {name: entry}) of a safetensors stream of `size` bytes named `w`;
+    the stream is left at the first tensor's first byte."""
     n = int.from_bytes(_read_exact(stream, 8, w), "little")
     if n > MAX_JSON_BYTES or 8 + n > size:
         _fail(w, f"header of {n} bytes claimed in a file of {size} bytes")
@@ -831,19 +841,24 @@ def _read_header(stream, size: int, expected: dict) -> list:
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         _fail(f"{w} header.__metadata__", "expected an object of strings")
-    missing = sorted(set(expected) - set(header))
-    extra = sorted(set(header) - set(expected))
-    if missing or extra:
-        _fail(w, f"tensors differ from graph.json: missing {_few(missing)}; unexpected {_few(extra)}")
+    if len(header) > MAX_TENSORS:
+        _fail(f"{w} header", f"{len(header)} tensors; at most {MAX_TENSORS} are accepted")
+    return n, header
+
+
+def _spans(header: dict, n: int, size: int, expected: dict, w: str, says: str) -> list:
+    """The (begin, end, name) of each tensor of a safetensors `header` in file order, each entry
+    checked against `expected` ({name: (shape, dtype)}, `says` where that comes from) and the
+    data checked to fill the file's `size` bytes after the header's `n`, without gaps or overlaps."""
     spans = []
     for name, entry in header.items():
         where = f"{w} header.{name}"
         e = _obj(entry, where, ("dtype", "shape", "data_offsets"))
         shape, dtype = expected[name]
         if not isinstance(e["dtype"], str) or _SAFETENSORS_DTYPES.get(e["dtype"]) != dtype.name:
-            _fail(where, f"dtype {_show(e['dtype'])}; graph.json says {dtype}")
+            _fail(where, f"dtype {_show(e['dtype'])}; {says} {dtype}")
         if _shape(e["shape"], f"{where}.shape") != shape:
-            _fail(where, f"shape {e['shape']}; graph.json says {list(shape)}")
+            _fail(where, f"shape {e['shape']}; {says} {list(shape)}")
         offsets = _list(e["data_offsets"], f"{where}.data_offsets", 2)
         if len(offsets) != 2:
             _fail(f"{where}.data_offsets", "expected [begin, end]")
@@ -863,7 +878,7 @@ def _read_header(stream, size: int, expected: dict) -> list:
     return spans
 
 
-def _read_data(stream, spans: list, write) -> None:
+def _read_data(stream, spans: list, write, w: str = WEIGHTS) -> None:
     """Stream each tensor's bytes to `write(name, offset, chunk)`: memory for one chunk, not for the file."""
     chunk = memoryview(bytearray(min(READ_CHUNK, max((end - begin for begin, end, _ in spans), default=0))))
     for begin, end, name in spans:
@@ -871,12 +886,12 @@ def _read_data(stream, spans: list, write) -> None:
         while offset < end - begin:
             got = stream.readinto(chunk[:min(len(chunk), end - begin - offset)])
             if not got:
-                _fail(WEIGHTS, f"ends after {begin + offset} of the {spans[-1][1]} data bytes its header "
-                               f"describes (truncated?)")
+                _fail(w, f"ends after {begin + offset} of the {spans[-1][1]} data bytes its header "
+                         f"describes (truncated?)")
             write(name, offset, chunk[:got])
             offset += got
     if stream.read(1):
-        _fail(WEIGHTS, "has bytes after its last tensor")
+        _fail(w, "has bytes after its last tensor")
 
 
 def _few(names: list) -> str:
@@ -1080,3 +1095,78 @@ def _optimizer_names(spec: _Spec, optimizer: Optimizer, mine: dict) -> list:
         raise FormatError(f"the optimizer's parameters differ from the saved ones: missing {_few(missing)}; "
                           f"unexpected {_few(extra)}")
     return names
+
+
+# ---------------------------------------------------------------- one safetensors file of weights
+
+def save_safetensors(path, module: Module) -> None:
+    """Write `module`'s parameters to one safetensors file under their dotted names, as MLX's
+    `save_weights` does; `safetensors.numpy.load_file` and `safetensors.torch.load_file` read it.
+
+    Like `save`, it writes beside `path` and renames over it (the old file or the whole new one
+    at every moment), and only rank 0 of a data-parallel run writes.
+    """
+    from . import distributed
+
+    if distributed.rank() != 0:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot save {path}: it is a directory; a .safetensors file is a file")
+    arrays = {name: np.ascontiguousarray(p.numpy()) for name, p in module.named_parameters().items()}
+    data = safetensors.numpy.save(arrays, metadata={"format": "mlmetal"})
+    tmp = _temporary(path)
+    try:
+        with _create(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise type(e)(e.errno, f"cannot save {path}: {e.strerror or e}") from None
+
+
+def load_safetensors(path, module: Module, strict: bool = True) -> None:
+    """Load one safetensors file into `module`'s parameters, matched by dotted name.
+
+    The header is checked before any data is read, and nothing changes unless every tensor
+    fits: one `FormatError` lists the names the module has and the file lacks (with `strict`),
+    the names the file has and the module lacks (with `strict`), and those of another shape or
+    dtype (always). Tensors must be float32, int32 or uint32 (F32, I32, U32), as mlmetal stores.
+    """
+    where = "the weights file"
+    mine = module.named_parameters()
+    try:
+        file, size = _open_regular(path, where, follow=True)
+        with file:
+            n, header = _safetensors_header(file, size, where)
+            saved = {}
+            for name, entry in header.items():
+                e = _obj(entry, f"{where} header.{name}", ("dtype", "shape", "data_offsets"))
+                if not isinstance(e["dtype"], str) or e["dtype"] not in _SAFETENSORS_DTYPES:
+                    _fail(f"{where} header.{name}", f"dtype {_show(e['dtype'])} is not one mlmetal stores "
+                                                    f"({', '.join(_SAFETENSORS_DTYPES)})")
+                saved[name] = (_shape(e["shape"], f"{where} header.{name}.shape"),
+                               _DTYPES[_SAFETENSORS_DTYPES[e["dtype"]]])
+            missing = [n for n in mine if n not in saved] if strict else []
+            extra = [n for n in saved if n not in mine] if strict else []
+            wrong = [f"{n} {mine[n].shape} {mine[n].dtype} (saved {saved[n][0]} {saved[n][1]})"
+                     for n in mine if n in saved and (mine[n].shape, mine[n].dtype) != saved[n]]
+            if missing or extra or wrong:
+                _fail(where, f"does not fit the {type(module).__name__}: missing {_few(missing)}; "
+                             f"unexpected {_few(extra)}; wrong shape {_few(wrong)}")
+            spans = _spans(header, n, size, saved, where, "its header says")
+            # into host arrays first: a file that cannot be read to its end changes nothing
+            arrays = {name: np.empty(saved[name][0], saved[name][1]) for name in mine if name in saved}
+            flat = {name: a.reshape(-1).view(np.uint8) for name, a in arrays.items()}
+
+            def write(name, offset, chunk):
+                if name in flat:
+                    flat[name][offset:offset + len(chunk)] = chunk
+
+            _read_data(file, spans, write, where)
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot be read ({str(e)[:200]})") from None
+    for name, a in arrays.items():
+        mine[name].assign(a)

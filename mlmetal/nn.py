@@ -41,6 +41,8 @@ class Parameter(Tensor):
             trainable, and `Module.unfreeze` leaves it so.
     """
 
+    from_parameters = True  # what an op computes from parameters alone follows them into graphs (Tensor.derivation)
+
     def __init__(self, data, device: Device | str | None = None, trainable: bool = True, statistic: bool = False):
         t = data if isinstance(data, Tensor) else tensor(data, device)
         super().__init__(t.buffer, t.shape, t.dtype)
@@ -103,29 +105,38 @@ class Module:
         return self
 
     def save_weights(self, path) -> None:
-        """Save the parameters by dotted name: `mm.save(path, self)` (a directory, or a `.zip`).
+        """Save the parameters by dotted name: to one safetensors file where `path` ends in
+        `.safetensors` (MLX's format; `safetensors.torch.load_file` reads it too), else as
+        `mm.save(path, self)` does (a directory, or a `.zip`).
 
         Example:
-            >>> net.save_weights("net.zip")
+            >>> net.save_weights("net.safetensors")
         """
-        from .io import save
+        from .io import save, save_safetensors
 
-        save(path, self)
+        if str(path).endswith(".safetensors"):
+            save_safetensors(path, self)
+        else:
+            save(path, self)
 
     def load_weights(self, path, strict: bool = True) -> "Module":
-        """Load parameters saved by `save_weights` or `mm.save`, matched by dotted name.
+        """Load parameters saved by `save_weights` or `mm.save` (or any safetensors file of
+        float32, int32 or uint32 tensors named as this module's parameters), matched by dotted name.
 
         Args:
-            path: the saved directory or `.zip`.
+            path: a `.safetensors` file, or the saved directory or `.zip`.
             strict: refuse missing and extra parameters; one `mm.FormatError` lists them
-                all, with any of the wrong shape (always refused).
+                all, with any of the wrong shape (always refused). Nothing changes on an error.
 
         Example:
-            >>> net = make_net().load_weights("net.zip")
+            >>> net = make_net().load_weights("net.safetensors")
         """
-        from .io import restore
+        from .io import load_safetensors, restore
 
-        restore(path, self, strict=strict)
+        if str(path).endswith(".safetensors"):
+            load_safetensors(path, self, strict=strict)
+        else:
+            restore(path, self, strict=strict)
         return self
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from .data import mtgp32_params
 from .runtime import Buffer
 
-__all__ = ["UInt32", "Uniform", "Normal", "Philox", "MTGP32"]
+__all__ = ["UInt32", "Uniform", "Normal", "Philox", "MTGP32", "seed", "default_generator"]
 
 # Distribution codes of kernels/random.metal (its enum RANDOM_*).
 _UINT32, _UNIFORM, _NORMAL = 0, 1, 2
@@ -130,10 +130,7 @@ class Generator:
     """What Philox and MTGP32 share: seed, stream position, argument checks, convenience draws."""
 
     def __init__(self, device, seed: int):
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
-        if not 0 <= seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        _check_seed(seed)
         self.device = device
         self.seed = int(seed)
         self.position = 0  # numbers of the stream handed out so far
@@ -313,3 +310,35 @@ def _destination(out, distribution, n: int | None) -> tuple[Buffer, int]:
     if n > _MAX_N:
         raise ValueError(f"n = {n} is more numbers than one call may write ({_MAX_N})")
     return buf, int(n)
+
+
+# ---------------------------------------------------------------- the default generators
+
+_default_seed = 0
+_defaults: dict = {}  # device -> its default Philox
+
+
+def seed(n: int) -> None:
+    """Restart every device's default generator (what `mm.rand` and `mm.randn` draw from) at seed `n`.
+
+    Example:
+        >>> mm.random.seed(42)
+    """
+    global _default_seed
+    _check_seed(n)
+    _default_seed = int(n)
+    _defaults.clear()
+
+
+def default_generator(device) -> Philox:
+    """The device's default generator: a Philox stream seeded by `seed` (0 until it is called)."""
+    if device not in _defaults:
+        _defaults[device] = Philox(device, _default_seed)
+    return _defaults[device]
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")

@@ -17,11 +17,18 @@ MAX_K = 129
 SMALL = st.integers(1, 6)
 
 
+# Batch axes of a and b: none (matrices), b a matrix under a batch (one product over a's rows),
+# equal, or broadcast against each other (size 1 or missing on one side).
+BATCHES = st.sampled_from([((), ()), ((3,), ()), ((2, 3), ()), ((), (3,)), ((3,), (3,)), ((2, 1), (3,)),
+                           ((1, 2), (3, 1))])
+
+
 def matmul_case(dims):
     def case(data):
         m, k, n = (data.draw(dims, label=d) for d in "mkn")
         ta, tb = data.draw(st.booleans(), label="transpose_a"), data.draw(st.booleans(), label="transpose_b")
-        return [floats((k, m) if ta else (m, k), data), floats((n, k) if tb else (k, n), data)], \
+        batch_a, batch_b = data.draw(BATCHES, label="batch axes")
+        return [floats(batch_a + ((k, m) if ta else (m, k)), data), floats(batch_b + ((n, k) if tb else (k, n)), data)], \
             dict(transpose_a=ta, transpose_b=tb)
     return case
 
@@ -76,7 +83,8 @@ def test_linear_optional_bias(dev):
 @pytest.mark.parametrize("name, shapes, attrs, message", [
     ("matmul", [(2, 3), (4, 5)], {}, "inner dimensions differ: a is 2×3, b is 4×5"),
     ("matmul", [(2, 3), (2, 5)], dict(transpose_b=True), "bᵀ is 5×2"),
-    ("matmul", [(2, 3, 4), (4, 5)], {}, "a must be a non-empty matrix"),
+    ("matmul", [(4,), (4, 5)], {}, r"a must be a non-empty matrix or batch of matrices, got shape \(4,\)"),
+    ("matmul", [(2, 3, 4), (3, 4, 5)], {}, r"the batch axes \(2,\) of a and \(3,\) of b do not broadcast"),
     ("linear", [(2, 3), (4, 5)], {}, "input has 3 features"),
     ("linear", [(2, 3), (4, 3), (3,)], {}, r"bias must have shape \(4,\)"),
 ])

@@ -85,18 +85,18 @@ class Captioner(mm.nn.Module):
     def context(self, images):
         """The per-image term of the gates, (N, 4·hidden)."""
         features = self.encoder(images)
-        return self.image_gates(mm.ops.reshape(features, shape=(features.shape[0], -1)))
+        return self.image_gates(features.flatten(1))
 
     def step(self, token, state, context):
         """One LSTM step from the previous token; returns (logits, (h, c)). `state` None starts from zeros."""
-        gates = mm.ops.add(self.input_gates(mm.ops.embedding(token, self.embedding)), context)
+        gates = self.input_gates(mm.ops.embedding(token, self.embedding)) + context
         if state is not None:
-            gates = mm.ops.add(gates, self.hidden_gates(state[0]))
+            gates = gates + self.hidden_gates(state[0])
         H = self.hidden
         i, f, o = (mm.ops.sigmoid(mm.ops.slice_channels(gates, a * H, (a + 1) * H)) for a in (0, 1, 3))
         g = mm.ops.tanh(mm.ops.slice_channels(gates, 2 * H, 3 * H))
-        c = mm.ops.mul(i, g) if state is None else mm.ops.add(mm.ops.mul(f, state[1]), mm.ops.mul(i, g))
-        h = mm.ops.mul(o, mm.ops.tanh(c))
+        c = i * g if state is None else f * state[1] + i * g
+        h = o * c.tanh()
         return self.output(h), (h, c)
 
 
@@ -110,7 +110,7 @@ def training_graph(net: Captioner, dev, batch: int, lr: float):
         logits, state = net.step(g.input(f"in{t}", (batch,), np.int32), state, context)
         target = g.input(f"target{t}", (batch, len(VOCAB)))
         step_loss = mm.ops.softmax_cross_entropy_loss(logits, target, reduction="mean")
-        loss = step_loss if loss is None else mm.ops.add(loss, step_loss)
+        loss = step_loss if loss is None else loss + step_loss
     return loss.training_graph(optimizer=mm.optim.Adam(net.parameters(), lr=lr))
 
 

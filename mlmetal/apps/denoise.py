@@ -99,7 +99,7 @@ class UNet(mm.nn.Module):
         x = self.bottleneck(x)
         for stage, skip in zip(self.decoder, reversed(skips)):
             x = stage(mm.ops.concat([mm.ops.upsample(x, 2), skip]))
-        return mm.ops.add(self.head(x), noisy)
+        return self.head(x) + noisy
 
 
 def inputs_of(graph: mm.Graph, batch: int, size: int):
@@ -116,7 +116,7 @@ def training_graph(net: UNet, batch: int, size: int, lr: float, log_weight: floa
     rgb_loss = mm.ops.mae_loss(out, clean, reduction="mean")
     log_loss = mm.ops.mae_loss(mm.ops.log_filter(out, sigma=1.0, size=5), mm.ops.log_filter(clean, sigma=1.0, size=5),
                                reduction="mean", weight=log_weight)
-    loss = mm.ops.add(rgb_loss, log_loss)
+    loss = rgb_loss + log_loss
     optimizer = mm.optim.Adam(net.parameters(), lr=lr)
     return loss.training_graph(optimizer=mm.distributed.DataParallel(optimizer, module=net) if distributed else optimizer)
 

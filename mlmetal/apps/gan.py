@@ -71,7 +71,7 @@ class Generator(mm.nn.Module):
         self.upsampling = mm.nn.Sequential(*layers)
 
     def forward(self, z):
-        return self.upsampling(mm.ops.reshape(self.body(z), shape=(z.shape[0], self.channels, 8, 8)))
+        return self.upsampling(self.body(z).reshape(z.shape[0], self.channels, 8, 8))
 
 
 class Discriminator(mm.nn.Module):
@@ -83,7 +83,7 @@ class Discriminator(mm.nn.Module):
             mm.nn.Linear(hidden, 1, device=device))
 
     def forward(self, x):
-        return self.body(mm.ops.reshape(x, shape=(x.shape[0], x.shape[2] * x.shape[3])))
+        return self.body(x.flatten(1))
 
 
 class GAN:
@@ -119,7 +119,7 @@ class GAN:
         fake = self.generator(g.random((batch, latent), latents, mm.random.Normal()))
         fake.stop_gradient = True
         real_loss, fake_loss = self._discriminator_losses(g, fake, ones, zeros)
-        d_loss = mm.ops.add(real_loss, fake_loss)
+        d_loss = real_loss + fake_loss
         self.train_d = d_loss.training_graph(optimizer=mm.optim.Adam(self.discriminator.parameters(), **adam))
 
         g = mm.Graph(device)

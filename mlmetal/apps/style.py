@@ -91,7 +91,7 @@ class Residual(mm.nn.Module):
             mm.nn.Conv2d(channels, channels, 3, padding=1, device=device), mm.nn.InstanceNorm2d(channels, device=device))
 
     def forward(self, x):
-        return mm.ops.add(x, self.body(x))
+        return x + self.body(x)
 
 
 class Transformer(mm.nn.Module):
@@ -202,13 +202,11 @@ class StyleTransfer:
         fy, fx = self.loss_net.features(self.image), self.loss_net.features(x)
         terms = [mm.ops.mse_loss(mm.ops.gram(fy[n], alpha=self._alpha(fy[n])), mm.tensor(t, device), reduction="mean")
                  for n, t in zip(STYLE_LAYERS, grams)]
-        self.style_loss = terms[0]
-        for t in terms[1:]:
-            self.style_loss = mm.ops.add(self.style_loss, t)
+        self.style_loss = sum(terms[1:], terms[0])
         target = fx[CONTENT_LAYER]
         target.stop_gradient = True
         self.content_loss = mm.ops.mse_loss(fy[CONTENT_LAYER], target, reduction="mean")
-        total = mm.ops.add(mm.ops.scale(self.style_loss, s=style_weight), mm.ops.scale(self.content_loss, s=content_weight))
+        total = style_weight * self.style_loss + content_weight * self.content_loss
         self.train = total.training_graph(optimizer=mm.optim.Adam(self.transformer.parameters(), lr=lr))
 
     @staticmethod

@@ -85,6 +85,8 @@ class Graph(Tape):
             outputs: the tensors to return.
             commit_every: nodes per `commit_and_continue`, so the device starts while the rest is encoded.
         """
+        if isinstance(outputs, GraphTensor):  # iterable (by rows), so list() would not refuse it
+            raise TypeError(f"outputs is a list of tensors: outputs=[y], not one tensor ({outputs})")
         bound = self.bind_inputs(inputs)
         if outputs is None:
             if not self.nodes:

@@ -14,11 +14,16 @@ from .tape import GraphError, GraphTensor, Node, Tape
 
 
 def gradients(tape: Tape, loss: GraphTensor, source_gradient: GraphTensor | None = None,
-              node_handler: Callable | None = None) -> tuple[dict[GraphTensor, GraphTensor], list[Node]]:
+              node_handler: Callable | None = None, wrt: list[GraphTensor] | None = None
+              ) -> tuple[dict[GraphTensor, GraphTensor], list[Node]]:
     """Append the gradient nodes of everything `loss` depends on; returns (the gradient of each
-    trainable leaf that gets one, the gradient nodes kept). See `Graph.training_graph`."""
+    trainable leaf that gets one, the gradient nodes kept). See `Graph.training_graph`.
+
+    `wrt` names the tensors to differentiate with respect to (graph inputs, say: mm.grad's
+    arguments) in place of the trainable leaves.
+    """
     forward = list(tape.nodes)
-    needs = needs_gradient(tape, forward)
+    needs = needs_gradient(tape, forward, wrt)
     if not needs.get(loss, False):
         raise GraphError("nothing in this graph has a gradient to compute: the loss depends on no trainable "
                          "parameter (or every path to one is cut by stop_gradient)")
@@ -45,7 +50,8 @@ def gradients(tape: Tape, loss: GraphTensor, source_gradient: GraphTensor | None
         for m in made:
             m.gradient_of = node
         created += made
-    param_grads = {t: grads[t] for t in tape.leaves.values() if needs.get(t, False) and t in grads}
+    targets = tape.leaves.values() if wrt is None else wrt
+    param_grads = {t: grads[t] for t in targets if needs.get(t, False) and t in grads}
     created = _prune(tape, created, param_grads)
     if node_handler is not None:
         created = _handle(tape, created, param_grads, node_handler)
@@ -64,11 +70,12 @@ def _check(node: Node, in_grads) -> None:
                              f"the input is {x.shape} {x.dtype}")
 
 
-def needs_gradient(tape: Tape, nodes: list[Node]) -> dict[GraphTensor, bool]:
-    """Which tensors carry a gradient: trainable parameters and everything computed from them."""
+def needs_gradient(tape: Tape, nodes: list[Node], wrt: list[GraphTensor] | None = None) -> dict[GraphTensor, bool]:
+    """Which tensors carry a gradient: trainable parameters (or the tensors `wrt`) and everything
+    computed from them."""
     needs: dict[GraphTensor, bool] = {}
-    for t in tape.leaves.values():
-        needs[t] = not t.stop_gradient and getattr(t.value, "trainable", False)
+    for t in tape.leaves.values() if wrt is None else wrt:
+        needs[t] = not t.stop_gradient and (wrt is not None or getattr(t.value, "trainable", False))
     for node in nodes:
         flows = any(needs.get(x, False) for x in node.inputs)
         for o in node.outputs:

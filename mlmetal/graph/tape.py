@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,8 @@ class GraphError(ValueError):
 
 
 class GraphTensor(Symbolic):
-    """A symbolic tensor: an input, a parameter, or the output of a node."""
+    """A symbolic tensor: an input, a parameter, or the output of a node. Its operators and
+    methods (`x + y`, `x.sum(axis=1)`, `x[:, 0]`) append the ops' nodes (tensor.Operators)."""
 
     def __init__(self, graph: "Tape", shape, dtype=np.float32, node: "Node | None" = None, name: str = "",
                  value: Tensor | None = None):
@@ -38,8 +38,8 @@ class GraphTensor(Symbolic):
         self.stop_gradient = False
 
     @property
-    def size(self) -> int:
-        return math.prod(self.shape)
+    def device(self) -> Device:
+        return self.graph.device
 
     @property
     def nbytes(self) -> int:
@@ -48,6 +48,10 @@ class GraphTensor(Symbolic):
     @property
     def is_input(self) -> bool:
         return self.node is None and self.value is None
+
+    def __bool__(self):
+        raise TypeError(f"{self} has no value until its graph runs, so it is neither true nor false "
+                        "(Python's `if` and `and` run while the graph is built)")
 
     def training_graph(self, source_gradient: "GraphTensor | None" = None, node_handler=None, optimizer=None):
         """Derive the training graph that ends at this tensor (usually a loss). See `Graph.training_graph`."""
@@ -83,6 +87,7 @@ class Tape:
         self.nodes: list[Node] = []
         self.inputs: dict[str, GraphTensor] = {}
         self.leaves: dict[int, GraphTensor] = {}  # by id of the device tensor
+        self._derived: dict[int, tuple[Tensor, GraphTensor]] = {}  # see leaf()
         self._recording: list[Node] | None = None  # see recording()
 
     def input(self, name: str, shape, dtype=np.float32) -> GraphTensor:
@@ -134,8 +139,15 @@ class Tape:
         return self.append("random_tensor", [], {"shape": shape, "generator": generator, "distribution": distribution})
 
     def leaf(self, value: Tensor) -> GraphTensor:
-        """The graph tensor of a device tensor (a parameter or a constant) used by a node."""
+        """The graph tensor of a device tensor (a parameter or a constant) used by a node; for one
+        computed from parameters alone (`w.T`), the output of a node recording that computation."""
         key = id(value)
+        if value.derivation is not None and not value.stop_gradient:
+            if key not in self._derived:
+                op, inputs, attrs, index = value.derivation
+                out = self.append(op, list(inputs), attrs)
+                self._derived[key] = (value, out if index is None else out[index])  # value: its id stays its own
+            return self._derived[key][1]
         if key not in self.leaves:
             if value.device is not self.device:
                 raise GraphError(f"a tensor on {value.device.name} used in a graph on {self.device.name}")

@@ -169,6 +169,9 @@ def apply(name: str, *inputs, **attrs):
     cb = dev.command_buffer()
     op.encode(cb, outs, *inputs, **attrs)
     cb.commit()
+    if inputs and builtins.all(x.from_parameters for x in inputs):  # `w.T`, `b.reshape(...)`: see Tensor.derivation
+        for i, o in enumerate(outs if multi else (outs,)):
+            o.derivation, o.from_parameters = (name, inputs, attrs, i if multi else None), True
     return outs
 
 

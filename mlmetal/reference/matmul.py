@@ -1,8 +1,10 @@
 """References of kernels/matmul.metal."""
 
+import numpy as np
+
 
 def matmul(a, b, *, transpose_a, transpose_b):
-    return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+    return (np.swapaxes(a, -1, -2) if transpose_a else a) @ (np.swapaxes(b, -1, -2) if transpose_b else b)
 
 
 def linear(x, w, b=None):
