@@ -241,7 +241,8 @@ kernel void norm_backward(device const float* g [[buffer(0)]],
         Cursor at = cursor(lid, tpg, plane);
         for (uint k = 0; k < NORM_CACHE; k++, advance(at)) {
             uint i = lid + k * tpg;
-            if (i < p.hw) block[i] = rstd * (entry[at.plane] * g_cache[k] - mean_g - (cache[k] - m.mean) * rstd * mean_gx);
+            if (i < p.hw)
+                block[i] = rstd * (entry[at.plane] * g_cache[k] - mean_g - (cache[k] - m.mean) * rstd * mean_gx);
         }
     } else {
         for (uint r = 0; r < p.rows; r++) {

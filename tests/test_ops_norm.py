@@ -178,6 +178,10 @@ def test_batch_norm_inference_leaves_running_stats(dev):
     ("layer_norm", [(2, 5, 4), (4,), (5,)], {}, r"beta's shape \(5,\) differs from gamma's \(4,\)"),
     ("layer_norm", [(4,), (2, 4), (2, 4)], {}, "does not end in gamma's shape"),
     ("layer_norm", [(2, 4), (4,), (4,)], {"eps": -1.0}, "eps"),
+    ("layer_norm", [(0, 4), (4,), (4,)], {}, r"input shape \(0, 4\) has an empty dimension"),
+    ("group_norm", [(2, 4, 0), (4,), (4,)], {"num_groups": 2}, "empty dimension"),
+    ("instance_norm", [(2, 3, 0, 4), (3,), (3,)], {}, "empty dimension"),
+    ("batch_norm", [(2, 3, 0)] + [(3,)] * 4, {}, "empty dimension"),
 ])
 def test_norm_errors(dev, op, shapes, attrs, message):
     ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in shapes]

@@ -2,9 +2,9 @@
 
 All four reduce one group of elements per threadgroup (an (n, c) plane for instance norm, C/G
 planes for group norm, a row for layer norm, a channel across the batch for batch norm), so the
-same forward and backward kernels serve them; only the layout (`_grouped`, `_layered`, `_batched`) differs. The backward
-recomputes the statistics from x rather than keeping them from the forward: one more read of x,
-and no hidden state between ops.
+same forward and backward kernels serve them; only the layout (`_grouped`, `_layered`,
+`_batched`) differs. The backward recomputes the statistics from x rather than keeping them from
+the forward: one more read of x, and no hidden state between ops.
 """
 
 import math
@@ -39,6 +39,12 @@ def _layered(x, dims, eps):
 def _batched(x, eps):
     """(params, number of groups) of batch norm of (N, C, ...): a group per channel, a block per sample."""
     return {"channels": x[1], "rows": x[0], "hw": math.prod(x[2:]), "planes": 1, "eps": eps}, x[1]
+
+
+def _check_input(op, x, axes, layout):
+    """x has at least `axes` axes, as `layout` names them, and no empty one (an empty group has no mean)."""
+    ensure(len(x) >= axes, op, f"expected an ({layout}) input, got shape {x}")
+    ensure(min(x) >= 1, op, f"input shape {x} has an empty dimension")
 
 
 def _check_channels(op, x, **vectors):
@@ -92,7 +98,7 @@ def _instance_check(x, gamma, beta, eps=1e-5):
     Example:
         >>> y = mm.ops.instance_norm(x, mm.tensor(np.ones(C)), mm.tensor(np.zeros(C)))
     """
-    ensure(len(x) >= 3, "instance_norm", f"expected an (N, C, H, W) input, got shape {x}")
+    _check_input("instance_norm", x, 3, "N, C, H, W")
     _check_channels("instance_norm", x, gamma=gamma, beta=beta)
     ensure(eps >= 0, "instance_norm", f"eps must not be negative, got {eps}")
     return x, {"eps": float(eps)}
@@ -115,7 +121,8 @@ def _instance_grad_check(g, x, gamma, eps):
 
 
 register("instance_norm_grad", check=_instance_grad_check,
-         encode=lambda cb, outs, g, x, gamma, eps: _encode_backward(cb, outs, g, x, gamma, _grouped(x.shape, x.shape[1], eps)),
+         encode=lambda cb, outs, g, x, gamma, eps: _encode_backward(cb, outs, g, x, gamma,
+                                                                    _grouped(x.shape, x.shape[1], eps)),
          reference=R.instance_norm_grad, grad=None, kernels=["norm.norm_backward", "norm.norm_param_grad"])
 
 
@@ -137,7 +144,7 @@ def _group_check(x, gamma, beta, num_groups, eps=1e-5):
         >>> y = mm.ops.group_norm(x, gamma, beta, num_groups=8)
     """
     op = "group_norm"
-    ensure(len(x) >= 2, op, f"expected an (N, C, ...) input, got shape {x}")
+    _check_input(op, x, 2, "N, C, ...")
     ensure(isinstance(num_groups, int) and not isinstance(num_groups, bool) and num_groups >= 1, op,
            f"num_groups must be a positive int, got {num_groups!r}")
     ensure(x[1] % num_groups == 0, op, f"{x[1]} channels are not divisible by num_groups={num_groups}")
@@ -188,12 +195,14 @@ def _layer_check(x, gamma, beta, eps=1e-5):
     ensure(gamma == beta, op, f"beta's shape {beta} differs from gamma's {gamma}")
     ensure(len(x) >= len(gamma) and x[len(x) - len(gamma):] == gamma, op,
            f"input shape {x} does not end in gamma's shape {gamma} (the normalized shape)")
+    ensure(min(x) >= 1, op, f"input shape {x} has an empty dimension")
     ensure(eps >= 0, op, f"eps must not be negative, got {eps}")
     return x, {"eps": float(eps)}
 
 
 register("layer_norm", check=_layer_check,
-         encode=lambda cb, out, x, gamma, beta, eps: _forward(cb, out, x, gamma, beta, _layered(x.shape, gamma.ndim, eps)),
+         encode=lambda cb, out, x, gamma, beta, eps: _forward(cb, out, x, gamma, beta,
+                                                              _layered(x.shape, gamma.ndim, eps)),
          reference=R.layer_norm,
          grad=lambda g, out, x, gamma, beta, eps: apply("layer_norm_grad", g, x, gamma, eps=eps),
          kernels=["norm.norm_forward"])
@@ -231,7 +240,7 @@ def _batch_check(x, gamma, beta, running_mean, running_var, training=True, momen
     Example:
         >>> y = mm.ops.batch_norm(x, gamma, beta, mean, var, training=True)
     """
-    ensure(len(x) >= 2, "batch_norm", f"expected an (N, C, ...) input, got shape {x}")
+    _check_input("batch_norm", x, 2, "N, C, ...")
     _check_channels("batch_norm", x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     ensure(not training or math.prod(x) // x[1] > 1, "batch_norm",
            f"training needs more than one value per channel, got shape {x}")
