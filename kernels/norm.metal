@@ -286,8 +286,7 @@ struct AffineGradParams {
 
 // dγ[e] = Σ g·x̂, dβ[e] = Σ g over the elements of γ entry e (plane e mod planes of groups
 // n·channels + e / planes, for every sample n), with norm_backward's moments of each group: one
-// threadgroup per entry. For group norm a thread walks planes of contiguous pixels; for layer
-// norm (planes of one element) the samples' rows.
+// threadgroup per entry, its threads along the planes' contiguous pixels (group norm).
 kernel void norm_affine_grad(device const float* g [[buffer(0)]],  // extent: p.samples * p.channels * p.hw
                              device const float* x [[buffer(1)]],  // extent: p.samples * p.channels * p.hw
                              device const float* moments [[buffer(2)]],  // extent: 3 * p.samples * p.channels
@@ -316,6 +315,40 @@ kernel void norm_affine_grad(device const float* g [[buffer(0)]],  // extent: p.
         dgamma[e] = sum_gx;
         dbeta[e] = sum_g;
     }
+}
+
+struct ColumnParams {
+    uint entries;   // γ entries: channels · planes
+    uint channels;  // groups per sample
+    uint planes;    // γ entries per group
+    uint samples;
+    uint chunk;     // samples a thread sums
+};
+
+// norm_affine_grad for planes of one element (layer norm; group norm of (N, C)): entry e's values
+// are column e of a (samples, entries) matrix, x[n·entries + e]. Thread (e, k) sums rows
+// k·chunk … (k + 1)·chunk − 1 of its column, neighbouring threads reading neighbouring addresses,
+// into partial[k][e] = (Σ g·x̂, Σ g), which norm_param_grad adds up over k. (A threadgroup an entry
+// would reduce a handful of values per barrier there.)
+kernel void norm_affine_columns(device const float* g [[buffer(0)]],  // extent: p.samples * p.entries
+                                device const float* x [[buffer(1)]],  // extent: p.samples * p.entries
+                                device const float* moments [[buffer(2)]],  // extent: 3 * p.samples * p.channels
+                                device float* partial [[buffer(3)]],
+                                constant ColumnParams& p [[buffer(4)]],
+                                uint2 pos [[thread_position_in_grid]]) {
+    uint e = pos.x, k = pos.y;
+    if (e >= p.entries) return;
+    uint c = e / p.planes, end = min(p.samples, (k + 1) * p.chunk);
+    float sum_g = 0.0f, sum_gx = 0.0f;
+    for (uint n = k * p.chunk; n < end; n++) {
+        uint group = n * p.channels + c;
+        float gv = g[n * p.entries + e];
+        sum_g += gv;
+        sum_gx = fma(gv, ((x[n * p.entries + e] - moments[3 * group]) - moments[3 * group + 1]) * moments[3 * group + 2],
+                     sum_gx);
+    }
+    partial[2 * (k * p.entries + e)] = sum_gx;
+    partial[2 * (k * p.entries + e) + 1] = sum_g;
 }
 
 struct RunningParams {

@@ -204,3 +204,16 @@ def test_instance_norm_of_planes_larger_than_the_register_cache(dev, op):
         want = R.instance_norm_grad(g.astype(np.float64), x.astype(np.float64), gamma, eps=1e-5)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-3)
+
+
+def test_layer_norm_of_more_rows_than_a_grid_axis_holds(dev):
+    """70 000 rows: more groups than the 65 535 threadgroups a grid's y or z axis allows, and
+    their γ and β gradients summed over chunks of rows."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((70_000, 3)) * 2 + 1).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    gamma = np.array([1.0, -0.5, 2.0], np.float32)
+    got = mm.ops.layer_norm_grad(*(mm.tensor(a, dev) for a in (g, x, gamma)), eps=1e-5)
+    want = R.layer_norm_grad(g.astype(np.float64), x.astype(np.float64), gamma, eps=1e-5)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b, rtol=rtol_for(70_000, 1e-5), atol=1e-3)

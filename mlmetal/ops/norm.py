@@ -65,22 +65,33 @@ def _forward(cb, out, x, gamma, beta, layout):
 
 
 def _encode_backward(cb, outs, g, x, gamma, layout):
-    """norm_backward, then norm_param_grad (groups of one γ entry) or norm_affine_grad: (dx, dγ, dβ)."""
+    """norm_backward, then the γ and β gradients: (dx, dγ, dβ). Groups of one γ entry (instance,
+    batch norm) add up norm_backward's partials; planes of one element (layer norm) sum columns;
+    other planes (group norm) a threadgroup an entry."""
     dx, dgamma, dbeta = outs
     p, groups = layout
     partial, moments = empty((groups, 2), x.device), empty((groups, 3), x.device)
     lib = x.device.library("norm")
     cb.dispatch(lib.kernel("norm_backward"), groups=groups, threads=_threads(x.device, p["rows"] * p["hw"]),
                 args=[g, x, gamma, dx, partial, moments, p])
-    samples = groups // p["channels"]
-    if p["planes"] == 1:
-        cb.dispatch(lib.kernel("norm_param_grad"), groups=groups_for(p["channels"], 64), threads=64,
-                    args=[partial, dgamma, dbeta, {"channels": p["channels"], "groups": samples}])
+    samples, entries = groups // p["channels"], gamma.size
+    if p["planes"] == 1:  # norm_backward's partials: one per group
+        partials = samples
+    elif p["hw"] == p["planes"]:  # planes of one element: column sums, in chunks of rows
+        chunk = max(32, -(-samples // 65535))
+        partials = -(-samples // chunk)
+        partial = empty((partials, entries, 2), x.device)
+        cb.dispatch(lib.kernel("norm_affine_columns"), groups=(groups_for(entries, 64), partials), threads=(64, 1),
+                    args=[g, x, moments, partial, {"entries": entries, "channels": p["channels"], "planes": p["planes"],
+                                                   "samples": samples, "chunk": chunk}])
     else:
-        cb.dispatch(lib.kernel("norm_affine_grad"), groups=gamma.size,
+        cb.dispatch(lib.kernel("norm_affine_grad"), groups=entries,
                     threads=_threads(x.device, samples * p["hw"] // p["planes"]),
                     args=[g, x, moments, dgamma, dbeta,
                           {"channels": p["channels"], "samples": samples, "hw": p["hw"], "planes": p["planes"]}])
+        return
+    cb.dispatch(lib.kernel("norm_param_grad"), groups=groups_for(entries, 64), threads=64,
+                args=[partial, dgamma, dbeta, {"channels": entries, "groups": partials}])
 
 
 # ---------------------------------------------------------------- instance norm
@@ -173,7 +184,7 @@ register("group_norm_grad", check=_group_grad_check,
          encode=lambda cb, outs, g, x, gamma, num_groups, eps: _encode_backward(
              cb, outs, g, x, gamma, _grouped(x.shape, num_groups, eps)),
          reference=R.group_norm_grad, grad=None,
-         kernels=["norm.norm_backward", "norm.norm_param_grad", "norm.norm_affine_grad"])
+         kernels=["norm.norm_backward", "norm.norm_param_grad", "norm.norm_affine_grad", "norm.norm_affine_columns"])
 
 
 # ---------------------------------------------------------------- layer norm
@@ -218,7 +229,8 @@ def _layer_grad_check(g, x, gamma, eps):
 register("layer_norm_grad", check=_layer_grad_check,
          encode=lambda cb, outs, g, x, gamma, eps: _encode_backward(cb, outs, g, x, gamma,
                                                                     _layered(x.shape, gamma.ndim, eps)),
-         reference=R.layer_norm_grad, grad=None, kernels=["norm.norm_backward", "norm.norm_affine_grad"])
+         reference=R.layer_norm_grad, grad=None,
+         kernels=["norm.norm_backward", "norm.norm_affine_columns", "norm.norm_param_grad"])
 
 
 # ---------------------------------------------------------------- batch norm
