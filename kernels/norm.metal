@@ -172,7 +172,7 @@ kernel void norm_forward(device const float* x [[buffer(0)]],
 // A group with one γ entry (instance, batch norm) sums g rather than ĝ and multiplies by γ
 // after: its Σ(g·x̂) and Σg are then also its shares of dγ and dβ, which go to partial[group]
 // (for norm_param_grad). A group of several planes writes (shift, mean, rstd) to
-// moments[group] instead, for norm_affine_grad.
+// moments[group] instead, for norm_affine_grad or norm_affine_columns.
 kernel void norm_backward(device const float* g [[buffer(0)]],
                           device const float* x [[buffer(1)]],
                           device const float* gamma [[buffer(2)]],  // extent: p.channels * p.planes
