@@ -86,16 +86,19 @@ class Module:
         raise NotImplementedError
 
     def modules(self):
-        """This module and every module under it (attributes, and lists or tuples of modules), each once."""
-        seen, todo = set(), [self]
-        while todo:
-            m = todo.pop()
-            if id(m) in seen:
-                continue
-            seen.add(id(m))
-            yield m
-            for v in reversed(list(vars(m).values())):
-                todo += [c for c in reversed(v if isinstance(v, (list, tuple)) else (v,)) if isinstance(c, Module)]
+        """This module and every module under it (attributes, and lists or tuples of modules), each
+        once, depth first."""
+        seen = set()
+
+        def walk(m):
+            if id(m) not in seen:
+                seen.add(id(m))
+                yield m
+                for v in vars(m).values():
+                    for child in v if isinstance(v, (list, tuple)) else (v,):
+                        if isinstance(child, Module):
+                            yield from walk(child)
+        return walk(self)
 
     def train(self, mode: bool = True) -> "Module":
         """Put this module and every module under it in training mode (or, `mode=False`, evaluation
