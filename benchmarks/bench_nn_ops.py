@@ -1,4 +1,6 @@
-"""Instance norm (forward, backward) and 2×2 max pooling against a reference on the same machine.
+"""Instance, group and layer norm (forward, backward) and 2×2 max pooling against a reference on the same machine.
+
+Group norm takes 8 groups; layer norm normalises each sample's C·H·W values with elementwise γ, β.
 
     python benchmarks/bench_nn_ops.py                 # 4×128×128×128 on a GPU, 2×32×64×64 on cpu
     MLMETAL_DEVICE=cpu python benchmarks/bench_nn_ops.py --shape 4 64 64 64
@@ -20,6 +22,7 @@ from timing import best_seconds
 from mlmetal import ops
 from mlmetal.tensor import empty
 
+GROUPS = 8
 
 
 def mlmetal_runs(dev, x, g):
@@ -27,8 +30,10 @@ def mlmetal_runs(dev, x, g):
     c = x.shape[1]
     tx, tg = mm.tensor(x, dev), mm.tensor(g, dev)
     gamma, beta = mm.tensor(np.ones(c, np.float32), dev), mm.tensor(np.zeros(c, np.float32), dev)
+    ln_gamma, ln_beta = mm.tensor(np.ones(x.shape[1:], np.float32), dev), mm.tensor(np.zeros(x.shape[1:], np.float32), dev)
     y = empty(x.shape, dev)
     grads = (empty(x.shape, dev), empty((c,), dev), empty((c,), dev))
+    ln_grads = (empty(x.shape, dev), empty(x.shape[1:], dev), empty(x.shape[1:], dev))
     pooled = empty(x.shape[:2] + (x.shape[2] // 2, x.shape[3] // 2), dev)
 
     def encoder(name, out, *inputs, **attrs):
@@ -48,6 +53,10 @@ def mlmetal_runs(dev, x, g):
     return {
         "instance norm forward": encoder("instance_norm", y, tx, gamma, beta),
         "instance norm backward": encoder("instance_norm_grad", grads, tg, tx, gamma, eps=1e-5),
+        "group norm forward": encoder("group_norm", y, tx, gamma, beta, num_groups=GROUPS),
+        "group norm backward": encoder("group_norm_grad", grads, tg, tx, gamma, num_groups=GROUPS, eps=1e-5),
+        "layer norm forward": encoder("layer_norm", y, tx, ln_gamma, ln_beta),
+        "layer norm backward": encoder("layer_norm_grad", ln_grads, tg, tx, ln_gamma, eps=1e-5),
         "max pool 2×2": encoder("max_pool2d", pooled, tx, kernel=2),
     }
 
@@ -63,18 +72,28 @@ def torch_runs(x, g, device):
     tg = torch.tensor(g, device=device)
     gamma = torch.ones(x.shape[1], device=device, requires_grad=True)
     beta = torch.zeros(x.shape[1], device=device, requires_grad=True)
-    y = F.instance_norm(tx, weight=gamma, bias=beta, eps=1e-5)
+    ln_gamma = torch.ones(x.shape[1:], device=device, requires_grad=True)
+    ln_beta = torch.zeros(x.shape[1:], device=device, requires_grad=True)
+    norms = {"instance norm": (lambda: F.instance_norm(tx, weight=gamma, bias=beta, eps=1e-5), (tx, gamma, beta)),
+             "group norm": (lambda: F.group_norm(tx, GROUPS, gamma, beta, eps=1e-5), (tx, gamma, beta)),
+             "layer norm": (lambda: F.layer_norm(tx, x.shape[1:], ln_gamma, ln_beta, eps=1e-5), (tx, ln_gamma, ln_beta))}
 
-    def forward(calls):
-        with torch.no_grad():
+    def forward(norm):
+        def run(calls):
+            with torch.no_grad():
+                for _ in range(calls):
+                    norm()
+            sync()
+        return run
+
+    def backward(norm, inputs):
+        y = norm()
+
+        def run(calls):
             for _ in range(calls):
-                F.instance_norm(tx, weight=gamma, bias=beta, eps=1e-5)
-        sync()
-
-    def backward(calls):
-        for _ in range(calls):
-            torch.autograd.grad(y, (tx, gamma, beta), tg, retain_graph=True)
-        sync()
+                torch.autograd.grad(y, inputs, tg, retain_graph=True)
+            sync()
+        return run
 
     def pool(calls):
         with torch.no_grad():
@@ -83,32 +102,43 @@ def torch_runs(x, g, device):
         sync()
 
     name = f"PyTorch {torch.__version__} ({'CUDA' if device == 'cuda' else 'CPU'} FP32)"
-    return {"instance norm forward": forward, "instance norm backward": backward, "max pool 2×2": pool}, name
+    runs = {f"{name} {way}": (forward(norm) if way == "forward" else backward(norm, inputs))
+            for name, (norm, inputs) in norms.items() for way in ("forward", "backward")}
+    return {**runs, "max pool 2×2": pool}, name
 
 
 def numpy_runs(x, g):
-    """float32 numpy: the same arithmetic, vectorised over the whole tensor."""
-    def forward(calls):
-        for _ in range(calls):
-            mean = x.mean(axis=(2, 3), keepdims=True)
-            var = x.var(axis=(2, 3), keepdims=True)
-            (x - mean) / np.sqrt(var + 1e-5)
+    """float32 numpy: the same arithmetic, vectorised over the whole tensor, each norm's groups on axis 2."""
+    n, c = x.shape[:2]
+    views = {"instance norm": (n, c, -1), "group norm": (n, GROUPS, -1), "layer norm": (n, 1, -1)}
 
-    def backward(calls):
-        for _ in range(calls):
-            mean = x.mean(axis=(2, 3), keepdims=True)
-            rstd = 1 / np.sqrt(x.var(axis=(2, 3), keepdims=True) + 1e-5)
-            xh = (x - mean) * rstd
-            rstd * (g - g.mean(axis=(2, 3), keepdims=True) - xh * (g * xh).mean(axis=(2, 3), keepdims=True))
-            (g * xh).sum(axis=(0, 2, 3)), g.sum(axis=(0, 2, 3))
+    def forward(view):
+        xs = x.reshape(view)
+
+        def run(calls):
+            for _ in range(calls):
+                (xs - xs.mean(axis=2, keepdims=True)) / np.sqrt(xs.var(axis=2, keepdims=True) + 1e-5)
+        return run
+
+    def backward(view):
+        xs, gs = x.reshape(view), g.reshape(view)
+
+        def run(calls):
+            for _ in range(calls):
+                rstd = 1 / np.sqrt(xs.var(axis=2, keepdims=True) + 1e-5)
+                xh = (xs - xs.mean(axis=2, keepdims=True)) * rstd
+                rstd * (gs - gs.mean(axis=2, keepdims=True) - xh * (gs * xh).mean(axis=2, keepdims=True))
+                (gs * xh).sum(axis=0), gs.sum(axis=0)
+        return run
 
     def pool(calls):
-        n, c, h, w = x.shape
+        h, w = x.shape[2:]
         for _ in range(calls):
             x[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
 
-    return {"instance norm forward": forward, "instance norm backward": backward, "max pool 2×2": pool}, \
-        f"numpy {np.__version__} (float32)"
+    runs = {f"{name} {way}": (forward if way == "forward" else backward)(view)
+            for name, view in views.items() for way in ("forward", "backward")}
+    return {**runs, "max pool 2×2": pool}, f"numpy {np.__version__} (float32)"
 
 
 def main():

@@ -13,11 +13,11 @@ with and without lifetime planning. All but the DCGAN are the demonstration apps
 Shapes (DESIGN §8): style transfer batch 4 of size² images (the app's transformer and frozen
 loss network, style loss at three layers, content loss at one); U-Net batch 4 of 9 channels,
 size² (the app's UNet, width 16, depth 2, L1 plus Laplacian-of-Gaussian L1); DCGAN batch 64 of
-1×28×28 (generator: a latent of 100, linear to 128×7×7, then twice nearest ×2 upsampling and a
-3×3 conv, 128 → 64 → 1 channels, batch norm and ReLU between, tanh last — upsampling and conv
-rather than a transposed conv, which mlmetal does not have; discriminator: two 4×4 stride-2
-convs, 1 → 64 → 128 channels, batch norm on the second, LeakyReLU 0.2, a linear logit; a conv
-followed by batch norm has no bias, which the norm would cancel); MLP GAN batch 64 of the
+1×28×28 (generator: a latent of 100, linear to 128×7×7, then two 4×4 stride-2 padding-1
+transposed convs, 128 → 64 → 1 channels, each doubling the image, batch norm and ReLU between,
+tanh last, as the standard DCGAN; discriminator: two 4×4 stride-2 convs, 1 → 64 → 128 channels,
+batch norm on the second, LeakyReLU 0.2, a linear logit; a conv followed by batch norm has no
+bias, which the norm would cancel); MLP GAN batch 64 of the
 digits' 8×8 (the app's fully connected generator and discriminator); full-size style transfer,
 batch 4 of size² images: Johnson et al.'s transformer (9×9 outer convolutions, two stride-2
 stages, five residual blocks of 128 channels, two upsampling stages) against VGG16's layers up to
@@ -134,15 +134,15 @@ def mlmetal_gan(dev, batch, size):
 
 
 class DCGenerator(mm.nn.Module):
-    """z (N, 100) → linear to 128×7×7 → two (nearest ×2, 3×3 conv) stages → a tanh image (N, 1, 28, 28)."""
+    """z (N, 100) → linear to 128×7×7 → two 4×4 stride-2 transposed convs → a tanh image (N, 1, 28, 28)."""
 
     def __init__(self, device):
         self.project = mm.nn.Linear(DCGAN_LATENT, 128 * 7 * 7, device=device)
         self.body = mm.nn.Sequential(
             mm.nn.BatchNorm2d(128, device=device), mm.nn.ReLU(),
-            mm.nn.Upsample(2), mm.nn.Conv2d(128, 64, 3, padding=1, bias=False, device=device),
+            mm.nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1, bias=False, device=device),
             mm.nn.BatchNorm2d(64, device=device), mm.nn.ReLU(),
-            mm.nn.Upsample(2), mm.nn.Conv2d(64, 1, 3, padding=1, device=device), mm.nn.Tanh())
+            mm.nn.ConvTranspose2d(64, 1, 4, stride=2, padding=1, device=device), mm.nn.Tanh())
 
     def forward(self, z):
         return self.body(self.project(z).reshape(z.shape[0], 128, 7, 7))
@@ -320,9 +320,8 @@ def torch_dcgan(torch, dev, batch, size, autocast):
     torch.manual_seed(0)
     G = nn.Sequential(nn.Linear(DCGAN_LATENT, 128 * 7 * 7), nn.Unflatten(1, (128, 7, 7)),
                       nn.BatchNorm2d(128), nn.ReLU(),
-                      nn.Upsample(scale_factor=2), nn.Conv2d(128, 64, 3, padding=1, bias=False),
-                      nn.BatchNorm2d(64), nn.ReLU(),
-                      nn.Upsample(scale_factor=2), nn.Conv2d(64, 1, 3, padding=1), nn.Tanh()).to(dev)
+                      nn.ConvTranspose2d(128, 64, 4, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                      nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Tanh()).to(dev)
     D = nn.Sequential(nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.2),
                       nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
                       nn.Flatten(), nn.Linear(128 * 7 * 7, 1)).to(dev)

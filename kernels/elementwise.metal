@@ -425,6 +425,24 @@ kernel void silu_grad(device const float* g [[buffer(0)]],  // extent: p.n
     out[i] = g[i] * s * (1.0f + x[i] * (1.0f - s));
 }
 
+struct DropoutParams {
+    uint n;
+    float p;
+};
+
+// out = x·(u ≥ p)/(1 − p), with u uniform in [0, 1) drawn afresh each step and read again by
+// the gradient (which is this kernel applied to g: dropout is linear in x). A dropped element
+// is x·0, not 0, so a NaN stays NaN, as in PyTorch; p = 1 drops everything (scale 0, not ∞).
+kernel void dropout(device const float* x [[buffer(0)]],  // extent: p.n
+                    device const float* u [[buffer(1)]],  // extent: p.n
+                    device float* out [[buffer(2)]],  // extent: p.n
+                    constant DropoutParams& p [[buffer(3)]],
+                    uint i [[thread_position_in_grid]]) {
+    if (i >= p.n) return;
+    float scale = p.p < 1.0f ? 1.0f / (1.0f - p.p) : 0.0f;
+    out[i] = x[i] * (u[i] >= p.p ? scale : 0.0f);
+}
+
 struct SoftmaxParams {
     uint positions;  // N·inner
     uint channels;

@@ -1,9 +1,16 @@
-// Instance and batch normalisation over NCHW float32 images, forward and backward.
+// Instance, group, layer and batch normalisation over float32 tensors, forward and backward.
 //
-// Both normalise a group of elements by the group's mean and variance: instance norm one
-// (n, c) plane of H·W pixels, batch norm channel c across the batch, N planes. One threadgroup
-// handles one group: threadgroup (c, n) reads planes (n + r)·C + c for r < rows. Instance norm
-// dispatches (C, N) groups with rows = 1; batch norm (C, 1) groups with rows = N.
+// Each normalises a group of elements by the group's mean and variance, then scales and shifts
+// each element by its γ and β entry. One threadgroup handles one group, which is `rows` blocks of
+// `hw` contiguous elements, block r of group i at (i + r·channels)·hw:
+//
+//   instance norm of (N, C, S)   N·C groups   rows 1   hw S      planes 1
+//   group norm (G groups)        N·G groups   rows 1   hw C/G·S  planes C/G
+//   layer norm of (R, M)         R groups     rows 1   hw M      planes M
+//   batch norm of (N, C, S)      C groups     rows N   hw S      planes 1
+//
+// A block is `planes` planes of hw/planes elements, each plane with its own γ and β entry:
+// entry (i mod channels)·planes + plane. Instance norm is group norm with G = C.
 //
 // Statistics read x once and never form E[x²] − E[x]². A group small enough to be held in
 // registers (the usual case: see NORM_CACHE) sums its values per thread and then across the
@@ -18,9 +25,10 @@
 using namespace metal;
 
 struct NormParams {
-    uint channels;
-    uint rows;      // planes per group: 1 (instance norm) or N (batch norm)
-    uint hw;        // elements per plane
+    uint channels;  // groups per sample (C, G or 1); batch norm: C, the stride between a group's blocks
+    uint rows;      // blocks per group: 1, or N for batch norm
+    uint hw;        // elements per block
+    uint planes;    // γ, β entries per group, one per plane of hw / planes elements
     float eps;
 };
 
@@ -34,15 +42,36 @@ inline float group_sum(float v, threadgroup float* scratch, uint lane, uint sg, 
     return simd_sum(lane < nsg ? scratch[lane] : 0.0f);
 }
 
-// Offset of plane r of the group.
-inline uint plane_offset(constant NormParams& p, uint2 group, uint r) {
-    return ((group.y + r) * p.channels + group.x) * p.hw;
+// Offset of block r of group i.
+inline uint block_offset(constant NormParams& p, uint group, uint r) {
+    return (group + r * p.channels) * p.hw;
+}
+
+// The plane of the elements start, start + step, start + 2·step, … of a block of planes of
+// `size` elements, followed without a division per element.
+struct Cursor {
+    uint plane, offset;  // of the current element
+    uint plane_step, offset_step, size;
+};
+
+inline Cursor cursor(uint start, uint step, uint size) {
+    Cursor c = {start / size, start % size, step / size, step % size, size};
+    return c;
+}
+
+inline void advance(thread Cursor& c) {
+    c.plane += c.plane_step;
+    c.offset += c.offset_step;
+    if (c.offset >= c.size) {
+        c.offset -= c.size;
+        c.plane++;
+    }
 }
 
 // A group that fits in NORM_CACHE elements a thread (instance norm up to 16·1024 pixels on a
 // GPU) is read from device memory once: each thread keeps its elements in registers between
 // the passes (the loops over k unroll, so `cache[k]` is a register). Larger groups, and batch
-// norm's groups of several planes, read x again in each pass.
+// norm's groups of several blocks, read x again in each pass.
 #define NORM_CACHE 16
 
 struct Moments {
@@ -64,16 +93,16 @@ inline bool fits_cache(constant NormParams& p, uint tpg) {
 
 // The group's statistics, to every thread. When the group fits, cache[k] receives this
 // thread's k-th element minus the shift.
-inline Moments group_moments(device const float* x, constant NormParams& p, uint2 group, uint lid, uint tpg,
+inline Moments group_moments(device const float* x, constant NormParams& p, uint group, uint lid, uint tpg,
                              thread float* cache, threadgroup float* scratch, uint lane, uint sg, uint nsg) {
-    float shift = x[plane_offset(p, group, 0)];
+    float shift = x[block_offset(p, group, 0)];
     float count = float(p.rows * p.hw);
     if (fits_cache(p, tpg)) {
-        device const float* plane = x + plane_offset(p, group, 0);
+        device const float* block = x + block_offset(p, group, 0);
         float sum = 0.0f;
         for (uint k = 0; k < NORM_CACHE; k++) {
             uint i = lid + k * tpg;
-            cache[k] = i < p.hw ? plane[i] - shift : 0.0f;
+            cache[k] = i < p.hw ? block[i] - shift : 0.0f;
             sum += cache[k];
         }
         float mean = group_sum(sum, scratch, lane, sg, nsg) / count;
@@ -87,8 +116,8 @@ inline Moments group_moments(device const float* x, constant NormParams& p, uint
     }
     float n = 0.0f, mean = 0.0f, m2 = 0.0f;
     for (uint r = 0; r < p.rows; r++) {
-        device const float* plane = x + plane_offset(p, group, r);
-        for (uint i = lid; i < p.hw; i += tpg) welford(plane[i] - shift, n, mean, m2);
+        device const float* block = x + block_offset(p, group, r);
+        for (uint i = lid; i < p.hw; i += tpg) welford(block[i] - shift, n, mean, m2);
     }
     float total_mean = group_sum(n * mean, scratch, lane, sg, nsg) / count;
     float d = mean - total_mean;
@@ -97,14 +126,14 @@ inline Moments group_moments(device const float* x, constant NormParams& p, uint
     return m;
 }
 
-// out = (x − mean)/√(var + eps)·γ[c] + β[c]; stats[group] = (mean, var) for batch norm's running averages.
+// out = (x − mean)/√(var + eps)·γ + β; stats[group] = (mean, var) for batch norm's running averages.
 kernel void norm_forward(device const float* x [[buffer(0)]],
-                         device const float* gamma [[buffer(1)]],  // extent: p.channels
-                         device const float* beta [[buffer(2)]],  // extent: p.channels
+                         device const float* gamma [[buffer(1)]],  // extent: p.channels * p.planes
+                         device const float* beta [[buffer(2)]],  // extent: p.channels * p.planes
                          device float* out [[buffer(3)]],
                          device float* stats [[buffer(4)]],
                          constant NormParams& p [[buffer(5)]],
-                         uint2 group [[threadgroup_position_in_grid]],
+                         uint group [[threadgroup_position_in_grid]],
                          uint lid [[thread_index_in_threadgroup]],
                          uint tpg [[threads_per_threadgroup]],
                          uint lane [[thread_index_in_simdgroup]],
@@ -113,36 +142,45 @@ kernel void norm_forward(device const float* x [[buffer(0)]],
     threadgroup float scratch[32];
     float cache[NORM_CACHE];
     Moments m = group_moments(x, p, group, lid, tpg, cache, scratch, lane, sg, nsg);
-    float a = gamma[group.x] / precise::sqrt(m.var + p.eps), b = beta[group.x];
+    float rstd = 1.0f / precise::sqrt(m.var + p.eps);
+    device const float* g_entry = gamma + (group % p.channels) * p.planes;  // this group's γ and β
+    device const float* b_entry = beta + (group % p.channels) * p.planes;
+    uint plane = p.hw / p.planes;
     if (fits_cache(p, tpg)) {
-        device float* plane = out + plane_offset(p, group, 0);
-        for (uint k = 0; k < NORM_CACHE; k++) {
+        device float* block = out + block_offset(p, group, 0);
+        Cursor at = cursor(lid, tpg, plane);
+        for (uint k = 0; k < NORM_CACHE; k++, advance(at)) {
             uint i = lid + k * tpg;
-            if (i < p.hw) plane[i] = fma(cache[k] - m.mean, a, b);
+            if (i < p.hw) block[i] = fma(cache[k] - m.mean, g_entry[at.plane] * rstd, b_entry[at.plane]);
         }
     } else {
         for (uint r = 0; r < p.rows; r++) {
-            uint base = plane_offset(p, group, r);
-            for (uint i = lid; i < p.hw; i += tpg) out[base + i] = fma((x[base + i] - m.shift) - m.mean, a, b);
+            uint base = block_offset(p, group, r);
+            Cursor at = cursor(lid, tpg, plane);
+            for (uint i = lid; i < p.hw; i += tpg, advance(at))
+                out[base + i] = fma((x[base + i] - m.shift) - m.mean, g_entry[at.plane] * rstd, b_entry[at.plane]);
         }
     }
     if (lid == 0) {
-        uint at = group.y * p.channels + group.x;
-        stats[2 * at] = m.shift + m.mean;
-        stats[2 * at + 1] = m.var;
+        stats[2 * group] = m.shift + m.mean;
+        stats[2 * group + 1] = m.var;
     }
 }
 
-// With x̂ = (x − mean)·rstd and m the group's size:
-//   dx = γ·rstd·(g − Σg/m − x̂·Σ(g·x̂)/m),
-// and the group's Σ(g·x̂), Σg go to partial[group] for the γ and β gradients (norm_param_grad).
+// With x̂ = (x − mean)·rstd, m the group's size and ĝ = γ·g the gradient with respect to x̂:
+//   dx = rstd·(ĝ − Σĝ/m − x̂·Σ(ĝ·x̂)/m).
+// A group with one γ entry (instance, batch norm) sums g rather than ĝ and multiplies by γ
+// after: its Σ(g·x̂) and Σg are then also its shares of dγ and dβ, which go to partial[group]
+// (for norm_param_grad). A group of several planes writes (shift, mean, rstd) to
+// moments[group] instead, for norm_affine_grad or norm_affine_columns.
 kernel void norm_backward(device const float* g [[buffer(0)]],
                           device const float* x [[buffer(1)]],
-                          device const float* gamma [[buffer(2)]],  // extent: p.channels
+                          device const float* gamma [[buffer(2)]],  // extent: p.channels * p.planes
                           device float* dx [[buffer(3)]],
                           device float* partial [[buffer(4)]],
-                          constant NormParams& p [[buffer(5)]],
-                          uint2 group [[threadgroup_position_in_grid]],
+                          device float* moments [[buffer(5)]],
+                          constant NormParams& p [[buffer(6)]],
+                          uint group [[threadgroup_position_in_grid]],
                           uint lid [[thread_index_in_threadgroup]],
                           uint tpg [[threads_per_threadgroup]],
                           uint lane [[thread_index_in_simdgroup]],
@@ -152,25 +190,31 @@ kernel void norm_backward(device const float* g [[buffer(0)]],
     float cache[NORM_CACHE], g_cache[NORM_CACHE];
     bool cached = fits_cache(p, tpg);
     if (cached) {  // issue the loads of g before the statistics' reduction waits on x
-        device const float* plane = g + plane_offset(p, group, 0);
+        device const float* block = g + block_offset(p, group, 0);
         for (uint k = 0; k < NORM_CACHE; k++) {
             uint i = lid + k * tpg;
-            g_cache[k] = i < p.hw ? plane[i] : 0.0f;
+            g_cache[k] = i < p.hw ? block[i] : 0.0f;
         }
     }
     Moments m = group_moments(x, p, group, lid, tpg, cache, scratch, lane, sg, nsg);
     float rstd = 1.0f / precise::sqrt(m.var + p.eps);
+    device const float* entry = gamma + (group % p.channels) * p.planes;
+    uint plane = p.hw / p.planes;
+    bool one_entry = p.planes == 1;
     float sum_g = 0.0f, sum_gx = 0.0f;
     if (cached) {
-        for (uint k = 0; k < NORM_CACHE; k++) {  // padding entries are 0 and add nothing
-            sum_g += g_cache[k];
-            sum_gx = fma(g_cache[k], (cache[k] - m.mean) * rstd, sum_gx);
+        Cursor at = cursor(lid, tpg, plane);
+        for (uint k = 0; k < NORM_CACHE; k++, advance(at)) {  // padding entries are 0 and add nothing
+            float gv = one_entry || lid + k * tpg >= p.hw ? g_cache[k] : entry[at.plane] * g_cache[k];
+            sum_g += gv;
+            sum_gx = fma(gv, (cache[k] - m.mean) * rstd, sum_gx);
         }
     } else {
         for (uint r = 0; r < p.rows; r++) {
-            uint base = plane_offset(p, group, r);
-            for (uint i = lid; i < p.hw; i += tpg) {
-                float gv = g[base + i];
+            uint base = block_offset(p, group, r);
+            Cursor at = cursor(lid, tpg, plane);
+            for (uint i = lid; i < p.hw; i += tpg, advance(at)) {
+                float gv = one_entry ? g[base + i] : entry[at.plane] * g[base + i];
                 sum_g += gv;
                 sum_gx = fma(gv, ((x[base + i] - m.shift) - m.mean) * rstd, sum_gx);
             }
@@ -178,27 +222,37 @@ kernel void norm_backward(device const float* g [[buffer(0)]],
     }
     sum_g = group_sum(sum_g, scratch, lane, sg, nsg);
     sum_gx = group_sum(sum_gx, scratch, lane, sg, nsg);
+    if (lid == 0 && one_entry) {
+        partial[2 * group] = sum_gx;
+        partial[2 * group + 1] = sum_g;
+    } else if (lid == 0) {
+        moments[3 * group] = m.shift;
+        moments[3 * group + 1] = m.mean;
+        moments[3 * group + 2] = rstd;
+    }
+    if (one_entry) {
+        sum_g *= entry[0];
+        sum_gx *= entry[0];
+    }
     float count = float(p.rows * p.hw);
-    float a = gamma[group.x] * rstd, mean_g = sum_g / count, mean_gx = sum_gx / count;
+    float mean_g = sum_g / count, mean_gx = sum_gx / count;
     if (cached) {
-        device float* plane = dx + plane_offset(p, group, 0);
-        for (uint k = 0; k < NORM_CACHE; k++) {
+        device float* block = dx + block_offset(p, group, 0);
+        Cursor at = cursor(lid, tpg, plane);
+        for (uint k = 0; k < NORM_CACHE; k++, advance(at)) {
             uint i = lid + k * tpg;
-            if (i < p.hw) plane[i] = a * (g_cache[k] - mean_g - (cache[k] - m.mean) * rstd * mean_gx);
+            if (i < p.hw)
+                block[i] = rstd * (entry[at.plane] * g_cache[k] - mean_g - (cache[k] - m.mean) * rstd * mean_gx);
         }
     } else {
         for (uint r = 0; r < p.rows; r++) {
-            uint base = plane_offset(p, group, r);
-            for (uint i = lid; i < p.hw; i += tpg) {
+            uint base = block_offset(p, group, r);
+            Cursor at = cursor(lid, tpg, plane);
+            for (uint i = lid; i < p.hw; i += tpg, advance(at)) {
                 float xh = ((x[base + i] - m.shift) - m.mean) * rstd;
-                dx[base + i] = a * (g[base + i] - mean_g - xh * mean_gx);
+                dx[base + i] = rstd * (entry[at.plane] * g[base + i] - mean_g - xh * mean_gx);
             }
         }
-    }
-    if (lid == 0) {
-        uint at = group.y * p.channels + group.x;
-        partial[2 * at] = sum_gx;
-        partial[2 * at + 1] = sum_g;
     }
 }
 
@@ -221,6 +275,80 @@ kernel void norm_param_grad(device const float* partial [[buffer(0)]],  // exten
     }
     dgamma[c] = sum_gx;
     dbeta[c] = sum_g;
+}
+
+struct AffineGradParams {
+    uint channels;  // groups per sample
+    uint samples;   // groups / channels: N (group norm) or R (layer norm)
+    uint hw;        // elements per group
+    uint planes;    // γ entries per group
+};
+
+// dγ[e] = Σ g·x̂, dβ[e] = Σ g over the elements of γ entry e (plane e mod planes of groups
+// n·channels + e / planes, for every sample n), with norm_backward's moments of each group: one
+// threadgroup per entry, its threads along the planes' contiguous pixels (group norm).
+kernel void norm_affine_grad(device const float* g [[buffer(0)]],  // extent: p.samples * p.channels * p.hw
+                             device const float* x [[buffer(1)]],  // extent: p.samples * p.channels * p.hw
+                             device const float* moments [[buffer(2)]],  // extent: 3 * p.samples * p.channels
+                             device float* dgamma [[buffer(3)]],  // extent: p.channels * p.planes
+                             device float* dbeta [[buffer(4)]],  // extent: p.channels * p.planes
+                             constant AffineGradParams& p [[buffer(5)]],
+                             uint e [[threadgroup_position_in_grid]],
+                             uint lid [[thread_index_in_threadgroup]],
+                             uint tpg [[threads_per_threadgroup]],
+                             uint lane [[thread_index_in_simdgroup]],
+                             uint sg [[simdgroup_index_in_threadgroup]],
+                             uint nsg [[simdgroups_per_threadgroup]]) {
+    threadgroup float scratch[32];
+    uint c = e / p.planes, plane = p.hw / p.planes, start = (e % p.planes) * plane;
+    float sum_g = 0.0f, sum_gx = 0.0f;
+    Cursor at = cursor(lid, tpg, plane);  // at.plane: the sample, at.offset: the element in its plane
+    for (uint i = lid; i < p.samples * plane; i += tpg, advance(at)) {
+        uint group = at.plane * p.channels + c, idx = group * p.hw + start + at.offset;
+        float gv = g[idx];
+        sum_g += gv;
+        sum_gx = fma(gv, ((x[idx] - moments[3 * group]) - moments[3 * group + 1]) * moments[3 * group + 2], sum_gx);
+    }
+    sum_g = group_sum(sum_g, scratch, lane, sg, nsg);
+    sum_gx = group_sum(sum_gx, scratch, lane, sg, nsg);
+    if (lid == 0) {
+        dgamma[e] = sum_gx;
+        dbeta[e] = sum_g;
+    }
+}
+
+struct ColumnParams {
+    uint entries;   // γ entries: channels · planes
+    uint channels;  // groups per sample
+    uint planes;    // γ entries per group
+    uint samples;
+    uint chunk;     // samples a thread sums
+};
+
+// norm_affine_grad for planes of one element (layer norm; group norm of (N, C)): entry e's values
+// are column e of a (samples, entries) matrix, x[n·entries + e]. Thread (e, k) sums rows
+// k·chunk … (k + 1)·chunk − 1 of its column, neighbouring threads reading neighbouring addresses,
+// into partial[k][e] = (Σ g·x̂, Σ g), which norm_param_grad adds up over k. (A threadgroup an entry
+// would reduce a handful of values per barrier there.)
+kernel void norm_affine_columns(device const float* g [[buffer(0)]],  // extent: p.samples * p.entries
+                                device const float* x [[buffer(1)]],  // extent: p.samples * p.entries
+                                device const float* moments [[buffer(2)]],  // extent: 3 * p.samples * p.channels
+                                device float* partial [[buffer(3)]],
+                                constant ColumnParams& p [[buffer(4)]],
+                                uint2 pos [[thread_position_in_grid]]) {
+    uint e = pos.x, k = pos.y;
+    if (e >= p.entries) return;
+    uint c = e / p.planes, end = min(p.samples, (k + 1) * p.chunk);
+    float sum_g = 0.0f, sum_gx = 0.0f;
+    for (uint n = k * p.chunk; n < end; n++) {
+        uint group = n * p.channels + c;
+        float gv = g[n * p.entries + e];
+        sum_g += gv;
+        sum_gx = fma(gv, ((x[n * p.entries + e] - moments[3 * group]) - moments[3 * group + 1]) * moments[3 * group + 2],
+                     sum_gx);
+    }
+    partial[2 * (k * p.entries + e)] = sum_gx;
+    partial[2 * (k * p.entries + e) + 1] = sum_g;
 }
 
 struct RunningParams {
@@ -274,18 +402,17 @@ kernel void batch_norm_inference_grad(device const float* g [[buffer(0)]],  // e
                                       device float* dgamma [[buffer(6)]],  // extent: p.channels
                                       device float* dbeta [[buffer(7)]],  // extent: p.channels
                                       constant NormParams& p [[buffer(8)]],
-                                      uint2 group [[threadgroup_position_in_grid]],
+                                      uint c [[threadgroup_position_in_grid]],
                                       uint lid [[thread_index_in_threadgroup]],
                                       uint tpg [[threads_per_threadgroup]],
                                       uint lane [[thread_index_in_simdgroup]],
                                       uint sg [[simdgroup_index_in_threadgroup]],
                                       uint nsg [[simdgroups_per_threadgroup]]) {
     threadgroup float scratch[32];
-    uint c = group.x;
     float rstd = 1.0f / precise::sqrt(var[c] + p.eps), a = gamma[c] * rstd;
     float sum_g = 0.0f, sum_gx = 0.0f;
     for (uint r = 0; r < p.rows; r++) {
-        uint base = plane_offset(p, group, r);
+        uint base = block_offset(p, c, r);
         for (uint i = lid; i < p.hw; i += tpg) {
             float gv = g[base + i];
             sum_g += gv;

@@ -3,7 +3,9 @@
 A module's parameters are plain attributes (dotted names through submodules, like MLX and
 PyTorch); `p.numpy()` reads one, `p.assign(array)` sets it. Initialisation is deterministic:
 every layer draws from a Philox stream on its device (`mm.nn.seed(n)` restarts it) in
-construction order, so a seed gives the same weights on every backend.
+construction order, so a seed gives the same weights on every backend; dropout masks come from
+the same stream unless given a generator of their own. `module.train()` and `module.eval()` switch
+dropout and batch norm, as in PyTorch.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import numpy as np
 
 from . import ops
 from .runtime.device import Device
-from .tensor import Tensor, _device, empty, tensor
+from .ops import ShapeError
+from .tensor import Symbolic, Tensor, _device, empty, tensor
 
 _seed = 0
 _generators: dict = {}
@@ -51,17 +54,24 @@ class Parameter(Tensor):
         self.name = ""
 
 
-def _uniform(shape, fan_in: int, device) -> Parameter:
-    """PyTorch's default for conv and linear layers, U(-1/√fan_in, 1/√fan_in), drawn on the device."""
-    from .random import Philox, Uniform
+def _generator(dev: Device):
+    """The layers' Philox stream on `dev` (initial weights, dropout masks), from `seed`."""
+    from .random import Philox
 
-    dev = _device(device)
     if dev not in _generators:
         _generators[dev] = Philox(dev, _seed)
+    return _generators[dev]
+
+
+def _uniform(shape, fan_in: int, device) -> Parameter:
+    """PyTorch's default for conv and linear layers, U(-1/√fan_in, 1/√fan_in), drawn on the device."""
+    from .random import Uniform
+
+    dev = _device(device)
     bound = 1.0 / math.sqrt(max(fan_in, 1))
     out = empty(shape, dev)
     cb = dev.command_buffer()
-    _generators[dev].encode(cb, out, Uniform(-bound, bound))
+    _generator(dev).encode(cb, out, Uniform(-bound, bound))
     cb.commit()
     return Parameter(out)
 
@@ -69,11 +79,53 @@ def _uniform(shape, fan_in: int, device) -> Parameter:
 class Module:
     """Base class: subclasses set parameters and submodules as attributes and define `forward`."""
 
+    training = True  # read by Dropout and BatchNorm2d when they build their ops; set by train() / eval()
+
     def __call__(self, *xs):
         return self.forward(*xs)
 
     def forward(self, *xs):
         raise NotImplementedError
+
+    def modules(self):
+        """This module and every module under it (attributes, and lists or tuples of modules), each
+        once, depth first."""
+        seen = set()
+
+        def walk(m):
+            if id(m) not in seen:
+                seen.add(id(m))
+                yield m
+                for v in vars(m).values():
+                    for child in v if isinstance(v, (list, tuple)) else (v,):
+                        if isinstance(child, Module):
+                            yield from walk(child)
+        return walk(self)
+
+    def train(self, mode: bool = True) -> "Module":
+        """Put this module and every module under it in training mode (or, `mode=False`, evaluation
+        mode), as PyTorch's `train()`: dropout drops and batch norm uses the batch's statistics
+        (updating its running ones) only in training mode. It applies to the ops a module builds
+        from then on; a graph keeps the mode it was built in.
+
+        Args:
+            mode: True for training, False for evaluation.
+
+        Example:
+            >>> net.eval()        # inference: dropout off, batch norm on its running statistics
+            >>> net.train()
+        """
+        for m in self.modules():
+            m.training = bool(mode)
+        return self
+
+    def eval(self) -> "Module":
+        """Evaluation mode throughout: `train(False)`.
+
+        Example:
+            >>> y = net.eval()(x)
+        """
+        return self.train(False)
 
     def named_parameters(self, prefix: str = "") -> dict[str, Parameter]:
         """Every parameter under this module, by dotted name (`body.0.weight`)."""
@@ -152,6 +204,40 @@ class Sequential(Module):
         return x
 
 
+class ConvTranspose2d(Module):
+    """Transposed 2-D convolution, NCHW, as PyTorch's ConvTranspose2d: the weight is (in_channels,
+    out_channels / groups, KH, KW), drawn as PyTorch draws it (U(±1/√fan_in), fan_in = out_channels /
+    groups · KH · KW), and so is the bias.
+
+    Args:
+        in_channels, out_channels: both divisible by groups.
+        kernel_size, stride, padding, output_padding, dilation: an int or an (h, w) pair;
+            output_padding is added to the bottom and right, below the stride.
+        groups: independent convolutions the channels split into.
+        bias: add a learned bias.
+        device: where the parameters live.
+
+    Example:
+        >>> up = mm.nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1)   # (N, 64, H, W) -> (N, 32, 2H, 2W)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                 groups: int = 1, bias: bool = True, dilation=1, device=None):
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ShapeError(f"ConvTranspose2d: in_channels {in_channels} and out_channels {out_channels} must both "
+                             f"be divisible by groups={groups}")
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        fan_in = out_channels // groups * kh * kw
+        self.weight = _uniform((in_channels, out_channels // groups, kh, kw), fan_in, device)
+        self.bias = _uniform((out_channels,), fan_in, device) if bias else None
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self.groups, self.dilation = groups, dilation
+
+    def forward(self, x):
+        return ops.conv_transpose2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                                    output_padding=self.output_padding, groups=self.groups, dilation=self.dilation)
+
+
 class Conv2d(Module):
     """2-D convolution, NCHW. Args: in_channels, out_channels, kernel_size, stride, padding, dilation,
     groups, bias, device. Example: `mm.nn.Conv2d(3, 16, 3, padding=1)`."""
@@ -198,6 +284,16 @@ class Sigmoid(_Stateless):
     op = "sigmoid"
 
 
+class GELU(_Stateless):
+    """The exact GELU, x·Φ(x) (PyTorch's default)."""
+    op = "gelu"
+
+
+class SiLU(_Stateless):
+    """x·σ(x) (swish)."""
+    op = "silu"
+
+
 class Tanh(_Stateless):
     op = "tanh"
 
@@ -235,6 +331,70 @@ class Upsample(_Stateless):
         super().__init__(scale=scale, mode=mode)
 
 
+class Flatten(Module):
+    """Axes start_dim … end_dim merged into one, as PyTorch's Flatten: (N, C, H, W) -> (N, C·H·W) by default.
+
+    Example: `mm.nn.Sequential(mm.nn.Conv2d(1, 8, 3), mm.nn.Flatten(), mm.nn.Linear(8 * 26 * 26, 10))`.
+    """
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def forward(self, x):
+        return ops.flatten(x, start_axis=self.start_dim, end_axis=self.end_dim)
+
+
+class AdaptiveAvgPool2d(Module):
+    """Global average pooling: (N, C, H, W) -> (N, C, 1, 1), the mean over each plane. Only output
+    size 1 is supported (PyTorch's AdaptiveAvgPool2d(1)); AvgPool2d pools to other sizes.
+
+    Example: `mm.nn.AdaptiveAvgPool2d(1)`.
+    """
+
+    def __init__(self, output_size=1):
+        if output_size not in (1, (1, 1), [1, 1]):
+            raise ShapeError(f"AdaptiveAvgPool2d: only output_size 1 (global average pooling) is supported, "
+                             f"got {output_size!r}; use AvgPool2d(kernel, stride) for other sizes")
+        self.output_size = 1
+
+    def forward(self, x):
+        return ops.mean(x, axis=(-2, -1), keepdims=True)
+
+
+class Dropout(Module):
+    """Inverted dropout, as PyTorch's Dropout: in training mode each element is zeroed with
+    probability p and the others scaled by 1/(1 − p); in evaluation mode (`eval()`) it passes x on.
+
+    The mask is drawn on the device, afresh on every call, and in a graph afresh on every run (a
+    `random_tensor` node); the gradient goes through the same mask.
+
+    Args:
+        p: the probability of zeroing an element, in [0, 1].
+        generator: an `mm.random` generator for the masks; default: the layers' stream of x's
+            device, which `mm.nn.seed(n)` restarts.
+
+    Example:
+        >>> net = mm.nn.Sequential(mm.nn.Linear(64, 64), mm.nn.ReLU(), mm.nn.Dropout(0.1), mm.nn.Linear(64, 10))
+    """
+
+    def __init__(self, p: float = 0.5, generator=None):
+        if not 0.0 <= p <= 1.0:
+            raise ShapeError(f"Dropout: p must be a probability in [0, 1], got {p}")
+        self.p, self.generator = float(p), generator
+
+    def forward(self, x):
+        from .random import Uniform
+
+        if not self.training or self.p == 0.0:
+            return x
+        if isinstance(x, Symbolic):
+            u = x.graph.random(x.shape, self.generator or _generator(x.graph.device), Uniform())
+        else:
+            gen = self.generator or _generator(x.device)
+            u = ops.random_tensor(shape=x.shape, generator=gen, distribution=Uniform())
+        return ops.dropout(x, u, p=self.p)
+
+
 class GramMatrix(_Stateless):
     op = "gram"
 
@@ -261,15 +421,73 @@ class InstanceNorm2d(Module):
         return ops.instance_norm(x, self.weight, self.bias, eps=self.eps)
 
 
+class GroupNorm(Module):
+    """Group normalization, as PyTorch's GroupNorm: the channels split into num_groups groups, each
+    normalised over its channels and positions per sample, then γ·x̂ + β per channel (γ ones, β zeros).
+    GroupNorm(C, C) is instance norm, GroupNorm(1, C) normalises each sample whole.
+
+    Args:
+        num_groups: groups per sample; divides num_channels.
+        num_channels: C of the (N, C, ...) input.
+        eps: added to the variance.
+        affine: learn γ and β (else they are constants 1 and 0, not parameters).
+        device: where the parameters live.
+
+    Example:
+        >>> norm = mm.nn.GroupNorm(8, 64)
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None):
+        if num_groups < 1 or num_channels % num_groups:
+            raise ShapeError(f"GroupNorm: num_channels {num_channels} must be divisible by num_groups={num_groups}")
+        self.weight, self.bias = _affine((num_channels,), affine, device)
+        self.num_groups, self.eps = num_groups, eps
+
+    def forward(self, x):
+        return ops.group_norm(x, self.weight, self.bias, num_groups=self.num_groups, eps=self.eps)
+
+
+class LayerNorm(Module):
+    """Layer normalization, as PyTorch's LayerNorm: x normalised over its last axes (normalized_shape),
+    then γ·x̂ + β elementwise (γ ones, β zeros, each of normalized_shape).
+
+    Args:
+        normalized_shape: an int or the shape of x's last axes.
+        eps: added to the variance.
+        elementwise_affine: learn γ and β (else they are constants 1 and 0, not parameters).
+        device: where the parameters live.
+
+    Example:
+        >>> norm = mm.nn.LayerNorm(512)          # x (N, L, 512)
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, device=None):
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.weight, self.bias = _affine(shape, elementwise_affine, device)
+        self.normalized_shape, self.eps = shape, eps
+
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
+
+
+def _affine(shape, learned: bool, device) -> tuple[Tensor, Tensor]:
+    """γ (ones) and β (zeros) of `shape`: parameters, or constants that no training changes or saves."""
+    ones, zeros = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+    if learned:
+        return Parameter(ones, device), Parameter(zeros, device)
+    return tensor(ones, device), tensor(zeros, device)
+
+
 class BatchNorm2d(Module):
-    """Batch normalization: batch statistics while training (updating the running ones), running ones after."""
+    """Batch normalization: batch statistics in training mode (updating the running ones), the
+    running ones in evaluation mode (`eval()`)."""
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, device=None):
         self.weight = Parameter(np.ones(channels, np.float32), device)
         self.bias = Parameter(np.zeros(channels, np.float32), device)
         self.running_mean = Parameter(np.zeros(channels, np.float32), device, statistic=True)
         self.running_var = Parameter(np.ones(channels, np.float32), device, statistic=True)
-        self.eps, self.momentum, self.training = eps, momentum, True
+        self.eps, self.momentum = eps, momentum
 
     def forward(self, x):
         return ops.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,

@@ -72,6 +72,58 @@ def test_instance_and_batch_norm(dev):
     np.testing.assert_allclose(rv_ours.numpy(), var_t.numpy(), rtol=1e-5, atol=1e-6)
 
 
+
+def grads_of(op, dev, inputs, g, **attrs):
+    """mlmetal's output and gradient rule's results of op on `inputs` for dL/dout = g."""
+    ts = [mm.tensor(a, dev) for a in inputs]
+    out = getattr(mm.ops, op)(*ts, **attrs)
+    return out, mm.ops.REGISTRY[op].grad(mm.tensor(g, dev), out, *ts, **mm.ops.infer(op, *ts, **attrs)[1])
+
+
+@pytest.mark.parametrize("op", ["group_norm", "layer_norm"])
+def test_group_and_layer_norm(dev, op):
+    rng = np.random.default_rng(11)
+    x = arr(rng, 3, 6, 5, 4) * 3 + 1
+    shape = (6,) if op == "group_norm" else (5, 4)
+    gamma, beta, g = arr(rng, *shape), arr(rng, *shape), arr(rng, *x.shape)
+    attrs = {"num_groups": 3} if op == "group_norm" else {}
+    out, grads = grads_of(op, dev, [x, gamma, beta], g, eps=1e-5, **attrs)
+    xt, gt, bt = (torch.from_numpy(a).requires_grad_() for a in (x, gamma, beta))
+    theirs = (F.group_norm(xt, 3, gt, bt, eps=1e-5) if op == "group_norm"
+              else F.layer_norm(xt, shape, gt, bt, eps=1e-5))
+    theirs.backward(torch.from_numpy(g))
+    close(out, theirs)
+    for ours, t in zip(grads, (xt, gt, bt)):
+        np.testing.assert_allclose(ours.numpy(), t.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_transpose_module(dev):
+    """mm.nn.ConvTranspose2d with torch.nn.ConvTranspose2d's weights gives its output and gradients,
+    and draws its initial weights from the same range."""
+    torch.manual_seed(0)
+    theirs = torch.nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0), groups=2)
+    ours = mm.nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0), groups=2,
+                                 device=dev)
+    assert ours.weight.shape == tuple(theirs.weight.shape)
+    fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(theirs.weight)
+    assert np.abs(ours.weight.numpy()).max() <= 1 / np.sqrt(fan_in)
+    ours.weight.assign(theirs.weight.detach().numpy())
+    ours.bias.assign(theirs.bias.detach().numpy())
+    rng = np.random.default_rng(12)
+    x = arr(rng, 2, 4, 5, 6)
+    xt = torch.from_numpy(x).requires_grad_()
+    y_t = theirs(xt)
+    g = arr(rng, *y_t.shape)
+    y_t.backward(torch.from_numpy(g))
+    y = ours(mm.tensor(x, dev))
+    close(y, y_t)
+    dx, dw, db = mm.ops.REGISTRY["conv_transpose2d"].grad(
+        mm.tensor(g, dev), y, mm.tensor(x, dev), ours.weight, ours.bias,
+        **mm.ops.infer("conv_transpose2d", mm.tensor(x, dev), ours.weight, ours.bias, stride=(2, 1), padding=(1, 0),
+                       output_padding=(1, 0), groups=2)[1])
+    for a, t in [(dx, xt.grad), (dw, theirs.weight.grad), (db, theirs.bias.grad)]:
+        np.testing.assert_allclose(a.numpy(), t.numpy(), rtol=1e-4, atol=1e-4)
+
 def test_losses(dev):
     rng = np.random.default_rng(2)
     y, t = arr(rng, 4, 5), arr(rng, 4, 5)

@@ -22,8 +22,9 @@ from conftest import cuda_reason
 
 # ---------------------------------------------------------------- drawn networks
 
-IMAGE_LAYERS = ["conv", "relu", "sigmoid", "tanh", "leaky_relu", "softmax", "max_pool", "avg_pool", "upsample",
-                "instance_norm", "batch_norm", "concat", "sequential"]
+IMAGE_LAYERS = ["conv", "conv_transpose", "relu", "sigmoid", "tanh", "leaky_relu", "gelu", "silu", "softmax", "max_pool",
+                "avg_pool", "upsample", "instance_norm", "batch_norm", "group_norm", "layer_norm", "dropout", "concat",
+                "sequential"]
 
 
 class Branch(mm.nn.Module):
@@ -46,9 +47,20 @@ def build(recipe, dev, seed=0):
     def layer(kind, c, hw):
         if kind == "conv":
             return mm.nn.Conv2d(c, recipe["cout"], 3, padding=1, bias=recipe["bias"], device=dev), recipe["cout"], hw
-        if kind in ("relu", "sigmoid", "tanh", "softmax"):
-            cls = {"relu": mm.nn.ReLU, "sigmoid": mm.nn.Sigmoid, "tanh": mm.nn.Tanh, "softmax": mm.nn.Softmax}[kind]
+        if kind == "conv_transpose":
+            return mm.nn.ConvTranspose2d(c, recipe["cout"], 3, padding=1, bias=recipe["bias"], device=dev), recipe["cout"], hw
+        if kind in ("relu", "sigmoid", "tanh", "gelu", "silu", "softmax"):
+            cls = {"relu": mm.nn.ReLU, "sigmoid": mm.nn.Sigmoid, "tanh": mm.nn.Tanh, "gelu": mm.nn.GELU, "silu": mm.nn.SiLU,
+                   "softmax": mm.nn.Softmax}[kind]
             return cls(), c, hw
+        if kind == "dropout":  # a saved graph is for inference: dropout draws no mask there
+            return mm.nn.Dropout(0.5).eval(), c, hw
+        if kind in ("group_norm", "layer_norm"):
+            norm = (mm.nn.GroupNorm(c if recipe["bias"] else 1, c, device=dev) if kind == "group_norm"
+                    else mm.nn.LayerNorm((hw, hw), device=dev))
+            norm.weight.assign(rng.uniform(0.5, 1.5, norm.weight.shape))
+            norm.bias.assign(rng.uniform(-0.5, 0.5, norm.bias.shape))
+            return norm, c, hw
         if kind == "leaky_relu":
             return mm.nn.LeakyReLU(0.2), c, hw
         if kind in ("max_pool", "avg_pool"):
@@ -70,12 +82,13 @@ def build(recipe, dev, seed=0):
         inner, c2, hw2 = layer("conv", c, hw)  # "sequential": a nested Sequential
         return mm.nn.Sequential(inner, mm.nn.Tanh()), c2, hw2
 
-    if recipe["vector"]:
+    if recipe["vector"]:  # a classifier's head: 2×2 images pooled and flattened to vectors
         sizes = recipe["sizes"]
+        layers += [mm.nn.AdaptiveAvgPool2d(1), mm.nn.Flatten()]
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [mm.nn.Linear(a, b, bias=recipe["bias"], device=dev), mm.nn.Tanh()]
         layers[-1] = mm.nn.Softmax()
-        return mm.nn.Sequential(*layers), (recipe["batch"], sizes[0])
+        return mm.nn.Sequential(*layers), (recipe["batch"], sizes[0], 2, 2)
     c, hw = shape[1], shape[2]
     for kind in recipe["layers"]:
         if kind == "max_pool" and hw % 2:
@@ -108,8 +121,9 @@ def graph_of(net, shape, dev):
 
 def test_every_layer_type_is_drawn():
     """The drawn networks use every layer mm.nn defines (a new layer needs a line in `build`)."""
-    drawn = {"Sequential", "Conv2d", "Linear", "ReLU", "Sigmoid", "Tanh", "Softmax", "LeakyReLU", "MaxPool2d",
-             "AvgPool2d", "Upsample", "GramMatrix", "Concat", "InstanceNorm2d", "BatchNorm2d"}
+    drawn = {"Sequential", "Conv2d", "ConvTranspose2d", "Linear", "ReLU", "Sigmoid", "Tanh", "GELU", "SiLU", "Softmax",
+             "LeakyReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Flatten", "Upsample", "GramMatrix", "Concat",
+             "InstanceNorm2d", "BatchNorm2d", "GroupNorm", "LayerNorm", "Dropout"}
     layers = {name for name, cls in vars(mm.nn).items()
               if inspect.isclass(cls) and issubclass(cls, mm.nn.Module) and cls is not mm.nn.Module
               and not name.startswith("_")}

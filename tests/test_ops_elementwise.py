@@ -103,6 +103,15 @@ def where_grad_case(data):
     return [g, c], {"branch": data.draw(st.integers(0, 1), label="branch")}
 
 
+def dropout_case(small=False):
+    """x and a mask's uniform numbers u in [0, 1), of one shape, and a drop probability."""
+    def case(data):
+        [x], _ = (small_same_shape if small else same_shape)(1)(data)
+        u = np.random.default_rng(data.draw(st.integers(0, 2**31), label="u")).random(x.shape, np.float32)
+        return [x, u], {"p": data.draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]), label="p")}
+    return case
+
+
 def gradient_at_output(case):
     """`case`'s inputs as (g, inputs...), g of their broadcast shape: a gradient op's inputs."""
     def grad_case(data):
@@ -155,6 +164,7 @@ ROWS = [
     row("gelu_grad", same_shape(2, scale=3.0), rtol=1e-5, atol=1e-6),
     row("silu", same_shape(1, scale=10.0), rtol=1e-5, atol=1e-6, grad_case=small_same_shape(1)),
     row("silu_grad", same_shape(2, scale=3.0), rtol=1e-5, atol=1e-6),
+    row("dropout", dropout_case(), rtol=1e-6, atol=0, grad_case=dropout_case(small=True)),
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
@@ -170,6 +180,8 @@ test_forward, test_grad, test_nan = make_tests(ROWS)
     ("scale", [(2,)], {"t": 1.0}, "unexpected attribute"),
     ("softmax", [(3,)], {}, "N, C"),
     ("relu", [(2,), (2,)], {}, "takes 1 tensor"),
+    ("dropout", [(2,), (2,)], {"p": 1.5}, r"p must be a probability in \[0, 1\], got 1.5"),
+    ("dropout", [(2,), (3,)], {"p": 0.5}, r"shapes \(2,\) and \(3,\) differ"),
 ])
 def test_elementwise_errors(dev, op, shapes, attrs, message):
     ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in shapes]
@@ -189,3 +201,12 @@ def test_scalars_broadcast(dev):
 def test_neg(dev):
     x = np.array([1.5, -2.0, 0.0, np.nan], np.float32)
     np.testing.assert_array_equal(mm.ops.neg(mm.tensor(x, dev)).numpy(), -x)
+
+
+def test_dropout_keeps_where_u_reaches_p(dev):
+    """Kept elements are scaled by 1/(1 − p), dropped ones are 0 (NaN stays NaN); p = 1 drops all."""
+    x = np.array([1.0, 2.0, -3.0, np.nan, np.nan], np.float32)
+    u = np.array([0.25, 0.75, 0.5, 0.1, 0.9], np.float32)
+    out = mm.ops.dropout(mm.tensor(x, dev), mm.tensor(u, dev), p=0.5).numpy()
+    np.testing.assert_array_equal(out, [0.0, 4.0, -6.0, np.nan, np.nan])
+    np.testing.assert_array_equal(mm.ops.dropout(mm.tensor(x[:3], dev), mm.tensor(u[:3], dev), p=1.0).numpy(), 0.0)

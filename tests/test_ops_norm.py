@@ -1,4 +1,4 @@
-"""Instance and batch normalisation against their references; running statistics; stability."""
+"""Instance, group, layer and batch normalisation against their references; running statistics; stability."""
 
 import numpy as np
 import pytest
@@ -47,6 +47,36 @@ def norm_case(op, small=False):
     return case
 
 
+def affine_case(op, small=False):
+    """group_norm(_grad) or layer_norm(_grad): x, γ and β (or g, x, γ) and the attributes.
+
+    Small cases (for finite differences) add a ramp along each group, so that every group's
+    spread is well above the finite-difference step."""
+    def case(data):
+        draw = lambda s, label: data.draw(s, label=label)  # noqa: E731
+        dims = st.integers(1, 3) if small else AWKWARD_DIMS
+        if op.startswith("group_norm"):
+            groups = draw(st.sampled_from([1, 2, 3] if small else [1, 2, 3, 8]), "groups")
+            per_group = draw(st.integers(1, 2) if small else st.sampled_from([1, 2, 3, 5]), "channels per group")
+            shape = (draw(st.integers(1, 2), "n"), groups * per_group,
+                     *draw(st.lists(dims, min_size=0 if per_group > 1 else 1, max_size=2), "spatial"))
+            params, attrs, lead = (shape[1],), {"num_groups": groups, "eps": 1e-5}, (shape[0], groups)
+        else:
+            params = tuple(draw(st.lists(dims, min_size=1, max_size=2), "normalized shape"))
+            shape = tuple(draw(st.lists(dims, min_size=0, max_size=2), "leading")) + params
+            attrs, lead = {"eps": 1e-5}, shape[:len(shape) - len(params)]
+        scale = 1.0 if small else draw(st.sampled_from([0.1, 1.0, 10.0]), "scale")
+        x = floats(shape, data, scale=scale) + np.float32(draw(st.sampled_from([0.0, 3.0, -50.0]), "offset"))
+        group = x.size // max(1, int(np.prod(lead)))
+        if small:
+            x = (x.reshape(lead + (-1,)) + 0.5 * np.arange(group)).reshape(shape).astype(np.float32)
+        gamma, beta = floats(params, data) + 1, floats(params, data)
+        if op.endswith("_grad"):
+            return [floats(shape, data), x, gamma], attrs
+        return [x, gamma, beta], attrs
+    return case
+
+
 # Reductions run over up to N·H·W ≈ 5000 values, in float32. Normalising a plane of two or
 # three values is steep (curvature ~ 1/σ²), so the float64 finite differences take small steps.
 ROWS = [
@@ -57,40 +87,63 @@ ROWS = [
         grad_case=norm_case("batch_norm", small=True), fd_eps=1e-6),
     row("batch_norm_grad", norm_case("batch_norm_grad"), rtol=rtol_for(4096, 1e-5), atol=1e-3),
     row("batch_norm_inference_grad", norm_case("batch_norm_inference_grad"), rtol=rtol_for(4096, 1e-5), atol=1e-3),
+    row("group_norm", affine_case("group_norm"), rtol=rtol_for(4096, 1e-5), atol=1e-4,
+        grad_case=affine_case("group_norm", small=True), fd_eps=1e-6),
+    row("group_norm_grad", affine_case("group_norm_grad"), rtol=rtol_for(4096, 1e-5), atol=1e-3),
+    row("layer_norm", affine_case("layer_norm"), rtol=rtol_for(4096, 1e-5), atol=1e-4,
+        grad_case=affine_case("layer_norm", small=True), fd_eps=1e-6),
+    row("layer_norm_grad", affine_case("layer_norm_grad"), rtol=rtol_for(4096, 1e-5), atol=1e-3),
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
 
 
+AFFINE = {  # op: (x's shape for planes of hw pixels, γ's shape, attributes)
+    "instance_norm": (lambda hw: (2, 3, *hw), lambda hw: (3,), {}),
+    "group_norm": (lambda hw: (2, 6, *hw), lambda hw: (6,), {"num_groups": 3}),
+    "layer_norm": (lambda hw: (2, 3, *hw), lambda hw: hw, {}),
+}
+
+
+@pytest.mark.parametrize("op", AFFINE)
 @pytest.mark.parametrize("threads", [32, 96, 256, 1024])
 @pytest.mark.parametrize("hw", [(5, 7), (64, 64)])
-def test_norms_at_every_threadgroup_size(dev, monkeypatch, threads, hw):
-    """The cpu backend picks 32 threads a group; GPUs up to 1024. Every size must agree with the reference."""
+def test_norms_at_every_threadgroup_size(dev, monkeypatch, op, threads, hw):
+    """The cpu backend picks 32 threads a group; GPUs up to 1024. Every size must agree with the
+    reference, the groups held in registers (NORM_CACHE) or not."""
     from mlmetal.ops import norm
 
     monkeypatch.setattr(norm, "_threads", lambda dev, m: min(threads, 32 * ((m + 31) // 32)))
+    x_shape, gamma_shape, attrs = AFFINE[op][0](hw), AFFINE[op][1](hw), {**AFFINE[op][2], "eps": 1e-5}
     rng = np.random.default_rng(threads)
-    x = (rng.standard_normal((2, 3, *hw)) * 2 + 1).astype(np.float32)
-    gamma, beta, g = rng.standard_normal(3).astype(np.float32), rng.standard_normal(3).astype(np.float32), \
-        rng.standard_normal((2, 3, *hw)).astype(np.float32)
+    x = (rng.standard_normal(x_shape) * 2 + 1).astype(np.float32)
+    gamma, beta = (rng.standard_normal(gamma_shape).astype(np.float32) for _ in range(2))
+    g = rng.standard_normal(x_shape).astype(np.float32)
     tensors = [mm.tensor(a, dev) for a in (x, gamma, beta)]
-    y = mm.ops.instance_norm(*tensors, eps=1e-5)
-    np.testing.assert_allclose(y.numpy(), R.instance_norm(x.astype(np.float64), gamma, beta, eps=1e-5),
+    y = getattr(mm.ops, op)(*tensors, **attrs)
+    ref = mm.ops.REGISTRY[op].reference
+    np.testing.assert_allclose(y.numpy(), ref(*(a.astype(np.float64) for a in (x, gamma, beta)), **attrs),
                                rtol=1e-4, atol=1e-4)
-    grads = mm.ops.REGISTRY["instance_norm"].grad(mm.tensor(g, dev), y, *tensors, eps=1e-5)
-    ref = R.instance_norm_grad(g.astype(np.float64), x.astype(np.float64), gamma.astype(np.float64), eps=1e-5)
-    for got, want in zip(grads, ref):  # dx, dgamma, dbeta
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-3, atol=1e-3)
+    grads = mm.ops.REGISTRY[op].grad(mm.tensor(g, dev), y, *tensors, **attrs)
+    want = mm.ops.REGISTRY[f"{op}_grad"].reference(*(a.astype(np.float64) for a in (g, x, gamma)), **attrs)
+    for got, w in zip(grads, want):  # dx, dgamma, dbeta
+        np.testing.assert_allclose(got.numpy(), w, rtol=1e-3, atol=1e-3)
 
 
-def test_instance_norm_is_stable_for_a_large_mean(dev):
-    # Mean 1e4, standard deviation 1: E[x²] − E[x]² would lose every significant digit in float32.
+@pytest.mark.parametrize("op", AFFINE)
+def test_norms_are_stable_for_a_large_mean(dev, op):
+    # Mean 1e4, standard deviation 1: E[x²] − E[x]² would lose every significant digit in float32,
+    # and so would x − mean with the mean rounded to a float32 (its ulp is 1e-3).
+    x_shape, gamma_shape, attrs = AFFINE[op][0]((64, 64)), AFFINE[op][1]((64, 64)), {**AFFINE[op][2], "eps": 1e-5}
     rng = np.random.default_rng(0)
-    x = (1e4 + rng.standard_normal((2, 3, 64, 64))).astype(np.float32)
-    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
-    y = mm.ops.instance_norm(*(mm.tensor(a, dev) for a in (x, ones, zeros))).numpy()
-    ref = R.instance_norm(x.astype(np.float64), ones, zeros, eps=1e-5)
-    np.testing.assert_allclose(y, ref, atol=2e-3)
+    x = (1e4 + rng.standard_normal(x_shape)).astype(np.float32)
+    g = rng.standard_normal(x_shape).astype(np.float32)
+    ones, zeros = np.ones(gamma_shape, np.float32), np.zeros(gamma_shape, np.float32)
+    y = getattr(mm.ops, op)(*(mm.tensor(a, dev) for a in (x, ones, zeros)), **attrs).numpy()
+    np.testing.assert_allclose(y, mm.ops.REGISTRY[op].reference(x.astype(np.float64), ones, zeros, **attrs), atol=2e-3)
+    dgamma = getattr(mm.ops, f"{op}_grad")(*(mm.tensor(a, dev) for a in (g, x, ones)), **attrs)[1].numpy()
+    want = mm.ops.REGISTRY[f"{op}_grad"].reference(g.astype(np.float64), x.astype(np.float64), ones, **attrs)[1]
+    np.testing.assert_allclose(dgamma, want, rtol=1e-3, atol=2e-3)
 
 
 @given(data=st.data())
@@ -117,6 +170,18 @@ def test_batch_norm_inference_leaves_running_stats(dev):
     ("batch_norm", [(1, 3, 1, 1)] + [(3,)] * 4, {}, "more than one value"),
     ("batch_norm", [(2, 3, 4, 4), (3,), (3,), (2,), (3,)], {}, "running_mean"),
     ("batch_norm", [(2, 3, 4, 4)] + [(3,)] * 4, {"momentum": 2.0}, "momentum"),
+    ("group_norm", [(2, 6, 4), (6,), (6,)], {"num_groups": 4}, "6 channels are not divisible by num_groups=4"),
+    ("group_norm", [(2, 6, 4), (6,), (6,)], {"num_groups": 0}, "num_groups must be a positive int"),
+    ("group_norm", [(2, 6, 4), (3,), (6,)], {"num_groups": 3}, r"gamma must have shape \(6,\)"),
+    ("group_norm", [(6,), (6,), (6,)], {"num_groups": 3}, r"N, C, \.\.\."),
+    ("layer_norm", [(2, 5, 4), (5,), (5,)], {}, r"input shape \(2, 5, 4\) does not end in gamma's shape \(5,\)"),
+    ("layer_norm", [(2, 5, 4), (4,), (5,)], {}, r"beta's shape \(5,\) differs from gamma's \(4,\)"),
+    ("layer_norm", [(4,), (2, 4), (2, 4)], {}, "does not end in gamma's shape"),
+    ("layer_norm", [(2, 4), (4,), (4,)], {"eps": -1.0}, "eps"),
+    ("layer_norm", [(0, 4), (4,), (4,)], {}, r"input shape \(0, 4\) has an empty dimension"),
+    ("group_norm", [(2, 4, 0), (4,), (4,)], {"num_groups": 2}, "empty dimension"),
+    ("instance_norm", [(2, 3, 0, 4), (3,), (3,)], {}, "empty dimension"),
+    ("batch_norm", [(2, 3, 0)] + [(3,)] * 4, {}, "empty dimension"),
 ])
 def test_norm_errors(dev, op, shapes, attrs, message):
     ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in shapes]
@@ -139,3 +204,16 @@ def test_instance_norm_of_planes_larger_than_the_register_cache(dev, op):
         want = R.instance_norm_grad(g.astype(np.float64), x.astype(np.float64), gamma, eps=1e-5)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-3)
+
+
+def test_layer_norm_of_more_rows_than_a_grid_axis_holds(dev):
+    """70 000 rows: more groups than the 65 535 threadgroups a grid's y or z axis allows, and
+    their γ and β gradients summed over chunks of rows."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((70_000, 3)) * 2 + 1).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    gamma = np.array([1.0, -0.5, 2.0], np.float32)
+    got = mm.ops.layer_norm_grad(*(mm.tensor(a, dev) for a in (g, x, gamma)), eps=1e-5)
+    want = R.layer_norm_grad(g.astype(np.float64), x.astype(np.float64), gamma, eps=1e-5)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b, rtol=rtol_for(70_000, 1e-5), atol=1e-3)

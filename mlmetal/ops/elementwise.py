@@ -383,6 +383,25 @@ _map("silu", 1, """x·σ(x), σ the sigmoid (also called swish).
 _map("silu_grad", 2, "dL/dx of silu given dL/dout `g` and the input x: g·σ(x)·(1 + x·(1 − σ(x))).", grad=None)
 
 
+
+def _probability(attrs):
+    ensure(0.0 <= attrs["p"] <= 1.0, "dropout", f"p must be a probability in [0, 1], got {attrs['p']}")
+
+
+_map("dropout", 2, """x·(u ≥ p)/(1 − p): inverted dropout with the mask drawn as u, uniform in [0, 1) (mm.nn.Dropout
+    draws u on the device each step). Dropped elements are x·0, so NaN stays NaN as in PyTorch;
+    p = 1 gives zeros.
+
+    Args:
+        x: any shape.
+        u: x's shape, uniform numbers in [0, 1): x[i] is kept where u[i] ≥ p.
+        p: the probability of dropping an element.
+
+    Example:
+        >>> u = mm.ops.random_tensor(shape=x.shape, generator=gen, distribution=mm.random.Uniform())
+        >>> y = mm.ops.dropout(x, u, p=0.1)
+    """, grad=lambda g, out, x, u, p: (apply("dropout", g, u, p=p), None), validate=_probability, p=None)
+
 def neg(x, /):
     """−x (the op `scale` with s = −1).
 

@@ -166,3 +166,7 @@ def silu(x):
 def silu_grad(g, x):
     s = sigmoid(x)
     return g * s * (1 + x * (1 - s))
+
+
+def dropout(x, u, p):
+    return x * (u >= p) * (1 / (1 - p) if p < 1 else 0.0)

@@ -1,4 +1,4 @@
-"""References of kernels/norm.metal: instance and batch normalisation (NCHW, or (N, C) for batch norm)."""
+"""References of kernels/norm.metal: instance, group, layer and batch normalisation."""
 
 import numpy as np
 
@@ -30,6 +30,43 @@ def instance_norm(x, gamma, beta, eps):
 
 def instance_norm_grad(g, x, gamma, eps):
     return _norm_grad(g, x, gamma, tuple(range(2, x.ndim)), eps)
+
+
+def _grouped(x, num_groups):
+    """x as (N, G, C/G·S): group norm's groups along the last axis."""
+    return x.reshape(x.shape[0], num_groups, -1)
+
+
+def _dx(gh, x, axes, eps):
+    """dL/dx of normalising x over `axes`, given dL/dx̂ = gh (g·γ)."""
+    rstd = 1 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    xh = _normalise(x, axes, eps)
+    return rstd * (gh - gh.mean(axis=axes, keepdims=True) - xh * (gh * xh).mean(axis=axes, keepdims=True))
+
+
+def group_norm(x, gamma, beta, num_groups, eps):
+    xh = _normalise(_grouped(x, num_groups), (2,), eps).reshape(x.shape)
+    return xh * _channel(gamma, x.ndim) + _channel(beta, x.ndim)
+
+
+def group_norm_grad(g, x, gamma, num_groups, eps):
+    gh = _grouped(g * _channel(gamma, x.ndim), num_groups)
+    dx = _dx(gh, _grouped(x, num_groups), (2,), eps).reshape(x.shape)
+    xh = _normalise(_grouped(x, num_groups), (2,), eps).reshape(x.shape)
+    param_axes = (0,) + tuple(range(2, x.ndim))
+    return dx, (g * xh).sum(axis=param_axes), g.sum(axis=param_axes)
+
+
+def layer_norm(x, gamma, beta, eps):
+    axes = tuple(range(x.ndim - gamma.ndim, x.ndim))
+    return _normalise(x, axes, eps) * gamma + beta
+
+
+def layer_norm_grad(g, x, gamma, eps):
+    axes = tuple(range(x.ndim - gamma.ndim, x.ndim))
+    batch_axes = tuple(range(x.ndim - gamma.ndim))
+    xh = _normalise(x, axes, eps)
+    return _dx(g * gamma, x, axes, eps), (g * xh).sum(axis=batch_axes), g.sum(axis=batch_axes)
 
 
 def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps):
