@@ -107,20 +107,19 @@ def test_value_and_grad_of_the_same_loss(dev):
 
 
 # ---------------------------------------------------------------- layers from mm.nn
-# TO COMPLETE AFTER MERGING tensor-layers: this model uses the ops (conv_transpose2d) where the
-# PyTorch way uses layers; replace `Decoder` by mm.nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1)
-# followed by mm.nn.Dropout(0.5), check the gradient below in `module.eval()` (Dropout the
-# identity) and that a training step in `module.train()` drops about half the activations.
 
 class Decoder(mm.nn.Module):
-    """A transposed convolution with a broadcast bias, ReLU, and global average pooling by `mean`."""
+    """A transposed convolution (mm.nn.ConvTranspose2d, its bias broadcast by the layer), dropout,
+    ReLU, and global average pooling by `mean`."""
 
     def __init__(self, w, b, dev):
-        self.weight, self.bias = Parameter(w, dev), Parameter(b, dev)
+        self.up = mm.nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1, device=dev)
+        self.up.weight.assign(w)
+        self.up.bias.assign(b)
+        self.drop = mm.nn.Dropout(0.5)
 
     def forward(self, x):
-        y = mm.ops.conv_transpose2d(x, self.weight, stride=2, padding=1) + self.bias.reshape(-1, 1, 1)
-        return y.relu().mean(axis=(2, 3))
+        return self.drop(self.up(x)).relu().mean(axis=(2, 3))
 
 
 def test_decoder_gradients_match_float64(dev):
@@ -129,6 +128,7 @@ def test_decoder_gradients_match_float64(dev):
     w = (RNG.standard_normal((3, 2, 4, 4)) * 0.3).astype(np.float32)
     b = (RNG.standard_normal(2) * 0.1).astype(np.float32)
     net = Decoder(w, b, dev)
+    net.eval()  # dropout is the identity: the float64 model has none
     g = mm.Graph(dev)
     loss = ((net(g.input("x", x.shape)) - mm.tensor(t, dev)) ** 2).mean()
     value = loss.training_graph().step(x=x)
@@ -140,5 +140,23 @@ def test_decoder_gradients_match_float64(dev):
 
     params = [w.astype(np.float64), b.astype(np.float64)]
     np.testing.assert_allclose(value, f64(params), rtol=1e-5)
-    for i, p in enumerate((net.weight, net.bias)):
+    for i, p in enumerate((net.up.weight, net.up.bias)):
         np.testing.assert_allclose(p.grad.numpy(), finite_difference(f64, params, i, 1e-6), rtol=1e-3, atol=1e-6)
+
+
+def test_decoder_trains_with_dropout(dev):
+    """In train() mode the same decoder drops about half its activations, and still learns."""
+    x = RNG.standard_normal((8, 3, 4, 4)).astype(np.float32)
+    t = np.abs(RNG.standard_normal((8, 2))).astype(np.float32)
+    net = Decoder((RNG.standard_normal((3, 2, 4, 4)) * 0.3).astype(np.float32), np.zeros(2, np.float32), dev)
+    net.train()
+    up = net.up(mm.tensor(x, dev)).numpy()
+    kept = net.drop(mm.tensor(up, dev)).numpy()
+    dropped = np.mean(kept == 0)
+    assert 0.4 < dropped < 0.6, dropped
+    np.testing.assert_allclose(kept[kept != 0], 2 * up[kept != 0], rtol=1e-6)  # the rest scaled by 1/(1 − p)
+    g = mm.Graph(dev)
+    loss = ((net(g.input("x", x.shape)) - mm.tensor(t, dev)) ** 2).mean()
+    train = loss.training_graph(optimizer=mm.optim.Adam(net.parameters(), lr=0.05))
+    losses = [train.step(x=x) for _ in range(60)]
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:10], losses[-10:])
