@@ -419,17 +419,23 @@ class DataParallel:
     Where a training graph is derived (`loss.training_graph(optimizer=dp)`), it checks that every
     rank has the same parameters (names and shapes, in order: the first difference is an error on
     every rank), broadcasts the parameters, the optimizer's state and step count from rank 0, and
-    appends an all_reduce node (op="mean") for each bucket of gradients, placed right after the
-    node that computes the bucket's last gradient, so each bucket's reduction is encoded as soon
-    as it can be. The inner optimizer's updates then read the averaged gradients, which are also
-    each parameter's `grad`. Every rank must run the same steps.
+    reduces the gradients in buckets, each in two nodes: an all_reduce_start right after the node
+    that computes the bucket's last gradient, so its communication begins as soon as it can, and an
+    all_reduce_finish (op="mean") after the backward pass, right before the updates of the bucket's
+    parameters; the device computes the rest of the backward pass, and the earlier buckets'
+    updates, while the bytes travel. The inner optimizer's updates read the averaged gradients,
+    which are also each parameter's `grad`. Every rank must run the same steps.
 
     Args:
         optimizer: what each rank would train with alone (`mm.optim.SGD`, `mm.optim.Adam`).
-        bucket_bytes: gradients are reduced in buckets of about this many bytes (default 25 MiB,
-            as PyTorch's DistributedDataParallel); a larger gradient is a bucket of its own.
+        bucket_bytes: gradients are reduced in buckets of about this many bytes (default
+            MLMETAL_DISTRIBUTED_BUCKET_BYTES, else 25 MiB, as PyTorch's DistributedDataParallel);
+            a larger gradient is a bucket of its own. Overlap needs several buckets.
         module: the module whose parameters these are, if any: the check that the ranks agree
             names parameters by its dotted names (else by the names they carry).
+        overlap: False finishes each bucket's reduction right after its start, so the device
+            waits for it there (to measure what overlapping gains); default
+            MLMETAL_DISTRIBUTED_OVERLAP (0 or 1), else True. The results are the same bit for bit.
 
     Example:
         >>> mm.distributed.init()
@@ -437,13 +443,26 @@ class DataParallel:
         >>> train = loss.training_graph(optimizer=opt)
     """
 
-    def __init__(self, optimizer, bucket_bytes: int = 25 << 20, module=None):
-        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
+    def __init__(self, optimizer, bucket_bytes: int | None = None, module=None, overlap: bool | None = None):
+        if bucket_bytes is None:
+            text = os.environ.get("MLMETAL_DISTRIBUTED_BUCKET_BYTES", str(25 << 20))
+            if not text.isdigit() or int(text) < 1:
+                raise ValueError(f"MLMETAL_DISTRIBUTED_BUCKET_BYTES must be a positive integer, got {text!r}")
+            bucket_bytes = int(text)
+        elif isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+        if overlap is None:
+            text = os.environ.get("MLMETAL_DISTRIBUTED_OVERLAP", "1")
+            if text not in ("0", "1"):
+                raise ValueError(f"MLMETAL_DISTRIBUTED_OVERLAP must be 0 or 1, got {text!r}")
+            overlap = text == "1"
+        elif not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
         self.optimizer = optimizer
         self.bucket_bytes = int(bucket_bytes)
+        self.overlap = overlap
         self._names = {id(p): n for n, p in module.named_parameters().items()} if module is not None else {}
-        self.buckets: list = []  # the all_reduce nodes appended, in the order the backward pass reaches them
+        self.buckets: list = []  # (start, finish) nodes of each bucket, in the order the backward pass reaches them
 
     @property
     def lr(self) -> float:
@@ -462,8 +481,9 @@ class DataParallel:
         return self.optimizer.prepare_step()
 
     def append_updates(self, graph, param_grads: dict) -> list:
-        """Check the ranks agree, broadcast rank 0's state, append the bucketed all_reduce nodes
-        and then the inner optimizer's updates (rebinding `param_grads` to the averaged gradients)."""
+        """Check the ranks agree, broadcast rank 0's state, append each bucket's all_reduce_start
+        and all_reduce_finish nodes and then the inner optimizer's updates (rebinding
+        `param_grads` to the averaged gradients)."""
         world = _require_world("DataParallel")
         mine = {id(p) for p in self.optimizer.params if getattr(p, "trainable", True)}
         order = {n: i for i, n in enumerate(graph.nodes)}
@@ -471,16 +491,30 @@ class DataParallel:
         self._check_ranks_agree(world, reduced)
         self._broadcast_state(world)
         reduced.sort(key=lambda t: order.get(param_grads[t].node, -1))  # the order the backward pass computes them
+        finishes = []
         for bucket in self._buckets(reduced):
             grads = [param_grads[t] for t in bucket]
-            out = graph.append("all_reduce", grads, {"op": "mean"})
-            node = graph.nodes.pop()
+            flat = graph.append("all_reduce_start", grads, {})
+            start = graph.nodes.pop()
             last = grads[-1].node
-            graph.nodes.insert(graph.nodes.index(last) + 1 if last is not None else 0, node)
-            self.buckets.append(node)
+            graph.nodes.insert(graph.nodes.index(last) + 1 if last is not None else 0, start)
+            out = graph.append("all_reduce_finish", [flat], {"shapes": [t.shape for t in bucket], "op": "mean"})
+            finish = out[0].node if isinstance(out, tuple) else out.node
+            if not self.overlap:
+                graph.nodes.remove(finish)
+                graph.nodes.insert(graph.nodes.index(start) + 1, finish)
+            finishes.append(finish)
+            self.buckets.append((start, finish))
             for t, g in zip(bucket, out if isinstance(out, tuple) else (out,)):
                 param_grads[t] = g
-        return self.optimizer.append_updates(graph, param_grads)
+        updates = self.optimizer.append_updates(graph, param_grads)
+        if self.overlap:  # each bucket's finish, then its updates, in the order the buckets started
+            tail = []
+            for finish in finishes:
+                tail += [finish] + [n for n in updates if any(x.node is finish for x in n.inputs)]
+            moved = {id(n) for n in tail}
+            graph.nodes[:] = [n for n in graph.nodes if id(n) not in moved] + tail
+        return updates
 
     def _buckets(self, tensors: list) -> list[list]:
         buckets, size = [], self.bucket_bytes  # "full", so the first tensor opens a bucket
