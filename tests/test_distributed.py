@@ -237,3 +237,24 @@ def test_data_parallel_needs_init(dev, monkeypatch):
     model = job.net(dev)
     with pytest.raises(mm.distributed.DistributedError, match=r"DataParallel: call mm.distributed.init\(\) first"):
         job.training(dev, model, job.BATCH, mm.distributed.DataParallel(job.adam(model)))
+
+
+def test_data_parallel_takes_its_defaults_from_the_environment(dev, monkeypatch):
+    monkeypatch.setenv("MLMETAL_DISTRIBUTED_OVERLAP", "0")
+    monkeypatch.setenv("MLMETAL_DISTRIBUTED_BUCKET_BYTES", "300")
+    dp = mm.distributed.DataParallel(job.adam(job.net(dev)))
+    assert (dp.overlap, dp.bucket_bytes) == (False, 300)
+
+
+@pytest.mark.parametrize("env, arg, message", [
+    ({"MLMETAL_DISTRIBUTED_OVERLAP": "yes"}, {}, "MLMETAL_DISTRIBUTED_OVERLAP must be 0 or 1, got 'yes'"),
+    ({"MLMETAL_DISTRIBUTED_BUCKET_BYTES": "1e6"}, {},
+     "MLMETAL_DISTRIBUTED_BUCKET_BYTES must be a positive integer, got '1e6'"),
+    ({"MLMETAL_DISTRIBUTED_BUCKET_BYTES": "0"}, {}, "MLMETAL_DISTRIBUTED_BUCKET_BYTES must be a positive integer, got '0'"),
+    ({}, {"overlap": 1}, "overlap must be True or False, got 1"),
+])
+def test_data_parallel_refuses_settings_it_cannot_follow(dev, monkeypatch, env, arg, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        mm.distributed.DataParallel(job.adam(job.net(dev)), **arg)
