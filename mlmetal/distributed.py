@@ -241,17 +241,28 @@ class _Mpi:
         self.world = world
         self.pending: dict = {}  # flat buffer -> its all-reduce in flight, from its start to its finish
 
-    def start(self, cb, flat: Tensor, what: str) -> None:
+    def start(self, cb, inputs: list[Tensor], flat: Tensor, what: str) -> None:
         world, MPI, view = self.world, self.world.MPI, flat.buffer.numpy(np.float32)[:flat.size]
+        ins = [x.buffer.numpy(np.float32)[:x.size] for x in inputs]
 
         def step():
+            np.concatenate(ins, out=view)  # one message for the bucket
             request = self.pending[flat.buffer] = world.queue_comm.Iallreduce(MPI.IN_PLACE, view, op=MPI.SUM)
             return request.Test  # MPI moves the bytes only inside MPI calls: the worker polls it between kernels
 
         cb.host_step(step, what)
 
-    def finish(self, cb, flat: Tensor, what: str) -> None:
-        cb.host_step(lambda: self.world.wait(_started(self.pending, flat, what), what), what)
+    def finish(self, cb, flat: Tensor, outputs: list[Tensor], what: str) -> None:
+        view = flat.buffer.numpy(np.float32)[:flat.size]
+        outs = [y.buffer.numpy(np.float32)[:y.size] for y in outputs]
+        ends = np.cumsum([y.size for y in outs])[:-1]
+
+        def step():
+            self.world.wait(_started(self.pending, flat, what), what)
+            for y, part in zip(outs, np.split(view, ends)):
+                y[...] = part
+
+        cb.host_step(step, what)
 
     def broadcast(self, cb, tensor: Tensor, root: int) -> None:
         world, view = self.world, tensor.buffer.numpy(np.uint8)[:tensor.nbytes]
@@ -315,18 +326,31 @@ class _Nccl:
             self.watchdog.watch(started, done, what)
         return done
 
-    def start(self, cb, flat: Tensor, what: str) -> None:
-        nccl, comm = self.nccl, self.comm
+    def _copies(self, pairs) -> None:
+        """Enqueue device-to-device copies (destination, source pointer and bytes) on the device's stream."""
+        rt = self.cupy.cuda.runtime
+        for dst, src, nbytes in pairs:
+            rt.memcpyAsync(dst, src, nbytes, rt.memcpyDeviceToDevice, self.dev.stream.ptr)
+
+    def start(self, cb, inputs: list[Tensor], flat: Tensor, what: str) -> None:
+        nccl, comm, at = self.nccl, self.comm, np.cumsum([0] + [x.nbytes for x in inputs])
 
         def step():
+            self._copies((flat.buffer.ptr + int(a), x.buffer.ptr, x.nbytes) for x, a in zip(inputs, at))
             self.pending[flat.buffer] = self._collective(
                 [lambda s: comm.allReduce(flat.buffer.ptr, flat.buffer.ptr, flat.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM,
                                           s)], what)
 
         cb.host_step(step, what)
 
-    def finish(self, cb, flat: Tensor, what: str) -> None:
-        cb.host_step(lambda: self.dev.stream.wait_event(_started(self.pending, flat, what)), what)
+    def finish(self, cb, flat: Tensor, outputs: list[Tensor], what: str) -> None:
+        at = np.cumsum([0] + [y.nbytes for y in outputs])
+
+        def step():
+            self.dev.stream.wait_event(_started(self.pending, flat, what))
+            self._copies((y.buffer.ptr, flat.buffer.ptr + int(a), y.nbytes) for y, a in zip(outputs, at))
+
+        cb.host_step(step, what)
 
     def broadcast(self, cb, tensor: Tensor, root: int) -> None:
         nccl, comm = self.nccl, self.comm
@@ -373,24 +397,26 @@ def encode_all_reduce(cb, inputs: list[Tensor], outputs: list[Tensor], op: str) 
 def encode_all_reduce_start(cb, flat: Tensor, inputs: list[Tensor]) -> None:
     """Encode the all_reduce_start op: the inputs into `flat`, one after another, and the start of
     its sum over the ranks (before `init`, in the world of this process alone, the copy alone)."""
+    if _world is not None:
+        _world.transport(cb.device).start(cb, inputs, flat, _what(inputs))
+        return
     at = 0
     for x in inputs:
         _copy(cb, x, flat, x.size, 0, at)
         at += x.size
-    if _world is not None:
-        _world.transport(cb.device).start(cb, flat, _what(inputs))
 
 
 def encode_all_reduce_finish(cb, outputs: list[Tensor], flat: Tensor, op: str) -> None:
     """Encode the all_reduce_finish op: wait for `flat`'s sum over the ranks, then the outputs
     from it, the sum (or mean)."""
-    if _world is not None:
-        _world.transport(cb.device).finish(cb, flat, _what(outputs))
-    at = 0
-    for y in outputs:
-        _copy(cb, flat, y, y.size, at, 0)
-        at += y.size
-    if op == "mean" and _world is not None and _world.size > 1:
+    if _world is None:
+        at = 0
+        for y in outputs:
+            _copy(cb, flat, y, y.size, at, 0)
+            at += y.size
+        return
+    _world.transport(cb.device).finish(cb, flat, outputs, _what(outputs))
+    if op == "mean" and _world.size > 1:
         scale = cb.device.library("elementwise").kernel("scale")
         for y in outputs:
             cb.dispatch(scale, groups=ops.groups_for(y.size, 256), threads=256,
@@ -398,7 +424,9 @@ def encode_all_reduce_finish(cb, outputs: list[Tensor], flat: Tensor, op: str) -
 
 
 def _copy(cb, src: Tensor, dst: Tensor, n: int, src_at: int, dst_at: int) -> None:
-    """dst[dst_at:][:n] = src[src_at:][:n], with layout's copy_channels (one sample, one element a channel)."""
+    """dst[dst_at:][:n] = src[src_at:][:n], with layout's copy_channels (one sample, one element a
+    channel): the copies before `init`. A transport copies with memcpy (on the worker, on the
+    stream), without the kernel's divisions per element."""
     k = cb.device.library("layout").kernel("copy_channels")
     cb.dispatch(k, groups=ops.groups_for(n, 256), threads=256,
                 args=[src, dst, {"count": n, "channels": n, "inner": 1, "src_channels": src.size, "src_offset": src_at,
