@@ -55,7 +55,8 @@ def started_then_overwritten(a, b):
     """The mean over the ranks of a and b through all_reduce_start and _finish, a overwritten (×10) between them."""
     flat = mm.ops.all_reduce_start(a, b)
     cb = a.device.command_buffer()
-    cb.dispatch(a.device.library("elementwise").kernel("scale"), groups=1, threads=32, args=[a, a, {"n": a.size, "s": 10.0}])
+    scale = a.device.library("elementwise").kernel("scale")
+    cb.dispatch(scale, groups=1, threads=32, args=[a, a, {"n": a.size, "s": 10.0}])
     cb.commit()
     return mm.ops.all_reduce_finish(flat, [a.shape, b.shape], "mean")
 
@@ -83,7 +84,8 @@ def main(scenario: str, out: str) -> None:
             mm.save(os.path.join(out, f"saved-by-rank{world.rank}"), model)  # rank 0's alone is written
     if scenario == "train":
         a, b = (mm.tensor((world.rank + 1) * np.arange(k, dtype=np.float32), dev) for k in (3, 5))
-        np.savez(os.path.join(out, f"rank{world.rank}-started.npz"), *(t.numpy() for t in started_then_overwritten(a, b)))
+        means = started_then_overwritten(a, b)
+        np.savez(os.path.join(out, f"rank{world.rank}-started.npz"), *(t.numpy() for t in means))
     print(f"rank {world.rank}: finished", flush=True)
 
 

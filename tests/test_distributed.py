@@ -250,7 +250,8 @@ def test_data_parallel_takes_its_defaults_from_the_environment(dev, monkeypatch)
     ({"MLMETAL_DISTRIBUTED_OVERLAP": "yes"}, {}, "MLMETAL_DISTRIBUTED_OVERLAP must be 0 or 1, got 'yes'"),
     ({"MLMETAL_DISTRIBUTED_BUCKET_BYTES": "1e6"}, {},
      "MLMETAL_DISTRIBUTED_BUCKET_BYTES must be a positive integer, got '1e6'"),
-    ({"MLMETAL_DISTRIBUTED_BUCKET_BYTES": "0"}, {}, "MLMETAL_DISTRIBUTED_BUCKET_BYTES must be a positive integer, got '0'"),
+    ({"MLMETAL_DISTRIBUTED_BUCKET_BYTES": "0"}, {},
+     "MLMETAL_DISTRIBUTED_BUCKET_BYTES must be a positive integer, got '0'"),
     ({}, {"overlap": 1}, "overlap must be True or False, got 1"),
 ])
 def test_data_parallel_refuses_settings_it_cannot_follow(dev, monkeypatch, env, arg, message):
