@@ -3,9 +3,9 @@ all_reduce_start and all_reduce_finish: the same in two halves, so that work bet
 overlaps the communication.
 
 Not kernels of their own: the reduction is MPI's or NCCL's, encoded as host steps of the command
-buffer (mlmetal/distributed.py); layout's `copy_channels` gathers the inputs into one flat
-message and spreads it back, and elementwise's `scale` turns the sum into the mean. Before
-`mm.distributed.init()`, in a world of one process, they copy.
+buffer, which also gather the inputs into one flat message and spread it back
+(mlmetal/distributed.py); elementwise's `scale` turns the sum into the mean. Before
+`mm.distributed.init()`, in a world of one process, they copy, with layout's `copy_channels`.
 """
 
 import math
