@@ -3,8 +3,10 @@
 `mpirun -n 4 python train.py` starts four processes; `init()` in each reads its rank and the
 world's size from MPI (mpi4py). Collectives are encoded into command buffers as host steps
 (`CommandBuffer.host_step`), so the host never waits for them: on cpu the queue's worker runs
-them through MPI, in order with the kernels around them; on cuda they are NCCL calls enqueued
-on the device's stream (the NCCL unique id travels over MPI). One process drives one device: a
+them through MPI, in order with the kernels around them; on cuda they are NCCL calls on a stream
+of their own, ordered against the device's stream by events (the NCCL unique id travels over
+MPI). An all-reduce may be started and finished apart (all_reduce_start, all_reduce_finish), so
+that the kernels encoded between them run while it travels. One process drives one device: a
 process picks its GPU by its rank among the processes of its host, and on cpu takes its share
 of the host's cores.
 
@@ -237,17 +239,27 @@ class _Mpi:
 
     def __init__(self, world: World):
         self.world = world
+        self.pending: dict = {}  # flat buffer -> its all-reduce in flight, from its start to its finish
 
-    def all_reduce(self, cb, inputs: list[Tensor], outputs: list[Tensor], what: str) -> None:
-        world, MPI = self.world, self.world.MPI
+    def start(self, cb, inputs: list[Tensor], flat: Tensor, what: str) -> None:
+        world, MPI, view = self.world, self.world.MPI, flat.buffer.numpy(np.float32)[:flat.size]
         ins = [x.buffer.numpy(np.float32)[:x.size] for x in inputs]
-        outs = [y.buffer.numpy(np.float32)[:y.size] for y in outputs]
-        ends = np.cumsum([x.size for x in ins])[:-1]
 
         def step():
-            flat = np.concatenate(ins)  # one message for the bucket
-            world.wait(world.queue_comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM), what)
-            for y, part in zip(outs, np.split(flat, ends)):
+            np.concatenate(ins, out=view)  # one message for the bucket
+            request = self.pending[flat.buffer] = world.queue_comm.Iallreduce(MPI.IN_PLACE, view, op=MPI.SUM)
+            return request.Test  # MPI moves the bytes only inside MPI calls: the worker polls it between kernels
+
+        cb.host_step(step, what)
+
+    def finish(self, cb, flat: Tensor, outputs: list[Tensor], what: str) -> None:
+        view = flat.buffer.numpy(np.float32)[:flat.size]
+        outs = [y.buffer.numpy(np.float32)[:y.size] for y in outputs]
+        ends = np.cumsum([y.size for y in outs])[:-1]
+
+        def step():
+            self.world.wait(_started(self.pending, flat, what), what)
+            for y, part in zip(outs, np.split(view, ends)):
                 y[...] = part
 
         cb.host_step(step, what)
@@ -258,8 +270,18 @@ class _Mpi:
         cb.host_step(lambda: world.wait(world.queue_comm.Ibcast(view, root), what), what)
 
 
+def _started(pending: dict, flat: Tensor, what: str):
+    """What the start of `flat`'s all-reduce left pending, once."""
+    try:
+        return pending.pop(flat.buffer)
+    except KeyError:
+        raise DistributedError(f"{what}: finished, but never started (all_reduce_finish reads what "
+                               "all_reduce_start returned)") from None
+
+
 class _Nccl:
-    """Collectives through NCCL, enqueued on the cuda device's stream."""
+    """Collectives through NCCL on a stream of their own, ordered against the device's stream by events:
+    the device's stream keeps running kernels while NCCL moves the bytes, until it needs them."""
 
     def __init__(self, world: World, dev):
         try:
@@ -271,59 +293,83 @@ class _Nccl:
         if nccl is None or not nccl.available:
             raise DistributedError(f"mm.distributed on cuda needs NCCL: pip install nvidia-nccl-cu13 (or -cu12, as "
                                    f"CuPy's CUDA) ({why})")
-        self.nccl, self.world, self.dev = nccl, world, dev
+        import cupy
+
+        self.nccl, self.world, self.dev, self.cupy = nccl, world, dev, cupy
         uid = world.host_bcast(nccl.get_unique_id() if world.rank == 0 else None, "NCCL's unique id")
         dev.bind_thread()
         with dev.gpu:
             self.comm = nccl.NcclCommunicator(world.size, uid, world.rank)
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.pending: dict = {}  # flat buffer -> the event recorded after its all-reduce, from its start to its finish
         self.watchdog = _Watchdog(world, dev) if world.size > 1 else None
 
-    def _enqueue(self, cb, calls, what: str) -> None:
-        """A host step making NCCL `calls` (each taking the stream's pointer) as one group."""
-        nccl, stream = self.nccl, self.dev.stream
+    def _event(self, stream):
+        event = self.cupy.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        return event
+
+    def _collective(self, calls, what: str):
+        """Enqueue NCCL `calls` (each taking a stream's pointer) as one group on the collectives'
+        stream, after the work enqueued on the device's stream so far; the event that follows them."""
+        nccl, stream = self.nccl, self.stream
+        stream.wait_event(self._event(self.dev.stream))
+        started = self._event(stream) if self.watchdog else None
+        nccl.groupStart()
+        try:
+            for call in calls:
+                call(stream.ptr)
+        finally:
+            nccl.groupEnd()
+        done = self._event(stream)
+        if self.watchdog:
+            self.watchdog.watch(started, done, what)
+        return done
+
+    def _copies(self, pairs) -> None:
+        """Enqueue device-to-device copies (destination, source pointer and bytes) on the device's stream."""
+        rt = self.cupy.cuda.runtime
+        for dst, src, nbytes in pairs:
+            rt.memcpyAsync(dst, src, nbytes, rt.memcpyDeviceToDevice, self.dev.stream.ptr)
+
+    def start(self, cb, inputs: list[Tensor], flat: Tensor, what: str) -> None:
+        nccl, comm, at = self.nccl, self.comm, np.cumsum([0] + [x.nbytes for x in inputs])
 
         def step():
-            started = self.watchdog.mark() if self.watchdog else None
-            nccl.groupStart()
-            try:
-                for call in calls:
-                    call(stream.ptr)
-            finally:
-                nccl.groupEnd()
-            if self.watchdog:
-                self.watchdog.watch(started, what)
+            self._copies((flat.buffer.ptr + int(a), x.buffer.ptr, x.nbytes) for x, a in zip(inputs, at))
+            self.pending[flat.buffer] = self._collective(
+                [lambda s: comm.allReduce(flat.buffer.ptr, flat.buffer.ptr, flat.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM,
+                                          s)], what)
 
         cb.host_step(step, what)
 
-    def all_reduce(self, cb, inputs: list[Tensor], outputs: list[Tensor], what: str) -> None:
-        nccl, comm = self.nccl, self.comm
-        self._enqueue(cb, [lambda s, x=x, y=y: comm.allReduce(x.buffer.ptr, y.buffer.ptr, x.size, nccl.NCCL_FLOAT32,
-                                                              nccl.NCCL_SUM, s) for x, y in zip(inputs, outputs)], what)
+    def finish(self, cb, flat: Tensor, outputs: list[Tensor], what: str) -> None:
+        at = np.cumsum([0] + [y.nbytes for y in outputs])
+
+        def step():
+            self.dev.stream.wait_event(_started(self.pending, flat, what))
+            self._copies((y.buffer.ptr, flat.buffer.ptr + int(a), y.nbytes) for y, a in zip(outputs, at))
+
+        cb.host_step(step, what)
 
     def broadcast(self, cb, tensor: Tensor, root: int) -> None:
         nccl, comm = self.nccl, self.comm
-        self._enqueue(cb, [lambda s: comm.bcast(tensor.buffer.ptr, tensor.nbytes, nccl.NCCL_UINT8, root, s)],
-                      f"broadcast of {tensor.shape} from rank {root}")
+        what = f"broadcast of {tensor.shape} from rank {root}"
+        call = lambda s: comm.bcast(tensor.buffer.ptr, tensor.nbytes, nccl.NCCL_UINT8, root, s)  # noqa: E731
+        cb.host_step(lambda: self.dev.stream.wait_event(self._collective([call], what)), what)
 
 
 class _Watchdog:
-    """Stops the job when a collective on the GPU's stream has run longer than the timeout: NCCL
-    itself waits forever for a rank that stopped, and so would the host waiting on the stream."""
+    """Stops the job when a collective on the GPU has run longer than the timeout: NCCL itself waits
+    forever for a rank that stopped, and so would the host waiting on the stream."""
 
     def __init__(self, world: World, dev):
         self.world, self.dev = world, dev
         self.pending: collections.deque = collections.deque()  # (started, finished events, what), in stream order
         threading.Thread(target=self._run, name="mlmetal-nccl-watchdog", daemon=True).start()
 
-    def mark(self):
-        import cupy
-
-        event = cupy.cuda.Event(disable_timing=True)
-        event.record(self.dev.stream)
-        return event
-
-    def watch(self, started, what: str) -> None:
-        self.pending.append((started, self.mark(), what))
+    def watch(self, started, finished, what: str) -> None:
+        self.pending.append((started, finished, what))
 
     def _run(self):
         self.dev.bind_thread()
@@ -341,22 +387,56 @@ class _Watchdog:
 
 
 def encode_all_reduce(cb, inputs: list[Tensor], outputs: list[Tensor], op: str) -> None:
-    """Encode the all_reduce op: outputs = the sum (or mean) over the ranks of the inputs; a copy
-    before `init`, in the world of this process alone."""
-    scale = cb.device.library("elementwise").kernel("scale")
+    """Encode the all_reduce op: outputs = the sum (or mean) over the ranks of the inputs, both
+    halves back to back through a flat tensor of its own."""
+    flat = Tensor(cb.device.buffer(nbytes=4 * sum(x.size for x in inputs)), (sum(x.size for x in inputs),))
+    encode_all_reduce_start(cb, flat, inputs)
+    encode_all_reduce_finish(cb, outputs, flat, op)
 
-    def times(s: float, xs: list[Tensor], ys: list[Tensor]) -> None:
-        for x, y in zip(xs, ys):
-            cb.dispatch(scale, groups=ops.groups_for(x.size, 256), threads=256, args=[x, y, {"n": x.size, "s": s}])
 
-    if _world is None:
-        times(1.0, inputs, outputs)
+def encode_all_reduce_start(cb, flat: Tensor, inputs: list[Tensor]) -> None:
+    """Encode the all_reduce_start op: the inputs into `flat`, one after another, and the start of
+    its sum over the ranks (before `init`, in the world of this process alone, the copy alone)."""
+    if _world is not None:
+        _world.transport(cb.device).start(cb, inputs, flat, _what(inputs))
         return
-    what = f"all_reduce of {len(inputs)} tensor{'s' if len(inputs) > 1 else ''} " \
-           f"({sum(x.nbytes for x in inputs) / 1024:.1f} KiB)"
-    _world.transport(cb.device).all_reduce(cb, inputs, outputs, what)
+    at = 0
+    for x in inputs:
+        _copy(cb, x, flat, x.size, 0, at)
+        at += x.size
+
+
+def encode_all_reduce_finish(cb, outputs: list[Tensor], flat: Tensor, op: str) -> None:
+    """Encode the all_reduce_finish op: wait for `flat`'s sum over the ranks, then the outputs
+    from it, the sum (or mean)."""
+    if _world is None:
+        at = 0
+        for y in outputs:
+            _copy(cb, flat, y, y.size, at, 0)
+            at += y.size
+        return
+    _world.transport(cb.device).finish(cb, flat, outputs, _what(outputs))
     if op == "mean" and _world.size > 1:
-        times(1.0 / _world.size, outputs, outputs)
+        scale = cb.device.library("elementwise").kernel("scale")
+        for y in outputs:
+            cb.dispatch(scale, groups=ops.groups_for(y.size, 256), threads=256,
+                        args=[y, y, {"n": y.size, "s": 1.0 / _world.size}])
+
+
+def _copy(cb, src: Tensor, dst: Tensor, n: int, src_at: int, dst_at: int) -> None:
+    """dst[dst_at:][:n] = src[src_at:][:n], with layout's copy_channels (one sample, one element a
+    channel): the copies before `init`. A transport copies with memcpy (on the worker, on the
+    stream), without the kernel's divisions per element."""
+    k = cb.device.library("layout").kernel("copy_channels")
+    cb.dispatch(k, groups=ops.groups_for(n, 256), threads=256,
+                args=[src, dst, {"count": n, "channels": n, "inner": 1, "src_channels": src.size, "src_offset": src_at,
+                                 "dst_channels": dst.size, "dst_offset": dst_at}])
+
+
+def _what(tensors: list[Tensor]) -> str:
+    """An all-reduce of these tensors, named in errors."""
+    return (f"all_reduce of {len(tensors)} tensor{'s' if len(tensors) > 1 else ''} "
+            f"({sum(x.nbytes for x in tensors) / 1024:.1f} KiB)")
 
 
 # ---------------------------------------------------------------- data-parallel training graphs
@@ -367,17 +447,23 @@ class DataParallel:
     Where a training graph is derived (`loss.training_graph(optimizer=dp)`), it checks that every
     rank has the same parameters (names and shapes, in order: the first difference is an error on
     every rank), broadcasts the parameters, the optimizer's state and step count from rank 0, and
-    appends an all_reduce node (op="mean") for each bucket of gradients, placed right after the
-    node that computes the bucket's last gradient, so each bucket's reduction is encoded as soon
-    as it can be. The inner optimizer's updates then read the averaged gradients, which are also
-    each parameter's `grad`. Every rank must run the same steps.
+    reduces the gradients in buckets, each in two nodes: an all_reduce_start right after the node
+    that computes the bucket's last gradient, so its communication begins as soon as it can, and an
+    all_reduce_finish (op="mean") after the backward pass, right before the updates of the bucket's
+    parameters; the device computes the rest of the backward pass, and the earlier buckets'
+    updates, while the bytes travel. The inner optimizer's updates read the averaged gradients,
+    which are also each parameter's `grad`. Every rank must run the same steps.
 
     Args:
         optimizer: what each rank would train with alone (`mm.optim.SGD`, `mm.optim.Adam`).
-        bucket_bytes: gradients are reduced in buckets of about this many bytes (default 25 MiB,
-            as PyTorch's DistributedDataParallel); a larger gradient is a bucket of its own.
+        bucket_bytes: gradients are reduced in buckets of about this many bytes (default
+            MLMETAL_DISTRIBUTED_BUCKET_BYTES, else 25 MiB, as PyTorch's DistributedDataParallel);
+            a larger gradient is a bucket of its own. Overlap needs several buckets.
         module: the module whose parameters these are, if any: the check that the ranks agree
             names parameters by its dotted names (else by the names they carry).
+        overlap: False finishes each bucket's reduction right after its start, so the device
+            waits for it there (to measure what overlapping gains); default
+            MLMETAL_DISTRIBUTED_OVERLAP (0 or 1), else True. The results are the same bit for bit.
 
     Example:
         >>> mm.distributed.init()
@@ -385,13 +471,26 @@ class DataParallel:
         >>> train = loss.training_graph(optimizer=opt)
     """
 
-    def __init__(self, optimizer, bucket_bytes: int = 25 << 20, module=None):
-        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
+    def __init__(self, optimizer, bucket_bytes: int | None = None, module=None, overlap: bool | None = None):
+        if bucket_bytes is None:
+            text = os.environ.get("MLMETAL_DISTRIBUTED_BUCKET_BYTES", str(25 << 20))
+            if not text.isdigit() or int(text) < 1:
+                raise ValueError(f"MLMETAL_DISTRIBUTED_BUCKET_BYTES must be a positive integer, got {text!r}")
+            bucket_bytes = int(text)
+        elif isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+        if overlap is None:
+            text = os.environ.get("MLMETAL_DISTRIBUTED_OVERLAP", "1")
+            if text not in ("0", "1"):
+                raise ValueError(f"MLMETAL_DISTRIBUTED_OVERLAP must be 0 or 1, got {text!r}")
+            overlap = text == "1"
+        elif not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
         self.optimizer = optimizer
         self.bucket_bytes = int(bucket_bytes)
+        self.overlap = overlap
         self._names = {id(p): n for n, p in module.named_parameters().items()} if module is not None else {}
-        self.buckets: list = []  # the all_reduce nodes appended, in the order the backward pass reaches them
+        self.buckets: list = []  # (start, finish) nodes of each bucket, in the order the backward pass reaches them
 
     @property
     def lr(self) -> float:
@@ -410,8 +509,9 @@ class DataParallel:
         return self.optimizer.prepare_step()
 
     def append_updates(self, graph, param_grads: dict) -> list:
-        """Check the ranks agree, broadcast rank 0's state, append the bucketed all_reduce nodes
-        and then the inner optimizer's updates (rebinding `param_grads` to the averaged gradients)."""
+        """Check the ranks agree, broadcast rank 0's state, append each bucket's all_reduce_start
+        and all_reduce_finish nodes and then the inner optimizer's updates (rebinding
+        `param_grads` to the averaged gradients)."""
         world = _require_world("DataParallel")
         mine = {id(p) for p in self.optimizer.params if getattr(p, "trainable", True)}
         order = {n: i for i, n in enumerate(graph.nodes)}
@@ -419,16 +519,30 @@ class DataParallel:
         self._check_ranks_agree(world, reduced)
         self._broadcast_state(world)
         reduced.sort(key=lambda t: order.get(param_grads[t].node, -1))  # the order the backward pass computes them
+        finishes = []
         for bucket in self._buckets(reduced):
             grads = [param_grads[t] for t in bucket]
-            out = graph.append("all_reduce", grads, {"op": "mean"})
-            node = graph.nodes.pop()
+            flat = graph.append("all_reduce_start", grads, {})
+            start = graph.nodes.pop()
             last = grads[-1].node
-            graph.nodes.insert(graph.nodes.index(last) + 1 if last is not None else 0, node)
-            self.buckets.append(node)
+            graph.nodes.insert(graph.nodes.index(last) + 1 if last is not None else 0, start)
+            out = graph.append("all_reduce_finish", [flat], {"shapes": [t.shape for t in bucket], "op": "mean"})
+            finish = out[0].node if isinstance(out, tuple) else out.node
+            if not self.overlap:
+                graph.nodes.remove(finish)
+                graph.nodes.insert(graph.nodes.index(start) + 1, finish)
+            finishes.append(finish)
+            self.buckets.append((start, finish))
             for t, g in zip(bucket, out if isinstance(out, tuple) else (out,)):
                 param_grads[t] = g
-        return self.optimizer.append_updates(graph, param_grads)
+        updates = self.optimizer.append_updates(graph, param_grads)
+        if self.overlap:  # each bucket's finish, then its updates, in the order the buckets started
+            tail = []
+            for finish in finishes:
+                tail += [finish] + [n for n in updates if any(x.node is finish for x in n.inputs)]
+            moved = {id(n) for n in tail}
+            graph.nodes[:] = [n for n in graph.nodes if id(n) not in moved] + tail
+        return updates
 
     def _buckets(self, tensors: list) -> list[list]:
         buckets, size = [], self.bucket_bytes  # "full", so the first tensor opens a bucket

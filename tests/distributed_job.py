@@ -4,7 +4,10 @@
 
 train: STEPS data-parallel steps, each rank on its own batches; rank r saves the model to
 OUT/saved-by-rank{r} (mm.save: rank 0 only) and writes its parameters and their gradients to
-OUT/rank{r}.npz. The others go wrong on rank 1, at step FAIL_AT: `raise`
+OUT/rank{r}.npz, those of the same training without overlap (each bucket's reduction finished
+right after its start) to OUT/rank{r}-no-overlap.npz, and the mean of (rank + 1)·[0 1 2] and
+(rank + 1)·[0 1 2 3 4] through all_reduce_start/_finish, overwriting the first in between, to
+OUT/rank{r}-started.npz. The others go wrong on rank 1, at step FAIL_AT: `raise`
 raises, `die` kills itself, `hang` stops calling collectives; `mismatch` gives rank 1 a wider net.
 """
 
@@ -48,24 +51,41 @@ def batches(rank: int, step: int) -> dict:
     return {"x": x, "target": np.tanh(x[:, ::-1]) * 0.5}
 
 
+def started_then_overwritten(a, b):
+    """The mean over the ranks of a and b through all_reduce_start and _finish, a overwritten (×10) between them."""
+    flat = mm.ops.all_reduce_start(a, b)
+    cb = a.device.command_buffer()
+    scale = a.device.library("elementwise").kernel("scale")
+    cb.dispatch(scale, groups=1, threads=32, args=[a, a, {"n": a.size, "s": 10.0}])
+    cb.commit()
+    return mm.ops.all_reduce_finish(flat, [a.shape, b.shape], "mean")
+
+
 def main(scenario: str, out: str) -> None:
     world = mm.distributed.init()
     dev = mm.device("cpu")
-    model = net(dev, 5 if scenario == "mismatch" and world.rank == 1 else 4)
-    train = training(dev, model, BATCH, mm.distributed.DataParallel(adam(model), bucket_bytes=BUCKET_BYTES, module=model))
-    for step in range(STEPS):
-        if world.rank == 1 and step == FAIL_AT:
-            if scenario == "raise":
-                raise RuntimeError("rank 1 fails on purpose")
-            if scenario == "die":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if scenario == "hang":
-                time.sleep(120)
-        train.step(**batches(world.rank, step))
-    mm.save(os.path.join(out, f"saved-by-rank{world.rank}"), model)  # rank 0's alone is written
-    named = model.named_parameters()
-    np.savez(os.path.join(out, f"rank{world.rank}.npz"), **{k: p.numpy() for k, p in named.items()},
-             **{f"grad.{k}": p.grad.numpy() for k, p in named.items()})
+    for overlap in (True, False) if scenario == "train" else (True,):
+        model = net(dev, 5 if scenario == "mismatch" and world.rank == 1 else 4)
+        dp = mm.distributed.DataParallel(adam(model), bucket_bytes=BUCKET_BYTES, module=model, overlap=overlap)
+        train = training(dev, model, BATCH, dp)
+        for step in range(STEPS):
+            if world.rank == 1 and step == FAIL_AT:
+                if scenario == "raise":
+                    raise RuntimeError("rank 1 fails on purpose")
+                if scenario == "die":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if scenario == "hang":
+                    time.sleep(120)
+            train.step(**batches(world.rank, step))
+        named = model.named_parameters()
+        np.savez(os.path.join(out, f"rank{world.rank}{'' if overlap else '-no-overlap'}.npz"),
+                 **{k: p.numpy() for k, p in named.items()}, **{f"grad.{k}": p.grad.numpy() for k, p in named.items()})
+        if overlap:
+            mm.save(os.path.join(out, f"saved-by-rank{world.rank}"), model)  # rank 0's alone is written
+    if scenario == "train":
+        a, b = (mm.tensor((world.rank + 1) * np.arange(k, dtype=np.float32), dev) for k in (3, 5))
+        means = started_then_overwritten(a, b)
+        np.savez(os.path.join(out, f"rank{world.rank}-started.npz"), *(t.numpy() for t in means))
     print(f"rank {world.rank}: finished", flush=True)
 
 

@@ -61,9 +61,16 @@ def test_two_ranks_train_as_one_process_on_both_batches(tmp_path):
     status, output, _ = run_job("train", tmp_path)
     assert status == 0, output
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    for r in range(2):  # overlapping the reductions with the backward pass changes no bit
+        for name, value in np.load(tmp_path / f"rank{r}-no-overlap.npz").items():
+            np.testing.assert_array_equal(ranks[r][name], value, err_msg=f"{name} on rank {r}")
     for name in ranks[0]:
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=f"{name} differs between the ranks")
     assert (tmp_path / "saved-by-rank0").is_dir() and not (tmp_path / "saved-by-rank1").exists()
+    for r in range(2):  # the mean of 1× and 2× [0 1 2 ...]: what the start read, not what overwrote it later
+        started = np.load(tmp_path / f"rank{r}-started.npz")
+        for i, k in enumerate((3, 5)):
+            np.testing.assert_array_equal(started[f"arr_{i}"], 1.5 * np.arange(k, dtype=np.float32))
 
     dev = mm.device("cpu")
     model = job.net(dev)
@@ -138,9 +145,10 @@ def world(monkeypatch):
     return mm.distributed.init()
 
 
-def test_one_rank_trains_as_without_it_in_buckets_placed_in_the_backward_pass(dev, world):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_one_rank_trains_as_without_it_in_buckets_placed_in_the_backward_pass(dev, world, overlap):
     plain, parallel = job.net(dev), job.net(dev)
-    dp = mm.distributed.DataParallel(job.adam(parallel), bucket_bytes=job.BUCKET_BYTES)
+    dp = mm.distributed.DataParallel(job.adam(parallel), bucket_bytes=job.BUCKET_BYTES, overlap=overlap)
     trains = [job.training(dev, plain, job.BATCH, job.adam(plain)), job.training(dev, parallel, job.BATCH, dp)]
     for step in range(job.STEPS):
         for train in trains:
@@ -151,12 +159,44 @@ def test_one_rank_trains_as_without_it_in_buckets_placed_in_the_backward_pass(de
         np.testing.assert_array_equal(q.numpy(), p.numpy(), err_msg=name)
         np.testing.assert_array_equal(q.grad.numpy(), p.grad.numpy(), err_msg=name)
 
-    nodes = trains[1].graph.nodes
+    train = trains[1]
+    nodes = train.graph.nodes
     assert len(dp.buckets) == 3  # gradients of 8 + 288, 288 and 16 bytes in buckets of 300
-    where = [nodes.index(n) for n in dp.buckets]
-    for i, n in zip(where, dp.buckets):
-        assert i == max(nodes.index(g.node) for g in n.inputs) + 1  # right after its last gradient
-    assert where[0] < nodes.index(dp.buckets[1].inputs[0].node)  # ahead of the rest of the backward pass
+    starts = [nodes.index(start) for start, _ in dp.buckets]
+    for i, (start, _) in zip(starts, dp.buckets):
+        assert i == max(nodes.index(g.node) for g in start.inputs) + 1  # right after its last gradient
+    assert starts[0] < nodes.index(dp.buckets[1][0].inputs[0].node)  # ahead of the rest of the backward pass
+    backward = max(nodes.index(n) for n in train.gradient_nodes)
+    for start, finish in dp.buckets:
+        i = nodes.index(finish)
+        reading = [n for n in train.update_nodes if any(x.node is finish for x in n.inputs)]
+        assert len(reading) == len(start.inputs)
+        if overlap:  # after the whole backward pass, right before the updates that read it
+            assert i > backward and nodes[i + 1:i + 1 + len(reading)] == reading
+        else:
+            assert i == nodes.index(start) + 1
+    # From start to finish the plan lends a bucket's message to no other tensor.
+    plan = train.plan()
+    for start, finish in dp.buckets:
+        slot = plan.slots[start.outputs[0]]
+        between = plan.nodes[plan.nodes.index(start) + 1:plan.nodes.index(finish)]
+        assert all(plan.slots.get(o) != slot for n in between for o in n.outputs)
+
+
+def test_a_started_all_reduce_has_read_its_inputs(dev, world):
+    a, b = (mm.tensor(np.arange(k, dtype=np.float32), dev) for k in (3, 5))
+    ga, gb = job.started_then_overwritten(a, b)
+    np.testing.assert_array_equal(ga.numpy(), np.arange(3, dtype=np.float32))
+    np.testing.assert_array_equal(gb.numpy(), np.arange(5, dtype=np.float32))
+    flat = mm.tensor(np.zeros(8, np.float32), dev)
+    with pytest.raises(mm.ShapeError, match=r"all_reduce_finish: a start of shape \(8,\) does not hold tensors of "
+                                            r"shapes \[\(3,\), \(4,\)\]"):
+        mm.ops.all_reduce_finish(flat, [(3,), (4,)])
+    with pytest.raises((mm.ExecutionError, mm.distributed.DistributedError), match="finished, but never started"):
+        cb = dev.command_buffer()  # (on cuda the host step runs as the commit enqueues it: the commit raises)
+        mm.distributed.encode_all_reduce_finish(cb, [a, b], flat, "sum")
+        cb.commit()
+        cb.wait()
 
 
 def test_collectives_of_one_rank(dev, world):
@@ -197,3 +237,25 @@ def test_data_parallel_needs_init(dev, monkeypatch):
     model = job.net(dev)
     with pytest.raises(mm.distributed.DistributedError, match=r"DataParallel: call mm.distributed.init\(\) first"):
         job.training(dev, model, job.BATCH, mm.distributed.DataParallel(job.adam(model)))
+
+
+def test_data_parallel_takes_its_defaults_from_the_environment(dev, monkeypatch):
+    monkeypatch.setenv("MLMETAL_DISTRIBUTED_OVERLAP", "0")
+    monkeypatch.setenv("MLMETAL_DISTRIBUTED_BUCKET_BYTES", "300")
+    dp = mm.distributed.DataParallel(job.adam(job.net(dev)))
+    assert (dp.overlap, dp.bucket_bytes) == (False, 300)
+
+
+@pytest.mark.parametrize("env, arg, message", [
+    ({"MLMETAL_DISTRIBUTED_OVERLAP": "yes"}, {}, "MLMETAL_DISTRIBUTED_OVERLAP must be 0 or 1, got 'yes'"),
+    ({"MLMETAL_DISTRIBUTED_BUCKET_BYTES": "1e6"}, {},
+     "MLMETAL_DISTRIBUTED_BUCKET_BYTES must be a positive integer, got '1e6'"),
+    ({"MLMETAL_DISTRIBUTED_BUCKET_BYTES": "0"}, {},
+     "MLMETAL_DISTRIBUTED_BUCKET_BYTES must be a positive integer, got '0'"),
+    ({}, {"overlap": 1}, "overlap must be True or False, got 1"),
+])
+def test_data_parallel_refuses_settings_it_cannot_follow(dev, monkeypatch, env, arg, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        mm.distributed.DataParallel(job.adam(job.net(dev)), **arg)

@@ -74,6 +74,27 @@ def test_a_failing_host_step_fails_its_commit_and_stops_the_work_after_it():
     np.testing.assert_array_equal(yb.numpy(np.float32), np.zeros(n, np.float32))
 
 
+def test_a_host_step_may_leave_a_poll_the_worker_calls_between_the_dispatches_after_it():
+    dev = mm.device("cpu")  # (cuda ignores what a step returns: its collectives progress by themselves)
+    n = 64
+    xb, yb = dev.buffer(np.ones(n, np.float32)), dev.buffer(np.zeros(n, np.float32))
+    axpy = dev.library("elementwise").kernel("axpy")
+    seen = []
+
+    def poll():  # what y holds each time the worker polls; done once it has seen y reach 2
+        seen.append(float(yb.numpy(np.float32)[0]))
+        return seen[-1] >= 2
+
+    cb = dev.command_buffer()
+    cb.host_step(lambda: poll, "start")
+    for _ in range(4):
+        cb.dispatch(axpy, groups=1, threads=64, args=[xb, yb, {"n": n, "a": 1.0}])
+        cb.commit_and_continue()  # polls carry over from one commit to the next
+    cb.commit()
+    cb.wait()
+    assert seen == [0, 1, 2]  # before the 1st, 2nd and 3rd axpy; not again once done
+
+
 def test_host_step_refused_once_committed(dev):
     cb = dev.command_buffer()
     cb.commit()

@@ -264,20 +264,26 @@ class CpuDevice(D.Device):
 
     def _loop(self):
         rt = self._rt
+        polls: list = []  # what host steps returned, called between the dispatches after them until true
         while True:
             batch = self._queue.get()
             try:
                 for d in batch.work:
-                    self._run(rt, d)
+                    if polls:
+                        polls[:] = [poll for poll in polls if not poll()]
+                    if d.__class__ is D.HostStep:
+                        poll = d.fn()
+                        if poll is not None:
+                            polls.append(poll)
+                    else:
+                        self._run(rt, d)
             except BaseException as e:  # reported to whoever waits on this batch
                 batch.error = e
+                polls.clear()  # what the failed work started is not finished after it
             finally:
                 batch.done.set()
 
-    def _run(self, rt: ctypes.CDLL, d: D.Dispatch | D.HostStep) -> None:
-        if d.__class__ is D.HostStep:
-            d.fn()
-            return
+    def _run(self, rt: ctypes.CDLL, d: D.Dispatch) -> None:
         p = d.predicate
         if p is not None and ctypes.c_uint32.from_address(p.buffer.ptr + p.offset).value == 0:
             # Read as the dispatch comes up in queue order, after the work before it: the cpu

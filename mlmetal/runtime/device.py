@@ -382,12 +382,16 @@ class CommandBuffer:
 
         The cpu backend's worker calls it once the work encoded before it has run, and runs the
         work after it once it returns; what it raises fails the commit as a kernel's error would.
+        Where `fn` returns a function, the worker calls that between the dispatches after it
+        until it returns true: work `fn` started and a later step finishes (an MPI collective,
+        which moves bytes only while MPI is called) keeps progressing meanwhile.
         The cuda backend calls it while it enqueues the commit, between the launches before and
-        after it: `fn` must enqueue its work on the device's stream (`dev.stream`), not wait for
-        it. The metal backend refuses host steps.
+        after it: `fn` must enqueue its work on the device's stream (`dev.stream`), or on a
+        stream of its own ordered against it by events, not wait for it; what it returns is
+        ignored. The metal backend refuses host steps.
 
         Args:
-            fn: takes no arguments.
+            fn: takes no arguments; returns None, or on cpu a function polled as above.
             what: names the step in errors.
         """
         if self._committed:
