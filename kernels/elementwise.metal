@@ -58,6 +58,31 @@ struct CountParams {
     uint n;
 };
 
+// ---------------------------------------------------------------- storage types
+//
+// Kernels over floating storage are templates over the storage type T (float, half, bfloat),
+// instantiated as `name` (float), `name_f16` and `name_bf16`: each loads into float, computes in
+// float and rounds once when it stores (to nearest even).
+
+// out = x converted from one storage type to another (or copied, for the same type)
+template <typename From, typename To>
+kernel void cast(device const From* x [[buffer(0)]],  // extent: p.n
+                 device To* out [[buffer(1)]],  // extent: p.n
+                 constant CountParams& p [[buffer(2)]],
+                 uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = To(float(x[i]));
+}
+
+template [[host_name("cast_f32_f32")]] [[kernel]] decltype(cast<float, float>) cast<float, float>;
+template [[host_name("cast_f32_f16")]] [[kernel]] decltype(cast<float, half>) cast<float, half>;
+template [[host_name("cast_f32_bf16")]] [[kernel]] decltype(cast<float, bfloat>) cast<float, bfloat>;
+template [[host_name("cast_f16_f32")]] [[kernel]] decltype(cast<half, float>) cast<half, float>;
+template [[host_name("cast_f16_f16")]] [[kernel]] decltype(cast<half, half>) cast<half, half>;
+template [[host_name("cast_f16_bf16")]] [[kernel]] decltype(cast<half, bfloat>) cast<half, bfloat>;
+template [[host_name("cast_bf16_f32")]] [[kernel]] decltype(cast<bfloat, float>) cast<bfloat, float>;
+template [[host_name("cast_bf16_f16")]] [[kernel]] decltype(cast<bfloat, half>) cast<bfloat, half>;
+template [[host_name("cast_bf16_bf16")]] [[kernel]] decltype(cast<bfloat, bfloat>) cast<bfloat, bfloat>;
+
 // ---------------------------------------------------------------- binary ops, broadcast by NumPy's rules
 //
 // One template per shape of dispatch, instantiated once per operator: `binary<OP>` over inputs of

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
+from . import dtypes as D
 from . import ops
 from .graph import Graph, GraphTensor
 from .nn import Module, Parameter
@@ -71,8 +72,8 @@ MAX_ZIP_MEMBERS = 64
 MAX_FLOAT = float(np.finfo(np.float32).max)  # float attributes reach the kernels as float32
 READ_CHUNK = 8 << 20               # bytes of weights read at a time
 
-_DTYPES = {"float32": np.dtype(np.float32), "int32": np.dtype(np.int32), "uint32": np.dtype(np.uint32)}
-_SAFETENSORS_DTYPES = {"F32": "float32", "I32": "int32", "U32": "uint32"}
+_DTYPES = {str(d): d for d in D.DTYPES}
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32"}
 
 
 class FormatError(ValueError):
@@ -719,9 +720,9 @@ def _validate(meta) -> _Spec:
             _fail(f"{g}.parameters[{i}]", f"a second parameter named {t.name!r}")
         if t.name.startswith("optimizer."):
             _fail(f"{g}.parameters[{i}]", "names starting with 'optimizer.' are reserved for optimizer state")
-        if t.trainable is not None and t.dtype != np.float32:
-            _fail(f"{g}.parameters[{i}]", f"{t.name} is {t.dtype}; parameters are float32 (a constant of another "
-                                          f"dtype has \"trainable\": null)")
+        if t.trainable is not None and t.dtype not in D.FLOATS:
+            _fail(f"{g}.parameters[{i}]", f"{t.name} is {t.dtype}; parameters are float32, float16 or bfloat16 "
+                                          f"(a constant of another dtype has \"trainable\": null)")
         params[t.name] = t
         count(t, f"{g}.parameters[{i}]")
 
@@ -740,7 +741,7 @@ def _validate(meta) -> _Spec:
         out_shapes, norm = _checked(op, shapes, attrs, where)
         outs = [_tensor(o, f"{where}.outputs[{j}]", named=False)
                 for j, o in enumerate(_list(e["outputs"], f"{where}.outputs", MAX_NODE_INPUTS))]
-        dtype = np.dtype(norm.get("dtype", ops.REGISTRY[op].out_dtype))
+        dtype = ops.REGISTRY[op].output_dtype([_ref_spec(r, inputs, params, nodes) for r in refs], norm)
         recorded = [o.shape for o in outs]
         if recorded != out_shapes or any(o.dtype != dtype for o in outs):
             _fail(f"{where}.outputs", f"records {recorded} of {[str(o.dtype) for o in outs]}; {op} on inputs "

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .dtypes import DTYPES, FLOATS, as_dtype
 from .runtime.device import Buffer, Device
-
-DTYPES = (np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.uint32))
 
 
 class Operators:
@@ -44,6 +43,13 @@ class Operators:
     @property
     def size(self) -> int:
         return math.prod(self.shape)
+
+    def astype(self, dtype):
+        """This tensor converted to floating storage type `dtype` (`mm.float32`, `mm.float16`,
+        `mm.bfloat16`, or a name such as "bfloat16"), on the device; a graph tensor records the cast."""
+        from . import ops
+
+        return ops.astype(self, dtype=dtype)
 
     def __len__(self) -> int:
         if not self.shape:
@@ -373,7 +379,8 @@ def _device(device: Device | str | None) -> Device:
 def tensor(data, device: Device | str | None = None, dtype=None) -> Tensor:
     """A device tensor holding a copy of `data`.
 
-    mlmetal stores float32, int32 and uint32. A NumPy array of another dtype is refused, with
+    mlmetal stores float32, float16, bfloat16 (`mm.bfloat16`, ml_dtypes' type), int32 and uint32.
+    A NumPy array of another dtype is refused, with
     one exception: float64 becomes float32 (NumPy's default float is rarely meant as double
     precision here). Python numbers and lists become float32 (floats) or int32 (integers), as
     in MLX. Pass `dtype=` to convert anything else on purpose.
@@ -381,7 +388,8 @@ def tensor(data, device: Device | str | None = None, dtype=None) -> Tensor:
     Args:
         data: an array, a number, or nested lists of numbers.
         device: a Device, a backend name, or None for `mm.device()`.
-        dtype: float32, int32 or uint32; None keeps the data's (see above).
+        dtype: one of those (a NumPy dtype or a name such as "bfloat16"); None keeps the data's
+            (see above).
 
     Raises:
         DTypeError: a dtype mlmetal does not store, or integers that do not fit the dtype.
@@ -394,7 +402,10 @@ def tensor(data, device: Device | str | None = None, dtype=None) -> Tensor:
     if dtype is None:
         dtype = _stored_dtype(a, from_numpy=isinstance(data, (np.ndarray, np.generic)))
     else:
-        dtype = np.dtype(dtype)
+        try:
+            dtype = as_dtype(dtype)
+        except TypeError as e:
+            raise _dtype_error(f"mm.tensor: {e}") from None
         if dtype not in DTYPES:
             raise _dtype_error(f"mm.tensor: dtype={dtype} is not one mlmetal stores")
     if dtype.kind in "iu" and a.dtype.kind in "iu" and a.size and not (

@@ -35,12 +35,19 @@ class Row:
     fd_eps: float = 1e-3
     wrt: tuple[int, ...] | None = None  # inputs whose gradients are checked; default: all with one
     nan_spreads: str = ""  # why the kernel may turn more outputs NaN than the reference (a NaN input); "": it may not
+    lowp_ulps: float = 1.0  # roundings of the storage type the outputs may be off by (make_storage_tests)
+    lowp_atol: float = 1.0  # ... and the absolute part, in units of roundoff (for results near 0 after cancellation)
 
 
 def row(op: str, case, **kw) -> Row:
     r = Row(op, case, **kw)
     ALL_ROWS[op] = r
     return r
+
+
+def _is_float(dtype) -> bool:
+    """A floating dtype, bfloat16 included (NumPy's kind of which is "V")."""
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype) == mm.bfloat16
 
 
 def _as_tuple(x):
@@ -55,7 +62,7 @@ def run_op(dev, name: str, inputs: list[np.ndarray], attrs: dict):
 def reference(name: str, inputs: list[np.ndarray], attrs: dict):
     op = ops.REGISTRY[name]
     _, norm = op.check(*[a.shape for a in inputs], **attrs)
-    as64 = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in inputs]
+    as64 = [a.astype(np.float64) if _is_float(a.dtype) else a for a in inputs]
     return op.reference(*as64, **norm), norm
 
 
@@ -85,7 +92,7 @@ def check_nan(dev, r: Row, inputs, attrs):
 
 def finite_difference(f, inputs: list[np.ndarray], i: int, eps: float) -> np.ndarray:
     """d f / d inputs[i] by central differences, in float64."""
-    x = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in inputs]
+    x = [a.astype(np.float64) if _is_float(a.dtype) else a for a in inputs]
     grad = np.zeros_like(x[i])
     flat = x[i].reshape(-1)
     gflat = grad.reshape(-1)
@@ -100,11 +107,12 @@ def finite_difference(f, inputs: list[np.ndarray], i: int, eps: float) -> np.nda
     return grad
 
 
-def check_grad(dev, r: Row, inputs, attrs, seed: int):
+def check_grad(dev, r: Row, inputs, attrs, seed: int, g_dtype=np.float32):
     op = ops.REGISTRY[r.op]
     ts, out = run_op(dev, r.op, inputs, attrs)
     rng = np.random.default_rng(seed)
-    gs = tuple(rng.standard_normal(o.shape).astype(np.float32) for o in _as_tuple(out))
+    gs = tuple(rng.standard_normal(o.shape).astype(g_dtype if _is_float(o.dtype) else np.float32)
+               for o in _as_tuple(out))
     g_t = tuple(mm.tensor(g, dev) for g in gs)
     grads = op.grad(g_t if isinstance(out, tuple) else g_t[0], out, *ts, **ops.infer(r.op, *ts, **attrs)[1])
     assert len(grads) == len(inputs), f"{r.op}: gradient rule returned {len(grads)} gradients for {len(inputs)} inputs"
@@ -117,14 +125,15 @@ def check_grad(dev, r: Row, inputs, attrs, seed: int):
         if gi is None or (r.wrt is not None and i not in r.wrt):
             continue
         assert gi.shape == inputs[i].shape, f"{r.op}: gradient {i} has shape {gi.shape}, input {inputs[i].shape}"
+        assert gi.dtype == inputs[i].dtype, f"{r.op}: gradient {i} is {gi.dtype}, input {inputs[i].dtype}"
         fd = finite_difference(f, inputs, i, r.fd_eps)
-        np.testing.assert_allclose(gi.numpy(), fd, rtol=r.grad_rtol, atol=r.grad_atol * max(1.0, np.abs(fd).max()),
+        np.testing.assert_allclose(gi.numpy().astype(np.float64), fd, rtol=r.grad_rtol, atol=r.grad_atol * max(1.0, np.abs(fd).max()),
                                    err_msg=f"{r.op}: gradient of input {i} {attrs}")
 
 
 def with_nan(inputs: list[np.ndarray], data: st.DataObject) -> list[np.ndarray] | None:
     """`inputs` with one element of one float input NaN (None when no input is float)."""
-    floating = [i for i, a in enumerate(inputs) if a.dtype.kind == "f" and a.size]
+    floating = [i for i, a in enumerate(inputs) if _is_float(a.dtype) and a.size]
     if not floating:
         return None
     i = data.draw(st.sampled_from(floating), label="nan input")
@@ -162,6 +171,75 @@ def make_tests(rows: list[Row]):
         check_grad(dev, r, inputs, attrs, seed)
 
     return test_forward, test_grad, test_nan
+
+
+# ---------------------------------------------------------------- float16 and bfloat16 storage
+#
+# An op whose kernels are instantiated per storage type (its `dtypes`) is checked in each: its
+# float inputs are rounded to the type, and its outputs compared with the float64 reference on
+# those rounded inputs. The kernels compute in float and round once when they store, so the
+# output may differ from the reference by the storage type's unit roundoff u (2⁻¹¹ float16,
+# 2⁻⁸ bfloat16) relative, on top of the row's float32 tolerance; `lowp_ulps` allows a row whose
+# kernels store intermediate results in the storage type more roundings. Outputs beyond the
+# type's range must be ±inf.
+
+UNIT_ROUNDOFF = {np.dtype(np.float16): 2.0**-11, mm.bfloat16: 2.0**-8}
+LOW_DTYPES = [np.dtype(np.float16), mm.bfloat16]
+
+
+def stored(inputs: list[np.ndarray], dtype) -> list[np.ndarray]:
+    """`inputs` with every float array rounded to storage type `dtype`."""
+    return [a.astype(dtype) if _is_float(a.dtype) else a for a in inputs]
+
+
+def check_storage(dev, r: Row, inputs, attrs, dtype):
+    low = stored(inputs, dtype)
+    _, out = run_op(dev, r.op, low, attrs)
+    ref, _ = reference(r.op, low, attrs)
+    u = UNIT_ROUNDOFF[np.dtype(dtype)] * r.lowp_ulps
+    big = float(np.finfo(np.dtype(dtype)).max) if np.dtype(dtype) == np.float16 else 3.38e38
+    for o, e in zip(_as_tuple(out), _as_tuple(ref)):
+        e = np.asarray(e)
+        if _is_float(o.dtype) and "dtype" not in attrs:  # (astype's output has the dtype it is given)
+            assert o.dtype == np.dtype(dtype), f"{r.op}: {dtype} inputs gave a {o.dtype} output"
+        got = o.numpy().astype(np.float64)
+        over = np.abs(e) > big * (1 + u)
+        assert np.isinf(got[over]).all(), f"{r.op}: outputs past {dtype}'s range are not inf"
+        np.testing.assert_allclose(got[~over], e[~over], rtol=r.rtol + u, atol=r.atol + u * r.lowp_atol,
+                                   err_msg=f"{r.op} in {dtype} {attrs}")
+
+
+def check_storage_grad(dev, r: Row, inputs, attrs, seed: int, dtype):
+    """The gradient rule on `dtype` tensors against finite differences of the reference at the
+    rounded inputs: each op of the rule rounds its result, so a few units of roundoff more."""
+    low = stored(inputs, dtype)
+    u = UNIT_ROUNDOFF[np.dtype(dtype)] * r.lowp_ulps
+    check_grad(dev, dataclasses.replace(r, grad_rtol=r.grad_rtol + 8 * u, grad_atol=r.grad_atol + 8 * u), low, attrs,
+               seed, g_dtype=dtype)
+
+
+def make_storage_tests(rows: list[Row]):
+    """(test_storage, test_storage_grad): every row whose op takes float16 and bfloat16, in each."""
+    typed = [(r, d) for r in rows for d in LOW_DTYPES if d in ops.REGISTRY[r.op].dtypes]
+    ids = [f"{r.op}-{d}" for r, d in typed]
+
+    @pytest.mark.parametrize("r,dtype", typed, ids=ids)
+    @settings(max_examples=max(2, settings.default.max_examples // 2))
+    @given(data=st.data())
+    def test_storage(dev, r, dtype, data):
+        inputs, attrs = r.case(data)
+        check_storage(dev, r, inputs, attrs, dtype)
+
+    diff = [(r, d) for r, d in typed if ops.REGISTRY[r.op].grad is not None]
+
+    @pytest.mark.parametrize("r,dtype", diff, ids=[f"{r.op}-{d}" for r, d in diff])
+    @settings(max_examples=max(2, settings.default.max_examples // 3))
+    @given(data=st.data(), seed=st.integers(0, 2**31))
+    def test_storage_grad(dev, r, dtype, data, seed):
+        inputs, attrs = (r.grad_case or r.case)(data)
+        check_storage_grad(dev, r, inputs, attrs, seed, dtype)
+
+    return test_storage, test_storage_grad
 
 
 # ---------------------------------------------------------------- drawing inputs

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import strategies as st
 
 import mlmetal as mm
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, floats, make_storage_tests, make_tests, row
 
 
 def same_shape(n_inputs, scale=1.0, away_from_zero=False, **attrs):
@@ -165,9 +165,14 @@ ROWS = [
     row("silu", same_shape(1, scale=10.0), rtol=1e-5, atol=1e-6, grad_case=small_same_shape(1)),
     row("silu_grad", same_shape(2, scale=3.0), rtol=1e-5, atol=1e-6),
     row("dropout", dropout_case(), rtol=1e-6, atol=0, grad_case=dropout_case(small=True)),
+    # Rounding to nearest even, bit for bit as NumPy (float16) and ml_dtypes (bfloat16) round; the
+    # finite differences of a rounding are meaningless, so its gradient is checked going to float32.
+    row("astype", same_shape(1, scale=1e3, dtype=st.sampled_from(["float32", "float16", "bfloat16"])), rtol=0, atol=0,
+        grad_case=small_same_shape(1, dtype=st.just("float32"))),
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 @pytest.mark.parametrize("op, shapes, attrs, message", [

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from mlmetal import dtypes as D
 from mlmetal import ops
 from mlmetal.runtime import source as S
 from opcheck import ALL_ROWS
@@ -23,5 +24,8 @@ def test_op_is_complete(name):
     for qualified in op.kernels:
         lib, kernel = qualified.split(".")
         assert kernel in S.Source.from_file(S.find(lib)).kernels, f"{name}: kernels/{lib}.metal has no kernel {kernel}"
+        for dtype in op.dtypes if name != "astype" else ():  # (astype names each of its instances)
+            typed = D.kernel_name(kernel, dtype)
+            assert typed in S.Source.from_file(S.find(lib)).kernels, f"{name} takes {dtype}: kernels/{lib}.metal has no {typed}"
     assert name in ALL_ROWS, f"{name} has no row in a tests/test_ops_*.py table"
     assert hasattr(ops, name) and callable(getattr(ops, name))

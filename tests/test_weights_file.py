@@ -86,7 +86,7 @@ def _rewrite(path, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda h, d: (h["layers.3.weight"].update(dtype="F16"), d)[1], r"dtype 'F16' is not one mlmetal stores \(F32, I32, U32\)"),
+    (lambda h, d: (h["layers.3.weight"].update(dtype="F64"), d)[1], r"dtype 'F64' is not one mlmetal stores \(F32, F16, BF16, I32, U32\)"),
     (lambda h, d: d[:-4], "the file has .* bytes; its header describes"),
     (lambda h, d: (h["layers.3.weight"].update(data_offsets=[0, 4]), d)[1], "do not span the 12 elements"),
     (lambda h, d: (h.__setitem__("layers.3.weight", [1]), d)[1], "expected an object"),

@@ -34,8 +34,11 @@ class Graph(Tape):
         (4, 3)
     """
 
-    def __init__(self, device: Device, matmul_precision: str | None = None):
+    def __init__(self, device: Device, matmul_precision: str | None = None, compute_dtype=None):
         super().__init__(device)
+        # nodes appended to this graph are autocast to it ("bfloat16", "float16"; mlmetal.autocast)
+        # unless an `mm.autocast` block says otherwise; None: only such a block does
+        self.compute_dtype = None if compute_dtype is None else _low_precision(compute_dtype)
         # this graph's matmul precision policy (mlmetal.precision); None: the one in force when it runs
         self.matmul_precision = None if matmul_precision is None else check_precision(matmul_precision)
         self._plans: dict = {}
@@ -113,3 +116,12 @@ class Graph(Tape):
             if key not in self._plans:
                 self._plans[key] = Plan(self, outputs, plan_lifetimes, updates, self.replay)
             return self._plans[key]
+
+
+def _low_precision(dtype):
+    from .. import dtypes as D
+
+    d = D.as_dtype(dtype)
+    if d not in (D.float16, D.bfloat16):
+        raise ValueError(f"Graph: compute_dtype {d} is not float16 or bfloat16")
+    return d

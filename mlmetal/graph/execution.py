@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .. import ops
+from .. import dtypes as D
 from ..precision import get_matmul_precision, matmul_precision
 from ..tensor import Tensor
 from .tape import GraphError, GraphTensor, Node, Tape
@@ -47,7 +48,7 @@ def bind_inputs(tape: Tape, inputs: dict) -> dict[GraphTensor, Any]:
 
 def _convert(name: str, a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Array `a` fed to input `name` as `dtype`: floats to a float input, integers that fit to an integer one."""
-    fits = a.dtype.kind == dtype.kind == "f" or (
+    fits = D.is_float(a.dtype) and D.is_float(dtype) or (
         a.dtype.kind in "iu" and dtype.kind in "iu"
         and (a.size == 0 or np.iinfo(dtype).min <= a.min() and a.max() <= np.iinfo(dtype).max))
     if not fits:

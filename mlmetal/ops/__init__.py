@@ -17,9 +17,14 @@ An op is a small closed unit:
   updates); every such op says so explicitly;
 - `kernels`: the `library.kernel` names it dispatches (checked to exist by the tests);
 - `in_dtypes`: the dtypes of its leading inputs, for the few that take int32 token ids or
-  uint32 flags; every other input is float32.
+  uint32 flags; every other input is a float input;
+- `dtypes`: the floating storage types its float inputs may have (float32 alone unless its
+  kernels are instantiated per storage type, mlmetal.dtypes). Its float inputs share one, and so
+  do its float outputs; encode picks the kernels of that type (`dtypes.kernel_name`).
 
-Before `check` runs, every input's dtype is checked against the op's (DTypeError); after it,
+Inputs of mixed floating dtypes are first cast to the widest (float32), as PyTorch promotes, and
+inside `mm.autocast` the cast follows the autocast policy (mlmetal.autocast). Before `check`
+runs, every input's dtype is checked against the op's (DTypeError); after it,
 every float attribute is checked to fit a float32, which is how kernels receive them
 (ShapeError naming the attribute): infinities pass, as IEEE arithmetic defines them; NaN and
 finite values past float32's range do not.
@@ -40,6 +45,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import dtypes as D
 from ..tensor import Symbolic, Tensor, empty
 
 
@@ -67,11 +73,31 @@ class Op:
     # False when encode depends on more than its tensors and attributes (a generator's position):
     # a graph's plan then encodes the node afresh on every run instead of replaying its dispatches.
     replayable: bool = True
-    in_dtypes: tuple[np.dtype, ...] = ()  # of the leading inputs; the rest are float32
+    in_dtypes: tuple[np.dtype, ...] = ()  # of the leading inputs; the rest are float inputs
     input_names: tuple[str, ...] = ()  # `check`'s names for its inputs, for error messages
+    dtypes: tuple[np.dtype, ...] = (D.float32,)  # the storage types its float inputs may have
 
     def input_dtype(self, i: int) -> np.dtype:
         return self.in_dtypes[i] if i < len(self.in_dtypes) else FLOAT32
+
+    def is_float_input(self, i: int) -> bool:
+        return self.input_dtype(i) == FLOAT32
+
+    def storage_dtype(self, inputs) -> np.dtype:
+        """The floating storage type of an application to `inputs`: that of its float inputs."""
+        return next((x.dtype for i, x in enumerate(inputs) if self.is_float_input(i) and x.dtype in D.FLOATS),
+                    D.float32)
+
+    def output_dtype(self, inputs, norm: dict) -> np.dtype:
+        """The dtype of its outputs on `inputs` with normalised attributes `norm`."""
+        if "dtype" in norm:
+            return D.as_dtype(norm["dtype"])
+        out = np.dtype(self.out_dtype)
+        return self.storage_dtype(inputs) if out == FLOAT32 else out
+
+    def kernel(self, device, library: str, name: str, dtype):
+        """Kernel template `name` of `library` instantiated for storage type `dtype`."""
+        return device.library(library).kernel(D.kernel_name(name, dtype))
 
     def input_name(self, i: int) -> str:
         return f"input {i}" + (f" ({self.input_names[i]})" if i < len(self.input_names) else "")
@@ -83,14 +109,15 @@ REGISTRY: dict[str, Op] = {}
 
 
 def register(name: str, *, check, encode, reference, grad, kernels, out_dtype=np.float32, replayable=True,
-             in_dtypes=()) -> Op:
-    """Add an op to the registry and expose it as `mm.ops.<name>`."""
+             in_dtypes=(), dtypes=(D.float32,)) -> Op:
+    """Add an op to the registry and expose it as `mm.ops.<name>`. `kernels` names the float32
+    instances; with `dtypes` beyond float32, each has its instances for those types as well."""
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
     names = tuple(p.name for p in inspect.signature(check).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
     op = REGISTRY[name] = Op(name, check, encode, reference, grad, tuple(kernels), out_dtype, replayable,
-                             tuple(np.dtype(d) for d in in_dtypes), names)
+                             tuple(np.dtype(d) for d in in_dtypes), names, tuple(np.dtype(d) for d in dtypes))
     globals()[name] = _entry_point(name, check)
     return op
 
@@ -125,9 +152,17 @@ def infer(name: str, *inputs, **attrs) -> tuple[Any, dict]:
     """Output shape(s) and normalised attributes of op `name` on `inputs` (tensors or graph
     tensors); raises ShapeError (DTypeError for an input of the wrong dtype)."""
     op = REGISTRY[name]
+    storage = op.storage_dtype(inputs)
     for i, x in enumerate(inputs):
-        if x.dtype != op.input_dtype(i):
-            raise DTypeError(f"{name}: {op.input_name(i)} is {x.dtype}; it takes {op.input_dtype(i)}")
+        if not op.is_float_input(i):
+            if x.dtype != op.input_dtype(i):
+                raise DTypeError(f"{name}: {op.input_name(i)} is {x.dtype}; it takes {op.input_dtype(i)}")
+        elif x.dtype not in op.dtypes:
+            raise DTypeError(f"{name}: {op.input_name(i)} is {x.dtype}; it takes "
+                             f"{' or '.join(map(str, op.dtypes))}" + (" (cast with .astype)" if x.dtype in D.FLOATS else ""))
+        elif x.dtype != storage:
+            raise DTypeError(f"{name}: {op.input_name(i)} is {x.dtype} and an earlier float input {storage}; "
+                             f"its float inputs share one dtype (cast with .astype)")
     shapes = [tuple(x.shape) for x in inputs]
     try:
         out, norm = op.check(*shapes, **attrs)
@@ -152,6 +187,7 @@ def apply(name: str, *inputs, **attrs):
     """Run op `name` eagerly (check, allocate the output(s), encode, commit asynchronously),
     or, when any input is a graph tensor, append it to that graph as a node."""
     op = REGISTRY[name]
+    inputs = cast_inputs(name, inputs)
     graph_inputs = [x for x in inputs if isinstance(x, Symbolic)]
     if graph_inputs:
         return graph_inputs[0].graph.append(name, list(inputs), attrs)
@@ -164,7 +200,7 @@ def apply(name: str, *inputs, **attrs):
     shape, attrs = infer(name, *inputs, **attrs)
     dev = inputs[0].device if inputs else attrs["generator"].device  # `random_tensor` is the one op without inputs
     multi = isinstance(shape, list)
-    dtype = attrs.get("dtype", op.out_dtype)
+    dtype = op.output_dtype(inputs, attrs)
     outs = tuple(empty(s, dev, dtype) for s in shape) if multi else empty(shape, dev, dtype)
     cb = dev.command_buffer()
     op.encode(cb, outs, *inputs, **attrs)
@@ -173,6 +209,25 @@ def apply(name: str, *inputs, **attrs):
         for i, o in enumerate(outs if multi else (outs,)):
             o.derivation, o.from_parameters = (name, inputs, attrs, i if multi else None), True
     return outs
+
+
+def cast_inputs(name: str, inputs) -> tuple:
+    """`inputs` of op `name` with their floating dtypes settled before it runs: inside
+    `mm.autocast`, as its policy says; elsewhere, mixed floating dtypes cast to the widest, where
+    the op takes several (PyTorch's promotion). Other inputs are returned as they are."""
+    from ..autocast import policy  # the autocast module imports this one
+
+    op = REGISTRY[name]
+    floats = [i for i, x in enumerate(inputs) if op.is_float_input(i) and _is_tensor(x) and x.dtype in D.FLOATS]
+    graph = next((x.graph for x in inputs if isinstance(x, Symbolic)), None)
+    target = policy(op, [inputs[i].dtype for i in floats], graph)
+    if target is None:
+        kinds = {inputs[i].dtype for i in floats}
+        if len(kinds) < 2 or not builtins.all(k in op.dtypes for k in kinds):
+            return tuple(inputs)
+        target = D.widest(kinds)
+    return tuple(apply("astype", x, dtype=target.name) if i in floats and x.dtype != target else x
+                 for i, x in enumerate(inputs))
 
 
 # ---------------------------------------------------------------- helpers for family modules

@@ -13,8 +13,9 @@ attribute defaults and gradient rule. The gradient kernels of the activations ar
 import math
 import sys
 
+from .. import dtypes as D
 from ..reference import elementwise as R
-from . import apply, ensure, groups_for, register
+from . import ShapeError, apply, ensure, groups_for, register
 from .broadcast import MAX_DIMS, broadcast_shape, broadcast_strides, merge_axes, padded, sum_to
 
 
@@ -158,6 +159,40 @@ def _where_grad_encode(cb, out, g, cond, branch):
 
 register("where_grad", check=_where_grad_check, encode=_where_grad_encode, reference=R.where_grad, grad=None,
          kernels=["elementwise.where_grad_a", "elementwise.where_grad_b"])
+
+
+# ---------------------------------------------------------------- storage types
+
+_SHORT = {D.float32: "f32", D.float16: "f16", D.bfloat16: "bf16"}
+
+
+def _astype_check(x, dtype):
+    """x converted to floating storage type `dtype` (float32, float16 or bfloat16), rounding to
+    nearest even; the same dtype copies.
+
+    Args:
+        x: any shape, any floating dtype.
+        dtype: the result's dtype: a NumPy dtype, `mm.float16`, or a name ("bfloat16").
+
+    Example:
+        >>> h = mm.ops.astype(x, dtype="bfloat16")  # or x.astype(mm.bfloat16)
+    """
+    try:
+        d = D.as_dtype(dtype)
+    except TypeError as e:
+        raise ShapeError(f"astype: {e}") from None
+    ensure(d in D.FLOATS, "astype", f"dtype {d} is not a floating storage type ({', '.join(map(str, D.FLOATS))})")
+    return x, {"dtype": d.name}
+
+
+def _astype_encode(cb, out, x, dtype):
+    k = out.device.library("elementwise").kernel(f"cast_{_SHORT[x.dtype]}_{_SHORT[out.dtype]}")
+    cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, out, {"n": out.size}])
+
+
+register("astype", check=_astype_check, encode=_astype_encode, reference=R.astype,
+         grad=lambda g, out, x, dtype: (apply("astype", g, dtype=x.dtype.name),),
+         kernels=[f"elementwise.cast_{a}_{b}" for a in _SHORT.values() for b in _SHORT.values()], dtypes=D.FLOATS)
 
 
 def _map(name, n_inputs, doc, grad, kernel=None, validate=None, **defaults):

@@ -170,3 +170,10 @@ def silu_grad(g, x):
 
 def dropout(x, u, p):
     return x * (u >= p) * (1 / (1 - p) if p < 1 else 0.0)
+
+
+def astype(x, dtype):
+    """x rounded to storage type `dtype` (to nearest even), as float64."""
+    from ..dtypes import as_dtype
+
+    return np.asarray(x).astype(as_dtype(dtype)).astype(np.float64)

@@ -66,7 +66,7 @@ class HostBuffer(Buffer):
 
 def _as_bytes(data: Any) -> np.ndarray:
     arr = np.ascontiguousarray(data)
-    if arr.dtype.kind not in "biufc":  # text, bytes and objects have no bytes a kernel could mean
+    if arr.dtype.kind not in "biufc" and arr.dtype.name != "bfloat16":  # text, bytes and objects have no bytes a kernel could mean
         raise TypeError(f"cannot make a buffer from {type(data).__name__} data (dtype {arr.dtype}): "
                         "give numbers, e.g. a numpy array")
     return arr.reshape(-1).view(np.uint8)

@@ -64,6 +64,7 @@
 // before this one, and spell CUDA's own types through what they expand from (make_float4, …).
 #if MLM_CUDA
 #define half mlm_half
+#define bfloat mlm_bfloat
 #define bool2 mlm_bool2
 #define bool3 mlm_bool3
 #define bool4 mlm_bool4
@@ -165,6 +166,31 @@ struct half {
   MLM_FN half& operator/=(float v) { return *this = float(*this) / v; }
 };
 
+// ---------------------------------------------------------------------------------------------
+// bfloat: bfloat16 storage (MSL 3.1), float's top 16 bits. As with half, arithmetic converts to
+// float and a store rounds to nearest even. The same integer code runs on every target, so cpu
+// and cuda round identically (NaN stays NaN and quiet, its sign and top payload bits kept).
+
+namespace detail {
+MLM_FN unsigned short bfloat_bits(float f) {
+  unsigned x = as_type<unsigned>(f);
+  if ((x & 0x7fffffff) > 0x7f800000) return (unsigned short)(x >> 16 | 0x40);
+  return (unsigned short)((x + 0x7fff + (x >> 16 & 1)) >> 16);
+}
+MLM_FN float bfloat_value(unsigned short b) { return as_type<float>((unsigned)b << 16); }
+}  // namespace detail
+
+struct bfloat {
+  unsigned short bits;
+  bfloat() = default;
+  MLM_FN bfloat(float f) : bits(detail::bfloat_bits(f)) {}
+  MLM_FN operator float() const { return detail::bfloat_value(bits); }
+  MLM_FN bfloat& operator+=(float v) { return *this = float(*this) + v; }
+  MLM_FN bfloat& operator-=(float v) { return *this = float(*this) - v; }
+  MLM_FN bfloat& operator*=(float v) { return *this = float(*this) * v; }
+  MLM_FN bfloat& operator/=(float v) { return *this = float(*this) / v; }
+};
+
 template <class T, int N> struct vec;
 
 // ---------------------------------------------------------------------------------------------
@@ -200,6 +226,7 @@ template <> struct traits<int> : scalar_traits<int, integer, uint> {};
 template <> struct traits<uint> : scalar_traits<uint, integer> {};
 template <> struct traits<ulong> : scalar_traits<ulong, integer> {};
 template <> struct traits<half> : scalar_traits<half, floating> {};
+template <> struct traits<bfloat> : scalar_traits<bfloat, floating> {};
 template <> struct traits<float> : scalar_traits<float, floating> {};
 template <class T, int N> struct traits<vec<T, N>> : traits<T> {
   static constexpr int width = N;
@@ -335,6 +362,7 @@ MLM_VEC_NAMES(int)
 MLM_VEC_NAMES(uint)
 MLM_VEC_NAMES(ulong)
 MLM_VEC_NAMES(half)
+MLM_VEC_NAMES(bfloat)
 MLM_VEC_NAMES(float)
 #undef MLM_VEC_NAMES
 

@@ -389,7 +389,8 @@ class Source:
                 why = f"no template kernel {inst.template}" if fn is None else \
                       f"{inst.template} takes {len(fn.template)} template arguments, not {len(inst.args)}"
                 raise LintError([f"{self.loc(inst.offset)}: instantiation: {inst.name}: {why}"])
-            kernels[inst.name] = Kernel(inst.name, self._params(fn), self, fn, self._uses_sync(fn, helpers), inst)
+            kernels[inst.name] = Kernel(inst.name, _instantiated(self._params(fn), fn.template, inst.args), self, fn,
+                                        self._uses_sync(fn, helpers), inst)
         return kernels
 
     @cached_property
@@ -505,7 +506,7 @@ def _field_names(decl: str) -> list[Field]:
 #
 # Binding then refuses a smaller buffer, and the bounds-checked cpu build holds accesses to it.
 
-SCALAR_BYTES = {"bool": 1, "char": 1, "uchar": 1, "short": 2, "ushort": 2, "half": 2, "int": 4, "uint": 4,
+SCALAR_BYTES = {"bool": 1, "char": 1, "uchar": 1, "short": 2, "ushort": 2, "half": 2, "bfloat": 2, "int": 4, "uint": 4,
                 "float": 4, "unsigned": 4, "unsigned int": 4, "atomic_int": 4, "atomic_uint": 4}
 
 
@@ -597,6 +598,17 @@ def compile_extent(k: Kernel, p: Param) -> Extent:
 
 INSTANCE = re.compile(r"\btemplate\s*\[\[\s*host_name\s*\((?P<name>[^)]*)\)\s*\]\]\s*"
                       r"(?:\[\[\s*kernel\s*\]\]|kernel)\s*decltype\s*\(")
+
+
+def _instantiated(params: list[Param], template: tuple[TemplateParam, ...], args: tuple[str, ...]) -> list[Param]:
+    """A template kernel's parameters with its type parameters replaced by an instantiation's
+    arguments (`device const T* x` of `f<half>` is `device const half* x`): what the wrappers
+    declare and the extents are sized by."""
+    types = {p.name: a for p, a in zip(template, args) if p.type is None}
+    if not types:
+        return params
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, types)) + r")\b")
+    return [dataclasses.replace(p, type=pattern.sub(lambda m: types[m.group(1)], p.type)) for p in params]
 
 
 def _template_params(decl: str) -> tuple[TemplateParam, ...] | None:
