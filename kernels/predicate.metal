@@ -8,6 +8,10 @@
 // buffer as both: the copy becomes a no-op for every other word. Many predicates share one
 // buffer, so a writer must never touch the words it does not own.
 //
+// `predicate_finite` is the one writer over many threadgroups (a gradient may hold millions of
+// elements): it only ever clears its word, with an atomic store, so its threadgroups need no
+// order among themselves; when out is not words, a first dispatch copies the words.
+//
 // A writer may itself be predicated by the word it writes (the decoder's "keep going" word
 // predicates its own update). That is safe because each writer runs one threadgroup and
 // writes the word after every thread has passed the entry check: the single writer thread
@@ -133,3 +137,43 @@ kernel void predicate_any(device const uint* flags [[buffer(0)]],  // extent: p.
     uint total = count_nonzero(flags, p.n, shares, lid, tpg);
     if (lid == 0) out[p.word] = total > 0u ? 1u : 0u;
 }
+
+struct PredicateFiniteParams {
+    uint count;
+    uint word;
+    uint n;     // elements of x
+    uint copy;  // 1: this dispatch only copies words to out (the first of two, when out is not words)
+};
+
+// Inf or NaN: every exponent bit set. Tested on the bits, since fast math (metalcompute's
+// default) lets the compiler assume isinf and isnan are false.
+inline bool not_finite(float v) {
+    return (as_type<uint>(v) & 0x7f800000u) == 0x7f800000u;
+}
+
+// out[word] = 0 if any element of x is Inf or NaN; otherwise out[word] is left as it is. Over a
+// storage type, as gradients of half activations are half: float(x) keeps Inf and NaN. A grid of
+// any size strides over x; a thread that meets a non-finite value clears the word and stops.
+// The loss scaler ANDs every parameter gradient's check into one word this way.
+template <typename T>
+kernel void predicate_finite(device const T* x [[buffer(0)]],  // extent: p.n
+                             device const uint* words [[buffer(1)]],  // extent: p.count
+                             device atomic_uint* out [[buffer(2)]],  // extent: p.count
+                             constant PredicateFiniteParams& p [[buffer(3)]],
+                             uint i [[thread_position_in_grid]],
+                             uint grid [[threads_per_grid]]) {
+    if (p.copy) {
+        for (uint j = i; j < p.count; j += grid) atomic_store_explicit(&out[j], words[j], memory_order_relaxed);
+        return;
+    }
+    for (uint j = i; j < p.n; j += grid) {
+        if (not_finite(float(x[j]))) {
+            atomic_store_explicit(&out[p.word], 0u, memory_order_relaxed);
+            return;
+        }
+    }
+}
+
+template [[host_name("predicate_finite")]] [[kernel]] decltype(predicate_finite<float>) predicate_finite<float>;
+template [[host_name("predicate_finite_f16")]] [[kernel]] decltype(predicate_finite<half>) predicate_finite<half>;
+template [[host_name("predicate_finite_bf16")]] [[kernel]] decltype(predicate_finite<bfloat>) predicate_finite<bfloat>;

@@ -1,12 +1,19 @@
 """A small fit loop: epochs of training steps with a progress bar, validation every K epochs,
-and a learning-rate schedule."""
+and a learning-rate schedule; and `LossScaler`, dynamic loss scaling decided on the device."""
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Callable, Iterable
 
+import numpy as np
 from tqdm import tqdm
+
+from . import ops
+from .ops.optim import FINITE_WORD, LOSS_SCALE_WORDS
+from .runtime.device import Predicate
+from .tensor import tensor
 
 
 def fit(step: Callable[..., float], batches: Callable[[int], Iterable[dict]], epochs: int, *,
@@ -50,3 +57,107 @@ def fit(step: Callable[..., float], batches: Callable[[int], Iterable[dict]], ep
         if last:
             break
     return history
+
+
+class LossScaler:
+    """Dynamic loss scaling decided on the device: PyTorch's GradScaler without the host round trip.
+
+    float16 holds nothing above 65504 and nothing below 6·10⁻⁸, where small gradients vanish.
+    A training graph given `loss_scaler=` (`Graph.training_graph`) scales them into range and
+    decides every step on the device, so a step never waits for the host:
+
+    1. the backward pass starts from the scale instead of 1 (`loss_scale_gradient`, which reads
+       it from the device), so every gradient is multiplied by it;
+    2. every updated parameter's gradient is checked for Inf and NaN (`predicate_finite`), all
+       into one predicate word, `finite`;
+    3. the optimizer's updates run predicated by that word: a step with an overflow leaves every
+       parameter and optimizer state as it was; the updates divide the gradient by the scale,
+       read on the device (their `loss_scale` attribute);
+    4. `loss_scale_update` moves the scale: an overflow multiplies it by `backoff_factor` and
+       counts a skipped step; `growth_interval` clean steps in a row multiply it by `growth_factor`.
+
+    The state is one small device buffer of five uint32 words (the scale's float32 bits, the
+    finite word, the clean steps since the scale last changed, the skipped steps, all steps);
+    `scale`, `skipped_steps` and `steps` read it, waiting for the device.
+
+    The gradients a step leaves in `p.grad` are the scaled ones (as PyTorch's before `unscale_`).
+    Adam's step count, which its bias corrections use, is a host attribute: `Training.step`
+    waits for its loss anyway, and then takes a skipped step back off the count, so the next
+    update uses the number PyTorch's would (a skipped step does not advance Adam). Steps encoded
+    without that wait (`Plan.encode` of several steps into one command buffer) are numbered as
+    encoded, skipped or not. One scaler serves one training graph.
+
+    Args:
+        init_scale: the first scale (PyTorch's default 2¹⁶).
+        growth_factor: multiplies the scale after `growth_interval` clean steps (above 1).
+        backoff_factor: multiplies it after a step with an Inf or NaN gradient (in (0, 1)).
+        growth_interval: clean steps between growths.
+        device: where the state lives (that of the graph it serves); None: `mm.device()`.
+
+    Example:
+        >>> scaler = mm.LossScaler(init_scale=2.0**16)
+        >>> with mm.autocast("float16"):
+        ...     loss = mm.ops.mse_loss(net(x), t)
+        >>> train = loss.training_graph(optimizer=mm.optim.Adam(net.parameters()), loss_scaler=scaler)
+        >>> train.step(x=batch, t=target)
+        >>> scaler.scale, scaler.skipped_steps
+        (65536.0, 0)
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000, device=None):
+        with np.errstate(over="ignore"):
+            scale = np.float32(init_scale) if isinstance(init_scale, (int, float, np.number)) else None
+        if scale is None or not 0 < scale < math.inf:
+            raise ValueError(f"LossScaler: init_scale must be a positive number within float32's range, got {init_scale!r}")
+        self.attrs = ops.REGISTRY["loss_scale_update"].check(
+            (LOSS_SCALE_WORDS,), growth_factor=growth_factor, backoff_factor=backoff_factor,
+            growth_interval=growth_interval)[1]
+        words = np.array([0, 1, 0, 0, 0], np.uint32)
+        words[:1] = scale.reshape(1).view(np.uint32)
+        self.state = tensor(words, device, dtype=np.uint32)
+
+    @property
+    def finite(self) -> Predicate:
+        """The predicate word of the step: nonzero while every gradient checked is finite."""
+        return Predicate(self.state.buffer, 4 * FINITE_WORD)
+
+    def numpy(self) -> np.ndarray:
+        """The state's five words (after the device has finished the work committed so far)."""
+        return self.state.numpy()
+
+    @property
+    def scale(self) -> float:
+        """The scale the next step multiplies its gradients by."""
+        return float(self.numpy()[:1].view(np.float32)[0])
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose updates the device skipped, for an Inf or NaN gradient."""
+        return int(self.numpy()[3])
+
+    @property
+    def steps(self) -> int:
+        """Steps taken, skipped ones included."""
+        return int(self.numpy()[4])
+
+    def guard(self, graph, updates: list) -> None:
+        """Make a training graph's optimizer `updates` (nodes) conditional on finite gradients:
+        check each one's gradient (input 1) into the finite word, move the updates after the
+        checks, predicate them by the word and have them unscale their gradient, then append
+        the scale's update. Called by `Graph.training_graph(loss_scaler=)`; the graph's backward
+        pass must start from `loss_scale_gradient`.
+        """
+        for n in updates:  # after every check: the word is final only then
+            graph.nodes.remove(n)
+        for n in updates:
+            graph.append("predicate_finite", [n.inputs[1], self.state], {"word": FINITE_WORD}, out_values=[self.state],
+                         update=True)
+        for n in updates:
+            n.predicate = self.finite
+            n.attrs = {**n.attrs, "loss_scale": self.state}
+            graph.nodes.append(n)
+        graph.append("loss_scale_update", [self.state], self.attrs, out_values=[self.state], update=True)
+
+    def __repr__(self):
+        return f"LossScaler(scale={self.scale}, skipped_steps={self.skipped_steps}, steps={self.steps})"

@@ -17,7 +17,7 @@ from .autodiff import gradients
 from .execution import Plan, Training, bind_inputs
 from .tape import GraphError, GraphTensor, Node, Tape
 
-__all__ = ["Graph", "GraphError", "GraphTensor", "Node", "Plan", "Training"]
+__all__ = ["Graph", "GraphError", "GraphTensor", "Node", "Plan", "ScaledTraining", "Training"]
 
 
 class Graph(Tape):
@@ -47,7 +47,7 @@ class Graph(Tape):
         self._training: tuple | None = None  # (the arguments it was derived with, the Training)
 
     def training_graph(self, loss: GraphTensor, source_gradient: GraphTensor | None = None,
-                       node_handler: Callable | None = None, optimizer=None) -> Training:
+                       node_handler: Callable | None = None, optimizer=None, loss_scaler=None) -> Training:
         """Append the gradient nodes of everything `loss` depends on, and the optimizer's updates.
 
         Args:
@@ -57,6 +57,11 @@ class Graph(Tape):
             node_handler: called once on every node created; returning False drops the node
                 and prunes the gradients that would flow through it.
             optimizer: appends an update node for every trainable parameter that gets a gradient.
+            loss_scaler: an `mm.train.LossScaler` (float16 training): the backward pass starts
+                from its scale, the updates run only when every gradient they take is finite
+                (a predicate written on the device) and unscale it, and the scale is updated
+                after them — all on the device (see LossScaler). Needs an optimizer and no
+                source_gradient.
 
         Returns:
             a Training whose `step(**inputs)` runs forward, backward and updates.
@@ -66,7 +71,7 @@ class Graph(Tape):
         nodes and updates would run in every step too (every parameter updated twice). Build
         the network in a new `mm.Graph` for another training graph.
         """
-        args = (loss, source_gradient, node_handler, optimizer)
+        args = (loss, source_gradient, node_handler, optimizer, loss_scaler)
         if self._training is not None:
             made, training = self._training
             if all(a is b for a, b in zip(made, args)):
@@ -74,9 +79,16 @@ class Graph(Tape):
             raise GraphError(f"this graph already has a training graph (derived from {training.loss}); a second "
                              "one would run in every step too, applying each update twice: build the network "
                              "in a new mm.Graph for another")
-        param_grads, created = gradients(self, loss, source_gradient, node_handler)
+        if loss_scaler is not None and (optimizer is None or source_gradient is not None):
+            raise GraphError("loss_scaler: the scaled backward pass starts from the scale and ends in the optimizer's "
+                             "updates, so it needs an optimizer and no source_gradient")
+        scale = loss_scaler.state if loss_scaler is not None else None
+        param_grads, created = gradients(self, loss, source_gradient, node_handler, loss_scale=scale)
         updates = optimizer.append_updates(self, param_grads) if optimizer is not None else []
-        training = Training(self, loss, param_grads, created, updates, optimizer)
+        if loss_scaler is not None:
+            loss_scaler.guard(self, updates)
+        training = (Training(self, loss, param_grads, created, updates, optimizer) if loss_scaler is None else
+                    ScaledTraining(self, loss, param_grads, created, updates, optimizer, loss_scaler))
         self._training = (args, training)
         return training
 
@@ -116,6 +128,35 @@ class Graph(Tape):
             if key not in self._plans:
                 self._plans[key] = Plan(self, outputs, plan_lifetimes, updates, self.replay)
             return self._plans[key]
+
+
+class ScaledTraining(Training):
+    """A training graph with a loss scaler (`training_graph(loss_scaler=)`): its updates read
+    the scale from the device, and a step the device skipped does not advance the optimizer's
+    step count (Adam's bias corrections count the updates made, as PyTorch's GradScaler has it)."""
+
+    def __init__(self, graph, loss, param_grads, created, updates, optimizer, loss_scaler):
+        super().__init__(graph, loss, param_grads, created, updates, optimizer)
+        self.loss_scaler = loss_scaler
+        self._seen = loss_scaler.numpy()  # its words after the last step taken here
+
+    def prepare_step(self) -> None:
+        super().prepare_step()
+        for n in self.update_nodes:
+            n.attrs = {**n.attrs, "loss_scale": self.loss_scaler.state}
+
+    def step(self, commit_every: int = 16, **inputs) -> float:
+        """Run one training step (Training.step); then, the device having finished it, take a
+        step it skipped back off the optimizer's count. Reading the scaler's five words costs
+        the host no wait: it has just waited for the loss."""
+        with self.graph.lock:
+            loss = super().step(commit_every, **inputs)
+            words = self.loss_scaler.numpy()
+            ran, skipped = int(words[4] - self._seen[4]), int(words[3] - self._seen[3])
+            if ran == 1 and skipped:  # (steps run elsewhere, e.g. encoded by hand, were not counted by the host)
+                getattr(self.optimizer, "optimizer", self.optimizer).steps -= 1  # DataParallel: its optimizer's
+            self._seen = words
+            return loss
 
 
 def _low_precision(dtype):

@@ -14,20 +14,24 @@ from .tape import GraphError, GraphTensor, Node, Tape
 
 
 def gradients(tape: Tape, loss: GraphTensor, source_gradient: GraphTensor | None = None,
-              node_handler: Callable | None = None, wrt: list[GraphTensor] | None = None
+              node_handler: Callable | None = None, wrt: list[GraphTensor] | None = None, loss_scale=None
               ) -> tuple[dict[GraphTensor, GraphTensor], list[Node]]:
     """Append the gradient nodes of everything `loss` depends on; returns (the gradient of each
     trainable leaf that gets one, the gradient nodes kept). See `Graph.training_graph`.
 
     `wrt` names the tensors to differentiate with respect to (graph inputs, say: mm.grad's
-    arguments) in place of the trainable leaves.
+    arguments) in place of the trainable leaves. `loss_scale` (a loss scaler's state) starts
+    the pass from the scale read on the device, in place of ones: every gradient is scaled.
     """
     forward = list(tape.nodes)
     needs = needs_gradient(tape, forward, wrt)
     if not needs.get(loss, False):
         raise GraphError("nothing in this graph has a gradient to compute: the loss depends on no trainable "
                          "parameter (or every path to one is cut by stop_gradient)")
-    if source_gradient is None:
+    if loss_scale is not None:
+        source_gradient = ops.loss_scale_gradient(loss_scale, loss)
+        source_gradient.node.gradient_of = loss.node  # gradient machinery, not the forward graph's (io.save)
+    elif source_gradient is None:
         source_gradient = ops.initial_gradient(loss)
     grads: dict[GraphTensor, GraphTensor] = {loss: source_gradient}
     created: list[Node] = []

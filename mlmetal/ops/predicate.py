@@ -8,7 +8,10 @@ dispatch predicated by it runs only while the word is nonzero. The ops here writ
 - `predicate_decrement(words, word)`: word := max(word, 1) − 1, a countdown;
 - `predicate_compare(x, words, word, threshold, compare, index)`: word := x[index] ⋚ threshold;
 - `predicate_all(flags, words, word)` / `predicate_any(flags, words, word)`: word := all / any
-  of a uint32 flag vector is nonzero.
+  of a uint32 flag vector is nonzero;
+- `predicate_finite(x, words, word)`: word := 0 if x (float32, float16 or bfloat16) holds an
+  Inf or a NaN, else it is left as it is — so checks of many tensors AND into one word (the loss
+  scaler's "every gradient is finite").
 
 As ops they are pure: they return a copy of the whole word buffer `words` (a uint32 tensor)
 with one word replaced, so they test against references like every other op. What one
@@ -27,10 +30,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import dtypes as D
 from ..reference import predicate as R
 from ..runtime.device import Device, Predicate
 from ..tensor import Symbolic, Tensor, tensor
-from . import ensure, infer, register
+from . import ensure, groups_for, infer, register
 
 COMPARES = {op: i for i, op in enumerate((">", ">=", "<", "<=", "==", "!="))}
 
@@ -150,6 +154,37 @@ _reduce_op("predicate_any", """Predicate words with word `word` set to 1 if any 
     """)
 
 
+# ---------------------------------------------------------------- finite
+
+def _finite_check(x, words, word=0):
+    """Predicate words with word `word` cleared (0) if x holds an Inf or a NaN, else unchanged:
+    checks of several tensors into one word leave it nonzero only if every one is finite.
+
+    Args:
+        x: a float32, float16 or bfloat16 tensor, e.g. a gradient.
+        words: the uint32 predicate words.
+        word: which one to clear.
+
+    Example:
+        >>> words = mm.ops.predicate_finite(grad, words, 0)
+    """
+    return words, _word_attrs("predicate_finite", words, word)
+
+
+def _finite_encode(cb, out, x, words, word):
+    k = out.device.library("predicate").kernel(D.kernel_name("predicate_finite", x.dtype))
+    p = {"count": out.size, "word": word, "n": x.size, "copy": 0}
+    if out.buffer is not words.buffer:  # the kernel only clears: start from a copy (in place, none is needed)
+        cb.dispatch(k, groups=1, threads=256, args=[x, words, out, {**p, "copy": 1}])
+    # a grid of at most 256 threadgroups strides over x: few clearing stores if every element is Inf
+    cb.dispatch(k, groups=min(groups_for(x.size, 256), 256), threads=256, args=[x, words, out, p])
+
+
+register("predicate_finite", check=_finite_check, encode=_finite_encode, reference=R.predicate_finite, grad=None,
+         out_dtype=np.uint32, kernels=["predicate.predicate_finite"],
+         in_dtypes=(np.float32, np.uint32), dtypes=D.FLOATS)
+
+
 # ---------------------------------------------------------------- a buffer of predicates
 
 class Predicates:
@@ -206,6 +241,10 @@ class Predicates:
     def any(self, i: int, flags, graph=None):
         """Word i := 1 if any flag is nonzero else 0."""
         return self._write("predicate_any", [flags], graph, word=i)
+
+    def finite(self, i: int, x, graph=None):
+        """Word i := 0 if x holds an Inf or a NaN, else unchanged."""
+        return self._write("predicate_finite", [x], graph, word=i)
 
     def _write(self, op, inputs, graph, **attrs):
         graph = graph or next((x.graph for x in inputs if isinstance(x, Symbolic)), None)

@@ -34,3 +34,7 @@ def predicate_all(flags, words, word):
 
 def predicate_any(flags, words, word):
     return _with(words, word, int(np.any(np.asarray(flags) != 0)))
+
+
+def predicate_finite(x, words, word):
+    return _with(words, word, np.reshape(words, -1)[word] if np.isfinite(np.asarray(x, np.float64)).all() else 0)
