@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import mlmetal as mm
 from mlmetal.ops.predicate import COMPARES, Predicates
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, floats, make_storage_tests, make_tests, row
 
 
 def words_and(data, extra=None):
@@ -47,15 +47,29 @@ def reduce_case(data):
     return [flags, words], {"word": word}
 
 
+def finite_case(data):
+    """Words of small values (the storage tests compare them as numbers) and x with a few, one or no Inf/NaN."""
+    count = data.draw(st.integers(1, 40), label="count")
+    words = np.asarray(data.draw(st.lists(st.sampled_from([0, 1, 2, 7]), min_size=count, max_size=count),
+                                 label="words"), np.uint32)
+    x = floats((data.draw(st.sampled_from([1, 31, 32, 33, 257, 1000, 70000]), label="n"),), data)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
+    bad = data.draw(st.sampled_from([0, 1, 5, x.size]), label="bad")
+    x[rng.choice(x.size, min(bad, x.size), replace=False)] = rng.choice([np.inf, -np.inf, np.nan], min(bad, x.size))
+    return [x, words], {"word": data.draw(st.integers(0, count - 1), label="word")}
+
+
 ROWS = [
     row("predicate_set", set_case, rtol=0, atol=0),
     row("predicate_decrement", decrement_case, rtol=0, atol=0),
     row("predicate_compare", compare_case, rtol=0, atol=0),
     row("predicate_all", reduce_case, rtol=0, atol=0),
     row("predicate_any", reduce_case, rtol=0, atol=0),
+    row("predicate_finite", finite_case, rtol=0, atol=0),
 ]
 
 test_forward, _, test_nan = make_tests(ROWS)  # none is differentiable
+test_storage, _ = make_storage_tests(ROWS)  # (none is differentiable)
 
 
 def u32(dev, values):
@@ -111,7 +125,8 @@ def test_every_predicate_writer_obeys_a_predicate(dev, value):
     for op, inputs, attrs in [("predicate_set", [], {"word": 0, "value": 5}),
                               ("predicate_decrement", [], {"word": 0}),
                               ("predicate_compare", [x], {"word": 0, "threshold": 1.0, "compare": ">", "index": 0}),
-                              ("predicate_any", [u32(dev, [1])], {"word": 0})]:
+                              ("predicate_any", [u32(dev, [1])], {"word": 0}),
+                              ("predicate_finite", [mm.tensor(np.array([np.inf]), dev)], {"word": 0})]:
         words = u32(dev, [0])
         out = sentinel(dev, (1,), np.uint32)
         _, norm = mm.ops.infer(op, *inputs, words, **attrs)
@@ -193,3 +208,36 @@ def test_any_over_running_flags_switches_off_the_rest(dev):
     g.run({"running": np.zeros(40, np.uint32)}, [g.nodes[-1].outputs[0]])
     np.testing.assert_array_equal([o.numpy()[0] for o in outs], [2.0, 1234.0, 1234.0])
     assert p.numpy()[0] == 0
+
+
+# ---------------------------------------------------------------- finite
+
+@pytest.mark.parametrize("dtype", [mm.float32, mm.float16, mm.bfloat16])
+def test_finite_checks_and_into_one_word_in_place(dev, dtype):
+    """Several tensors checked into one word: it stays set only while every one is finite; a
+    float32 value past the storage type's range is Inf there."""
+    p = Predicates(dev, 3, value=5)
+    for values in ([1.0, -2.0], np.zeros(5000), [3e4, 6e4]):
+        p.finite(1, mm.tensor(np.asarray(values, np.float32), dev).astype(dtype))
+    np.testing.assert_array_equal(p.numpy(), [5, 5, 5])
+    p.finite(1, mm.tensor(np.array([7e4 if dtype == mm.float16 else np.nan] + [0.0] * 999, np.float32), dev).astype(dtype))
+    p.finite(1, mm.tensor(np.ones(3, np.float32), dev).astype(dtype))  # a later finite tensor does not set it again
+    np.testing.assert_array_equal(p.numpy(), [5, 0, 5])
+
+
+def test_finite_in_a_graph_predicates_what_follows(dev):
+    """An Inf in the input switches off a predicated node, on the device; a finite input runs it."""
+    p = Predicates(dev, 1)
+    g = mm.Graph(dev)
+    x = g.input("x", (40,))
+    out = sentinel(dev, (40,))
+    p.set(0, 1, graph=g)
+    p.finite(0, x)
+    with g.predicated(p[0]):
+        g.append("scale", [x], {"s": 2.0}, out_values=[out])
+    bad = np.ones(40, np.float32)
+    bad[17] = -np.inf
+    g.run({"x": bad}, [g.nodes[-1].outputs[0]])
+    np.testing.assert_array_equal(out.numpy(), np.full(40, 1234, np.float32))
+    g.run({"x": np.ones(40, np.float32)}, [g.nodes[-1].outputs[0]])
+    np.testing.assert_array_equal(out.numpy(), np.full(40, 2, np.float32))

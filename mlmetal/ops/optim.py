@@ -26,12 +26,13 @@ LOSS_SCALE_WORDS = 5  # scale bits, finite, clean steps, skipped steps, steps
 FINITE_WORD = 1  # the predicate word: byte offset 4
 
 
-def _loss_scale_attr(op, loss_scale):
-    """`loss_scale` checked: None, or a loss scaler's state tensor."""
+def _loss_scale_attr(op, loss_scale) -> dict:
+    """`loss_scale` checked (None, or a loss scaler's state tensor), as an attribute: none when None,
+    so an update without one has the attributes it always had (saved optimizers among them)."""
     ensure(loss_scale is None or isinstance(loss_scale, Tensor) and loss_scale.dtype == np.uint32
            and loss_scale.shape == (LOSS_SCALE_WORDS,), op,
            f"loss_scale must be None or a loss scaler's state (mm.LossScaler().state), got {loss_scale!r}")
-    return loss_scale
+    return {} if loss_scale is None else {"loss_scale": loss_scale}
 
 
 def _scale_args(param, loss_scale) -> tuple:
@@ -65,11 +66,11 @@ def _sgd_check(param, grad, momentum_buffer, lr, momentum=0.0, weight_decay=0.0,
            f"lr, momentum and weight_decay must not be negative, got {lr}, {momentum}, {weight_decay}")
     ensure(not nesterov or momentum > 0, "sgd_update", "Nesterov momentum needs momentum > 0")
     attrs = {"lr": float(lr), "momentum": float(momentum), "weight_decay": float(weight_decay), "nesterov": bool(nesterov),
-             "loss_scale": _loss_scale_attr("sgd_update", loss_scale)}
+             **_loss_scale_attr("sgd_update", loss_scale)}
     return [param, param], attrs
 
 
-def _sgd_encode(cb, outs, param, grad, momentum_buffer, lr, momentum, weight_decay, nesterov, loss_scale):
+def _sgd_encode(cb, outs, param, grad, momentum_buffer, lr, momentum, weight_decay, nesterov, loss_scale=None):
     k = param.device.library("optim").kernel("sgd_update")
     scale, unscale = _scale_args(param, loss_scale)
     p = {"n": param.size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": int(nesterov),
@@ -104,11 +105,11 @@ def _adam_check(param, grad, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, we
     ensure(lr >= 0 and eps >= 0 and weight_decay >= 0, "adam_update",
            f"lr, eps and weight_decay must not be negative, got {lr}, {eps}, {weight_decay}")
     attrs = {"lr": float(lr), "beta1": float(beta1), "beta2": float(beta2), "eps": float(eps),
-             "weight_decay": float(weight_decay), "step": int(step), "loss_scale": _loss_scale_attr("adam_update", loss_scale)}
+             "weight_decay": float(weight_decay), "step": int(step), **_loss_scale_attr("adam_update", loss_scale)}
     return [param, param, param], attrs
 
 
-def _adam_encode(cb, outs, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, loss_scale):
+def _adam_encode(cb, outs, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, loss_scale=None):
     k = param.device.library("optim").kernel("adam_update")
     scale, unscale = _scale_args(param, loss_scale)
     p = {"n": param.size, "lr": lr, "beta1": beta1, "beta2": beta2, "one_minus_beta1": 1 - beta1,
