@@ -32,11 +32,13 @@ FLOAT32 = frozenset({"mse_loss", "mae_loss", "huber_loss", "sigmoid_cross_entrop
                      "softmax_cross_entropy_loss", "sum", "mean", "var", "softmax", "exp", "log", "pow"})
 
 _state = threading.local()
+_OFF = "off"  # an `autocast(enabled=False)` block: no autocast, not even a graph's compute_dtype
 
 
 def current() -> np.dtype | None:
     """The autocast dtype in force on this thread, or None."""
-    return getattr(_state, "dtype", None)
+    d = getattr(_state, "dtype", None)
+    return None if d is _OFF else d
 
 
 @contextlib.contextmanager
@@ -46,7 +48,8 @@ def autocast(dtype="bfloat16", enabled: bool = True):
 
     Args:
         dtype: "bfloat16" (the default; no loss scale needed) or "float16".
-        enabled: False runs the block in the dtypes of its tensors, as outside.
+        enabled: False runs the block in the dtypes of its tensors, as outside any block (inside
+            an enclosing block, or in a graph made with compute_dtype, too).
 
     Example:
         >>> with mm.autocast("bfloat16"):
@@ -55,8 +58,8 @@ def autocast(dtype="bfloat16", enabled: bool = True):
     d = D.as_dtype(dtype)
     if d not in (D.float16, D.bfloat16):
         raise ValueError(f"autocast: dtype {d} is not float16 or bfloat16")
-    saved = current()
-    _state.dtype = d if enabled else None
+    saved = getattr(_state, "dtype", None)
+    _state.dtype = d if enabled else _OFF
     try:
         yield d
     finally:
@@ -66,7 +69,8 @@ def autocast(dtype="bfloat16", enabled: bool = True):
 def policy(op, float_dtypes, graph=None) -> np.dtype | None:
     """The dtype op `op`'s floating inputs (of `float_dtypes`) are cast to under the autocast in
     force (else `graph`'s compute_dtype), or None to leave them to the usual promotion."""
-    low = current() or getattr(graph, "compute_dtype", None)
+    state = getattr(_state, "dtype", None)
+    low = None if state is _OFF else state or getattr(graph, "compute_dtype", None)
     if low is None or not float_dtypes or op.name == "astype":
         return None
     if op.name in LOW and low in op.dtypes:
