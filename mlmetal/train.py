@@ -141,6 +141,47 @@ class LossScaler:
         """Steps taken, skipped ones included."""
         return int(self.numpy()[4])
 
+    # ------------------------------------------------------------ eagerly (PyTorch's scale, step and update)
+
+    def scale_loss(self, loss):
+        """`loss` times the scale, read on the device (a graph tensor records the ops): its
+        gradients are the scaled ones `step` takes.
+
+        Example:
+            >>> loss, grads = mm.value_and_grad(lambda w: scaler.scale_loss(loss_fn(w)))(w)
+        """
+        return ops.mul(loss, ops.loss_scale_gradient(self.state, loss))
+
+    def step(self, optimizer) -> None:
+        """Eagerly, from each parameter's (scaled) `grad`: check the gradients, run the
+        optimizer's updates predicated by the finite word, unscaling, and update the scale — one
+        command buffer, committed without waiting. The optimizer's step count advances whether or
+        not the device skips the updates (the host would have to wait to know): unlike in a
+        training graph's `step`, a skipped step counts for Adam's bias corrections.
+
+        Example:
+            >>> w.grad = dw            # the gradient of scaler.scale_loss(loss)
+            >>> scaler.step(opt)
+        """
+        params = [p for p in optimizer.params if getattr(p, "trainable", True) and getattr(p, "grad", None) is not None]
+        attrs = {**optimizer.prepare_step(), "loss_scale": self.state}
+        for p in params:  # everything checked before anything is encoded
+            ops.infer("predicate_finite", p.grad, self.state, word=FINITE_WORD)
+            ops.infer(optimizer.op, p, p.grad, *optimizer.state[id(p)], **attrs)
+        cb = self.state.device.command_buffer()
+        for p in params:
+            ops.REGISTRY["predicate_finite"].encode(cb, self.state, p.grad, self.state, word=FINITE_WORD)
+        cb.predicate = self.finite
+        update = ops.REGISTRY[optimizer.op]
+        for p in params:
+            state = optimizer.state[id(p)]
+            update.encode(cb, (p, *state), p, p.grad, *state, **attrs)
+        cb.predicate = None
+        ops.REGISTRY["loss_scale_update"].encode(cb, self.state, self.state, **self.attrs)
+        cb.commit()
+
+    # ------------------------------------------------------------ in a training graph
+
     def guard(self, graph, updates: list) -> None:
         """Make a training graph's optimizer `updates` (nodes) conditional on finite gradients:
         check each one's gradient (input 1) into the finite word, move the updates after the

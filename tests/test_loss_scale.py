@@ -235,6 +235,31 @@ def test_the_scaled_graph_and_its_plan(dev):
     assert scaler.steps == 0
 
 
+def test_eagerly_scale_loss_and_step(dev):
+    """Without a graph: the gradient of `scale_loss(loss)` is the scaled one, and `step` skips
+    an overflowing update on the device, backing off, as a training graph's step does."""
+    rng = np.random.default_rng(0)
+    x, t = mm.tensor(rng.standard_normal((16, 3)).astype(np.float32), dev), mm.tensor(np.ones((16, 2)), dev)
+    w = mm.nn.Parameter(rng.standard_normal((3, 2)).astype(np.float32), dev)
+    scaler = LossScaler(init_scale=2.0**126)
+    value_and_grad = mm.value_and_grad(lambda w, x, t: scaler.scale_loss(mm.ops.mse_loss(x @ w, t, reduction="sum")))
+    opt = mm.optim.SGD([w], lr=1e-3)
+    seen = []
+    for _ in range(12):
+        before = w.numpy()
+        loss, w.grad = value_and_grad(w, x, t)
+        scaler.step(opt)
+        seen.append((float(loss.numpy()[0]) / scaler.scale if not np.array_equal(before, w.numpy()) else None))
+    assert seen[0] is None and scaler.skipped_steps >= 1 and scaler.steps == 12
+    applied = [s for s in seen if s is not None]
+    assert len(applied) == 12 - scaler.skipped_steps and applied[-1] < applied[0]
+    words = scaler.numpy()
+    with pytest.raises(mm.ShapeError, match="grad has shape"):
+        w.grad = mm.tensor(np.zeros(3), dev)
+        scaler.step(opt)
+    np.testing.assert_array_equal(scaler.numpy(), words)  # nothing encoded
+
+
 def test_loss_scaler_errors(dev):
     for bad in (0.0, -1.0, float("inf"), 1e39, "big"):
         with pytest.raises(ValueError, match="init_scale"):

@@ -65,8 +65,8 @@ ROWS = [
     row("loss_scale_update", scale_update_case, rtol=0, atol=0),
 ]
 
-test_forward, _, test_nan = make_tests(ROWS)  # no differentiable op here
-test_storage, _ = make_storage_tests(ROWS)  # (none is differentiable)
+test_forward, test_grad, test_nan = make_tests(ROWS)  # (loss_scale_gradient's gradients are None)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 @given(data=st.data())

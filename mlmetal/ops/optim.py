@@ -145,9 +145,9 @@ def _loss_scale_gradient_encode(cb, out, loss_scale, loss):
     cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[loss_scale, out, {"n": out.size}])
 
 
-# Not differentiable: as initial_gradient, its value does not depend on the loss's.
+# Its value does not depend on the loss's: no gradient reaches either input (LossScaler.scale_loss differentiates through it).
 register("loss_scale_gradient", check=_loss_scale_gradient_check, encode=_loss_scale_gradient_encode,
-         reference=R.loss_scale_gradient, grad=None, kernels=["optim.loss_scale_gradient"], in_dtypes=(np.uint32,),
+         reference=R.loss_scale_gradient, grad=lambda g, out, loss_scale, loss: (None, None), kernels=["optim.loss_scale_gradient"], in_dtypes=(np.uint32,),
          dtypes=D.FLOATS)
 
 
