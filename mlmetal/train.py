@@ -95,10 +95,10 @@ class LossScaler:
         device: where the state lives (that of the graph it serves); None: `mm.device()`.
 
     Example:
-        >>> scaler = mm.LossScaler(init_scale=2.0**16)
+        >>> scaler = mm.train.LossScaler(init_scale=2.0**16)
         >>> with mm.autocast("float16"):
         ...     loss = mm.ops.mse_loss(net(x), t)
-        >>> train = loss.training_graph(optimizer=mm.optim.Adam(net.parameters()), loss_scaler=scaler)
+        >>> train = g.training_graph(loss, optimizer=mm.optim.Adam(net.parameters()), loss_scaler=scaler)
         >>> train.step(x=batch, t=target)
         >>> scaler.scale, scaler.skipped_steps
         (65536.0, 0)
