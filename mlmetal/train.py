@@ -109,7 +109,8 @@ class LossScaler:
         with np.errstate(over="ignore"):
             scale = np.float32(init_scale) if isinstance(init_scale, (int, float, np.number)) else None
         if scale is None or not 0 < scale < math.inf:
-            raise ValueError(f"LossScaler: init_scale must be a positive number within float32's range, got {init_scale!r}")
+            raise ValueError(f"LossScaler: init_scale must be a positive number within float32's range, "
+                             f"got {init_scale!r}")
         self.attrs = ops.REGISTRY["loss_scale_update"].check(
             (LOSS_SCALE_WORDS,), growth_factor=growth_factor, backoff_factor=backoff_factor,
             growth_interval=growth_interval)[1]

@@ -200,7 +200,8 @@ def test_training_under_autocast_keeps_float32_master_weights(dev, dtype):
 
 
 def conv_graph(dev, dtype=None, compute_dtype=None):
-    """A convolution, its activation cast to the low type, and a loss: under mm.autocast(dtype), or in a compute_dtype graph."""
+    """A convolution, its activation cast to the low type, and a loss: under mm.autocast(dtype),
+    or in a compute_dtype graph."""
     mm.nn.seed(3)
     net = mm.nn.Sequential(mm.nn.Conv2d(2, 3, 3, device=dev), mm.nn.ReLU())
     g = mm.Graph(dev, compute_dtype=compute_dtype)

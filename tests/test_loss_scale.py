@@ -61,7 +61,7 @@ def test_float32_overflowing_steps_are_skipped_on_the_device_and_training_procee
     net, opt, _, train = scaled_training(dev, scaler)
     seen = run(train, net, scaler, regression(), 60)
     check_skips(seen, 2.0**120)
-    assert [s[1] for s in seen[:2]] == [1, 1], "2¹²⁰ and 2¹¹⁹ overflow the gradients: the first two steps are skipped"
+    assert [s[1] for s in seen[:2]] == [1, 1], "2¹²⁰ and 2¹¹⁹ overflow the gradients: the first two steps skip"
     assert not seen[-1][1] and scaler.scale >= 2.0**100
     assert scaler.steps == 60 and scaler.skipped_steps == sum(s[1] for s in seen)
     assert opt.steps == 60 - scaler.skipped_steps  # a skipped step does not count as the optimizer's
@@ -123,7 +123,8 @@ def test_float16_run_whose_loss_scale_must_fall_recovers(dev):
     seen = run(train, net, scaler, regression(), 80)
     check_skips(seen, 2.0**24)
     assert seen[0][1] == 1, "2²⁴ times the loss's gradient overflows float16: the first step is skipped"
-    assert 2.0**4 <= scaler.scale <= 2.0**17 and scaler.skipped_steps >= 4  # (on cpu: 11 skipped at first, 2⁹ after 80)
+    # (on cpu: the first 11 steps skip, and the scale is 2⁹ after 80)
+    assert 2.0**4 <= scaler.scale <= 2.0**17 and scaler.skipped_steps >= 4
     assert opt.steps == 80 - scaler.skipped_steps
     losses = [s[0] for s in seen]
     assert losses[-1] < losses[0] / 4
@@ -260,6 +261,17 @@ def test_eagerly_scale_loss_and_step(dev):
     np.testing.assert_array_equal(scaler.numpy(), words)  # nothing encoded
 
 
+def test_a_scaled_training_graph_saves_its_forward_graph(dev, tmp_path):
+    """mm.save keeps the forward graph and the optimizer: the scale's seed, checks and update are
+    the training step's machinery (the scaler's state is not saved, as GradScaler's is not a model's)."""
+    scaler = LossScaler()
+    net, opt, g, train = scaled_training(dev, scaler, optimizer="adam")
+    train.step(**regression())
+    mm.save(tmp_path / "model", g, opt)
+    loaded = mm.load(tmp_path / "model", device=dev)
+    assert [n.op for n in loaded.graph.nodes] == ["linear", "relu", "linear", "mse_loss"]
+
+
 def test_loss_scaler_errors(dev):
     for bad in (0.0, -1.0, float("inf"), 1e39, "big"):
         with pytest.raises(ValueError, match="init_scale"):
@@ -275,6 +287,9 @@ def test_loss_scaler_errors(dev):
     loss = mm.ops.mse_loss(net(g.input("x", (4, 3))), g.input("t", (4, 2)))
     with pytest.raises(mm.GraphError, match="needs an optimizer"):
         g.training_graph(loss, loss_scaler=LossScaler())
+    with pytest.raises(mm.GraphError, match="no source_gradient"):
+        g.training_graph(loss, source_gradient=mm.ops.initial_gradient(loss),
+                         optimizer=mm.optim.SGD(net.parameters(), lr=0.1), loss_scaler=LossScaler())
 
 
 def test_loss_scaler_reads_its_state(dev):

@@ -54,7 +54,8 @@ def scale_update_case(data):
                   clean=data.draw(st.sampled_from([0, interval - 1, interval]), label="clean"),
                   skipped=data.draw(st.sampled_from([0, 3]), label="skipped"),
                   steps=data.draw(st.sampled_from([0, 7, 2**32 - 1]), label="steps"))
-    return [words], {"growth_interval": interval, "growth_factor": data.draw(st.sampled_from([2.0, 1.5]), label="growth"),
+    return [words], {"growth_interval": interval,
+                     "growth_factor": data.draw(st.sampled_from([2.0, 1.5]), label="growth"),
                      "backoff_factor": data.draw(st.sampled_from([0.5, 0.25, 0.9]), label="backoff")}
 
 

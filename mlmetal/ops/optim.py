@@ -65,8 +65,8 @@ def _sgd_check(param, grad, momentum_buffer, lr, momentum=0.0, weight_decay=0.0,
     ensure(lr >= 0 and momentum >= 0 and weight_decay >= 0, "sgd_update",
            f"lr, momentum and weight_decay must not be negative, got {lr}, {momentum}, {weight_decay}")
     ensure(not nesterov or momentum > 0, "sgd_update", "Nesterov momentum needs momentum > 0")
-    attrs = {"lr": float(lr), "momentum": float(momentum), "weight_decay": float(weight_decay), "nesterov": bool(nesterov),
-             **_loss_scale_attr("sgd_update", loss_scale)}
+    attrs = {"lr": float(lr), "momentum": float(momentum), "weight_decay": float(weight_decay),
+             "nesterov": bool(nesterov), **_loss_scale_attr("sgd_update", loss_scale)}
     return [param, param], attrs
 
 
@@ -75,7 +75,8 @@ def _sgd_encode(cb, outs, param, grad, momentum_buffer, lr, momentum, weight_dec
     scale, unscale = _scale_args(param, loss_scale)
     p = {"n": param.size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": int(nesterov),
          "unscale": unscale}
-    cb.dispatch(k, groups=groups_for(param.size, 256), threads=256, args=[param, grad, momentum_buffer, scale, *outs, p])
+    cb.dispatch(k, groups=groups_for(param.size, 256), threads=256,
+                args=[param, grad, momentum_buffer, scale, *outs, p])
 
 
 register("sgd_update", check=_sgd_check, encode=_sgd_encode, reference=R.sgd_update, grad=None,
@@ -145,10 +146,11 @@ def _loss_scale_gradient_encode(cb, out, loss_scale, loss):
     cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[loss_scale, out, {"n": out.size}])
 
 
-# Its value does not depend on the loss's: no gradient reaches either input (LossScaler.scale_loss differentiates through it).
+# Its value does not depend on the loss's: no gradient reaches either input (LossScaler.scale_loss
+# differentiates through it).
 register("loss_scale_gradient", check=_loss_scale_gradient_check, encode=_loss_scale_gradient_encode,
-         reference=R.loss_scale_gradient, grad=lambda g, out, loss_scale, loss: (None, None), kernels=["optim.loss_scale_gradient"], in_dtypes=(np.uint32,),
-         dtypes=D.FLOATS)
+         reference=R.loss_scale_gradient, grad=lambda g, out, loss_scale, loss: (None, None),
+         kernels=["optim.loss_scale_gradient"], in_dtypes=(np.uint32,), dtypes=D.FLOATS)
 
 
 def _loss_scale_update_check(loss_scale, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
