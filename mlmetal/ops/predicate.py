@@ -176,8 +176,9 @@ def _finite_encode(cb, out, x, words, word):
     p = {"count": out.size, "word": word, "n": x.size, "copy": 0}
     if out.buffer is not words.buffer:  # the kernel only clears: start from a copy (in place, none is needed)
         cb.dispatch(k, groups=1, threads=256, args=[x, words, out, {**p, "copy": 1}])
-    # a grid of at most 256 threadgroups strides over x: few clearing stores if every element is Inf
-    cb.dispatch(k, groups=min(groups_for(x.size, 256), 256), threads=256, args=[x, words, out, p])
+    # a grid of at most 1024 threadgroups (a GPU full) strides over x, which bounds the clearing
+    # stores when every element is Inf
+    cb.dispatch(k, groups=min(groups_for(x.size, 256), 1024), threads=256, args=[x, words, out, p])
 
 
 register("predicate_finite", check=_finite_check, encode=_finite_encode, reference=R.predicate_finite, grad=None,
