@@ -226,8 +226,9 @@ def cast_inputs(name: str, inputs) -> tuple:
         if len(kinds) < 2 or not builtins.all(k in op.dtypes for k in kinds):
             return tuple(inputs)
         target = D.widest(kinds)
-    return tuple(apply("astype", x, dtype=target.name) if i in floats and x.dtype != target else x
-                 for i, x in enumerate(inputs))
+    # in a graph, a device tensor (a parameter) is cast by a node reading it, so each run casts its current value
+    return tuple(apply("astype", graph.leaf(x) if graph is not None and isinstance(x, Tensor) else x, dtype=target.name)
+                 if i in floats and x.dtype != target else x for i, x in enumerate(inputs))
 
 
 # ---------------------------------------------------------------- helpers for family modules
