@@ -111,7 +111,8 @@ def rand(shape, device: Device | str | None = None, generator: Generator | None 
         >>> noise = mm.rand((64, 100))
         >>> half_noise = mm.rand((64, 100), dtype=mm.float16)
     """
-    out, dtype = _draw(shape, device, generator, Uniform(0.0, 1.0), dtype), _dtype(dtype)
+    dtype = _float_dtype(dtype)
+    out = _draw(shape, device, generator, Uniform(0.0, 1.0))
     if dtype == np.float32:
         return out
     # the largest float32 that rounds (to nearest even) below 1 in the type: just under the midpoint 1 - 2^-(nmant+2)
@@ -126,14 +127,12 @@ def randn(shape, device: Device | str | None = None, generator: Generator | None
     Example:
         >>> z = mm.randn((64, 100), generator=mm.random.Philox(mm.device(), seed=7))
     """
-    out, dtype = _draw(shape, device, generator, Normal(0.0, 1.0), dtype), _dtype(dtype)
+    dtype = _float_dtype(dtype)
+    out = _draw(shape, device, generator, Normal(0.0, 1.0))
     return out if dtype == np.float32 else out.astype(dtype)
 
 
-def _draw(shape, device, generator, distribution, dtype) -> Tensor:
-    """float32 numbers of `distribution` (rand and randn round them to `dtype`, checked here to be floating)."""
-    if _dtype(dtype) not in D.FLOATS:
-        raise DTypeError(f"random numbers are drawn as {', '.join(map(str, D.FLOATS))}, not {np.dtype(dtype)}")
+def _draw(shape, device, generator, distribution) -> Tensor:
     shape = _shape(shape)
     if generator is not None and not isinstance(generator, Generator):
         raise TypeError(f"generator must be an mm.random.Philox or MTGP32, got {type(generator).__name__}")
@@ -149,7 +148,8 @@ def _draw(shape, device, generator, distribution, dtype) -> Tensor:
 
 
 def _bits(value, dtype: np.dtype) -> int:
-    """The 32 bits of `value` as `dtype`; DTypeError unless the dtype holds it (NaN and ±inf are float32's)."""
+    """The 32 bits of `value` as `dtype` (a 2-byte type's 16 bits twice); DTypeError unless the dtype holds
+    it (NaN and ±inf are the floating types')."""
     holds = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if holds and D.is_float(dtype):
         holds = not math.isfinite(value) or abs(value) <= float(ml_dtypes.finfo(dtype).max)
@@ -170,6 +170,14 @@ def _shape(shape) -> tuple[int, ...]:
             isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 0 for n in dims):
         raise ValueError(f"shape must be an int or a sequence of non-negative ints, got {shape!r}")
     return tuple(int(n) for n in dims)
+
+
+def _float_dtype(dtype) -> np.dtype:
+    """`dtype`, checked to be one of the floating types random numbers are drawn as."""
+    dtype = _dtype(dtype)
+    if dtype not in D.FLOATS:
+        raise DTypeError(f"random numbers are drawn as {', '.join(map(str, D.FLOATS))}, not {dtype}")
+    return dtype
 
 
 def _dtype(dtype) -> np.dtype:

@@ -25,7 +25,8 @@ def test_numpy_gives_the_storage_type(dev, dtype):
     x = mm.tensor(np.array([0.1, -3.0, 1e-6, 65504.0], np.float32), dev)
     h = x.astype(dtype)
     a = h.numpy()
-    assert h.dtype == dtype and a.dtype == dtype and (a.dtype != mm.bfloat16 or a.dtype == ml_dtypes.bfloat16)
+    assert h.dtype == dtype and a.dtype == dtype
+    assert a.dtype.type is (np.float16 if dtype == np.float16 else ml_dtypes.bfloat16)
     assert bits(a) == bits(x.numpy().astype(dtype))
     assert np.asarray(h).dtype == dtype
 
@@ -129,10 +130,11 @@ def test_optimizers_refuse_low_precision_parameters(dev, dtype):
     net = Scaled(dev).astype(dtype)
     g = mm.Graph(dev)
     loss = mm.ops.mse_loss(net(g.input("x", (3, 4))), g.input("t", (3, 4)))
-    with pytest.raises(mm.DTypeError, match=f"is {dtype}; it takes float32"):
+    refused = rf"{dtype}.*float32|float32.*{dtype}"  # the message names both, whichever check says it
+    with pytest.raises(mm.DTypeError, match=refused):
         loss.training_graph(optimizer=mm.optim.Adam(net.parameters()))
     net.s.grad = mm.zeros(4, dev, dtype)
-    with pytest.raises(mm.DTypeError, match=f"is {dtype}; it takes float32"):
+    with pytest.raises(mm.DTypeError, match=refused):
         mm.optim.SGD(net.parameters(), lr=0.1).step()
 
 
