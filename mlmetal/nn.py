@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from . import dtypes as D
 from . import ops
 from .runtime.device import Device
 from .ops import ShapeError
@@ -175,17 +176,13 @@ class Module:
             >>> net.layers[0].weight.dtype == mm.bfloat16
             True
         """
-        from . import dtypes as D
-
         dtype = D.as_dtype(dtype)
         if dtype not in D.FLOATS:
             raise TypeError(f"Module.astype converts to a floating storage type ({', '.join(map(str, D.FLOATS))}), "
                             f"not {dtype}")
-        seen = set()
         for m in self.modules():
             for v in vars(m).values():
-                if isinstance(v, Tensor) and v.dtype in D.FLOATS and v.dtype != dtype and id(v) not in seen:
-                    seen.add(id(v))
+                if isinstance(v, Tensor) and v.dtype in D.FLOATS and v.dtype != dtype:  # a shared one converts once
                     v.buffer, v.dtype = ops.astype(v, dtype=dtype).buffer, dtype
                     v.grad = None
         return self

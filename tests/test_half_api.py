@@ -240,3 +240,11 @@ def test_a_half_model_saved_on_cpu_loads_on_cuda(tmp_path):
     got, expected = model.run({"x": x})["y"], g.run({"x": x}, outputs=[out])[0]
     assert got.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=2**-10)
+
+
+def test_a_tensor_shared_by_two_modules_converts_once(dev):
+    shared = mm.nn.Linear(3, 3, device=dev)
+    net = mm.nn.Sequential(shared, mm.nn.ReLU(), shared)
+    w = shared.weight.numpy()
+    net.astype(mm.bfloat16)
+    assert bits(shared.weight.numpy()) == bits(w.astype(mm.bfloat16))
