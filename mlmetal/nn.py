@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from . import dtypes as D
 from . import ops
 from .runtime.device import Device
 from .ops import ShapeError
@@ -156,6 +157,36 @@ class Module:
             p.trainable = not p.statistic
         return self
 
+    def astype(self, dtype) -> "Module":
+        """Convert every floating tensor of this module and the modules under it — parameters,
+        running statistics and constants — to `dtype`, in place, as PyTorch's `module.half()` /
+        `module.to(dtype)`: a float16 or bfloat16 copy of a model for inference, at half the bytes.
+
+        The tensors stay the same objects (a model's own references to them hold); their contents
+        are rounded on the device (to nearest even), and a gradient they held is dropped. Build
+        graphs after converting: a graph records the dtypes of the parameters it reads. The
+        optimizers update float32 parameters only, so train in float32 — under `mm.autocast` for
+        low-precision activations — and convert the trained model.
+
+        Args:
+            dtype: `mm.float16`, `mm.bfloat16`, `mm.float32`, or a name ("bfloat16", "half").
+
+        Example:
+            >>> net = mm.nn.Sequential(mm.nn.Linear(4, 8), mm.nn.ReLU()).astype(mm.bfloat16)
+            >>> net.layers[0].weight.dtype == mm.bfloat16
+            True
+        """
+        dtype = D.as_dtype(dtype)
+        if dtype not in D.FLOATS:
+            raise TypeError(f"Module.astype converts to a floating storage type ({', '.join(map(str, D.FLOATS))}), "
+                            f"not {dtype}")
+        for m in self.modules():
+            for v in vars(m).values():
+                if isinstance(v, Tensor) and v.dtype in D.FLOATS and v.dtype != dtype:  # a shared one converts once
+                    v.buffer, v.dtype = ops.astype(v, dtype=dtype).buffer, dtype
+                    v.grad = None
+        return self
+
     def save_weights(self, path) -> None:
         """Save the parameters by dotted name: to one safetensors file where `path` ends in
         `.safetensors` (MLX's format; `safetensors.torch.load_file` reads it too), else as
@@ -173,12 +204,14 @@ class Module:
 
     def load_weights(self, path, strict: bool = True) -> "Module":
         """Load parameters saved by `save_weights` or `mm.save` (or any safetensors file of
-        float32, int32 or uint32 tensors named as this module's parameters), matched by dotted name.
+        float32, float16, bfloat16, int32 or uint32 tensors named as this module's parameters),
+        matched by dotted name; each must have the parameter's shape and dtype (load into the
+        float32 model, then `astype`, to convert).
 
         Args:
             path: a `.safetensors` file, or the saved directory or `.zip`.
             strict: refuse missing and extra parameters; one `mm.FormatError` lists them
-                all, with any of the wrong shape (always refused). Nothing changes on an error.
+                all, with any of the wrong shape or dtype (always refused). Nothing changes on an error.
 
         Example:
             >>> net = make_net().load_weights("net.safetensors")
