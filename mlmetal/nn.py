@@ -81,6 +81,7 @@ class Module:
     """Base class: subclasses set parameters and submodules as attributes and define `forward`."""
 
     training = True  # read by Dropout and BatchNorm2d when they build their ops; set by train() / eval()
+    keeps_float32 = False  # Module.astype leaves this module's tensors float32 (normalisation layers)
 
     def __call__(self, *xs):
         return self.forward(*xs)
@@ -162,6 +163,9 @@ class Module:
         running statistics and constants — to `dtype`, in place, as PyTorch's `module.half()` /
         `module.to(dtype)`: a float16 or bfloat16 copy of a model for inference, at half the bytes.
 
+        Normalisation layers keep their γ, β and running statistics in float32: their kernels read
+        float16 or bfloat16 activations beside float32 statistics (`keeps_float32`).
+
         The tensors stay the same objects (a model's own references to them hold); their contents
         are rounded on the device (to nearest even), and a gradient they held is dropped. Build
         graphs after converting: a graph records the dtypes of the parameters it reads. The
@@ -181,6 +185,8 @@ class Module:
             raise TypeError(f"Module.astype converts to a floating storage type ({', '.join(map(str, D.FLOATS))}), "
                             f"not {dtype}")
         for m in self.modules():
+            if m.keeps_float32:
+                continue
             for v in vars(m).values():
                 if isinstance(v, Tensor) and v.dtype in D.FLOATS and v.dtype != dtype:  # a shared one converts once
                     v.buffer, v.dtype = ops.astype(v, dtype=dtype).buffer, dtype
@@ -445,6 +451,8 @@ class Concat(Module):
 class InstanceNorm2d(Module):
     """Instance normalization with affine γ (ones) and β (zeros)."""
 
+    keeps_float32 = True
+
     def __init__(self, channels: int, eps: float = 1e-5, device=None):
         self.weight = Parameter(np.ones(channels, np.float32), device)
         self.bias = Parameter(np.zeros(channels, np.float32), device)
@@ -470,6 +478,8 @@ class GroupNorm(Module):
         >>> norm = mm.nn.GroupNorm(8, 64)
     """
 
+    keeps_float32 = True
+
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None):
         if num_groups < 1 or num_channels % num_groups:
             raise ShapeError(f"GroupNorm: num_channels {num_channels} must be divisible by num_groups={num_groups}")
@@ -494,6 +504,8 @@ class LayerNorm(Module):
         >>> norm = mm.nn.LayerNorm(512)          # x (N, L, 512)
     """
 
+    keeps_float32 = True
+
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, device=None):
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.weight, self.bias = _affine(shape, elementwise_affine, device)
@@ -514,6 +526,8 @@ def _affine(shape, learned: bool, device) -> tuple[Tensor, Tensor]:
 class BatchNorm2d(Module):
     """Batch normalization: batch statistics in training mode (updating the running ones), the
     running ones in evaluation mode (`eval()`)."""
+
+    keeps_float32 = True
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, device=None):
         self.weight = Parameter(np.ones(channels, np.float32), device)

@@ -96,13 +96,14 @@ def test_module_astype_converts_every_floating_tensor_in_place(dev, dtype):
     assert net.astype(dtype) is net
     assert net.named_parameters() == params  # the same objects: references to them hold
     for name, p in params.items():
-        assert isinstance(p, mm.nn.Parameter) and p.dtype == dtype, name
-        assert bits(p.numpy()) == bits(before[name].astype(dtype)), name
+        norm = name.startswith(("layers.1.", "layers.2."))  # normalisation layers keep float32 γ, β, statistics
+        assert isinstance(p, mm.nn.Parameter) and p.dtype == (np.float32 if norm else dtype), name
+        assert bits(p.numpy()) == bits(before[name] if norm else before[name].astype(dtype)), name
     assert params["layers.1.running_var"].statistic and not params["layers.1.running_var"].trainable
-    assert all(c.dtype == dtype for c in constants)
+    assert all(c.dtype == np.float32 for c in constants)
     net.astype("float32")  # and back, holding the rounded values
     assert all(p.dtype == np.float32 and np.array_equal(p.numpy(), before[n].astype(dtype).astype(np.float32))
-               for n, p in params.items())
+               for n, p in params.items() if not n.startswith(("layers.1.", "layers.2.")))
 
 
 def test_module_astype_refuses_integer_types_and_drops_gradients(dev):
