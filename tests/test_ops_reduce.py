@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.ops import reduce as reduce_ops
-from opcheck import AWKWARD_DIMS, check_forward, check_nan, floats, make_tests, row, with_nan
+from opcheck import LOW_DTYPES, AWKWARD_DIMS, check_forward, check_nan, floats, make_storage_tests, make_tests, row, with_nan
+from test_ops_elementwise import as_bits, layout_takes_low_precision, make_rounds_once_test, rounded
 
 U = 2.0**-24
 
@@ -56,6 +57,12 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, _ = make_storage_tests(ROWS)
+# Every reduction's gradient rule reshapes or broadcasts (`_kept`, broadcast_to): checked in the
+# storage types once those ops take them (until then on float32, by test_grad).
+if layout_takes_low_precision():
+    _, test_storage_grad = make_storage_tests(ROWS)
+test_rounds_once = make_rounds_once_test(ROWS)
 
 
 def long_rows_case(data):
@@ -80,6 +87,24 @@ def test_group_a_row(dev, monkeypatch, r, data):
         attrs["correction"] = 1
     check_forward(dev, r, inputs, attrs)
     check_nan(dev, r, with_nan(inputs, data), attrs)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("cheap_barriers", [False, True], ids=["thread-a-chunk", "group-a-row"])
+@pytest.mark.parametrize("shape, axis", [((2**16,), 0), ((3, 2**14), 1), ((2**14, 3), 0), ((2**8, 2**8), None)],
+                         ids=["vector", "rows", "columns", "all"])
+def test_long_low_precision_rounds_once(dev, monkeypatch, shape, axis, cheap_barriers, dtype):
+    """Long reductions of float16 and bfloat16 take several passes, whose partial results stay
+    float32 (the `_f16_f32` ... `_f32_bf16` instances): each result is, bit for bit, the float32
+    one on the same values rounded once to the storage type."""
+    monkeypatch.setattr(dev, "cheap_barriers", cheap_barriers, raising=False)
+    x = (np.random.default_rng(len(shape)).random(shape) + 0.5).astype(dtype)
+    low, wide = mm.tensor(x, dev), mm.tensor(x.astype(np.float32), dev)
+    for op in ("sum", "mean", "max", "min", "var"):
+        got = getattr(mm.ops, op)(low, axis=axis)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(as_bits(got.numpy()), as_bits(rounded(getattr(mm.ops, op)(wide, axis=axis).numpy(), dtype)),
+                                      err_msg=op)
 
 
 def test_max_gradient_is_shared_among_ties(dev):
