@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import mlmetal as mm
 from mlmetal import ops
-from opcheck import LOW_DTYPES, AWKWARD_DIMS, floats, make_storage_tests, make_tests, row, run_op, stored
+from opcheck import AWKWARD_DIMS, LOW_DTYPES, floats, make_storage_tests, make_tests, row, run_op, stored
 
 
 def same_shape(n_inputs, scale=1.0, away_from_zero=False, **attrs):
@@ -186,7 +186,8 @@ def layout_takes_low_precision() -> bool:
 # once reshape takes the storage types (until then on float32, by test_grad).
 SUMS_TO = {"add", "sub", "mul", "div", "maximum", "minimum", "where"}
 test_storage, _ = make_storage_tests(ROWS)
-_, test_storage_grad = make_storage_tests(ROWS if layout_takes_low_precision() else [r for r in ROWS if r.op not in SUMS_TO])
+_, test_storage_grad = make_storage_tests(ROWS if layout_takes_low_precision() else
+                                         [r for r in ROWS if r.op not in SUMS_TO])
 
 
 def rounded(a: np.ndarray, dtype) -> np.ndarray:
@@ -218,7 +219,8 @@ def make_rounds_once_test(rows):
         _, wide = run_op(dev, r.op, [a.astype(np.float32) if a.dtype == dtype else a for a in low], attrs)
         for o, w in zip(out if isinstance(out, tuple) else (out,), wide if isinstance(wide, tuple) else (wide,)):
             assert o.dtype == dtype
-            np.testing.assert_array_equal(as_bits(o.numpy()), as_bits(rounded(w.numpy(), dtype)), err_msg=f"{r.op} {attrs}")
+            np.testing.assert_array_equal(as_bits(o.numpy()), as_bits(rounded(w.numpy(), dtype)),
+                                          err_msg=f"{r.op} {attrs}")
 
     return test_rounds_once
 

@@ -137,8 +137,8 @@ def _kept(t, x_shape, axes, keepdims):
 
 
 def _kernels(kind):
-    """The kernels of `kind`, as the registry names them: their instances from float16 and bfloat16 to float32
-    partial results and back (`_instance`) come with them."""
+    """The kernel templates of `kind`, by their float32 instances (the registry checks the float16 and
+    bfloat16 ones; `_instance` names those to and from float32 partial results)."""
     return [f"reduce.{kind}_threads", f"reduce.{kind}_groups"]
 
 
