@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.ops import reduce as reduce_ops
+from mlmetal.runtime import source as S
 from opcheck import (AWKWARD_DIMS, LOW_DTYPES, check_forward, check_nan, floats, make_storage_tests, make_tests, row,
                      with_nan)
 from test_ops_elementwise import as_bits, layout_takes_low_precision, make_rounds_once_test, rounded
@@ -105,6 +106,17 @@ def test_long_low_precision_rounds_once(dev, monkeypatch, shape, axis, cheap_bar
         got, want = getattr(mm.ops, op)(low, axis=axis), getattr(mm.ops, op)(wide, axis=axis)
         assert got.dtype == dtype
         np.testing.assert_array_equal(as_bits(got.numpy()), as_bits(rounded(want.numpy(), dtype)), err_msg=op)
+
+
+def test_partial_result_instances_exist():
+    """Every instance a multi-pass float16 or bfloat16 reduction may dispatch, to float32 partial
+    results and from them (the registry checks the others); squares' partials are folded by sum."""
+    kernels = S.Source.from_file(S.find("reduce")).kernels
+    for kind in ("sum", "squares", "max", "min"):
+        for variant in ("threads", "groups"):
+            for dtype in LOW_DTYPES:
+                assert reduce_ops._instance(f"{kind}_{variant}", dtype, mm.float32) in kernels
+                assert kind == "squares" or reduce_ops._instance(f"{kind}_{variant}", mm.float32, dtype) in kernels
 
 
 def test_max_gradient_is_shared_among_ties(dev):
