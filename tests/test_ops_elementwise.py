@@ -174,20 +174,7 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
-
-
-def layout_takes_low_precision() -> bool:
-    """Whether reshape and broadcast_to take float16 and bfloat16: the gradient rules that sum a
-    broadcast gradient back (`sum_to`) or spread a reduced one (`broadcast_to`) need them."""
-    return all(d in ops.REGISTRY[name].dtypes for name in ("reshape", "broadcast_to") for d in LOW_DTYPES)
-
-
-# sum_to reshapes where an input lacks leading axes: these rows' storage-type gradients are checked
-# once reshape takes the storage types (until then on float32, by test_grad).
-SUMS_TO = {"add", "sub", "mul", "div", "maximum", "minimum", "where"}
-test_storage, _ = make_storage_tests(ROWS)
-_, test_storage_grad = make_storage_tests(ROWS if layout_takes_low_precision() else
-                                         [r for r in ROWS if r.op not in SUMS_TO])
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 def rounded(a: np.ndarray, dtype) -> np.ndarray:

@@ -21,7 +21,7 @@ from mlmetal.ops import reduce as reduce_ops
 from mlmetal.runtime import source as S
 from opcheck import (AWKWARD_DIMS, LOW_DTYPES, check_forward, check_nan, floats, make_storage_tests, make_tests, row,
                      with_nan)
-from test_ops_elementwise import as_bits, layout_takes_low_precision, make_rounds_once_test, rounded
+from test_ops_elementwise import as_bits, make_rounds_once_test, rounded
 
 U = 2.0**-24
 
@@ -59,11 +59,7 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
-test_storage, _ = make_storage_tests(ROWS)
-# Every reduction's gradient rule reshapes or broadcasts (`_kept`, broadcast_to): checked in the
-# storage types once those ops take them (until then on float32, by test_grad).
-if layout_takes_low_precision():
-    _, test_storage_grad = make_storage_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 test_rounds_once = make_rounds_once_test(ROWS)
 
 
