@@ -431,6 +431,8 @@ class Dropout(Module):
         else:
             gen = self.generator or _generator(x.device)
             u = ops.random_tensor(shape=x.shape, generator=gen, distribution=Uniform())
+        if u.dtype != x.dtype:  # the mask's numbers in x's storage type, so the output keeps it
+            u = ops.astype(u, dtype=x.dtype.name)
         return ops.dropout(x, u, p=self.p)
 
 
