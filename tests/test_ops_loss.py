@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import mlmetal as mm
 from conftest import rtol_for
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, floats, make_storage_tests, make_tests, row
 
 ELEMENTWISE = ["mse_loss", "mae_loss", "huber_loss", "sigmoid_cross_entropy_loss"]
 LOSSES = ELEMENTWISE + ["softmax_cross_entropy_loss"]
@@ -60,6 +60,7 @@ ROWS += [row(f"{name}_grad", loss_case(name, grad_op=True), rtol=1e-5, atol=1e-6
 ROWS += [row("initial_gradient", initial_case, rtol=0, atol=0)]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 def test_sigmoid_cross_entropy_is_finite_for_large_logits(dev):
