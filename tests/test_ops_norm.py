@@ -218,3 +218,41 @@ def test_layer_norm_of_more_rows_than_a_grid_axis_holds(dev):
     want = R.layer_norm_grad(g.astype(np.float64), x.astype(np.float64), gamma, eps=1e-5)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a.numpy(), b, rtol=rtol_for(70_000, 1e-5), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_norm_layers_train_in_low_precision_with_float32_parameters(dev, dtype):
+    """Batch, group and layer norm on low-precision activations in an autocast graph: their γ, β and
+    running statistics stay float32 (so do their gradients, and the loss), and the gradients match
+    a float32 graph's to the storage type's precision."""
+    rng = np.random.default_rng(3)
+    x, target = (rng.standard_normal((4, 6, 5, 5)).astype(np.float32) for _ in range(2))
+    gammas = [rng.uniform(0.5, 1.5, shape) for shape in [(6,), (6,), (6, 5, 5)]]
+
+    def run(compute_dtype):
+        layers = [mm.nn.BatchNorm2d(6, device=dev), mm.nn.GroupNorm(3, 6, device=dev),
+                  mm.nn.LayerNorm((6, 5, 5), device=dev)]
+        for layer, gamma in zip(layers, gammas):
+            layer.weight.assign(gamma)
+        g = mm.Graph(dev, compute_dtype=compute_dtype)
+        h = g.input("x", x.shape)
+        if compute_dtype:
+            h = h.astype(compute_dtype)
+        for layer in layers:
+            h = layer(h)
+            assert h.dtype == mm.dtypes.as_dtype(compute_dtype or "float32")
+        loss = mm.ops.mse_loss(h, mm.tensor(target, dev))
+        assert loss.dtype == mm.float32
+        training = g.training_graph(loss)
+        value = training.step(x=x)
+        params = [layers[0].running_mean] + [p for layer in layers for p in (layer.weight, layer.bias)]
+        assert all(p.dtype == mm.float32 for p in params)
+        return value, [p.grad.numpy() for p in params[1:]], layers[0].running_mean.numpy()
+
+    want, want_grads, want_mean = run(None)
+    got, got_grads, got_mean = run(dtype)
+    u = 2.0**-11 if dtype == "float16" else 2.0**-8
+    np.testing.assert_allclose(got, want, rtol=8 * u)
+    np.testing.assert_allclose(got_mean, want_mean, atol=2 * u)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(a, b, rtol=0, atol=8 * u * np.abs(b).max())
