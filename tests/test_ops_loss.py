@@ -99,3 +99,18 @@ def test_loss_errors(dev, op, shapes, attrs, message):
     ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in shapes]
     with pytest.raises(mm.ShapeError, match=message):
         getattr(mm.ops, op)(*ts, **attrs)
+
+
+def test_low_precision_losses_are_float32(dev):
+    """bfloat16 predictions and labels give a float32 loss (computed and summed in float, rounded
+    once), whose gradient g is float32 too, and a bfloat16 dy."""
+    y, t = (np.linspace(-3, 3, 4096).astype(mm.bfloat16) * k for k in (1, 0.5))
+    loss = mm.ops.mse_loss(mm.tensor(y, dev), mm.tensor(t, dev), reduction="sum")
+    assert loss.dtype == mm.float32
+    np.testing.assert_allclose(loss.numpy(), [np.sum((y.astype(np.float64) - t.astype(np.float64)) ** 2)], rtol=1e-5)
+    dy = mm.ops.mse_loss_grad(mm.ops.initial_gradient(loss), mm.tensor(y, dev), mm.tensor(t, dev), reduction="sum",
+                              weight=1.0)
+    assert dy.dtype == mm.bfloat16
+    with pytest.raises(mm.DTypeError, match="input 0 .* is bfloat16; it takes float32"):
+        mm.ops.mse_loss_grad(mm.tensor(np.ones(1, mm.bfloat16), dev), mm.tensor(y, dev), mm.tensor(t, dev),
+                             reduction="sum", weight=1.0)

@@ -256,3 +256,18 @@ def test_norm_layers_train_in_low_precision_with_float32_parameters(dev, dtype):
     np.testing.assert_allclose(got_mean, want_mean, atol=2 * u)
     for a, b in zip(got_grads, want_grads):
         np.testing.assert_allclose(a, b, rtol=0, atol=8 * u * np.abs(b).max())
+
+
+@pytest.mark.parametrize("op, shapes, low", [
+    ("instance_norm", [(2, 3, 4), (3,), (3,)], 1),
+    ("batch_norm", [(2, 3, 4)] + [(3,)] * 4, 3),
+    ("layer_norm_grad", [(2, 3), (2, 3), (3,)], 2),
+])
+def test_norm_parameters_must_be_float32(dev, op, shapes, low):
+    """γ, β and the running statistics are float32 beside bfloat16 activations; another dtype is
+    refused (not cast, which would leave running statistics updated in a copy)."""
+    activations = 2 if op.endswith("_grad") else 1  # (g and) x
+    ts = [mm.tensor(np.ones(s, np.float32), dev, dtype=mm.bfloat16 if i < activations or i == low else mm.float32)
+          for i, s in enumerate(shapes)]
+    with pytest.raises(mm.DTypeError, match=f"input {low} .* is bfloat16; it takes float32"):
+        getattr(mm.ops, op)(*ts, eps=1e-5)
