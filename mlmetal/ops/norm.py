@@ -66,7 +66,8 @@ def _check_channels(op, x, **vectors):
 def _encode_forward(cb, out, x, gamma, beta, stats, layout):
     """norm_forward over the groups of `layout`; stats receives each group's (mean, var)."""
     p, groups = layout
-    cb.dispatch(_kernel(x, "norm_forward"), groups=groups, threads=_threads(x.device, p["rows"] * p["hw"]), args=[x, gamma, beta, out, stats, p])
+    cb.dispatch(_kernel(x, "norm_forward"), groups=groups, threads=_threads(x.device, p["rows"] * p["hw"]),
+                args=[x, gamma, beta, out, stats, p])
 
 
 def _forward(cb, out, x, gamma, beta, layout):
@@ -282,7 +283,8 @@ def _batch_encode(cb, out, x, gamma, beta, running_mean, running_var, training, 
     c = x.shape[1]
     if not training:
         p = {"count": x.size, "channels": c, "hw": math.prod(x.shape[2:]), "eps": eps}
-        cb.dispatch(_kernel(x, "batch_norm_inference"), groups=groups_for(x.size, 256), threads=256, args=[x, gamma, beta, running_mean, running_var, out, p])
+        cb.dispatch(_kernel(x, "batch_norm_inference"), groups=groups_for(x.size, 256), threads=256,
+                    args=[x, gamma, beta, running_mean, running_var, out, p])
         return
     stats = empty((c, 2), x.device)
     _encode_forward(cb, out, x, gamma, beta, stats, _batched(x.shape, eps))
