@@ -741,11 +741,12 @@ def _validate(meta) -> _Spec:
         out_shapes, norm = _checked(op, shapes, attrs, where)
         outs = [_tensor(o, f"{where}.outputs[{j}]", named=False)
                 for j, o in enumerate(_list(e["outputs"], f"{where}.outputs", MAX_NODE_INPUTS))]
-        dtype = ops.REGISTRY[op].output_dtype([_ref_spec(r, inputs, params, nodes) for r in refs], norm)
+        specs = [_ref_spec(r, inputs, params, nodes) for r in refs]
+        dtypes = [ops.REGISTRY[op].output_dtype(specs, norm, j) for j in range(len(out_shapes))]
         recorded = [o.shape for o in outs]
-        if recorded != out_shapes or any(o.dtype != dtype for o in outs):
+        if recorded != out_shapes or [o.dtype for o in outs] != dtypes:
             _fail(f"{where}.outputs", f"records {recorded} of {[str(o.dtype) for o in outs]}; {op} on inputs "
-                                      f"{shapes} gives {out_shapes} of {dtype}")
+                                      f"{shapes} gives {out_shapes} of {[str(d) for d in dtypes]}")
         for j, o in enumerate(outs):
             count(o, f"{where}.outputs[{j}]")
         nodes.append(_NodeSpec(op, refs, attrs, outs))
