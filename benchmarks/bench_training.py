@@ -9,6 +9,7 @@ with and without lifetime planning. All but the DCGAN are the demonstration apps
     python benchmarks/bench_training.py --only style-full,unet-full   # the networks at their real size
     python benchmarks/bench_training.py --only unet --size 128 --steps 20
     MLMETAL_DEVICE=cuda python benchmarks/bench_training.py --profile --precision high
+    MLMETAL_DEVICE=cuda python benchmarks/bench_training.py --only style-full,unet-full --autocast bfloat16
 
 Shapes (DESIGN §8): style transfer batch 4 of size² images (the app's transformer and frozen
 loss network, style loss at three layers, content loss at one); U-Net batch 4 of 9 channels,
@@ -37,6 +38,12 @@ its fastest convolution algorithms during the warm-up step), torch.optim.Adam's 
 both in float32. Each time is the best of 3 rounds of `--steps` steps, after one warm-up step;
 ratios are PyTorch's time over mlmetal's (> 1: mlmetal is faster): each policy against its peer
 (highest/FP32, high/TF32, medium/bf16), and mlmetal's best against PyTorch's fastest setting.
+
+`--autocast bfloat16` (or float16) also builds each mlmetal training graph under `mm.autocast`
+(Graph(compute_dtype=)) and times it under the first precision policy, beside PyTorch's bf16
+autocast (run on cpu too, then); the ratio is PyTorch bf16 over mlmetal's autocast. It prints the
+peak temporaries of the float32 and the autocast steps (the plans' intermediate buffers, planned)
+and their ratio. A workload whose autocast graph cannot be built or run says why in its row.
 
 `--profile` (cuda, with PyTorch): a few more mlmetal steps under torch.profiler, whose CUDA
 activity (CUPTI) records every kernel of the process, mlmetal's NVRTC kernels included; prints
@@ -78,20 +85,20 @@ def peak_bytes(trainings, plan_lifetimes: bool) -> int:
                for t in trainings)
 
 
-def mlmetal_unet(dev, batch, size, name="unet"):
-    """The denoiser app's UNet and training graph; returns (step, trainings)."""
+def mlmetal_unet(dev, batch, size, name="unet", autocast=None):
+    """The denoiser app's UNet and training graph (built under `autocast`, a dtype or None); returns (step, trainings)."""
     mm.nn.seed(0)
     net = denoise.UNet(*UNET[name], dev)
-    train = denoise.training_graph(net, batch, size, lr=1e-3, log_weight=LOG_WEIGHT)
+    train = denoise.training_graph(net, batch, size, lr=1e-3, log_weight=LOG_WEIGHT, autocast=autocast)
     rng = np.random.default_rng(0)
     feed = {name: mm.tensor(rng.random((batch, 3, size, size), np.float32), dev)
             for name in ("noisy", "albedo", "normal", "clean")}
     return lambda: train.step(**feed), [train]
 
 
-def mlmetal_style(dev, batch, size, name="style"):
+def mlmetal_style(dev, batch, size, name="style", autocast=None):
     """The style app's transformer and loss network (or the full-size ones), with StyleTransfer's
-    losses over a batch of contents."""
+    losses over a batch of contents (the training graph built under `autocast`)."""
     mm.nn.seed(0)
     shape, layers, style_layers, content_layer = STYLE_NETS[name]
     transformer, loss_net = style.Transformer(dev, **shape), style.LossNetwork(dev, layers=layers)
@@ -101,7 +108,7 @@ def mlmetal_style(dev, batch, size, name="style"):
     grams = g.run({"style": style.default_style(size)[None]},
                   outputs=[mm.ops.gram(feats[n], alpha=alpha(feats[n])) for n in style_layers])
 
-    g = mm.Graph(dev)
+    g = mm.Graph(dev, compute_dtype=autocast)
     x = g.input("content", (batch, 3, size, size))
     fy, fx = loss_net.features(transformer(x)), loss_net.features(x)
     style_loss = None
@@ -127,10 +134,10 @@ def adversarial_step(model, dev):
     return step, [model.train_d, model.train_g]
 
 
-def mlmetal_gan(dev, batch, size):
+def mlmetal_gan(dev, batch, size, autocast=None):
     """The GAN app's two training graphs: one discriminator step, then one generator step."""
     mm.nn.seed(0)
-    return adversarial_step(gan.GAN(dev, batch), dev)
+    return adversarial_step(gan.GAN(dev, batch, autocast=autocast), dev)
 
 
 class DCGenerator(mm.nn.Module):
@@ -162,11 +169,11 @@ class DCDiscriminator(mm.nn.Module):
         return self.logit(self.body(x).flatten(1))
 
 
-def mlmetal_dcgan(dev, batch, size):
+def mlmetal_dcgan(dev, batch, size, autocast=None):
     """gan.GAN's two training graphs around DCGenerator and DCDiscriminator."""
     mm.nn.seed(0)
     return adversarial_step(gan.GAN(dev, batch, lr=DCGAN_LR, size=28, generator=DCGenerator(dev),
-                                    discriminator=DCDiscriminator(dev), latent=DCGAN_LATENT), dev)
+                                    discriminator=DCDiscriminator(dev), latent=DCGAN_LATENT, autocast=autocast), dev)
 
 
 # ---------------------------------------------------------------- PyTorch
@@ -354,6 +361,25 @@ def describe(name, batch, size):
             "unet-full": f"U-Net 32×3, batch {batch}, 9×{size}²"}[name]
 
 
+# ---------------------------------------------------------------- autocast
+
+PEERS = {"highest": "fp32", "high": "tf32", "medium": "bf16", "bf16-ac": "bf16", "f16-ac": "bf16"}
+AUTOCAST_COLUMN = {"bfloat16": "bf16-ac", "float16": "f16-ac"}
+
+
+def time_autocast(build_mlmetal, dev, batch, size, extra, dtype, policy, steps, planned):
+    """Build and time a workload's training steps under `mm.autocast(dtype)` (a graph's compute_dtype);
+    (seconds per step or None, the peak-temporaries text: autocast vs float32 `planned` bytes, or why it failed)."""
+    try:
+        step, trainings = build_mlmetal(dev, batch, size, autocast=dtype, **extra)
+        low = peak_bytes(trainings, True)
+        with mm.matmul_precision(policy):
+            seconds = best_seconds(lambda n: [step() for _ in range(n)], steps, 3)
+    except Exception as e:  # noqa: BLE001 — an op without low-precision kernels yet: report it in the row, go on
+        return None, f"; {dtype} autocast failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return seconds, f"; {dtype} autocast {low / 2**20:.1f} MiB ({low / planned:.2f}× float32's)"
+
+
 # ---------------------------------------------------------------- profile
 
 def profile(torch, step, sync, steps: int):
@@ -402,6 +428,9 @@ def main():
     ap.add_argument("--precision", default=None,
                     help="comma-separated matmul precision policies to run mlmetal under (default: all three on a GPU, "
                          "highest on cpu)")
+    ap.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                    help="also time mlmetal's steps built under mm.autocast of this dtype, beside PyTorch's bf16 "
+                         "autocast, and compare their peak temporaries with float32's")
     args = ap.parse_args()
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in only if w not in WORKLOADS]
@@ -425,18 +454,23 @@ def main():
         torch = None
     tdev = "cuda" if dev.name == "cuda" else "cpu"
     modes = ["fp32", "tf32", "bf16"] if torch is not None and tdev == "cuda" else ["fp32"] if torch is not None else []
-    peers = {"highest": "fp32", "high": "tf32", "medium": "bf16"}
+    if args.autocast and torch is not None and "bf16" not in modes:
+        modes.append("bf16")  # autocast's peer, on cpu too
     if torch is not None:
         torch.backends.cudnn.benchmark = True
         tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
         ref = f"PyTorch {torch.__version__} ({tdev}, {', '.join(m.upper() for m in modes)}{', cudnn.benchmark on' if tdev == 'cuda' else ''})"
     else:
         ref = "PyTorch is not installed: no reference timing"
-    print(f"training steps on mlmetal {dev.name} under {', '.join(policies)}; {ref}; best of 3 rounds of {steps} "
-          f"steps; times in ms")
-    head = "".join(f"{'mlm ' + p:>12}" for p in policies) + "".join(f"{'torch ' + m:>12}" for m in modes)
-    ratios = "".join(f"{p + '/' + peers[p]:>14}" for p in policies if peers[p] in modes) + (f"{'best/best':>11}" if modes else "")
-    print(f"{'workload':<32}{head}{ratios}   peak temporaries, planned vs not")
+    ac = f"{args.autocast} autocast under {policies[0]}" if args.autocast else ""
+    print(f"training steps on mlmetal {dev.name} under {', '.join(policies)}{'; ' + ac if ac else ''}; {ref}; "
+          f"best of 3 rounds of {steps} steps; times in ms")
+    columns = policies + ([AUTOCAST_COLUMN[args.autocast]] if args.autocast else [])
+    head = "".join(f"{'mlm ' + p:>12}" for p in columns) + "".join(f"{'torch ' + m:>12}" for m in modes)
+    ratios = "".join(f"{p + '/' + PEERS[p]:>14}" for p in columns if PEERS[p] in modes) + \
+        (f"{'best/best':>11}" if modes else "")
+    memory = "peak temporaries, planned vs not" + (f"; {args.autocast} autocast vs float32" if args.autocast else "")
+    print(f"{'workload':<32}{head}{ratios}   {memory}")
     profiles = []
     for name in only:
         batch = batches[name]
@@ -448,6 +482,12 @@ def main():
             with mm.matmul_precision(policy):
                 t_mm[policy] = best_seconds(lambda n: [step() for _ in range(n)], steps, 3)
         planned, unplanned = peak_bytes(trainings, True), peak_bytes(trainings, False)
+        low_memory = ""
+        if args.autocast:
+            t_low, low_memory = time_autocast(build_mlmetal, dev, batch, size, extra, args.autocast, policies[0],
+                                              steps, planned)
+            if t_low is not None:
+                t_mm[AUTOCAST_COLUMN[args.autocast]] = t_low
         t_pt = {}
         for mode in modes:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
@@ -460,11 +500,14 @@ def main():
                 tsync()
             t_pt[mode] = best_seconds(run_torch, steps, 3)
             del torch_step
-        cells = "".join(f"{t * 1e3:>12.2f}" for t in [*t_mm.values(), *t_pt.values()])
-        peer = "".join(f"{t_pt[peers[p]] / t_mm[p]:>13.2f}×" for p in policies if peers[p] in t_pt)
+        cells = "".join(f"{t_mm[p] * 1e3:>12.2f}" if p in t_mm else f"{'-':>12}" for p in columns) + \
+            "".join(f"{t * 1e3:>12.2f}" for t in t_pt.values())
+        peer = "".join(f"{t_pt[PEERS[p]] / t_mm[p]:>13.2f}×" if p in t_mm else f"{'-':>14}"
+                       for p in columns if PEERS[p] in t_pt)
         best = f"{min(t_pt.values()) / min(t_mm.values()):>10.2f}×" if t_pt else ""
         print(f"{describe(name, batch, size):<32}{cells}{peer}{best}   "
-              f"{planned / 2**20:.1f} vs {unplanned / 2**20:.1f} MiB ({unplanned / planned:.1f}× less)", flush=True)
+              f"{planned / 2**20:.1f} vs {unplanned / 2**20:.1f} MiB ({unplanned / planned:.1f}× less){low_memory}",
+              flush=True)
         profiles.append((name, batch, step))
     if not args.profile:
         return

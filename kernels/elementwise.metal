@@ -1,5 +1,7 @@
-// Elementwise kernels over flat float32 buffers (one thread per element, bounds guarded),
-// the activations and their gradients, and softmax over the channels.
+// Elementwise kernels over flat buffers (one thread per element, bounds guarded), the
+// activations and their gradients, and softmax over the channels. The ops' kernels are templates
+// over the storage type (float, half, bfloat; see "storage types" below); the runtime's own
+// (axpy, fill_u32, copy_f4, empty) are float32 or untyped words.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -85,12 +87,12 @@ template [[host_name("cast_bf16_bf16")]] [[kernel]] decltype(cast<bfloat, bfloat
 
 // ---------------------------------------------------------------- binary ops, broadcast by NumPy's rules
 //
-// One template per shape of dispatch, instantiated once per operator: `binary<OP>` over inputs of
-// the output's shape (the training steps' additions and products: one load each, no index
-// arithmetic), `binary_broadcast<OP>` over inputs broadcast through strides — 0 along an axis an
-// input is broadcast over — so no input is copied out to the output's shape first. The host
-// merges neighbouring axes that every input steps through alike, so a bias added over
-// (N, C, H, W) walks three axes and same-shaped inputs one.
+// One template per shape of dispatch, instantiated once per operator and storage type:
+// `binary<T, OP>` over inputs of the output's shape (the training steps' additions and products:
+// one load each, no index arithmetic), `binary_broadcast<T, OP>` over inputs broadcast through
+// strides — 0 along an axis an input is broadcast over — so no input is copied out to the
+// output's shape first. The host merges neighbouring axes that every input steps through alike,
+// so a bias added over (N, C, H, W) walks three axes and same-shaped inputs one.
 
 #define OP_ADD 0
 #define OP_SUB 1
@@ -136,21 +138,33 @@ inline float ternary_op(uint op, float g, float a, float b) {
     }
 }
 
-template <uint OP>
-kernel void binary(device const float* x [[buffer(0)]],  // extent: p.n
-                   device const float* y [[buffer(1)]],  // extent: p.n
-                   device float* out [[buffer(2)]],  // extent: p.n
+template <typename T, uint OP>
+kernel void binary(device const T* x [[buffer(0)]],  // extent: p.n
+                   device const T* y [[buffer(1)]],  // extent: p.n
+                   device T* out [[buffer(2)]],  // extent: p.n
                    constant CountParams& p [[buffer(3)]],
                    uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = binary_op(OP, x[i], y[i]);
+    if (i < p.n) out[i] = T(binary_op(OP, float(x[i]), float(y[i])));
 }
 
-template [[host_name("add")]] [[kernel]] decltype(binary<OP_ADD>) binary<OP_ADD>;
-template [[host_name("sub")]] [[kernel]] decltype(binary<OP_SUB>) binary<OP_SUB>;
-template [[host_name("mul")]] [[kernel]] decltype(binary<OP_MUL>) binary<OP_MUL>;
-template [[host_name("div")]] [[kernel]] decltype(binary<OP_DIV>) binary<OP_DIV>;
-template [[host_name("maximum")]] [[kernel]] decltype(binary<OP_MAXIMUM>) binary<OP_MAXIMUM>;
-template [[host_name("minimum")]] [[kernel]] decltype(binary<OP_MINIMUM>) binary<OP_MINIMUM>;
+template [[host_name("add")]] [[kernel]] decltype(binary<float, OP_ADD>) binary<float, OP_ADD>;
+template [[host_name("add_f16")]] [[kernel]] decltype(binary<half, OP_ADD>) binary<half, OP_ADD>;
+template [[host_name("add_bf16")]] [[kernel]] decltype(binary<bfloat, OP_ADD>) binary<bfloat, OP_ADD>;
+template [[host_name("sub")]] [[kernel]] decltype(binary<float, OP_SUB>) binary<float, OP_SUB>;
+template [[host_name("sub_f16")]] [[kernel]] decltype(binary<half, OP_SUB>) binary<half, OP_SUB>;
+template [[host_name("sub_bf16")]] [[kernel]] decltype(binary<bfloat, OP_SUB>) binary<bfloat, OP_SUB>;
+template [[host_name("mul")]] [[kernel]] decltype(binary<float, OP_MUL>) binary<float, OP_MUL>;
+template [[host_name("mul_f16")]] [[kernel]] decltype(binary<half, OP_MUL>) binary<half, OP_MUL>;
+template [[host_name("mul_bf16")]] [[kernel]] decltype(binary<bfloat, OP_MUL>) binary<bfloat, OP_MUL>;
+template [[host_name("div")]] [[kernel]] decltype(binary<float, OP_DIV>) binary<float, OP_DIV>;
+template [[host_name("div_f16")]] [[kernel]] decltype(binary<half, OP_DIV>) binary<half, OP_DIV>;
+template [[host_name("div_bf16")]] [[kernel]] decltype(binary<bfloat, OP_DIV>) binary<bfloat, OP_DIV>;
+template [[host_name("maximum")]] [[kernel]] decltype(binary<float, OP_MAXIMUM>) binary<float, OP_MAXIMUM>;
+template [[host_name("maximum_f16")]] [[kernel]] decltype(binary<half, OP_MAXIMUM>) binary<half, OP_MAXIMUM>;
+template [[host_name("maximum_bf16")]] [[kernel]] decltype(binary<bfloat, OP_MAXIMUM>) binary<bfloat, OP_MAXIMUM>;
+template [[host_name("minimum")]] [[kernel]] decltype(binary<float, OP_MINIMUM>) binary<float, OP_MINIMUM>;
+template [[host_name("minimum_f16")]] [[kernel]] decltype(binary<half, OP_MINIMUM>) binary<half, OP_MINIMUM>;
+template [[host_name("minimum_bf16")]] [[kernel]] decltype(binary<bfloat, OP_MINIMUM>) binary<bfloat, OP_MINIMUM>;
 
 struct BroadcastParams {
     uint n;             // output elements
@@ -170,39 +184,64 @@ inline uint broadcast_offset(constant BroadcastParams& p, uint k, uint i) {
     return at;
 }
 
-template <uint OP>
-kernel void binary_broadcast(device const float* x [[buffer(0)]],  // extent: p.sizes[0]
-                             device const float* y [[buffer(1)]],  // extent: p.sizes[1]
-                             device float* out [[buffer(2)]],  // extent: p.n
+template <typename T, uint OP>
+kernel void binary_broadcast(device const T* x [[buffer(0)]],  // extent: p.sizes[0]
+                             device const T* y [[buffer(1)]],  // extent: p.sizes[1]
+                             device T* out [[buffer(2)]],  // extent: p.n
                              constant BroadcastParams& p [[buffer(3)]],
                              uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = binary_op(OP, x[broadcast_offset(p, 0, i)], y[broadcast_offset(p, 1, i)]);
+    if (i < p.n) out[i] = T(binary_op(OP, float(x[broadcast_offset(p, 0, i)]), float(y[broadcast_offset(p, 1, i)])));
 }
 
-template [[host_name("add_broadcast")]] [[kernel]] decltype(binary_broadcast<OP_ADD>) binary_broadcast<OP_ADD>;
-template [[host_name("sub_broadcast")]] [[kernel]] decltype(binary_broadcast<OP_SUB>) binary_broadcast<OP_SUB>;
-template [[host_name("mul_broadcast")]] [[kernel]] decltype(binary_broadcast<OP_MUL>) binary_broadcast<OP_MUL>;
-template [[host_name("div_broadcast")]] [[kernel]] decltype(binary_broadcast<OP_DIV>) binary_broadcast<OP_DIV>;
-template [[host_name("maximum_broadcast")]] [[kernel]] decltype(binary_broadcast<OP_MAXIMUM>) binary_broadcast<OP_MAXIMUM>;
-template [[host_name("minimum_broadcast")]] [[kernel]] decltype(binary_broadcast<OP_MINIMUM>) binary_broadcast<OP_MINIMUM>;
-template [[host_name("equal")]] [[kernel]] decltype(binary_broadcast<OP_EQUAL>) binary_broadcast<OP_EQUAL>;
-template [[host_name("where_grad_a")]] [[kernel]] decltype(binary_broadcast<OP_WHERE_GRAD_A>) binary_broadcast<OP_WHERE_GRAD_A>;
-template [[host_name("where_grad_b")]] [[kernel]] decltype(binary_broadcast<OP_WHERE_GRAD_B>) binary_broadcast<OP_WHERE_GRAD_B>;
+template [[host_name("add_broadcast")]] [[kernel]] decltype(binary_broadcast<float, OP_ADD>) binary_broadcast<float, OP_ADD>;
+template [[host_name("add_broadcast_f16")]] [[kernel]] decltype(binary_broadcast<half, OP_ADD>) binary_broadcast<half, OP_ADD>;
+template [[host_name("add_broadcast_bf16")]] [[kernel]] decltype(binary_broadcast<bfloat, OP_ADD>) binary_broadcast<bfloat, OP_ADD>;
+template [[host_name("sub_broadcast")]] [[kernel]] decltype(binary_broadcast<float, OP_SUB>) binary_broadcast<float, OP_SUB>;
+template [[host_name("sub_broadcast_f16")]] [[kernel]] decltype(binary_broadcast<half, OP_SUB>) binary_broadcast<half, OP_SUB>;
+template [[host_name("sub_broadcast_bf16")]] [[kernel]] decltype(binary_broadcast<bfloat, OP_SUB>) binary_broadcast<bfloat, OP_SUB>;
+template [[host_name("mul_broadcast")]] [[kernel]] decltype(binary_broadcast<float, OP_MUL>) binary_broadcast<float, OP_MUL>;
+template [[host_name("mul_broadcast_f16")]] [[kernel]] decltype(binary_broadcast<half, OP_MUL>) binary_broadcast<half, OP_MUL>;
+template [[host_name("mul_broadcast_bf16")]] [[kernel]] decltype(binary_broadcast<bfloat, OP_MUL>) binary_broadcast<bfloat, OP_MUL>;
+template [[host_name("div_broadcast")]] [[kernel]] decltype(binary_broadcast<float, OP_DIV>) binary_broadcast<float, OP_DIV>;
+template [[host_name("div_broadcast_f16")]] [[kernel]] decltype(binary_broadcast<half, OP_DIV>) binary_broadcast<half, OP_DIV>;
+template [[host_name("div_broadcast_bf16")]] [[kernel]] decltype(binary_broadcast<bfloat, OP_DIV>) binary_broadcast<bfloat, OP_DIV>;
+template [[host_name("maximum_broadcast")]] [[kernel]] decltype(binary_broadcast<float, OP_MAXIMUM>) binary_broadcast<float, OP_MAXIMUM>;
+template [[host_name("maximum_broadcast_f16")]] [[kernel]] decltype(binary_broadcast<half, OP_MAXIMUM>) binary_broadcast<half, OP_MAXIMUM>;
+template [[host_name("maximum_broadcast_bf16")]] [[kernel]] decltype(binary_broadcast<bfloat, OP_MAXIMUM>) binary_broadcast<bfloat, OP_MAXIMUM>;
+template [[host_name("minimum_broadcast")]] [[kernel]] decltype(binary_broadcast<float, OP_MINIMUM>) binary_broadcast<float, OP_MINIMUM>;
+template [[host_name("minimum_broadcast_f16")]] [[kernel]] decltype(binary_broadcast<half, OP_MINIMUM>) binary_broadcast<half, OP_MINIMUM>;
+template [[host_name("minimum_broadcast_bf16")]] [[kernel]] decltype(binary_broadcast<bfloat, OP_MINIMUM>) binary_broadcast<bfloat, OP_MINIMUM>;
+template [[host_name("equal")]] [[kernel]] decltype(binary_broadcast<float, OP_EQUAL>) binary_broadcast<float, OP_EQUAL>;
+template [[host_name("equal_f16")]] [[kernel]] decltype(binary_broadcast<half, OP_EQUAL>) binary_broadcast<half, OP_EQUAL>;
+template [[host_name("equal_bf16")]] [[kernel]] decltype(binary_broadcast<bfloat, OP_EQUAL>) binary_broadcast<bfloat, OP_EQUAL>;
+template [[host_name("where_grad_a")]] [[kernel]] decltype(binary_broadcast<float, OP_WHERE_GRAD_A>) binary_broadcast<float, OP_WHERE_GRAD_A>;
+template [[host_name("where_grad_a_f16")]] [[kernel]] decltype(binary_broadcast<half, OP_WHERE_GRAD_A>) binary_broadcast<half, OP_WHERE_GRAD_A>;
+template [[host_name("where_grad_a_bf16")]] [[kernel]] decltype(binary_broadcast<bfloat, OP_WHERE_GRAD_A>) binary_broadcast<bfloat, OP_WHERE_GRAD_A>;
+template [[host_name("where_grad_b")]] [[kernel]] decltype(binary_broadcast<float, OP_WHERE_GRAD_B>) binary_broadcast<float, OP_WHERE_GRAD_B>;
+template [[host_name("where_grad_b_f16")]] [[kernel]] decltype(binary_broadcast<half, OP_WHERE_GRAD_B>) binary_broadcast<half, OP_WHERE_GRAD_B>;
+template [[host_name("where_grad_b_bf16")]] [[kernel]] decltype(binary_broadcast<bfloat, OP_WHERE_GRAD_B>) binary_broadcast<bfloat, OP_WHERE_GRAD_B>;
 
-template <uint OP>
-kernel void ternary_broadcast(device const float* x [[buffer(0)]],  // extent: p.sizes[0]
-                              device const float* y [[buffer(1)]],  // extent: p.sizes[1]
-                              device const float* z [[buffer(2)]],  // extent: p.sizes[2]
-                              device float* out [[buffer(3)]],  // extent: p.n
+template <typename T, uint OP>
+kernel void ternary_broadcast(device const T* x [[buffer(0)]],  // extent: p.sizes[0]
+                              device const T* y [[buffer(1)]],  // extent: p.sizes[1]
+                              device const T* z [[buffer(2)]],  // extent: p.sizes[2]
+                              device T* out [[buffer(3)]],  // extent: p.n
                               constant BroadcastParams& p [[buffer(4)]],
                               uint i [[thread_position_in_grid]]) {
     if (i < p.n)
-        out[i] = ternary_op(OP, x[broadcast_offset(p, 0, i)], y[broadcast_offset(p, 1, i)], z[broadcast_offset(p, 2, i)]);
+        out[i] = T(ternary_op(OP, float(x[broadcast_offset(p, 0, i)]), float(y[broadcast_offset(p, 1, i)]),
+                              float(z[broadcast_offset(p, 2, i)])));
 }
 
-template [[host_name("where")]] [[kernel]] decltype(ternary_broadcast<OP_WHERE>) ternary_broadcast<OP_WHERE>;
-template [[host_name("maximum_grad")]] [[kernel]] decltype(ternary_broadcast<OP_MAXIMUM_GRAD>) ternary_broadcast<OP_MAXIMUM_GRAD>;
-template [[host_name("minimum_grad")]] [[kernel]] decltype(ternary_broadcast<OP_MINIMUM_GRAD>) ternary_broadcast<OP_MINIMUM_GRAD>;
+template [[host_name("where")]] [[kernel]] decltype(ternary_broadcast<float, OP_WHERE>) ternary_broadcast<float, OP_WHERE>;
+template [[host_name("where_f16")]] [[kernel]] decltype(ternary_broadcast<half, OP_WHERE>) ternary_broadcast<half, OP_WHERE>;
+template [[host_name("where_bf16")]] [[kernel]] decltype(ternary_broadcast<bfloat, OP_WHERE>) ternary_broadcast<bfloat, OP_WHERE>;
+template [[host_name("maximum_grad")]] [[kernel]] decltype(ternary_broadcast<float, OP_MAXIMUM_GRAD>) ternary_broadcast<float, OP_MAXIMUM_GRAD>;
+template [[host_name("maximum_grad_f16")]] [[kernel]] decltype(ternary_broadcast<half, OP_MAXIMUM_GRAD>) ternary_broadcast<half, OP_MAXIMUM_GRAD>;
+template [[host_name("maximum_grad_bf16")]] [[kernel]] decltype(ternary_broadcast<bfloat, OP_MAXIMUM_GRAD>) ternary_broadcast<bfloat, OP_MAXIMUM_GRAD>;
+template [[host_name("minimum_grad")]] [[kernel]] decltype(ternary_broadcast<float, OP_MINIMUM_GRAD>) ternary_broadcast<float, OP_MINIMUM_GRAD>;
+template [[host_name("minimum_grad_f16")]] [[kernel]] decltype(ternary_broadcast<half, OP_MINIMUM_GRAD>) ternary_broadcast<half, OP_MINIMUM_GRAD>;
+template [[host_name("minimum_grad_bf16")]] [[kernel]] decltype(ternary_broadcast<bfloat, OP_MINIMUM_GRAD>) ternary_broadcast<bfloat, OP_MINIMUM_GRAD>;
 
 // ---------------------------------------------------------------- arithmetic
 
@@ -212,12 +251,17 @@ struct ScaleParams {
 };
 
 // out = s * x
-kernel void scale(device const float* x [[buffer(0)]],  // extent: p.n
-                  device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void scale(device const T* x [[buffer(0)]],  // extent: p.n
+                  device T* out [[buffer(1)]],  // extent: p.n
                   constant ScaleParams& p [[buffer(2)]],
                   uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = p.s * x[i];
+    if (i < p.n) out[i] = T(p.s * float(x[i]));
 }
+
+template [[host_name("scale")]] [[kernel]] decltype(scale<float>) scale<float>;
+template [[host_name("scale_f16")]] [[kernel]] decltype(scale<half>) scale<half>;
+template [[host_name("scale_bf16")]] [[kernel]] decltype(scale<bfloat>) scale<bfloat>;
 
 // ---------------------------------------------------------------- activations
 //
@@ -231,133 +275,218 @@ struct LinearParams {
 };
 
 // out = a*x + b (MPS's linear neuron)
-kernel void linear_activation(device const float* x [[buffer(0)]],  // extent: p.n
-                              device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void linear_activation(device const T* x [[buffer(0)]],  // extent: p.n
+                              device T* out [[buffer(1)]],  // extent: p.n
                               constant LinearParams& p [[buffer(2)]],
                               uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = fma(p.a, x[i], p.b);
+    if (i < p.n) out[i] = T(fma(p.a, float(x[i]), p.b));
 }
+
+template [[host_name("linear_activation")]] [[kernel]] decltype(linear_activation<float>) linear_activation<float>;
+template [[host_name("linear_activation_f16")]] [[kernel]] decltype(linear_activation<half>) linear_activation<half>;
+template [[host_name("linear_activation_bf16")]] [[kernel]] decltype(linear_activation<bfloat>) linear_activation<bfloat>;
 
 // Not max(x, 0), which is fmax and turns NaN into 0: NaN stays NaN, as in PyTorch.
-kernel void relu(device const float* x [[buffer(0)]],  // extent: p.n
-                 device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void relu(device const T* x [[buffer(0)]],  // extent: p.n
+                 device T* out [[buffer(1)]],  // extent: p.n
                  constant CountParams& p [[buffer(2)]],
                  uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = x[i] < 0.0f ? 0.0f : x[i];
+    if (i >= p.n) return;
+    float v = float(x[i]);
+    out[i] = T(v < 0.0f ? 0.0f : v);
 }
 
+template [[host_name("relu")]] [[kernel]] decltype(relu<float>) relu<float>;
+template [[host_name("relu_f16")]] [[kernel]] decltype(relu<half>) relu<half>;
+template [[host_name("relu_bf16")]] [[kernel]] decltype(relu<bfloat>) relu<bfloat>;
+
 // dx = 0 where x ≤ 0, else g (0 at the kink; g where x is NaN, as PyTorch)
-kernel void relu_grad(device const float* g [[buffer(0)]],  // extent: p.n
-                      device const float* x [[buffer(1)]],  // extent: p.n
-                      device float* out [[buffer(2)]],  // extent: p.n
+template <typename T>
+kernel void relu_grad(device const T* g [[buffer(0)]],  // extent: p.n
+                      device const T* x [[buffer(1)]],  // extent: p.n
+                      device T* out [[buffer(2)]],  // extent: p.n
                       constant CountParams& p [[buffer(3)]],
                       uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = x[i] <= 0.0f ? 0.0f : g[i];
+    if (i < p.n) out[i] = T(float(x[i]) <= 0.0f ? 0.0f : float(g[i]));
 }
+
+template [[host_name("relu_grad")]] [[kernel]] decltype(relu_grad<float>) relu_grad<float>;
+template [[host_name("relu_grad_f16")]] [[kernel]] decltype(relu_grad<half>) relu_grad<half>;
+template [[host_name("relu_grad_bf16")]] [[kernel]] decltype(relu_grad<bfloat>) relu_grad<bfloat>;
 
 struct LeakyParams {
     uint n;
     float slope;
 };
 
-kernel void leaky_relu(device const float* x [[buffer(0)]],  // extent: p.n
-                       device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void leaky_relu(device const T* x [[buffer(0)]],  // extent: p.n
+                       device T* out [[buffer(1)]],  // extent: p.n
                        constant LeakyParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = x[i] > 0.0f ? x[i] : p.slope * x[i];
+    if (i >= p.n) return;
+    float v = float(x[i]);
+    out[i] = T(v > 0.0f ? v : p.slope * v);
 }
 
-kernel void leaky_relu_grad(device const float* g [[buffer(0)]],  // extent: p.n
-                            device const float* x [[buffer(1)]],  // extent: p.n
-                            device float* out [[buffer(2)]],  // extent: p.n
+template [[host_name("leaky_relu")]] [[kernel]] decltype(leaky_relu<float>) leaky_relu<float>;
+template [[host_name("leaky_relu_f16")]] [[kernel]] decltype(leaky_relu<half>) leaky_relu<half>;
+template [[host_name("leaky_relu_bf16")]] [[kernel]] decltype(leaky_relu<bfloat>) leaky_relu<bfloat>;
+
+template <typename T>
+kernel void leaky_relu_grad(device const T* g [[buffer(0)]],  // extent: p.n
+                            device const T* x [[buffer(1)]],  // extent: p.n
+                            device T* out [[buffer(2)]],  // extent: p.n
                             constant LeakyParams& p [[buffer(3)]],
                             uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = x[i] > 0.0f ? g[i] : p.slope * g[i];
+    if (i >= p.n) return;
+    float gi = float(g[i]);
+    out[i] = T(float(x[i]) > 0.0f ? gi : p.slope * gi);
 }
+
+template [[host_name("leaky_relu_grad")]] [[kernel]] decltype(leaky_relu_grad<float>) leaky_relu_grad<float>;
+template [[host_name("leaky_relu_grad_f16")]] [[kernel]] decltype(leaky_relu_grad<half>) leaky_relu_grad<half>;
+template [[host_name("leaky_relu_grad_bf16")]] [[kernel]] decltype(leaky_relu_grad<bfloat>) leaky_relu_grad<bfloat>;
 
 // 1/(1 + e^-x); precise::exp so that e^-x overflows to inf (giving 0) instead of NaN.
-kernel void sigmoid(device const float* x [[buffer(0)]],  // extent: p.n
-                    device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void sigmoid(device const T* x [[buffer(0)]],  // extent: p.n
+                    device T* out [[buffer(1)]],  // extent: p.n
                     constant CountParams& p [[buffer(2)]],
                     uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = 1.0f / (1.0f + precise::exp(-x[i]));
+    if (i < p.n) out[i] = T(1.0f / (1.0f + precise::exp(-float(x[i]))));
 }
 
+template [[host_name("sigmoid")]] [[kernel]] decltype(sigmoid<float>) sigmoid<float>;
+template [[host_name("sigmoid_f16")]] [[kernel]] decltype(sigmoid<half>) sigmoid<half>;
+template [[host_name("sigmoid_bf16")]] [[kernel]] decltype(sigmoid<bfloat>) sigmoid<bfloat>;
+
 // dx = g·y·(1 − y), y the sigmoid's output
-kernel void sigmoid_grad(device const float* g [[buffer(0)]],  // extent: p.n
-                         device const float* y [[buffer(1)]],  // extent: p.n
-                         device float* out [[buffer(2)]],  // extent: p.n
+template <typename T>
+kernel void sigmoid_grad(device const T* g [[buffer(0)]],  // extent: p.n
+                         device const T* y [[buffer(1)]],  // extent: p.n
+                         device T* out [[buffer(2)]],  // extent: p.n
                          constant CountParams& p [[buffer(3)]],
                          uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = g[i] * y[i] * (1.0f - y[i]);
+    if (i >= p.n) return;
+    float v = float(y[i]);
+    out[i] = T(float(g[i]) * v * (1.0f - v));
 }
+
+template [[host_name("sigmoid_grad")]] [[kernel]] decltype(sigmoid_grad<float>) sigmoid_grad<float>;
+template [[host_name("sigmoid_grad_f16")]] [[kernel]] decltype(sigmoid_grad<half>) sigmoid_grad<half>;
+template [[host_name("sigmoid_grad_bf16")]] [[kernel]] decltype(sigmoid_grad<bfloat>) sigmoid_grad<bfloat>;
 
 // The op is `tanh`; the kernel is not, so it cannot shadow metal::tanh. precise:: because fast
 // tanh returns NaN past |x| ≈ 44.
-kernel void tanh_activation(device const float* x [[buffer(0)]],  // extent: p.n
-                            device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void tanh_activation(device const T* x [[buffer(0)]],  // extent: p.n
+                            device T* out [[buffer(1)]],  // extent: p.n
                             constant CountParams& p [[buffer(2)]],
                             uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = precise::tanh(x[i]);
+    if (i < p.n) out[i] = T(precise::tanh(float(x[i])));
 }
 
+template [[host_name("tanh_activation")]] [[kernel]] decltype(tanh_activation<float>) tanh_activation<float>;
+template [[host_name("tanh_activation_f16")]] [[kernel]] decltype(tanh_activation<half>) tanh_activation<half>;
+template [[host_name("tanh_activation_bf16")]] [[kernel]] decltype(tanh_activation<bfloat>) tanh_activation<bfloat>;
+
 // dx = g·(1 − y²), y the tanh's output
-kernel void tanh_grad(device const float* g [[buffer(0)]],  // extent: p.n
-                      device const float* y [[buffer(1)]],  // extent: p.n
-                      device float* out [[buffer(2)]],  // extent: p.n
+template <typename T>
+kernel void tanh_grad(device const T* g [[buffer(0)]],  // extent: p.n
+                      device const T* y [[buffer(1)]],  // extent: p.n
+                      device T* out [[buffer(2)]],  // extent: p.n
                       constant CountParams& p [[buffer(3)]],
                       uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = g[i] * (1.0f - y[i] * y[i]);
+    if (i >= p.n) return;
+    float v = float(y[i]);
+    out[i] = T(float(g[i]) * (1.0f - v * v));
 }
+
+template [[host_name("tanh_grad")]] [[kernel]] decltype(tanh_grad<float>) tanh_grad<float>;
+template [[host_name("tanh_grad_f16")]] [[kernel]] decltype(tanh_grad<half>) tanh_grad<half>;
+template [[host_name("tanh_grad_bf16")]] [[kernel]] decltype(tanh_grad<bfloat>) tanh_grad<bfloat>;
 
 // ---------------------------------------------------------------- math
 //
 // Kernels named like the op would shadow Metal's functions (exp, log, sqrt, ...), so they are the
 // op's name with `_op`. precise:: wherever the result must hold for large or tiny inputs.
 
-kernel void exp_op(device const float* x [[buffer(0)]],  // extent: p.n
-                   device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void exp_op(device const T* x [[buffer(0)]],  // extent: p.n
+                   device T* out [[buffer(1)]],  // extent: p.n
                    constant CountParams& p [[buffer(2)]],
                    uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = precise::exp(x[i]);
+    if (i < p.n) out[i] = T(precise::exp(float(x[i])));
 }
 
-kernel void log_op(device const float* x [[buffer(0)]],  // extent: p.n
-                   device float* out [[buffer(1)]],  // extent: p.n
+template [[host_name("exp_op")]] [[kernel]] decltype(exp_op<float>) exp_op<float>;
+template [[host_name("exp_op_f16")]] [[kernel]] decltype(exp_op<half>) exp_op<half>;
+template [[host_name("exp_op_bf16")]] [[kernel]] decltype(exp_op<bfloat>) exp_op<bfloat>;
+
+template <typename T>
+kernel void log_op(device const T* x [[buffer(0)]],  // extent: p.n
+                   device T* out [[buffer(1)]],  // extent: p.n
                    constant CountParams& p [[buffer(2)]],
                    uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = precise::log(x[i]);
+    if (i < p.n) out[i] = T(precise::log(float(x[i])));
 }
 
-kernel void sqrt_op(device const float* x [[buffer(0)]],  // extent: p.n
-                    device float* out [[buffer(1)]],  // extent: p.n
+template [[host_name("log_op")]] [[kernel]] decltype(log_op<float>) log_op<float>;
+template [[host_name("log_op_f16")]] [[kernel]] decltype(log_op<half>) log_op<half>;
+template [[host_name("log_op_bf16")]] [[kernel]] decltype(log_op<bfloat>) log_op<bfloat>;
+
+template <typename T>
+kernel void sqrt_op(device const T* x [[buffer(0)]],  // extent: p.n
+                    device T* out [[buffer(1)]],  // extent: p.n
                     constant CountParams& p [[buffer(2)]],
                     uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = precise::sqrt(x[i]);
+    if (i < p.n) out[i] = T(precise::sqrt(float(x[i])));
 }
 
-kernel void rsqrt_op(device const float* x [[buffer(0)]],  // extent: p.n
-                     device float* out [[buffer(1)]],  // extent: p.n
+template [[host_name("sqrt_op")]] [[kernel]] decltype(sqrt_op<float>) sqrt_op<float>;
+template [[host_name("sqrt_op_f16")]] [[kernel]] decltype(sqrt_op<half>) sqrt_op<half>;
+template [[host_name("sqrt_op_bf16")]] [[kernel]] decltype(sqrt_op<bfloat>) sqrt_op<bfloat>;
+
+template <typename T>
+kernel void rsqrt_op(device const T* x [[buffer(0)]],  // extent: p.n
+                     device T* out [[buffer(1)]],  // extent: p.n
                      constant CountParams& p [[buffer(2)]],
                      uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = precise::rsqrt(x[i]);
+    if (i < p.n) out[i] = T(precise::rsqrt(float(x[i])));
 }
 
-kernel void abs_op(device const float* x [[buffer(0)]],  // extent: p.n
-                   device float* out [[buffer(1)]],  // extent: p.n
+template [[host_name("rsqrt_op")]] [[kernel]] decltype(rsqrt_op<float>) rsqrt_op<float>;
+template [[host_name("rsqrt_op_f16")]] [[kernel]] decltype(rsqrt_op<half>) rsqrt_op<half>;
+template [[host_name("rsqrt_op_bf16")]] [[kernel]] decltype(rsqrt_op<bfloat>) rsqrt_op<bfloat>;
+
+template <typename T>
+kernel void abs_op(device const T* x [[buffer(0)]],  // extent: p.n
+                   device T* out [[buffer(1)]],  // extent: p.n
                    constant CountParams& p [[buffer(2)]],
                    uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = fabs(x[i]);
+    if (i < p.n) out[i] = T(fabs(float(x[i])));
 }
 
+template [[host_name("abs_op")]] [[kernel]] decltype(abs_op<float>) abs_op<float>;
+template [[host_name("abs_op_f16")]] [[kernel]] decltype(abs_op<half>) abs_op<half>;
+template [[host_name("abs_op_bf16")]] [[kernel]] decltype(abs_op<bfloat>) abs_op<bfloat>;
+
 // dx = g·sign(x): 0 at the kink, and 0 where x is NaN (Metal's sign, and PyTorch's)
-kernel void abs_grad(device const float* g [[buffer(0)]],  // extent: p.n
-                     device const float* x [[buffer(1)]],  // extent: p.n
-                     device float* out [[buffer(2)]],  // extent: p.n
+template <typename T>
+kernel void abs_grad(device const T* g [[buffer(0)]],  // extent: p.n
+                     device const T* x [[buffer(1)]],  // extent: p.n
+                     device T* out [[buffer(2)]],  // extent: p.n
                      constant CountParams& p [[buffer(3)]],
                      uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = g[i] * sign(x[i]);
+    if (i < p.n) out[i] = T(float(g[i]) * sign(float(x[i])));
 }
+
+template [[host_name("abs_grad")]] [[kernel]] decltype(abs_grad<float>) abs_grad<float>;
+template [[host_name("abs_grad_f16")]] [[kernel]] decltype(abs_grad<half>) abs_grad<half>;
+template [[host_name("abs_grad_bf16")]] [[kernel]] decltype(abs_grad<bfloat>) abs_grad<bfloat>;
 
 struct ClampParams {
     uint n;
@@ -366,21 +495,36 @@ struct ClampParams {
 };
 
 // Not metal::clamp, whose fmin/fmax would clip NaN to a bound: NaN stays NaN, as in PyTorch.
-kernel void clamp_op(device const float* x [[buffer(0)]],  // extent: p.n
-                     device float* out [[buffer(1)]],  // extent: p.n
+// A bound between two values of T rounds to one of them when stored, as the result of any op does.
+template <typename T>
+kernel void clamp_op(device const T* x [[buffer(0)]],  // extent: p.n
+                     device T* out [[buffer(1)]],  // extent: p.n
                      constant ClampParams& p [[buffer(2)]],
                      uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = x[i] < p.min ? p.min : x[i] > p.max ? p.max : x[i];
+    if (i >= p.n) return;
+    float v = float(x[i]);
+    out[i] = T(v < p.min ? p.min : v > p.max ? p.max : v);
 }
 
+template [[host_name("clamp_op")]] [[kernel]] decltype(clamp_op<float>) clamp_op<float>;
+template [[host_name("clamp_op_f16")]] [[kernel]] decltype(clamp_op<half>) clamp_op<half>;
+template [[host_name("clamp_op_bf16")]] [[kernel]] decltype(clamp_op<bfloat>) clamp_op<bfloat>;
+
 // dx = g where min ≤ x ≤ max (the bounds included, as PyTorch), else 0 (NaN included)
-kernel void clamp_grad(device const float* g [[buffer(0)]],  // extent: p.n
-                       device const float* x [[buffer(1)]],  // extent: p.n
-                       device float* out [[buffer(2)]],  // extent: p.n
+template <typename T>
+kernel void clamp_grad(device const T* g [[buffer(0)]],  // extent: p.n
+                       device const T* x [[buffer(1)]],  // extent: p.n
+                       device T* out [[buffer(2)]],  // extent: p.n
                        constant ClampParams& p [[buffer(3)]],
                        uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = x[i] >= p.min && x[i] <= p.max ? g[i] : 0.0f;
+    if (i >= p.n) return;
+    float v = float(x[i]);
+    out[i] = T(v >= p.min && v <= p.max ? float(g[i]) : 0.0f);
 }
+
+template [[host_name("clamp_grad")]] [[kernel]] decltype(clamp_grad<float>) clamp_grad<float>;
+template [[host_name("clamp_grad_f16")]] [[kernel]] decltype(clamp_grad<half>) clamp_grad<half>;
+template [[host_name("clamp_grad_bf16")]] [[kernel]] decltype(clamp_grad<bfloat>) clamp_grad<bfloat>;
 
 struct PowerParams {
     uint n;
@@ -390,15 +534,20 @@ struct PowerParams {
 // x^e. Metal's pow is defined for x ≥ 0 only, so a negative base is raised by its magnitude and
 // takes the sign an integer power gives it (odd: negative); to any other power it is NaN, as in
 // PyTorch. x^0 is 1 for every x, NaN included.
-kernel void power(device const float* x [[buffer(0)]],  // extent: p.n
-                  device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void power(device const T* x [[buffer(0)]],  // extent: p.n
+                  device T* out [[buffer(1)]],  // extent: p.n
                   constant PowerParams& p [[buffer(2)]],
                   uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
-    float v = x[i], e = p.exponent, r = precise::pow(fabs(v), e);
+    float v = float(x[i]), e = p.exponent, r = precise::pow(fabs(v), e);
     bool integral = e == rint(e), odd = fabs(fmod(e, 2.0f)) == 1.0f;  // ±∞: integral, even
-    out[i] = e == 0.0f ? 1.0f : !(v < 0.0f) ? r : !integral ? NAN : odd ? -r : r;
+    out[i] = T(e == 0.0f ? 1.0f : !(v < 0.0f) ? r : !integral ? NAN : odd ? -r : r);
 }
+
+template [[host_name("power")]] [[kernel]] decltype(power<float>) power<float>;
+template [[host_name("power_f16")]] [[kernel]] decltype(power<half>) power<half>;
+template [[host_name("power_bf16")]] [[kernel]] decltype(power<bfloat>) power<bfloat>;
 
 // Φ(x), the standard normal distribution function, as erfc(−x/√2)/2 with erfc by the Chebyshev
 // fit of Press et al. (Numerical Recipes, erfcc): relative error below 1.2e−7 everywhere, so
@@ -413,42 +562,67 @@ inline float normal_cdf(float x) {
 }
 
 // x·Φ(x): the exact GELU (PyTorch's default, approximate="none"), not the tanh approximation.
-kernel void gelu(device const float* x [[buffer(0)]],  // extent: p.n
-                 device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void gelu(device const T* x [[buffer(0)]],  // extent: p.n
+                 device T* out [[buffer(1)]],  // extent: p.n
                  constant CountParams& p [[buffer(2)]],
                  uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = x[i] * normal_cdf(x[i]);
+    if (i >= p.n) return;
+    float v = float(x[i]);
+    out[i] = T(v * normal_cdf(v));
 }
+
+template [[host_name("gelu")]] [[kernel]] decltype(gelu<float>) gelu<float>;
+template [[host_name("gelu_f16")]] [[kernel]] decltype(gelu<half>) gelu<half>;
+template [[host_name("gelu_bf16")]] [[kernel]] decltype(gelu<bfloat>) gelu<bfloat>;
 
 // dx = g·(Φ(x) + x·φ(x)), φ the standard normal density
-kernel void gelu_grad(device const float* g [[buffer(0)]],  // extent: p.n
-                      device const float* x [[buffer(1)]],  // extent: p.n
-                      device float* out [[buffer(2)]],  // extent: p.n
+template <typename T>
+kernel void gelu_grad(device const T* g [[buffer(0)]],  // extent: p.n
+                      device const T* x [[buffer(1)]],  // extent: p.n
+                      device T* out [[buffer(2)]],  // extent: p.n
                       constant CountParams& p [[buffer(3)]],
                       uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
-    float v = x[i];
-    out[i] = g[i] * (normal_cdf(v) + v * 0.39894228f * precise::exp(-0.5f * v * v));
+    float v = float(x[i]);
+    out[i] = T(float(g[i]) * (normal_cdf(v) + v * 0.39894228f * precise::exp(-0.5f * v * v)));
 }
+
+template [[host_name("gelu_grad")]] [[kernel]] decltype(gelu_grad<float>) gelu_grad<float>;
+template [[host_name("gelu_grad_f16")]] [[kernel]] decltype(gelu_grad<half>) gelu_grad<half>;
+template [[host_name("gelu_grad_bf16")]] [[kernel]] decltype(gelu_grad<bfloat>) gelu_grad<bfloat>;
 
 // x·σ(x); precise::exp so that e^-x overflows to inf (σ = 0) instead of NaN.
-kernel void silu(device const float* x [[buffer(0)]],  // extent: p.n
-                 device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void silu(device const T* x [[buffer(0)]],  // extent: p.n
+                 device T* out [[buffer(1)]],  // extent: p.n
                  constant CountParams& p [[buffer(2)]],
                  uint i [[thread_position_in_grid]]) {
-    if (i < p.n) out[i] = x[i] / (1.0f + precise::exp(-x[i]));
+    if (i >= p.n) return;
+    float v = float(x[i]);
+    out[i] = T(v / (1.0f + precise::exp(-v)));
 }
 
+template [[host_name("silu")]] [[kernel]] decltype(silu<float>) silu<float>;
+template [[host_name("silu_f16")]] [[kernel]] decltype(silu<half>) silu<half>;
+template [[host_name("silu_bf16")]] [[kernel]] decltype(silu<bfloat>) silu<bfloat>;
+
 // dx = g·σ(x)·(1 + x·(1 − σ(x)))
-kernel void silu_grad(device const float* g [[buffer(0)]],  // extent: p.n
-                      device const float* x [[buffer(1)]],  // extent: p.n
-                      device float* out [[buffer(2)]],  // extent: p.n
+template <typename T>
+kernel void silu_grad(device const T* g [[buffer(0)]],  // extent: p.n
+                      device const T* x [[buffer(1)]],  // extent: p.n
+                      device T* out [[buffer(2)]],  // extent: p.n
                       constant CountParams& p [[buffer(3)]],
                       uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
-    float s = 1.0f / (1.0f + precise::exp(-x[i]));
-    out[i] = g[i] * s * (1.0f + x[i] * (1.0f - s));
+    float v = float(x[i]);
+    float s = 1.0f / (1.0f + precise::exp(-v));
+    out[i] = T(float(g[i]) * s * (1.0f + v * (1.0f - s)));
 }
+
+template [[host_name("silu_grad")]] [[kernel]] decltype(silu_grad<float>) silu_grad<float>;
+template [[host_name("silu_grad_f16")]] [[kernel]] decltype(silu_grad<half>) silu_grad<half>;
+template [[host_name("silu_grad_bf16")]] [[kernel]] decltype(silu_grad<bfloat>) silu_grad<bfloat>;
 
 struct DropoutParams {
     uint n;
@@ -458,15 +632,21 @@ struct DropoutParams {
 // out = x·(u ≥ p)/(1 − p), with u uniform in [0, 1) drawn afresh each step and read again by
 // the gradient (which is this kernel applied to g: dropout is linear in x). A dropped element
 // is x·0, not 0, so a NaN stays NaN, as in PyTorch; p = 1 drops everything (scale 0, not ∞).
-kernel void dropout(device const float* x [[buffer(0)]],  // extent: p.n
-                    device const float* u [[buffer(1)]],  // extent: p.n
-                    device float* out [[buffer(2)]],  // extent: p.n
+// u has x's storage type: rounded to half or bfloat, it still decides the mask as stored.
+template <typename T>
+kernel void dropout(device const T* x [[buffer(0)]],  // extent: p.n
+                    device const T* u [[buffer(1)]],  // extent: p.n
+                    device T* out [[buffer(2)]],  // extent: p.n
                     constant DropoutParams& p [[buffer(3)]],
                     uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
     float scale = p.p < 1.0f ? 1.0f / (1.0f - p.p) : 0.0f;
-    out[i] = x[i] * (u[i] >= p.p ? scale : 0.0f);
+    out[i] = T(float(x[i]) * (float(u[i]) >= p.p ? scale : 0.0f));
 }
+
+template [[host_name("dropout")]] [[kernel]] decltype(dropout<float>) dropout<float>;
+template [[host_name("dropout_f16")]] [[kernel]] decltype(dropout<half>) dropout<half>;
+template [[host_name("dropout_bf16")]] [[kernel]] decltype(dropout<bfloat>) dropout<bfloat>;
 
 struct SoftmaxParams {
     uint positions;  // N·inner
@@ -476,36 +656,48 @@ struct SoftmaxParams {
 
 // Softmax over dim 1 of (N, C, inner): one thread per (n, position), walking the channels at
 // stride `inner` (neighbouring threads read neighbouring addresses). The max and the sum come
-// in one pass, the sum rescaled whenever the running max grows.
-kernel void softmax(device const float* x [[buffer(0)]],  // extent: p.positions * p.channels
-                    device float* out [[buffer(1)]],  // extent: p.positions * p.channels
+// in one pass, the sum rescaled whenever the running max grows; both stay float, and each
+// output rounds once to T.
+template <typename T>
+kernel void softmax(device const T* x [[buffer(0)]],  // extent: p.positions * p.channels
+                    device T* out [[buffer(1)]],  // extent: p.positions * p.channels
                     constant SoftmaxParams& p [[buffer(2)]],
                     uint i [[thread_position_in_grid]]) {
     if (i >= p.positions) return;
     uint base = (i / p.inner) * p.channels * p.inner + i % p.inner;
-    float m = x[base], sum = 0.0f;  // (not -INFINITY: NVRTC has no __builtin_inff)
+    float m = float(x[base]), sum = 0.0f;  // (not -INFINITY: NVRTC has no __builtin_inff)
     for (uint c = 0; c < p.channels; c++) {
-        float v = x[base + c * p.inner];
+        float v = float(x[base + c * p.inner]);
         float m_new = max(m, v);
         sum = sum * precise::exp(m - m_new) + precise::exp(v - m_new);
         m = m_new;
     }
     float inv = 1.0f / sum;
-    for (uint c = 0; c < p.channels; c++) out[base + c * p.inner] = precise::exp(x[base + c * p.inner] - m) * inv;
+    for (uint c = 0; c < p.channels; c++)
+        out[base + c * p.inner] = T(precise::exp(float(x[base + c * p.inner]) - m) * inv);
 }
 
-// dx_c = y_c·(g_c − Σ_k g_k·y_k), y the softmax's output
-kernel void softmax_grad(device const float* g [[buffer(0)]],  // extent: p.positions * p.channels
-                         device const float* y [[buffer(1)]],  // extent: p.positions * p.channels
-                         device float* out [[buffer(2)]],  // extent: p.positions * p.channels
+template [[host_name("softmax")]] [[kernel]] decltype(softmax<float>) softmax<float>;
+template [[host_name("softmax_f16")]] [[kernel]] decltype(softmax<half>) softmax<half>;
+template [[host_name("softmax_bf16")]] [[kernel]] decltype(softmax<bfloat>) softmax<bfloat>;
+
+// dx_c = y_c·(g_c − Σ_k g_k·y_k), y the softmax's output; the dot product stays float.
+template <typename T>
+kernel void softmax_grad(device const T* g [[buffer(0)]],  // extent: p.positions * p.channels
+                         device const T* y [[buffer(1)]],  // extent: p.positions * p.channels
+                         device T* out [[buffer(2)]],  // extent: p.positions * p.channels
                          constant SoftmaxParams& p [[buffer(3)]],
                          uint i [[thread_position_in_grid]]) {
     if (i >= p.positions) return;
     uint base = (i / p.inner) * p.channels * p.inner + i % p.inner;
     float dot_gy = 0.0f;
-    for (uint c = 0; c < p.channels; c++) dot_gy = fma(g[base + c * p.inner], y[base + c * p.inner], dot_gy);
+    for (uint c = 0; c < p.channels; c++) dot_gy = fma(float(g[base + c * p.inner]), float(y[base + c * p.inner]), dot_gy);
     for (uint c = 0; c < p.channels; c++) {
         uint at = base + c * p.inner;
-        out[at] = y[at] * (g[at] - dot_gy);
+        out[at] = T(float(y[at]) * (float(g[at]) - dot_gy));
     }
 }
+
+template [[host_name("softmax_grad")]] [[kernel]] decltype(softmax_grad<float>) softmax_grad<float>;
+template [[host_name("softmax_grad_f16")]] [[kernel]] decltype(softmax_grad<half>) softmax_grad<half>;
+template [[host_name("softmax_grad_bf16")]] [[kernel]] decltype(softmax_grad<bfloat>) softmax_grad<bfloat>;

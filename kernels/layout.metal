@@ -1,4 +1,6 @@
-// Moving data between layouts.
+// Moving data between layouts. The ops' kernels are templates over the storage type T (float,
+// half, bfloat), instantiated as `name`, `name_f16` and `name_bf16`, and move T values as they
+// are: every result is bit for bit an input element (or zero).
 #include <metal_stdlib>
 using namespace metal;
 
@@ -10,7 +12,8 @@ struct TransposeParams {
 // out (cols×rows) = xᵀ (x is rows×cols, row-major), through a 32×32 tile in threadgroup
 // memory so that both the read and the write are coalesced. Threadgroups of 32×8 threads,
 // each thread moving four elements; the tile's extra column keeps the column reads free
-// of bank conflicts.
+// of bank conflicts. Float only: no op dispatches it (the transpose op is a `gather`); it is the
+// threadgroup-memory kernel of `mlmetal demo` and of the wrapper generator's tests.
 kernel void transpose(device const float* x [[buffer(0)]],  // extent: p.rows * p.cols
                       device float* out [[buffer(1)]],  // extent: p.rows * p.cols
                       constant TransposeParams& p [[buffer(2)]],
@@ -41,14 +44,44 @@ struct ChannelCopyParams {
 
 // dst[n, dst_offset + c, i] = src[n, src_offset + c, i] for c < channels: one dispatch per
 // input of a concat, or the one copy of a slice (and of its gradient).
-kernel void copy_channels(device const float* src [[buffer(0)]],  // extent: p.count / (p.inner * p.channels) * p.src_channels * p.inner
-                          device float* dst [[buffer(1)]],  // extent: p.count / (p.inner * p.channels) * p.dst_channels * p.inner
+template <typename T>
+kernel void copy_channels(device const T* src [[buffer(0)]],  // extent: p.count / (p.inner * p.channels) * p.src_channels * p.inner
+                          device T* dst [[buffer(1)]],  // extent: p.count / (p.inner * p.channels) * p.dst_channels * p.inner
                           constant ChannelCopyParams& p [[buffer(2)]],
                           uint j [[thread_position_in_grid]]) {
     if (j >= p.count) return;
     uint i = j % p.inner, c = (j / p.inner) % p.channels, n = j / (p.inner * p.channels);
     dst[(n * p.dst_channels + p.dst_offset + c) * p.inner + i] = src[(n * p.src_channels + p.src_offset + c) * p.inner + i];
 }
+
+template [[host_name("copy_channels")]] [[kernel]] decltype(copy_channels<float>) copy_channels<float>;
+template [[host_name("copy_channels_f16")]] [[kernel]] decltype(copy_channels<half>) copy_channels<half>;
+template [[host_name("copy_channels_bf16")]] [[kernel]] decltype(copy_channels<bfloat>) copy_channels<bfloat>;
+
+struct SliceChannelsGradParams {
+    uint count;       // elements of dx: outer·channels·inner
+    uint channels;    // dx's channels
+    uint inner;       // elements per channel per sample (H·W)
+    uint g_channels;  // the slice's channels ...
+    uint start;       // ... and the first of dx's that it fills
+};
+
+// dx of slice_channels: g in channels start … start + g_channels − 1, 0 in the others, written
+// as one read (or zero) for every element of dx (no zero fill first).
+template <typename T>
+kernel void slice_channels_grad(device const T* g [[buffer(0)]],  // extent: p.count / p.channels * p.g_channels
+                                device T* dx [[buffer(1)]],  // extent: p.count
+                                constant SliceChannelsGradParams& p [[buffer(2)]],
+                                uint j [[thread_position_in_grid]]) {
+    if (j >= p.count) return;
+    uint i = j % p.inner, c = (j / p.inner) % p.channels, n = j / (p.inner * p.channels);
+    bool inside = c >= p.start && c - p.start < p.g_channels;
+    dx[j] = inside ? g[(n * p.g_channels + c - p.start) * p.inner + i] : T(0.0f);
+}
+
+template [[host_name("slice_channels_grad")]] [[kernel]] decltype(slice_channels_grad<float>) slice_channels_grad<float>;
+template [[host_name("slice_channels_grad_f16")]] [[kernel]] decltype(slice_channels_grad<half>) slice_channels_grad<half>;
+template [[host_name("slice_channels_grad_bf16")]] [[kernel]] decltype(slice_channels_grad<bfloat>) slice_channels_grad<bfloat>;
 
 struct GatherParams {
     uint n;          // output elements
@@ -62,8 +95,9 @@ struct GatherParams {
 // out[i] = x[offset + Σ_d i_d·stride_d], i_d the coordinates of i: a permutation of the axes, a
 // strided slice or a broadcast, each one strided read into a contiguous output. (Tensors are
 // contiguous, so a view is a copy; the host merges axes the strides walk as one.)
-kernel void gather(device const float* x [[buffer(0)]],  // extent: p.src_size
-                   device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void gather(device const T* x [[buffer(0)]],  // extent: p.src_size
+                   device T* out [[buffer(1)]],  // extent: p.n
                    constant GatherParams& p [[buffer(2)]],
                    uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -75,6 +109,10 @@ kernel void gather(device const float* x [[buffer(0)]],  // extent: p.src_size
     }
     out[i] = x[at];
 }
+
+template [[host_name("gather")]] [[kernel]] decltype(gather<float>) gather<float>;
+template [[host_name("gather_f16")]] [[kernel]] decltype(gather<half>) gather<half>;
+template [[host_name("gather_bf16")]] [[kernel]] decltype(gather<bfloat>) gather<bfloat>;
 
 struct SliceGradParams {
     uint n;            // elements of x (and of the gradient written)
@@ -89,8 +127,9 @@ struct SliceGradParams {
 
 // dx of strided_slice: g where x's element is in the slice, 0 elsewhere, written as a read for
 // every element of dx (no zero fill first, no scattered writes).
-kernel void strided_slice_grad(device const float* g [[buffer(0)]],  // extent: p.g_size
-                               device float* out [[buffer(1)]],  // extent: p.n
+template <typename T>
+kernel void strided_slice_grad(device const T* g [[buffer(0)]],  // extent: p.g_size
+                               device T* out [[buffer(1)]],  // extent: p.n
                                constant SliceGradParams& p [[buffer(2)]],
                                uint i [[thread_position_in_grid]]) {
     if (i >= p.n) return;
@@ -103,5 +142,9 @@ kernel void strided_slice_grad(device const float* g [[buffer(0)]],  // extent: 
         inside = inside && k * p.step[d] == from_start && k >= 0 && uint(k) < p.count[d];
         at += uint(k) * p.g_stride[d];
     }
-    out[i] = inside ? g[at] : 0.0f;
+    out[i] = inside ? g[at] : T(0.0f);
 }
+
+template [[host_name("strided_slice_grad")]] [[kernel]] decltype(strided_slice_grad<float>) strided_slice_grad<float>;
+template [[host_name("strided_slice_grad_f16")]] [[kernel]] decltype(strided_slice_grad<half>) strided_slice_grad<half>;
+template [[host_name("strided_slice_grad_bf16")]] [[kernel]] decltype(strided_slice_grad<bfloat>) strided_slice_grad<bfloat>;

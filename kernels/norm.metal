@@ -1,4 +1,4 @@
-// Instance, group, layer and batch normalisation over float32 tensors, forward and backward.
+// Instance, group, layer and batch normalisation, forward and backward.
 //
 // Each normalises a group of elements by the group's mean and variance, then scales and shifts
 // each element by its γ and β entry. One threadgroup handles one group, which is `rows` blocks of
@@ -21,6 +21,12 @@
 // whose terms are all non-negative. The values are first shifted by the group's first
 // element, so that a mean far from zero (relative to the spread) costs no precision in the
 // sums: x − mean is computed as (x − shift) − shifted mean.
+//
+// The kernels that read or write activations (x, out, g, dx) are templates over their storage
+// type T (float, half, bfloat), instantiated as `name`, `name_f16` and `name_bf16`: they load into
+// float, compute in float and round once when they store. γ, β, the statistics, the running
+// statistics and the γ and β gradients are float32 whatever T (mixed precision keeps them so);
+// the kernels that touch only those (norm_param_grad, batch_norm_update) are not templates.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -93,16 +99,17 @@ inline bool fits_cache(constant NormParams& p, uint tpg) {
 
 // The group's statistics, to every thread. When the group fits, cache[k] receives this
 // thread's k-th element minus the shift.
-inline Moments group_moments(device const float* x, constant NormParams& p, uint group, uint lid, uint tpg,
+template <typename T>
+inline Moments group_moments(device const T* x, constant NormParams& p, uint group, uint lid, uint tpg,
                              thread float* cache, threadgroup float* scratch, uint lane, uint sg, uint nsg) {
-    float shift = x[block_offset(p, group, 0)];
+    float shift = float(x[block_offset(p, group, 0)]);
     float count = float(p.rows * p.hw);
     if (fits_cache(p, tpg)) {
-        device const float* block = x + block_offset(p, group, 0);
+        device const T* block = x + block_offset(p, group, 0);
         float sum = 0.0f;
         for (uint k = 0; k < NORM_CACHE; k++) {
             uint i = lid + k * tpg;
-            cache[k] = i < p.hw ? block[i] - shift : 0.0f;
+            cache[k] = i < p.hw ? float(block[i]) - shift : 0.0f;
             sum += cache[k];
         }
         float mean = group_sum(sum, scratch, lane, sg, nsg) / count;
@@ -116,8 +123,8 @@ inline Moments group_moments(device const float* x, constant NormParams& p, uint
     }
     float n = 0.0f, mean = 0.0f, m2 = 0.0f;
     for (uint r = 0; r < p.rows; r++) {
-        device const float* block = x + block_offset(p, group, r);
-        for (uint i = lid; i < p.hw; i += tpg) welford(block[i] - shift, n, mean, m2);
+        device const T* block = x + block_offset(p, group, r);
+        for (uint i = lid; i < p.hw; i += tpg) welford(float(block[i]) - shift, n, mean, m2);
     }
     float total_mean = group_sum(n * mean, scratch, lane, sg, nsg) / count;
     float d = mean - total_mean;
@@ -127,10 +134,11 @@ inline Moments group_moments(device const float* x, constant NormParams& p, uint
 }
 
 // out = (x − mean)/√(var + eps)·γ + β; stats[group] = (mean, var) for batch norm's running averages.
-kernel void norm_forward(device const float* x [[buffer(0)]],
+template <typename T>
+kernel void norm_forward(device const T* x [[buffer(0)]],
                          device const float* gamma [[buffer(1)]],  // extent: p.channels * p.planes
                          device const float* beta [[buffer(2)]],  // extent: p.channels * p.planes
-                         device float* out [[buffer(3)]],
+                         device T* out [[buffer(3)]],
                          device float* stats [[buffer(4)]],
                          constant NormParams& p [[buffer(5)]],
                          uint group [[threadgroup_position_in_grid]],
@@ -147,18 +155,19 @@ kernel void norm_forward(device const float* x [[buffer(0)]],
     device const float* b_entry = beta + (group % p.channels) * p.planes;
     uint plane = p.hw / p.planes;
     if (fits_cache(p, tpg)) {
-        device float* block = out + block_offset(p, group, 0);
+        device T* block = out + block_offset(p, group, 0);
         Cursor at = cursor(lid, tpg, plane);
         for (uint k = 0; k < NORM_CACHE; k++, advance(at)) {
             uint i = lid + k * tpg;
-            if (i < p.hw) block[i] = fma(cache[k] - m.mean, g_entry[at.plane] * rstd, b_entry[at.plane]);
+            if (i < p.hw) block[i] = T(fma(cache[k] - m.mean, g_entry[at.plane] * rstd, b_entry[at.plane]));
         }
     } else {
         for (uint r = 0; r < p.rows; r++) {
             uint base = block_offset(p, group, r);
             Cursor at = cursor(lid, tpg, plane);
             for (uint i = lid; i < p.hw; i += tpg, advance(at))
-                out[base + i] = fma((x[base + i] - m.shift) - m.mean, g_entry[at.plane] * rstd, b_entry[at.plane]);
+                out[base + i] = T(fma((float(x[base + i]) - m.shift) - m.mean, g_entry[at.plane] * rstd,
+                                      b_entry[at.plane]));
         }
     }
     if (lid == 0) {
@@ -167,16 +176,21 @@ kernel void norm_forward(device const float* x [[buffer(0)]],
     }
 }
 
+template [[host_name("norm_forward")]] [[kernel]] decltype(norm_forward<float>) norm_forward<float>;
+template [[host_name("norm_forward_f16")]] [[kernel]] decltype(norm_forward<half>) norm_forward<half>;
+template [[host_name("norm_forward_bf16")]] [[kernel]] decltype(norm_forward<bfloat>) norm_forward<bfloat>;
+
 // With x̂ = (x − mean)·rstd, m the group's size and ĝ = γ·g the gradient with respect to x̂:
 //   dx = rstd·(ĝ − Σĝ/m − x̂·Σ(ĝ·x̂)/m).
 // A group with one γ entry (instance, batch norm) sums g rather than ĝ and multiplies by γ
 // after: its Σ(g·x̂) and Σg are then also its shares of dγ and dβ, which go to partial[group]
 // (for norm_param_grad). A group of several planes writes (shift, mean, rstd) to
 // moments[group] instead, for norm_affine_grad or norm_affine_columns.
-kernel void norm_backward(device const float* g [[buffer(0)]],
-                          device const float* x [[buffer(1)]],
+template <typename T>
+kernel void norm_backward(device const T* g [[buffer(0)]],
+                          device const T* x [[buffer(1)]],
                           device const float* gamma [[buffer(2)]],  // extent: p.channels * p.planes
-                          device float* dx [[buffer(3)]],
+                          device T* dx [[buffer(3)]],
                           device float* partial [[buffer(4)]],
                           device float* moments [[buffer(5)]],
                           constant NormParams& p [[buffer(6)]],
@@ -190,10 +204,10 @@ kernel void norm_backward(device const float* g [[buffer(0)]],
     float cache[NORM_CACHE], g_cache[NORM_CACHE];
     bool cached = fits_cache(p, tpg);
     if (cached) {  // issue the loads of g before the statistics' reduction waits on x
-        device const float* block = g + block_offset(p, group, 0);
+        device const T* block = g + block_offset(p, group, 0);
         for (uint k = 0; k < NORM_CACHE; k++) {
             uint i = lid + k * tpg;
-            g_cache[k] = i < p.hw ? block[i] : 0.0f;
+            g_cache[k] = i < p.hw ? float(block[i]) : 0.0f;
         }
     }
     Moments m = group_moments(x, p, group, lid, tpg, cache, scratch, lane, sg, nsg);
@@ -214,9 +228,9 @@ kernel void norm_backward(device const float* g [[buffer(0)]],
             uint base = block_offset(p, group, r);
             Cursor at = cursor(lid, tpg, plane);
             for (uint i = lid; i < p.hw; i += tpg, advance(at)) {
-                float gv = one_entry ? g[base + i] : entry[at.plane] * g[base + i];
+                float gv = one_entry ? float(g[base + i]) : entry[at.plane] * float(g[base + i]);
                 sum_g += gv;
-                sum_gx = fma(gv, ((x[base + i] - m.shift) - m.mean) * rstd, sum_gx);
+                sum_gx = fma(gv, ((float(x[base + i]) - m.shift) - m.mean) * rstd, sum_gx);
             }
         }
     }
@@ -237,24 +251,28 @@ kernel void norm_backward(device const float* g [[buffer(0)]],
     float count = float(p.rows * p.hw);
     float mean_g = sum_g / count, mean_gx = sum_gx / count;
     if (cached) {
-        device float* block = dx + block_offset(p, group, 0);
+        device T* block = dx + block_offset(p, group, 0);
         Cursor at = cursor(lid, tpg, plane);
         for (uint k = 0; k < NORM_CACHE; k++, advance(at)) {
             uint i = lid + k * tpg;
             if (i < p.hw)
-                block[i] = rstd * (entry[at.plane] * g_cache[k] - mean_g - (cache[k] - m.mean) * rstd * mean_gx);
+                block[i] = T(rstd * (entry[at.plane] * g_cache[k] - mean_g - (cache[k] - m.mean) * rstd * mean_gx));
         }
     } else {
         for (uint r = 0; r < p.rows; r++) {
             uint base = block_offset(p, group, r);
             Cursor at = cursor(lid, tpg, plane);
             for (uint i = lid; i < p.hw; i += tpg, advance(at)) {
-                float xh = ((x[base + i] - m.shift) - m.mean) * rstd;
-                dx[base + i] = rstd * (entry[at.plane] * g[base + i] - mean_g - xh * mean_gx);
+                float xh = ((float(x[base + i]) - m.shift) - m.mean) * rstd;
+                dx[base + i] = T(rstd * (entry[at.plane] * float(g[base + i]) - mean_g - xh * mean_gx));
             }
         }
     }
 }
+
+template [[host_name("norm_backward")]] [[kernel]] decltype(norm_backward<float>) norm_backward<float>;
+template [[host_name("norm_backward_f16")]] [[kernel]] decltype(norm_backward<half>) norm_backward<half>;
+template [[host_name("norm_backward_bf16")]] [[kernel]] decltype(norm_backward<bfloat>) norm_backward<bfloat>;
 
 struct ParamGradParams {
     uint channels;
@@ -287,8 +305,9 @@ struct AffineGradParams {
 // dγ[e] = Σ g·x̂, dβ[e] = Σ g over the elements of γ entry e (plane e mod planes of groups
 // n·channels + e / planes, for every sample n), with norm_backward's moments of each group: one
 // threadgroup per entry, its threads along the planes' contiguous pixels (group norm).
-kernel void norm_affine_grad(device const float* g [[buffer(0)]],  // extent: p.samples * p.channels * p.hw
-                             device const float* x [[buffer(1)]],  // extent: p.samples * p.channels * p.hw
+template <typename T>
+kernel void norm_affine_grad(device const T* g [[buffer(0)]],  // extent: p.samples * p.channels * p.hw
+                             device const T* x [[buffer(1)]],  // extent: p.samples * p.channels * p.hw
                              device const float* moments [[buffer(2)]],  // extent: 3 * p.samples * p.channels
                              device float* dgamma [[buffer(3)]],  // extent: p.channels * p.planes
                              device float* dbeta [[buffer(4)]],  // extent: p.channels * p.planes
@@ -305,9 +324,10 @@ kernel void norm_affine_grad(device const float* g [[buffer(0)]],  // extent: p.
     Cursor at = cursor(lid, tpg, plane);  // at.plane: the sample, at.offset: the element in its plane
     for (uint i = lid; i < p.samples * plane; i += tpg, advance(at)) {
         uint group = at.plane * p.channels + c, idx = group * p.hw + start + at.offset;
-        float gv = g[idx];
+        float gv = float(g[idx]);
         sum_g += gv;
-        sum_gx = fma(gv, ((x[idx] - moments[3 * group]) - moments[3 * group + 1]) * moments[3 * group + 2], sum_gx);
+        sum_gx = fma(gv, ((float(x[idx]) - moments[3 * group]) - moments[3 * group + 1]) * moments[3 * group + 2],
+                     sum_gx);
     }
     sum_g = group_sum(sum_g, scratch, lane, sg, nsg);
     sum_gx = group_sum(sum_gx, scratch, lane, sg, nsg);
@@ -316,6 +336,10 @@ kernel void norm_affine_grad(device const float* g [[buffer(0)]],  // extent: p.
         dbeta[e] = sum_g;
     }
 }
+
+template [[host_name("norm_affine_grad")]] [[kernel]] decltype(norm_affine_grad<float>) norm_affine_grad<float>;
+template [[host_name("norm_affine_grad_f16")]] [[kernel]] decltype(norm_affine_grad<half>) norm_affine_grad<half>;
+template [[host_name("norm_affine_grad_bf16")]] [[kernel]] decltype(norm_affine_grad<bfloat>) norm_affine_grad<bfloat>;
 
 struct ColumnParams {
     uint entries;   // γ entries: channels · planes
@@ -330,8 +354,9 @@ struct ColumnParams {
 // k·chunk … (k + 1)·chunk − 1 of its column, neighbouring threads reading neighbouring addresses,
 // into partial[k][e] = (Σ g·x̂, Σ g), which norm_param_grad adds up over k. (A threadgroup an entry
 // would reduce a handful of values per barrier there.)
-kernel void norm_affine_columns(device const float* g [[buffer(0)]],  // extent: p.samples * p.entries
-                                device const float* x [[buffer(1)]],  // extent: p.samples * p.entries
+template <typename T>
+kernel void norm_affine_columns(device const T* g [[buffer(0)]],  // extent: p.samples * p.entries
+                                device const T* x [[buffer(1)]],  // extent: p.samples * p.entries
                                 device const float* moments [[buffer(2)]],  // extent: 3 * p.samples * p.channels
                                 device float* partial [[buffer(3)]],
                                 constant ColumnParams& p [[buffer(4)]],
@@ -342,14 +367,18 @@ kernel void norm_affine_columns(device const float* g [[buffer(0)]],  // extent:
     float sum_g = 0.0f, sum_gx = 0.0f;
     for (uint n = k * p.chunk; n < end; n++) {
         uint group = n * p.channels + c;
-        float gv = g[n * p.entries + e];
+        float gv = float(g[n * p.entries + e]);
         sum_g += gv;
-        sum_gx = fma(gv, ((x[n * p.entries + e] - moments[3 * group]) - moments[3 * group + 1]) * moments[3 * group + 2],
-                     sum_gx);
+        sum_gx = fma(gv, ((float(x[n * p.entries + e]) - moments[3 * group]) - moments[3 * group + 1])
+                             * moments[3 * group + 2], sum_gx);
     }
     partial[2 * (k * p.entries + e)] = sum_gx;
     partial[2 * (k * p.entries + e) + 1] = sum_g;
 }
+
+template [[host_name("norm_affine_columns")]] [[kernel]] decltype(norm_affine_columns<float>) norm_affine_columns<float>;
+template [[host_name("norm_affine_columns_f16")]] [[kernel]] decltype(norm_affine_columns<half>) norm_affine_columns<half>;
+template [[host_name("norm_affine_columns_bf16")]] [[kernel]] decltype(norm_affine_columns<bfloat>) norm_affine_columns<bfloat>;
 
 struct RunningParams {
     uint channels;
@@ -378,27 +407,33 @@ struct InferenceParams {
 };
 
 // out = (x − running mean)/√(running var + eps)·γ + β, elementwise.
-kernel void batch_norm_inference(device const float* x [[buffer(0)]],  // extent: p.count
+template <typename T>
+kernel void batch_norm_inference(device const T* x [[buffer(0)]],  // extent: p.count
                                  device const float* gamma [[buffer(1)]],  // extent: p.channels
                                  device const float* beta [[buffer(2)]],  // extent: p.channels
                                  device const float* mean [[buffer(3)]],  // extent: p.channels
                                  device const float* var [[buffer(4)]],  // extent: p.channels
-                                 device float* out [[buffer(5)]],  // extent: p.count
+                                 device T* out [[buffer(5)]],  // extent: p.count
                                  constant InferenceParams& p [[buffer(6)]],
                                  uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
     uint c = (i / p.hw) % p.channels;
-    out[i] = fma(x[i] - mean[c], gamma[c] / precise::sqrt(var[c] + p.eps), beta[c]);
+    out[i] = T(fma(float(x[i]) - mean[c], gamma[c] / precise::sqrt(var[c] + p.eps), beta[c]));
 }
+
+template [[host_name("batch_norm_inference")]] [[kernel]] decltype(batch_norm_inference<float>) batch_norm_inference<float>;
+template [[host_name("batch_norm_inference_f16")]] [[kernel]] decltype(batch_norm_inference<half>) batch_norm_inference<half>;
+template [[host_name("batch_norm_inference_bf16")]] [[kernel]] decltype(batch_norm_inference<bfloat>) batch_norm_inference<bfloat>;
 
 // The inference-mode gradients, one threadgroup per channel (the statistics are constants):
 // dx = g·γ·rstd, dγ[c] = Σ g·x̂, dβ[c] = Σ g.
-kernel void batch_norm_inference_grad(device const float* g [[buffer(0)]],  // extent: p.rows * p.channels * p.hw
-                                      device const float* x [[buffer(1)]],  // extent: p.rows * p.channels * p.hw
+template <typename T>
+kernel void batch_norm_inference_grad(device const T* g [[buffer(0)]],  // extent: p.rows * p.channels * p.hw
+                                      device const T* x [[buffer(1)]],  // extent: p.rows * p.channels * p.hw
                                       device const float* gamma [[buffer(2)]],  // extent: p.channels
                                       device const float* mean [[buffer(3)]],  // extent: p.channels
                                       device const float* var [[buffer(4)]],  // extent: p.channels
-                                      device float* dx [[buffer(5)]],  // extent: p.rows * p.channels * p.hw
+                                      device T* dx [[buffer(5)]],  // extent: p.rows * p.channels * p.hw
                                       device float* dgamma [[buffer(6)]],  // extent: p.channels
                                       device float* dbeta [[buffer(7)]],  // extent: p.channels
                                       constant NormParams& p [[buffer(8)]],
@@ -414,10 +449,10 @@ kernel void batch_norm_inference_grad(device const float* g [[buffer(0)]],  // e
     for (uint r = 0; r < p.rows; r++) {
         uint base = block_offset(p, c, r);
         for (uint i = lid; i < p.hw; i += tpg) {
-            float gv = g[base + i];
+            float gv = float(g[base + i]);
             sum_g += gv;
-            sum_gx = fma(gv, (x[base + i] - mean[c]) * rstd, sum_gx);
-            dx[base + i] = gv * a;
+            sum_gx = fma(gv, (float(x[base + i]) - mean[c]) * rstd, sum_gx);
+            dx[base + i] = T(gv * a);
         }
     }
     sum_g = group_sum(sum_g, scratch, lane, sg, nsg);
@@ -427,3 +462,7 @@ kernel void batch_norm_inference_grad(device const float* g [[buffer(0)]],  // e
         dbeta[c] = sum_g;
     }
 }
+
+template [[host_name("batch_norm_inference_grad")]] [[kernel]] decltype(batch_norm_inference_grad<float>) batch_norm_inference_grad<float>;
+template [[host_name("batch_norm_inference_grad_f16")]] [[kernel]] decltype(batch_norm_inference_grad<half>) batch_norm_inference_grad<half>;
+template [[host_name("batch_norm_inference_grad_bf16")]] [[kernel]] decltype(batch_norm_inference_grad<bfloat>) batch_norm_inference_grad<bfloat>;

@@ -1,8 +1,12 @@
-// Sliding-window kernels over NCHW float32 images: max and average pooling with their
-// gradients, and the fixed Laplacian-of-Gaussian filter.
+// Sliding-window kernels over NCHW images: max and average pooling with their gradients, and
+// the fixed Laplacian-of-Gaussian filter.
 //
 // Every kernel runs one thread per element it writes and gathers what it needs, so no two
 // threads write the same address: no atomics, and results are bitwise reproducible.
+//
+// Each is a template over the storage type T (float, half, bfloat), instantiated as `name`,
+// `name_f16` and `name_bf16`: it loads into float, sums in float and rounds once when it
+// stores. Max pooling only picks an input value, so its output is that value exactly.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -20,7 +24,8 @@ struct PoolParams {
 // above everything (as in PyTorch: a window holding NaN pools to NaN), so the first NaN ends the
 // search. The forward and the gradient kernels share this one function so that they always
 // agree on the arg-max.
-inline int window_argmax(device const float* plane, constant PoolParams& p, int oh, int ow) {
+template <typename T>
+inline int window_argmax(device const T* plane, constant PoolParams& p, int oh, int ow) {
     int h0 = oh * p.sh - p.ph, w0 = ow * p.sw - p.pw;
     float best = 0.0f;
     int at = -1;  // none yet: the first pixel in the window always becomes the best
@@ -30,7 +35,7 @@ inline int window_argmax(device const float* plane, constant PoolParams& p, int 
         for (int dx = 0; dx < p.kw; dx++) {
             int x = w0 + dx;
             if (x < 0 || x >= p.w) continue;
-            float v = plane[y * p.w + x];
+            float v = float(plane[y * p.w + x]);
             if (at < 0 || !(v <= best)) {  // v > best, or v is NaN
                 best = v;
                 at = y * p.w + x;
@@ -41,15 +46,20 @@ inline int window_argmax(device const float* plane, constant PoolParams& p, int 
     return at;
 }
 
-kernel void max_pool2d(device const float* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.w
-                       device float* out [[buffer(1)]],  // extent: p.count
+template <typename T>
+kernel void max_pool2d(device const T* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.w
+                       device T* out [[buffer(1)]],  // extent: p.count
                        constant PoolParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
     int ow = i % p.ow, oh = (i / p.ow) % p.oh;
-    device const float* plane = x + (i / (p.ow * p.oh)) * (p.h * p.w);
+    device const T* plane = x + (i / (p.ow * p.oh)) * (p.h * p.w);
     out[i] = plane[window_argmax(plane, p, oh, ow)];
 }
+
+template [[host_name("max_pool2d")]] [[kernel]] decltype(max_pool2d<float>) max_pool2d<float>;
+template [[host_name("max_pool2d_f16")]] [[kernel]] decltype(max_pool2d<half>) max_pool2d<half>;
+template [[host_name("max_pool2d_bf16")]] [[kernel]] decltype(max_pool2d<bfloat>) max_pool2d<bfloat>;
 
 struct Pool2x2Params {
     uint count;  // N·C·OH·OW
@@ -58,22 +68,28 @@ struct Pool2x2Params {
 };
 
 // max_pool2d's common case, 2×2 windows with stride 2, no padding and an even width: a window's
-// two rows are two aligned float2 loads. Same result as window_argmax (the first maximum in
-// row-major order, NaN above everything), so max_pool2d_grad finds the same arg-max.
-kernel void max_pool2d_2x2(device const float2* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.ow
-                           device float* out [[buffer(1)]],  // extent: p.count
+// two rows are two aligned two-element loads (T2: float2, half2, bfloat2). Same result as
+// window_argmax (the first maximum in row-major order, NaN above everything), so
+// max_pool2d_grad finds the same arg-max.
+template <typename T, typename T2>
+kernel void max_pool2d_2x2(device const T2* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.ow
+                           device T* out [[buffer(1)]],  // extent: p.count
                            constant Pool2x2Params& p [[buffer(2)]],
                            uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
     uint ow = i % p.ow, rows = i / p.ow, oh = rows % p.oh, plane = rows / p.oh;
-    uint top = (plane * p.h + 2 * oh) * p.ow + ow;  // in float2s: an input row is ow of them
-    float2 a = x[top], b = x[top + p.ow];
+    uint top = (plane * p.h + 2 * oh) * p.ow + ow;  // in T2s: an input row is ow of them
+    float2 a = float2(x[top]), b = float2(x[top + p.ow]);
     float best = a.x;
     if (!(a.y <= best) && best == best) best = a.y;  // a.y > best, or a.y is NaN and best is not
     if (!(b.x <= best) && best == best) best = b.x;
     if (!(b.y <= best) && best == best) best = b.y;
-    out[i] = best;
+    out[i] = T(best);
 }
+
+template [[host_name("max_pool2d_2x2")]] [[kernel]] decltype(max_pool2d_2x2<float, float2>) max_pool2d_2x2<float, float2>;
+template [[host_name("max_pool2d_2x2_f16")]] [[kernel]] decltype(max_pool2d_2x2<half, half2>) max_pool2d_2x2<half, half2>;
+template [[host_name("max_pool2d_2x2_bf16")]] [[kernel]] decltype(max_pool2d_2x2<bfloat, bfloat2>) max_pool2d_2x2<bfloat, bfloat2>;
 
 // The output windows that contain input row (or column) `y`: [first, last], clipped to the output.
 inline int2 windows_covering(int y, int k, int s, int pad, int n_out) {
@@ -86,57 +102,72 @@ inline int2 windows_covering(int y, int k, int s, int pad, int n_out) {
 
 // dx[n,c,y,x] = Σ g over the windows whose arg-max is (y, x): a gather over the few windows
 // covering the pixel, each one's arg-max recomputed with the forward's tie rule.
-kernel void max_pool2d_grad(device const float* g [[buffer(0)]],  // extent: p.count / (p.h * p.w) * p.oh * p.ow
-                            device const float* x [[buffer(1)]],  // extent: p.count
-                            device float* dx [[buffer(2)]],  // extent: p.count
+template <typename T>
+kernel void max_pool2d_grad(device const T* g [[buffer(0)]],  // extent: p.count / (p.h * p.w) * p.oh * p.ow
+                            device const T* x [[buffer(1)]],  // extent: p.count
+                            device T* dx [[buffer(2)]],  // extent: p.count
                             constant PoolParams& p [[buffer(3)]],
                             uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
     int px = i % p.w, py = (i / p.w) % p.h;
     uint plane_index = i / (p.w * p.h);
-    device const float* plane = x + plane_index * (p.h * p.w);
-    device const float* gp = g + plane_index * (p.oh * p.ow);
+    device const T* plane = x + plane_index * (p.h * p.w);
+    device const T* gp = g + plane_index * (p.oh * p.ow);
     int2 rows = windows_covering(py, p.kh, p.sh, p.ph, p.oh);
     int2 cols = windows_covering(px, p.kw, p.sw, p.pw, p.ow);
     int me = py * p.w + px;
     float acc = 0.0f;
     for (int oh = rows.x; oh <= rows.y; oh++)
         for (int ow = cols.x; ow <= cols.y; ow++)
-            if (window_argmax(plane, p, oh, ow) == me) acc += gp[oh * p.ow + ow];
-    dx[i] = acc;
+            if (window_argmax(plane, p, oh, ow) == me) acc += float(gp[oh * p.ow + ow]);
+    dx[i] = T(acc);
 }
 
+template [[host_name("max_pool2d_grad")]] [[kernel]] decltype(max_pool2d_grad<float>) max_pool2d_grad<float>;
+template [[host_name("max_pool2d_grad_f16")]] [[kernel]] decltype(max_pool2d_grad<half>) max_pool2d_grad<half>;
+template [[host_name("max_pool2d_grad_bf16")]] [[kernel]] decltype(max_pool2d_grad<bfloat>) max_pool2d_grad<bfloat>;
+
 // Padding counts as zeros: every window is divided by kh·kw (PyTorch's count_include_pad=True).
-kernel void avg_pool2d(device const float* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.w
-                       device float* out [[buffer(1)]],  // extent: p.count
+template <typename T>
+kernel void avg_pool2d(device const T* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.w
+                       device T* out [[buffer(1)]],  // extent: p.count
                        constant PoolParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
     int ow = i % p.ow, oh = (i / p.ow) % p.oh;
-    device const float* plane = x + (i / (p.ow * p.oh)) * (p.h * p.w);
+    device const T* plane = x + (i / (p.ow * p.oh)) * (p.h * p.w);
     int h0 = oh * p.sh - p.ph, w0 = ow * p.sw - p.pw;
     float acc = 0.0f;
     for (int y = max(h0, 0); y < min(h0 + p.kh, p.h); y++)
         for (int x = max(w0, 0); x < min(w0 + p.kw, p.w); x++)
-            acc += plane[y * p.w + x];
-    out[i] = acc / float(p.kh * p.kw);
+            acc += float(plane[y * p.w + x]);
+    out[i] = T(acc / float(p.kh * p.kw));
 }
 
-kernel void avg_pool2d_grad(device const float* g [[buffer(0)]],  // extent: p.count / (p.h * p.w) * p.oh * p.ow
-                            device float* dx [[buffer(1)]],  // extent: p.count
+template [[host_name("avg_pool2d")]] [[kernel]] decltype(avg_pool2d<float>) avg_pool2d<float>;
+template [[host_name("avg_pool2d_f16")]] [[kernel]] decltype(avg_pool2d<half>) avg_pool2d<half>;
+template [[host_name("avg_pool2d_bf16")]] [[kernel]] decltype(avg_pool2d<bfloat>) avg_pool2d<bfloat>;
+
+template <typename T>
+kernel void avg_pool2d_grad(device const T* g [[buffer(0)]],  // extent: p.count / (p.h * p.w) * p.oh * p.ow
+                            device T* dx [[buffer(1)]],  // extent: p.count
                             constant PoolParams& p [[buffer(2)]],
                             uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
     int px = i % p.w, py = (i / p.w) % p.h;
-    device const float* gp = g + (i / (p.w * p.h)) * (p.oh * p.ow);
+    device const T* gp = g + (i / (p.w * p.h)) * (p.oh * p.ow);
     int2 rows = windows_covering(py, p.kh, p.sh, p.ph, p.oh);
     int2 cols = windows_covering(px, p.kw, p.sw, p.pw, p.ow);
     float acc = 0.0f;
     for (int oh = rows.x; oh <= rows.y; oh++)
         for (int ow = cols.x; ow <= cols.y; ow++)
-            acc += gp[oh * p.ow + ow];
-    dx[i] = acc / float(p.kh * p.kw);
+            acc += float(gp[oh * p.ow + ow]);
+    dx[i] = T(acc / float(p.kh * p.kw));
 }
+
+template [[host_name("avg_pool2d_grad")]] [[kernel]] decltype(avg_pool2d_grad<float>) avg_pool2d_grad<float>;
+template [[host_name("avg_pool2d_grad_f16")]] [[kernel]] decltype(avg_pool2d_grad<half>) avg_pool2d_grad<half>;
+template [[host_name("avg_pool2d_grad_bf16")]] [[kernel]] decltype(avg_pool2d_grad<bfloat>) avg_pool2d_grad<bfloat>;
 
 struct FilterParams {
     uint count;   // N·C·H·W
@@ -148,13 +179,14 @@ struct FilterParams {
 // A fixed size×size filter applied to every channel alone (a depthwise correlation), zero
 // padding of size/2 so the output keeps the input's size. The Laplacian-of-Gaussian taps come
 // from the host; the filter is symmetric, so the same kernel also computes its own gradient.
-kernel void log_filter(device const float* x [[buffer(0)]],  // extent: p.count
-                       device float* out [[buffer(1)]],  // extent: p.count
+template <typename T>
+kernel void log_filter(device const T* x [[buffer(0)]],  // extent: p.count
+                       device T* out [[buffer(1)]],  // extent: p.count
                        constant FilterParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
     int px = i % p.w, py = (i / p.w) % p.h, r = p.size / 2;
-    device const float* plane = x + (i / (p.w * p.h)) * (p.h * p.w);
+    device const T* plane = x + (i / (p.w * p.h)) * (p.h * p.w);
     float acc = 0.0f;
     for (int dy = -r; dy <= r; dy++) {
         int y = py + dy;
@@ -162,8 +194,12 @@ kernel void log_filter(device const float* x [[buffer(0)]],  // extent: p.count
         for (int dx = -r; dx <= r; dx++) {
             int x = px + dx;
             if (x < 0 || x >= p.w) continue;
-            acc = fma(p.taps[(dy + r) * p.size + dx + r], plane[y * p.w + x], acc);
+            acc = fma(p.taps[(dy + r) * p.size + dx + r], float(plane[y * p.w + x]), acc);
         }
     }
-    out[i] = acc;
+    out[i] = T(acc);
 }
+
+template [[host_name("log_filter")]] [[kernel]] decltype(log_filter<float>) log_filter<float>;
+template [[host_name("log_filter_f16")]] [[kernel]] decltype(log_filter<half>) log_filter<half>;
+template [[host_name("log_filter_bf16")]] [[kernel]] decltype(log_filter<bfloat>) log_filter<bfloat>;

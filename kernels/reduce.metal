@@ -119,6 +119,13 @@ kernel void histogram(device const uint* x [[buffer(0)]],  // extent: p.n
 // a `chunk` of them, and the host folds the partials in further passes until one is left. No
 // term passes through more than 64 additions in a thread plus the tree of a threadgroup in
 // any pass, whatever the length: the error bound of a sum stays that of a pairwise one.
+//
+// Storage types: x is read as its storage type In and folded in float; the result is stored
+// once as Out. A reduction in half or bfloat is `<T, T>` when one pass does; a longer one
+// writes its partial results as float (`<T, float>`, the instances named `_f16_f32`,
+// `_bf16_f32`) and folds them in float (`<float, float>`) until the last pass, which rounds
+// to T (`<float, T>`: `_f32_f16`, `_f32_bf16`). So a partial result never rounds to T, and the
+// result rounds once, as in one pass. The variance's centre (the mean) is float too.
 
 #define REDUCE_SUM 0
 #define REDUCE_SQUARES 1  // Σ (x − centre)², the centre per output: the variance's second pass
@@ -131,6 +138,7 @@ struct ReduceParams {
     uint chunk;              // of those, a split folds this many
     uint splits;             // partial results per output
     uint size;               // x's elements
+    uint centres;            // centre's elements: `outputs` for squares, else 0 (it is not read)
     float scale;             // multiplies each result (1/length for a mean, 1 for partials)
     uint kept_dims;          // merged axes of x that are kept (at most 8) ...
     uint reduced_dims;       // ... and reduced (at most 8)
@@ -176,28 +184,28 @@ inline float term(uint op, float v, float centre) {
 
 // A thread per (split, output) folds its chunk in order: for outputs whose kept axis is
 // innermost (neighbouring threads read neighbouring addresses) or whose reductions are short.
-template <uint OP>
-kernel void reduce_threads(device const float* x [[buffer(0)]],  // extent: p.size
-                           device const float* centre [[buffer(1)]],  // extent: p.outputs
-                           device float* out [[buffer(2)]],  // extent: p.splits * p.outputs
+template <typename In, typename Out, uint OP>
+kernel void reduce_threads(device const In* x [[buffer(0)]],  // extent: p.size
+                           device const float* centre [[buffer(1)]],  // extent: p.centres
+                           device Out* out [[buffer(2)]],  // extent: p.splits * p.outputs
                            constant ReduceParams& p [[buffer(3)]],
                            uint t [[thread_position_in_grid]]) {
     if (t >= p.splits * p.outputs) return;
     uint o = t % p.outputs, split = t / p.outputs;
     uint base = kept_offset(p, o), begin = split * p.chunk, end = min(begin + p.chunk, p.length);
     float c = OP == REDUCE_SQUARES ? centre[o] : 0.0f, acc = fold_identity(OP);
-    for (uint r = begin; r < end; ++r) acc = fold(OP, acc, term(OP, x[base + reduced_offset(p, r)], c));
-    out[t] = acc * p.scale;
+    for (uint r = begin; r < end; ++r) acc = fold(OP, acc, term(OP, float(x[base + reduced_offset(p, r)]), c));
+    out[t] = Out(acc * p.scale);
 }
 
 // A threadgroup per (split, output), its threads striding through the chunk together (so
 // they read neighbouring addresses along an innermost reduced axis), then folding their
 // results in a butterfly within each simdgroup and across simdgroups through threadgroup
 // memory. The butterfly, not simd_max, keeps max's NaN rule.
-template <uint OP>
-kernel void reduce_groups(device const float* x [[buffer(0)]],  // extent: p.size
-                          device const float* centre [[buffer(1)]],  // extent: p.outputs
-                          device float* out [[buffer(2)]],  // extent: p.splits * p.outputs
+template <typename In, typename Out, uint OP>
+kernel void reduce_groups(device const In* x [[buffer(0)]],  // extent: p.size
+                          device const float* centre [[buffer(1)]],  // extent: p.centres
+                          device Out* out [[buffer(2)]],  // extent: p.splits * p.outputs
                           constant ReduceParams& p [[buffer(3)]],
                           uint group [[threadgroup_position_in_grid]],
                           uint lid [[thread_index_in_threadgroup]],
@@ -209,22 +217,73 @@ kernel void reduce_groups(device const float* x [[buffer(0)]],  // extent: p.siz
     uint o = group % p.outputs, split = group / p.outputs;
     uint base = kept_offset(p, o), begin = split * p.chunk, end = min(begin + p.chunk, p.length);
     float c = OP == REDUCE_SQUARES ? centre[o] : 0.0f, acc = fold_identity(OP);
-    for (uint r = begin + lid; r < end; r += tpg) acc = fold(OP, acc, term(OP, x[base + reduced_offset(p, r)], c));
+    for (uint r = begin + lid; r < end; r += tpg) acc = fold(OP, acc, term(OP, float(x[base + reduced_offset(p, r)]), c));
     for (uint d = 16; d > 0; d /= 2) acc = fold(OP, acc, simd_shuffle_xor(acc, d));
     if (lane == 0) totals[sg] = acc;
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (sg == 0) {
         acc = lane < nsg ? totals[lane] : fold_identity(OP);
         for (uint d = 16; d > 0; d /= 2) acc = fold(OP, acc, simd_shuffle_xor(acc, d));
-        if (lid == 0) out[group] = acc * p.scale;
+        if (lid == 0) out[group] = Out(acc * p.scale);
     }
 }
 
-template [[host_name("sum_threads")]] [[kernel]] decltype(reduce_threads<REDUCE_SUM>) reduce_threads<REDUCE_SUM>;
-template [[host_name("squares_threads")]] [[kernel]] decltype(reduce_threads<REDUCE_SQUARES>) reduce_threads<REDUCE_SQUARES>;
-template [[host_name("max_threads")]] [[kernel]] decltype(reduce_threads<REDUCE_MAX>) reduce_threads<REDUCE_MAX>;
-template [[host_name("min_threads")]] [[kernel]] decltype(reduce_threads<REDUCE_MIN>) reduce_threads<REDUCE_MIN>;
-template [[host_name("sum_groups")]] [[kernel]] decltype(reduce_groups<REDUCE_SUM>) reduce_groups<REDUCE_SUM>;
-template [[host_name("squares_groups")]] [[kernel]] decltype(reduce_groups<REDUCE_SQUARES>) reduce_groups<REDUCE_SQUARES>;
-template [[host_name("max_groups")]] [[kernel]] decltype(reduce_groups<REDUCE_MAX>) reduce_groups<REDUCE_MAX>;
-template [[host_name("min_groups")]] [[kernel]] decltype(reduce_groups<REDUCE_MIN>) reduce_groups<REDUCE_MIN>;
+template [[host_name("sum_threads")]] [[kernel]] decltype(reduce_threads<float, float, REDUCE_SUM>) reduce_threads<float, float, REDUCE_SUM>;
+template [[host_name("sum_threads_f16")]] [[kernel]] decltype(reduce_threads<half, half, REDUCE_SUM>) reduce_threads<half, half, REDUCE_SUM>;
+template [[host_name("sum_threads_bf16")]] [[kernel]] decltype(reduce_threads<bfloat, bfloat, REDUCE_SUM>) reduce_threads<bfloat, bfloat, REDUCE_SUM>;
+template [[host_name("sum_threads_f16_f32")]] [[kernel]] decltype(reduce_threads<half, float, REDUCE_SUM>) reduce_threads<half, float, REDUCE_SUM>;
+template [[host_name("sum_threads_bf16_f32")]] [[kernel]] decltype(reduce_threads<bfloat, float, REDUCE_SUM>) reduce_threads<bfloat, float, REDUCE_SUM>;
+template [[host_name("sum_threads_f32_f16")]] [[kernel]] decltype(reduce_threads<float, half, REDUCE_SUM>) reduce_threads<float, half, REDUCE_SUM>;
+template [[host_name("sum_threads_f32_bf16")]] [[kernel]] decltype(reduce_threads<float, bfloat, REDUCE_SUM>) reduce_threads<float, bfloat, REDUCE_SUM>;
+
+template [[host_name("squares_threads")]] [[kernel]] decltype(reduce_threads<float, float, REDUCE_SQUARES>) reduce_threads<float, float, REDUCE_SQUARES>;
+template [[host_name("squares_threads_f16")]] [[kernel]] decltype(reduce_threads<half, half, REDUCE_SQUARES>) reduce_threads<half, half, REDUCE_SQUARES>;
+template [[host_name("squares_threads_bf16")]] [[kernel]] decltype(reduce_threads<bfloat, bfloat, REDUCE_SQUARES>) reduce_threads<bfloat, bfloat, REDUCE_SQUARES>;
+template [[host_name("squares_threads_f16_f32")]] [[kernel]] decltype(reduce_threads<half, float, REDUCE_SQUARES>) reduce_threads<half, float, REDUCE_SQUARES>;
+template [[host_name("squares_threads_bf16_f32")]] [[kernel]] decltype(reduce_threads<bfloat, float, REDUCE_SQUARES>) reduce_threads<bfloat, float, REDUCE_SQUARES>;
+
+template [[host_name("max_threads")]] [[kernel]] decltype(reduce_threads<float, float, REDUCE_MAX>) reduce_threads<float, float, REDUCE_MAX>;
+template [[host_name("max_threads_f16")]] [[kernel]] decltype(reduce_threads<half, half, REDUCE_MAX>) reduce_threads<half, half, REDUCE_MAX>;
+template [[host_name("max_threads_bf16")]] [[kernel]] decltype(reduce_threads<bfloat, bfloat, REDUCE_MAX>) reduce_threads<bfloat, bfloat, REDUCE_MAX>;
+template [[host_name("max_threads_f16_f32")]] [[kernel]] decltype(reduce_threads<half, float, REDUCE_MAX>) reduce_threads<half, float, REDUCE_MAX>;
+template [[host_name("max_threads_bf16_f32")]] [[kernel]] decltype(reduce_threads<bfloat, float, REDUCE_MAX>) reduce_threads<bfloat, float, REDUCE_MAX>;
+template [[host_name("max_threads_f32_f16")]] [[kernel]] decltype(reduce_threads<float, half, REDUCE_MAX>) reduce_threads<float, half, REDUCE_MAX>;
+template [[host_name("max_threads_f32_bf16")]] [[kernel]] decltype(reduce_threads<float, bfloat, REDUCE_MAX>) reduce_threads<float, bfloat, REDUCE_MAX>;
+
+template [[host_name("min_threads")]] [[kernel]] decltype(reduce_threads<float, float, REDUCE_MIN>) reduce_threads<float, float, REDUCE_MIN>;
+template [[host_name("min_threads_f16")]] [[kernel]] decltype(reduce_threads<half, half, REDUCE_MIN>) reduce_threads<half, half, REDUCE_MIN>;
+template [[host_name("min_threads_bf16")]] [[kernel]] decltype(reduce_threads<bfloat, bfloat, REDUCE_MIN>) reduce_threads<bfloat, bfloat, REDUCE_MIN>;
+template [[host_name("min_threads_f16_f32")]] [[kernel]] decltype(reduce_threads<half, float, REDUCE_MIN>) reduce_threads<half, float, REDUCE_MIN>;
+template [[host_name("min_threads_bf16_f32")]] [[kernel]] decltype(reduce_threads<bfloat, float, REDUCE_MIN>) reduce_threads<bfloat, float, REDUCE_MIN>;
+template [[host_name("min_threads_f32_f16")]] [[kernel]] decltype(reduce_threads<float, half, REDUCE_MIN>) reduce_threads<float, half, REDUCE_MIN>;
+template [[host_name("min_threads_f32_bf16")]] [[kernel]] decltype(reduce_threads<float, bfloat, REDUCE_MIN>) reduce_threads<float, bfloat, REDUCE_MIN>;
+
+template [[host_name("sum_groups")]] [[kernel]] decltype(reduce_groups<float, float, REDUCE_SUM>) reduce_groups<float, float, REDUCE_SUM>;
+template [[host_name("sum_groups_f16")]] [[kernel]] decltype(reduce_groups<half, half, REDUCE_SUM>) reduce_groups<half, half, REDUCE_SUM>;
+template [[host_name("sum_groups_bf16")]] [[kernel]] decltype(reduce_groups<bfloat, bfloat, REDUCE_SUM>) reduce_groups<bfloat, bfloat, REDUCE_SUM>;
+template [[host_name("sum_groups_f16_f32")]] [[kernel]] decltype(reduce_groups<half, float, REDUCE_SUM>) reduce_groups<half, float, REDUCE_SUM>;
+template [[host_name("sum_groups_bf16_f32")]] [[kernel]] decltype(reduce_groups<bfloat, float, REDUCE_SUM>) reduce_groups<bfloat, float, REDUCE_SUM>;
+template [[host_name("sum_groups_f32_f16")]] [[kernel]] decltype(reduce_groups<float, half, REDUCE_SUM>) reduce_groups<float, half, REDUCE_SUM>;
+template [[host_name("sum_groups_f32_bf16")]] [[kernel]] decltype(reduce_groups<float, bfloat, REDUCE_SUM>) reduce_groups<float, bfloat, REDUCE_SUM>;
+
+template [[host_name("squares_groups")]] [[kernel]] decltype(reduce_groups<float, float, REDUCE_SQUARES>) reduce_groups<float, float, REDUCE_SQUARES>;
+template [[host_name("squares_groups_f16")]] [[kernel]] decltype(reduce_groups<half, half, REDUCE_SQUARES>) reduce_groups<half, half, REDUCE_SQUARES>;
+template [[host_name("squares_groups_bf16")]] [[kernel]] decltype(reduce_groups<bfloat, bfloat, REDUCE_SQUARES>) reduce_groups<bfloat, bfloat, REDUCE_SQUARES>;
+template [[host_name("squares_groups_f16_f32")]] [[kernel]] decltype(reduce_groups<half, float, REDUCE_SQUARES>) reduce_groups<half, float, REDUCE_SQUARES>;
+template [[host_name("squares_groups_bf16_f32")]] [[kernel]] decltype(reduce_groups<bfloat, float, REDUCE_SQUARES>) reduce_groups<bfloat, float, REDUCE_SQUARES>;
+
+template [[host_name("max_groups")]] [[kernel]] decltype(reduce_groups<float, float, REDUCE_MAX>) reduce_groups<float, float, REDUCE_MAX>;
+template [[host_name("max_groups_f16")]] [[kernel]] decltype(reduce_groups<half, half, REDUCE_MAX>) reduce_groups<half, half, REDUCE_MAX>;
+template [[host_name("max_groups_bf16")]] [[kernel]] decltype(reduce_groups<bfloat, bfloat, REDUCE_MAX>) reduce_groups<bfloat, bfloat, REDUCE_MAX>;
+template [[host_name("max_groups_f16_f32")]] [[kernel]] decltype(reduce_groups<half, float, REDUCE_MAX>) reduce_groups<half, float, REDUCE_MAX>;
+template [[host_name("max_groups_bf16_f32")]] [[kernel]] decltype(reduce_groups<bfloat, float, REDUCE_MAX>) reduce_groups<bfloat, float, REDUCE_MAX>;
+template [[host_name("max_groups_f32_f16")]] [[kernel]] decltype(reduce_groups<float, half, REDUCE_MAX>) reduce_groups<float, half, REDUCE_MAX>;
+template [[host_name("max_groups_f32_bf16")]] [[kernel]] decltype(reduce_groups<float, bfloat, REDUCE_MAX>) reduce_groups<float, bfloat, REDUCE_MAX>;
+
+template [[host_name("min_groups")]] [[kernel]] decltype(reduce_groups<float, float, REDUCE_MIN>) reduce_groups<float, float, REDUCE_MIN>;
+template [[host_name("min_groups_f16")]] [[kernel]] decltype(reduce_groups<half, half, REDUCE_MIN>) reduce_groups<half, half, REDUCE_MIN>;
+template [[host_name("min_groups_bf16")]] [[kernel]] decltype(reduce_groups<bfloat, bfloat, REDUCE_MIN>) reduce_groups<bfloat, bfloat, REDUCE_MIN>;
+template [[host_name("min_groups_f16_f32")]] [[kernel]] decltype(reduce_groups<half, float, REDUCE_MIN>) reduce_groups<half, float, REDUCE_MIN>;
+template [[host_name("min_groups_bf16_f32")]] [[kernel]] decltype(reduce_groups<bfloat, float, REDUCE_MIN>) reduce_groups<bfloat, float, REDUCE_MIN>;
+template [[host_name("min_groups_f32_f16")]] [[kernel]] decltype(reduce_groups<float, half, REDUCE_MIN>) reduce_groups<float, half, REDUCE_MIN>;
+template [[host_name("min_groups_f32_bf16")]] [[kernel]] decltype(reduce_groups<float, bfloat, REDUCE_MIN>) reduce_groups<float, bfloat, REDUCE_MIN>;

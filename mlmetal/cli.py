@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import mlmetal as mm
+from mlmetal.dtypes import as_dtype
 from mlmetal.runtime.backends import BACKENDS
 
 # ---------------------------------------------------------------- flags: argparse types and the shared ones
@@ -57,6 +58,34 @@ def existing_file(text: str) -> str:
 
 
 SEED = integer(0, 2**31 - 1)  # the apps derive further seeds by adding small offsets; generators take 32 bits
+# --autocast's values. float16 is not among them: its gradients underflow without a loss scale,
+# which the commands do not apply (mm.train.LossScaler is not wired to them).
+AUTOCAST = ("bfloat16",)
+
+
+def autocast_dtype(text: str) -> str:
+    """An argparse type: the low-precision type of a training command's --autocast (a name
+    mlmetal.dtypes knows, such as bf16, stands for it)."""
+    try:
+        name = str(as_dtype(text))
+    except TypeError:
+        name = None
+    if name not in AUTOCAST:
+        why = " (float16 training needs loss scaling, which the commands do not do)" if name == "float16" else ""
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(AUTOCAST)}, got {text!r}{why}")
+    return name
+
+
+def autocast_note(args) -> str:
+    """' under bfloat16 autocast' when the command trains under one, else ''; for its reports."""
+    return f" under {args.autocast} autocast" if getattr(args, "autocast", None) else ""
+
+
+def announce_autocast(args) -> None:
+    """Say, before training starts, that it runs under an autocast and what that means."""
+    if getattr(args, "autocast", None) and mm.distributed.rank() == 0:
+        print(f"training{autocast_note(args)}: convolutions, matmuls and Gram matrices in {args.autocast}; "
+              f"norm statistics, losses, the optimizer and the weights in float32", flush=True)
 
 
 def _device_flag() -> argparse.ArgumentParser:
@@ -85,6 +114,10 @@ def training_flags(out: str, size: int, size_help: str, steps: int | None = None
     p.add_argument("--precision", choices=("highest", "high", "medium"), default="highest",
                    help="matmul precision policy of convolutions, matmuls and Gram matrices: float32, TF32 or "
                         "bfloat16 operands (default highest; see the README)")
+    p.add_argument("--autocast", type=autocast_dtype, default=None, metavar="{" + ",".join(AUTOCAST) + "}",
+                   help="build the training graph under mm.autocast: convolutions, matmuls and Gram matrices in "
+                        "bfloat16, their activations stored in it; norm statistics, losses, the optimizer and the "
+                        "weights in float32 (default: float32 throughout; see the README)")
     if distributed:
         p.add_argument("--distributed", action="store_true",
                        help="train data-parallel with the processes mpirun started (MPI; NCCL between GPUs, "

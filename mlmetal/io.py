@@ -741,11 +741,12 @@ def _validate(meta) -> _Spec:
         out_shapes, norm = _checked(op, shapes, attrs, where)
         outs = [_tensor(o, f"{where}.outputs[{j}]", named=False)
                 for j, o in enumerate(_list(e["outputs"], f"{where}.outputs", MAX_NODE_INPUTS))]
-        dtype = ops.REGISTRY[op].output_dtype([_ref_spec(r, inputs, params, nodes) for r in refs], norm)
+        specs = [_ref_spec(r, inputs, params, nodes) for r in refs]
+        dtypes = [ops.REGISTRY[op].output_dtype(specs, norm, j) for j in range(len(out_shapes))]
         recorded = [o.shape for o in outs]
-        if recorded != out_shapes or any(o.dtype != dtype for o in outs):
+        if recorded != out_shapes or [o.dtype for o in outs] != dtypes:
             _fail(f"{where}.outputs", f"records {recorded} of {[str(o.dtype) for o in outs]}; {op} on inputs "
-                                      f"{shapes} gives {out_shapes} of {dtype}")
+                                      f"{shapes} gives {out_shapes} of {[str(d) for d in dtypes]}")
         for j, o in enumerate(outs):
             count(o, f"{where}.outputs[{j}]")
         nodes.append(_NodeSpec(op, refs, attrs, outs))
@@ -1038,7 +1039,7 @@ def restore(path, module: Module, optimizer: Optimizer | None = None, strict: bo
         module: receives the parameters.
         optimizer: an optimizer over `module`'s parameters; receives the step count,
             hyper-parameters and state, so training continues exactly where it stopped.
-        strict: refuse missing and extra parameters (wrong shapes are always refused).
+        strict: refuse missing and extra parameters (wrong shapes and dtypes are always refused).
 
     Example:
         >>> net, opt = make_net(), mm.optim.Adam(net.parameters())
@@ -1058,7 +1059,7 @@ def restore(path, module: Module, optimizer: Optimizer | None = None, strict: bo
                  for n in mine if n in saved and (mine[n].shape != saved[n].shape or mine[n].dtype != saved[n].dtype)]
         if wrong or (strict and (missing or extra)):
             raise FormatError(f"the weights do not fit the {type(module).__name__}: missing {_few(missing)}; "
-                              f"unexpected {_few(extra)}; wrong shape {_few(wrong)}")
+                              f"unexpected {_few(extra)}; wrong shape or dtype {_few(wrong)}")
         targets.update((n, p) for n, p in mine.items() if n in saved)
         if optimizer is not None:
             optimizer_saved = spec.optimizer
@@ -1132,7 +1133,8 @@ def load_safetensors(path, module: Module, strict: bool = True) -> None:
     The header is checked before any data is read, and nothing changes unless every tensor
     fits: one `FormatError` lists the names the module has and the file lacks (with `strict`),
     the names the file has and the module lacks (with `strict`), and those of another shape or
-    dtype (always). Tensors must be float32, int32 or uint32 (F32, I32, U32), as mlmetal stores.
+    dtype (always). Tensors must be of a dtype mlmetal stores: float32, float16, bfloat16, int32 or
+    uint32 (F32, F16, BF16, I32, U32); a module converted with `Module.astype` loads what it saved.
     """
     where = "the weights file"
     mine = module.named_parameters()
@@ -1154,7 +1156,7 @@ def load_safetensors(path, module: Module, strict: bool = True) -> None:
                      for n in mine if n in saved and (mine[n].shape, mine[n].dtype) != saved[n]]
             if missing or extra or wrong:
                 _fail(where, f"does not fit the {type(module).__name__}: missing {_few(missing)}; "
-                             f"unexpected {_few(extra)}; wrong shape {_few(wrong)}")
+                             f"unexpected {_few(extra)}; wrong shape or dtype {_few(wrong)}")
             spans = _spans(header, n, size, saved, where, "its header says")
             # into host arrays first: a file that cannot be read to its end changes nothing
             arrays = {name: np.empty(saved[name][0], saved[name][1]) for name in mine if name in saved}

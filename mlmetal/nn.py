@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from . import dtypes as D
 from . import ops
 from .runtime.device import Device
 from .ops import ShapeError
@@ -80,6 +81,7 @@ class Module:
     """Base class: subclasses set parameters and submodules as attributes and define `forward`."""
 
     training = True  # read by Dropout and BatchNorm2d when they build their ops; set by train() / eval()
+    keeps_float32 = False  # Module.astype leaves this module's tensors float32 (normalisation layers)
 
     def __call__(self, *xs):
         return self.forward(*xs)
@@ -156,6 +158,41 @@ class Module:
             p.trainable = not p.statistic
         return self
 
+    def astype(self, dtype) -> "Module":
+        """Convert every floating tensor of this module and the modules under it — parameters,
+        running statistics and constants — to `dtype`, in place, as PyTorch's `module.half()` /
+        `module.to(dtype)`: a float16 or bfloat16 copy of a model for inference, at half the bytes.
+
+        Normalisation layers keep their γ, β and running statistics in float32: their kernels read
+        float16 or bfloat16 activations beside float32 statistics (`keeps_float32`).
+
+        The tensors stay the same objects (a model's own references to them hold); their contents
+        are rounded on the device (to nearest even), and a gradient they held is dropped. Build
+        graphs after converting: a graph records the dtypes of the parameters it reads. The
+        optimizers update float32 parameters only, so train in float32 — under `mm.autocast` for
+        low-precision activations — and convert the trained model.
+
+        Args:
+            dtype: `mm.float16`, `mm.bfloat16`, `mm.float32`, or a name ("bfloat16", "half").
+
+        Example:
+            >>> net = mm.nn.Sequential(mm.nn.Linear(4, 8), mm.nn.ReLU()).astype(mm.bfloat16)
+            >>> net.layers[0].weight.dtype == mm.bfloat16
+            True
+        """
+        dtype = D.as_dtype(dtype)
+        if dtype not in D.FLOATS:
+            raise TypeError(f"Module.astype converts to a floating storage type ({', '.join(map(str, D.FLOATS))}), "
+                            f"not {dtype}")
+        for m in self.modules():
+            if m.keeps_float32:
+                continue
+            for v in vars(m).values():
+                if isinstance(v, Tensor) and v.dtype in D.FLOATS and v.dtype != dtype:  # a shared one converts once
+                    v.buffer, v.dtype = ops.astype(v, dtype=dtype).buffer, dtype
+                    v.grad = None
+        return self
+
     def save_weights(self, path) -> None:
         """Save the parameters by dotted name: to one safetensors file where `path` ends in
         `.safetensors` (MLX's format; `safetensors.torch.load_file` reads it too), else as
@@ -173,12 +210,14 @@ class Module:
 
     def load_weights(self, path, strict: bool = True) -> "Module":
         """Load parameters saved by `save_weights` or `mm.save` (or any safetensors file of
-        float32, int32 or uint32 tensors named as this module's parameters), matched by dotted name.
+        float32, float16, bfloat16, int32 or uint32 tensors named as this module's parameters),
+        matched by dotted name; each must have the parameter's shape and dtype (load into the
+        float32 model, then `astype`, to convert).
 
         Args:
             path: a `.safetensors` file, or the saved directory or `.zip`.
             strict: refuse missing and extra parameters; one `mm.FormatError` lists them
-                all, with any of the wrong shape (always refused). Nothing changes on an error.
+                all, with any of the wrong shape or dtype (always refused). Nothing changes on an error.
 
         Example:
             >>> net = make_net().load_weights("net.safetensors")
@@ -392,6 +431,8 @@ class Dropout(Module):
         else:
             gen = self.generator or _generator(x.device)
             u = ops.random_tensor(shape=x.shape, generator=gen, distribution=Uniform())
+        if u.dtype != x.dtype:  # the mask's numbers in x's storage type, so the output keeps it
+            u = ops.astype(u, dtype=x.dtype.name)
         return ops.dropout(x, u, p=self.p)
 
 
@@ -411,6 +452,8 @@ class Concat(Module):
 
 class InstanceNorm2d(Module):
     """Instance normalization with affine γ (ones) and β (zeros)."""
+
+    keeps_float32 = True
 
     def __init__(self, channels: int, eps: float = 1e-5, device=None):
         self.weight = Parameter(np.ones(channels, np.float32), device)
@@ -437,6 +480,8 @@ class GroupNorm(Module):
         >>> norm = mm.nn.GroupNorm(8, 64)
     """
 
+    keeps_float32 = True
+
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None):
         if num_groups < 1 or num_channels % num_groups:
             raise ShapeError(f"GroupNorm: num_channels {num_channels} must be divisible by num_groups={num_groups}")
@@ -461,6 +506,8 @@ class LayerNorm(Module):
         >>> norm = mm.nn.LayerNorm(512)          # x (N, L, 512)
     """
 
+    keeps_float32 = True
+
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, device=None):
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.weight, self.bias = _affine(shape, elementwise_affine, device)
@@ -481,6 +528,8 @@ def _affine(shape, learned: bool, device) -> tuple[Tensor, Tensor]:
 class BatchNorm2d(Module):
     """Batch normalization: batch statistics in training mode (updating the running ones), the
     running ones in evaluation mode (`eval()`)."""
+
+    keeps_float32 = True
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, device=None):
         self.weight = Parameter(np.ones(channels, np.float32), device)

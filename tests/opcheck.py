@@ -107,11 +107,11 @@ def finite_difference(f, inputs: list[np.ndarray], i: int, eps: float) -> np.nda
     return grad
 
 
-def check_grad(dev, r: Row, inputs, attrs, seed: int, g_dtype=np.float32):
+def check_grad(dev, r: Row, inputs, attrs, seed: int):
     op = ops.REGISTRY[r.op]
     ts, out = run_op(dev, r.op, inputs, attrs)
     rng = np.random.default_rng(seed)
-    gs = tuple(rng.standard_normal(o.shape).astype(g_dtype if _is_float(o.dtype) else np.float32)
+    gs = tuple(rng.standard_normal(o.shape).astype(o.dtype if _is_float(o.dtype) else np.float32)
                for o in _as_tuple(out))
     g_t = tuple(mm.tensor(g, dev) for g in gs)
     grads = op.grad(g_t if isinstance(out, tuple) else g_t[0], out, *ts, **ops.infer(r.op, *ts, **attrs)[1])
@@ -187,24 +187,26 @@ UNIT_ROUNDOFF = {np.dtype(np.float16): 2.0**-11, mm.bfloat16: 2.0**-8}
 LOW_DTYPES = [np.dtype(np.float16), mm.bfloat16]
 
 
-def stored(inputs: list[np.ndarray], dtype) -> list[np.ndarray]:
-    """`inputs` with every float array rounded to storage type `dtype`."""
-    return [a.astype(dtype) if _is_float(a.dtype) else a for a in inputs]
+def stored(inputs: list[np.ndarray], dtype, op) -> list[np.ndarray]:
+    """`inputs` with every float array rounded to storage type `dtype`, but those `op` takes in float32 always."""
+    return [a.astype(dtype) if _is_float(a.dtype) and i not in op.float32_inputs else a for i, a in enumerate(inputs)]
 
 
 def check_storage(dev, r: Row, inputs, attrs, dtype):
-    low = stored(inputs, dtype)
+    op = ops.REGISTRY[r.op]
+    low = stored(inputs, dtype, op)
     _, out = run_op(dev, r.op, low, attrs)
     ref, _ = reference(r.op, low, attrs)
     u = UNIT_ROUNDOFF[np.dtype(dtype)] * r.lowp_ulps
-    big = float(np.finfo(np.dtype(dtype)).max) if np.dtype(dtype) == np.float16 else 3.38e38
-    for o, e in zip(_as_tuple(out), _as_tuple(ref)):
+    for i, (o, e) in enumerate(zip(_as_tuple(out), _as_tuple(ref))):
         e = np.asarray(e)
         if _is_float(o.dtype) and "dtype" not in attrs:  # (astype's output has the dtype it is given)
-            assert o.dtype == np.dtype(dtype), f"{r.op}: {dtype} inputs gave a {o.dtype} output"
+            want = np.float32 if i in op.float32_outputs else dtype
+            assert o.dtype == np.dtype(want), f"{r.op}: {dtype} inputs gave a {o.dtype} output {i}"
+        big = float(np.finfo(o.dtype).max) if o.dtype == np.float16 else 3.38e38
         got = o.numpy().astype(np.float64)
         over = np.abs(e) > big * (1 + u)
-        assert np.isinf(got[over]).all(), f"{r.op}: outputs past {dtype}'s range are not inf"
+        assert np.isinf(got[over]).all(), f"{r.op}: outputs past {o.dtype}'s range are not inf"
         np.testing.assert_allclose(got[~over], e[~over], rtol=r.rtol + u, atol=r.atol + u * r.lowp_atol,
                                    err_msg=f"{r.op} in {dtype} {attrs}")
 
@@ -212,10 +214,10 @@ def check_storage(dev, r: Row, inputs, attrs, dtype):
 def check_storage_grad(dev, r: Row, inputs, attrs, seed: int, dtype):
     """The gradient rule on `dtype` tensors against finite differences of the reference at the
     rounded inputs: each op of the rule rounds its result, so a few units of roundoff more."""
-    low = stored(inputs, dtype)
+    low = stored(inputs, dtype, ops.REGISTRY[r.op])
     u = UNIT_ROUNDOFF[np.dtype(dtype)] * r.lowp_ulps
     check_grad(dev, dataclasses.replace(r, grad_rtol=r.grad_rtol + 8 * u, grad_atol=r.grad_atol + 8 * u), low, attrs,
-               seed, g_dtype=dtype)
+               seed)
 
 
 def make_storage_tests(rows: list[Row]):

@@ -47,3 +47,31 @@ def test_ctrl_c_before_training_exits_130_without_a_traceback(monkeypatch, capsy
     monkeypatch.setattr(gan, "train_digits", interrupted)
     assert cli.main(["gan", "--steps", "1"]) == 130
     assert "mlmetal gan: interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [app.COMMAND for app in cli._apps()])
+def test_every_training_command_takes_autocast_bfloat16(command, monkeypatch, tmp_path):
+    got = {}
+    for app in cli._apps():
+        monkeypatch.setattr(app, "run", lambda args: got.update(vars(args)) or 0)
+    for value in ("bfloat16", "bf16"):
+        assert cli.main([command, "--autocast", value, "--out", str(tmp_path)]) == 0 and got["autocast"] == "bfloat16"
+    assert cli.main([command, "--out", str(tmp_path)]) == 0 and got["autocast"] is None
+
+
+NO_SCALER = " (float16 training needs loss scaling, which the commands do not do)"
+
+
+@pytest.mark.parametrize("value, why", [("float16", NO_SCALER), ("half", NO_SCALER), ("float32", ""), ("fp8", ""),
+                                        ("", "")])
+@pytest.mark.parametrize("command", [app.COMMAND for app in cli._apps()])
+def test_a_bad_autocast_is_one_line_and_exits_2(command, value, why, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for app in cli._apps():
+        monkeypatch.setattr(app, "run", lambda args: pytest.fail("trained with a bad --autocast"))
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--autocast", value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == f"mlmetal {command}: error: argument --autocast: expected bfloat16, got {value!r}{why}"

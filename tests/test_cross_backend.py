@@ -158,3 +158,32 @@ def test_simd_functions_bit_identical(devices, active, delta, threads):
     np.testing.assert_array_equal(cpu, cuda)
     returned = (active >> (np.arange(total) % 32) & 1) == 0
     assert (cpu[returned] == 0xDEADBEEF).all() and (cpu[~returned] != 0xDEADBEEF).any()
+
+
+# ---------------------------------------------------------------- float16 and bfloat16 storage
+
+def _special_floats(rng, n):
+    """Normal values across float32's range, the storage types' edges and ties, and specials."""
+    v = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    edges = np.array([0.0, -0.0, 65504.0, 65520.0, -65519.99, 2**-24, 2**-25, 3 * 2**-26, 6e-8, 1e-40,
+                      3.3895314e38, 3.4028235e38, np.inf, -np.inf, 1 + 2**-11, 1 + 2**-8, 1 + 3 * 2**-9], np.float32)
+    return np.concatenate([v, edges, -edges])
+
+
+@pytest.mark.parametrize("to", ["f16", "bf16"])
+@given(n=st.sampled_from(AWKWARD) | st.integers(1, 5000), seed=st.integers(0, 2**31))
+def test_rounding_to_storage_types_bit_identical(devices, to, n, seed):
+    """float32 → float16 and → bfloat16 round to nearest even, identically on cpu and cuda, and as
+    NumPy (float16) and ml_dtypes (bfloat16) do; the way back is exact."""
+    x = _special_floats(np.random.default_rng(seed), n)
+    cpu, cuda = run_both(devices, "elementwise", f"cast_f32_{to}", (x.size + 255) // 256, 256,
+                         lambda dev: [dev.buffer(x), dev.buffer(nbytes=2 * x.size), {"n": x.size}],
+                         lambda args: args[1].numpy(np.uint16))
+    np.testing.assert_array_equal(cpu, cuda)
+    ref = x.astype(np.float16 if to == "f16" else mm.bfloat16).view(np.uint16)
+    np.testing.assert_array_equal(cpu, ref)
+    back = run_both(devices, "elementwise", f"cast_{to}_f32", (x.size + 255) // 256, 256,
+                    lambda dev: [dev.buffer(cpu), dev.buffer(nbytes=4 * x.size), {"n": x.size}],
+                    lambda args: args[1].numpy(np.float32))
+    np.testing.assert_array_equal(back[0].view(np.uint32), back[1].view(np.uint32))
+    np.testing.assert_array_equal(back[0], cpu.view(np.float16 if to == "f16" else mm.bfloat16).astype(np.float32))

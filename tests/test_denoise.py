@@ -98,3 +98,24 @@ def test_every_flag_is_documented():
     for flag in ("--device", "--seed", "--out", "--epochs", "--size", "--spp", "--refresh-every", "--halve-every"):
         assert flag in text
     assert all(a.help for a in parser._actions)
+
+
+def test_denoise_command_trains_under_autocast_and_says_so(dev, tmp_path, capsys, monkeypatch):
+    built = []
+    graph = mm.Graph
+
+    def recording(*args, **kwargs):  # the graphs the command builds, with their compute dtypes
+        g = graph(*args, **kwargs)
+        built.append(g.compute_dtype)
+        return g
+
+    monkeypatch.setattr(mm, "Graph", recording)
+    assert cli.main(["denoise", "--device", dev.name, "--out", str(tmp_path), "--autocast", "bfloat16", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("training under bfloat16 autocast: convolutions, matmuls and Gram matrices in bfloat16")
+    assert re.search(r"trained \d+ steps on \w+ under bfloat16 autocast in", out), out
+    assert all(math.isfinite(v) for v in _psnr(out))
+    assert built[0] == mm.bfloat16 and built.count(mm.bfloat16) == 1  # the training graph; validation and the
+    # deployed model run in float32
+    model = mm.load(tmp_path / "denoiser.zip", device=dev)
+    assert {p.dtype for p in model.parameters.values()} == {np.dtype(np.float32)}

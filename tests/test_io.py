@@ -606,7 +606,7 @@ def test_load_weights_reports_every_mismatch_at_once(dev, tmp_path):
     message = str(e.value)
     assert "missing layers.2.weight, layers.2.bias" in message
     assert "unexpected layers.3.weight" in message and "layers.4.weight" in message
-    assert "wrong shape layers.0.weight (4, 2, 3, 3)" in message
+    assert "wrong shape or dtype layers.0.weight (4, 2, 3, 3)" in message
     for p, b in zip(other.parameters(), before):
         np.testing.assert_array_equal(p.numpy(), b)  # nothing half-loaded
     # not strict: missing and extra parameters are skipped, matching ones load

@@ -4,10 +4,12 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 
 import mlmetal as mm
-from opcheck import AWKWARD_DIMS, floats, make_storage_tests, make_tests, row
+from mlmetal import ops
+from opcheck import AWKWARD_DIMS, LOW_DTYPES, floats, make_storage_tests, make_tests, row, run_op, stored
 
 
 def same_shape(n_inputs, scale=1.0, away_from_zero=False, **attrs):
@@ -173,6 +175,64 @@ ROWS = [
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
 test_storage, test_storage_grad = make_storage_tests(ROWS)
+
+
+def rounded(a: np.ndarray, dtype) -> np.ndarray:
+    """`a` rounded to `dtype` (to nearest even; past its range, ±inf)."""
+    with np.errstate(over="ignore"):
+        return a.astype(dtype)
+
+
+def as_bits(a: np.ndarray) -> np.ndarray:
+    """A float array's bit patterns, every NaN as one pattern (a kernel may make another NaN)."""
+    bits = a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32).copy()
+    bits[np.isnan(a.astype(np.float32))] = 0xFFFF if a.dtype.itemsize == 2 else 0xFFFFFFFF
+    return bits
+
+
+def make_rounds_once_test(rows):
+    """test_rounds_once: each row's op in float16 and bfloat16 gives, bit for bit, its float32
+    result on the same values rounded to the storage type. Each kernel loads into float, computes
+    in float as its float32 instance does and rounds once when it stores (reductions keep their
+    partial results float), so nothing else may differ; a second rounding anywhere would show."""
+    typed = [(r, d) for r in rows for d in LOW_DTYPES if d in ops.REGISTRY[r.op].dtypes and r.op != "astype"]
+
+    @pytest.mark.parametrize("r,dtype", typed, ids=[f"{r.op}-{d}" for r, d in typed])
+    @given(data=st.data())
+    def test_rounds_once(dev, r, dtype, data):
+        inputs, attrs = r.case(data)
+        low = stored(inputs, dtype)
+        _, out = run_op(dev, r.op, low, attrs)
+        _, wide = run_op(dev, r.op, [a.astype(np.float32) if a.dtype == dtype else a for a in low], attrs)
+        for o, w in zip(out if isinstance(out, tuple) else (out,), wide if isinstance(wide, tuple) else (wide,)):
+            assert o.dtype == dtype
+            np.testing.assert_array_equal(as_bits(o.numpy()), as_bits(rounded(w.numpy(), dtype)),
+                                          err_msg=f"{r.op} {attrs}")
+
+    return test_rounds_once
+
+
+test_rounds_once = make_rounds_once_test(ROWS)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("shapes", [((1000,), (1000,)), ((7, 33), (33,))], ids=["same-shape", "broadcast"])
+def test_relu_add_mul_match_numpy(dev, dtype, shapes):
+    """relu, add and mul in bfloat16 (and float16) are, bit for bit, NumPy's float32 arithmetic on
+    the stored values rounded once by ml_dtypes (NumPy): compute in float, round once."""
+    rng = np.random.default_rng(17)
+    a, b = (rng.standard_normal(s) * 3 for s in shapes)
+    a.flat[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 3e38 if dtype == mm.bfloat16 else 6e4]
+    b.flat[:6] = [-0.0, -0.0, 1.0, -np.inf, 2.0, 3e38 if dtype == mm.bfloat16 else 6e4]  # the last sum overflows
+    a, b = a.astype(dtype), b.astype(dtype)
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    ta, tb = mm.tensor(a, dev), mm.tensor(b, dev)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = {"relu": np.where(a32 < 0, np.float32(0), a32), "add": a32 + b32, "mul": a32 * b32}
+    got = {"relu": mm.ops.relu(ta), "add": mm.ops.add(ta, tb), "mul": mm.ops.mul(ta, tb)}
+    for op, e in expected.items():
+        assert got[op].dtype == dtype
+        np.testing.assert_array_equal(as_bits(got[op].numpy()), as_bits(rounded(e, dtype)), err_msg=op)
 
 
 @pytest.mark.parametrize("op, shapes, attrs, message", [

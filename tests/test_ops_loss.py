@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import mlmetal as mm
 from conftest import rtol_for
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, floats, make_storage_tests, make_tests, row
 
 ELEMENTWISE = ["mse_loss", "mae_loss", "huber_loss", "sigmoid_cross_entropy_loss"]
 LOSSES = ELEMENTWISE + ["softmax_cross_entropy_loss"]
@@ -60,6 +60,7 @@ ROWS += [row(f"{name}_grad", loss_case(name, grad_op=True), rtol=1e-5, atol=1e-6
 ROWS += [row("initial_gradient", initial_case, rtol=0, atol=0)]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 def test_sigmoid_cross_entropy_is_finite_for_large_logits(dev):
@@ -98,3 +99,18 @@ def test_loss_errors(dev, op, shapes, attrs, message):
     ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in shapes]
     with pytest.raises(mm.ShapeError, match=message):
         getattr(mm.ops, op)(*ts, **attrs)
+
+
+def test_low_precision_losses_are_float32(dev):
+    """bfloat16 predictions and labels give a float32 loss (computed and summed in float, rounded
+    once), whose gradient g is float32 too, and a bfloat16 dy."""
+    y, t = (np.linspace(-3, 3, 4096).astype(mm.bfloat16) * k for k in (1, 0.5))
+    loss = mm.ops.mse_loss(mm.tensor(y, dev), mm.tensor(t, dev), reduction="sum")
+    assert loss.dtype == mm.float32
+    np.testing.assert_allclose(loss.numpy(), [np.sum((y.astype(np.float64) - t.astype(np.float64)) ** 2)], rtol=1e-5)
+    dy = mm.ops.mse_loss_grad(mm.ops.initial_gradient(loss), mm.tensor(y, dev), mm.tensor(t, dev), reduction="sum",
+                              weight=1.0)
+    assert dy.dtype == mm.bfloat16
+    with pytest.raises(mm.DTypeError, match="input 0 .* is bfloat16; it takes float32"):
+        mm.ops.mse_loss_grad(mm.tensor(np.ones(1, mm.bfloat16), dev), mm.tensor(y, dev), mm.tensor(t, dev),
+                             reduction="sum", weight=1.0)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.reference import norm as R
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, floats, make_storage_tests, make_tests, row
 
 
 def image(data, small):
@@ -96,6 +96,7 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 AFFINE = {  # op: (x's shape for planes of hw pixels, γ's shape, attributes)
@@ -189,21 +190,24 @@ def test_norm_errors(dev, op, shapes, attrs, message):
         getattr(mm.ops, op)(*ts, **attrs)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, mm.bfloat16])
 @pytest.mark.parametrize("op", ["instance_norm", "instance_norm_grad"])
-def test_instance_norm_of_planes_larger_than_the_register_cache(dev, op):
+def test_instance_norm_of_planes_larger_than_the_register_cache(dev, op, dtype):
     # 130×130 pixels exceed NORM_CACHE·threads on every backend: the kernels re-read x instead.
     rng = np.random.default_rng(1)
-    x = (rng.standard_normal((1, 2, 130, 130)) * 2 + 1).astype(np.float32)
-    g = rng.standard_normal(x.shape).astype(np.float32)
+    x = (rng.standard_normal((1, 2, 130, 130)) * 2 + 1).astype(dtype)
+    g = rng.standard_normal(x.shape).astype(dtype)
     gamma, beta = np.array([1.0, -0.5], np.float32), np.array([0.0, 2.0], np.float32)
     if op == "instance_norm":
-        got = [mm.ops.instance_norm(*(mm.tensor(a, dev) for a in (x, gamma, beta))).numpy()]
+        got = [mm.ops.instance_norm(*(mm.tensor(a, dev, dtype=a.dtype) for a in (x, gamma, beta))).numpy()]
         want = [R.instance_norm(x.astype(np.float64), gamma, beta, eps=1e-5)]
     else:
-        got = [t.numpy() for t in mm.ops.instance_norm_grad(*(mm.tensor(a, dev) for a in (g, x, gamma)), eps=1e-5)]
+        got = [t.numpy() for t in mm.ops.instance_norm_grad(*(mm.tensor(a, dev, dtype=a.dtype) for a in (g, x, gamma)),
+                                                            eps=1e-5)]
         want = R.instance_norm_grad(g.astype(np.float64), x.astype(np.float64), gamma, eps=1e-5)
+    u = {np.float32: 0, np.float16: 2.0**-11, mm.bfloat16: 2.0**-8}[dtype]  # dx and y round once to the storage type
     for a, b in zip(got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-3)
+        np.testing.assert_allclose(a.astype(np.float64), b, rtol=1e-4 + u, atol=2e-3)
 
 
 def test_layer_norm_of_more_rows_than_a_grid_axis_holds(dev):
@@ -217,3 +221,56 @@ def test_layer_norm_of_more_rows_than_a_grid_axis_holds(dev):
     want = R.layer_norm_grad(g.astype(np.float64), x.astype(np.float64), gamma, eps=1e-5)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a.numpy(), b, rtol=rtol_for(70_000, 1e-5), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_norm_layers_train_in_low_precision_with_float32_parameters(dev, dtype):
+    """Batch, group and layer norm on low-precision activations in an autocast graph: their γ, β and
+    running statistics stay float32 (so do their gradients, and the loss), and the gradients match
+    a float32 graph's to the storage type's precision."""
+    rng = np.random.default_rng(3)
+    x, target = (rng.standard_normal((4, 6, 5, 5)).astype(np.float32) for _ in range(2))
+    gammas = [rng.uniform(0.5, 1.5, shape) for shape in [(6,), (6,), (6, 5, 5)]]
+
+    def run(compute_dtype):
+        layers = [mm.nn.BatchNorm2d(6, device=dev), mm.nn.GroupNorm(3, 6, device=dev),
+                  mm.nn.LayerNorm((6, 5, 5), device=dev)]
+        for layer, gamma in zip(layers, gammas):
+            layer.weight.assign(gamma)
+        g = mm.Graph(dev, compute_dtype=compute_dtype)
+        h = g.input("x", x.shape)
+        if compute_dtype:
+            h = h.astype(compute_dtype)
+        for layer in layers:
+            h = layer(h)
+            assert h.dtype == mm.dtypes.as_dtype(compute_dtype or "float32")
+        loss = mm.ops.mse_loss(h, mm.tensor(target, dev))
+        assert loss.dtype == mm.float32
+        training = g.training_graph(loss)
+        value = training.step(x=x)
+        params = [layers[0].running_mean] + [p for layer in layers for p in (layer.weight, layer.bias)]
+        assert all(p.dtype == mm.float32 for p in params)
+        return value, [p.grad.numpy() for p in params[1:]], layers[0].running_mean.numpy()
+
+    want, want_grads, want_mean = run(None)
+    got, got_grads, got_mean = run(dtype)
+    u = 2.0**-11 if dtype == "float16" else 2.0**-8
+    np.testing.assert_allclose(got, want, rtol=8 * u)
+    np.testing.assert_allclose(got_mean, want_mean, atol=2 * u)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(a, b, rtol=0, atol=8 * u * np.abs(b).max())
+
+
+@pytest.mark.parametrize("op, shapes, low", [
+    ("instance_norm", [(2, 3, 4), (3,), (3,)], 1),
+    ("batch_norm", [(2, 3, 4)] + [(3,)] * 4, 3),
+    ("layer_norm_grad", [(2, 3), (2, 3), (3,)], 2),
+])
+def test_norm_parameters_must_be_float32(dev, op, shapes, low):
+    """γ, β and the running statistics are float32 beside bfloat16 activations; another dtype is
+    refused (not cast, which would leave running statistics updated in a copy)."""
+    activations = 2 if op.endswith("_grad") else 1  # (g and) x
+    ts = [mm.tensor(np.ones(s, np.float32), dev, dtype=mm.bfloat16 if i < activations or i == low else mm.float32)
+          for i, s in enumerate(shapes)]
+    with pytest.raises(mm.DTypeError, match=f"input {low} .* is bfloat16; it takes float32"):
+        getattr(mm.ops, op)(*ts, eps=1e-5)

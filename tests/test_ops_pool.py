@@ -6,9 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mlmetal as mm
+from mlmetal import dtypes as D
 from mlmetal.ops import pool as pool_ops
 from mlmetal.reference import pool as R
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, floats, make_storage_tests, make_tests, row
 
 
 def distinct(shape, data, spacing=0.05):
@@ -55,7 +56,8 @@ def log_case(small=False):
 
 
 ROWS = [
-    row("max_pool2d", pool_case(), rtol=0, atol=0, grad_case=pool_case(small=True, values=distinct)),
+    # max pooling picks one input: exact in every storage type
+    row("max_pool2d", pool_case(), rtol=0, atol=0, grad_case=pool_case(small=True, values=distinct), lowp_ulps=0),
     row("max_pool2d_grad", pool_grad_case("max_pool2d")),  # sums up to kh·kw gradients
     row("avg_pool2d", pool_case(), grad_case=pool_case(small=True)),
     row("avg_pool2d_grad", pool_grad_case("avg_pool2d")),
@@ -63,27 +65,33 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
+
+BITS = {D.float32: np.uint32, D.float16: np.uint16, D.bfloat16: np.uint16}
 
 
+@pytest.mark.parametrize("dtype", D.FLOATS, ids=str)
 @given(n=st.integers(1, 3), c=st.sampled_from([1, 2, 33]), h=st.sampled_from([2, 3, 31, 32, 33, 64]),
        half_w=st.sampled_from([1, 15, 16, 17, 40]), levels=st.sampled_from([3, 1000]), seed=st.integers(0, 2**31))
-def test_max_pool_2x2_fast_path_equals_the_general_kernel(dev, n, c, h, half_w, levels, seed):
+def test_max_pool_2x2_fast_path_equals_the_general_kernel(dev, dtype, n, c, h, half_w, levels, seed):
     """2×2, stride 2, no padding, even width takes max_pool2d_2x2: the same bits as the general
-    kernel and the float64 reference, ties (few distinct levels) and NaN included."""
-    x = np.random.default_rng(seed).integers(0, levels, (n, c, h, 2 * half_w)).astype(np.float32)
+    kernel and the float64 reference, ties (few distinct levels) and NaN included, in every
+    storage type (whose instances load two elements at once)."""
+    x = np.random.default_rng(seed).integers(0, levels, (n, c, h, 2 * half_w)).astype(dtype)
     x.flat[::7] = np.nan
-    fast = mm.ops.max_pool2d(mm.tensor(x, dev), 2).numpy()
+    fast = mm.ops.max_pool2d(mm.tensor(x, dev, dtype=dtype), 2).numpy()
+    assert fast.dtype == dtype
     # the general kernel on the same input, dispatched by hand
-    t, out = mm.tensor(x, dev), mm.tensor(np.zeros_like(fast), dev)
+    t, out = mm.tensor(x, dev, dtype=dtype), mm.tensor(np.zeros_like(fast), dev, dtype=dtype)
     cb = dev.command_buffer()
-    cb.dispatch(dev.library("pool").kernel("max_pool2d"), groups=(out.size + 255) // 256, threads=256,
-                args=[t, out, pool_ops._params(out.size, x.shape[2:], fast.shape[2:], (2, 2), (2, 2), (0, 0))])
+    cb.dispatch(dev.library("pool").kernel(D.kernel_name("max_pool2d", dtype)), groups=(out.size + 255) // 256,
+                threads=256, args=[t, out, pool_ops._params(out.size, x.shape[2:], fast.shape[2:], (2, 2), (2, 2), (0, 0))])
     cb.commit()
     cb.wait()
-    np.testing.assert_array_equal(fast.view(np.uint32), out.numpy().view(np.uint32))
+    np.testing.assert_array_equal(fast.view(BITS[dtype]), out.numpy().view(BITS[dtype]))
     # and the float64 reference's values: a window holding NaN pools to NaN
     ref = R.max_pool2d(x.astype(np.float64), kernel=(2, 2), stride=(2, 2), padding=(0, 0))
-    np.testing.assert_array_equal(fast, ref.astype(np.float32))
+    np.testing.assert_array_equal(fast.astype(np.float64), ref)
 
 
 def test_max_pool_ties_go_to_the_first_maximum(dev):

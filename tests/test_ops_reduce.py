@@ -18,7 +18,10 @@ from hypothesis import strategies as st
 import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.ops import reduce as reduce_ops
-from opcheck import AWKWARD_DIMS, check_forward, check_nan, floats, make_tests, row, with_nan
+from mlmetal.runtime import source as S
+from opcheck import (AWKWARD_DIMS, LOW_DTYPES, check_forward, check_nan, floats, make_storage_tests, make_tests, row,
+                     with_nan)
+from test_ops_elementwise import as_bits, make_rounds_once_test, rounded
 
 U = 2.0**-24
 
@@ -56,6 +59,8 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
+test_rounds_once = make_rounds_once_test(ROWS)
 
 
 def long_rows_case(data):
@@ -80,6 +85,34 @@ def test_group_a_row(dev, monkeypatch, r, data):
         attrs["correction"] = 1
     check_forward(dev, r, inputs, attrs)
     check_nan(dev, r, with_nan(inputs, data), attrs)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("cheap_barriers", [False, True], ids=["thread-a-chunk", "group-a-row"])
+@pytest.mark.parametrize("shape, axis", [((2**16,), 0), ((3, 2**14), 1), ((2**14, 3), 0), ((2**8, 2**8), None)],
+                         ids=["vector", "rows", "columns", "all"])
+def test_long_low_precision_rounds_once(dev, monkeypatch, shape, axis, cheap_barriers, dtype):
+    """Long reductions of float16 and bfloat16 take several passes, whose partial results stay
+    float32 (the `_f16_f32` ... `_f32_bf16` instances): each result is, bit for bit, the float32
+    one on the same values rounded once to the storage type."""
+    monkeypatch.setattr(dev, "cheap_barriers", cheap_barriers, raising=False)
+    x = (np.random.default_rng(len(shape)).random(shape) + 0.5).astype(dtype)
+    low, wide = mm.tensor(x, dev), mm.tensor(x.astype(np.float32), dev)
+    for op in ("sum", "mean", "max", "min", "var"):
+        got, want = getattr(mm.ops, op)(low, axis=axis), getattr(mm.ops, op)(wide, axis=axis)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(as_bits(got.numpy()), as_bits(rounded(want.numpy(), dtype)), err_msg=op)
+
+
+def test_partial_result_instances_exist():
+    """Every instance a multi-pass float16 or bfloat16 reduction may dispatch, to float32 partial
+    results and from them (the registry checks the others); squares' partials are folded by sum."""
+    kernels = S.Source.from_file(S.find("reduce")).kernels
+    for kind in ("sum", "squares", "max", "min"):
+        for variant in ("threads", "groups"):
+            for dtype in LOW_DTYPES:
+                assert reduce_ops._instance(f"{kind}_{variant}", dtype, mm.float32) in kernels
+                assert kind == "squares" or reduce_ops._instance(f"{kind}_{variant}", mm.float32, dtype) in kernels
 
 
 def test_max_gradient_is_shared_among_ties(dev):

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import strategies as st
 
 import mlmetal as mm
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, LOW_DTYPES, floats, make_storage_tests, make_tests, row
 
 
 def upsample_case(small=False, grad_op=False):
@@ -27,6 +27,17 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 1, 31), (2, 3, 33, 1), (1, 2, 5, 7)])
+def test_nearest_copies_low_precision_values_bit_for_bit(dev, dtype, shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    x.flat[::3] = np.nan
+    y = mm.ops.upsample(mm.tensor(x, dev, dtype=dtype), 3).numpy()
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y.view(np.uint16), x.repeat(3, axis=2).repeat(3, axis=3).view(np.uint16))
 
 
 def test_bilinear_matches_pytorch_convention(dev):

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import strategies as st
 
 import mlmetal as mm
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, floats, make_storage_tests, make_tests, row
 
 
 def ids_of(data, n, vocab, out_of_range=True):
@@ -55,10 +55,11 @@ ROWS = [
     row("embedding_grad", embedding_grad_case, rtol=1e-5, atol=1e-5),
     row("argmax", argmax_case, rtol=0, atol=0),
     row("still_running", still_running_case, rtol=0, atol=0),
-    row("reshape", reshape_case(), rtol=0, atol=0, grad_case=reshape_case(small=True)),
+    row("reshape", reshape_case(), rtol=0, atol=0, lowp_ulps=0, grad_case=reshape_case(small=True)),
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 def test_argmax_takes_the_first_of_equal_maxima(dev):

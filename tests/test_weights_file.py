@@ -63,7 +63,7 @@ def test_strict_load_reports_every_mismatch_and_changes_nothing(dev, tmp_path):
     assert str(tmp_path / "w.safetensors") in message
     assert "missing layers.4.weight, layers.4.bias" in message
     assert "unexpected layers.1.bias, " in message and "layers.1.running_mean" in message and "layers.3.weight" in message
-    assert "wrong shape layers.0.weight (5, 2, 3, 3) float32 (saved (4, 2, 3, 3) float32)" in message
+    assert "wrong shape or dtype layers.0.weight (5, 2, 3, 3) float32 (saved (4, 2, 3, 3) float32)" in message
     for n, p in other.named_parameters().items():
         np.testing.assert_array_equal(p.numpy(), before[n])
     # not strict: what matches loads, the rest stays; a wrong shape is still refused
@@ -71,7 +71,7 @@ def test_strict_load_reports_every_mismatch_and_changes_nothing(dev, tmp_path):
     part.load_weights(tmp_path / "w.safetensors", strict=False)
     np.testing.assert_array_equal(part.layers[0].weight.numpy(),
                                   safetensors.numpy.load_file(tmp_path / "w.safetensors")["layers.0.weight"])
-    with pytest.raises(mm.FormatError, match="wrong shape layers.0.weight"):
+    with pytest.raises(mm.FormatError, match="wrong shape or dtype layers.0.weight"):
         other.load_weights(tmp_path / "w.safetensors", strict=False)
 
 

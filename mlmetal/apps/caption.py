@@ -27,7 +27,7 @@ import numpy as np
 
 import mlmetal as mm
 from mlmetal.apps.digits import load_digits, upscale
-from mlmetal.cli import integer, number
+from mlmetal.cli import announce_autocast, autocast_note, integer, number
 from mlmetal.ops.predicate import Predicates
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -100,9 +100,10 @@ class Captioner(mm.nn.Module):
         return self.output(h), (h, c)
 
 
-def training_graph(net: Captioner, dev, batch: int, lr: float):
-    """Teacher forcing over STEPS steps: inputs images, in0…, target0… (one-hot); the loss sums the steps."""
-    g = mm.Graph(dev)
+def training_graph(net: Captioner, dev, batch: int, lr: float, autocast=None):
+    """Teacher forcing over STEPS steps: inputs images, in0…, target0… (one-hot); the loss sums the steps.
+    `autocast` ("bfloat16", "float16" or None) is the graph's compute_dtype (mm.autocast)."""
+    g = mm.Graph(dev, compute_dtype=autocast)
     images = g.input("images", (batch, 1, net.size, net.size))
     context = net.context(images)
     state, loss = None, None
@@ -166,7 +167,8 @@ class _unpredicated:
 
 
 def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e-2, seed: int = 0,
-                  progress: bool = True, limit: int | None = None, steps: int | None = None, size: int = 8) -> dict:
+                  progress: bool = True, limit: int | None = None, steps: int | None = None, size: int = 8,
+                  autocast=None) -> dict:
     """Train a Captioner by teacher forcing with Adam; returns {'accuracy', 'history', 'net', 'device',
     'test' (held-out images and labels), 'steps', 'interrupted'}.
 
@@ -183,6 +185,8 @@ def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e
         limit: train on only the first `limit` training digits (quick tests).
         steps: stop after this many training steps in all (default: every epoch).
         size: image side, a multiple of 8: the digits' own 8, or them upscaled bilinearly.
+        autocast: None, or "bfloat16" / "float16" to build the training graph under `mm.autocast`
+            (decoding runs in float32).
 
     Example:
         >>> result = train_caption("cpu", epochs=15); result["accuracy"]   # held-out digits spelled right
@@ -194,7 +198,7 @@ def train_caption(device=None, epochs: int = 15, batch: int = 64, lr: float = 1e
         x_tr, y_tr = x_tr[:limit], y_tr[:limit]
     net = Captioner(dev, size=size)
     x_tr, x_te = upscale(x_tr, size, dev), upscale(x_te, size, dev)
-    train = training_graph(net, dev, batch, lr)
+    train = training_graph(net, dev, batch, lr, autocast)
     schedule = mm.optim.StepDecay(train.optimizer, every=max(1, epochs // 3))
     decoder = Decoder(net, dev, len(x_te))
     spelled = np.array([spell(d) for d in range(10)], np.int32)
@@ -261,8 +265,9 @@ def run(args) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    announce_autocast(args)
     result = train_caption(args.device, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
-                           progress=args.progress, steps=args.steps, size=args.size)
+                           progress=args.progress, steps=args.steps, size=args.size, autocast=args.autocast)
     if result["interrupted"]:
         print(f"interrupted after {result['steps']} steps: saving and reporting what was learnt", file=sys.stderr)
     net, (x_te, y_te) = result["net"], result["test"]
@@ -271,7 +276,8 @@ def run(args) -> int:
     right = np.array([w == NAMES[d] for w, d in zip(words, y_te)])
     wrong = [f"{NAMES[d]} -> {w!r}" for w, d, ok in zip(words, y_te, right) if not ok]
     report = [f"{right.mean():.1%} of {len(y_te)} held-out digits spelled right after {result['steps']} steps "
-              f"({'interrupted' if result['interrupted'] else 'done'}) on {result['device'].name}, "
+              f"({'interrupted' if result['interrupted'] else 'done'}) on {result['device'].name}"
+              f"{autocast_note(args)}, "
               f"images {args.size}×{args.size}",
               "per digit: " + ", ".join(f"{NAMES[d]} {right[y_te == d].mean():.0%}" for d in range(10)),
               f"misspelled ({len(wrong)}): " + "; ".join(wrong[:20]) + (" …" if len(wrong) > 20 else "")]

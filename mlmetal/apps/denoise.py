@@ -29,7 +29,7 @@ import numpy as np
 import mlmetal as mm
 from mlmetal import raytrace as rt
 from mlmetal.apps.images import to_image
-from mlmetal.cli import integer, number
+from mlmetal.cli import announce_autocast, autocast_note, integer, number
 
 CHANNELS = 9  # noisy rgb, albedo, normal
 TEST_SEEDS = 1_000_000  # held-out scenes are numbered from here; training scenes stay far below
@@ -107,10 +107,12 @@ def inputs_of(graph: mm.Graph, batch: int, size: int):
     return [graph.input(name, (batch, 3, size, size)) for name in ("noisy", "albedo", "normal")]
 
 
-def training_graph(net: UNet, batch: int, size: int, lr: float, log_weight: float, distributed: bool = False):
+def training_graph(net: UNet, batch: int, size: int, lr: float, log_weight: float, distributed: bool = False,
+                   autocast=None):
     """RGB L1 plus `log_weight` × Laplacian-of-Gaussian L1, summed; Adam over the net (averaging
-    the gradients over mm.distributed's ranks when `distributed`)."""
-    g = mm.Graph(net.device)
+    the gradients over mm.distributed's ranks when `distributed`); built under `mm.autocast(autocast)`
+    when that is "bfloat16" or "float16" (the graph's compute_dtype)."""
+    g = mm.Graph(net.device, compute_dtype=autocast)
     out = net(*inputs_of(g, batch, size))
     clean = g.input("clean", (batch, 3, size, size))
     rgb_loss = mm.ops.mae_loss(out, clean, reduction="mean")
@@ -163,7 +165,8 @@ def other_backend(dev) -> str:
 def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int = 2, epochs: int = 80,
                    scenes: int = 32, batch: int = 4, spp: int = 2, clean_spp: int = 128, refresh_every: int = 10,
                    halve_every: int = 40, lr: float = 3e-3, log_weight: float = 0.5, validation: int = 8,
-                   seed: int = 0, progress: bool = True, steps: int | None = None, distributed: bool = False) -> dict:
+                   seed: int = 0, progress: bool = True, steps: int | None = None, distributed: bool = False,
+                   autocast=None) -> dict:
     """Train a UNet on fresh path-traced renders; returns the net, its optimizer, histories and timings.
 
     Ctrl-C stops training early and returns what was learnt so far (`interrupted` is True).
@@ -189,6 +192,8 @@ def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int =
         distributed: train data-parallel with the other ranks of `mm.distributed` (`init()` first):
             each renders scenes of its own and takes `batch` images a step; rank 0 alone shows
             progress and validates.
+        autocast: None, or "bfloat16" / "float16" to build the training graph under `mm.autocast`
+            (validation and the saved model run in float32 on the float32 weights).
 
     Example:
         >>> result = train_denoiser("cpu", size=32, epochs=10); result["validations"][-1]["psnr"]
@@ -202,7 +207,7 @@ def train_denoiser(device=None, *, size: int = 48, width: int = 12, depth: int =
     mm.nn.seed(seed)
     rng = np.random.default_rng([seed, rank] if rank else seed)  # rank 0 renders what one process would
     net = UNet(width, depth, dev)
-    train = training_graph(net, batch, size, lr, log_weight, distributed)
+    train = training_graph(net, batch, size, lr, log_weight, distributed, autocast)
     schedule = mm.optim.StepDecay(train.optimizer, every=halve_every)
     evaluate = Denoiser(net, validation, size)
     val = Renders(dev, TEST_SEEDS + 10_000 + np.arange(validation), size, spp, clean_spp, noise_seed=7) if rank == 0 else None
@@ -370,11 +375,13 @@ def run(args) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    announce_autocast(args)
     result = train_denoiser(args.device, size=args.size, width=args.width, depth=args.depth, epochs=args.epochs,
                             scenes=args.scenes, batch=args.batch, spp=args.spp, clean_spp=args.clean_spp,
                             refresh_every=args.refresh_every, halve_every=args.halve_every, lr=args.lr,
                             log_weight=args.log_weight, validation=args.test, seed=args.seed,
-                            progress=args.progress, steps=args.steps, distributed=args.distributed)
+                            progress=args.progress, steps=args.steps, distributed=args.distributed,
+                            autocast=args.autocast)
     if mm.distributed.rank() != 0:
         return 130 if result["interrupted"] else 0
     if result["interrupted"]:
@@ -401,7 +408,7 @@ def run(args) -> int:
 
     t = result["timings"]
     ranks = f"{mm.distributed.size()} ranks of " if mm.distributed.size() > 1 else ""
-    print(f"trained {len(result['steps'])} steps on {ranks}{dev.name} in {t['train']:.0f} s "
+    print(f"trained {len(result['steps'])} steps on {ranks}{dev.name}{autocast_note(args)} in {t['train']:.0f} s "
           f"({t['render']:.0f} s of it rendering); deployed on {target}")
     print(f"PSNR on {len(test)} held-out renders ({args.spp} spp vs {max(args.clean_spp, 512)} spp): "
           f"noisy {before:.2f} dB -> denoised {after:.2f} dB ({after - before:+.2f} dB)")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import mlmetal as mm
 from mlmetal.apps.digits import train_digits, upscale
-from mlmetal.cli import integer, number
+from mlmetal.cli import announce_autocast, autocast_note, integer, number
 
 LATENT = 32
 
@@ -98,6 +98,8 @@ class GAN:
         generator, discriminator: other networks to train instead of the app's Generator and
             Discriminator (latents (N, latent) → images (N, 1, size, size) → logits (N, 1)).
         latent: the latents' length.
+        autocast: None, or "bfloat16" / "float16": the two training graphs' compute_dtype
+            (mm.autocast); sampling and watching run in float32.
 
     Example:
         >>> gan = GAN(mm.device("cpu"), batch=64)
@@ -106,7 +108,8 @@ class GAN:
     """
 
     def __init__(self, device, batch: int = 64, lr: float = 1e-3, seed: int = 0, size: int = 8,
-                 generator: mm.nn.Module | None = None, discriminator: mm.nn.Module | None = None, latent: int = LATENT):
+                 generator: mm.nn.Module | None = None, discriminator: mm.nn.Module | None = None, latent: int = LATENT,
+                 autocast=None):
         self.device, self.batch, self.size, self.latent = device, batch, size, latent
         self.generator = generator if generator is not None else Generator(device, latent=latent, size=size)
         self.discriminator = discriminator if discriminator is not None else Discriminator(device, size=size)
@@ -115,14 +118,14 @@ class GAN:
         zeros = mm.tensor(np.zeros((batch, 1), np.float32), device)
         adam = dict(lr=lr, betas=(0.5, 0.999))
 
-        g = mm.Graph(device)
+        g = mm.Graph(device, compute_dtype=autocast)
         fake = self.generator(g.random((batch, latent), latents, mm.random.Normal()))
         fake.stop_gradient = True
         real_loss, fake_loss = self._discriminator_losses(g, fake, ones, zeros)
         d_loss = real_loss + fake_loss
         self.train_d = d_loss.training_graph(optimizer=mm.optim.Adam(self.discriminator.parameters(), **adam))
 
-        g = mm.Graph(device)
+        g = mm.Graph(device, compute_dtype=autocast)
         fake = self.generator(g.random((batch, latent), latents, mm.random.Normal()))
         g_loss = mm.ops.sigmoid_cross_entropy_loss(self.discriminator(fake), ones)
         # Frozen only while the graph is derived: that is when gradient nodes are chosen.
@@ -204,7 +207,8 @@ def save_grid(images: np.ndarray, path) -> None:
 
 
 def train_gan(device=None, epochs: int = 200, batch: int = 64, lr: float = 1e-3, seed: int = 0, out=None,
-              steps: int | None = None, judge: bool = True, progress: bool = True, size: int = 8) -> dict:
+              steps: int | None = None, judge: bool = True, progress: bool = True, size: int = 8,
+              autocast=None) -> dict:
     """Train a GAN on the digits, writing a grid of samples per epoch; returns what it measured.
 
     An epoch is one pass over the 1797 digits in batches. Ctrl-C stops training early;
@@ -222,6 +226,8 @@ def train_gan(device=None, epochs: int = 200, batch: int = 64, lr: float = 1e-3,
             samples, before and after training ('confident_before', 'confident').
         progress: show progress bars.
         size: image side, 8·2^k: the digits' own 8, or them upscaled bilinearly.
+        autocast: None, or "bfloat16" / "float16": the GAN's training graphs are built under
+            `mm.autocast` (the judging classifier trains in float32).
 
     Returns:
         {'gan', 'history' (per epoch: d_loss, g_loss), 'seconds', 'interrupted', and with
@@ -237,7 +243,7 @@ def train_gan(device=None, epochs: int = 200, batch: int = 64, lr: float = 1e-3,
     if judge:
         classifier = train_digits(dev, seed=seed, progress=progress)["net"]
     mm.nn.seed(seed)
-    gan = GAN(dev, batch, lr, seed, size)
+    gan = GAN(dev, batch, lr, seed, size, autocast=autocast)
     x = real_digits(size, dev)
     rng = np.random.default_rng(seed)
     fixed = mm.random.Philox(dev, seed + 1).normal((64, LATENT))  # the same latents for every epoch's grid
@@ -306,8 +312,10 @@ def check_arguments(args) -> str | None:
 
 
 def run(args) -> int:
+    announce_autocast(args)
     result = train_gan(args.device, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, out=args.out,
-                       steps=args.steps, judge=args.judge, progress=args.progress, size=args.size)
+                       steps=args.steps, judge=args.judge, progress=args.progress, size=args.size,
+                       autocast=args.autocast)
     out = Path(args.out)
     gan = result["gan"]
     # Saved on every exit, Ctrl-C included: training is the expensive part.
@@ -315,7 +323,8 @@ def run(args) -> int:
     gan.discriminator.save_weights(out / "discriminator.zip")
     save_grid(gan.sample(mm.random.Philox(gan.device, args.seed + 1).normal((64, LATENT))), out / "samples.png")
     how = "stopped" if result["interrupted"] else "trained"
-    print(f"{how} after {len(result['history'])} epoch(s) in {result['seconds']:.0f} s; samples and weights in {out}/")
+    print(f"{how} after {len(result['history'])} epoch(s){autocast_note(args)} in {result['seconds']:.0f} s; "
+          f"samples and weights in {out}/")
     if args.judge:
         print(f"the digits classifier is ≥ 90% sure of {result['confident']:.0%} of 500 samples "
               f"(untrained generator: {result['confident_before']:.0%}); per class {result['classes'].tolist()}")

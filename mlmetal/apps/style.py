@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import mlmetal as mm
 from mlmetal.apps.images import to_image
-from mlmetal.cli import existing_file, integer, number
+from mlmetal.cli import announce_autocast, autocast_note, existing_file, integer, number
 
 # The loss network: (name, output channels of the random default) per 3×3 convolution + ReLU,
 # "pool" for a 2×2 average pool. A `--loss-weights` file holds `<name>.weight` (out, in, 3, 3)
@@ -176,6 +176,7 @@ class StyleTransfer:
         style_weight, content_weight: the two losses' weights in the total.
         lr: Adam's learning rate.
         loss_weights: {name: array} for the loss network (see LOSS_LAYERS); None draws random filters.
+        autocast: None, or "bfloat16" / "float16": the losses' graph's compute_dtype (mm.autocast).
 
     Example:
         >>> st = StyleTransfer(mm.device("cpu"), default_style(64), default_content(64))
@@ -184,7 +185,7 @@ class StyleTransfer:
     """
 
     def __init__(self, device, style: np.ndarray, content: np.ndarray, style_weight: float = 30.0,
-                 content_weight: float = 1.0, lr: float = 1e-2, loss_weights=None):
+                 content_weight: float = 1.0, lr: float = 1e-2, loss_weights=None, autocast=None):
         self.device = device
         self.content = content[None]
         self.transformer = Transformer(device)
@@ -196,7 +197,7 @@ class StyleTransfer:
         grams = g.run({"style": style[None]}, outputs=[mm.ops.gram(feats[n], alpha=self._alpha(feats[n]))
                                                       for n in STYLE_LAYERS])
 
-        self.graph = g = mm.Graph(device)
+        self.graph = g = mm.Graph(device, compute_dtype=autocast)  # the losses' graph, trained and measured
         x = g.input("content", self.content.shape)
         self.image = self.transformer(x)
         fy, fx = self.loss_net.features(self.image), self.loss_net.features(x)
@@ -225,7 +226,7 @@ class StyleTransfer:
 
 def train_style(style: np.ndarray, content: np.ndarray, device=None, steps: int = 300, every: int = 50,
                 style_weight: float = 30.0, content_weight: float = 1.0, lr: float = 1e-2, loss_weights=None,
-                seed: int = 0, out=None, progress: bool = True) -> dict:
+                seed: int = 0, out=None, progress: bool = True, autocast=None) -> dict:
     """Train a transformer to stylise `content` like `style`, writing the image every `every` steps.
 
     Ctrl-C stops training early; what was trained so far is returned.
@@ -239,6 +240,8 @@ def train_style(style: np.ndarray, content: np.ndarray, device=None, steps: int 
         seed: the transformer's initialisation (and the random loss network's).
         out: a directory for the images; None writes nothing.
         progress: show a progress bar.
+        autocast: None, or "bfloat16" / "float16": build the losses' graph (trained and measured)
+            under `mm.autocast`; the weights stay float32.
 
     Returns:
         {'model', 'style_start', 'content_start', 'style', 'content' (the losses at the start and
@@ -250,7 +253,7 @@ def train_style(style: np.ndarray, content: np.ndarray, device=None, steps: int 
     """
     dev = mm.device(device) if not isinstance(device, mm.Device) else device
     mm.nn.seed(seed)
-    model = StyleTransfer(dev, style, content, style_weight, content_weight, lr, loss_weights)
+    model = StyleTransfer(dev, style, content, style_weight, content_weight, lr, loss_weights, autocast)
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -346,9 +349,11 @@ def run(args) -> int:
     style = default_style(args.size, args.seed) if args.style == "default" else load_image(args.style, args.size)
     content = default_content(args.size) if args.content == "default" else load_image(args.content, args.size)
     weights = read_loss_weights(args.loss_weights) if args.loss_weights else None
+    announce_autocast(args)
     result = train_style(style, content, args.device, steps=args.steps, every=args.every,
                          style_weight=args.style_weight, content_weight=args.content_weight, lr=args.lr,
-                         loss_weights=weights, seed=args.seed, out=args.out, progress=args.progress)
+                         loss_weights=weights, seed=args.seed, out=args.out, progress=args.progress,
+                         autocast=args.autocast)
     out = Path(args.out)
     # Saved on every exit, Ctrl-C included: training is the expensive part.
     result["model"].transformer.save_weights(out / "transformer.zip")
@@ -356,7 +361,8 @@ def run(args) -> int:
     save_image(style, out / "style.png")
     save_image(content, out / "content.png")
     how = "stopped" if result["interrupted"] else "trained"
-    print(f"{how} after {result['steps']} step(s) in {result['seconds']:.0f} s; images and weights in {out}/")
+    print(f"{how} after {result['steps']} step(s){autocast_note(args)} in {result['seconds']:.0f} s; "
+          f"images and weights in {out}/")
     print(f"style loss   {result['style_start']:.4g} → {result['style']:.4g} "
           f"(fell {result['style_start'] / max(result['style'], 1e-30):.1f}×)")
     print(f"content loss {result['content_start']:.4g} → {result['content']:.4g} "

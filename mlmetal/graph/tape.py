@@ -172,7 +172,7 @@ class Tape:
         node = Node(name, gins, norm, is_update=update)
         op = ops.REGISTRY[name]
         shapes = shape if isinstance(shape, list) else [shape]
-        node.outputs = [GraphTensor(self, s, op.output_dtype(gins, norm), node=node) for s in shapes]
+        node.outputs = [GraphTensor(self, s, op.output_dtype(gins, norm, i), node=node) for i, s in enumerate(shapes)]
         for o, v in zip(node.outputs, out_values or []):
             o.value = v
         self.nodes.append(node)

@@ -20,7 +20,11 @@ An op is a small closed unit:
   uint32 flags; every other input is a float input;
 - `dtypes`: the floating storage types its float inputs may have (float32 alone unless its
   kernels are instantiated per storage type, mlmetal.dtypes). Its float inputs share one, and so
-  do its float outputs; encode picks the kernels of that type (`dtypes.kernel_name`).
+  do its float outputs; encode picks the kernels of that type (`dtypes.kernel_name`);
+- `float32_inputs`, `float32_outputs`: the float inputs and outputs that are float32 whatever the
+  storage type (a normalisation's γ, β and running statistics and their gradients, a loss's value
+  and its gradient): mixed precision keeps statistics, parameters and losses in float32 beside
+  activations in float16 or bfloat16.
 
 Inputs of mixed floating dtypes are first cast to the widest (float32), as PyTorch promotes, and
 inside `mm.autocast` the cast follows the autocast policy (mlmetal.autocast). Before `check`
@@ -76,6 +80,8 @@ class Op:
     in_dtypes: tuple[np.dtype, ...] = ()  # of the leading inputs; the rest are float inputs
     input_names: tuple[str, ...] = ()  # `check`'s names for its inputs, for error messages
     dtypes: tuple[np.dtype, ...] = (D.float32,)  # the storage types its float inputs may have
+    float32_inputs: tuple[int, ...] = ()  # float inputs that are float32 whatever the storage type
+    float32_outputs: tuple[int, ...] = ()  # float outputs that are float32 whatever the storage type
 
     def input_dtype(self, i: int) -> np.dtype:
         return self.in_dtypes[i] if i < len(self.in_dtypes) else FLOAT32
@@ -83,17 +89,21 @@ class Op:
     def is_float_input(self, i: int) -> bool:
         return self.input_dtype(i) == FLOAT32
 
+    def is_storage_input(self, i: int) -> bool:
+        """A float input in the storage type (not one of `float32_inputs`)."""
+        return self.is_float_input(i) and i not in self.float32_inputs
+
     def storage_dtype(self, inputs) -> np.dtype:
-        """The floating storage type of an application to `inputs`: that of its float inputs."""
-        return next((x.dtype for i, x in enumerate(inputs) if self.is_float_input(i) and x.dtype in D.FLOATS),
+        """The floating storage type of an application to `inputs`: that of its storage inputs."""
+        return next((x.dtype for i, x in enumerate(inputs) if self.is_storage_input(i) and x.dtype in D.FLOATS),
                     D.float32)
 
-    def output_dtype(self, inputs, norm: dict) -> np.dtype:
-        """The dtype of its outputs on `inputs` with normalised attributes `norm`."""
+    def output_dtype(self, inputs, norm: dict, i: int = 0) -> np.dtype:
+        """The dtype of its output `i` on `inputs` with normalised attributes `norm`."""
         if "dtype" in norm:
             return D.as_dtype(norm["dtype"])
         out = np.dtype(self.out_dtype)
-        return self.storage_dtype(inputs) if out == FLOAT32 else out
+        return self.storage_dtype(inputs) if out == FLOAT32 and i not in self.float32_outputs else out
 
     def kernel(self, device, library: str, name: str, dtype):
         """Kernel template `name` of `library` instantiated for storage type `dtype`."""
@@ -109,15 +119,17 @@ REGISTRY: dict[str, Op] = {}
 
 
 def register(name: str, *, check, encode, reference, grad, kernels, out_dtype=np.float32, replayable=True,
-             in_dtypes=(), dtypes=(D.float32,)) -> Op:
+             in_dtypes=(), dtypes=(D.float32,), float32_inputs=(), float32_outputs=()) -> Op:
     """Add an op to the registry and expose it as `mm.ops.<name>`. `kernels` names the float32
-    instances; with `dtypes` beyond float32, each has its instances for those types as well."""
+    instances; with `dtypes` beyond float32, each has its instances for those types as well.
+    `float32_inputs` and `float32_outputs` (indices) stay float32 whatever the storage type."""
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
     names = tuple(p.name for p in inspect.signature(check).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
     op = REGISTRY[name] = Op(name, check, encode, reference, grad, tuple(kernels), out_dtype, replayable,
-                             tuple(np.dtype(d) for d in in_dtypes), names, tuple(np.dtype(d) for d in dtypes))
+                             tuple(np.dtype(d) for d in in_dtypes), names, tuple(np.dtype(d) for d in dtypes),
+                             tuple(float32_inputs), tuple(float32_outputs))
     globals()[name] = _entry_point(name, check)
     return op
 
@@ -157,6 +169,10 @@ def infer(name: str, *inputs, **attrs) -> tuple[Any, dict]:
         if not op.is_float_input(i):
             if x.dtype != op.input_dtype(i):
                 raise DTypeError(f"{name}: {op.input_name(i)} is {x.dtype}; it takes {op.input_dtype(i)}")
+        elif i in op.float32_inputs:
+            if x.dtype != FLOAT32:
+                raise DTypeError(f"{name}: {op.input_name(i)} is {x.dtype}; it takes float32 whatever the other "
+                                 f"inputs' dtype" + (" (cast with .astype)" if x.dtype in D.FLOATS else ""))
         elif x.dtype not in op.dtypes:
             raise DTypeError(f"{name}: {op.input_name(i)} is {x.dtype}; it takes "
                              f"{' or '.join(map(str, op.dtypes))}" + (" (cast with .astype)" if x.dtype in D.FLOATS else ""))
@@ -200,8 +216,8 @@ def apply(name: str, *inputs, **attrs):
     shape, attrs = infer(name, *inputs, **attrs)
     dev = inputs[0].device if inputs else attrs["generator"].device  # `random_tensor` is the one op without inputs
     multi = isinstance(shape, list)
-    dtype = op.output_dtype(inputs, attrs)
-    outs = tuple(empty(s, dev, dtype) for s in shape) if multi else empty(shape, dev, dtype)
+    outs = (tuple(empty(s, dev, op.output_dtype(inputs, attrs, i)) for i, s in enumerate(shape)) if multi
+            else empty(shape, dev, op.output_dtype(inputs, attrs)))
     cb = dev.command_buffer()
     op.encode(cb, outs, *inputs, **attrs)
     cb.commit()
@@ -214,11 +230,12 @@ def apply(name: str, *inputs, **attrs):
 def cast_inputs(name: str, inputs) -> tuple:
     """`inputs` of op `name` with their floating dtypes settled before it runs: inside
     `mm.autocast`, as its policy says; elsewhere, mixed floating dtypes cast to the widest, where
-    the op takes several (PyTorch's promotion). Other inputs are returned as they are."""
+    the op takes several (PyTorch's promotion). Other inputs, `float32_inputs` among them, are
+    returned as they are."""
     from ..autocast import policy  # the autocast module imports this one
 
     op = REGISTRY[name]
-    floats = [i for i, x in enumerate(inputs) if op.is_float_input(i) and _is_tensor(x) and x.dtype in D.FLOATS]
+    floats = [i for i, x in enumerate(inputs) if op.is_storage_input(i) and _is_tensor(x) and x.dtype in D.FLOATS]
     graph = next((x.graph for x in inputs if isinstance(x, Symbolic)), None)
     target = policy(op, [inputs[i].dtype for i in floats], graph)
     if target is None:
@@ -226,8 +243,9 @@ def cast_inputs(name: str, inputs) -> tuple:
         if len(kinds) < 2 or not builtins.all(k in op.dtypes for k in kinds):
             return tuple(inputs)
         target = D.widest(kinds)
-    return tuple(apply("astype", x, dtype=target.name) if i in floats and x.dtype != target else x
-                 for i, x in enumerate(inputs))
+    # in a graph, a device tensor (a parameter) is cast by a node reading it, so each run casts its current value
+    return tuple(apply("astype", graph.leaf(x) if graph is not None and isinstance(x, Tensor) else x, dtype=target.name)
+                 if i in floats and x.dtype != target else x for i, x in enumerate(inputs))
 
 
 # ---------------------------------------------------------------- helpers for family modules

@@ -5,9 +5,13 @@ by NumPy's rules; their gradients sum back over the axes an input was broadcast 
 (`broadcast.sum_to`). Same-shaped inputs, the training steps' case, take a kernel without index
 arithmetic.
 
-The rest are maps over same-shaped float32 tensors: `_map` registers one from its kernel name,
+The rest are maps over same-shaped tensors: `_map` registers one from its kernel name,
 attribute defaults and gradient rule. The gradient kernels of the activations are ops too
 (relu_grad, sigmoid_grad, ...), so a gradient rule is a call like any other.
+
+Every op here takes float32, float16 and bfloat16 storage (its kernels' instances, picked by
+`dtypes.kernel_name` from the inputs' dtype): they compute in float and round once, to the
+storage type, when they store.
 """
 
 import math
@@ -38,7 +42,7 @@ def _broadcast_params(out_shape, *shapes):
 
 
 def _encode_broadcast(cb, kernel, out, *inputs):
-    k = out.device.library("elementwise").kernel(kernel)
+    k = out.device.library("elementwise").kernel(D.kernel_name(kernel, inputs[0].dtype))
     cb.dispatch(k, groups=groups_for(out.size, 256), threads=256,
                 args=[*inputs, out, _broadcast_params(out.shape, *(x.shape for x in inputs))])
 
@@ -51,14 +55,14 @@ def _binary(name, doc, grad, same_shape_kernel=True):
 
     def encode(cb, out, x, y):
         if same_shape_kernel and x.shape == y.shape:
-            k = out.device.library("elementwise").kernel(name)
+            k = out.device.library("elementwise").kernel(D.kernel_name(name, x.dtype))
             cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, y, out, {"n": out.size}])
         else:
             _encode_broadcast(cb, f"{name}_broadcast" if same_shape_kernel else name, out, x, y)
 
     check.__doc__ = doc
     kernels = [f"elementwise.{name}", f"elementwise.{name}_broadcast"] if same_shape_kernel else [f"elementwise.{name}"]
-    register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad, kernels=kernels)
+    register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad, kernels=kernels, dtypes=D.FLOATS)
 
 
 _binary("add", """out = x + y, broadcast by NumPy's rules.
@@ -110,7 +114,7 @@ _binary("minimum", """The smaller of x and y, broadcast; NaN if either is NaN (P
                                     sum_to(apply("minimum_grad", g, y, x), y.shape)))
 
 # A comparison: no gradient flows through it (None for both inputs, as through PyTorch's bool result).
-_binary("equal", """1.0 where x == y, else 0.0 (float32), broadcast; NaN equals nothing.
+_binary("equal", """1.0 where x == y, else 0.0 (in x and y's dtype), broadcast; NaN equals nothing.
 
     Example:
         >>> is_max = mm.ops.equal(x, mm.ops.max(x, axis=1, keepdims=True))
@@ -126,13 +130,14 @@ def _ternary(name, doc, grad):
         _encode_broadcast(cb, name, out, x, y, z)
 
     check.__doc__ = doc
-    register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad, kernels=[f"elementwise.{name}"])
+    register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad, kernels=[f"elementwise.{name}"],
+             dtypes=D.FLOATS)
 
 
 _ternary("where", """a where cond is nonzero, else b; the three broadcast by NumPy's rules.
 
     Args:
-        cond: float32, nonzero (NaN included) for true.
+        cond: nonzero (NaN included) for true; of a and b's dtype.
         a, b: the values taken where cond is true and false.
 
     Example:
@@ -158,7 +163,7 @@ def _where_grad_encode(cb, out, g, cond, branch):
 
 
 register("where_grad", check=_where_grad_check, encode=_where_grad_encode, reference=R.where_grad, grad=None,
-         kernels=["elementwise.where_grad_a", "elementwise.where_grad_b"])
+         kernels=["elementwise.where_grad_a", "elementwise.where_grad_b"], dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- storage types
@@ -219,12 +224,12 @@ def _map(name, n_inputs, doc, grad, kernel=None, validate=None, **defaults):
         return shapes[0], norm
 
     def encode(cb, out, *inputs, **attrs):
-        k = out.device.library("elementwise").kernel(kernel)
+        k = out.device.library("elementwise").kernel(D.kernel_name(kernel, inputs[0].dtype))
         cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[*inputs, out, {"n": out.size, **attrs}])
 
     check.__doc__ = doc
     register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad,
-             kernels=[f"elementwise.{kernel}"])
+             kernels=[f"elementwise.{kernel}"], dtypes=D.FLOATS)
 
 
 _map("scale", 1, """out = s * x.
@@ -303,12 +308,12 @@ def _softmax_check(x):
 
 def _softmax_encode(cb, out, x):
     p = _softmax_params(x.shape)
-    k = x.device.library("elementwise").kernel("softmax")
+    k = x.device.library("elementwise").kernel(D.kernel_name("softmax", x.dtype))
     cb.dispatch(k, groups=groups_for(p["positions"], 256), threads=256, args=[x, out, p])
 
 
 register("softmax", check=_softmax_check, encode=_softmax_encode, reference=R.softmax,
-         grad=lambda g, out, x: (apply("softmax_grad", g, out),), kernels=["elementwise.softmax"])
+         grad=lambda g, out, x: (apply("softmax_grad", g, out),), kernels=["elementwise.softmax"], dtypes=D.FLOATS)
 
 
 def _softmax_grad_check(g, y):
@@ -319,12 +324,12 @@ def _softmax_grad_check(g, y):
 
 def _softmax_grad_encode(cb, out, g, y):
     p = _softmax_params(y.shape)
-    k = y.device.library("elementwise").kernel("softmax_grad")
+    k = y.device.library("elementwise").kernel(D.kernel_name("softmax_grad", y.dtype))
     cb.dispatch(k, groups=groups_for(p["positions"], 256), threads=256, args=[g, y, out, p])
 
 
 register("softmax_grad", check=_softmax_grad_check, encode=_softmax_grad_encode, reference=R.softmax_grad,
-         grad=None, kernels=["elementwise.softmax_grad"])
+         grad=None, kernels=["elementwise.softmax_grad"], dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- math
@@ -429,7 +434,7 @@ _map("dropout", 2, """x·(u ≥ p)/(1 − p): inverted dropout with the mask dra
 
     Args:
         x: any shape.
-        u: x's shape, uniform numbers in [0, 1): x[i] is kept where u[i] ≥ p.
+        u: x's shape and dtype, uniform numbers in [0, 1): x[i] is kept where u[i] ≥ p.
         p: the probability of dropping an element.
 
     Example:

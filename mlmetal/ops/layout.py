@@ -9,12 +9,15 @@ takes its attributes positionally. Both replace the `*inputs, **attrs` entries `
 Tensors are contiguous buffers (and a graph gives every node's output a buffer of its own), so
 `transpose`, `strided_slice` and `broadcast_to` copy, each through one strided read (`gather`);
 `permute`, `flatten`, `squeeze` and `unsqueeze` are functions over `transpose` and `reshape`.
+
+Every op here takes float32, float16 and bfloat16 tensors and moves their values bit for bit.
 """
 
 import math
 import numbers
 import sys
 
+from .. import dtypes as D
 from ..reference import layout as R
 from ..tensor import Tensor
 from . import apply, ensure, groups_for, register
@@ -27,7 +30,7 @@ def _copy(cb, src, dst, channels, src_offset, dst_offset):
     count = src.shape[0] * channels * inner
     p = {"count": count, "channels": channels, "inner": inner, "src_channels": src.shape[1], "src_offset": src_offset,
          "dst_channels": dst.shape[1], "dst_offset": dst_offset}
-    k = src.device.library("layout").kernel("copy_channels")
+    k = src.device.library("layout").kernel(D.kernel_name("copy_channels", src.dtype))
     cb.dispatch(k, groups=groups_for(count, 256), threads=256, args=[src, dst, p])
 
 
@@ -59,7 +62,7 @@ def _concat_grad(g, out, *inputs):
 
 
 register("concat", check=_concat_check, encode=_concat_encode, reference=R.concat, grad=_concat_grad,
-         kernels=["layout.copy_channels"])
+         kernels=["layout.copy_channels"], dtypes=D.FLOATS)
 
 
 def concat(tensors, /):
@@ -105,7 +108,7 @@ def _slice_encode(cb, out, x, start, stop):
 
 register("slice_channels", check=_slice_check, encode=_slice_encode, reference=R.slice_channels,
          grad=lambda g, out, x, start, stop: (apply("slice_channels_grad", g, channels=x.shape[1], start=start),),
-         kernels=["layout.copy_channels"])
+         kernels=["layout.copy_channels"], dtypes=D.FLOATS)
 
 
 
@@ -118,13 +121,14 @@ def _slice_grad_check(g, channels, start):
 
 
 def _slice_grad_encode(cb, out, g, channels, start):
-    fill = out.device.library("elementwise").kernel("fill_u32")
-    cb.dispatch(fill, groups=groups_for(out.size, 256), threads=256, args=[out, {"n": out.size, "value": 0}])
-    _copy(cb, g, out, g.shape[1], 0, start)
+    p = {"count": out.size, "channels": channels, "inner": math.prod(out.shape[2:]), "g_channels": g.shape[1],
+         "start": start}
+    k = out.device.library("layout").kernel(D.kernel_name("slice_channels_grad", g.dtype))
+    cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[g, out, p])
 
 
 register("slice_channels_grad", check=_slice_grad_check, encode=_slice_grad_encode, reference=R.slice_channels_grad,
-         grad=None, kernels=["elementwise.fill_u32", "layout.copy_channels"])
+         grad=None, kernels=["layout.slice_channels_grad"], dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- strided copies
@@ -134,7 +138,7 @@ def _gather(cb, out, x, strides, offset=0):
     merged, (merged_strides,) = merge_axes(out.shape, strides)
     p = {"n": out.size, "dims": len(merged), "src_size": x.size, "offset": offset, "shape": padded(merged),
          "stride": padded(merged_strides)}
-    k = out.device.library("layout").kernel("gather")
+    k = out.device.library("layout").kernel(D.kernel_name("gather", x.dtype))
     cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, out, p])
 
 
@@ -174,7 +178,8 @@ def _broadcast_to_check(x, shape):
 
 register("broadcast_to", check=_broadcast_to_check,
          encode=lambda cb, out, x, shape: _gather(cb, out, x, broadcast_strides(x.shape, shape)),
-         reference=R.broadcast_to, grad=lambda g, out, x, shape: (sum_to(g, x.shape),), kernels=["layout.gather"])
+         reference=R.broadcast_to, grad=lambda g, out, x, shape: (sum_to(g, x.shape),), kernels=["layout.gather"],
+         dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- transpose
@@ -210,7 +215,7 @@ def _transpose_grad(g, out, x, perm):
 
 
 register("transpose", check=_transpose_check, encode=_transpose_encode, reference=R.transpose,
-         grad=_transpose_grad, kernels=["layout.gather"])
+         grad=_transpose_grad, kernels=["layout.gather"], dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- strided_slice
@@ -286,7 +291,7 @@ def _strided_slice_grad(g, out, x, start, stop, step, drop):
 
 
 register("strided_slice", check=_strided_slice_check, encode=_strided_slice_encode, reference=R.strided_slice,
-         grad=_strided_slice_grad, kernels=["layout.gather"])
+         grad=_strided_slice_grad, kernels=["layout.gather"], dtypes=D.FLOATS)
 
 
 def _strided_slice_grad_check(g, shape, start, stop, step, drop):
@@ -305,12 +310,12 @@ def _strided_slice_grad_encode(cb, dx, g, shape, start, stop, step, drop):
     p = {"n": dx.size, "dims": len(axes), "g_size": g.size, "shape": padded(shape[d] for d in axes),
          "start": padded(taken[d][0] for d in axes), "step": padded(taken[d][1] for d in axes),
          "count": padded(taken[d][2] for d in axes), "g_stride": padded(g_stride[d] for d in axes)}
-    k = dx.device.library("layout").kernel("strided_slice_grad")
+    k = dx.device.library("layout").kernel(D.kernel_name("strided_slice_grad", g.dtype))
     cb.dispatch(k, groups=groups_for(dx.size, 256), threads=256, args=[g, dx, p])
 
 
 register("strided_slice_grad", check=_strided_slice_grad_check, encode=_strided_slice_grad_encode,
-         reference=R.strided_slice_grad, grad=None, kernels=["layout.strided_slice_grad"])
+         reference=R.strided_slice_grad, grad=None, kernels=["layout.strided_slice_grad"], dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- functions over transpose and reshape

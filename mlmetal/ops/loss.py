@@ -13,11 +13,17 @@ and a reduced loss is a one-element tensor of shape (1,) (MPS: a 1×1×1 loss im
 (they are constants to MPS as well); the gradient of y is the op `<loss>_grad`.
 Softmax cross-entropy takes probability (e.g. one-hot) labels over dim 1, smoothed to
 t·(1 − s) + s/C; sigmoid cross-entropy smooths to t·(1 − s) + s/2.
+
+y, t and w may be float32, float16 or bfloat16 (all one type), and so is the gradient dy. The loss
+itself is float32 whatever their type: the kernels compute and sum in float, and the loss is
+rounded once, to float32 (a value to scale, compare and log, as under `mm.autocast`, which runs
+losses in float32); its gradient g is float32 accordingly.
 """
 
 import math
 import numbers
 
+from .. import dtypes as D
 from ..reference import loss as R
 from ..tensor import empty
 from . import apply, ensure, groups_for, register
@@ -57,7 +63,8 @@ def _encode_reduce(cb, out, values, weights, p, reduction):
     groups = min(256, groups_for(p["n"], 256))
     partial = empty((groups, 2), values.device)
     counting = {"n": p["n"], "has_weights": p["has_weights"], "weight": p["weight"]}
-    cb.dispatch(lib.kernel("loss_partial"), groups=groups, threads=256, args=[values, weights, partial, counting])
+    cb.dispatch(lib.kernel(D.kernel_name("loss_partial", weights.dtype)), groups=groups, threads=256,
+                args=[values, weights, partial, counting])
     cb.dispatch(lib.kernel("loss_finish"), groups=1, threads=256,
                 args=[partial, out, {"groups": groups, "mode": REDUCTIONS[reduction], "n": float(p["n"])}])
 
@@ -85,7 +92,7 @@ def _register_loss(name, doc, **extra):
         p = _params(name, y, w is not None, weight, **attrs)
         weights = w if w is not None else y  # a placeholder the kernel never reads
         values = out if reduction == "none" else empty(_loss_shape(name, y.shape), y.device)
-        k = y.device.library("loss").kernel(name)
+        k = y.device.library("loss").kernel(D.kernel_name(name, y.dtype))
         cb.dispatch(k, groups=groups_for(p["n"], 256), threads=256, args=[y, t, weights, values, p])
         if reduction != "none":
             _encode_reduce(cb, out, values, weights, p, reduction)
@@ -111,17 +118,18 @@ def _register_loss(name, doc, **extra):
         elif reduction == "sum_by_nonzero_weights":
             scale = empty((1,), y.device)  # g / (number of nonzero weights), computed on the device
             counting = {"n": p["n"], "has_weights": p["has_weights"], "weight": weight}
-            cb.dispatch(lib.kernel("loss_nonzero_scale"), groups=1, threads=256, args=[g, weights, scale, counting])
+            cb.dispatch(lib.kernel(D.kernel_name("loss_nonzero_scale", y.dtype)), groups=1, threads=256,
+                        args=[g, weights, scale, counting])
             g = scale
-        cb.dispatch(lib.kernel(f"{name}_grad"), groups=groups_for(p["n"], 256), threads=256,
+        cb.dispatch(lib.kernel(D.kernel_name(f"{name}_grad", y.dtype)), groups=groups_for(p["n"], 256), threads=256,
                     args=[g, y, t, weights, dy, p])
 
     check.__doc__ = doc
     grad_check.__doc__ = f"dL/dy of {name} given dL/dloss `g` (the loss's shape; (1,) when reduced)."
     register(name, check=check, encode=encode, reference=getattr(R, name), grad=grad,
-             kernels=[f"loss.{name}", "loss.loss_partial", "loss.loss_finish"])
+             kernels=[f"loss.{name}", "loss.loss_partial", "loss.loss_finish"], dtypes=D.FLOATS, float32_outputs=(0,))
     register(f"{name}_grad", check=grad_check, encode=grad_encode, reference=getattr(R, f"{name}_grad"), grad=None,
-             kernels=[f"loss.{name}_grad", "loss.loss_nonzero_scale"])
+             kernels=[f"loss.{name}_grad", "loss.loss_nonzero_scale"], dtypes=D.FLOATS, float32_inputs=(0,))
 
 
 _COMMON_ARGS = """
@@ -193,10 +201,10 @@ def _initial_gradient_check(loss):
 
 
 def _initial_gradient_encode(cb, out, loss):
-    k = out.device.library("loss").kernel("initial_gradient")
+    k = out.device.library("loss").kernel(D.kernel_name("initial_gradient", out.dtype))
     cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[out, {"n": out.size}])
 
 
 # Not differentiable: its value does not depend on its input's.
 register("initial_gradient", check=_initial_gradient_check, encode=_initial_gradient_encode,
-         reference=R.initial_gradient, grad=None, kernels=["loss.initial_gradient"])
+         reference=R.initial_gradient, grad=None, kernels=["loss.initial_gradient"], dtypes=D.FLOATS)

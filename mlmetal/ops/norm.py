@@ -5,10 +5,16 @@ planes for group norm, a row for layer norm, a channel across the batch for batc
 same forward and backward kernels serve them; only the layout (`_grouped`, `_layered`,
 `_batched`) differs. The backward recomputes the statistics from x rather than keeping them from
 the forward: one more read of x, and no hidden state between ops.
+
+The activations (x, the output, its gradient and dx) may be float32, float16 or bfloat16; γ, β,
+the running statistics and the γ and β gradients are float32 whatever their type (the
+`float32_inputs` and `float32_outputs` of each op), as are the statistics, computed in float: mixed
+precision keeps parameters and statistics in float32 beside low-precision activations.
 """
 
 import math
 
+from .. import dtypes as D
 from ..reference import norm as R
 from ..tensor import empty
 from . import apply, ensure, groups_for, register
@@ -41,6 +47,11 @@ def _batched(x, eps):
     return {"channels": x[1], "rows": x[0], "hw": math.prod(x[2:]), "planes": 1, "eps": eps}, x[1]
 
 
+def _kernel(x, name):
+    """Kernel `name` of kernels/norm.metal for x's storage type."""
+    return x.device.library("norm").kernel(D.kernel_name(name, x.dtype))
+
+
 def _check_input(op, x, axes, layout):
     """x has at least `axes` axes, as `layout` names them, and no empty one (an empty group has no mean)."""
     ensure(len(x) >= axes, op, f"expected an ({layout}) input, got shape {x}")
@@ -55,8 +66,8 @@ def _check_channels(op, x, **vectors):
 def _encode_forward(cb, out, x, gamma, beta, stats, layout):
     """norm_forward over the groups of `layout`; stats receives each group's (mean, var)."""
     p, groups = layout
-    k = x.device.library("norm").kernel("norm_forward")
-    cb.dispatch(k, groups=groups, threads=_threads(x.device, p["rows"] * p["hw"]), args=[x, gamma, beta, out, stats, p])
+    cb.dispatch(_kernel(x, "norm_forward"), groups=groups, threads=_threads(x.device, p["rows"] * p["hw"]),
+                args=[x, gamma, beta, out, stats, p])
 
 
 def _forward(cb, out, x, gamma, beta, layout):
@@ -72,7 +83,7 @@ def _encode_backward(cb, outs, g, x, gamma, layout):
     p, groups = layout
     partial, moments = empty((groups, 2), x.device), empty((groups, 3), x.device)
     lib = x.device.library("norm")
-    cb.dispatch(lib.kernel("norm_backward"), groups=groups, threads=_threads(x.device, p["rows"] * p["hw"]),
+    cb.dispatch(_kernel(x, "norm_backward"), groups=groups, threads=_threads(x.device, p["rows"] * p["hw"]),
                 args=[g, x, gamma, dx, partial, moments, p])
     samples, entries = groups // p["channels"], gamma.size
     if p["planes"] == 1:  # norm_backward's partials: one per group
@@ -81,17 +92,22 @@ def _encode_backward(cb, outs, g, x, gamma, layout):
         chunk = max(32, -(-samples // 65535))
         partials = -(-samples // chunk)
         partial = empty((partials, entries, 2), x.device)
-        cb.dispatch(lib.kernel("norm_affine_columns"), groups=(groups_for(entries, 64), partials), threads=(64, 1),
+        cb.dispatch(_kernel(x, "norm_affine_columns"), groups=(groups_for(entries, 64), partials), threads=(64, 1),
                     args=[g, x, moments, partial, {"entries": entries, "channels": p["channels"], "planes": p["planes"],
                                                    "samples": samples, "chunk": chunk}])
     else:
-        cb.dispatch(lib.kernel("norm_affine_grad"), groups=entries,
+        cb.dispatch(_kernel(x, "norm_affine_grad"), groups=entries,
                     threads=_threads(x.device, samples * p["hw"] // p["planes"]),
                     args=[g, x, moments, dgamma, dbeta,
                           {"channels": p["channels"], "samples": samples, "hw": p["hw"], "planes": p["planes"]}])
         return
     cb.dispatch(lib.kernel("norm_param_grad"), groups=groups_for(entries, 64), threads=64,
                 args=[partial, dgamma, dbeta, {"channels": entries, "groups": partials}])
+
+
+# x in the storage type, γ and β float32; the gradient ops' (g, x, γ) likewise, and their dγ, dβ float32
+_FORWARD = {"dtypes": D.FLOATS, "float32_inputs": (1, 2)}
+_BACKWARD = {"dtypes": D.FLOATS, "float32_inputs": (2,), "float32_outputs": (1, 2)}
 
 
 # ---------------------------------------------------------------- instance norm
@@ -121,7 +137,7 @@ def _instance_encode(cb, out, x, gamma, beta, eps):
 
 register("instance_norm", check=_instance_check, encode=_instance_encode, reference=R.instance_norm,
          grad=lambda g, out, x, gamma, beta, eps: apply("instance_norm_grad", g, x, gamma, eps=eps),
-         kernels=["norm.norm_forward"])
+         kernels=["norm.norm_forward"], **_FORWARD)
 
 
 def _instance_grad_check(g, x, gamma, eps):
@@ -134,7 +150,8 @@ def _instance_grad_check(g, x, gamma, eps):
 register("instance_norm_grad", check=_instance_grad_check,
          encode=lambda cb, outs, g, x, gamma, eps: _encode_backward(cb, outs, g, x, gamma,
                                                                     _grouped(x.shape, x.shape[1], eps)),
-         reference=R.instance_norm_grad, grad=None, kernels=["norm.norm_backward", "norm.norm_param_grad"])
+         reference=R.instance_norm_grad, grad=None, kernels=["norm.norm_backward", "norm.norm_param_grad"],
+         **_BACKWARD)
 
 
 # ---------------------------------------------------------------- group norm
@@ -170,7 +187,7 @@ register("group_norm", check=_group_check,
          reference=R.group_norm,
          grad=lambda g, out, x, gamma, beta, num_groups, eps: apply("group_norm_grad", g, x, gamma,
                                                                     num_groups=num_groups, eps=eps),
-         kernels=["norm.norm_forward"])
+         kernels=["norm.norm_forward"], **_FORWARD)
 
 
 def _group_grad_check(g, x, gamma, num_groups, eps):
@@ -184,7 +201,8 @@ register("group_norm_grad", check=_group_grad_check,
          encode=lambda cb, outs, g, x, gamma, num_groups, eps: _encode_backward(
              cb, outs, g, x, gamma, _grouped(x.shape, num_groups, eps)),
          reference=R.group_norm_grad, grad=None,
-         kernels=["norm.norm_backward", "norm.norm_param_grad", "norm.norm_affine_grad", "norm.norm_affine_columns"])
+         kernels=["norm.norm_backward", "norm.norm_param_grad", "norm.norm_affine_grad", "norm.norm_affine_columns"],
+         **_BACKWARD)
 
 
 # ---------------------------------------------------------------- layer norm
@@ -216,7 +234,7 @@ register("layer_norm", check=_layer_check,
                                                               _layered(x.shape, gamma.ndim, eps)),
          reference=R.layer_norm,
          grad=lambda g, out, x, gamma, beta, eps: apply("layer_norm_grad", g, x, gamma, eps=eps),
-         kernels=["norm.norm_forward"])
+         kernels=["norm.norm_forward"], **_FORWARD)
 
 
 def _layer_grad_check(g, x, gamma, eps):
@@ -230,7 +248,7 @@ register("layer_norm_grad", check=_layer_grad_check,
          encode=lambda cb, outs, g, x, gamma, eps: _encode_backward(cb, outs, g, x, gamma,
                                                                     _layered(x.shape, gamma.ndim, eps)),
          reference=R.layer_norm_grad, grad=None,
-         kernels=["norm.norm_backward", "norm.norm_affine_columns", "norm.norm_param_grad"])
+         kernels=["norm.norm_backward", "norm.norm_affine_columns", "norm.norm_param_grad"], **_BACKWARD)
 
 
 # ---------------------------------------------------------------- batch norm
@@ -264,9 +282,9 @@ def _batch_check(x, gamma, beta, running_mean, running_var, training=True, momen
 def _batch_encode(cb, out, x, gamma, beta, running_mean, running_var, training, momentum, eps):
     c = x.shape[1]
     if not training:
-        k = x.device.library("norm").kernel("batch_norm_inference")
         p = {"count": x.size, "channels": c, "hw": math.prod(x.shape[2:]), "eps": eps}
-        cb.dispatch(k, groups=groups_for(x.size, 256), threads=256, args=[x, gamma, beta, running_mean, running_var, out, p])
+        cb.dispatch(_kernel(x, "batch_norm_inference"), groups=groups_for(x.size, 256), threads=256,
+                    args=[x, gamma, beta, running_mean, running_var, out, p])
         return
     stats = empty((c, 2), x.device)
     _encode_forward(cb, out, x, gamma, beta, stats, _batched(x.shape, eps))
@@ -284,7 +302,8 @@ def _batch_grad(g, out, x, gamma, beta, running_mean, running_var, training, mom
 
 
 register("batch_norm", check=_batch_check, encode=_batch_encode, reference=R.batch_norm, grad=_batch_grad,
-         kernels=["norm.norm_forward", "norm.batch_norm_update", "norm.batch_norm_inference"])
+         kernels=["norm.norm_forward", "norm.batch_norm_update", "norm.batch_norm_inference"], dtypes=D.FLOATS,
+         float32_inputs=(1, 2, 3, 4))
 
 
 def _batch_grad_check(g, x, gamma, eps):
@@ -296,7 +315,7 @@ def _batch_grad_check(g, x, gamma, eps):
 
 register("batch_norm_grad", check=_batch_grad_check,
          encode=lambda cb, outs, g, x, gamma, eps: _encode_backward(cb, outs, g, x, gamma, _batched(x.shape, eps)),
-         reference=R.batch_norm_grad, grad=None, kernels=["norm.norm_backward", "norm.norm_param_grad"])
+         reference=R.batch_norm_grad, grad=None, kernels=["norm.norm_backward", "norm.norm_param_grad"], **_BACKWARD)
 
 
 def _batch_inference_grad_check(g, x, gamma, running_mean, running_var, eps):
@@ -308,10 +327,10 @@ def _batch_inference_grad_check(g, x, gamma, running_mean, running_var, eps):
 
 def _batch_inference_grad_encode(cb, outs, g, x, gamma, running_mean, running_var, eps):
     p, groups = _batched(x.shape, eps)
-    k = x.device.library("norm").kernel("batch_norm_inference_grad")
-    cb.dispatch(k, groups=groups, threads=_threads(x.device, x.shape[0] * p["hw"]),
+    cb.dispatch(_kernel(x, "batch_norm_inference_grad"), groups=groups, threads=_threads(x.device, x.shape[0] * p["hw"]),
                 args=[g, x, gamma, running_mean, running_var, *outs, p])
 
 
 register("batch_norm_inference_grad", check=_batch_inference_grad_check, encode=_batch_inference_grad_encode,
-         reference=R.batch_norm_inference_grad, grad=None, kernels=["norm.batch_norm_inference_grad"])
+         reference=R.batch_norm_inference_grad, grad=None, kernels=["norm.batch_norm_inference_grad"], dtypes=D.FLOATS,
+         float32_inputs=(2, 3, 4), float32_outputs=(1, 2))

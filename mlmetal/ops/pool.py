@@ -1,4 +1,5 @@
-"""Pooling and the Laplacian-of-Gaussian filter (kernels/pool.metal), on NCHW float32 images.
+"""Pooling and the Laplacian-of-Gaussian filter (kernels/pool.metal), on NCHW images stored as
+float32, float16 or bfloat16 (sums in float, one rounding when stored).
 
 Output size: OH = (H + 2·pad − kernel) // stride + 1 (floor, as PyTorch's ceil_mode=False).
 Padding is at most half the window, so every window holds at least one input pixel; max
@@ -11,6 +12,7 @@ import math
 
 import numpy as np
 
+from .. import dtypes as D
 from ..reference import pool as R
 from . import apply, ensure, groups_for, pair, register
 
@@ -38,7 +40,8 @@ def _params(count, in_hw, out_hw, kernel, stride, padding):
 
 
 def _dispatch(cb, name, n, args):
-    k = args[0].device.library("pool").kernel(name)
+    """Kernel `name`'s instance for the storage type of the first tensor, over n threads."""
+    k = args[0].device.library("pool").kernel(D.kernel_name(name, args[0].dtype))
     cb.dispatch(k, groups=groups_for(n, 256), threads=256, args=args)
 
 
@@ -73,7 +76,7 @@ def _max_grad(g, out, x, **attrs):
 
 
 register("max_pool2d", check=_max_check, encode=_max_encode, reference=R.max_pool2d,
-         grad=_max_grad, kernels=["pool.max_pool2d", "pool.max_pool2d_2x2"])
+         grad=_max_grad, kernels=["pool.max_pool2d", "pool.max_pool2d_2x2"], dtypes=D.FLOATS)
 
 
 def _max_grad_check(g, x, kernel, stride, padding):
@@ -89,7 +92,7 @@ def _max_grad_encode(cb, dx, g, x, kernel, stride, padding):
 
 
 register("max_pool2d_grad", check=_max_grad_check, encode=_max_grad_encode, reference=R.max_pool2d_grad,
-         grad=None, kernels=["pool.max_pool2d_grad"])
+         grad=None, kernels=["pool.max_pool2d_grad"], dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- average pooling
@@ -119,7 +122,7 @@ def _avg_grad(g, out, x, **attrs):
 
 
 register("avg_pool2d", check=_avg_check, encode=_avg_encode, reference=R.avg_pool2d,
-         grad=_avg_grad, kernels=["pool.avg_pool2d"])
+         grad=_avg_grad, kernels=["pool.avg_pool2d"], dtypes=D.FLOATS)
 
 
 def _avg_grad_check(g, kernel, stride, padding, input_size):
@@ -137,7 +140,7 @@ def _avg_grad_encode(cb, dx, g, kernel, stride, padding, input_size):
 
 
 register("avg_pool2d_grad", check=_avg_grad_check, encode=_avg_grad_encode, reference=R.avg_pool2d_grad,
-         grad=None, kernels=["pool.avg_pool2d_grad"])
+         grad=None, kernels=["pool.avg_pool2d_grad"], dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- Laplacian of Gaussian
@@ -176,4 +179,4 @@ def _log_encode(cb, out, x, sigma, size):
 # The taps are symmetric and the padding is size//2, so the filter is its own adjoint.
 register("log_filter", check=_log_check, encode=_log_encode, reference=R.log_filter,
          grad=lambda g, out, x, sigma, size: (apply("log_filter", g, sigma=sigma, size=size),),
-         kernels=["pool.log_filter"])
+         kernels=["pool.log_filter"], dtypes=D.FLOATS)

@@ -8,6 +8,10 @@ partial results that further passes fold, so the rounding error of a sum of L te
 Max and min round nothing. `var` takes two passes over x: the mean, then the squares of the
 deviations from it.
 
+Each takes float32, float16 and bfloat16 storage: the kernels fold in float, partial results
+between passes (and var's mean) are float32 buffers, and only the result rounds to the storage
+type, once.
+
 Gradients: sum and mean broadcast g back (`broadcast_to`); max and min share g equally among
 the elements that equal the result (as PyTorch's amax and MLX do); var's is 2(x − mean)/(L − c).
 """
@@ -15,6 +19,7 @@ the elements that equal the result (as PyTorch's amax and MLX do); var's is 2(x 
 import math
 import numbers
 
+from .. import dtypes as D
 from ..reference import reduce as R
 from ..tensor import empty
 from . import apply, ensure, register
@@ -80,9 +85,20 @@ def _check(op, x, axis=None, keepdims=False):
     return _reduced_shape(x, axes, bool(keepdims)), {"axis": axes, "keepdims": bool(keepdims)}
 
 
+_SHORT = {D.float32: "f32", D.float16: "f16", D.bfloat16: "bf16"}  # as the cast kernels name them
+
+
+def _instance(name, x_dtype, out_dtype):
+    """The instance of reduce kernel `name` reading `x_dtype` and writing `out_dtype`: `name_f16`
+    for float16 to float16, `name_f16_f32` for float16 to float32 partials, and so on."""
+    if x_dtype == out_dtype:
+        return D.kernel_name(name, x_dtype)
+    return f"{name}_{_SHORT[x_dtype]}_{_SHORT[out_dtype]}"
+
+
 def _encode_reduce(cb, out, x, axes, kind, scale=1.0, centre=None):
-    """out = scale · (x folded over `axes` by `kind`: sum, squares (about `centre`), max or min),
-    in as many passes as the length needs."""
+    """out = scale · (x folded over `axes` by `kind`: sum, squares (about `centre`, float32), max
+    or min), in as many passes as the length needs; the partial results are float32."""
     kept, reduced, inner_reduced = _layout(x.shape, axes)
     outputs, length = math.prod(n for n, _ in kept), math.prod(n for n, _ in reduced)
     # A threadgroup a row where barriers are cheap (GPUs: its threads read neighbouring addresses);
@@ -92,17 +108,20 @@ def _encode_reduce(cb, out, x, axes, kind, scale=1.0, centre=None):
     groups = inner_reduced and length > SERIAL and out.device.cheap_barriers
     chunk = min(length, GROUP_THREADS * SERIAL if groups else SERIAL)
     splits = -(-length // chunk)
-    target = out if splits == 1 else empty((splits, outputs), out.device)
+    target = out if splits == 1 else empty((splits, outputs), out.device, D.float32)
     p = {"outputs": outputs, "length": length, "chunk": chunk, "splits": splits, "size": x.size,
+         "centres": 0 if centre is None else outputs,
          "scale": scale if splits == 1 else 1.0, "kept_dims": len(kept), "reduced_dims": len(reduced),
          "kept_shape": padded(n for n, _ in kept), "kept_stride": padded(s for _, s in kept),
          "reduced_shape": padded(n for n, _ in reduced), "reduced_stride": padded(s for _, s in reduced)}
     lib = out.device.library("reduce")
     args = [x, x if centre is None else centre, target, p]
     if groups:
-        cb.dispatch(lib.kernel(f"{kind}_groups"), groups=splits * outputs, threads=GROUP_THREADS, args=args)
+        cb.dispatch(lib.kernel(_instance(f"{kind}_groups", x.dtype, target.dtype)), groups=splits * outputs,
+                    threads=GROUP_THREADS, args=args)
     else:
-        cb.dispatch(lib.kernel(f"{kind}_threads"), groups=-(-splits * outputs // 256), threads=256, args=args)
+        cb.dispatch(lib.kernel(_instance(f"{kind}_threads", x.dtype, target.dtype)), groups=-(-splits * outputs // 256),
+                    threads=256, args=args)
     if splits > 1:  # the partials of squares are summed
         _encode_reduce(cb, out, target, (0,), "sum" if kind == "squares" else kind, scale)
 
@@ -118,6 +137,8 @@ def _kept(t, x_shape, axes, keepdims):
 
 
 def _kernels(kind):
+    """The kernel templates of `kind`, by their float32 instances (the registry checks the float16 and
+    bfloat16 ones; `_instance` names those to and from float32 partial results)."""
     return [f"reduce.{kind}_threads", f"reduce.{kind}_groups"]
 
 
@@ -142,7 +163,7 @@ register("sum", check=_sum_check, encode=lambda cb, out, x, axis, keepdims: _enc
          reference=R.sum,
          grad=lambda g, out, x, axis, keepdims: (apply("broadcast_to", _kept(g, x.shape, axis, keepdims),
                                                        shape=x.shape),),
-         kernels=_kernels("sum"))
+         kernels=_kernels("sum"), dtypes=D.FLOATS)
 
 
 def _mean_check(x, axis=None, keepdims=False):
@@ -163,7 +184,8 @@ def _mean_grad(g, out, x, axis, keepdims):
     return (apply("broadcast_to", share, shape=x.shape),)
 
 
-register("mean", check=_mean_check, encode=_mean_encode, reference=R.mean, grad=_mean_grad, kernels=_kernels("sum"))
+register("mean", check=_mean_check, encode=_mean_encode, reference=R.mean, grad=_mean_grad, kernels=_kernels("sum"),
+         dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- max, min
@@ -187,7 +209,7 @@ def _max_check(x, axis=None, keepdims=False):
 
 
 register("max", check=_max_check, encode=lambda cb, out, x, axis, keepdims: _encode_reduce(cb, out, x, axis, "max"),
-         reference=R.max, grad=_extreme_grad, kernels=_kernels("max"))
+         reference=R.max, grad=_extreme_grad, kernels=_kernels("max"), dtypes=D.FLOATS)
 
 
 def _min_check(x, axis=None, keepdims=False):
@@ -200,7 +222,7 @@ def _min_check(x, axis=None, keepdims=False):
 
 
 register("min", check=_min_check, encode=lambda cb, out, x, axis, keepdims: _encode_reduce(cb, out, x, axis, "min"),
-         reference=R.min, grad=_extreme_grad, kernels=_kernels("min"))
+         reference=R.min, grad=_extreme_grad, kernels=_kernels("min"), dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- var
@@ -226,7 +248,7 @@ def _var_check(x, axis=None, keepdims=False, correction=1):
 
 def _var_encode(cb, out, x, axis, keepdims, correction):
     length = _length(x.shape, axis)
-    mean = empty((out.size,), out.device)
+    mean = empty((out.size,), out.device, D.float32)  # float, whatever x's storage type
     _encode_reduce(cb, mean, x, axis, "sum", scale=1.0 / length)
     _encode_reduce(cb, out, x, axis, "squares", scale=1.0 / (length - correction), centre=mean)
 
@@ -238,4 +260,4 @@ def _var_grad(g, out, x, axis, keepdims, correction):
 
 
 register("var", check=_var_check, encode=_var_encode, reference=R.var, grad=_var_grad,
-         kernels=_kernels("sum") + _kernels("squares"))
+         kernels=_kernels("sum") + _kernels("squares"), dtypes=D.FLOATS)

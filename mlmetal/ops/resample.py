@@ -1,10 +1,12 @@
-"""Nearest and bilinear upsampling by an integer factor (kernels/resample.metal), NCHW float32.
+"""Nearest and bilinear upsampling by an integer factor (kernels/resample.metal), NCHW images
+stored as float32, float16 or bfloat16 (nearest copies values; bilinear and the gradients
+compute in float and round once).
 
 Bilinear uses PyTorch's align_corners=False: output pixel j samples the input at
 max((j + ½)/s − ½, 0), so the image's edges, not its edge pixels' centres, line up.
 """
 
-
+from .. import dtypes as D
 from ..reference import resample as R
 from . import apply, ensure, groups_for, register
 
@@ -39,13 +41,13 @@ def _params(count, h, w, scale):
 
 
 def _upsample_encode(cb, out, x, scale, mode):
-    k = x.device.library("resample").kernel(f"upsample_{mode}")
+    k = x.device.library("resample").kernel(D.kernel_name(f"upsample_{mode}", x.dtype))
     cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, out, _params(out.size, *x.shape[2:], scale)])
 
 
 register("upsample", check=_upsample_check, encode=_upsample_encode, reference=R.upsample,
          grad=lambda g, out, x, scale, mode: (apply("upsample_grad", g, scale=scale, mode=mode),),
-         kernels=["resample.upsample_nearest", "resample.upsample_bilinear"])
+         kernels=["resample.upsample_nearest", "resample.upsample_bilinear"], dtypes=D.FLOATS)
 
 
 
@@ -59,9 +61,9 @@ def _upsample_grad_check(g, scale, mode):
 
 
 def _upsample_grad_encode(cb, dx, g, scale, mode):
-    k = g.device.library("resample").kernel(f"upsample_{mode}_grad")
+    k = g.device.library("resample").kernel(D.kernel_name(f"upsample_{mode}_grad", g.dtype))
     cb.dispatch(k, groups=groups_for(dx.size, 256), threads=256, args=[g, dx, _params(dx.size, *dx.shape[2:], scale)])
 
 
 register("upsample_grad", check=_upsample_grad_check, encode=_upsample_grad_encode, reference=R.upsample_grad,
-         grad=None, kernels=["resample.upsample_nearest_grad", "resample.upsample_bilinear_grad"])
+         grad=None, kernels=["resample.upsample_nearest_grad", "resample.upsample_bilinear_grad"], dtypes=D.FLOATS)

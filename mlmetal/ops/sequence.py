@@ -10,6 +10,7 @@ import numbers
 
 import numpy as np
 
+from .. import dtypes as D
 from ..reference import sequence as R
 from . import apply, ensure, groups_for, register
 
@@ -146,9 +147,11 @@ def _reshape_encode(cb, out, x, shape):
     # a flat copy: the channel-copy kernel over one "channel" holding every element
     n = x.size
     p = {"count": n, "channels": n, "inner": 1, "src_channels": n, "src_offset": 0, "dst_channels": n, "dst_offset": 0}
-    k = out.device.library("layout").kernel("copy_channels")
+    # copy_channels moves 4-byte elements for every 32-bit dtype (functional.py copies int32 outputs this way)
+    k = out.device.library("layout").kernel(D.kernel_name("copy_channels", x.dtype if x.dtype in D.FLOATS else D.float32))
     cb.dispatch(k, groups=groups_for(n, 256), threads=256, args=[x, out, p])
 
 
 register("reshape", check=_reshape_check, encode=_reshape_encode, reference=R.reshape,
-         grad=lambda g, out, x, shape: (apply("reshape", g, shape=x.shape),), kernels=["layout.copy_channels"])
+         grad=lambda g, out, x, shape: (apply("reshape", g, shape=x.shape),), kernels=["layout.copy_channels"],
+         dtypes=D.FLOATS)
