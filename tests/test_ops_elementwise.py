@@ -129,8 +129,10 @@ ROWS = [
     row("sub", broadcast_case(2), grad_case=broadcast_case(2, small=True)),
     row("mul", broadcast_case(2), grad_case=broadcast_case(2, small=True)),
     row("div", broadcast_case(2), rtol=1e-6, atol=0, grad_case=broadcast_case(2, small=True, positive=1)),
-    row("maximum", broadcast_case(2, rounded=True), rtol=0, atol=0, grad_case=broadcast_case(2, small=True)),
-    row("minimum", broadcast_case(2, rounded=True), rtol=0, atol=0, grad_case=broadcast_case(2, small=True)),
+    # gradients at multiples of ½: inputs tie exactly (half to each, as central differences give)
+    # or differ by ½, never by less than the differences' step (which straddles the kink)
+    row("maximum", broadcast_case(2, rounded=True), rtol=0, atol=0, grad_case=broadcast_case(2, small=True, rounded=True)),
+    row("minimum", broadcast_case(2, rounded=True), rtol=0, atol=0, grad_case=broadcast_case(2, small=True, rounded=True)),
     row("maximum_grad", gradient_at_output(broadcast_case(2, rounded=True)), rtol=0, atol=0),
     row("minimum_grad", gradient_at_output(broadcast_case(2, rounded=True)), rtol=0, atol=0),
     row("equal", broadcast_case(2, rounded=True), rtol=0, atol=0),
