@@ -12,6 +12,7 @@ from .ops import DTypeError, ShapeError
 from .graph import Graph, GraphError, GraphTensor
 from .autocast import autocast
 from . import distributed, nn, optim, random, train
+from .train import LossScaler
 from .factories import arange, full, ones, rand, randn, zeros
 from .functional import grad, value_and_grad
 from .ops.predicate import Predicates

@@ -95,7 +95,7 @@ class Plan:
         for i, n in enumerate(self.nodes):
             for o in n.outputs:
                 if o.value is None:
-                    self.slots[o] = self._take(free, max(o.nbytes, 4))
+                    self.slots[o] = self._take(free, max(-(-o.nbytes // 4) * 4, 4))  # whole words: a slot may later hold any dtype
             if plan_lifetimes:
                 for x in set(n.inputs) | set(n.outputs):
                     if x in self.slots and x not in keep and last_use.get(x, -1) <= i:

@@ -53,9 +53,10 @@ class GraphTensor(Symbolic):
         raise TypeError(f"{self} has no value until its graph runs, so it is neither true nor false "
                         "(Python's `if` and `and` run while the graph is built)")
 
-    def training_graph(self, source_gradient: "GraphTensor | None" = None, node_handler=None, optimizer=None):
+    def training_graph(self, source_gradient: "GraphTensor | None" = None, node_handler=None, optimizer=None,
+                       loss_scaler=None):
         """Derive the training graph that ends at this tensor (usually a loss). See `Graph.training_graph`."""
-        return self.graph.training_graph(self, source_gradient, node_handler, optimizer)
+        return self.graph.training_graph(self, source_gradient, node_handler, optimizer, loss_scaler)
 
     def __repr__(self):
         what = "input" if self.is_input else "param" if self.value is not None else self.node.op
