@@ -58,9 +58,8 @@ def existing_file(text: str) -> str:
 
 
 SEED = integer(0, 2**31 - 1)  # the apps derive further seeds by adding small offsets; generators take 32 bits
-# --autocast's values. float16 is not among them: its gradients underflow without a loss scale,
-# which the commands do not apply (mm.train.LossScaler is not wired to them).
-AUTOCAST = ("bfloat16",)
+# --autocast's values; float16 trains with a dynamic loss scale (mm.train.LossScaler), bfloat16 needs none
+AUTOCAST = ("bfloat16", "float16")
 
 
 def autocast_dtype(text: str) -> str:
@@ -71,8 +70,7 @@ def autocast_dtype(text: str) -> str:
     except TypeError:
         name = None
     if name not in AUTOCAST:
-        why = " (float16 training needs loss scaling, which the commands do not do)" if name == "float16" else ""
-        raise argparse.ArgumentTypeError(f"expected {' or '.join(AUTOCAST)}, got {text!r}{why}")
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(AUTOCAST)}, got {text!r}")
     return name
 
 
@@ -84,8 +82,15 @@ def autocast_note(args) -> str:
 def announce_autocast(args) -> None:
     """Say, before training starts, that it runs under an autocast and what that means."""
     if getattr(args, "autocast", None) and mm.distributed.rank() == 0:
+        scaled = "; the loss scaled dynamically" if args.autocast == "float16" else ""
         print(f"training{autocast_note(args)}: convolutions, matmuls and Gram matrices in {args.autocast}; "
-              f"norm statistics, losses, the optimizer and the weights in float32", flush=True)
+              f"norm statistics, losses, the optimizer and the weights in float32{scaled}", flush=True)
+
+
+def loss_scaler(autocast, device):
+    """A dynamic loss scale for a training graph built under `autocast`: one for float16, None for
+    bfloat16 (float32's exponent range) or no autocast."""
+    return mm.train.LossScaler(device=device) if autocast is not None and str(as_dtype(autocast)) == "float16" else None
 
 
 def _device_flag() -> argparse.ArgumentParser:
@@ -116,8 +121,9 @@ def training_flags(out: str, size: int, size_help: str, steps: int | None = None
                         "bfloat16 operands (default highest; see the README)")
     p.add_argument("--autocast", type=autocast_dtype, default=None, metavar="{" + ",".join(AUTOCAST) + "}",
                    help="build the training graph under mm.autocast: convolutions, matmuls and Gram matrices in "
-                        "bfloat16, their activations stored in it; norm statistics, losses, the optimizer and the "
-                        "weights in float32 (default: float32 throughout; see the README)")
+                        "the type, their activations stored in it; norm statistics, losses, the optimizer and the "
+                        "weights in float32; float16 with a dynamic loss scale (default: float32 throughout; see "
+                        "the README)")
     if distributed:
         p.add_argument("--distributed", action="store_true",
                        help="train data-parallel with the processes mpirun started (MPI; NCCL between GPUs, "

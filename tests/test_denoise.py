@@ -119,3 +119,14 @@ def test_denoise_command_trains_under_autocast_and_says_so(dev, tmp_path, capsys
     # deployed model run in float32
     model = mm.load(tmp_path / "denoiser.zip", device=dev)
     assert {p.dtype for p in model.parameters.values()} == {np.dtype(np.float32)}
+
+
+def test_float16_autocast_trains_with_a_loss_scaler(dev):
+    mm.nn.seed(0)
+    net = UNet(width=4, depth=2, device=dev)
+    train = training_graph(net, batch=2, size=16, lr=1e-3, log_weight=0.5, autocast="float16")
+    assert isinstance(train.loss_scaler, mm.train.LossScaler)
+    assert training_graph(UNet(width=4, depth=2, device=dev), 2, 16, 1e-3, 0.5, autocast="bfloat16").optimizer
+    rng = np.random.default_rng(0)
+    feed = {k: rng.uniform(0, 1, (2, 3, 16, 16)).astype(np.float32) for k in ("noisy", "albedo", "normal", "clean")}
+    assert math.isfinite(train.step(**feed)) and train.loss_scaler.scale == 2.0**16

@@ -27,7 +27,7 @@ import numpy as np
 
 import mlmetal as mm
 from mlmetal.apps.digits import load_digits, upscale
-from mlmetal.cli import announce_autocast, autocast_note, integer, number
+from mlmetal.cli import announce_autocast, autocast_note, integer, loss_scaler, number
 from mlmetal.ops.predicate import Predicates
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -112,7 +112,7 @@ def training_graph(net: Captioner, dev, batch: int, lr: float, autocast=None):
         target = g.input(f"target{t}", (batch, len(VOCAB)))
         step_loss = mm.ops.softmax_cross_entropy_loss(logits, target, reduction="mean")
         loss = step_loss if loss is None else loss + step_loss
-    return loss.training_graph(optimizer=mm.optim.Adam(net.parameters(), lr=lr))
+    return loss.training_graph(optimizer=mm.optim.Adam(net.parameters(), lr=lr), loss_scaler=loss_scaler(autocast, dev))
 
 
 class Decoder:

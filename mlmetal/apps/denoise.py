@@ -29,7 +29,7 @@ import numpy as np
 import mlmetal as mm
 from mlmetal import raytrace as rt
 from mlmetal.apps.images import to_image
-from mlmetal.cli import announce_autocast, autocast_note, integer, number
+from mlmetal.cli import announce_autocast, autocast_note, integer, loss_scaler, number
 
 CHANNELS = 9  # noisy rgb, albedo, normal
 TEST_SEEDS = 1_000_000  # held-out scenes are numbered from here; training scenes stay far below
@@ -120,7 +120,8 @@ def training_graph(net: UNet, batch: int, size: int, lr: float, log_weight: floa
                                reduction="mean", weight=log_weight)
     loss = rgb_loss + log_loss
     optimizer = mm.optim.Adam(net.parameters(), lr=lr)
-    return loss.training_graph(optimizer=mm.distributed.DataParallel(optimizer, module=net) if distributed else optimizer)
+    return loss.training_graph(optimizer=mm.distributed.DataParallel(optimizer, module=net) if distributed else optimizer,
+                               loss_scaler=loss_scaler(autocast, net.device))
 
 
 class Renders:

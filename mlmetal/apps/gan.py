@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import mlmetal as mm
 from mlmetal.apps.digits import train_digits, upscale
-from mlmetal.cli import announce_autocast, autocast_note, integer, number
+from mlmetal.cli import announce_autocast, autocast_note, integer, loss_scaler, number
 
 LATENT = 32
 
@@ -123,7 +123,8 @@ class GAN:
         fake.stop_gradient = True
         real_loss, fake_loss = self._discriminator_losses(g, fake, ones, zeros)
         d_loss = real_loss + fake_loss
-        self.train_d = d_loss.training_graph(optimizer=mm.optim.Adam(self.discriminator.parameters(), **adam))
+        self.train_d = d_loss.training_graph(optimizer=mm.optim.Adam(self.discriminator.parameters(), **adam),
+                                             loss_scaler=loss_scaler(autocast, device))
 
         g = mm.Graph(device, compute_dtype=autocast)
         fake = self.generator(g.random((batch, latent), latents, mm.random.Normal()))
@@ -131,7 +132,8 @@ class GAN:
         # Frozen only while the graph is derived: that is when gradient nodes are chosen.
         self.discriminator.freeze()
         try:
-            self.train_g = g_loss.training_graph(optimizer=mm.optim.Adam(self.generator.parameters(), **adam))
+            self.train_g = g_loss.training_graph(optimizer=mm.optim.Adam(self.generator.parameters(), **adam),
+                                                 loss_scaler=loss_scaler(autocast, device))
         finally:
             self.discriminator.unfreeze()
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import mlmetal as mm
 from mlmetal.apps.images import to_image
-from mlmetal.cli import announce_autocast, autocast_note, existing_file, integer, number
+from mlmetal.cli import announce_autocast, autocast_note, existing_file, integer, loss_scaler, number
 
 # The loss network: (name, output channels of the random default) per 3×3 convolution + ReLU,
 # "pool" for a 2×2 average pool. A `--loss-weights` file holds `<name>.weight` (out, in, 3, 3)
@@ -208,7 +208,8 @@ class StyleTransfer:
         target.stop_gradient = True
         self.content_loss = mm.ops.mse_loss(fy[CONTENT_LAYER], target, reduction="mean")
         total = style_weight * self.style_loss + content_weight * self.content_loss
-        self.train = total.training_graph(optimizer=mm.optim.Adam(self.transformer.parameters(), lr=lr))
+        self.train = total.training_graph(optimizer=mm.optim.Adam(self.transformer.parameters(), lr=lr),
+                                          loss_scaler=loss_scaler(autocast, device))
 
     @staticmethod
     def _alpha(features) -> float:
