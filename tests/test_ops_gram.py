@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import mlmetal as mm
 from conftest import rtol_for
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, floats, make_storage_tests, make_tests, row
 
 CHANNELS = AWKWARD_DIMS | st.sampled_from([63, 64, 65, 129])  # around the 64×64 tile and the diagonal
 MAX_C, MAX_HW = 129, 40 * 40
@@ -36,6 +36,7 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 def test_gram_split_reduction_is_symmetric(dev):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.ops import tiling
-from opcheck import AWKWARD_DIMS, Row, check_forward, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, Row, check_forward, floats, make_storage_tests, make_tests, row
 
 DIMS = AWKWARD_DIMS | st.sampled_from([63, 64, 65, 127, 129])  # around the 64×64 output tile
 MAX_K = 129
@@ -54,6 +54,7 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 @pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True)])
