@@ -13,7 +13,7 @@ import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.ops import conv as conv_ops
 from mlmetal.ops import tiling
-from opcheck import AWKWARD_DIMS, Row, check_forward, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, Row, check_forward, floats, make_storage_tests, make_tests, row
 
 MAX_CIN_G, MAX_COUT_G, MAX_K, MAX_N, MAX_HW = 6, 65, 5, 3, 40
 
@@ -82,6 +82,7 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 def test_weight_grad_split_reduction(dev):

@@ -10,6 +10,7 @@ convolution's other passes with the roles turned: dx = conv2d(g, w), dw = conv2d
 
 import sys
 
+from .. import dtypes as D
 from . import REGISTRY, apply, conv, ensure, pair, register  # noqa: F401 (conv: its ops first)
 from .elementwise import _encode_broadcast
 from ..reference import conv_transpose as R
@@ -57,7 +58,7 @@ def _encode(cb, y, x, w, b=None, *, stride, padding, output_padding, dilation, g
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     REGISTRY["conv2d_input_grad"].encode(cb, y, x, w, input_size=y.shape[2:], **a)
     if b is not None:  # y += b seen as (C, 1, 1), in place (each element reads only itself)
-        _encode_broadcast(cb, "add_broadcast", y, y, Tensor(b.buffer, (b.size, 1, 1)))
+        _encode_broadcast(cb, D.kernel_name("add_broadcast", y.dtype), y, y, Tensor(b.buffer, (b.size, 1, 1), b.dtype))
 
 
 def _grad(g, y, x, w, b=None, *, stride, padding, output_padding, dilation, groups):
@@ -68,7 +69,7 @@ def _grad(g, y, x, w, b=None, *, stride, padding, output_padding, dilation, grou
 
 
 register("conv_transpose2d", check=_check, encode=_encode, reference=R.conv_transpose2d, grad=_grad,
-         kernels=[*REGISTRY["conv2d_input_grad"].kernels, "elementwise.add_broadcast"])
+         kernels=[*REGISTRY["conv2d_input_grad"].kernels, "elementwise.add_broadcast"], dtypes=D.FLOATS)
 
 
 def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
