@@ -29,7 +29,7 @@ struct ConvParams {
     uint kh, kw;              // window
     int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
     uint groups;
-    uint has_bias;            // conv2d: add bias[cout]
+    uint has_bias;            // conv2d: add bias[cout]; conv2d_input_grad (a transposed convolution): bias[cin]
     uint chunk;               // conv2d_weight_grad: output pixels each split sums (a multiple of TILE_K)
 };
 
@@ -554,24 +554,27 @@ inline ClassTaps class_taps(uint residue, int stride, int dil, int pad, uint k, 
 // for every pixel (class_taps), so each class is a dense GEMM with no tap wasted — a 4×4,
 // stride-2 window has four taps for each pixel, not sixteen of which twelve miss. GEMM per
 // group g and class: rows = its Cin/groups input channels, columns = the class's pixels in all
-// images, reduction = (output channel, ky index a, kx index b).
+// images, reduction = (output channel, ky index a, kx index b). A transposed convolution
+// (ops/conv_transpose.py) is this product, and adds its bias (has_bias: bias[ci]) as it stores.
 // Grid: (ceil(N·ceil(H/stride_h)·ceil(W/stride_w) / width_n), ceil(Cin/groups / width_m),
 //        groups·stride_h·stride_w).
 template <typename T>
 struct InputGradOut {
-    device T* dx;  // at the class's first pixel of group g's first channel in image 0
+    device T* dx;          // at the class's first pixel of group g's first channel in image 0
+    device const T* bias;  // group g's, or null
     uint m0, n0, rows, pixels, cplane, class_w, stride_h, stride_w, w, plane, image;
 
     void write(uint m, uint n, float v) const {
         const uint c = m0 + m, q = n0 + n;
         if (c >= rows || q >= pixels) return;
         const uint r = q % cplane;
-        dx[q / cplane * image + c * plane + r / class_w * stride_h * w + r % class_w * stride_w] = T(v);
+        dx[q / cplane * image + c * plane + r / class_w * stride_h * w + r % class_w * stride_w] =
+            T(v + (bias ? float(bias[c]) : 0.0f));
     }
 };
 
 template <typename T>
-inline void conv2d_input_grad_tiled(device const T* dy, device const T* w, device T* dx,
+inline void conv2d_input_grad_tiled(device const T* dy, device const T* w, device const T* bias, device T* dx,
                                     constant ConvParams& p, uint3 tile, uint t,
                                     threadgroup float4* a_tile, threadgroup float4* b_tile,
                                     uint width_m, uint width_n, uint threads, thread FmaTile& acc) {
@@ -639,21 +642,22 @@ inline void conv2d_input_grad_tiled(device const T* dy, device const T* w, devic
     }
     if (K > 0) acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
     const uint res_y = cls / uint(p.stride_w), res_x = cls % uint(p.stride_w);
-    acc.store(InputGradOut<T>{dx + g * cin_g * plane + res_y * p.w + res_x, m0, n0, cin_g, pixels, cplane, tx.size,
-                              uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane});
+    acc.store(InputGradOut<T>{dx + g * cin_g * plane + res_y * p.w + res_x, p.has_bias ? bias + g * cin_g : nullptr, m0, n0,
+                              cin_g, pixels, cplane, tx.size, uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane});
 }
 
 template <typename T, uint WM, uint WN, uint THREADS>
 kernel void conv2d_input_grad_tiles(device const T* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
                                     device const T* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                                    device T* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
-                                    constant ConvParams& p [[buffer(3)]],
+                                    device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cin
+                                    device T* dx [[buffer(3)]],  // extent: p.n * p.cin * p.h * p.w
+                                    constant ConvParams& p [[buffer(4)]],
                                     uint3 tile [[threadgroup_position_in_grid]],
                                     uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 a_tile[2 * STAGED(WM)];
     threadgroup float4 b_tile[2 * STAGED(WN)];
     FmaTile acc(t, WM, WN);
-    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
+    conv2d_input_grad_tiled(dy, w, bias, dx, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
 }
 template [[host_name("conv2d_input_grad")]] [[kernel]] decltype(conv2d_input_grad_tiles<float, WIDE, WIDE, WIDE_THREADS>) conv2d_input_grad_tiles<float, WIDE, WIDE, WIDE_THREADS>;
 template [[host_name("conv2d_input_grad_f16")]] [[kernel]] decltype(conv2d_input_grad_tiles<half, WIDE, WIDE, WIDE_THREADS>) conv2d_input_grad_tiles<half, WIDE, WIDE, WIDE_THREADS>;
@@ -672,8 +676,9 @@ template [[host_name("conv2d_input_grad_narrow_bf16")]] [[kernel]] decltype(conv
 template <typename T, uint BM, uint BN>
 kernel void conv2d_input_grad_mma_tiles(device const T* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
                                         device const T* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                                        device T* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
-                                        constant ConvParams& p [[buffer(3)]],
+                                        device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cin
+                                        device T* dx [[buffer(3)]],  // extent: p.n * p.cin * p.h * p.w
+                                        constant ConvParams& p [[buffer(4)]],
                                         uint3 tile [[threadgroup_position_in_grid]],
                                         uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 a_q[BM * MMA_PITCH / 4];  // [input channel][k]
@@ -729,8 +734,9 @@ kernel void conv2d_input_grad_mma_tiles(device const T* dy [[buffer(0)]],  // ex
     }
     if (K > 0) acc.multiply(a_s, b_s);
     const uint res_y = cls / uint(p.stride_w), res_x = cls % uint(p.stride_w);
-    acc.store(InputGradOut<T>{dx + g * cin_g * plane + res_y * p.w + res_x, m0, n0, cin_g, pixels, cplane, tx.size,
-                              uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane}, b_s);
+    acc.store(InputGradOut<T>{dx + g * cin_g * plane + res_y * p.w + res_x, p.has_bias ? bias + g * cin_g : nullptr, m0, n0,
+                              cin_g, pixels, cplane, tx.size, uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane},
+              b_s);
 }
 template [[host_name("conv2d_input_grad_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<float, WIDE, WIDE>) conv2d_input_grad_mma_tiles<float, WIDE, WIDE>;
 template [[host_name("conv2d_input_grad_mma_f16")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<half, WIDE, WIDE>) conv2d_input_grad_mma_tiles<half, WIDE, WIDE>;

@@ -246,7 +246,8 @@ def _input_grad_check(g, w, *, input_size, stride=1, padding=0, dilation=1, grou
     return (g[0], cin, h, wd), dict(a, input_size=(h, wd))
 
 
-def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, groups):
+def encode_input_grad(cb, dx, g, w, b=None, *, input_size, stride, padding, dilation, groups):
+    """dx = conv2d_input_grad(g, w) (+ b[channel], for conv_transpose2d, whose product this is)."""
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = dx.shape
     oh, ow = g.shape[2:]
@@ -258,17 +259,18 @@ def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, g
         flipped = empty((cin, cout // groups, kh, kw), dx.device, w.dtype)
         cb.dispatch(lib.kernel(D.kernel_name("flip_weights", w.dtype)), groups=groups_for(flipped.size, 256), threads=256,
                     args=[w, flipped, dict(count=flipped.size, cout=cout, cin_g=cin_g, groups=groups, kh=kh, kw=kw)])
-        _conv2d_encode(cb, dx, g, flipped, stride=(1, 1), padding=tuple(turned), dilation=dilation, groups=groups)
+        _conv2d_encode(cb, dx, g, flipped, b, stride=(1, 1), padding=tuple(turned), dilation=dilation, groups=groups)
         return
     t = tiling(cin // groups)
     k, threads = product(dx.device, "conv2d_input_grad", dx.dtype, t)
     (sh, sw) = stride
     class_pixels = n * -(-h // sh) * -(-wd // sw)  # the largest of the stride_h·stride_w pixel classes
     grid = (groups_for(class_pixels, t.cols), groups_for(cin // groups, t.rows), groups * sh * sw)
-    cb.dispatch(k, groups=grid, threads=threads, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, kh, kw, a)])
+    params = _params(n, cin, h, wd, cout, oh, ow, kh, kw, a, has_bias=int(b is not None))
+    cb.dispatch(k, groups=grid, threads=threads, args=[g, w, w if b is None else b, dx, params])
 
 
-register("conv2d_input_grad", check=_input_grad_check, encode=_input_grad_encode, reference=R.conv2d_input_grad,
+register("conv2d_input_grad", check=_input_grad_check, encode=encode_input_grad, reference=R.conv2d_input_grad,
          grad=None, kernels=[*_products("conv2d_input_grad"), "conv.flip_weights"], dtypes=D.FLOATS)
 
 
