@@ -13,7 +13,8 @@ import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.ops import conv as conv_ops
 from mlmetal.ops import tiling
-from opcheck import AWKWARD_DIMS, LOW_DTYPES, Row, check_forward, check_storage, floats, make_storage_tests, make_tests, row
+from opcheck import (AWKWARD_DIMS, LOW_DTYPES, Row, check_forward, check_storage, floats, make_storage_tests, make_tests,
+                     row)
 
 MAX_CIN_G, MAX_COUT_G, MAX_K, MAX_N, MAX_HW = 6, 65, 5, 3, 40
 

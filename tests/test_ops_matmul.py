@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.ops import tiling
-from opcheck import AWKWARD_DIMS, LOW_DTYPES, Row, check_forward, check_storage, floats, make_storage_tests, make_tests, row
+from opcheck import (AWKWARD_DIMS, LOW_DTYPES, Row, check_forward, check_storage, floats, make_storage_tests, make_tests,
+                     row)
 
 DIMS = AWKWARD_DIMS | st.sampled_from([63, 64, 65, 127, 129])  # around the 64×64 output tile
 MAX_K = 129

@@ -37,7 +37,7 @@ POLICIES = list(ROUNDOFF)
 STORE_ROUNDOFF = {np.dtype(np.float32): 0.0, np.dtype(np.float16): 2.0**-11, np.dtype(mm.bfloat16): 2.0**-8}
 # The products on simdgroup matrices: float32 storage under each policy, and the 16-bit storage
 # types under `high` (the policy a low-precision run would pair them with).
-STORAGE_CASES = [(p, np.dtype(np.float32)) for p in POLICIES] + [("high", np.dtype(np.float16)), ("high", np.dtype(mm.bfloat16))]
+STORAGE_CASES = [(p, np.dtype(np.float32)) for p in POLICIES] + [("high", d) for d in (np.dtype(np.float16), mm.bfloat16)]
 STORAGE_IDS = [f"{p}-{d}" for p, d in STORAGE_CASES]
 
 

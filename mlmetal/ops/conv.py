@@ -201,7 +201,8 @@ register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    """2-D convolution (cross-correlation, as in PyTorch) of NCHW float32 images.
+    """2-D convolution (cross-correlation, as in PyTorch) of NCHW images, stored in float32, float16 or
+    bfloat16 (float sums, the result rounded once).
 
     Args:
         x: input, (N, Cin, H, W).
@@ -301,14 +302,15 @@ def direct_weight_grad(device, cout: int, kernel_size, stride, dilation, groups)
 
 
 # The direct 3×3 weight gradients: (kernel, pixel tile rows × columns, input × output channels a
-# threadgroup, threads), in float32 and on simdgroup matrices.
+# threadgroup, threads), with float fma and on simdgroup matrices.
 WG_DIRECT = {None: ("conv2d_weight_grad_3x3", WG_ROWS, WG_COLS, WG_CI, WG_CO, WG_THREADS),
              "mma": ("conv2d_weight_grad_3x3_mma", C3_ROWS, C3_COLS, D3_CI, D3_CO, MMA_THREADS)}
 
 
 def _weight_grad_3x3(cb, dw, g, x, padding, policy=None):
     """dw of a 3×3 stride-1 convolution by a direct kernel: on simdgroup matrices under `policy`,
-    else in float32. Each threadgroup sums a chunk of the images' pixel tiles; sum_splits adds them."""
+    else with float fma. Each threadgroup sums a chunk of the images' pixel tiles into float32 slices;
+    sum_splits adds them."""
     n, cin, h, wd = x.shape
     _, cout, oh, ow = g.shape
     name, rows, cols, ci_block, co_block, threads = WG_DIRECT["mma" if policy else None]
@@ -321,8 +323,8 @@ def _weight_grad_3x3(cb, dw, g, x, padding, policy=None):
     partial = partial_for(dw, splits)
     params = dict(n=n, cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
                   tiles_x=tiles_x, tiles_y=tiles_y, chunk=chunk)
-    cb.dispatch(lib.kernel(D.kernel_name(name, dw.dtype)), groups=(groups_for(cin, ci_block), groups_for(cout, co_block), splits),
-                threads=threads, args=[g, x, partial, params])
+    grid = (groups_for(cin, ci_block), groups_for(cout, co_block), splits)
+    cb.dispatch(lib.kernel(D.kernel_name(name, dw.dtype)), groups=grid, threads=threads, args=[g, x, partial, params])
     sum_splits(cb, lib, partial, dw, splits)
 
 

@@ -69,8 +69,9 @@ register("conv_transpose2d", check=_check, encode=_encode, reference=R.conv_tran
 
 
 def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """Transposed 2-D convolution of NCHW float32 images, as PyTorch's conv_transpose2d (the
-    gradient of conv2d with respect to its input): an upsampling layer with learned weights.
+    """Transposed 2-D convolution of NCHW images (float32, float16 or bfloat16), as PyTorch's
+    conv_transpose2d (the gradient of conv2d with respect to its input): an upsampling layer with
+    learned weights.
 
     Args:
         x: input, (N, Cin, H, W).
