@@ -4,7 +4,8 @@ runs with, and how a long reduction is split across threadgroups.
 The sizes are read from tile.h itself (`Source.constants`), so the kernels and this module cannot
 disagree. A product kernel exists for each tiling with each accumulator: `name` with float register
 blocks, `name_mma` with simdgroup matrices, which run on the matrix hardware under the matmul
-precision policy (mlmetal.precision).
+precision policy (mlmetal.precision). Each is instantiated per storage type (`dtypes.kernel_name`):
+float sums whatever the type, and a split reduction's slices in float32, rounded once when summed.
 """
 
 from __future__ import annotations
