@@ -752,7 +752,8 @@ template [[host_name("conv2d_input_grad_narrow_mma_bf16")]] [[kernel]] decltype(
 // (input channel, ky, kx), reduction = output pixels. The reduction is long (N·OH·OW) and the
 // output small, so it is split: threadgroup z sums pixels [split·chunk, (split+1)·chunk) into
 // slice `split` of `partial` (Cout × Cin/groups·KH·KW floats per slice), and `sum_splits`
-// adds the slices. With one split, `partial` is dw itself.
+// adds the slices (and rounds them to dw's storage type). With one split of a float32 dw,
+// `partial` is dw itself.
 // Grid: (ceil(Cin/groups·KH·KW / width_n), ceil(Cout/groups / width_m), groups · splits).
 struct WeightGradOut {
     device float* out;  // at group g's first row
