@@ -3,6 +3,7 @@ product against a reference on the same machine, in the same run, under each mat
 
     python benchmarks/bench_nn_conv.py            # the convolutions of GPU_CONVS, Gram 4×256×(64·64) on a GPU
     MLMETAL_DEVICE=cpu python benchmarks/bench_nn_conv.py --conv 2 64 32 32 64 --gram 2 64 32 32
+    python benchmarks/bench_nn_conv.py --dtype bfloat16   # mlmetal's tensors stored in bfloat16
 
 The default convolutions span the three tilings: many channels at small images (the style
 network's residual blocks) and few channels at large ones (the U-Net's outer levels), and the
@@ -15,7 +16,9 @@ cuDNN with benchmark mode on; its CPU kernels on cpu — else float32 numpy (im2
 Each figure is the best of a few rounds of `--calls` back-to-back calls encoded into one command
 buffer and waited for, divided by the number of calls. Ratios are the reference's time over
 mlmetal's (> 1: mlmetal is faster): each policy against its peer (highest/FP32, high/TF32,
-medium/bf16), and the best mlmetal against PyTorch's fastest setting.
+medium/bf16), and the best mlmetal against PyTorch's fastest setting. With `--dtype float16` or
+`--dtype bfloat16` mlmetal's inputs and outputs are stored in that type (float sums); the
+references stay as they are, bf16 autocast being the peer of bfloat16 storage.
 """
 
 import argparse
@@ -37,9 +40,10 @@ def label(x, w):
     return f"{'×'.join(map(str, x.shape[:2]))}×{x.shape[2]}²→{w.shape[0]}"
 
 
-def mlmetal_runs(dev, convs, f, alpha, a, b, policy):
+def mlmetal_runs(dev, convs, f, alpha, a, b, policy, dtype=np.float32):
     """Encoders for the workloads under matmul precision `policy` — each convolution (x, w, g)
-    forward and backward, the Gram matrix of f and the product a·b — with outputs allocated once."""
+    forward and backward, the Gram matrix of f and the product a·b — with tensors stored in `dtype`
+    and outputs allocated once."""
     conv = dict(stride=1, padding=1, dilation=1, groups=1)
 
     def encoder(*steps):
@@ -57,17 +61,21 @@ def mlmetal_runs(dev, convs, f, alpha, a, b, policy):
             dev.synchronize()
         return run
 
+    def tensor(x):
+        return mm.tensor(x.astype(dtype), dev)
+
+    def out(shape):
+        return empty(shape, dev, dtype)
+
     runs = {}
     for x, w, g in convs:
-        tx, tw, tg = (mm.tensor(a, dev) for a in (x, w, g))
-        runs[f"{label(x, w)} fwd"] = encoder(("conv2d", empty(g.shape, dev), (tx, tw), conv))
+        tx, tw, tg = (tensor(a) for a in (x, w, g))
+        runs[f"{label(x, w)} fwd"] = encoder(("conv2d", out(g.shape), (tx, tw), conv))
         runs[f"{label(x, w)} bwd"] = encoder(
-            ("conv2d_input_grad", empty(x.shape, dev), (tg, tw), dict(conv, input_size=x.shape[2:])),
-            ("conv2d_weight_grad", empty(w.shape, dev), (tg, tx), dict(conv, kernel_size=w.shape[2:])))
-    tf = mm.tensor(f, dev)
-    runs["gram"] = encoder(("gram", empty((f.shape[0], f.shape[1], f.shape[1]), dev), (tf,), dict(alpha=alpha)))
-    ta, tb = mm.tensor(a, dev), mm.tensor(b, dev)
-    runs["matmul"] = encoder(("matmul", empty((a.shape[0], b.shape[1]), dev), (ta, tb), {}))
+            ("conv2d_input_grad", out(x.shape), (tg, tw), dict(conv, input_size=x.shape[2:])),
+            ("conv2d_weight_grad", out(w.shape), (tg, tx), dict(conv, kernel_size=w.shape[2:])))
+    runs["gram"] = encoder(("gram", out((f.shape[0], f.shape[1], f.shape[1])), (tensor(f),), dict(alpha=alpha)))
+    runs["matmul"] = encoder(("matmul", out((a.shape[0], b.shape[1])), (tensor(a), tensor(b)), {}))
     return runs
 
 
@@ -188,7 +196,10 @@ def main():
     ap.add_argument("--matmul", type=int, nargs=3, metavar=("M", "K", "N"))
     ap.add_argument("--calls", type=int, default=None, help="calls per timed round (default: 20 on a GPU, 3 on cpu)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="mlmetal's storage type (default: float32)")
     args = ap.parse_args()
+    dtype = mm.dtypes.as_dtype(args.dtype)
 
     dev = mm.device()
     gpu = dev.name != "cpu"
@@ -213,7 +224,7 @@ def main():
     flops["matmul"] = 2 * mm_shape[0] * mm_shape[1] * mm_shape[2]
 
     policies = ["highest", "high", "medium"] if gpu else ["highest"]
-    ours = {p: mlmetal_runs(dev, convs, f, alpha, a, b, p) for p in policies}
+    ours = {p: mlmetal_runs(dev, convs, f, alpha, a, b, p, dtype) for p in policies}
     peers = {"highest": "fp32", "high": "tf32", "medium": "bf16"}
     try:
         modes = ["fp32", "tf32", "bf16"] if dev.name == "cuda" else ["fp32"]
@@ -222,7 +233,7 @@ def main():
         references = {"fp32": numpy_runs(convs, f, alpha, a, b)}
 
     print(f"mlmetal on {dev.name}; conv 3×3 (padding 1) N×Cin×H²→Cout, Gram {'×'.join(map(str, gram_shape[:2]))}"
-          f"×({gram_shape[2]}·{gram_shape[3]}), matmul {'×'.join(map(str, mm_shape))}; float32 data; "
+          f"×({gram_shape[2]}·{gram_shape[3]}), matmul {'×'.join(map(str, mm_shape))}; mlmetal's data {args.dtype}; "
           f"best of {args.rounds} rounds of {calls} calls; times in ms (TFLOP/s)")
     print("references: " + "; ".join(f"{m}: {name}" for m, (_, name) in references.items()))
     head = "".join(f"{'mlm ' + p:>17}" for p in policies) + "".join(f"{'torch ' + m:>17}" for m in references)

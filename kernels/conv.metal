@@ -11,6 +11,11 @@
 //
 // Each comes in the three tilings of tile.h (`_medium` and `_narrow` for fewer channels);
 // conv2d_weight_grad sums over pixels, and splits that sum across threadgroups (`chunk`).
+//
+// Every kernel is a template over the storage type T of its tensors (float, half, bfloat;
+// instances `name`, `name_f16`, `name_bf16`): it converts what it loads to float, stages and sums
+// in float, and rounds once to T where it stores (tile.h). What a split reduction leaves in its
+// slices, and the packed weights of conv2d_3x3_mma, stay float.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -24,7 +29,7 @@ struct ConvParams {
     uint kh, kw;              // window
     int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
     uint groups;
-    uint has_bias;            // conv2d: add bias[cout]
+    uint has_bias;            // conv2d: add bias[cout]; conv2d_input_grad (a transposed convolution): bias[cin]
     uint chunk;               // conv2d_weight_grad: output pixels each split sums (a multiple of TILE_K)
 };
 
@@ -32,22 +37,29 @@ struct ConvParams {
 // columns = the N·OH·OW output pixels, reduction = (input channel, ky, kx). Few output tiles
 // with a long reduction (a discriminator's 64 → 128 channels at 7×7) split it like the weight
 // gradient: threadgroup z sums k in [split·chunk, (split+1)·chunk) into slice `split` of y
-// (N·Cout·OH·OW floats a slice; the bias goes into slice 0), and `sum_splits` adds the slices.
+// (N·Cout·OH·OW floats a slice of `partial`; the bias goes into slice 0), and `sum_splits` adds
+// the slices into y. Unsplit, y is written directly and `partial` is not touched.
 // Grid: (ceil(N·OH·OW / width_n), ceil(Cout/groups / width_m), groups · splits).
+template <typename T>
 struct ConvOut {
-    device float* y;
-    device const float* bias;  // or null
+    device T* y;
+    device float* partial;  // a split's float slice, or null: y itself
+    device const T* bias;   // or null
     uint m0, n0, rows, pixels, plane, cout, channel0;
 
     void write(uint m, uint n, float v) const {
         const uint c = m0 + m, q = n0 + n;
-        if (c < rows && q < pixels)
-            y[((q / plane) * cout + channel0 + c) * plane + q % plane] = v + (bias ? bias[channel0 + c] : 0.0f);
+        if (c >= rows || q >= pixels) return;
+        const uint i = ((q / plane) * cout + channel0 + c) * plane + q % plane;
+        const float r = v + (bias ? float(bias[channel0 + c]) : 0.0f);
+        if (partial) partial[i] = r;
+        else y[i] = T(r);
     }
 };
 
-inline void conv2d_tiled(device const float* x, device const float* w, device const float* bias,
-                         device float* y, constant ConvParams& p, uint3 tile, uint t,
+template <typename T>
+inline void conv2d_tiled(device const T* x, device const T* w, device const T* bias, device T* y,
+                         device float* partial, constant ConvParams& p, uint3 tile, uint t,
                          threadgroup float4* a_tile, threadgroup float4* b_tile,
                          uint width_m, uint width_n, uint threads, thread FmaTile& acc) {
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
@@ -55,12 +67,11 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
     const uint g = tile.z % p.groups, split = tile.z / p.groups, m0 = tile.y * width_m, n0 = tile.x * width_n;
     const uint k_begin = split * p.chunk, K = min(cin_g * khw, k_begin + p.chunk);
     const uint a_pitch = pitch(width_m), b_pitch = pitch(width_n);
-    y += split * p.n * p.cout * plane;
 
     // Weights, contiguous along k: the first TILE_K·width_m/4 threads stage a quad each.
     const bool a_stager = t < TILE_K * width_m / 4;
     const Stage sa = along_k(t);
-    device const float* w_group = w + g * cout_g * cin_g * khw;
+    device const T* w_group = w + g * cout_g * cin_g * khw;
 
     // Input patches, contiguous along the pixels: thread t stages the same four output pixels
     // at every slice, at `units` reduction steps sb.k, sb.k + step, … of it.
@@ -86,7 +97,7 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
             const uint k = k0 + sa.k;
             for (uint j = 0; j < 4; ++j) {
                 const uint m = m0 + 4 * sa.quad + j;
-                a_next[j] = m < cout_g && k < K ? w_group[m * cin_g * khw + k] : 0.0f;
+                a_next[j] = m < cout_g && k < K ? float(w_group[m * cin_g * khw + k]) : 0.0f;
             }
         }
         #pragma unroll
@@ -95,7 +106,7 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
             for (uint j = 0; j < 4; ++j) {
                 const int iy = iy0[j] + int(ky) * p.dil_h, ix = ix0[j] + int(kx) * p.dil_w;
                 const bool inside = iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);  // else zero padding
-                b_next[i][j] = k_ok && inside ? x[x_img[j] + (ci * p.h + uint(iy)) * p.w + uint(ix)] : 0.0f;
+                b_next[i][j] = k_ok && inside ? float(x[x_img[j] + (ci * p.h + uint(iy)) * p.w + uint(ix)]) : 0.0f;
             }
             advance(ci, ky, kx, step, p.kh, p.kw);
         }
@@ -107,37 +118,46 @@ inline void conv2d_tiled(device const float* x, device const float* w, device co
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
-    acc.store(ConvOut{y, p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g});
+    acc.store(ConvOut<T>{y, cin_g * khw > p.chunk ? partial + split * p.n * p.cout * plane : nullptr,
+                         p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g});
 }
 
-// The kernels: one template over the tiling (rows × columns a threadgroup, threads), instantiated
-// for each of tile.h's tilings.
-template <uint WM, uint WN, uint THREADS>
-kernel void conv2d_tiles(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
-                         device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                         device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
-                         device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
-                         constant ConvParams& p [[buffer(4)]],
+// The kernels: one template over the storage type and the tiling (rows × columns a threadgroup,
+// threads), instantiated for each of tile.h's tilings.
+template <typename T, uint WM, uint WN, uint THREADS>
+kernel void conv2d_tiles(device const T* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
+                         device const T* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                         device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                         device T* y [[buffer(3)]],  // extent: p.n * p.cout * p.oh * p.ow
+                         device float* partial [[buffer(4)]],  // extent: min((p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk - 1, 1) * (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
+                         constant ConvParams& p [[buffer(5)]],
                          uint3 tile [[threadgroup_position_in_grid]],
                          uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 a_tile[2 * STAGED(WM)];
     threadgroup float4 b_tile[2 * STAGED(WN)];
     FmaTile acc(t, WM, WN);
-    conv2d_tiled(x, w, bias, y, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
+    conv2d_tiled(x, w, bias, y, partial, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
 }
-template [[host_name("conv2d")]] [[kernel]] decltype(conv2d_tiles<WIDE, WIDE, WIDE_THREADS>) conv2d_tiles<WIDE, WIDE, WIDE_THREADS>;
-template [[host_name("conv2d_medium")]] [[kernel]] decltype(conv2d_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
-template [[host_name("conv2d_narrow")]] [[kernel]] decltype(conv2d_tiles<NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_tiles<NARROW_M, NARROW_N, NARROW_THREADS>;
+template [[host_name("conv2d")]] [[kernel]] decltype(conv2d_tiles<float, WIDE, WIDE, WIDE_THREADS>) conv2d_tiles<float, WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_f16")]] [[kernel]] decltype(conv2d_tiles<half, WIDE, WIDE, WIDE_THREADS>) conv2d_tiles<half, WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_bf16")]] [[kernel]] decltype(conv2d_tiles<bfloat, WIDE, WIDE, WIDE_THREADS>) conv2d_tiles<bfloat, WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_medium")]] [[kernel]] decltype(conv2d_tiles<float, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_tiles<float, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_medium_f16")]] [[kernel]] decltype(conv2d_tiles<half, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_tiles<half, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_medium_bf16")]] [[kernel]] decltype(conv2d_tiles<bfloat, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_tiles<bfloat, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_narrow")]] [[kernel]] decltype(conv2d_tiles<float, NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_tiles<float, NARROW_M, NARROW_N, NARROW_THREADS>;
+template [[host_name("conv2d_narrow_f16")]] [[kernel]] decltype(conv2d_tiles<half, NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_tiles<half, NARROW_M, NARROW_N, NARROW_THREADS>;
+template [[host_name("conv2d_narrow_bf16")]] [[kernel]] decltype(conv2d_tiles<bfloat, NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_tiles<bfloat, NARROW_M, NARROW_N, NARROW_THREADS>;
 
 // y = conv(x, w) + bias on simdgroup matrices (tile.h's MMA staging), split as conv2d_tiled
 // splits. A slice's k = (ci, ky, kx) is the same for every thread: it walks the taps once.
 // Grid: (ceil(N·OH·OW / BN), ceil(Cout/groups / BM), groups · splits), MMA_THREADS threads.
-template <uint BM, uint BN>
-kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
-                             device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                             device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
-                             device float* y [[buffer(3)]],  // extent: (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
-                             constant ConvParams& p [[buffer(4)]],
+template <typename T, uint BM, uint BN>
+kernel void conv2d_mma_tiles(device const T* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
+                             device const T* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                             device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                             device T* y [[buffer(3)]],  // extent: p.n * p.cout * p.oh * p.ow
+                             device float* partial [[buffer(4)]],  // extent: min((p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk - 1, 1) * (p.cin / p.groups * p.kh * p.kw + p.chunk - 1) / p.chunk * p.n * p.cout * p.oh * p.ow
+                             constant ConvParams& p [[buffer(5)]],
                              uint3 tile [[threadgroup_position_in_grid]],
                              uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 a_q[BM * MMA_PITCH / 4];  // [output channel][k]
@@ -149,10 +169,9 @@ kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],  // extent: p.
     const uint plane = p.oh * p.ow, pixels = p.n * plane;
     const uint g = tile.z % p.groups, split = tile.z / p.groups, m0 = tile.y * BM, n0 = tile.x * BN;
     const uint k_begin = split * p.chunk, K = min(cols, k_begin + p.chunk);
-    y += split * p.n * p.cout * plane;
 
     // A: weights of output channels m0 + t / MMA_K + (MMA_THREADS / MMA_K)·i at k0 + t % MMA_K.
-    device const float* w_rows = w + (g * cout_g + m0 + t / MMA_K) * cols + t % MMA_K;
+    device const T* w_rows = w + (g * cout_g + m0 + t / MMA_K) * cols + t % MMA_K;
     const uint a_rows = cout_g - min(cout_g, m0 + t / MMA_K);  // of this thread's rows, those that exist
     // B: the patches of pixels n0 + t + MMA_THREADS·i; a pixel past the end gets a window origin
     // whose every tap is padding.
@@ -172,14 +191,14 @@ kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],  // extent: p.
     for (uint k0 = k_begin; k0 < K; k0 += MMA_K) {
         const bool a_k_ok = k0 + t % MMA_K < K;
         for (uint i = 0; i < A_EACH; ++i)
-            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? w_rows[(MMA_THREADS / MMA_K) * i * cols + k0] : 0.0f;
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? float(w_rows[(MMA_THREADS / MMA_K) * i * cols + k0]) : 0.0f;
         #pragma unroll
         for (uint j = 0; j < MMA_K; ++j) {
             const bool k_ok = k0 + j < K;
             for (uint i = 0; i < B_COLS; ++i) {
                 const int iy = iy0[i] + int(ky) * p.dil_h, ix = ix0[i] + int(kx) * p.dil_w;
                 const bool inside = iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);  // else zero padding
-                b_next[i][j] = k_ok && inside ? x[x_img[i] + (ci * p.h + uint(iy)) * p.w + uint(ix)] : 0.0f;
+                b_next[i][j] = k_ok && inside ? float(x[x_img[i] + (ci * p.h + uint(iy)) * p.w + uint(ix)]) : 0.0f;
             }
             advance(ci, ky, kx, 1, p.kh, p.kw);
         }
@@ -188,11 +207,18 @@ kernel void conv2d_mma_tiles(device const float* x [[buffer(0)]],  // extent: p.
         stage_slice(a_s, b_s, a_next, b_next, t);
     }
     if (K > k_begin) acc.multiply(a_s, b_s);
-    acc.store(ConvOut{y, p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g}, b_s);
+    acc.store(ConvOut<T>{y, cols > p.chunk ? partial + split * p.n * p.cout * plane : nullptr,
+                         p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g}, b_s);
 }
-template [[host_name("conv2d_mma")]] [[kernel]] decltype(conv2d_mma_tiles<WIDE, WIDE>) conv2d_mma_tiles<WIDE, WIDE>;
-template [[host_name("conv2d_medium_mma")]] [[kernel]] decltype(conv2d_mma_tiles<MEDIUM_M, MEDIUM_N>) conv2d_mma_tiles<MEDIUM_M, MEDIUM_N>;
-template [[host_name("conv2d_narrow_mma")]] [[kernel]] decltype(conv2d_mma_tiles<NARROW_M, NARROW_N>) conv2d_mma_tiles<NARROW_M, NARROW_N>;
+template [[host_name("conv2d_mma")]] [[kernel]] decltype(conv2d_mma_tiles<float, WIDE, WIDE>) conv2d_mma_tiles<float, WIDE, WIDE>;
+template [[host_name("conv2d_mma_f16")]] [[kernel]] decltype(conv2d_mma_tiles<half, WIDE, WIDE>) conv2d_mma_tiles<half, WIDE, WIDE>;
+template [[host_name("conv2d_mma_bf16")]] [[kernel]] decltype(conv2d_mma_tiles<bfloat, WIDE, WIDE>) conv2d_mma_tiles<bfloat, WIDE, WIDE>;
+template [[host_name("conv2d_medium_mma")]] [[kernel]] decltype(conv2d_mma_tiles<float, MEDIUM_M, MEDIUM_N>) conv2d_mma_tiles<float, MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_medium_mma_f16")]] [[kernel]] decltype(conv2d_mma_tiles<half, MEDIUM_M, MEDIUM_N>) conv2d_mma_tiles<half, MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_medium_mma_bf16")]] [[kernel]] decltype(conv2d_mma_tiles<bfloat, MEDIUM_M, MEDIUM_N>) conv2d_mma_tiles<bfloat, MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_narrow_mma")]] [[kernel]] decltype(conv2d_mma_tiles<float, NARROW_M, NARROW_N>) conv2d_mma_tiles<float, NARROW_M, NARROW_N>;
+template [[host_name("conv2d_narrow_mma_f16")]] [[kernel]] decltype(conv2d_mma_tiles<half, NARROW_M, NARROW_N>) conv2d_mma_tiles<half, NARROW_M, NARROW_N>;
+template [[host_name("conv2d_narrow_mma_bf16")]] [[kernel]] decltype(conv2d_mma_tiles<bfloat, NARROW_M, NARROW_N>) conv2d_mma_tiles<bfloat, NARROW_M, NARROW_N>;
 
 // y = conv(x, w) + bias for a 3×3, stride-1, undilated, ungrouped convolution, directly
 // rather than as a GEMM: the GEMM stages each input value once for each of the nine taps.
@@ -225,7 +251,8 @@ struct Conv3x3Params {
 
 // Thread t's share of input channels c0 … c0 + CF_CHUNK − 1, in float4s of 4 staged columns
 // (or output channels): the tile's input window (zero outside the image) and the weights.
-inline void load_chunk_3x3(device const float* x_img, device const float* w, constant Conv3x3Params& p,
+template <typename T>
+inline void load_chunk_3x3(device const T* x_img, device const T* w, constant Conv3x3Params& p,
                            uint c0, uint co0, int iy0, int ix0, uint t, uint cols,
                            thread float4* x_part, thread float4* w_part) {
     const uint span = cols + 4, rows = CF_PIXELS / cols, quads = CF_CHUNK * CF_X_TILE(cols) / 4;
@@ -233,26 +260,27 @@ inline void load_chunk_3x3(device const float* x_img, device const float* w, con
         const uint u = t + i * CF_THREADS, c = c0 + u / (CF_X_TILE(cols) / 4);
         const int iy = iy0 + int(u / (span / 4) % (rows + 2)), ix = ix0 + int(u % (span / 4) * 4);
         const bool row_ok = u < quads && c < p.cin && iy >= 0 && iy < int(p.h);
-        device const float* x_row = x_img + (c * p.h + uint(iy)) * p.w;
+        device const T* x_row = x_img + (c * p.h + uint(iy)) * p.w;
         for (uint k = 0; k < 4; ++k)
-            x_part[i][k] = row_ok && ix + int(k) >= 0 && ix + int(k) < int(p.w) ? x_row[ix + int(k)] : 0.0f;
+            x_part[i][k] = row_ok && ix + int(k) >= 0 && ix + int(k) < int(p.w) ? float(x_row[ix + int(k)]) : 0.0f;
     }
     for (uint i = 0; i < CF_W_QUADS; ++i) {
         const uint u = t + i * CF_THREADS, c = c0 + u / (9 * CF_CO / 4), tap = u / (CF_CO / 4) % 9;
         const uint co = co0 + u % (CF_CO / 4) * 4;
         for (uint k = 0; k < 4; ++k)
-            w_part[i][k] = u < CF_CHUNK * 9 * CF_CO / 4 && c < p.cin && co + k < p.cout ? w[((co + k) * p.cin + c) * 9 + tap] : 0.0f;
+            w_part[i][k] = u < CF_CHUNK * 9 * CF_CO / 4 && c < p.cin && co + k < p.cout ? float(w[((co + k) * p.cin + c) * 9 + tap]) : 0.0f;
     }
 }
 
-inline void conv2d_3x3_tiled(device const float* x, device const float* w, device const float* bias,
-                             device float* y, constant Conv3x3Params& p, uint3 group, uint t,
+template <typename T>
+inline void conv2d_3x3_tiled(device const T* x, device const T* w, device const T* bias,
+                             device T* y, constant Conv3x3Params& p, uint3 group, uint t,
                              threadgroup float4* xs, threadgroup float4* ws, uint cols) {
     const uint rows = CF_PIXELS / cols, span = cols + 4, quads = CF_CHUNK * CF_X_TILE(cols) / 4;
     const uint img = group.x / p.tiles, tile = group.x % p.tiles, co0 = group.y * CF_CO;
     const uint oy0 = tile / p.tiles_x * rows, ox0 = tile % p.tiles_x * cols;
     const int iy0 = int(oy0) - p.pad_h, ix0 = int(ox0) - p.pad_w;
-    device const float* x_img = x + img * p.cin * p.h * p.w;
+    device const T* x_img = x + img * p.cin * p.h * p.w;
     // Thread t: output channels 8·upper … 8·upper + 7 of the block, pixels 8·j … 8·j + 7 of tile row r.
     const uint upper = t / (CF_THREADS / 2), r = t % (CF_THREADS / 2) / (cols / 8), j = t % (cols / 8);
 
@@ -294,20 +322,21 @@ inline void conv2d_3x3_tiled(device const float* x, device const float* w, devic
     for (uint i = 0; i < 8; ++i) {
         const uint co = co0 + 8 * upper + i;
         if (co >= p.cout) break;
-        const float b = p.has_bias ? bias[co] : 0.0f;
-        device float* y_row = y + ((img * p.cout + co) * p.oh + oy) * p.ow;
+        const float b = p.has_bias ? float(bias[co]) : 0.0f;
+        device T* y_row = y + ((img * p.cout + co) * p.oh + oy) * p.ow;
         for (uint k = 0; k < 8; ++k) {
             const uint ox = ox0 + 8 * j + k;
-            if (ox < p.ow) y_row[ox] = acc[i][k] + b;
+            if (ox < p.ow) y_row[ox] = T(acc[i][k] + b);
         }
     }
 }
 
 // Tiles of 8 × 64 pixels.
-kernel void conv2d_3x3(device const float* x [[buffer(0)]],
-                       device const float* w [[buffer(1)]],  // extent: p.cout * p.cin * 9
-                       device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
-                       device float* y [[buffer(3)]],
+template <typename T>
+kernel void conv2d_3x3(device const T* x [[buffer(0)]],
+                       device const T* w [[buffer(1)]],  // extent: p.cout * p.cin * 9
+                       device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                       device T* y [[buffer(3)]],
                        constant Conv3x3Params& p [[buffer(4)]],
                        uint3 group [[threadgroup_position_in_grid]],
                        uint t [[thread_index_in_threadgroup]]) {
@@ -315,12 +344,16 @@ kernel void conv2d_3x3(device const float* x [[buffer(0)]],
     threadgroup float4 ws[CF_CHUNK * 9 * CF_CO / 4];      // [channel][tap][output channel]
     conv2d_3x3_tiled(x, w, bias, y, p, group, t, xs, ws, 64);
 }
+template [[host_name("conv2d_3x3")]] [[kernel]] decltype(conv2d_3x3<float>) conv2d_3x3<float>;
+template [[host_name("conv2d_3x3_f16")]] [[kernel]] decltype(conv2d_3x3<half>) conv2d_3x3<half>;
+template [[host_name("conv2d_3x3_bf16")]] [[kernel]] decltype(conv2d_3x3<bfloat>) conv2d_3x3<bfloat>;
 
 // Tiles of 16 × 32 pixels, for small images.
-kernel void conv2d_3x3_16x32(device const float* x [[buffer(0)]],
-                             device const float* w [[buffer(1)]],  // extent: p.cout * p.cin * 9
-                             device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
-                             device float* y [[buffer(3)]],
+template <typename T>
+kernel void conv2d_3x3_16x32(device const T* x [[buffer(0)]],
+                             device const T* w [[buffer(1)]],  // extent: p.cout * p.cin * 9
+                             device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                             device T* y [[buffer(3)]],
                              constant Conv3x3Params& p [[buffer(4)]],
                              uint3 group [[threadgroup_position_in_grid]],
                              uint t [[thread_index_in_threadgroup]]) {
@@ -328,6 +361,9 @@ kernel void conv2d_3x3_16x32(device const float* x [[buffer(0)]],
     threadgroup float4 ws[CF_CHUNK * 9 * CF_CO / 4];
     conv2d_3x3_tiled(x, w, bias, y, p, group, t, xs, ws, 32);
 }
+template [[host_name("conv2d_3x3_16x32")]] [[kernel]] decltype(conv2d_3x3_16x32<float>) conv2d_3x3_16x32<float>;
+template [[host_name("conv2d_3x3_16x32_f16")]] [[kernel]] decltype(conv2d_3x3_16x32<half>) conv2d_3x3_16x32<half>;
+template [[host_name("conv2d_3x3_16x32_bf16")]] [[kernel]] decltype(conv2d_3x3_16x32<bfloat>) conv2d_3x3_16x32<bfloat>;
 
 // y = conv(x, w) + bias of a 3×3, stride-1, undilated, ungrouped convolution on simdgroup
 // matrices, directly: the GEMM (conv2d_mma) gathers each input value once for each of the nine
@@ -350,16 +386,20 @@ struct PackParams {
     uint cin, cout, chunks, cout_padded;  // chunks of C3_CI input channels; output channels rounded up to C3_CO
 };
 
-// wp[chunk][tap][co][e] = w[co][C3_CI·chunk + e][tap], zeros past the channels.
-kernel void pack_weights_3x3(device const float* w [[buffer(0)]],  // extent: p.cout * p.cin * 9
+// wp[chunk][tap][co][e] = w[co][C3_CI·chunk + e][tap], zeros past the channels, in float.
+template <typename T>
+kernel void pack_weights_3x3(device const T* w [[buffer(0)]],  // extent: p.cout * p.cin * 9
                              device float* wp [[buffer(1)]],  // extent: p.chunks * 9 * p.cout_padded * 8
                              constant PackParams& p [[buffer(2)]],
                              uint i [[thread_position_in_grid]]) {
     if (i >= p.chunks * 9 * p.cout_padded * C3_CI) return;
     const uint e = i % C3_CI, co = i / C3_CI % p.cout_padded, tap = i / (C3_CI * p.cout_padded) % 9;
     const uint ci = i / (C3_CI * p.cout_padded * 9) * C3_CI + e;
-    wp[i] = co < p.cout && ci < p.cin ? w[(co * p.cin + ci) * 9 + tap] : 0.0f;
+    wp[i] = co < p.cout && ci < p.cin ? float(w[(co * p.cin + ci) * 9 + tap]) : 0.0f;
 }
+template [[host_name("pack_weights_3x3")]] [[kernel]] decltype(pack_weights_3x3<float>) pack_weights_3x3<float>;
+template [[host_name("pack_weights_3x3_f16")]] [[kernel]] decltype(pack_weights_3x3<half>) pack_weights_3x3<half>;
+template [[host_name("pack_weights_3x3_bf16")]] [[kernel]] decltype(pack_weights_3x3<bfloat>) pack_weights_3x3<bfloat>;
 
 // acc += a staged chunk's product: for each tap (ky, kx), its weights by the staged input shifted
 // by (ky, kx). A simdgroup's matrix j covers tile pixels col0 + 8j … (8 of one row).
@@ -384,21 +424,23 @@ inline void multiply_3x3(thread MmaTiles<TM, TN, WARPS_N>& acc, threadgroup cons
     }
 }
 
+template <typename T>
 struct Conv3x3Out {
-    device float* y;           // the image's first output channel
-    device const float* bias;  // or null
+    device T* y;           // the image's first output channel
+    device const T* bias;  // or null
     uint co0, oy0, ox0, cout, oh, ow;
 
     void write(uint m, uint n, float v) const {
         const uint co = co0 + m, oy = oy0 + n / C3_COLS, ox = ox0 + n % C3_COLS;
-        if (co < cout && oy < oh && ox < ow) y[(co * oh + oy) * ow + ox] = v + (bias ? bias[co] : 0.0f);
+        if (co < cout && oy < oh && ox < ow) y[(co * oh + oy) * ow + ox] = T(v + (bias ? float(bias[co]) : 0.0f));
     }
 };
 
-kernel void conv2d_3x3_mma(device const float* x [[buffer(0)]],
+template <typename T>
+kernel void conv2d_3x3_mma(device const T* x [[buffer(0)]],
                            device const float* wp [[buffer(1)]],  // extent: (p.cin + 7) / 8 * 9 * ((p.cout + 63) / 64 * 64) * 8
-                           device const float* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
-                           device float* y [[buffer(3)]],
+                           device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                           device T* y [[buffer(3)]],
                            constant Conv3x3Params& p [[buffer(4)]],
                            uint2 group [[threadgroup_position_in_grid]],
                            uint t [[thread_index_in_threadgroup]]) {
@@ -409,7 +451,7 @@ kernel void conv2d_3x3_mma(device const float* x [[buffer(0)]],
     const uint img = group.x / p.tiles, r = group.x % p.tiles, co0 = group.y * C3_CO;
     const int oy0 = int(r / p.tiles_x * C3_ROWS), ox0 = int(r % p.tiles_x * C3_COLS);
     const uint chunks = (p.cin + C3_CI - 1) / C3_CI, cout_padded = (p.cout + C3_CO - 1) / C3_CO * C3_CO;
-    device const float* x_img = x + img * p.cin * p.h * p.w;
+    device const T* x_img = x + img * p.cin * p.h * p.w;
     // this thread's staged input values: element t + MMA_THREADS·i of a chunk's (channel, row, column)
     int x_off[C3_X_EACH];  // offset in a channel's plane, or -1 outside the image (padding) or past the tile
     for (uint i = 0; i < C3_X_EACH; ++i) {
@@ -426,7 +468,7 @@ kernel void conv2d_3x3_mma(device const float* x [[buffer(0)]],
     for (uint chunk = 0; chunk < chunks; ++chunk) {
         for (uint i = 0; i < C3_X_EACH; ++i) {
             const uint ci = chunk * C3_CI + (t + MMA_THREADS * i) / C3_X_PITCH;
-            x_next[i] = x_off[i] >= 0 && ci < p.cin ? x_img[ci * p.h * p.w + uint(x_off[i])] : 0.0f;
+            x_next[i] = x_off[i] >= 0 && ci < p.cin ? float(x_img[ci * p.h * p.w + uint(x_off[i])]) : 0.0f;
         }
         for (uint i = 0; i < C3_W_QUADS; ++i) {
             const uint q = t + MMA_THREADS * i, tap = q / (C3_CO * C3_CI / 4);  // float4 q of the chunk's 9 · C3_CO · C3_CI
@@ -440,8 +482,11 @@ kernel void conv2d_3x3_mma(device const float* x [[buffer(0)]],
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     multiply_3x3(acc, w_s, x_s);
-    acc.store(Conv3x3Out{y + img * p.cout * p.oh * p.ow, p.has_bias ? bias : nullptr, co0, uint(oy0), uint(ox0), p.cout, p.oh, p.ow}, w_s);
+    acc.store(Conv3x3Out<T>{y + img * p.cout * p.oh * p.ow, p.has_bias ? bias : nullptr, co0, uint(oy0), uint(ox0), p.cout, p.oh, p.ow}, w_s);
 }
+template [[host_name("conv2d_3x3_mma")]] [[kernel]] decltype(conv2d_3x3_mma<float>) conv2d_3x3_mma<float>;
+template [[host_name("conv2d_3x3_mma_f16")]] [[kernel]] decltype(conv2d_3x3_mma<half>) conv2d_3x3_mma<half>;
+template [[host_name("conv2d_3x3_mma_bf16")]] [[kernel]] decltype(conv2d_3x3_mma<bfloat>) conv2d_3x3_mma<bfloat>;
 
 struct FlipParams {
     uint count;   // elements of the weights
@@ -456,8 +501,9 @@ struct FlipParams {
 // w[g·Cout/g + co][ci][KH − 1 − ky][KW − 1 − kx], laid out (Cin, Cout/groups, KH, KW).
 // ops/conv.py then runs the forward kernel, which stages its operands better than the
 // scatter-shaped conv2d_input_grad does.
-kernel void flip_weights(device const float* w [[buffer(0)]],  // extent: p.count
-                         device float* out [[buffer(1)]],  // extent: p.count
+template <typename T>
+kernel void flip_weights(device const T* w [[buffer(0)]],  // extent: p.count
+                         device T* out [[buffer(1)]],  // extent: p.count
                          constant FlipParams& p [[buffer(2)]],
                          uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
@@ -467,6 +513,9 @@ kernel void flip_weights(device const float* w [[buffer(0)]],  // extent: p.coun
     uint g = cin / p.cin_g, ci = cin % p.cin_g;
     out[i] = w[(((g * cout_g + co) * p.cin_g + ci) * p.kh + (p.kh - 1 - ky)) * p.kw + (p.kw - 1 - kx)];
 }
+template [[host_name("flip_weights")]] [[kernel]] decltype(flip_weights<float>) flip_weights<float>;
+template [[host_name("flip_weights_f16")]] [[kernel]] decltype(flip_weights<half>) flip_weights<half>;
+template [[host_name("flip_weights_bf16")]] [[kernel]] decltype(flip_weights<bfloat>) flip_weights<bfloat>;
 
 // The taps of a window that reach the output grid from the input pixels of one class along one
 // axis: pixels i = residue + r·stride. Output o takes input i through tap k where
@@ -505,22 +554,27 @@ inline ClassTaps class_taps(uint residue, int stride, int dil, int pad, uint k, 
 // for every pixel (class_taps), so each class is a dense GEMM with no tap wasted — a 4×4,
 // stride-2 window has four taps for each pixel, not sixteen of which twelve miss. GEMM per
 // group g and class: rows = its Cin/groups input channels, columns = the class's pixels in all
-// images, reduction = (output channel, ky index a, kx index b).
+// images, reduction = (output channel, ky index a, kx index b). A transposed convolution
+// (ops/conv_transpose.py) is this product, and adds its bias (has_bias: bias[ci]) as it stores.
 // Grid: (ceil(N·ceil(H/stride_h)·ceil(W/stride_w) / width_n), ceil(Cin/groups / width_m),
 //        groups·stride_h·stride_w).
+template <typename T>
 struct InputGradOut {
-    device float* dx;  // at the class's first pixel of group g's first channel in image 0
+    device T* dx;          // at the class's first pixel of group g's first channel in image 0
+    device const T* bias;  // group g's, or null
     uint m0, n0, rows, pixels, cplane, class_w, stride_h, stride_w, w, plane, image;
 
     void write(uint m, uint n, float v) const {
         const uint c = m0 + m, q = n0 + n;
         if (c >= rows || q >= pixels) return;
         const uint r = q % cplane;
-        dx[q / cplane * image + c * plane + r / class_w * stride_h * w + r % class_w * stride_w] = v;
+        dx[q / cplane * image + c * plane + r / class_w * stride_h * w + r % class_w * stride_w] =
+            T(v + (bias ? float(bias[c]) : 0.0f));
     }
 };
 
-inline void conv2d_input_grad_tiled(device const float* dy, device const float* w, device float* dx,
+template <typename T>
+inline void conv2d_input_grad_tiled(device const T* dy, device const T* w, device const T* bias, device T* dx,
                                     constant ConvParams& p, uint3 tile, uint t,
                                     threadgroup float4* a_tile, threadgroup float4* b_tile,
                                     uint width_m, uint width_n, uint threads, thread FmaTile& acc) {
@@ -537,7 +591,7 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
     // TILE_K·width_m/4 threads, each at step sa.k of every slice.
     const bool a_stager = t < TILE_K * width_m / 4;
     const Stage sa = along_k(t);
-    device const float* w_group = w + g * cout_g * cin_g * khw;
+    device const T* w_group = w + g * cout_g * cin_g * khw;
     uint a_co = 0, a_a = 0, a_b = 0;
     if (K > 0) advance(a_co, a_a, a_b, sa.k, ty.count, tx.count);
 
@@ -566,7 +620,7 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
             const uint tap = (ty.first + a_a * ty.step) * p.kw + tx.first + a_b * tx.step;
             for (uint j = 0; j < 4; ++j) {
                 const uint m = m0 + 4 * sa.quad + j;
-                a_next[j] = k_ok && m < cin_g ? w_group[(a_co * cin_g + m) * khw + tap] : 0.0f;
+                a_next[j] = k_ok && m < cin_g ? float(w_group[(a_co * cin_g + m) * khw + tap]) : 0.0f;
             }
             advance(a_co, a_a, a_b, TILE_K, ty.count, tx.count);
         }
@@ -576,7 +630,7 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
             for (uint j = 0; j < 4; ++j) {
                 const int oy = oy0[j] - int(ka) * ty.o_step, ox = ox0[j] - int(kb) * tx.o_step;
                 const bool hit = k_ok && oy >= 0 && oy < int(p.oh) && ox >= 0 && ox < int(p.ow);
-                b_next[i][j] = hit ? dy[dy_img[j] + co * oplane + uint(oy) * p.ow + uint(ox)] : 0.0f;
+                b_next[i][j] = hit ? float(dy[dy_img[j] + co * oplane + uint(oy) * p.ow + uint(ox)]) : 0.0f;
             }
             advance(co, ka, kb, step, ty.count, tx.count);
         }
@@ -588,35 +642,43 @@ inline void conv2d_input_grad_tiled(device const float* dy, device const float* 
     }
     if (K > 0) acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
     const uint res_y = cls / uint(p.stride_w), res_x = cls % uint(p.stride_w);
-    acc.store(InputGradOut{dx + g * cin_g * plane + res_y * p.w + res_x, m0, n0, cin_g, pixels, cplane, tx.size,
-                           uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane});
+    acc.store(InputGradOut<T>{dx + g * cin_g * plane + res_y * p.w + res_x, p.has_bias ? bias + g * cin_g : nullptr, m0, n0,
+                              cin_g, pixels, cplane, tx.size, uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane});
 }
 
-template <uint WM, uint WN, uint THREADS>
-kernel void conv2d_input_grad_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                                    device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                                    device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
-                                    constant ConvParams& p [[buffer(3)]],
+template <typename T, uint WM, uint WN, uint THREADS>
+kernel void conv2d_input_grad_tiles(device const T* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                    device const T* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                                    device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cin
+                                    device T* dx [[buffer(3)]],  // extent: p.n * p.cin * p.h * p.w
+                                    constant ConvParams& p [[buffer(4)]],
                                     uint3 tile [[threadgroup_position_in_grid]],
                                     uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 a_tile[2 * STAGED(WM)];
     threadgroup float4 b_tile[2 * STAGED(WN)];
     FmaTile acc(t, WM, WN);
-    conv2d_input_grad_tiled(dy, w, dx, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
+    conv2d_input_grad_tiled(dy, w, bias, dx, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
 }
-template [[host_name("conv2d_input_grad")]] [[kernel]] decltype(conv2d_input_grad_tiles<WIDE, WIDE, WIDE_THREADS>) conv2d_input_grad_tiles<WIDE, WIDE, WIDE_THREADS>;
-template [[host_name("conv2d_input_grad_medium")]] [[kernel]] decltype(conv2d_input_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_input_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
-template [[host_name("conv2d_input_grad_narrow")]] [[kernel]] decltype(conv2d_input_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_input_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>;
+template [[host_name("conv2d_input_grad")]] [[kernel]] decltype(conv2d_input_grad_tiles<float, WIDE, WIDE, WIDE_THREADS>) conv2d_input_grad_tiles<float, WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_input_grad_f16")]] [[kernel]] decltype(conv2d_input_grad_tiles<half, WIDE, WIDE, WIDE_THREADS>) conv2d_input_grad_tiles<half, WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_input_grad_bf16")]] [[kernel]] decltype(conv2d_input_grad_tiles<bfloat, WIDE, WIDE, WIDE_THREADS>) conv2d_input_grad_tiles<bfloat, WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_input_grad_medium")]] [[kernel]] decltype(conv2d_input_grad_tiles<float, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_input_grad_tiles<float, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_input_grad_medium_f16")]] [[kernel]] decltype(conv2d_input_grad_tiles<half, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_input_grad_tiles<half, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_input_grad_medium_bf16")]] [[kernel]] decltype(conv2d_input_grad_tiles<bfloat, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_input_grad_tiles<bfloat, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_input_grad_narrow")]] [[kernel]] decltype(conv2d_input_grad_tiles<float, NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_input_grad_tiles<float, NARROW_M, NARROW_N, NARROW_THREADS>;
+template [[host_name("conv2d_input_grad_narrow_f16")]] [[kernel]] decltype(conv2d_input_grad_tiles<half, NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_input_grad_tiles<half, NARROW_M, NARROW_N, NARROW_THREADS>;
+template [[host_name("conv2d_input_grad_narrow_bf16")]] [[kernel]] decltype(conv2d_input_grad_tiles<bfloat, NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_input_grad_tiles<bfloat, NARROW_M, NARROW_N, NARROW_THREADS>;
 
 // dx on simdgroup matrices (tile.h's MMA staging): the class GEMMs of conv2d_input_grad_tiled.
 // Every weight a thread stages a slice has the same k = (co, a, b), and a slice's k is the same
 // for every thread's output gradients: each walks its taps once.
 // Grid: (ceil(N·ceil(H/stride_h)·ceil(W/stride_w) / BN), ceil(Cin/groups / BM), groups·stride_h·stride_w).
-template <uint BM, uint BN>
-kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                                        device const float* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
-                                        device float* dx [[buffer(2)]],  // extent: p.n * p.cin * p.h * p.w
-                                        constant ConvParams& p [[buffer(3)]],
+template <typename T, uint BM, uint BN>
+kernel void conv2d_input_grad_mma_tiles(device const T* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                        device const T* w [[buffer(1)]],  // extent: p.cout * (p.cin / p.groups) * p.kh * p.kw
+                                        device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cin
+                                        device T* dx [[buffer(3)]],  // extent: p.n * p.cin * p.h * p.w
+                                        constant ConvParams& p [[buffer(4)]],
                                         uint3 tile [[threadgroup_position_in_grid]],
                                         uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 a_q[BM * MMA_PITCH / 4];  // [input channel][k]
@@ -634,7 +696,7 @@ kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],  /
 
     // A: weights w[co][ci][ky][kx] of input channels m0 + t / MMA_K + (MMA_THREADS / MMA_K)·i
     // at this thread's k = (co·ty.count + a)·tx.count + b of each slice.
-    device const float* w_rows = w + (g * cout_g * cin_g + m0 + t / MMA_K) * khw;
+    device const T* w_rows = w + (g * cout_g * cin_g + m0 + t / MMA_K) * khw;
     const uint a_rows = cin_g - min(cin_g, m0 + t / MMA_K);
     uint a_co = 0, a_a = 0, a_b = 0;
     if (K > 0) advance(a_co, a_a, a_b, t % MMA_K, ty.count, tx.count);
@@ -655,7 +717,7 @@ kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],  /
         const bool a_k_ok = k0 + t % MMA_K < K;
         const uint tap = a_co * cin_g * khw + (ty.first + a_a * ty.step) * p.kw + tx.first + a_b * tx.step;
         for (uint i = 0; i < A_EACH; ++i)
-            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? w_rows[(MMA_THREADS / MMA_K) * i * khw + tap] : 0.0f;
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? float(w_rows[(MMA_THREADS / MMA_K) * i * khw + tap]) : 0.0f;
         advance(a_co, a_a, a_b, MMA_K, ty.count, tx.count);
         #pragma unroll
         for (uint j = 0; j < MMA_K; ++j) {
@@ -663,7 +725,7 @@ kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],  /
             for (uint i = 0; i < B_COLS; ++i) {
                 const int oy = oy0[i] - int(ka) * ty.o_step, ox = ox0[i] - int(kb) * tx.o_step;
                 const bool hit = k_ok && oy >= 0 && oy < int(p.oh) && ox >= 0 && ox < int(p.ow);
-                b_next[i][j] = hit ? dy[dy_img[i] + co * oplane + uint(oy) * p.ow + uint(ox)] : 0.0f;
+                b_next[i][j] = hit ? float(dy[dy_img[i] + co * oplane + uint(oy) * p.ow + uint(ox)]) : 0.0f;
             }
             advance(co, ka, kb, 1, ty.count, tx.count);
         }
@@ -672,18 +734,26 @@ kernel void conv2d_input_grad_mma_tiles(device const float* dy [[buffer(0)]],  /
     }
     if (K > 0) acc.multiply(a_s, b_s);
     const uint res_y = cls / uint(p.stride_w), res_x = cls % uint(p.stride_w);
-    acc.store(InputGradOut{dx + g * cin_g * plane + res_y * p.w + res_x, m0, n0, cin_g, pixels, cplane, tx.size,
-                           uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane}, b_s);
+    acc.store(InputGradOut<T>{dx + g * cin_g * plane + res_y * p.w + res_x, p.has_bias ? bias + g * cin_g : nullptr, m0, n0,
+                              cin_g, pixels, cplane, tx.size, uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane},
+              b_s);
 }
-template [[host_name("conv2d_input_grad_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<WIDE, WIDE>) conv2d_input_grad_mma_tiles<WIDE, WIDE>;
-template [[host_name("conv2d_input_grad_medium_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<MEDIUM_M, MEDIUM_N>) conv2d_input_grad_mma_tiles<MEDIUM_M, MEDIUM_N>;
-template [[host_name("conv2d_input_grad_narrow_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<NARROW_M, NARROW_N>) conv2d_input_grad_mma_tiles<NARROW_M, NARROW_N>;
+template [[host_name("conv2d_input_grad_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<float, WIDE, WIDE>) conv2d_input_grad_mma_tiles<float, WIDE, WIDE>;
+template [[host_name("conv2d_input_grad_mma_f16")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<half, WIDE, WIDE>) conv2d_input_grad_mma_tiles<half, WIDE, WIDE>;
+template [[host_name("conv2d_input_grad_mma_bf16")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<bfloat, WIDE, WIDE>) conv2d_input_grad_mma_tiles<bfloat, WIDE, WIDE>;
+template [[host_name("conv2d_input_grad_medium_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<float, MEDIUM_M, MEDIUM_N>) conv2d_input_grad_mma_tiles<float, MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_input_grad_medium_mma_f16")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<half, MEDIUM_M, MEDIUM_N>) conv2d_input_grad_mma_tiles<half, MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_input_grad_medium_mma_bf16")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<bfloat, MEDIUM_M, MEDIUM_N>) conv2d_input_grad_mma_tiles<bfloat, MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_input_grad_narrow_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<float, NARROW_M, NARROW_N>) conv2d_input_grad_mma_tiles<float, NARROW_M, NARROW_N>;
+template [[host_name("conv2d_input_grad_narrow_mma_f16")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<half, NARROW_M, NARROW_N>) conv2d_input_grad_mma_tiles<half, NARROW_M, NARROW_N>;
+template [[host_name("conv2d_input_grad_narrow_mma_bf16")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<bfloat, NARROW_M, NARROW_N>) conv2d_input_grad_mma_tiles<bfloat, NARROW_M, NARROW_N>;
 
 // dw = dy · patchesᵀ. GEMM per group g: rows = its Cout/groups output channels, columns =
 // (input channel, ky, kx), reduction = output pixels. The reduction is long (N·OH·OW) and the
 // output small, so it is split: threadgroup z sums pixels [split·chunk, (split+1)·chunk) into
 // slice `split` of `partial` (Cout × Cin/groups·KH·KW floats per slice), and `sum_splits`
-// adds the slices. With one split, `partial` is dw itself.
+// adds the slices (and rounds them to dw's storage type). With one split of a float32 dw,
+// `partial` is dw itself.
 // Grid: (ceil(Cin/groups·KH·KW / width_n), ceil(Cout/groups / width_m), groups · splits).
 struct WeightGradOut {
     device float* out;  // at group g's first row
@@ -695,7 +765,8 @@ struct WeightGradOut {
     }
 };
 
-inline void conv2d_weight_grad_tiled(device const float* dy, device const float* x, device float* partial,
+template <typename T>
+inline void conv2d_weight_grad_tiled(device const T* dy, device const T* x, device float* partial,
                                      constant ConvParams& p, uint3 tile, uint t,
                                      threadgroup float4* a_tile, threadgroup float4* b_tile,
                                      uint width_m, uint width_n, uint threads, thread FmaTile& acc) {
@@ -736,19 +807,19 @@ inline void conv2d_weight_grad_tiled(device const float* dy, device const float*
     for (uint k0 = k_begin; k0 < k_end; k0 += TILE_K, buf ^= 1) {
         if (a_stager) {
             const bool k_ok = k0 + sa.k < k_end;
-            device const float* dy_img = dy + a_img * p.cout * oplane + a_oy * p.ow + a_ox;
-            for (uint j = 0; j < 4; ++j) a_next[j] = k_ok && co0 + j < cout_g ? dy_img[dy_row + j * oplane] : 0.0f;
+            device const T* dy_img = dy + a_img * p.cout * oplane + a_oy * p.ow + a_ox;
+            for (uint j = 0; j < 4; ++j) a_next[j] = k_ok && co0 + j < cout_g ? float(dy_img[dy_row + j * oplane]) : 0.0f;
             advance(a_img, a_oy, a_ox, TILE_K, p.oh, p.ow);
         }
         #pragma unroll
         for (uint i = 0; i < units; ++i) {
             const bool k_ok = k0 + sb.k + i * step < k_end;
-            device const float* x_img = x + img * p.cin * p.h * p.w;
+            device const T* x_img = x + img * p.cin * p.h * p.w;
             const int iy = int(oy) * p.stride_h, ix = int(ox) * p.stride_w;
             for (uint j = 0; j < 4; ++j) {
                 const int tap_y = iy + dy0[j], tap_x = ix + dx0[j];
                 const bool inside = tap_y >= 0 && tap_y < int(p.h) && tap_x >= 0 && tap_x < int(p.w);
-                b_next[i][j] = k_ok && inside ? x_img[x_row[j] + uint(tap_y) * p.w + uint(tap_x)] : 0.0f;
+                b_next[i][j] = k_ok && inside ? float(x_img[x_row[j] + uint(tap_y) * p.w + uint(tap_x)]) : 0.0f;
             }
             advance(img, oy, ox, step, p.oh, p.ow);
         }
@@ -762,9 +833,9 @@ inline void conv2d_weight_grad_tiled(device const float* dy, device const float*
     acc.store(WeightGradOut{partial + (split * p.cout + g * cout_g) * cols, m0, n0, cout_g, cols});
 }
 
-template <uint WM, uint WN, uint THREADS>
-kernel void conv2d_weight_grad_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                                     device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+template <typename T, uint WM, uint WN, uint THREADS>
+kernel void conv2d_weight_grad_tiles(device const T* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                     device const T* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
                                      device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
                                      constant ConvParams& p [[buffer(3)]],
                                      uint3 tile [[threadgroup_position_in_grid]],
@@ -774,17 +845,23 @@ kernel void conv2d_weight_grad_tiles(device const float* dy [[buffer(0)]],  // e
     FmaTile acc(t, WM, WN);
     conv2d_weight_grad_tiled(dy, x, partial, p, tile, t, a_tile, b_tile, WM, WN, THREADS, acc);
 }
-template [[host_name("conv2d_weight_grad")]] [[kernel]] decltype(conv2d_weight_grad_tiles<WIDE, WIDE, WIDE_THREADS>) conv2d_weight_grad_tiles<WIDE, WIDE, WIDE_THREADS>;
-template [[host_name("conv2d_weight_grad_medium")]] [[kernel]] decltype(conv2d_weight_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_weight_grad_tiles<MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
-template [[host_name("conv2d_weight_grad_narrow")]] [[kernel]] decltype(conv2d_weight_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_weight_grad_tiles<NARROW_M, NARROW_N, NARROW_THREADS>;
+template [[host_name("conv2d_weight_grad")]] [[kernel]] decltype(conv2d_weight_grad_tiles<float, WIDE, WIDE, WIDE_THREADS>) conv2d_weight_grad_tiles<float, WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_weight_grad_f16")]] [[kernel]] decltype(conv2d_weight_grad_tiles<half, WIDE, WIDE, WIDE_THREADS>) conv2d_weight_grad_tiles<half, WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_weight_grad_bf16")]] [[kernel]] decltype(conv2d_weight_grad_tiles<bfloat, WIDE, WIDE, WIDE_THREADS>) conv2d_weight_grad_tiles<bfloat, WIDE, WIDE, WIDE_THREADS>;
+template [[host_name("conv2d_weight_grad_medium")]] [[kernel]] decltype(conv2d_weight_grad_tiles<float, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_weight_grad_tiles<float, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_weight_grad_medium_f16")]] [[kernel]] decltype(conv2d_weight_grad_tiles<half, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_weight_grad_tiles<half, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_weight_grad_medium_bf16")]] [[kernel]] decltype(conv2d_weight_grad_tiles<bfloat, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>) conv2d_weight_grad_tiles<bfloat, MEDIUM_M, MEDIUM_N, MEDIUM_THREADS>;
+template [[host_name("conv2d_weight_grad_narrow")]] [[kernel]] decltype(conv2d_weight_grad_tiles<float, NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_weight_grad_tiles<float, NARROW_M, NARROW_N, NARROW_THREADS>;
+template [[host_name("conv2d_weight_grad_narrow_f16")]] [[kernel]] decltype(conv2d_weight_grad_tiles<half, NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_weight_grad_tiles<half, NARROW_M, NARROW_N, NARROW_THREADS>;
+template [[host_name("conv2d_weight_grad_narrow_bf16")]] [[kernel]] decltype(conv2d_weight_grad_tiles<bfloat, NARROW_M, NARROW_N, NARROW_THREADS>) conv2d_weight_grad_tiles<bfloat, NARROW_M, NARROW_N, NARROW_THREADS>;
 
 // dw on simdgroup matrices (tile.h's MMA staging), split as conv2d_weight_grad_tiled splits.
 // Every output gradient a thread stages a slice is at the same pixel, and a slice's pixels are
 // the same for every thread's input columns: each walks its pixels once.
 // Grid: (ceil(Cin/groups·KH·KW / BN), ceil(Cout/groups / BM), groups · splits), MMA_THREADS threads.
-template <uint BM, uint BN>
-kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                                         device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+template <typename T, uint BM, uint BN>
+kernel void conv2d_weight_grad_mma_tiles(device const T* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                         device const T* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
                                          device float* partial [[buffer(2)]],  // extent: (p.n * p.oh * p.ow + p.chunk - 1) / p.chunk * p.cout * (p.cin / p.groups) * p.kh * p.kw
                                          constant ConvParams& p [[buffer(3)]],
                                          uint3 tile [[threadgroup_position_in_grid]],
@@ -801,7 +878,7 @@ kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],  
 
     // A: output gradients of channels m0 + t / MMA_K + (MMA_THREADS / MMA_K)·i at this thread's
     // pixel k0 + t % MMA_K of each slice, (a_img, a_pix).
-    device const float* dy_rows = dy + (g * cout_g + m0 + t / MMA_K) * oplane;
+    device const T* dy_rows = dy + (g * cout_g + m0 + t / MMA_K) * oplane;
     const uint a_rows = cout_g - min(cout_g, m0 + t / MMA_K);
     uint a_img = (k_begin + t % MMA_K) / oplane, a_pix = (k_begin + t % MMA_K) % oplane;
     uint x_row[B_COLS];
@@ -819,20 +896,20 @@ kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],  
     float a_next[A_EACH], b_next[B_COLS][MMA_K];
     for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K) {
         const bool a_k_ok = k0 + t % MMA_K < k_end;
-        device const float* dy_at = dy_rows + a_img * p.cout * oplane + a_pix;
+        device const T* dy_at = dy_rows + a_img * p.cout * oplane + a_pix;
         for (uint i = 0; i < A_EACH; ++i)
-            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? dy_at[(MMA_THREADS / MMA_K) * i * oplane] : 0.0f;
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? float(dy_at[(MMA_THREADS / MMA_K) * i * oplane]) : 0.0f;
         a_pix += MMA_K;
         while (a_pix >= oplane) { a_pix -= oplane; ++a_img; }
         #pragma unroll
         for (uint j = 0; j < MMA_K; ++j) {
             const bool k_ok = k0 + j < k_end;
-            device const float* x_img = x + img * p.cin * p.h * p.w;
+            device const T* x_img = x + img * p.cin * p.h * p.w;
             const int iy = int(oy) * p.stride_h, ix = int(ox) * p.stride_w;
             for (uint i = 0; i < B_COLS; ++i) {
                 const int tap_y = iy + dy0[i], tap_x = ix + dx0[i];
                 const bool inside = tap_y >= 0 && tap_y < int(p.h) && tap_x >= 0 && tap_x < int(p.w);
-                b_next[i][j] = k_ok && inside ? x_img[x_row[i] + uint(tap_y) * p.w + uint(tap_x)] : 0.0f;
+                b_next[i][j] = k_ok && inside ? float(x_img[x_row[i] + uint(tap_y) * p.w + uint(tap_x)]) : 0.0f;
             }
             advance(img, oy, ox, 1, p.oh, p.ow);
         }
@@ -842,9 +919,15 @@ kernel void conv2d_weight_grad_mma_tiles(device const float* dy [[buffer(0)]],  
     if (k_end > k_begin) acc.multiply(a_s, b_s);
     acc.store(WeightGradOut{partial + (split * p.cout + g * cout_g) * cols, m0, n0, cout_g, cols}, b_s);
 }
-template [[host_name("conv2d_weight_grad_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<WIDE, WIDE>) conv2d_weight_grad_mma_tiles<WIDE, WIDE>;
-template [[host_name("conv2d_weight_grad_medium_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<MEDIUM_M, MEDIUM_N>) conv2d_weight_grad_mma_tiles<MEDIUM_M, MEDIUM_N>;
-template [[host_name("conv2d_weight_grad_narrow_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<NARROW_M, NARROW_N>) conv2d_weight_grad_mma_tiles<NARROW_M, NARROW_N>;
+template [[host_name("conv2d_weight_grad_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<float, WIDE, WIDE>) conv2d_weight_grad_mma_tiles<float, WIDE, WIDE>;
+template [[host_name("conv2d_weight_grad_mma_f16")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<half, WIDE, WIDE>) conv2d_weight_grad_mma_tiles<half, WIDE, WIDE>;
+template [[host_name("conv2d_weight_grad_mma_bf16")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<bfloat, WIDE, WIDE>) conv2d_weight_grad_mma_tiles<bfloat, WIDE, WIDE>;
+template [[host_name("conv2d_weight_grad_medium_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<float, MEDIUM_M, MEDIUM_N>) conv2d_weight_grad_mma_tiles<float, MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_weight_grad_medium_mma_f16")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<half, MEDIUM_M, MEDIUM_N>) conv2d_weight_grad_mma_tiles<half, MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_weight_grad_medium_mma_bf16")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<bfloat, MEDIUM_M, MEDIUM_N>) conv2d_weight_grad_mma_tiles<bfloat, MEDIUM_M, MEDIUM_N>;
+template [[host_name("conv2d_weight_grad_narrow_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<float, NARROW_M, NARROW_N>) conv2d_weight_grad_mma_tiles<float, NARROW_M, NARROW_N>;
+template [[host_name("conv2d_weight_grad_narrow_mma_f16")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<half, NARROW_M, NARROW_N>) conv2d_weight_grad_mma_tiles<half, NARROW_M, NARROW_N>;
+template [[host_name("conv2d_weight_grad_narrow_mma_bf16")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<bfloat, NARROW_M, NARROW_N>) conv2d_weight_grad_mma_tiles<bfloat, NARROW_M, NARROW_N>;
 
 // dw of a 3×3, stride-1, undilated, ungrouped convolution, directly rather than as a GEMM.
 // The GEMM of conv2d_weight_grad stages every (input channel, ky, kx) column of the patches
@@ -888,7 +971,8 @@ struct WeightGrad3x3Params {
 
 // Thread t's share of tile `tile` (a flat index over images and their tiles): output
 // gradients into dy_part, input (zero outside the image) into x_part.
-inline void load_tile_3x3(device const float* dy, device const float* x, constant WeightGrad3x3Params& p,
+template <typename T>
+inline void load_tile_3x3(device const T* dy, device const T* x, constant WeightGrad3x3Params& p,
                           uint tile, uint ci0, uint co0, uint t, thread float* dy_part, thread float* x_part) {
     const uint tiles_image = p.tiles_x * p.tiles_y, img = tile / tiles_image, r = tile % tiles_image;
     const int oy0 = int(r / p.tiles_x * WG_ROWS), ox0 = int(r % p.tiles_x * WG_COLS);
@@ -896,18 +980,19 @@ inline void load_tile_3x3(device const float* dy, device const float* x, constan
         const uint e = t + i * WG_THREADS, co = co0 + e / (WG_ROWS * WG_COLS);
         const int oy = oy0 + int(e / WG_COLS % WG_ROWS), ox = ox0 + int(e % WG_COLS);
         dy_part[i] = co < p.cout && oy < int(p.oh) && ox < int(p.ow)
-                         ? dy[((img * p.cout + co) * p.oh + uint(oy)) * p.ow + uint(ox)] : 0.0f;
+                         ? float(dy[((img * p.cout + co) * p.oh + uint(oy)) * p.ow + uint(ox)]) : 0.0f;
     }
     for (uint i = 0; i < WG_X_STAGED; ++i) {
         const uint e = t + i * WG_THREADS, c = ci0 + e / WG_X_TILE;
         const int iy = oy0 - p.pad_h + int(e / WG_SPAN % (WG_ROWS + 2)), ix = ox0 - p.pad_w + int(e % WG_SPAN);
         const bool inside = iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
-        x_part[i] = e < WG_CI * WG_X_TILE && c < p.cin && inside ? x[((img * p.cin + c) * p.h + uint(iy)) * p.w + uint(ix)] : 0.0f;
+        x_part[i] = e < WG_CI * WG_X_TILE && c < p.cin && inside ? float(x[((img * p.cin + c) * p.h + uint(iy)) * p.w + uint(ix)]) : 0.0f;
     }
 }
 
-kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                                   device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+template <typename T>
+kernel void conv2d_weight_grad_3x3(device const T* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                   device const T* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
                                    device float* partial [[buffer(2)]],  // extent: (p.n * p.tiles_x * p.tiles_y + p.chunk - 1) / p.chunk * p.cout * p.cin * 9
                                    constant WeightGrad3x3Params& p [[buffer(3)]],
                                    uint3 group [[threadgroup_position_in_grid]],
@@ -980,6 +1065,9 @@ kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],  // ext
         }
     }
 }
+template [[host_name("conv2d_weight_grad_3x3")]] [[kernel]] decltype(conv2d_weight_grad_3x3<float>) conv2d_weight_grad_3x3<float>;
+template [[host_name("conv2d_weight_grad_3x3_f16")]] [[kernel]] decltype(conv2d_weight_grad_3x3<half>) conv2d_weight_grad_3x3<half>;
+template [[host_name("conv2d_weight_grad_3x3_bf16")]] [[kernel]] decltype(conv2d_weight_grad_3x3<bfloat>) conv2d_weight_grad_3x3<bfloat>;
 
 // dw of a 3×3, stride-1, undilated, ungrouped convolution on simdgroup matrices, directly: a
 // threadgroup sums, over its share of the images' C3_ROWS × C3_COLS pixel tiles, the output
@@ -997,8 +1085,9 @@ kernel void conv2d_weight_grad_3x3(device const float* dy [[buffer(0)]],  // ext
 #define D3_X_PITCH (C3_X_PITCH + 4)                                        // 184: likewise down the input channels
 #define D3_X_EACH ((D3_CI * C3_X_PITCH + MMA_THREADS - 1) / MMA_THREADS)   // staged input floats a thread
 
-kernel void conv2d_weight_grad_3x3_mma(device const float* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
-                                       device const float* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+template <typename T>
+kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                       device const T* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
                                        device float* partial [[buffer(2)]],  // extent: (p.n * p.tiles_x * p.tiles_y + p.chunk - 1) / p.chunk * p.cout * p.cin * 9
                                        constant WeightGrad3x3Params& p [[buffer(3)]],
                                        uint3 group [[threadgroup_position_in_grid]],
@@ -1025,14 +1114,14 @@ kernel void conv2d_weight_grad_3x3_mma(device const float* dy [[buffer(0)]],  //
             const uint oy0 = r / p.tiles_x * C3_ROWS, ox0 = r % p.tiles_x * C3_COLS;
             const uint oy = oy0 + t / C3_COLS, ox = ox0 + t % C3_COLS;
             const bool px_ok = oy < p.oh && ox < p.ow;
-            device const float* dy_px = dy + (img * p.cout + co0) * plane + oy * p.ow + ox;
-            for (uint i = 0; i < D3_CO; ++i) dy_next[i] = px_ok && co0 + i < p.cout ? dy_px[i * plane] : 0.0f;
-            device const float* x_img = x + (img * p.cin + ci0) * in_plane;
+            device const T* dy_px = dy + (img * p.cout + co0) * plane + oy * p.ow + ox;
+            for (uint i = 0; i < D3_CO; ++i) dy_next[i] = px_ok && co0 + i < p.cout ? float(dy_px[i * plane]) : 0.0f;
+            device const T* x_img = x + (img * p.cin + ci0) * in_plane;
             uint ci = t / C3_X_PITCH, s = t % C3_X_PITCH;
             for (uint i = 0; i < D3_X_EACH; ++i) {
                 const int iy = int(oy0 + s / (C3_COLS + 2)) - p.pad_h, ix = int(ox0 + s % (C3_COLS + 2)) - p.pad_w;
                 const bool inside = ci < D3_CI && ci0 + ci < p.cin && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
-                x_next[i] = inside ? x_img[ci * in_plane + uint(iy) * p.w + uint(ix)] : 0.0f;
+                x_next[i] = inside ? float(x_img[ci * in_plane + uint(iy) * p.w + uint(ix)]) : 0.0f;
                 s += MMA_THREADS;
                 while (s >= C3_X_PITCH) { s -= C3_X_PITCH; ++ci; }
             }
@@ -1077,6 +1166,9 @@ kernel void conv2d_weight_grad_3x3_mma(device const float* dy [[buffer(0)]],  //
         simdgroup_barrier(mem_flags::mem_threadgroup);
     }
 }
+template [[host_name("conv2d_weight_grad_3x3_mma")]] [[kernel]] decltype(conv2d_weight_grad_3x3_mma<float>) conv2d_weight_grad_3x3_mma<float>;
+template [[host_name("conv2d_weight_grad_3x3_mma_f16")]] [[kernel]] decltype(conv2d_weight_grad_3x3_mma<half>) conv2d_weight_grad_3x3_mma<half>;
+template [[host_name("conv2d_weight_grad_3x3_mma_bf16")]] [[kernel]] decltype(conv2d_weight_grad_3x3_mma<bfloat>) conv2d_weight_grad_3x3_mma<bfloat>;
 
 struct BiasGradParams {
     uint n, c, plane;  // dy is N × C × plane
@@ -1088,7 +1180,8 @@ struct BiasGradParams {
 // partial[x·C + c] (then `sum_splits`), by a strided sum per thread and a tree through
 // threadgroup memory. A channel a threadgroup left most of a GPU idle at few channels.
 // Grid: (splits, C), threads: (BIAS_THREADS).
-kernel void conv2d_bias_grad(device const float* dy [[buffer(0)]],  // extent: p.n * p.c * p.plane
+template <typename T>
+kernel void conv2d_bias_grad(device const T* dy [[buffer(0)]],  // extent: p.n * p.c * p.plane
                              device float* partial [[buffer(1)]],  // extent: (p.plane + p.chunk - 1) / p.chunk * p.c
                              constant BiasGradParams& p [[buffer(2)]],
                              uint2 tile [[threadgroup_position_in_grid]],
@@ -1097,8 +1190,8 @@ kernel void conv2d_bias_grad(device const float* dy [[buffer(0)]],  // extent: p
     const uint c = tile.y, begin = tile.x * p.chunk, end = min(p.plane, begin + p.chunk);
     float s = 0.0f;
     for (uint img = 0; img < p.n; ++img) {
-        device const float* row = dy + (img * p.c + c) * p.plane;
-        for (uint r = begin + t; r < end; r += BIAS_THREADS) s += row[r];
+        device const T* row = dy + (img * p.c + c) * p.plane;
+        for (uint r = begin + t; r < end; r += BIAS_THREADS) s += float(row[r]);
     }
     sums[t] = s;
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -1108,3 +1201,6 @@ kernel void conv2d_bias_grad(device const float* dy [[buffer(0)]],  // extent: p
     }
     if (t == 0) partial[tile.x * p.c + c] = sums[0];
 }
+template [[host_name("conv2d_bias_grad")]] [[kernel]] decltype(conv2d_bias_grad<float>) conv2d_bias_grad<float>;
+template [[host_name("conv2d_bias_grad_f16")]] [[kernel]] decltype(conv2d_bias_grad<half>) conv2d_bias_grad<half>;
+template [[host_name("conv2d_bias_grad_bf16")]] [[kernel]] decltype(conv2d_bias_grad<bfloat>) conv2d_bias_grad<bfloat>;

@@ -25,6 +25,14 @@
 //   hardware: tensor cores on NVIDIA GPUs, Apple's simdgroup matrices), under the precision
 //   policy the library was compiled with. Simdgroups tile the threadgroup's tile row-major.
 //
+// Storage types: the product kernels are templates over the storage type T of their operands
+// and output (float, half, bfloat; instances `name`, `name_f16`, `name_bf16`). They convert each
+// operand to float as they load it, stage and accumulate in float, and round once to T where
+// they store. The slices of a split reduction stay float, and sum_splits rounds their sum.
+// Staged operands are float: half and bfloat values are exact in TF32, so the matmul precision
+// policy rounds them as it rounds any float (`high` leaves them as they are, `medium` rounds a
+// half to bfloat16 and leaves a bfloat as it is).
+//
 // Kernels pass the tiling's sizes as literal arguments (the bodies are inlined, so the sizes are
 // compile-time constants there), and declare the staging buffers.
 #pragma once
@@ -228,13 +236,18 @@ struct SplitParams {
     uint splits;
 };
 
-// out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing).
+// out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing). The
+// slices are float whatever the storage type T of out, which the sum is rounded to once.
+template <typename T>
 kernel void sum_splits(device const float* partial [[buffer(0)]],  // extent: p.splits * p.count
-                       device float* out [[buffer(1)]],  // extent: p.count
+                       device T* out [[buffer(1)]],  // extent: p.count
                        constant SplitParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
     float s = 0.0f;
     for (uint k = 0; k < p.splits; ++k) s += partial[k * p.count + i];
-    out[i] = s;
+    out[i] = T(s);
 }
+template [[host_name("sum_splits")]] [[kernel]] decltype(sum_splits<float>) sum_splits<float>;
+template [[host_name("sum_splits_f16")]] [[kernel]] decltype(sum_splits<half>) sum_splits<half>;
+template [[host_name("sum_splits_bf16")]] [[kernel]] decltype(sum_splits<bfloat>) sum_splits<bfloat>;

@@ -13,7 +13,8 @@ import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.ops import conv as conv_ops
 from mlmetal.ops import tiling
-from opcheck import AWKWARD_DIMS, Row, check_forward, floats, make_tests, row
+from opcheck import (AWKWARD_DIMS, LOW_DTYPES, Row, check_forward, check_storage, floats, make_storage_tests, make_tests,
+                     row)
 
 MAX_CIN_G, MAX_COUT_G, MAX_K, MAX_N, MAX_HW = 6, 65, 5, 3, 40
 
@@ -82,31 +83,45 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
+
+DTYPES = [np.dtype(np.float32), *LOW_DTYPES]
 
 
-def test_weight_grad_split_reduction(dev):
-    """A long pixel reduction over few output tiles takes the split path (partials + sum_splits)."""
+def check_in(dev, dtype, r: Row, inputs, attrs):
+    """check_forward in float32; in float16 or bfloat16, on the inputs rounded to it (check_storage)."""
+    if dtype == np.float32:
+        check_forward(dev, r, inputs, attrs)
+    else:
+        check_storage(dev, r, inputs, attrs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_grad_split_reduction(dev, dtype):
+    """A long pixel reduction over few output tiles takes the split path (float32 partials +
+    sum_splits, which rounds to the storage type)."""
     g_shape, x_shape = (4, 8, 32, 32), (4, 8, 32, 32)
     assert tiling.split_reduction(4 * 32 * 32, tiles=1)[0] > 1
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(g_shape).astype(np.float32), rng.standard_normal(x_shape).astype(np.float32)]
     attrs = dict(stride=1, padding=1, kernel_size=3)
-    check_forward(dev, Row("conv2d_weight_grad", None, rtol=rtol_for(4096), atol=rtol_for(4096)), inputs, attrs)
+    check_in(dev, dtype, Row("conv2d_weight_grad", None, rtol=rtol_for(4096), atol=rtol_for(4096)), inputs, attrs)
 
 
-def test_forward_split_reduction(dev):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_split_reduction(dev, dtype):
     """A convolution with few output tiles and a long reduction (a DCGAN discriminator's
-    64 → 128 channels, 4×4 stride 2, to 7×7) sums its reduction in slices; the bias is added
-    once; with groups, each group's slices are its own."""
+    64 → 128 channels, 4×4 stride 2, to 7×7) sums its reduction in float32 slices; the bias is
+    added once; with groups, each group's slices are its own."""
     x, w, attrs = (3, 64, 14, 14), (128, 64, 4, 4), dict(stride=(2, 2), padding=(1, 1), dilation=(1, 1))
     tiles = conv_ops.groups_for(3 * 7 * 7, tiling.WIDE.cols)
     assert tiling.split_reduction(64 * 16, tiles, target=132, min_chunk=128)[0] > 1
     rng = np.random.default_rng(7)
     inputs = [rng.standard_normal(s).astype(np.float32) for s in (x, w, (128,))]
     tol = dict(rtol=rtol_for(64 * 16), atol=rtol_for(64 * 16))
-    check_forward(dev, Row("conv2d", None, **tol), inputs, attrs)
+    check_in(dev, dtype, Row("conv2d", None, **tol), inputs, attrs)
     grouped = [inputs[0], inputs[1][:, :32].copy()]  # two groups of 32 → 64 channels, no bias
-    check_forward(dev, Row("conv2d", None, **tol), grouped, dict(attrs, groups=2))
+    check_in(dev, dtype, Row("conv2d", None, **tol), grouped, dict(attrs, groups=2))
 
 
 @pytest.mark.parametrize("x, cout, attrs", [
@@ -130,13 +145,14 @@ def test_narrow_weight_and_bias_grad(dev, monkeypatch, x, cout, attrs, spread):
     check_forward(dev, Row("conv2d_bias_grad", None, **tol), [g], {})
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @given(st.data())
-def test_direct_3x3_kernels(dev, monkeypatch, data):
+def test_direct_3x3_kernels(dev, monkeypatch, dtype, data):
     """conv2d_3x3 and conv2d_weight_grad_3x3 (the GPUs' kernels for 3×3 stride-1 convolutions,
-    forward, input gradient through turned weights, weight gradient) on every backend: channel
-    counts either side of their 16-channel blocks and 4-channel chunks, images either side of
-    their 8×16, 8×64 and 16×32-pixel tiles, padding 0–2, with and without bias, the weight gradient's
-    tiles split across threadgroups or not."""
+    forward, input gradient through turned weights, weight gradient) on every backend and in each
+    storage type: channel counts either side of their 16-channel blocks and 4-channel chunks, images
+    either side of their 8×16, 8×64 and 16×32-pixel tiles, padding 0–2, with and without bias, the
+    weight gradient's tiles split across threadgroups or not."""
     monkeypatch.setattr(dev, "cheap_barriers", True)
     monkeypatch.setattr(conv_ops, "MIN_TILE_USE", 0)  # small images too
     draw = lambda s, label: data.draw(s, label=label)  # noqa: E731
@@ -153,12 +169,12 @@ def test_direct_3x3_kernels(dev, monkeypatch, data):
     bias = [floats((cout,), data)] if draw(st.booleans(), "bias") else []
     attrs = dict(stride=(1, 1), padding=(pad, pad), dilation=(1, 1))
     tol = dict(rtol=rtol_for(cin * 9), atol=rtol_for(cin * 9))
-    check_forward(dev, Row("conv2d", None, **tol), [x, wt, *bias], attrs)
+    check_in(dev, dtype, Row("conv2d", None, **tol), [x, wt, *bias], attrs)
     tol = dict(rtol=rtol_for(cout * 9), atol=rtol_for(cout * 9))
-    check_forward(dev, Row("conv2d_input_grad", None, **tol), [floats(y, data), wt], dict(attrs, input_size=(h, w)))
+    check_in(dev, dtype, Row("conv2d_input_grad", None, **tol), [floats(y, data), wt], dict(attrs, input_size=(h, w)))
     pixels = n * y[2] * y[3]
     tol = dict(rtol=rtol_for(pixels), atol=rtol_for(pixels))
-    check_forward(dev, Row("conv2d_weight_grad", None, **tol), [floats(y, data), x], dict(attrs, kernel_size=3))
+    check_in(dev, dtype, Row("conv2d_weight_grad", None, **tol), [floats(y, data), x], dict(attrs, kernel_size=3))
 
 
 @pytest.mark.parametrize("channels", [9, 40, 72])  # kernels/tile.h's narrow, medium and wide tilings

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import mlmetal as mm
 from conftest import rtol_for
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, floats, make_storage_tests, make_tests, row
 
 MAX_CIN_G, MAX_K = 6, 5
 
@@ -48,6 +48,7 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
 def test_dcgan_upsampling(dev):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import mlmetal as mm
 from conftest import rtol_for
-from opcheck import AWKWARD_DIMS, floats, make_tests, row
+from opcheck import AWKWARD_DIMS, LOW_DTYPES, UNIT_ROUNDOFF, floats, make_storage_tests, make_tests, row
 
 CHANNELS = AWKWARD_DIMS | st.sampled_from([63, 64, 65, 129])  # around the 64×64 tile and the diagonal
 MAX_C, MAX_HW = 129, 40 * 40
@@ -36,15 +36,21 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
-def test_gram_split_reduction_is_symmetric(dev):
-    """A long H·W reduction takes the split path; mirrored tiles make G exactly symmetric."""
-    x = np.random.default_rng(0).standard_normal((2, 70, 48, 48)).astype(np.float32)
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), *LOW_DTYPES], ids=str)
+def test_gram_split_reduction_is_symmetric(dev, dtype):
+    """A long H·W reduction takes the split path (float32 slices, their sum rounded once to the
+    storage type); mirrored tiles make G exactly symmetric."""
+    x = np.random.default_rng(0).standard_normal((2, 70, 48, 48)).astype(dtype)
     g = mm.ops.gram(mm.tensor(x, dev), alpha=1 / 2304).numpy()
+    assert g.dtype == dtype
     np.testing.assert_array_equal(g, g.transpose(0, 2, 1))
     f = x.reshape(2, 70, -1).astype(np.float64)
-    np.testing.assert_allclose(g, f @ f.transpose(0, 2, 1) / 2304, rtol=rtol_for(2304), atol=rtol_for(2304))
+    u = UNIT_ROUNDOFF.get(np.dtype(dtype), 0.0)
+    np.testing.assert_allclose(g.astype(np.float64), f @ f.transpose(0, 2, 1) / 2304,
+                               rtol=rtol_for(2304) + u, atol=rtol_for(2304) + u)
 
 
 @pytest.mark.parametrize("name, shapes, attrs, message", [

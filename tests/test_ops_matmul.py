@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 import mlmetal as mm
 from conftest import rtol_for
 from mlmetal.ops import tiling
-from opcheck import AWKWARD_DIMS, Row, check_forward, floats, make_tests, row
+from opcheck import (AWKWARD_DIMS, LOW_DTYPES, Row, check_forward, check_storage, floats, make_storage_tests, make_tests,
+                     row)
 
 DIMS = AWKWARD_DIMS | st.sampled_from([63, 64, 65, 127, 129])  # around the 64×64 output tile
 MAX_K = 129
@@ -54,22 +55,26 @@ ROWS = [
 ]
 
 test_forward, test_grad, test_nan = make_tests(ROWS)
+test_storage, test_storage_grad = make_storage_tests(ROWS)
 
 
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), *LOW_DTYPES], ids=str)
 @pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True)])
-def test_long_reduction_split(dev, ta, tb):
+def test_long_reduction_split(dev, ta, tb, dtype):
     """A long reduction into one output tile (a discriminator's logit: 6272 features to 1) is
-    summed by many threadgroups, then added; a linear layer's bias is added exactly once."""
+    summed by many threadgroups into float32 slices, then added and rounded to the storage type;
+    a linear layer's bias is added exactly once."""
+    check = check_forward if dtype == np.float32 else lambda *args: check_storage(*args, dtype)  # noqa: E731
     m, k, n = 5, 6272, 3
     assert tiling.split_reduction(k, 1, min_chunk=64)[0] > 1
     rng = np.random.default_rng(k)
     a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
     b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
     tol = dict(rtol=rtol_for(k), atol=rtol_for(k))
-    check_forward(dev, Row("matmul", None, **tol), [a, b], dict(transpose_a=ta, transpose_b=tb))
+    check(dev, Row("matmul", None, **tol), [a, b], dict(transpose_a=ta, transpose_b=tb))
     if not ta and tb:
         bias = rng.standard_normal(n).astype(np.float32)
-        check_forward(dev, Row("linear", None, **tol), [a, b, bias], {})
+        check(dev, Row("linear", None, **tol), [a, b, bias], {})
 
 
 def test_linear_optional_bias(dev):

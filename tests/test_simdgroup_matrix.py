@@ -14,6 +14,10 @@ the sums leaves room for the matrix hardware's own order and rounding of the add
 term and lo's own rounding), taken as u = 2^-21. The cpu emulation rounds operands exactly as the
 cuda backend does, so the one bound holds on both, and on cpu the `high` and `medium` products
 are compared bit for bit with a numpy model of the emulation.
+
+In float16 and bfloat16 storage the operands are the stored values (exact in TF32) and the result
+is rounded once more where it is stored: u_s more (2^-11, 2^-8) relative to it, which is at most
+u_s·Σ|a|·|b|; float16's subnormals add half their spacing, 2^-25, absolute.
 """
 
 import threading
@@ -30,15 +34,22 @@ from mlmetal.reference import gram as RG
 
 ROUNDOFF = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}
 POLICIES = list(ROUNDOFF)
+STORE_ROUNDOFF = {np.dtype(np.float32): 0.0, np.dtype(np.float16): 2.0**-11, np.dtype(mm.bfloat16): 2.0**-8}
+# The products on simdgroup matrices: float32 storage under each policy, and the 16-bit storage
+# types under `high` (the policy a low-precision run would pair them with).
+STORAGE_CASES = [(p, np.dtype(np.float32)) for p in POLICIES] + [("high", d) for d in (np.dtype(np.float16), mm.bfloat16)]
+STORAGE_IDS = [f"{p}-{d}" for p, d in STORAGE_CASES]
 
 
 def roundoff(dev, policy):
     return 2.0**-21 if policy == "highest" and dev.name == "cuda" else ROUNDOFF[policy]
 
 
-def assert_within(got, exact, magnitude, k, u):
-    """|got − exact| ≤ (2u + 2K·2^-24)·magnitude elementwise (magnitude = Σ|a|·|b|)."""
-    bound = (2 * u + 2 * k * 2.0**-24) * magnitude + 1e-30
+def assert_within(got, exact, magnitude, k, u, dtype=np.float32):
+    """|got − exact| ≤ (2u + 2K·2^-24)·magnitude elementwise (magnitude = Σ|a|·|b|), plus the
+    rounding to storage type `dtype`."""
+    bound = (2 * u + 2 * k * 2.0**-24 + STORE_ROUNDOFF[np.dtype(dtype)]) * magnitude + 1e-30
+    bound += 2.0**-25 if np.dtype(dtype) == np.float16 else 0.0
     err = np.abs(got.astype(np.float64) - exact)
     worst = np.unravel_index(np.argmax(err / bound), err.shape)
     assert np.all(err <= bound), f"error {err[worst]:.3g} over the bound {bound[worst]:.3g} at {worst}"
@@ -242,67 +253,71 @@ def matrix_products(monkeypatch):
 CHANNELS = st.sampled_from([1, 3, 8, 9, 16, 17, 31, 33, 40, 64, 65, 72])
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy, dtype", STORAGE_CASES, ids=STORAGE_IDS)
 @settings(max_examples=6)
 @given(data=st.data())
-def test_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, data):
+def test_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, dtype, data):
     n, cin, cout = data.draw(st.integers(1, 2), label="n"), data.draw(CHANNELS, label="cin"), data.draw(CHANNELS, label="cout")
     size, k = data.draw(st.integers(1, 12), label="size"), data.draw(st.sampled_from([1, 3, 4]), label="k")
     stride, pad = data.draw(st.sampled_from([1, 2]), label="stride"), data.draw(st.integers(0, 1), label="pad")
     if size + 2 * pad < k:
         size = k
     rng = np.random.default_rng(cin * 100 + cout)
-    x = rng.standard_normal((n, cin, size, size)).astype(np.float32)
-    w = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
-    b = rng.standard_normal(cout).astype(np.float32)
+    x = rng.standard_normal((n, cin, size, size)).astype(dtype)
+    w = rng.standard_normal((cout, cin, k, k)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
     a = dict(stride=(stride, stride), padding=(pad, pad), dilation=(1, 1), groups=1)
     u = roundoff(dev, policy)
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     with mm.matmul_precision(policy):
         y = mm.ops.conv2d(mm.tensor(x, dev), mm.tensor(w, dev), mm.tensor(b, dev), stride=stride, padding=pad).numpy()
+        assert y.dtype == dtype
         ref = RC.conv2d(x64, w64, b.astype(np.float64), **a)
-        assert_within(y, ref, RC.conv2d(np.abs(x64), np.abs(w64), np.abs(b.astype(np.float64)), **a), cin * k * k + 1, u)
-        g = rng.standard_normal(y.shape).astype(np.float32)
+        assert_within(y, ref, RC.conv2d(np.abs(x64), np.abs(w64), np.abs(b.astype(np.float64)), **a), cin * k * k + 1, u, dtype)
+        g = rng.standard_normal(y.shape).astype(dtype)
         g64 = g.astype(np.float64)
         dx = mm.ops.conv2d_input_grad(mm.tensor(g, dev), mm.tensor(w, dev), input_size=(size, size),
                                       stride=stride, padding=pad).numpy()
         assert_within(dx, RC.conv2d_input_grad(g64, w64, input_size=(size, size), **a),
-                      RC.conv2d_input_grad(np.abs(g64), np.abs(w64), input_size=(size, size), **a), cout * k * k, u)
+                      RC.conv2d_input_grad(np.abs(g64), np.abs(w64), input_size=(size, size), **a), cout * k * k, u, dtype)
         dw = mm.ops.conv2d_weight_grad(mm.tensor(g, dev), mm.tensor(x, dev), kernel_size=(k, k),
                                        stride=stride, padding=pad).numpy()
         assert_within(dw, RC.conv2d_weight_grad(g64, x64, kernel_size=(k, k), **a),
-                      RC.conv2d_weight_grad(np.abs(g64), np.abs(x64), kernel_size=(k, k), **a), n * y.shape[2] * y.shape[3], u)
+                      RC.conv2d_weight_grad(np.abs(g64), np.abs(x64), kernel_size=(k, k), **a), n * y.shape[2] * y.shape[3], u,
+                      dtype)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy, dtype", STORAGE_CASES, ids=STORAGE_IDS)
 @settings(max_examples=6)
 @given(m=st.sampled_from([1, 7, 33, 130]), k=st.sampled_from([1, 8, 31, 200]), n=st.sampled_from([1, 9, 64, 129]),
        transpose_a=st.booleans(), transpose_b=st.booleans())
-def test_matmul_on_simdgroup_matrices(dev, matrix_products, policy, m, k, n, transpose_a, transpose_b):
+def test_matmul_on_simdgroup_matrices(dev, matrix_products, policy, dtype, m, k, n, transpose_a, transpose_b):
     rng = np.random.default_rng(m * k * n)
-    a = rng.standard_normal((k, m) if transpose_a else (m, k)).astype(np.float32)
-    b = rng.standard_normal((n, k) if transpose_b else (k, n)).astype(np.float32)
+    a = rng.standard_normal((k, m) if transpose_a else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if transpose_b else (k, n)).astype(dtype)
     with mm.matmul_precision(policy):
         c = mm.ops.matmul(mm.tensor(a, dev), mm.tensor(b, dev), transpose_a=transpose_a, transpose_b=transpose_b).numpy()
+    assert c.dtype == dtype
     a64 = (a.T if transpose_a else a).astype(np.float64)
     b64 = (b.T if transpose_b else b).astype(np.float64)
-    assert_within(c, a64 @ b64, np.abs(a64) @ np.abs(b64), k, roundoff(dev, policy))
+    assert_within(c, a64 @ b64, np.abs(a64) @ np.abs(b64), k, roundoff(dev, policy), dtype)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy, dtype", STORAGE_CASES, ids=STORAGE_IDS)
 @settings(max_examples=4)
 @given(n=st.integers(1, 2), c=st.sampled_from([1, 5, 33, 129]), hw=st.sampled_from([1, 7, 20]))
-def test_gram_on_simdgroup_matrices(dev, matrix_products, policy, n, c, hw):
+def test_gram_on_simdgroup_matrices(dev, matrix_products, policy, dtype, n, c, hw):
     rng = np.random.default_rng(c * hw)
-    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
-    dg = rng.standard_normal((n, c, c)).astype(np.float32)
+    x = rng.standard_normal((n, c, hw, hw)).astype(dtype)
+    dg = rng.standard_normal((n, c, c)).astype(dtype)
     x64, dg64 = x.astype(np.float64), dg.astype(np.float64)
     u = roundoff(dev, policy)
     with mm.matmul_precision(policy):
         g = mm.ops.gram(mm.tensor(x, dev), alpha=0.5).numpy()
         dx = mm.ops.gram_grad(mm.tensor(dg, dev), mm.tensor(x, dev), alpha=0.5).numpy()
-    assert_within(g, RG.gram(x64, alpha=0.5), RG.gram(np.abs(x64), alpha=0.5), hw * hw, u)
-    assert_within(dx, RG.gram_grad(dg64, x64, alpha=0.5), RG.gram_grad(np.abs(dg64), np.abs(x64), alpha=0.5), 2 * c, u)
+    assert g.dtype == dx.dtype == dtype
+    assert_within(g, RG.gram(x64, alpha=0.5), RG.gram(np.abs(x64), alpha=0.5), hw * hw, u, dtype)
+    assert_within(dx, RG.gram_grad(dg64, x64, alpha=0.5), RG.gram_grad(np.abs(dg64), np.abs(x64), alpha=0.5), 2 * c, u, dtype)
 
 
 def test_graphs_run_under_the_policy_in_force_or_their_own(dev, matrix_products):
@@ -335,10 +350,10 @@ def test_graphs_run_under_the_policy_in_force_or_their_own(dev, matrix_products)
         mm.Graph(dev, matmul_precision="low")
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy, dtype", STORAGE_CASES, ids=STORAGE_IDS)
 @settings(max_examples=6)
 @given(data=st.data())
-def test_3x3_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, data):
+def test_3x3_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, dtype, data):
     """conv2d_3x3_mma and conv2d_weight_grad_3x3_mma: output channels either side of their 64- and
     32-channel tiles, input channels either side of their 8- and 16-channel chunks, images either
     side of their 8 × 16 pixel tiles, padding 0 to 2 (the input gradient of padding p is a forward
@@ -352,20 +367,46 @@ def test_3x3_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, da
         pad = 1
         h, w = max(h, 1), max(w, 1)
     rng = np.random.default_rng(cin * 1000 + cout + h)
-    x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
-    wt = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(cout).astype(np.float32)
+    x = rng.standard_normal((n, cin, h, w)).astype(dtype)
+    wt = rng.standard_normal((cout, cin, 3, 3)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
     a = dict(stride=(1, 1), padding=(pad, pad), dilation=(1, 1), groups=1)
     x64, w64, b64 = x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64)
     u = roundoff(dev, policy)
     with mm.matmul_precision(policy):
         y = mm.ops.conv2d(mm.tensor(x, dev), mm.tensor(wt, dev), mm.tensor(b, dev), padding=pad).numpy()
-        assert_within(y, RC.conv2d(x64, w64, b64, **a), RC.conv2d(np.abs(x64), np.abs(w64), np.abs(b64), **a), 9 * cin + 1, u)
-        g = rng.standard_normal(y.shape).astype(np.float32)
+        assert y.dtype == dtype
+        assert_within(y, RC.conv2d(x64, w64, b64, **a), RC.conv2d(np.abs(x64), np.abs(w64), np.abs(b64), **a), 9 * cin + 1, u,
+                      dtype)
+        g = rng.standard_normal(y.shape).astype(dtype)
         dx = mm.ops.conv2d_input_grad(mm.tensor(g, dev), mm.tensor(wt, dev), input_size=(h, w), padding=pad).numpy()
         g64 = g.astype(np.float64)
         assert_within(dx, RC.conv2d_input_grad(g64, w64, input_size=(h, w), **a),
-                      RC.conv2d_input_grad(np.abs(g64), np.abs(w64), input_size=(h, w), **a), 9 * cout, u)
+                      RC.conv2d_input_grad(np.abs(g64), np.abs(w64), input_size=(h, w), **a), 9 * cout, u, dtype)
         dw = mm.ops.conv2d_weight_grad(mm.tensor(g, dev), mm.tensor(x, dev), kernel_size=(3, 3), padding=pad).numpy()
         assert_within(dw, RC.conv2d_weight_grad(g64, x64, kernel_size=(3, 3), **a),
-                      RC.conv2d_weight_grad(np.abs(g64), np.abs(x64), kernel_size=(3, 3), **a), n * y.shape[2] * y.shape[3], u)
+                      RC.conv2d_weight_grad(np.abs(g64), np.abs(x64), kernel_size=(3, 3), **a), n * y.shape[2] * y.shape[3], u,
+                      dtype)
+
+
+def test_bfloat16_storage_is_exact_under_high_and_medium(dev, matrix_products):
+    """A bfloat16 value is exact in TF32 and in bfloat16, so in bfloat16 storage `medium` is exactly
+    bfloat16 operands, and computes what `high` does, bit for bit: the GEMM and direct 3×3
+    convolutions, each gradient, and matmul."""
+    rng = np.random.default_rng(5)
+    x = mm.tensor(rng.standard_normal((2, 9, 10, 11)).astype(mm.bfloat16), dev)
+    w = mm.tensor(rng.standard_normal((20, 9, 3, 3)).astype(mm.bfloat16), dev)
+    a = mm.tensor(rng.standard_normal((33, 70)).astype(mm.bfloat16), dev)
+
+    def run(policy):
+        with mm.matmul_precision(policy):
+            outs = []
+            for stride in (1, 2):  # the direct 3×3 kernels, the GEMMs
+                y = mm.ops.conv2d(x, w, stride=stride, padding=1)
+                outs += [y, mm.ops.conv2d_input_grad(y, w, input_size=(10, 11), stride=stride, padding=1),
+                         mm.ops.conv2d_weight_grad(y, x, kernel_size=3, stride=stride, padding=1)]
+            return [t.numpy() for t in outs + [mm.ops.matmul(a, a, transpose_b=True)]]
+
+    for got, want in zip(run("medium"), run("high")):
+        assert got.dtype == mm.bfloat16
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))

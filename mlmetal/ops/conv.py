@@ -8,12 +8,14 @@ given, and the public `mm.ops.conv2d(x, w, b=None, ...)` below just drops a None
 
 import math
 
+from .. import dtypes as D
 from .. import ops as _ops
 from ..reference import conv as R
 from ..tensor import empty
 from . import apply, ensure, groups_for, pair, register
 from ..runtime import source as S
-from .tiling import MEDIUM, MMA_THREADS, matrix_policy, partial_for, product, split_reduction, sum_splits, tiling
+from .tiling import (MEDIUM, MMA_THREADS, matrix_policy, partial_for, product, split_output, split_reduction, sum_splits,
+                     tiling)
 
 _C = S.Source.from_file(S.find("conv")).constants
 C3_CO, C3_CI, C3_ROWS, C3_COLS = _C["C3_CO"], _C["C3_CI"], _C["C3_ROWS"], _C["C3_COLS"]  # conv2d_3x3_mma's tiles
@@ -138,14 +140,15 @@ def _conv3x3_mma(cb, y, x, w, b, padding, policy):
     _, cout, oh, ow = y.shape
     lib = y.device.library("conv", precision=policy)
     chunks, cout_padded = groups_for(cin, C3_CI), groups_for(cout, C3_CO) * C3_CO
-    packed = empty((chunks * 9 * cout_padded * C3_CI,), y.device)
-    cb.dispatch(lib.kernel("pack_weights_3x3"), groups=groups_for(packed.size, 256), threads=256,
+    packed = empty((chunks * 9 * cout_padded * C3_CI,), y.device)  # float32 whatever y's storage type
+    cb.dispatch(lib.kernel(D.kernel_name("pack_weights_3x3", y.dtype)), groups=groups_for(packed.size, 256), threads=256,
                 args=[w, packed, dict(cin=cin, cout=cout, chunks=chunks, cout_padded=cout_padded)])
     tiles_x = groups_for(ow, C3_COLS)
     tiles = tiles_x * groups_for(oh, C3_ROWS)
     params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
                   tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None))
-    cb.dispatch(lib.kernel("conv2d_3x3_mma"), groups=(n * tiles, groups_for(cout, C3_CO)), threads=MMA_THREADS,
+    cb.dispatch(lib.kernel(D.kernel_name("conv2d_3x3_mma", y.dtype)), groups=(n * tiles, groups_for(cout, C3_CO)),
+                threads=MMA_THREADS,
                 args=[x, packed, w if b is None else b, y, params])
 
 
@@ -163,19 +166,20 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
         tiles = tiles_x * groups_for(oh, CF_PIXELS // cols)
         params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
                       tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None))
-        cb.dispatch(y.device.library("conv").kernel(name), threads=CF_THREADS, groups=(n * tiles, groups_for(cout, CF_CO)),
-                    args=[x, w, w if b is None else b, y, params])
+        cb.dispatch(y.device.library("conv").kernel(D.kernel_name(name, y.dtype)), threads=CF_THREADS,
+                    groups=(n * tiles, groups_for(cout, CF_CO)), args=[x, w, w if b is None else b, y, params])
         return
     t = tiling(cout // groups)
-    k, threads = product(y.device, "conv2d", t)
+    k, threads = product(y.device, "conv2d", y.dtype, t)
     grid = (groups_for(n * oh * ow, t.cols), groups_for(cout // groups, t.rows), groups)
     # Split only below a wave of one threadgroup a multiprocessor: the slices of a large output
     # cost more to add than the split gains (4×128×64²→128, 128 tiles in two: 0.186 → 0.225 ms).
     reduction = cin // groups * w.shape[2] * w.shape[3]
     splits, chunk = split_reduction(reduction, math.prod(grid), target=132, min_chunk=128)
-    partial = partial_for(y, splits)
+    partial = split_output(y, splits)
     params = _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a, has_bias=int(b is not None), chunk=chunk)
-    cb.dispatch(k, groups=(*grid[:2], groups * splits), threads=threads, args=[x, w, w if b is None else b, partial, params])
+    cb.dispatch(k, groups=(*grid[:2], groups * splits), threads=threads,
+                args=[x, w, w if b is None else b, y, partial, params])
     sum_splits(cb, k.library, partial, y, splits)
 
 
@@ -193,11 +197,12 @@ def _products(name):
 
 register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2d, grad=_conv2d_grad,
          kernels=[*_products("conv2d"), "conv.conv2d_3x3", "conv.conv2d_3x3_16x32", "conv.conv2d_3x3_mma",
-                  "conv.pack_weights_3x3", "conv.sum_splits"])
+                  "conv.pack_weights_3x3", "conv.sum_splits"], dtypes=D.FLOATS)
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    """2-D convolution (cross-correlation, as in PyTorch) of NCHW float32 images.
+    """2-D convolution (cross-correlation, as in PyTorch) of NCHW images, stored in float32, float16 or
+    bfloat16 (float sums, the result rounded once).
 
     Args:
         x: input, (N, Cin, H, W).
@@ -242,7 +247,8 @@ def _input_grad_check(g, w, *, input_size, stride=1, padding=0, dilation=1, grou
     return (g[0], cin, h, wd), dict(a, input_size=(h, wd))
 
 
-def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, groups):
+def encode_input_grad(cb, dx, g, w, b=None, *, input_size, stride, padding, dilation, groups):
+    """dx = conv2d_input_grad(g, w) (+ b[channel], for conv_transpose2d, whose product this is)."""
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = dx.shape
     oh, ow = g.shape[2:]
@@ -251,21 +257,22 @@ def _input_grad_encode(cb, dx, g, w, *, input_size, stride, padding, dilation, g
     if stride == (1, 1) and min(turned) >= 0:
         # a forward convolution of g with the weights turned around (see flip_weights)
         lib = dx.device.library("conv")
-        flipped = empty((cin, cout // groups, kh, kw), dx.device)
-        cb.dispatch(lib.kernel("flip_weights"), groups=groups_for(flipped.size, 256), threads=256,
+        flipped = empty((cin, cout // groups, kh, kw), dx.device, w.dtype)
+        cb.dispatch(lib.kernel(D.kernel_name("flip_weights", w.dtype)), groups=groups_for(flipped.size, 256), threads=256,
                     args=[w, flipped, dict(count=flipped.size, cout=cout, cin_g=cin_g, groups=groups, kh=kh, kw=kw)])
-        _conv2d_encode(cb, dx, g, flipped, stride=(1, 1), padding=tuple(turned), dilation=dilation, groups=groups)
+        _conv2d_encode(cb, dx, g, flipped, b, stride=(1, 1), padding=tuple(turned), dilation=dilation, groups=groups)
         return
     t = tiling(cin // groups)
-    k, threads = product(dx.device, "conv2d_input_grad", t)
+    k, threads = product(dx.device, "conv2d_input_grad", dx.dtype, t)
     (sh, sw) = stride
     class_pixels = n * -(-h // sh) * -(-wd // sw)  # the largest of the stride_h·stride_w pixel classes
     grid = (groups_for(class_pixels, t.cols), groups_for(cin // groups, t.rows), groups * sh * sw)
-    cb.dispatch(k, groups=grid, threads=threads, args=[g, w, dx, _params(n, cin, h, wd, cout, oh, ow, kh, kw, a)])
+    params = _params(n, cin, h, wd, cout, oh, ow, kh, kw, a, has_bias=int(b is not None))
+    cb.dispatch(k, groups=grid, threads=threads, args=[g, w, w if b is None else b, dx, params])
 
 
-register("conv2d_input_grad", check=_input_grad_check, encode=_input_grad_encode, reference=R.conv2d_input_grad,
-         grad=None, kernels=[*_products("conv2d_input_grad"), "conv.flip_weights"])
+register("conv2d_input_grad", check=_input_grad_check, encode=encode_input_grad, reference=R.conv2d_input_grad,
+         grad=None, kernels=[*_products("conv2d_input_grad"), "conv.flip_weights"], dtypes=D.FLOATS)
 
 
 def _weight_grad_check(g, x, *, kernel_size, stride=1, padding=0, dilation=1, groups=1):
@@ -295,14 +302,15 @@ def direct_weight_grad(device, cout: int, kernel_size, stride, dilation, groups)
 
 
 # The direct 3×3 weight gradients: (kernel, pixel tile rows × columns, input × output channels a
-# threadgroup, threads), in float32 and on simdgroup matrices.
+# threadgroup, threads), with float fma and on simdgroup matrices.
 WG_DIRECT = {None: ("conv2d_weight_grad_3x3", WG_ROWS, WG_COLS, WG_CI, WG_CO, WG_THREADS),
              "mma": ("conv2d_weight_grad_3x3_mma", C3_ROWS, C3_COLS, D3_CI, D3_CO, MMA_THREADS)}
 
 
 def _weight_grad_3x3(cb, dw, g, x, padding, policy=None):
     """dw of a 3×3 stride-1 convolution by a direct kernel: on simdgroup matrices under `policy`,
-    else in float32. Each threadgroup sums a chunk of the images' pixel tiles; sum_splits adds them."""
+    else with float fma. Each threadgroup sums a chunk of the images' pixel tiles into float32 slices;
+    sum_splits adds them."""
     n, cin, h, wd = x.shape
     _, cout, oh, ow = g.shape
     name, rows, cols, ci_block, co_block, threads = WG_DIRECT["mma" if policy else None]
@@ -315,8 +323,8 @@ def _weight_grad_3x3(cb, dw, g, x, padding, policy=None):
     partial = partial_for(dw, splits)
     params = dict(n=n, cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
                   tiles_x=tiles_x, tiles_y=tiles_y, chunk=chunk)
-    cb.dispatch(lib.kernel(name), groups=(groups_for(cin, ci_block), groups_for(cout, co_block), splits),
-                threads=threads, args=[g, x, partial, params])
+    grid = (groups_for(cin, ci_block), groups_for(cout, co_block), splits)
+    cb.dispatch(lib.kernel(D.kernel_name(name, dw.dtype)), groups=grid, threads=threads, args=[g, x, partial, params])
     sum_splits(cb, lib, partial, dw, splits)
 
 
@@ -331,7 +339,7 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
     _, cout, oh, ow = g.shape
     cols = dw.size // cout
     t = tiling(cout // groups)
-    k, threads = product(dw.device, "conv2d_weight_grad", t)
+    k, threads = product(dw.device, "conv2d_weight_grad", dw.dtype, t)
     grid = (groups_for(cols, t.cols), groups_for(cout // groups, t.rows), groups)
     # On GPUs the split's target is tuned per tiling (H100, U-Net and style steps at 256²):
     # twice the threadgroups for the narrow tiling (16→16 at 256²: 173 → 135 µs), half for the
@@ -346,7 +354,7 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
 
 register("conv2d_weight_grad", check=_weight_grad_check, encode=_weight_grad_encode, reference=R.conv2d_weight_grad,
          grad=None, kernels=[*_products("conv2d_weight_grad"), "conv.conv2d_weight_grad_3x3",
-                             "conv.conv2d_weight_grad_3x3_mma", "conv.sum_splits"])
+                             "conv.conv2d_weight_grad_3x3_mma", "conv.sum_splits"], dtypes=D.FLOATS)
 
 
 def _bias_grad_check(g):
@@ -364,10 +372,10 @@ def _bias_grad_encode(cb, db, g):
     splits, chunk = split_reduction(h * w, c, target=target, min_chunk=1024)
     lib = db.device.library("conv")
     partial = partial_for(db, splits)
-    cb.dispatch(lib.kernel("conv2d_bias_grad"), groups=(splits, c), threads=256,
+    cb.dispatch(lib.kernel(D.kernel_name("conv2d_bias_grad", db.dtype)), groups=(splits, c), threads=256,
                 args=[g, partial, {"n": n, "c": c, "plane": h * w, "chunk": chunk}])
     sum_splits(cb, lib, partial, db, splits)
 
 
 register("conv2d_bias_grad", check=_bias_grad_check, encode=_bias_grad_encode, reference=R.conv2d_bias_grad,
-         grad=None, kernels=["conv.conv2d_bias_grad", "conv.sum_splits"])
+         grad=None, kernels=["conv.conv2d_bias_grad", "conv.sum_splits"], dtypes=D.FLOATS)

@@ -3,17 +3,16 @@
 A transposed convolution is the input gradient of the convolution it transposes: conv_transpose2d
 (x, w) is conv2d_input_grad(x, w) for the image size the convolution of stride, padding and
 dilation would take back to x's. So it dispatches that op's kernels (its GEMMs and their matmul
-precision policy included), its bias is one broadcast addition, and its gradients are the
+precision policy included), which add the bias as they store, and its gradients are the
 convolution's other passes with the roles turned: dx = conv2d(g, w), dw = conv2d_weight_grad
 (x, g), db = conv2d_bias_grad(g).
 """
 
 import sys
 
-from . import REGISTRY, apply, conv, ensure, pair, register  # noqa: F401 (conv: its ops first)
-from .elementwise import _encode_broadcast
+from .. import dtypes as D
+from . import REGISTRY, apply, conv, ensure, pair, register
 from ..reference import conv_transpose as R
-from ..tensor import Tensor
 
 
 def _attrs(op, stride, padding, output_padding, dilation, groups):
@@ -54,10 +53,8 @@ def _check(x, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, g
 
 
 def _encode(cb, y, x, w, b=None, *, stride, padding, output_padding, dilation, groups):
-    a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    REGISTRY["conv2d_input_grad"].encode(cb, y, x, w, input_size=y.shape[2:], **a)
-    if b is not None:  # y += b seen as (C, 1, 1), in place (each element reads only itself)
-        _encode_broadcast(cb, "add_broadcast", y, y, Tensor(b.buffer, (b.size, 1, 1)))
+    conv.encode_input_grad(cb, y, x, w, b, input_size=y.shape[2:], stride=stride, padding=padding, dilation=dilation,
+                           groups=groups)
 
 
 def _grad(g, y, x, w, b=None, *, stride, padding, output_padding, dilation, groups):
@@ -68,12 +65,13 @@ def _grad(g, y, x, w, b=None, *, stride, padding, output_padding, dilation, grou
 
 
 register("conv_transpose2d", check=_check, encode=_encode, reference=R.conv_transpose2d, grad=_grad,
-         kernels=[*REGISTRY["conv2d_input_grad"].kernels, "elementwise.add_broadcast"])
+         kernels=[*REGISTRY["conv2d_input_grad"].kernels, *REGISTRY["conv2d"].kernels], dtypes=D.FLOATS)
 
 
 def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """Transposed 2-D convolution of NCHW float32 images, as PyTorch's conv_transpose2d (the
-    gradient of conv2d with respect to its input): an upsampling layer with learned weights.
+    """Transposed 2-D convolution of NCHW images (float32, float16 or bfloat16), as PyTorch's
+    conv_transpose2d (the gradient of conv2d with respect to its input): an upsampling layer with
+    learned weights.
 
     Args:
         x: input, (N, Cin, H, W).

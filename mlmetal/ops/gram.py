@@ -2,6 +2,7 @@
 
 import math
 
+from .. import dtypes as D
 from ..reference import gram as R
 from . import apply, ensure, groups_for, register
 from .tiling import WIDE, partial_for, product, split_reduction, sum_splits
@@ -38,7 +39,7 @@ def _gram_encode(cb, g, x, *, alpha):
     n, c, h, w = x.shape
     tiles = groups_for(c, WIDE.rows)
     splits, chunk = split_reduction(h * w, n * tiles * (tiles + 1) // 2)
-    k, threads = product(g.device, "gram")
+    k, threads = product(g.device, "gram", g.dtype)
     partial = partial_for(g, splits)
     cb.dispatch(k, groups=(tiles, tiles, n * splits), threads=threads,
                 args=[x, partial, dict(batch=n, c=c, hw=h * w, alpha=alpha, chunk=chunk)])
@@ -47,7 +48,7 @@ def _gram_encode(cb, g, x, *, alpha):
 
 register("gram", check=_gram_check, encode=_gram_encode, reference=R.gram,
          grad=lambda g, out, x, *, alpha: (apply("gram_grad", g, x, alpha=alpha),),
-         kernels=["gram.gram", "gram.gram_mma", "gram.sum_splits"])
+         kernels=["gram.gram", "gram.gram_mma", "gram.sum_splits"], dtypes=D.FLOATS)
 
 
 def _gram_grad_check(g, x, alpha=1.0):
@@ -60,10 +61,10 @@ def _gram_grad_check(g, x, alpha=1.0):
 
 def _gram_grad_encode(cb, dx, g, x, *, alpha):
     n, c, h, w = x.shape
-    k, threads = product(dx.device, "gram_grad")
+    k, threads = product(dx.device, "gram_grad", dx.dtype)
     cb.dispatch(k, groups=(groups_for(h * w, WIDE.cols), groups_for(c, WIDE.rows), n), threads=threads,
                 args=[g, x, dx, dict(batch=n, c=c, hw=h * w, alpha=alpha)])
 
 
 register("gram_grad", check=_gram_grad_check, encode=_gram_grad_encode, reference=R.gram_grad,
-         grad=None, kernels=["gram.gram_grad", "gram.gram_grad_mma"])
+         grad=None, kernels=["gram.gram_grad", "gram.gram_grad_mma"], dtypes=D.FLOATS)

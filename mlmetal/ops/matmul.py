@@ -11,12 +11,13 @@ public `mm.ops.linear(x, w, b=None)` drops a None.
 
 import math
 
+from .. import dtypes as D
 from .. import ops as _ops
 from ..reference import matmul as R
 from ..tensor import Tensor, empty
 from . import apply, ensure, groups_for, register
 from .broadcast import broadcast_shape, broadcast_strides, sum_to
-from .tiling import WIDE, partial_for, product, split_reduction, sum_splits
+from .tiling import WIDE, product, split_output, split_reduction, sum_splits
 
 
 def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
@@ -29,10 +30,11 @@ def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
     # A long reduction into a few tiles (a linear layer's logit, 6272 features to 1) is split
     # across threadgroups: one threadgroup would otherwise walk all of it alone.
     splits, chunk = split_reduction(k, grid[0] * grid[1], min_chunk=64)
-    partial = partial_for(c, splits)
+    partial = split_output(c, splits)
     params = dict(m=m, n=n, k=k, a_m=a_m, a_k=a_k, b_k=b_k, b_n=b_n, has_bias=int(bias is not None), chunk=chunk)
-    kernel, threads = product(c.device, "matmul")
-    cb.dispatch(kernel, groups=(*grid, splits), threads=threads, args=[a, b, b if bias is None else bias, partial, params])
+    kernel, threads = product(c.device, "matmul", c.dtype)
+    cb.dispatch(kernel, groups=(*grid, splits), threads=threads,
+                args=[a, b, b if bias is None else bias, c, partial, params])
     sum_splits(cb, kernel.library, partial, c, splits)
 
 
@@ -91,9 +93,9 @@ def _matmul_encode(cb, c, a, b, *, transpose_a, transpose_b):
     for t in (a, b):
         items = math.prod(t.shape[:-2])
         size = t.shape[-2] * t.shape[-1]
-        matrix = _view(t, t.shape[-2:]) if items == 1 else empty(t.shape[-2:], t.device)
+        matrix = _view(t, t.shape[-2:]) if items == 1 else empty(t.shape[-2:], t.device, t.dtype)
         operands.append((t, items, size, matrix, broadcast_strides(t.shape[:-2], batch)))
-    c_matrix = _view(c, (m, n)) if count == 1 else empty((m, n), c.device)
+    c_matrix = _view(c, (m, n)) if count == 1 else empty((m, n), c.device, c.dtype)
     for i in range(count):
         index = [(i // math.prod(batch[d + 1:])) % batch[d] for d in range(len(batch))]
         for t, items, size, matrix, strides in operands:
@@ -110,7 +112,7 @@ def _copy_item(cb, src, dst, src_item, dst_item):
     size = src.shape[2]
     p = {"count": size, "channels": 1, "inner": size, "src_channels": src.shape[1], "src_offset": src_item,
          "dst_channels": dst.shape[1], "dst_offset": dst_item}
-    k = src.device.library("layout").kernel("copy_channels")
+    k = src.device.library("layout").kernel(D.kernel_name("copy_channels", src.dtype))
     cb.dispatch(k, groups=groups_for(size, 256), threads=256, args=[src, dst, p])
 
 
@@ -135,7 +137,7 @@ def _matmul_grad(g, c, a, b, *, transpose_a, transpose_b):
 
 
 register("matmul", check=_matmul_check, encode=_matmul_encode, reference=R.matmul, grad=_matmul_grad,
-         kernels=["matmul.matmul", "matmul.matmul_mma", "matmul.sum_splits", "layout.copy_channels"])
+         kernels=["matmul.matmul", "matmul.matmul_mma", "matmul.sum_splits", "layout.copy_channels"], dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- linear
@@ -162,7 +164,7 @@ def _linear_grad(g, y, x, w, b=None):
 
 
 register("linear", check=_linear_check, encode=_linear_encode, reference=R.linear, grad=_linear_grad,
-         kernels=["matmul.matmul", "matmul.matmul_mma", "matmul.sum_splits"])
+         kernels=["matmul.matmul", "matmul.matmul_mma", "matmul.sum_splits"], dtypes=D.FLOATS)
 
 
 def linear(x, w, b=None):
@@ -195,9 +197,9 @@ def _bias_grad_check(g):
 
 def _bias_grad_encode(cb, db, g):
     rows, cols = g.shape
-    k = db.device.library("matmul").kernel("linear_bias_grad")
+    k = db.device.library("matmul").kernel(D.kernel_name("linear_bias_grad", db.dtype))
     cb.dispatch(k, groups=groups_for(cols, 256), threads=256, args=[g, db, {"rows": rows, "cols": cols}])
 
 
 register("linear_bias_grad", check=_bias_grad_check, encode=_bias_grad_encode, reference=R.linear_bias_grad,
-         grad=None, kernels=["matmul.linear_bias_grad"])
+         grad=None, kernels=["matmul.linear_bias_grad"], dtypes=D.FLOATS)

@@ -4,13 +4,15 @@ runs with, and how a long reduction is split across threadgroups.
 The sizes are read from tile.h itself (`Source.constants`), so the kernels and this module cannot
 disagree. A product kernel exists for each tiling with each accumulator: `name` with float register
 blocks, `name_mma` with simdgroup matrices, which run on the matrix hardware under the matmul
-precision policy (mlmetal.precision).
+precision policy (mlmetal.precision). Each is instantiated per storage type (`dtypes.kernel_name`):
+float sums whatever the type, and a split reduction's slices in float32, rounded once when summed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from .. import dtypes as D
 from ..precision import get_matmul_precision
 from ..runtime import source as S
 from ..tensor import empty
@@ -62,13 +64,14 @@ def matrix_policy(device) -> str | None:
     return policy if policy in MATRIX_POLICIES and matrix_hardware(device) else None
 
 
-def product(device, name: str, t: Tiling = WIDE):
-    """(kernel, threads) of product `name` in tiling `t`: on simdgroup matrices where
-    `matrix_policy` says so, float register blocks otherwise."""
+def product(device, name: str, dtype, t: Tiling = WIDE):
+    """(kernel, threads) of product `name` for storage type `dtype` in tiling `t`: on simdgroup
+    matrices where `matrix_policy` says so, float register blocks otherwise."""
     policy = matrix_policy(device)
     if policy:
-        return device.library(_LIBRARY[name], precision=policy).kernel(name + t.suffix + "_mma"), MMA_THREADS
-    return device.library(_LIBRARY[name]).kernel(name + t.suffix), t.threads
+        kernel = D.kernel_name(name + t.suffix + "_mma", dtype)
+        return device.library(_LIBRARY[name], precision=policy).kernel(kernel), MMA_THREADS
+    return device.library(_LIBRARY[name]).kernel(D.kernel_name(name + t.suffix, dtype)), t.threads
 
 
 _LIBRARY = {"conv2d": "conv", "conv2d_input_grad": "conv", "conv2d_weight_grad": "conv",
@@ -88,13 +91,21 @@ def split_reduction(length: int, tiles: int, target: int = 264, min_chunk: int =
 
 
 def partial_for(out, splits: int):
-    """Where a product split `splits` ways writes its slices: `out` itself for one."""
+    """The float32 slices a reduction split `splits` ways is summed into, for a kernel that writes
+    only slices: `out` itself for one split of a float32 output."""
+    return out if splits == 1 and out.dtype == D.float32 else empty((splits, out.size), out.device)
+
+
+def split_output(out, splits: int):
+    """The `partial` buffer of a kernel that writes `out` (of any storage type) itself unsplit
+    and float32 slices split (conv2d, matmul): `out` stands in for the unused slices when unsplit."""
     return out if splits == 1 else empty((splits, out.size), out.device)
 
 
 def sum_splits(cb, lib, partial, out, splits: int) -> None:
-    """out = the sum of the `splits` slices of partial (nothing to do for one: partial is out);
-    `lib` is the product's library (each that includes tile.h has the kernel)."""
-    if splits > 1:
-        cb.dispatch(lib.kernel("sum_splits"), groups=groups_for(out.size, 256), threads=256,
+    """out = the sum of the `splits` float32 slices of partial, rounded to out's storage type
+    (nothing to do where partial is out); `lib` is the product's library (each that includes tile.h
+    has the kernel)."""
+    if partial is not out:
+        cb.dispatch(lib.kernel(D.kernel_name("sum_splits", out.dtype)), groups=groups_for(out.size, 256), threads=256,
                     args=[partial, out, {"count": out.size, "splits": splits}])
