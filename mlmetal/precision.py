@@ -14,6 +14,11 @@ matmul_precision=...)``), a ``with mm.matmul_precision(...)`` block, and the pro
 policy runs under the policy in force when it runs unless it has its own. The cpu backend rounds
 exactly as the cuda backend does, so the policy's numerics are tested on any machine. Apple GPUs
 multiply float matrices at float32 precision whatever the policy.
+
+In float16 and bfloat16 storage the operands are the stored values, exact in TF32, and so are
+their products in float32: ``"highest"`` and ``"high"`` compute the same single TF32 products
+(on tensor cores), and ``"medium"`` rounds float16 values to bfloat16 and leaves bfloat16 ones,
+so bfloat16 storage under ``"medium"`` is exactly bfloat16 operands.
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ D3_CO, D3_CI = _C["D3_CO"], _C["D3_CI"]  # conv2d_weight_grad_3x3_mma's channels
 C3_MMA_MIN_COUT = 17
 
 
-def direct_mma(device, cout, kernel_size, stride, dilation, groups) -> str | None:
+def direct_mma(device, cout, kernel_size, stride, dilation, groups, dtype=D.float32) -> str | None:
     """The matmul precision policy when the direct 3×3 kernels on simdgroup matrices compute this
-    convolution's passes, else None."""
-    policy = matrix_policy(device)
+    convolution's passes on `dtype` storage, else None."""
+    policy = matrix_policy(device, dtype)
     fits = (cout >= C3_MMA_MIN_COUT and tuple(kernel_size) == (3, 3) and stride == (1, 1) and dilation == (1, 1)
             and groups == 1)
     return policy if fits else None
@@ -156,7 +156,7 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
-    policy = direct_mma(y.device, cout, w.shape[2:], stride, dilation, groups)
+    policy = direct_mma(y.device, cout, w.shape[2:], stride, dilation, groups, y.dtype)
     if policy:
         return _conv3x3_mma(cb, y, x, w, b, padding, policy)
     direct = direct_conv(y.device, cout, w.shape[2:], stride, dilation, groups, (oh, ow))
@@ -329,7 +329,7 @@ def _weight_grad_3x3(cb, dw, g, x, padding, policy=None):
 
 
 def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation, groups):
-    policy = direct_mma(dw.device, g.shape[1], kernel_size, stride, dilation, groups)
+    policy = direct_mma(dw.device, g.shape[1], kernel_size, stride, dilation, groups, g.dtype)
     if policy:
         return _weight_grad_3x3(cb, dw, g, x, padding, policy)
     if direct_weight_grad(dw.device, g.shape[1], kernel_size, stride, dilation, groups):

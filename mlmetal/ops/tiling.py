@@ -57,17 +57,21 @@ def matrix_hardware(device) -> bool:
     return device.has_simdgroup_matrix
 
 
-def matrix_policy(device) -> str | None:
-    """The precision policy in force where products on `device` run on simdgroup matrices under it,
-    else None (the float kernels run)."""
+def matrix_policy(device, dtype=D.float32) -> str | None:
+    """The precision policy under which products of `dtype` operands on `device` run on simdgroup
+    matrices, else None (the float kernels run). float16 and bfloat16 values are exact in TF32 and
+    so are their products in float32, so under `highest` they take `high`'s single TF32 products:
+    the same sums, at tensor-core speed."""
     policy = get_matmul_precision()
+    if policy == "highest" and dtype in (D.float16, D.bfloat16):
+        policy = "high"
     return policy if policy in MATRIX_POLICIES and matrix_hardware(device) else None
 
 
 def product(device, name: str, dtype, t: Tiling = WIDE):
     """(kernel, threads) of product `name` for storage type `dtype` in tiling `t`: on simdgroup
     matrices where `matrix_policy` says so, float register blocks otherwise."""
-    policy = matrix_policy(device)
+    policy = matrix_policy(device, dtype)
     if policy:
         kernel = D.kernel_name(name + t.suffix + "_mma", dtype)
         return device.library(_LIBRARY[name], precision=policy).kernel(kernel), MMA_THREADS
