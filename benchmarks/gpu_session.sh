@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"
 mkdir -p "$out"
-if ! python3 -c "import hypothesis, pytest" 2>/dev/null; then
+if ! python3 -c "import hypothesis, pytest, ml_dtypes" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD:$PWD/benchmarks:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 MLMETAL_DEVICE=cuda
