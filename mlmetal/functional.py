@@ -17,6 +17,7 @@ import threading
 from .factories import zeros
 from .graph import Graph, GraphTensor
 from .graph.autodiff import gradients, needs_gradient
+from . import dtypes as D
 from .ops import REGISTRY, DTypeError
 from .runtime.backends import device as default_device
 from .tensor import Tensor, empty, tensor
@@ -95,8 +96,9 @@ class _Trace:
         inputs = [self.graph.input(f"arg{i}", a.shape, a.dtype) for i, a in enumerate(args)]
         wrt = [inputs[i] for i in argnums]
         for i, x in zip(argnums, wrt):
-            if x.dtype.kind != "f":
-                raise DTypeError(f"argument {i} is {x.dtype}; gradients are taken with respect to float32 arguments")
+            if x.dtype not in D.FLOATS:
+                raise DTypeError(f"argument {i} is {x.dtype}; gradients are taken with respect to floating "
+                                 f"(float32, float16, bfloat16) arguments")
         out = fn(*inputs)
         value, aux = (out[0], tuple(out[1:])) if isinstance(out, (tuple, list)) else (out, ())
         for what, t in [("value", value)] + [(f"output {j + 1}", t) for j, t in enumerate(aux)]:

@@ -85,11 +85,11 @@ def test_closed_over_parameters_are_constants(dev):
      r"argnums \(1,\) names argument 1; the call has 1"),
     (lambda d: mm.grad(lambda x: x.sum(), argnums=(0, 0)), ValueError, "distinct"),
     (lambda d: mm.grad(lambda i: i.sum())(mm.tensor(np.ones(2, np.int32), d)), mm.DTypeError,
-     "argument 0 is int32; gradients are taken with respect to float32"),
+     "argument 0 is int32; gradients are taken with respect to floating"),
     (lambda d: mm.grad(lambda x: 3.0)(np.ones(2, np.float32)), TypeError,
      "value must be a tensor computed from its arguments, got 3.0"),
     (lambda d: mm.grad(lambda x: x.sum())(x=np.ones(2, np.float32)), TypeError, "positionally"),
-    (lambda d: mm.grad(lambda x: x.sum())(np.ones(2, np.float16)), mm.DTypeError, "float16"),
+    (lambda d: mm.grad(lambda x: x.sum())(np.ones(2, np.complex64)), mm.DTypeError, "complex64"),
 ])
 def test_errors(dev, call, error, message):
     with pytest.raises(error, match=message):
