@@ -92,18 +92,16 @@ def check_nan(dev, r: Row, inputs, attrs):
 
 def finite_difference(f, inputs: list[np.ndarray], i: int, eps: float) -> np.ndarray:
     """d f / d inputs[i] by central differences, in float64."""
-    x = [a.astype(np.float64) if _is_float(a.dtype) else a for a in inputs]
+    x = [np.array(a, np.float64) if _is_float(a.dtype) else a for a in inputs]  # arrays, a NumPy scalar too
     grad = np.zeros_like(x[i])
-    flat = x[i].reshape(-1)
-    gflat = grad.reshape(-1)
-    for j in range(flat.size):
-        keep = flat[j]
-        flat[j] = keep + eps
+    for j in range(x[i].size):
+        keep = x[i].flat[j]
+        x[i].flat[j] = keep + eps
         up = f(x)
-        flat[j] = keep - eps
+        x[i].flat[j] = keep - eps
         down = f(x)
-        flat[j] = keep
-        gflat[j] = (up - down) / (2 * eps)
+        x[i].flat[j] = keep
+        grad.flat[j] = (up - down) / (2 * eps)
     return grad
 
 
@@ -187,9 +185,10 @@ UNIT_ROUNDOFF = {np.dtype(np.float16): 2.0**-11, mm.bfloat16: 2.0**-8}
 LOW_DTYPES = [np.dtype(np.float16), mm.bfloat16]
 
 
-def stored(inputs: list[np.ndarray], dtype, op) -> list[np.ndarray]:
+def stored(inputs: list[np.ndarray], dtype, op=None) -> list[np.ndarray]:
     """`inputs` with every float array rounded to storage type `dtype`, but those `op` takes in float32 always."""
-    return [a.astype(dtype) if _is_float(a.dtype) and i not in op.float32_inputs else a for i, a in enumerate(inputs)]
+    keep = op.float32_inputs if op is not None else ()
+    return [a.astype(dtype) if _is_float(a.dtype) and i not in keep else a for i, a in enumerate(inputs)]
 
 
 def check_storage(dev, r: Row, inputs, attrs, dtype):

@@ -63,7 +63,7 @@ def broadcast_case(n_inputs, small=False, rounded=False, positive=None, cond=Non
                 shapes.append(tuple(1 if data.draw(st.booleans(), label="broadcast") else n for n in out[lead:]))
         xs = [floats(s, data) for s in shapes]
         if rounded:
-            xs = [(np.round(x * 2) / 2).astype(np.float32) for x in xs]
+            xs = [np.asarray(np.round(x * 2) / 2, np.float32) for x in xs]  # (a 0-d array stays one, not a scalar)
         if positive is not None:
             xs[positive] = np.where(np.abs(xs[positive]) < 0.2, 0.5, xs[positive]).astype(np.float32)
         if cond is not None:
