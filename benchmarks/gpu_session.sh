@@ -33,14 +33,17 @@ bench_nn_conv
 bench_nn_ops
 bench_training --only style,unet,dcgan,gan,style-full,unet-full
 bench_training --only style-full,unet-full --precision high --profile
+bench_training --only style-full,unet-full --precision highest,high --autocast bfloat16
+bench_nn_conv --dtype bfloat16
 bench_predicate
 bench_strategies --chart $out/strategies-cuda.png
 bench_soak --device cuda --steps 10000
 bench_replay
 EOF
-# The denoiser under two matmul precision policies, same seed: the PSNR each reaches.
-for precision in highest high; do
-    echo "== mlmetal denoise --precision $precision" | tee -a "$out/benchmarks.log"
-    timeout 240 python3 -m mlmetal denoise --device cuda --precision $precision --no-progress \
-        --out "$out/denoise-$precision" 2>&1 | tee -a "$out/benchmarks.log" | tail -3
+# The denoiser under two matmul precision policies and under bfloat16 autocast, same seed: the
+# PSNR each reaches.
+for run in "--precision highest" "--precision high" "--autocast bfloat16"; do
+    echo "== mlmetal denoise $run" | tee -a "$out/benchmarks.log"
+    timeout 240 python3 -m mlmetal denoise --device cuda $run --no-progress \
+        --out "$out/denoise-${run##* }" 2>&1 | tee -a "$out/benchmarks.log" | tail -3
 done

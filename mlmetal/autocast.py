@@ -5,11 +5,13 @@ Inside it, every op's floating inputs are cast before the op runs (a graph recor
 
 - the ops that do the arithmetic worth halving — convolutions, transposed convolutions, matmul,
   the Gram matrix — run in the low-precision type (`LOW`);
-- losses, reductions, softmax and everything that only takes float32 run in float32 (`FLOAT32`,
-  and any op whose kernels are float32 only);
-- every other op (activations, elementwise arithmetic, pooling, resampling, layout and
-  normalisation, whose kernels keep their statistics in float) runs in the type of its inputs,
-  mixed inputs promoted to the widest.
+- reductions, softmax, exp, log and pow, and everything that only takes float32, run in float32
+  (`FLOAT32`, and any op whose kernels are float32 only);
+- every other op (activations, elementwise arithmetic, pooling, resampling, layout,
+  normalisation, whose kernels keep their statistics in float, and the losses, whose kernels sum
+  in float and return a float32 loss) runs in the type of its inputs, mixed inputs promoted to
+  the widest. A loss between two low-precision tensors (the style losses' features) reads them as
+  they are, with no float32 copy; one against a float32 target computes in float32.
 
 So a network's activations are stored in the low-precision type, and its parameters, optimizer
 state and loss stay float32 (master weights). `mm.Graph(dev, compute_dtype="bfloat16")` builds a
@@ -27,9 +29,9 @@ from . import dtypes as D
 
 # The ops that run in the low-precision type under autocast.
 LOW = frozenset({"conv2d", "conv_transpose2d", "matmul", "gram", "linear"})
-# The ops that run in float32 under autocast: losses, reductions, softmax.
-FLOAT32 = frozenset({"mse_loss", "mae_loss", "huber_loss", "sigmoid_cross_entropy_loss",
-                     "softmax_cross_entropy_loss", "sum", "mean", "var", "softmax", "exp", "log", "pow"})
+# The ops that run in float32 under autocast: reductions, softmax and the functions whose results
+# lose most in 16 bits. (The losses need not: their value is float32 whatever their inputs.)
+FLOAT32 = frozenset({"sum", "mean", "var", "softmax", "exp", "log", "pow"})
 
 _state = threading.local()
 _OFF = "off"  # an `autocast(enabled=False)` block: no autocast, not even a graph's compute_dtype

@@ -236,11 +236,25 @@ def test_a_block_inside_a_compute_dtype_graph_decides(dev):
         mm.ops.predicate_compare(h, words, 0)
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=ids)
+def test_a_loss_between_low_tensors_reads_them_as_they_are(dev, dtype):
+    """The style losses' case: both sides in the low type, no float32 copy made, a float32 loss
+    summed in float."""
+    g = mm.Graph(dev)
+    a, b = g.input("a", (2, 3, 4), dtype), g.input("b", (2, 3, 4), dtype)
+    with mm.autocast(dtype):
+        loss = mm.ops.mse_loss(a, b)
+    assert [n.op for n in g.nodes] == ["mse_loss"] and loss.dtype == mm.float32
+    x, y = (np.random.default_rng(s).standard_normal((2, 3, 4)).astype(dtype) for s in (1, 2))
+    got = g.run({"a": x, "b": y}, [loss])[0]
+    np.testing.assert_allclose(got, [np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2)], rtol=1e-6)
+
+
 def test_the_policy_table(dev):
     """The decisions themselves, for an op of the low list and one of the float32 list, each as if
     it took every storage type: the block's type over the graph's, none when disabled."""
     low_op = dataclasses.replace(ops.REGISTRY["matmul"], dtypes=D.FLOATS)
-    f32_op = dataclasses.replace(ops.REGISTRY["mse_loss"], dtypes=D.FLOATS)
+    f32_op = dataclasses.replace(ops.REGISTRY["softmax"], dtypes=D.FLOATS)
     act = dataclasses.replace(ops.REGISTRY["relu"], dtypes=D.FLOATS)
     g = mm.Graph(dev, compute_dtype="float16")
     f32, f16, bf16 = mm.float32, mm.float16, mm.bfloat16

@@ -113,9 +113,10 @@ def build(text: str, source_name: str, exports: list[str], what: str = "kernels"
     return cache.lookup(f"{what}-{k}.so", lambda tmp: _compile(text, tmp, source_name, exports), subdir="cpu")
 
 
-def kernel_exports(src: S.Source) -> list[str]:
-    """What a kernel library exports: each kernel's two entries and the hook table."""
-    return ["mlm_hooks"] + [f"{k}__mlm_{kind}" for k in src.kernels for kind in ("group", "thread")]
+def kernel_exports(src: S.Source, unit: str | None = None) -> list[str]:
+    """What a kernel library (or its storage unit `unit`) exports: each kernel's two entries and the hook table."""
+    return ["mlm_hooks"] + [f"{k}__mlm_{kind}" for k in src.kernels if unit is None or S.storage_unit(k) == unit
+                            for kind in ("group", "thread")]
 
 
 RUNTIME_EXPORTS = ["mlm_run", "mlm_set_threads", "mlm_threads", "mlm_cpu_link"]
@@ -170,20 +171,37 @@ class CpuBuffer(D.HostBuffer):
 class CpuKernel(D.Kernel):
     def __init__(self, library: "CpuLibrary", sig: S.Kernel):
         super().__init__(library, sig)
-        so = library.so
+        so = library.unit(S.storage_unit(sig.name))
         self.group = ctypes.cast(getattr(so, f"{sig.name}__mlm_group"), ctypes.c_void_p).value
         self.thread = ctypes.cast(getattr(so, f"{sig.name}__mlm_thread"), ctypes.c_void_p).value
         self.fibers = sig.uses_sync
 
 
 class CpuLibrary(D.Library):
+    """One shared library per storage unit of the source (S.storage_unit): the float32 unit is
+    built with the library, so its errors are the library's; the float16 and bfloat16 instances
+    on first use."""
+
     def __init__(self, device: "CpuDevice", src: S.Source):
         super().__init__(device, src)
-        self.cpp = S.generate(src, "cpu", check_bounds=device.check_bounds)
-        path, self.compiled = build(self.cpp, src.name, kernel_exports(src),
-                                    what="kernels-checked" if device.check_bounds else "kernels")
-        self.so = ctypes.CDLL(str(path))
-        runtime().mlm_cpu_link(ctypes.addressof(ctypes.c_void_p.in_dll(self.so, "mlm_hooks")))
+        self._units: dict[str, ctypes.CDLL] = {}
+        self.compiled = False  # whether building the float32 unit compiled it (else it came from the cache)
+        self.so = self.unit("")
+
+    def unit(self, unit: str) -> ctypes.CDLL:
+        """The loaded shared library of storage unit `unit`, built once."""
+        with self._lock:
+            if unit not in self._units:
+                cpp = S.generate(self.source, "cpu", check_bounds=self.device.check_bounds, unit=unit)
+                if unit == "":
+                    self.cpp = cpp  # the float32 unit's translation, as the compiler saw it
+                path, compiled = build(cpp, self.source.name, kernel_exports(self.source, unit),
+                                       what="kernels-checked" if self.device.check_bounds else "kernels")
+                self.compiled = self.compiled or (compiled and unit == "")
+                so = ctypes.CDLL(str(path))
+                runtime().mlm_cpu_link(ctypes.addressof(ctypes.c_void_p.in_dll(so, "mlm_hooks")))
+                self._units[unit] = so
+            return self._units[unit]
 
     def _make_kernel(self, sig: S.Kernel) -> D.Kernel:
         return CpuKernel(self, sig)

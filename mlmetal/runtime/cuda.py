@@ -203,7 +203,7 @@ class CudaKernel(D.Kernel):
         with self.library._lock:
             if max_registers not in self._builds:
                 driver = _cupy().cuda.driver
-                ptr = driver.moduleGetFunction(self.library.module(max_registers), self.name)
+                ptr = driver.moduleGetFunction(self.library.module(max_registers, S.storage_unit(self.name)), self.name)
                 # 0: CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, what registers and shared memory allow
                 self._builds[max_registers] = ptr, driver.funcGetAttribute(0, ptr)
             return self._builds[max_registers]
@@ -221,23 +221,29 @@ class CudaKernel(D.Kernel):
 
 
 class CudaLibrary(D.Library):
+    """One module per storage unit of the source (S.storage_unit) and register cap: the float32
+    unit is compiled with the library, so its errors are the library's; the float16 and bfloat16
+    instances on first use."""
+
     def __init__(self, device: "CudaDevice", src: S.Source):
         super().__init__(device, src)
-        self.cu = S.generate(src, "cuda")
-        self._modules: dict[int, int] = {}
+        self._texts: dict[str, str] = {}
+        self._modules: dict[tuple[str, int], int] = {}
         self.module(0)  # compile now: errors belong to library creation
 
-    def module(self, max_registers: int = 0) -> int:
-        """The CUmodule built with `max_registers` registers per thread at most (0: no cap)."""
+    def module(self, max_registers: int = 0, unit: str = "") -> int:
+        """The CUmodule of storage unit `unit` built with `max_registers` registers per thread at most (0: no cap)."""
         self.device.bind_thread()
         with self._lock:
-            if max_registers not in self._modules:
-                cubin = build(self.cu, self.source.name, self.device.arch, max_registers).read_bytes()
+            if (unit, max_registers) not in self._modules:
+                if unit not in self._texts:
+                    self._texts[unit] = S.generate(self.source, "cuda", unit=unit)
+                cubin = build(self._texts[unit], self.source.name, self.device.arch, max_registers).read_bytes()
                 # Loaded for the life of the process, like the device's cache of libraries; the driver
                 # loads into the calling thread's current context, so make it the device's.
                 with self.device.gpu:
-                    self._modules[max_registers] = _cupy().cuda.driver.moduleLoadData(cubin)
-            return self._modules[max_registers]
+                    self._modules[unit, max_registers] = _cupy().cuda.driver.moduleLoadData(cubin)
+            return self._modules[unit, max_registers]
 
     def _make_kernel(self, sig: S.Kernel) -> D.Kernel:
         return CudaKernel(self, sig)

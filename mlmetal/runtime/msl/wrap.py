@@ -33,8 +33,19 @@ UNUSED = ["    (void)__mlm_n0; (void)__mlm_n1; (void)__mlm_n2; (void)__mlm_t0; (
           "    (void)__mlm_lid; (void)__mlm_l0; (void)__mlm_l1; (void)__mlm_l2;"]
 
 
-def generate(src: Source, target: Target, threads: int | None = None, check_bounds: bool = False) -> str:
-    """The whole translation unit for `target`, with every kernel's entry wrapper."""
+def storage_unit(kernel: str) -> str:
+    """The compilation unit of a kernel by its name: "f16" or "bf16" for the instances of a
+    storage type (`relu_f16`, `sum_threads_f16_f32`, `cast_f32_bf16`), "" for the rest. The cpu and
+    cuda backends build each unit of a library on first use, so float32 work never compiles the
+    16-bit instances."""
+    words = kernel.split("_")
+    return "bf16" if "bf16" in words else "f16" if "f16" in words else ""
+
+
+def generate(src: Source, target: Target, threads: int | None = None, check_bounds: bool = False,
+             unit: str | None = None) -> str:
+    """The translation unit for `target`, with every kernel's entry wrapper (of `unit`'s kernels
+    alone, where given: see storage_unit)."""
     text = src.text
     # Instantiation lines are replaced by their kernels' wrappers: blank them, keeping the lines.
     for inst in src.instances:
@@ -44,7 +55,8 @@ def generate(src: Source, target: Target, threads: int | None = None, check_boun
     pos = 0
     by_function: dict[int, list[Kernel]] = {}
     for k in src.kernels.values():
-        by_function.setdefault(k.function.start, []).append(k)
+        if unit is None or storage_unit(k.name) == unit:
+            by_function.setdefault(k.function.start, []).append(k)
     for fn in sorted(src.functions, key=lambda f: f.start):
         if fn.start not in by_function:
             if fn.is_kernel:  # a template kernel never instantiated: nothing to compile
