@@ -26,6 +26,7 @@ DTYPES = (float32, float16, bfloat16, int32, uint32)
 # MSL's name of each storage type, and the suffix of its kernels' names
 MSL_TYPES = {float32: "float", float16: "half", bfloat16: "bfloat", int32: "int", uint32: "uint"}
 SUFFIXES = {float32: "", float16: "_f16", bfloat16: "_bf16"}
+SHORT = {float32: "f32", float16: "f16", bfloat16: "bf16"}  # in kernels between two types: cast_f32_f16
 
 _NAMES = {"float32": float32, "float": float32, "float16": float16, "half": float16, "bfloat16": bfloat16,
           "bf16": bfloat16, "fp16": float16, "f16": float16, "int32": int32, "uint32": uint32}

@@ -105,10 +105,6 @@ class Op:
         out = np.dtype(self.out_dtype)
         return self.storage_dtype(inputs) if out == FLOAT32 and i not in self.float32_outputs else out
 
-    def kernel(self, device, library: str, name: str, dtype):
-        """Kernel template `name` of `library` instantiated for storage type `dtype`."""
-        return device.library(library).kernel(D.kernel_name(name, dtype))
-
     def input_name(self, i: int) -> str:
         return f"input {i}" + (f" ({self.input_names[i]})" if i < len(self.input_names) else "")
 

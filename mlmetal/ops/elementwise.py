@@ -168,9 +168,6 @@ register("where_grad", check=_where_grad_check, encode=_where_grad_encode, refer
 
 # ---------------------------------------------------------------- storage types
 
-_SHORT = {D.float32: "f32", D.float16: "f16", D.bfloat16: "bf16"}
-
-
 def _astype_check(x, dtype):
     """x converted to floating storage type `dtype` (float32, float16 or bfloat16), rounding to
     nearest even; the same dtype copies.
@@ -191,13 +188,13 @@ def _astype_check(x, dtype):
 
 
 def _astype_encode(cb, out, x, dtype):
-    k = out.device.library("elementwise").kernel(f"cast_{_SHORT[x.dtype]}_{_SHORT[out.dtype]}")
+    k = out.device.library("elementwise").kernel(f"cast_{D.SHORT[x.dtype]}_{D.SHORT[out.dtype]}")
     cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, out, {"n": out.size}])
 
 
 register("astype", check=_astype_check, encode=_astype_encode, reference=R.astype,
          grad=lambda g, out, x, dtype: (apply("astype", g, dtype=x.dtype.name),),
-         kernels=[f"elementwise.cast_{a}_{b}" for a in _SHORT.values() for b in _SHORT.values()], dtypes=D.FLOATS)
+         kernels=[f"elementwise.cast_{a}_{b}" for a in D.SHORT.values() for b in D.SHORT.values()], dtypes=D.FLOATS)
 
 
 def _map(name, n_inputs, doc, grad, kernel=None, validate=None, **defaults):

@@ -85,7 +85,6 @@ def _check(op, x, axis=None, keepdims=False):
     return _reduced_shape(x, axes, bool(keepdims)), {"axis": axes, "keepdims": bool(keepdims)}
 
 
-_SHORT = {D.float32: "f32", D.float16: "f16", D.bfloat16: "bf16"}  # as the cast kernels name them
 
 
 def _instance(name, x_dtype, out_dtype):
@@ -93,7 +92,7 @@ def _instance(name, x_dtype, out_dtype):
     for float16 to float16, `name_f16_f32` for float16 to float32 partials, and so on."""
     if x_dtype == out_dtype:
         return D.kernel_name(name, x_dtype)
-    return f"{name}_{_SHORT[x_dtype]}_{_SHORT[out_dtype]}"
+    return f"{name}_{D.SHORT[x_dtype]}_{D.SHORT[out_dtype]}"
 
 
 def _encode_reduce(cb, out, x, axes, kind, scale=1.0, centre=None):
