@@ -369,15 +369,16 @@ AUTOCAST_COLUMN = {"bfloat16": "bf16-ac", "float16": "f16-ac"}
 
 def time_autocast(build_mlmetal, dev, batch, size, extra, dtype, policy, steps, planned):
     """Build and time a workload's training steps under `mm.autocast(dtype)` (a graph's compute_dtype);
-    (seconds per step or None, the peak-temporaries text: autocast vs float32 `planned` bytes, or why it failed)."""
+    (seconds per step or None, the peak-temporaries text: autocast vs float32 `planned` bytes, or why it failed,
+    the step or None)."""
     try:
         step, trainings = build_mlmetal(dev, batch, size, autocast=dtype, **extra)
         low = peak_bytes(trainings, True)
         with mm.matmul_precision(policy):
             seconds = best_seconds(lambda n: [step() for _ in range(n)], steps, 3)
     except Exception as e:  # noqa: BLE001 — an op without low-precision kernels yet: report it in the row, go on
-        return None, f"; {dtype} autocast failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    return seconds, f"; {dtype} autocast {low / 2**20:.1f} MiB ({low / planned:.2f}× float32's)"
+        return None, f"; {dtype} autocast failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}", None
+    return seconds, f"; {dtype} autocast {low / 2**20:.1f} MiB ({low / planned:.2f}× float32's)", step
 
 
 # ---------------------------------------------------------------- profile
@@ -482,9 +483,9 @@ def main():
             with mm.matmul_precision(policy):
                 t_mm[policy] = best_seconds(lambda n: [step() for _ in range(n)], steps, 3)
         planned, unplanned = peak_bytes(trainings, True), peak_bytes(trainings, False)
-        low_memory = ""
+        low_memory, low_step = "", None
         if args.autocast:
-            t_low, low_memory = time_autocast(build_mlmetal, dev, batch, size, extra, args.autocast, policies[0],
+            t_low, low_memory, low_step = time_autocast(build_mlmetal, dev, batch, size, extra, args.autocast, policies[0],
                                               steps, planned)
             if t_low is not None:
                 t_mm[AUTOCAST_COLUMN[args.autocast]] = t_low
@@ -508,17 +509,21 @@ def main():
         print(f"{describe(name, batch, size):<32}{cells}{peer}{best}   "
               f"{planned / 2**20:.1f} vs {unplanned / 2**20:.1f} MiB ({unplanned / planned:.1f}× less){low_memory}",
               flush=True)
-        profiles.append((name, batch, step))
+        profiles.append((name, batch, step, low_step))
     if not args.profile:
         return
     if torch is None or dev.name != "cuda" or not torch.cuda.is_available():
         print("--profile needs PyTorch with CUDA and the cuda backend: no profile")
         return
-    for name, batch, step in profiles:
+    for name, batch, step, low_step in profiles:
         for policy in policies:
             print(f"\nprofile of mlmetal's {describe(name, batch, size)} under {policy}:")
             with mm.matmul_precision(policy):
                 profile(torch, step, dev.synchronize, max(3, math.ceil(steps / 2)))
+        if low_step is not None:
+            print(f"\nprofile of mlmetal's {describe(name, batch, size)} under {args.autocast} autocast, {policies[0]}:")
+            with mm.matmul_precision(policies[0]):
+                profile(torch, low_step, dev.synchronize, max(3, math.ceil(steps / 2)))
 
 
 if __name__ == "__main__":

@@ -160,10 +160,10 @@ kernel void conv2d_mma_tiles(device const T* x [[buffer(0)]],  // extent: p.n * 
                              constant ConvParams& p [[buffer(5)]],
                              uint3 tile [[threadgroup_position_in_grid]],
                              uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[BM * MMA_PITCH / 4];  // [output channel][k]
-    threadgroup float4 b_q[BN * MMA_PITCH / 4];  // [pixel][k]
-    threadgroup float* a_s = (threadgroup float*)a_q;
-    threadgroup float* b_s = (threadgroup float*)b_q;
+    using S = T;  // staged as stored
+    threadgroup float4 staged[MMA_STAGED_QUADS(BM, BN, S)];
+    threadgroup S* a_s = (threadgroup S*)staged;  // [output channel][k]
+    threadgroup S* b_s = a_s + BM * MMA_PITCH;  // [pixel][k]
     constexpr uint A_EACH = MMA_A_EACH(BM), B_COLS = MMA_B_COLS(BN);
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw, cols = cin_g * khw;
     const uint plane = p.oh * p.ow, pixels = p.n * plane;
@@ -186,19 +186,19 @@ kernel void conv2d_mma_tiles(device const T* x [[buffer(0)]],  // extent: p.n * 
     }
     uint ci = k_begin / khw, ky = k_begin % khw / p.kw, kx = k_begin % p.kw;
 
-    MMA_TILES(BM, BN) acc(t);
-    float a_next[A_EACH], b_next[B_COLS][MMA_K];
+    MMA_TILES(BM, BN, S) acc(t);
+    S a_next[A_EACH], b_next[B_COLS][MMA_K];
     for (uint k0 = k_begin; k0 < K; k0 += MMA_K) {
         const bool a_k_ok = k0 + t % MMA_K < K;
         for (uint i = 0; i < A_EACH; ++i)
-            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? float(w_rows[(MMA_THREADS / MMA_K) * i * cols + k0]) : 0.0f;
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? S(w_rows[(MMA_THREADS / MMA_K) * i * cols + k0]) : S(0.0f);
         #pragma unroll
         for (uint j = 0; j < MMA_K; ++j) {
             const bool k_ok = k0 + j < K;
             for (uint i = 0; i < B_COLS; ++i) {
                 const int iy = iy0[i] + int(ky) * p.dil_h, ix = ix0[i] + int(kx) * p.dil_w;
                 const bool inside = iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);  // else zero padding
-                b_next[i][j] = k_ok && inside ? float(x[x_img[i] + (ci * p.h + uint(iy)) * p.w + uint(ix)]) : 0.0f;
+                b_next[i][j] = k_ok && inside ? S(x[x_img[i] + (ci * p.h + uint(iy)) * p.w + uint(ix)]) : S(0.0f);
             }
             advance(ci, ky, kx, 1, p.kh, p.kw);
         }
@@ -208,7 +208,7 @@ kernel void conv2d_mma_tiles(device const T* x [[buffer(0)]],  // extent: p.n * 
     }
     if (K > k_begin) acc.multiply(a_s, b_s);
     acc.store(ConvOut<T>{y, cols > p.chunk ? partial + split * p.n * p.cout * plane : nullptr,
-                         p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g}, b_s);
+                         p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g}, (threadgroup float*)staged);
 }
 template [[host_name("conv2d_mma")]] [[kernel]] decltype(conv2d_mma_tiles<float, WIDE, WIDE>) conv2d_mma_tiles<float, WIDE, WIDE>;
 template [[host_name("conv2d_mma_f16")]] [[kernel]] decltype(conv2d_mma_tiles<half, WIDE, WIDE>) conv2d_mma_tiles<half, WIDE, WIDE>;
@@ -379,36 +379,38 @@ template [[host_name("conv2d_3x3_16x32_bf16")]] [[kernel]] decltype(conv2d_3x3_1
 #define C3_ROWS 8
 #define C3_COLS 16
 #define C3_X_PITCH ((C3_ROWS + 2) * (C3_COLS + 2))  // 180 floats a staged channel: rows 180 apart fall on distinct banks
-#define C3_X_EACH ((C3_CI * C3_X_PITCH + MMA_THREADS - 1) / MMA_THREADS)  // staged input floats a thread
-#define C3_W_QUADS (9 * C3_CO * C3_CI / 4 / MMA_THREADS)                   // staged weight float4s a thread
+#define C3_X_EACH ((C3_CI * C3_X_PITCH + MMA_THREADS - 1) / MMA_THREADS)  // staged input values a thread
+// A chunk's packed weights in float4s (16 bytes of T each), and those a thread stages, at most.
+#define C3_W_QUADS(T) (9 * C3_CO * C3_CI * sizeof(T) / 16)
+#define C3_W_EACH(T) ((C3_W_QUADS(T) + MMA_THREADS - 1) / MMA_THREADS)
 
 struct PackParams {
     uint cin, cout, chunks, cout_padded;  // chunks of C3_CI input channels; output channels rounded up to C3_CO
 };
 
-// wp[chunk][tap][co][e] = w[co][C3_CI·chunk + e][tap], zeros past the channels, in float.
+// wp[chunk][tap][co][e] = w[co][C3_CI·chunk + e][tap], zeros past the channels, in T.
 template <typename T>
 kernel void pack_weights_3x3(device const T* w [[buffer(0)]],  // extent: p.cout * p.cin * 9
-                             device float* wp [[buffer(1)]],  // extent: p.chunks * 9 * p.cout_padded * 8
+                             device T* wp [[buffer(1)]],  // extent: p.chunks * 9 * p.cout_padded * 8
                              constant PackParams& p [[buffer(2)]],
                              uint i [[thread_position_in_grid]]) {
     if (i >= p.chunks * 9 * p.cout_padded * C3_CI) return;
     const uint e = i % C3_CI, co = i / C3_CI % p.cout_padded, tap = i / (C3_CI * p.cout_padded) % 9;
     const uint ci = i / (C3_CI * p.cout_padded * 9) * C3_CI + e;
-    wp[i] = co < p.cout && ci < p.cin ? float(w[(co * p.cin + ci) * 9 + tap]) : 0.0f;
+    wp[i] = co < p.cout && ci < p.cin ? T(w[(co * p.cin + ci) * 9 + tap]) : T(0.0f);
 }
 template [[host_name("pack_weights_3x3")]] [[kernel]] decltype(pack_weights_3x3<float>) pack_weights_3x3<float>;
 template [[host_name("pack_weights_3x3_f16")]] [[kernel]] decltype(pack_weights_3x3<half>) pack_weights_3x3<half>;
 template [[host_name("pack_weights_3x3_bf16")]] [[kernel]] decltype(pack_weights_3x3<bfloat>) pack_weights_3x3<bfloat>;
 
 // acc += a staged chunk's product: for each tap (ky, kx), its weights by the staged input shifted
-// by (ky, kx). A simdgroup's matrix j covers tile pixels col0 + 8j … (8 of one row).
-template <uint TM, uint TN, uint WARPS_N>
-inline void multiply_3x3(thread MmaTiles<TM, TN, WARPS_N>& acc, threadgroup const float* w_s,
-                         threadgroup const float* x_s) {
+// by (ky, kx). A simdgroup's matrix j covers tile pixels col0 + 8j … (8 of one row). The staged
+// pointers are taken as they are declared (not const), so S is deduced alike from all three.
+template <uint TM, uint TN, uint WARPS_N, typename S>
+inline void multiply_3x3(thread MmaTiles<TM, TN, WARPS_N, S>& acc, threadgroup S* w_s, threadgroup S* x_s) {
     #pragma unroll
     for (uint tap = 0; tap < 9; ++tap) {
-        simdgroup_float8x8 am[TM], bm[TN];
+        simdgroup_matrix<S, 8, 8> am[TM], bm[TN];
         #pragma unroll
         for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], w_s + (tap * C3_CO + acc.row0 + 8 * i) * C3_CI, C3_CI);
         #pragma unroll
@@ -438,16 +440,17 @@ struct Conv3x3Out {
 
 template <typename T>
 kernel void conv2d_3x3_mma(device const T* x [[buffer(0)]],
-                           device const float* wp [[buffer(1)]],  // extent: (p.cin + 7) / 8 * 9 * ((p.cout + 63) / 64 * 64) * 8
+                           device const T* wp [[buffer(1)]],  // extent: (p.cin + 7) / 8 * 9 * ((p.cout + 63) / 64 * 64) * 8
                            device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
                            device T* y [[buffer(3)]],
                            constant Conv3x3Params& p [[buffer(4)]],
                            uint2 group [[threadgroup_position_in_grid]],
                            uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 w_q[9 * C3_CO * C3_CI / 4];    // [tap][output channel][input channel]
-    threadgroup float4 x_q[C3_CI * C3_X_PITCH / 4];   // [input channel][row][column] with the halo
-    threadgroup float* w_s = (threadgroup float*)w_q;
-    threadgroup float* x_s = (threadgroup float*)x_q;
+    // Staged as stored: [tap][output channel][input channel] weights, then [input channel][row][column]
+    // inputs with the halo; also the float scratch of acc.store (8 KB), which both hold in any T.
+    threadgroup float4 staged[(9 * C3_CO * C3_CI + C3_CI * C3_X_PITCH) * sizeof(T) / 16];
+    threadgroup T* w_s = (threadgroup T*)staged;
+    threadgroup T* x_s = w_s + 9 * C3_CO * C3_CI;
     const uint img = group.x / p.tiles, r = group.x % p.tiles, co0 = group.y * C3_CO;
     const int oy0 = int(r / p.tiles_x * C3_ROWS), ox0 = int(r % p.tiles_x * C3_COLS);
     const uint chunks = (p.cin + C3_CI - 1) / C3_CI, cout_padded = (p.cout + C3_CO - 1) / C3_CO * C3_CO;
@@ -460,29 +463,34 @@ kernel void conv2d_3x3_mma(device const T* x [[buffer(0)]],
         const bool inside = e < C3_CI * C3_X_PITCH && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
         x_off[i] = inside ? iy * int(p.w) + ix : -1;
     }
-    device const float4* w_tile = (device const float4*)wp + co0 * C3_CI / 4;
+    // The weights travel as raw 16-byte quads: a tap's C3_CO · C3_CI of this tile, tap_quads of them.
+    constexpr uint tap_quads = C3_CO * C3_CI * sizeof(T) / 16;
+    const uint row_quads = cout_padded * C3_CI * sizeof(T) / 16;  // a (chunk, tap)'s weights of all channels
+    device const float4* w_tile = (device const float4*)wp + co0 / C3_CO * tap_quads;
 
-    MMA_TILES(C3_CO, C3_ROWS * C3_COLS) acc(t);
-    float x_next[C3_X_EACH];
-    float4 w_next[C3_W_QUADS];
+    MMA_TILES(C3_CO, C3_ROWS * C3_COLS, T) acc(t);
+    T x_next[C3_X_EACH];
+    float4 w_next[C3_W_EACH(T)];
     for (uint chunk = 0; chunk < chunks; ++chunk) {
         for (uint i = 0; i < C3_X_EACH; ++i) {
             const uint ci = chunk * C3_CI + (t + MMA_THREADS * i) / C3_X_PITCH;
-            x_next[i] = x_off[i] >= 0 && ci < p.cin ? float(x_img[ci * p.h * p.w + uint(x_off[i])]) : 0.0f;
+            x_next[i] = x_off[i] >= 0 && ci < p.cin ? T(x_img[ci * p.h * p.w + uint(x_off[i])]) : T(0.0f);
         }
-        for (uint i = 0; i < C3_W_QUADS; ++i) {
-            const uint q = t + MMA_THREADS * i, tap = q / (C3_CO * C3_CI / 4);  // float4 q of the chunk's 9 · C3_CO · C3_CI
-            w_next[i] = w_tile[(chunk * 9 + tap) * cout_padded * C3_CI / 4 + q % (C3_CO * C3_CI / 4)];
+        for (uint i = 0; i < C3_W_EACH(T); ++i) {
+            const uint q = t + MMA_THREADS * i, tap = q / tap_quads;  // quad q of the chunk's 9 · C3_CO · C3_CI
+            if (q < C3_W_QUADS(T)) w_next[i] = w_tile[(chunk * 9 + tap) * row_quads + q % tap_quads];
         }
         if (chunk > 0) multiply_3x3(acc, w_s, x_s);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         for (uint i = 0; i < C3_X_EACH; ++i)
             if (t + MMA_THREADS * i < C3_CI * C3_X_PITCH) x_s[t + MMA_THREADS * i] = x_next[i];
-        for (uint i = 0; i < C3_W_QUADS; ++i) w_q[t + MMA_THREADS * i] = w_next[i];
+        for (uint i = 0; i < C3_W_EACH(T); ++i)
+            if (t + MMA_THREADS * i < C3_W_QUADS(T)) staged[t + MMA_THREADS * i] = w_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     multiply_3x3(acc, w_s, x_s);
-    acc.store(Conv3x3Out<T>{y + img * p.cout * p.oh * p.ow, p.has_bias ? bias : nullptr, co0, uint(oy0), uint(ox0), p.cout, p.oh, p.ow}, w_s);
+    acc.store(Conv3x3Out<T>{y + img * p.cout * p.oh * p.ow, p.has_bias ? bias : nullptr, co0, uint(oy0), uint(ox0), p.cout, p.oh, p.ow},
+              (threadgroup float*)staged);
 }
 template [[host_name("conv2d_3x3_mma")]] [[kernel]] decltype(conv2d_3x3_mma<float>) conv2d_3x3_mma<float>;
 template [[host_name("conv2d_3x3_mma_f16")]] [[kernel]] decltype(conv2d_3x3_mma<half>) conv2d_3x3_mma<half>;
@@ -681,10 +689,10 @@ kernel void conv2d_input_grad_mma_tiles(device const T* dy [[buffer(0)]],  // ex
                                         constant ConvParams& p [[buffer(4)]],
                                         uint3 tile [[threadgroup_position_in_grid]],
                                         uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[BM * MMA_PITCH / 4];  // [input channel][k]
-    threadgroup float4 b_q[BN * MMA_PITCH / 4];  // [class pixel][k]
-    threadgroup float* a_s = (threadgroup float*)a_q;
-    threadgroup float* b_s = (threadgroup float*)b_q;
+    using S = T;  // staged as stored
+    threadgroup float4 staged[MMA_STAGED_QUADS(BM, BN, S)];
+    threadgroup S* a_s = (threadgroup S*)staged;  // [input channel][k]
+    threadgroup S* b_s = a_s + BM * MMA_PITCH;  // [class pixel][k]
     constexpr uint A_EACH = MMA_A_EACH(BM), B_COLS = MMA_B_COLS(BN);
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups, khw = p.kh * p.kw;
     const uint g = tile.z % p.groups, cls = tile.z / p.groups, m0 = tile.y * BM, n0 = tile.x * BN;
@@ -711,13 +719,13 @@ kernel void conv2d_input_grad_mma_tiles(device const T* dy [[buffer(0)]],  // ex
     }
     uint co = 0, ka = 0, kb = 0;  // the slice's first k
 
-    MMA_TILES(BM, BN) acc(t);
-    float a_next[A_EACH], b_next[B_COLS][MMA_K];
+    MMA_TILES(BM, BN, S) acc(t);
+    S a_next[A_EACH], b_next[B_COLS][MMA_K];
     for (uint k0 = 0; k0 < K; k0 += MMA_K) {
         const bool a_k_ok = k0 + t % MMA_K < K;
         const uint tap = a_co * cin_g * khw + (ty.first + a_a * ty.step) * p.kw + tx.first + a_b * tx.step;
         for (uint i = 0; i < A_EACH; ++i)
-            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? float(w_rows[(MMA_THREADS / MMA_K) * i * khw + tap]) : 0.0f;
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? S(w_rows[(MMA_THREADS / MMA_K) * i * khw + tap]) : S(0.0f);
         advance(a_co, a_a, a_b, MMA_K, ty.count, tx.count);
         #pragma unroll
         for (uint j = 0; j < MMA_K; ++j) {
@@ -725,7 +733,7 @@ kernel void conv2d_input_grad_mma_tiles(device const T* dy [[buffer(0)]],  // ex
             for (uint i = 0; i < B_COLS; ++i) {
                 const int oy = oy0[i] - int(ka) * ty.o_step, ox = ox0[i] - int(kb) * tx.o_step;
                 const bool hit = k_ok && oy >= 0 && oy < int(p.oh) && ox >= 0 && ox < int(p.ow);
-                b_next[i][j] = hit ? float(dy[dy_img[i] + co * oplane + uint(oy) * p.ow + uint(ox)]) : 0.0f;
+                b_next[i][j] = hit ? S(dy[dy_img[i] + co * oplane + uint(oy) * p.ow + uint(ox)]) : S(0.0f);
             }
             advance(co, ka, kb, 1, ty.count, tx.count);
         }
@@ -735,8 +743,7 @@ kernel void conv2d_input_grad_mma_tiles(device const T* dy [[buffer(0)]],  // ex
     if (K > 0) acc.multiply(a_s, b_s);
     const uint res_y = cls / uint(p.stride_w), res_x = cls % uint(p.stride_w);
     acc.store(InputGradOut<T>{dx + g * cin_g * plane + res_y * p.w + res_x, p.has_bias ? bias + g * cin_g : nullptr, m0, n0,
-                              cin_g, pixels, cplane, tx.size, uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane},
-              b_s);
+                              cin_g, pixels, cplane, tx.size, uint(p.stride_h), uint(p.stride_w), p.w, plane, p.cin * plane}, (threadgroup float*)staged);
 }
 template [[host_name("conv2d_input_grad_mma")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<float, WIDE, WIDE>) conv2d_input_grad_mma_tiles<float, WIDE, WIDE>;
 template [[host_name("conv2d_input_grad_mma_f16")]] [[kernel]] decltype(conv2d_input_grad_mma_tiles<half, WIDE, WIDE>) conv2d_input_grad_mma_tiles<half, WIDE, WIDE>;
@@ -866,10 +873,10 @@ kernel void conv2d_weight_grad_mma_tiles(device const T* dy [[buffer(0)]],  // e
                                          constant ConvParams& p [[buffer(3)]],
                                          uint3 tile [[threadgroup_position_in_grid]],
                                          uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[BM * MMA_PITCH / 4];  // [output channel][pixel]
-    threadgroup float4 b_q[BN * MMA_PITCH / 4];  // [column][pixel]
-    threadgroup float* a_s = (threadgroup float*)a_q;
-    threadgroup float* b_s = (threadgroup float*)b_q;
+    using S = T;  // staged as stored
+    threadgroup float4 staged[MMA_STAGED_QUADS(BM, BN, S)];
+    threadgroup S* a_s = (threadgroup S*)staged;  // [output channel][pixel]
+    threadgroup S* b_s = a_s + BM * MMA_PITCH;  // [column][pixel]
     constexpr uint A_EACH = MMA_A_EACH(BM), B_COLS = MMA_B_COLS(BN);
     const uint cin_g = p.cin / p.groups, cout_g = p.cout / p.groups;
     const uint khw = p.kh * p.kw, cols = cin_g * khw, oplane = p.oh * p.ow, pixels = p.n * oplane;
@@ -892,13 +899,13 @@ kernel void conv2d_weight_grad_mma_tiles(device const T* dy [[buffer(0)]],  // e
     }
     uint img = k_begin / oplane, oy = k_begin % oplane / p.ow, ox = k_begin % p.ow;  // the slice's first pixel
 
-    MMA_TILES(BM, BN) acc(t);
-    float a_next[A_EACH], b_next[B_COLS][MMA_K];
+    MMA_TILES(BM, BN, S) acc(t);
+    S a_next[A_EACH], b_next[B_COLS][MMA_K];
     for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K) {
         const bool a_k_ok = k0 + t % MMA_K < k_end;
         device const T* dy_at = dy_rows + a_img * p.cout * oplane + a_pix;
         for (uint i = 0; i < A_EACH; ++i)
-            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? float(dy_at[(MMA_THREADS / MMA_K) * i * oplane]) : 0.0f;
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_rows ? S(dy_at[(MMA_THREADS / MMA_K) * i * oplane]) : S(0.0f);
         a_pix += MMA_K;
         while (a_pix >= oplane) { a_pix -= oplane; ++a_img; }
         #pragma unroll
@@ -909,7 +916,7 @@ kernel void conv2d_weight_grad_mma_tiles(device const T* dy [[buffer(0)]],  // e
             for (uint i = 0; i < B_COLS; ++i) {
                 const int tap_y = iy + dy0[i], tap_x = ix + dx0[i];
                 const bool inside = tap_y >= 0 && tap_y < int(p.h) && tap_x >= 0 && tap_x < int(p.w);
-                b_next[i][j] = k_ok && inside ? float(x_img[x_row[i] + uint(tap_y) * p.w + uint(tap_x)]) : 0.0f;
+                b_next[i][j] = k_ok && inside ? S(x_img[x_row[i] + uint(tap_y) * p.w + uint(tap_x)]) : S(0.0f);
             }
             advance(img, oy, ox, 1, p.oh, p.ow);
         }
@@ -917,7 +924,7 @@ kernel void conv2d_weight_grad_mma_tiles(device const T* dy [[buffer(0)]],  // e
         stage_slice(a_s, b_s, a_next, b_next, t);
     }
     if (k_end > k_begin) acc.multiply(a_s, b_s);
-    acc.store(WeightGradOut{partial + (split * p.cout + g * cout_g) * cols, m0, n0, cout_g, cols}, b_s);
+    acc.store(WeightGradOut{partial + (split * p.cout + g * cout_g) * cols, m0, n0, cout_g, cols}, (threadgroup float*)staged);
 }
 template [[host_name("conv2d_weight_grad_mma")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<float, WIDE, WIDE>) conv2d_weight_grad_mma_tiles<float, WIDE, WIDE>;
 template [[host_name("conv2d_weight_grad_mma_f16")]] [[kernel]] decltype(conv2d_weight_grad_mma_tiles<half, WIDE, WIDE>) conv2d_weight_grad_mma_tiles<half, WIDE, WIDE>;
@@ -1092,10 +1099,11 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
                                        constant WeightGrad3x3Params& p [[buffer(3)]],
                                        uint3 group [[threadgroup_position_in_grid]],
                                        uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 dy_q[D3_CO * D3_DY_PITCH / 4];  // [output channel][pixel of the tile]
-    threadgroup float4 x_q[D3_CI * D3_X_PITCH / 4];    // [input channel][row][column] with the halo
-    threadgroup float* dy_s = (threadgroup float*)dy_q;
-    threadgroup float* x_s = (threadgroup float*)x_q;
+    // Staged as stored: [output channel][pixel of the tile] gradients, then [input channel][row][column]
+    // inputs with the halo; the first 2 KB are also the float scratch of the results.
+    threadgroup float4 staged[(D3_CO * D3_DY_PITCH + D3_CI * D3_X_PITCH) * sizeof(T) / 16];
+    threadgroup T* dy_s = (threadgroup T*)staged;
+    threadgroup T* x_s = dy_s + D3_CO * D3_DY_PITCH;
     const uint ci0 = group.x * D3_CI, co0 = group.y * D3_CO, split = group.z;
     const uint tiles_image = p.tiles_x * p.tiles_y;
     const uint first = split * p.chunk, last = min(p.n * tiles_image, first + p.chunk);
@@ -1107,7 +1115,7 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
     for (uint tap = 0; tap < 9; ++tap)
         #pragma unroll
         for (uint i = 0; i < 2; ++i) acc[tap][i] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-    float dy_next[D3_CO], x_next[D3_X_EACH];
+    T dy_next[D3_CO], x_next[D3_X_EACH];
     for (uint tile = first; tile <= last; ++tile) {
         if (tile < last) {  // thread t stages pixel t's output gradients and its share of the input
             const uint img = tile / tiles_image, r = tile % tiles_image;
@@ -1115,13 +1123,13 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
             const uint oy = oy0 + t / C3_COLS, ox = ox0 + t % C3_COLS;
             const bool px_ok = oy < p.oh && ox < p.ow;
             device const T* dy_px = dy + (img * p.cout + co0) * plane + oy * p.ow + ox;
-            for (uint i = 0; i < D3_CO; ++i) dy_next[i] = px_ok && co0 + i < p.cout ? float(dy_px[i * plane]) : 0.0f;
+            for (uint i = 0; i < D3_CO; ++i) dy_next[i] = px_ok && co0 + i < p.cout ? T(dy_px[i * plane]) : T(0.0f);
             device const T* x_img = x + (img * p.cin + ci0) * in_plane;
             uint ci = t / C3_X_PITCH, s = t % C3_X_PITCH;
             for (uint i = 0; i < D3_X_EACH; ++i) {
                 const int iy = int(oy0 + s / (C3_COLS + 2)) - p.pad_h, ix = int(ox0 + s % (C3_COLS + 2)) - p.pad_w;
                 const bool inside = ci < D3_CI && ci0 + ci < p.cin && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
-                x_next[i] = inside ? float(x_img[ci * in_plane + uint(iy) * p.w + uint(ix)]) : 0.0f;
+                x_next[i] = inside ? T(x_img[ci * in_plane + uint(iy) * p.w + uint(ix)]) : T(0.0f);
                 s += MMA_THREADS;
                 while (s >= C3_X_PITCH) { s -= C3_X_PITCH; ++ci; }
             }
@@ -1129,7 +1137,7 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
         if (tile > first) {  // the previous tile's products, while this one's loads are in flight
             #pragma unroll
             for (uint k = 0; k < D3_PX; k += 8) {
-                simdgroup_float8x8 a0, a1, b;
+                simdgroup_matrix<T, 8, 8> a0, a1, b;
                 simdgroup_load(a0, dy_s + co_w * D3_DY_PITCH + k, D3_DY_PITCH);
                 simdgroup_load(a1, dy_s + (co_w + 8) * D3_DY_PITCH + k, D3_DY_PITCH);
                 #pragma unroll
@@ -1152,7 +1160,7 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
 
     // Each simdgroup's 16 × 8 block of each tap, through threadgroup memory, to partial[co][ci][tap].
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    threadgroup float* strip = dy_s + simdgroup * 128;
+    threadgroup float* strip = (threadgroup float*)staged + simdgroup * 128;
     device float* out = partial + split * p.cout * p.cin * 9;
     #pragma unroll
     for (uint tap = 0; tap < 9; ++tap) {

@@ -81,10 +81,10 @@ kernel void gram_mma(device const T* x [[buffer(0)]],  // extent: p.batch * p.c 
                      constant GramParams& p [[buffer(2)]],
                      uint3 tile [[threadgroup_position_in_grid]],
                      uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[WIDE * MMA_PITCH / 4];  // [row channel][feature]
-    threadgroup float4 b_q[WIDE * MMA_PITCH / 4];  // [column channel][feature]
-    threadgroup float* a_s = (threadgroup float*)a_q;
-    threadgroup float* b_s = (threadgroup float*)b_q;
+    using S = T;  // staged as stored
+    threadgroup float4 staged[MMA_STAGED_QUADS(WIDE, WIDE, S)];
+    threadgroup S* a_s = (threadgroup S*)staged;  // [row channel][feature]
+    threadgroup S* b_s = a_s + WIDE * MMA_PITCH;  // [column channel][feature]
     if (tile.y > tile.x) return;  // the whole threadgroup leaves together, before any barrier
     constexpr uint A_EACH = MMA_A_EACH(WIDE);
     const uint item = tile.z % p.batch, split = tile.z / p.batch;
@@ -96,18 +96,18 @@ kernel void gram_mma(device const T* x [[buffer(0)]],  // extent: p.batch * p.c 
     const bool b_ok = n0 + t < p.c;
     device const T* b_row = f + (b_ok ? n0 + t : 0) * p.hw;
 
-    MMA_TILES(WIDE, WIDE) acc(t);
-    float a_next[A_EACH], b_next[1][MMA_K];
+    MMA_TILES(WIDE, WIDE, S) acc(t);
+    S a_next[A_EACH], b_next[1][MMA_K];
     for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K) {
         const bool a_k_ok = k0 + t % MMA_K < k_end;
         for (uint i = 0; i < A_EACH; ++i)
-            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_count ? float(a_rows[(MMA_THREADS / MMA_K) * i * p.hw + k0]) : 0.0f;
-        for (uint j = 0; j < MMA_K; ++j) b_next[0][j] = b_ok && k0 + j < k_end ? float(b_row[k0 + j]) : 0.0f;
+            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_count ? S(a_rows[(MMA_THREADS / MMA_K) * i * p.hw + k0]) : S(0.0f);
+        for (uint j = 0; j < MMA_K; ++j) b_next[0][j] = b_ok && k0 + j < k_end ? S(b_row[k0 + j]) : S(0.0f);
         if (k0 > k_begin) acc.multiply(a_s, b_s);
         stage_slice(a_s, b_s, a_next, b_next, t);
     }
     if (k_end > k_begin) acc.multiply(a_s, b_s);
-    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y}, b_s);
+    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y}, (threadgroup float*)staged);
 }
 template [[host_name("gram_mma")]] [[kernel]] decltype(gram_mma<float>) gram_mma<float>;
 template [[host_name("gram_mma_f16")]] [[kernel]] decltype(gram_mma<half>) gram_mma<half>;
@@ -170,7 +170,10 @@ template [[host_name("gram_grad_f16")]] [[kernel]] decltype(gram_grad<half>) gra
 template [[host_name("gram_grad_bf16")]] [[kernel]] decltype(gram_grad<bfloat>) gram_grad<bfloat>;
 
 // gram_grad on simdgroup matrices (tile.h's MMA staging, wide tiling): A is dG + dGᵀ, formed
-// while staging it. Grid as gram_grad's, MMA_THREADS threads.
+// while staging it. Grid as gram_grad's, MMA_THREADS threads. In a 16-bit type T the operands are
+// staged as T, and A, a sum of two stored values that T cannot hold, as two: its rounding to T
+// and the remainder (exact in T but where the float sum itself rounded), each multiplied by F —
+// 16-bit products, exact under every policy, summing to float32's accuracy.
 template <typename T>
 kernel void gram_grad_mma(device const T* dg [[buffer(0)]],  // extent: p.batch * p.c * p.c
                           device const T* x [[buffer(1)]],  // extent: p.batch * p.c * p.hw
@@ -178,10 +181,12 @@ kernel void gram_grad_mma(device const T* dg [[buffer(0)]],  // extent: p.batch 
                           constant GramGradParams& p [[buffer(3)]],
                           uint3 tile [[threadgroup_position_in_grid]],
                           uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[WIDE * MMA_PITCH / 4];  // [channel m][channel k] of dG + dGᵀ
-    threadgroup float4 b_q[WIDE * MMA_PITCH / 4];  // [feature][channel k]
-    threadgroup float* a_s = (threadgroup float*)a_q;
-    threadgroup float* b_s = (threadgroup float*)b_q;
+    using S = T;
+    constexpr bool SPLIT = sizeof(T) == 2;  // A staged as two 16-bit parts
+    threadgroup float4 staged[MMA_STAGED_QUADS(WIDE + (SPLIT ? WIDE : 0), WIDE, S)];
+    threadgroup S* a_s = (threadgroup S*)staged;  // [channel m][channel k] of dG + dGᵀ (rounded to S)
+    threadgroup S* b_s = a_s + WIDE * MMA_PITCH;  // [feature][channel k]
+    threadgroup S* r_s = b_s + WIDE * MMA_PITCH;  // the remainder of A, where SPLIT
     constexpr uint A_EACH = MMA_A_EACH(WIDE);
     const uint item = tile.z, m0 = tile.y * WIDE, n0 = tile.x * WIDE;
     const uint row = m0 + t / MMA_K, a_count = p.c - min(p.c, row);  // rows row + (MMA_THREADS / MMA_K)·i
@@ -189,20 +194,30 @@ kernel void gram_grad_mma(device const T* dg [[buffer(0)]],  // extent: p.batch 
     device const T* g = dg + item * p.c * p.c;
     device const T* f_col = x + item * p.c * p.hw + (b_ok ? n0 + t : 0);
 
-    MMA_TILES(WIDE, WIDE) acc(t);
-    float a_next[A_EACH], b_next[1][MMA_K];
+    MMA_TILES(WIDE, WIDE, S) acc(t);
+    S a_next[A_EACH], r_next[A_EACH], b_next[1][MMA_K];
     for (uint k0 = 0; k0 < p.c; k0 += MMA_K) {
         const uint k = k0 + t % MMA_K;
         for (uint i = 0; i < A_EACH; ++i) {
             const uint m = row + (MMA_THREADS / MMA_K) * i;
-            a_next[i] = k < p.c && (MMA_THREADS / MMA_K) * i < a_count ? float(g[m * p.c + k]) + float(g[k * p.c + m]) : 0.0f;
+            const float a = k < p.c && (MMA_THREADS / MMA_K) * i < a_count ? float(g[m * p.c + k]) + float(g[k * p.c + m]) : 0.0f;
+            a_next[i] = S(a);
+            r_next[i] = S(a - float(a_next[i]));
         }
-        for (uint j = 0; j < MMA_K; ++j) b_next[0][j] = b_ok && k0 + j < p.c ? float(f_col[(k0 + j) * p.hw]) : 0.0f;
-        if (k0 > 0) acc.multiply(a_s, b_s);
-        stage_slice(a_s, b_s, a_next, b_next, t);
+        for (uint j = 0; j < MMA_K; ++j) b_next[0][j] = b_ok && k0 + j < p.c ? S(f_col[(k0 + j) * p.hw]) : S(0.0f);
+        if (k0 > 0) {
+            acc.multiply(a_s, b_s);
+            if (SPLIT) acc.multiply(r_s, b_s);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // stage_slice's, with the remainder
+        stage_rows(a_s, a_next, t);
+        if (SPLIT) stage_rows(r_s, r_next, t);
+        stage_column(b_s + t * MMA_PITCH, b_next[0]);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     acc.multiply(a_s, b_s);
-    acc.store(GramGradOut<T>{dx + item * p.c * p.hw, p.alpha, m0, n0, p.c, p.hw}, b_s);
+    if (SPLIT) acc.multiply(r_s, b_s);
+    acc.store(GramGradOut<T>{dx + item * p.c * p.hw, p.alpha, m0, n0, p.c, p.hw}, (threadgroup float*)staged);
 }
 template [[host_name("gram_grad_mma")]] [[kernel]] decltype(gram_grad_mma<float>) gram_grad_mma<float>;
 template [[host_name("gram_grad_mma_f16")]] [[kernel]] decltype(gram_grad_mma<half>) gram_grad_mma<half>;

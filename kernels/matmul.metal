@@ -91,10 +91,10 @@ kernel void matmul_mma(device const T* a [[buffer(0)]],  // extent: (p.m - 1) * 
                        constant MatmulParams& p [[buffer(5)]],
                        uint3 tile [[threadgroup_position_in_grid]],
                        uint t [[thread_index_in_threadgroup]]) {
-    threadgroup float4 a_q[WIDE * MMA_PITCH / 4];  // [row][k]
-    threadgroup float4 b_q[WIDE * MMA_PITCH / 4];  // [column][k]
-    threadgroup float* a_s = (threadgroup float*)a_q;
-    threadgroup float* b_s = (threadgroup float*)b_q;
+    using S = T;  // staged as stored
+    threadgroup float4 staged[MMA_STAGED_QUADS(WIDE, WIDE, S)];
+    threadgroup S* a_s = (threadgroup S*)staged;  // [row][k]
+    threadgroup S* b_s = a_s + WIDE * MMA_PITCH;  // [column][k]
     constexpr uint A_EACH = MMA_A_EACH(WIDE);
     const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
     const uint k_begin = tile.z * p.chunk, k_end = min(p.k, k_begin + p.chunk);
@@ -103,19 +103,19 @@ kernel void matmul_mma(device const T* a [[buffer(0)]],  // extent: (p.m - 1) * 
     const bool b_ok = n0 + t < p.n;
     device const T* b_col = b + (b_ok ? n0 + t : 0) * p.b_n;
 
-    MMA_TILES(WIDE, WIDE) acc(t);
-    float a_next[A_EACH], b_next[1][MMA_K];
+    MMA_TILES(WIDE, WIDE, S) acc(t);
+    S a_next[A_EACH], b_next[1][MMA_K];
     for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K) {
         const uint ka = k0 + t % MMA_K;
         for (uint i = 0; i < A_EACH; ++i)
-            a_next[i] = ka < k_end && (MMA_THREADS / MMA_K) * i < a_count ? float(a_rows[(MMA_THREADS / MMA_K) * i * p.a_m + ka * p.a_k]) : 0.0f;
-        for (uint j = 0; j < MMA_K; ++j) b_next[0][j] = b_ok && k0 + j < k_end ? float(b_col[(k0 + j) * p.b_k]) : 0.0f;
+            a_next[i] = ka < k_end && (MMA_THREADS / MMA_K) * i < a_count ? S(a_rows[(MMA_THREADS / MMA_K) * i * p.a_m + ka * p.a_k]) : S(0.0f);
+        for (uint j = 0; j < MMA_K; ++j) b_next[0][j] = b_ok && k0 + j < k_end ? S(b_col[(k0 + j) * p.b_k]) : S(0.0f);
         if (k0 > k_begin) acc.multiply(a_s, b_s);
         stage_slice(a_s, b_s, a_next, b_next, t);
     }
     if (k_end > k_begin) acc.multiply(a_s, b_s);
     acc.store(MatmulOut<T>{c, p.k > p.chunk ? partial + tile.z * p.m * p.n : nullptr,
-                           p.has_bias && tile.z == 0 ? bias : nullptr, m0, n0, p.m, p.n}, b_s);
+                           p.has_bias && tile.z == 0 ? bias : nullptr, m0, n0, p.m, p.n}, (threadgroup float*)staged);
 }
 template [[host_name("matmul_mma")]] [[kernel]] decltype(matmul_mma<float>) matmul_mma<float>;
 template [[host_name("matmul_mma_f16")]] [[kernel]] decltype(matmul_mma<half>) matmul_mma<half>;

@@ -26,12 +26,12 @@
 //   policy the library was compiled with. Simdgroups tile the threadgroup's tile row-major.
 //
 // Storage types: the product kernels are templates over the storage type T of their operands
-// and output (float, half, bfloat; instances `name`, `name_f16`, `name_bf16`). They convert each
-// operand to float as they load it, stage and accumulate in float, and round once to T where
-// they store. The slices of a split reduction stay float, and sum_splits rounds their sum.
-// Staged operands are float: half and bfloat values are exact in TF32, so the matmul precision
-// policy rounds them as it rounds any float (`high` leaves them as they are, `medium` rounds a
-// half to bfloat16 and leaves a bfloat as it is).
+// and output (float, half, bfloat; instances `name`, `name_f16`, `name_bf16`). They accumulate in
+// float and round once to T where they store. The slices of a split reduction stay float, and
+// sum_splits rounds their sum. The float-register kernels stage operands as float; the `_mma`
+// kernels stage them as T, so a half or bfloat slice takes half the threadgroup memory and its
+// simdgroup matrices are half or bfloat: products of 16-bit operands, which enter exactly under
+// every precision policy (on NVIDIA GPUs the 16-bit tensor-core instructions, twice TF32's rate).
 //
 // Kernels pass the tiling's sizes as literal arguments (the bodies are inlined, so the sizes are
 // compile-time constants there), and declare the staging buffers.
@@ -118,9 +118,10 @@ struct FmaTile {
 #ifndef MLM_SIMDGROUP_PAIR
 // d0 = a0·b + c0 and d1 = a1·b + c1. Matrix hardware that multiplies 16 × 8 tiles (NVIDIA's)
 // computes both in one instruction, and the cuda backend defines this itself.
+template <typename S>
 inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d0, thread simdgroup_float8x8& d1,
-                                               simdgroup_float8x8 a0, simdgroup_float8x8 a1, simdgroup_float8x8 b,
-                                               simdgroup_float8x8 c0, simdgroup_float8x8 c1) {
+                                               simdgroup_matrix<S, 8, 8> a0, simdgroup_matrix<S, 8, 8> a1,
+                                               simdgroup_matrix<S, 8, 8> b, simdgroup_float8x8 c0, simdgroup_float8x8 c1) {
     simdgroup_multiply_accumulate(d0, a0, b, c0);
     simdgroup_multiply_accumulate(d1, a1, b, c1);
 }
@@ -145,9 +146,10 @@ inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d0, th
 #define MMA_PITCH 24
 
 // The simdgroup-matrix accumulator: simdgroup s holds TM × TN matrices of 8 × 8, rows
-// TM·8·(s / WARPS_N) …, columns TN·8·(s % WARPS_N) … of the tile. Products run two matrices of
-// a column at a time (simdgroup_multiply_accumulate_pair), so TM is even.
-template <uint TM, uint TN, uint WARPS_N>
+// TM·8·(s / WARPS_N) …, columns TN·8·(s % WARPS_N) … of the tile, in float; the operands are
+// staged as S. Products run two matrices of a column at a time
+// (simdgroup_multiply_accumulate_pair), so TM is even.
+template <uint TM, uint TN, uint WARPS_N, typename S = float>
 struct MmaTiles {
     simdgroup_float8x8 c[TM][TN];
     uint row0, col0, simdgroup, lane;
@@ -161,10 +163,10 @@ struct MmaTiles {
     }
 
     // c += the staged slice's product.
-    void multiply(threadgroup const float* a_s, threadgroup const float* b_s) {
+    void multiply(threadgroup const S* a_s, threadgroup const S* b_s) {
         #pragma unroll
         for (uint k = 0; k < MMA_K; k += 8) {
-            simdgroup_float8x8 am[TM], bm[TN];
+            simdgroup_matrix<S, 8, 8> am[TM], bm[TN];
             #pragma unroll
             for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], a_s + (row0 + 8 * i) * MMA_PITCH + k, MMA_PITCH);
             #pragma unroll
@@ -200,21 +202,40 @@ struct MmaTiles {
 // Stores thread t's staged values of a slice once every simdgroup is done with the last one:
 // a_next[i] at row t / MMA_K + i·MMA_THREADS / MMA_K, column t % MMA_K of a_s; b_next[i] (MMA_K
 // values) as column t + MMA_THREADS·i of b_s.
-template <uint A_EACH, uint B_COLS>
-inline void stage_slice(threadgroup float* a_s, threadgroup float* b_s, thread const float (&a_next)[A_EACH],
-                        thread const float (&b_next)[B_COLS][MMA_K], uint t) {
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+// Stages one column of B's slice: four float4 stores, or in a 16-bit type, 32-bit stores of pairs
+// (a column starts 4-byte aligned: MMA_PITCH is even).
+inline void stage_column(threadgroup float* dst, thread const float (&v)[MMA_K]) {
+    for (uint j = 0; j < MMA_K; j += 4) *(threadgroup float4*)(dst + j) = float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+}
+template <typename S>
+inline void stage_column(threadgroup S* dst, thread const S (&v)[MMA_K]) {
+    for (uint j = 0; j < MMA_K; j += 2)
+        *(threadgroup uint*)(dst + j) = uint(as_type<ushort>(v[j])) | uint(as_type<ushort>(v[j + 1])) << 16;
+}
+
+// A's part of a slice (between the barriers of stage_slice).
+template <uint A_EACH, typename S>
+inline void stage_rows(threadgroup S* a_s, thread const S (&a_next)[A_EACH], uint t) {
     for (uint i = 0; i < A_EACH; ++i) a_s[(t / MMA_K + i * (MMA_THREADS / MMA_K)) * MMA_PITCH + t % MMA_K] = a_next[i];
-    for (uint i = 0; i < B_COLS; ++i)
-        for (uint j = 0; j < MMA_K; j += 4)
-            *(threadgroup float4*)(b_s + (t + MMA_THREADS * i) * MMA_PITCH + j) =
-                float4(b_next[i][j], b_next[i][j + 1], b_next[i][j + 2], b_next[i][j + 3]);
+}
+
+template <uint A_EACH, uint B_COLS, typename S>
+inline void stage_slice(threadgroup S* a_s, threadgroup S* b_s, thread const S (&a_next)[A_EACH],
+                        thread const S (&b_next)[B_COLS][MMA_K], uint t) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    stage_rows(a_s, a_next, t);
+    for (uint i = 0; i < B_COLS; ++i) stage_column(b_s + (t + MMA_THREADS * i) * MMA_PITCH, b_next[i]);
     threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
-// The accumulator of a BM × BN tile: four simdgroups, two rows of two where the tile is 64 rows
-// or more (64 × 64 or 32 × 64 each), else one row of four (16 × 64 each).
-#define MMA_TILES(BM, BN) MmaTiles<(BM) / ((BM) >= 64 ? 16 : 8), (BN) / ((BM) >= 64 ? 16 : 32), ((BM) >= 64 ? 2 : 4)>
+// The accumulator of a BM × BN tile whose operands are staged as S: four simdgroups, two rows of
+// two where the tile is 64 rows or more (64 × 64 or 32 × 64 each), else one row of four (16 × 64
+// each).
+#define MMA_TILES(BM, BN, S) MmaTiles<(BM) / ((BM) >= 64 ? 16 : 8), (BN) / ((BM) >= 64 ? 16 : 32), ((BM) >= 64 ? 2 : 4), S>
+// The threadgroup memory of a BM × BN tile's slices staged as S, in float4s: A's rows, then B's
+// columns. It is also the float scratch MmaTiles::store passes results through (4 · 64 · TN
+// floats), which it holds for every tile here even in a 16-bit type.
+#define MMA_STAGED_QUADS(BM, BN, S) (((BM) + (BN)) * MMA_PITCH * sizeof(S) / 16)
 // The elements of A a thread stages a slice, and the columns of B.
 #define MMA_A_EACH(BM) ((BM) * MMA_K / MMA_THREADS)
 #define MMA_B_COLS(BN) ((BN) / MMA_THREADS)

@@ -108,7 +108,10 @@ def block(a, stride, ox, oy, transpose):
     return m.T if transpose else m
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float", "half"])
+MSL_TYPE = {np.dtype(np.float32): "float", np.dtype(np.float16): "half", np.dtype(mm.bfloat16): "bfloat"}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, mm.bfloat16], ids=["float", "half", "bfloat"])
 @given(data=st.data())
 def test_load_and_store_honour_stride_origin_and_transpose(dev, dtype, data):
     stride = data.draw(st.integers(8, 19), label="stride")
@@ -117,7 +120,7 @@ def test_load_and_store_honour_stride_origin_and_transpose(dev, dtype, data):
     px, py = data.draw(st.integers(0, out_stride - 8), label="px"), data.draw(st.integers(0, 2), label="py")
     t_in, t_out = data.draw(st.booleans(), label="t_in"), data.draw(st.booleans(), label="t_out")
     src = np.random.default_rng(stride).standard_normal((oy + 8) * stride).astype(dtype)
-    lib = dev.library(source=ROUNDTRIP.replace("T", "float" if dtype == np.float32 else "half"))
+    lib = dev.library(source=ROUNDTRIP.replace("T", MSL_TYPE[np.dtype(dtype)]))
     poison = np.full((py + 8) * out_stride, 7.5, dtype)
     dst = dev.buffer(poison)
     run(dev, lib, "roundtrip", 1, 32, [dev.buffer(src), dst,
@@ -178,36 +181,43 @@ def test_products_under_each_policy(dev, policy):
         assert not np.array_equal(d[0], (a64[0] @ b64 + c64).astype(np.float32))
 
 
-HALF_PRODUCT = """
+LOW_PRODUCT = """
 #include <metal_stdlib>
 using namespace metal;
-kernel void half_product(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
-                         device const float* c [[buffer(2)]], device float* d [[buffer(3)]], device half* e [[buffer(4)]]) {
-    simdgroup_half8x8 ma, mb, me;
-    simdgroup_float8x8 mc;
+kernel void low_product(device const T* a [[buffer(0)]], device const T* b [[buffer(1)]],
+                        device const float* c [[buffer(2)]], device float* d [[buffer(3)]], device T* e [[buffer(4)]],
+                        device float* f [[buffer(5)]]) {
+    simdgroup_matrix<T, 8, 8> ma, mb, me;
+    simdgroup_float8x8 mc, mf;
     simdgroup_load(ma, a);
     simdgroup_load(mb, b);
     simdgroup_load(mc, c);
-    simdgroup_multiply_accumulate(mc, ma, mb, mc);  // half operands, float accumulator
-    simdgroup_store(mc, d);
-    simdgroup_multiply(me, ma, mb);                 // a half result
+    simdgroup_multiply_accumulate(mf, ma, mb, mc);  // 16-bit operands, float accumulator
+    simdgroup_store(mf, d);
+    simdgroup_multiply(me, ma, mb);                 // a 16-bit result …
     simdgroup_store(me, e);
+    simdgroup_multiply_accumulate(mf, ma, me, mc);  // … as the next product's right operand
+    simdgroup_store(mf, f);
 }
 """
 
 
+@pytest.mark.parametrize("dtype", [np.float16, mm.bfloat16], ids=["half", "bfloat"])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_half_operands_are_exact_under_every_policy(dev, policy):
+def test_16bit_operands_are_exact_under_every_policy(dev, policy, dtype):
+    """half and bfloat operands enter a product as they are (on NVIDIA GPUs, the 16-bit tensor-core
+    instructions); the sums are float; a 16-bit result rounds once, and feeds a product as well."""
     rng = np.random.default_rng(7)
-    a, b = (rng.standard_normal((8, 8)).astype(np.float16) for _ in range(2))
+    a, b = (rng.standard_normal((8, 8)).astype(dtype) for _ in range(2))
     c = rng.standard_normal((8, 8)).astype(np.float32)
-    d, e = dev.buffer(nbytes=256), dev.buffer(nbytes=128)
-    run(dev, dev.library(source=HALF_PRODUCT, precision=policy), "half_product", 1, 32,
-        [dev.buffer(a), dev.buffer(b), dev.buffer(c), d, e])
+    d, e, f = dev.buffer(nbytes=256), dev.buffer(nbytes=128), dev.buffer(nbytes=256)
+    lib = dev.library(source=LOW_PRODUCT.replace("T", MSL_TYPE[np.dtype(dtype)]), precision=policy)
+    run(dev, lib, "low_product", 1, 32, [dev.buffer(a), dev.buffer(b), dev.buffer(c), d, e, f])
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     assert_within(d.numpy(np.float32).reshape(8, 8), a64 @ b64 + c, np.abs(a64) @ np.abs(b64) + np.abs(c), 9, 0.0)
-    half_result = e.numpy(np.float16).reshape(8, 8).astype(np.float64)
-    assert_within(half_result, a64 @ b64, np.abs(a64) @ np.abs(b64), 8, 2.0**-12)  # u: the result's rounding to half
+    low = e.numpy(dtype).reshape(8, 8).astype(np.float64)
+    assert_within(low, a64 @ b64, np.abs(a64) @ np.abs(b64), 8, 0.0, dtype)  # and the rounding to dtype
+    assert_within(f.numpy(np.float32).reshape(8, 8), a64 @ low + c, np.abs(a64) @ np.abs(low) + np.abs(c), 9, 0.0)
 
 
 # ---------------------------------------------------------------- the policy
@@ -410,3 +420,29 @@ def test_bfloat16_storage_is_exact_under_high_and_medium(dev, matrix_products):
     for got, want in zip(run("medium"), run("high")):
         assert got.dtype == mm.bfloat16
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), mm.bfloat16], ids=str)
+def test_16bit_storage_keeps_highest_accuracy_on_simdgroup_matrices(dev, monkeypatch, dtype):
+    """Under `highest`, 16-bit storage takes `high`'s single TF32 products (tiling.matrix_policy):
+    exact for stored operands. gram_grad's A = dG + dGᵀ is no stored value; it is staged as its
+    rounding and the remainder, so the sums keep float32's accuracy (u = 0 in the bound)."""
+    monkeypatch.setattr(tiling, "matrix_hardware", lambda device: True)
+    assert "_mma" in tiling.product(dev, "gram_grad", dtype)[0].name
+    rng = np.random.default_rng(9)
+    n, c, hw = 2, 129, 9
+    x = rng.standard_normal((n, c, hw, hw)).astype(dtype)
+    dg = rng.standard_normal((n, c, c)).astype(dtype)
+    x64, dg64 = x.astype(np.float64), dg.astype(np.float64)
+    with mm.matmul_precision("highest"):
+        dx = mm.ops.gram_grad(mm.tensor(dg, dev), mm.tensor(x, dev), alpha=0.5).numpy()
+        g = mm.ops.gram(mm.tensor(x, dev), alpha=0.5).numpy()
+    # float32 sums, then one rounding to the storage type relative to the result itself (not to
+    # Σ|a|·|b| as assert_within allows: that would hide operands rounded to TF32)
+    u_s = STORE_ROUNDOFF[np.dtype(dtype)]
+    for got, exact, magnitude, k in [
+            (dx, RG.gram_grad(dg64, x64, alpha=0.5), RG.gram_grad(np.abs(dg64), np.abs(x64), alpha=0.5), 2 * c),
+            (g, RG.gram(x64, alpha=0.5), RG.gram(np.abs(x64), alpha=0.5), hw * hw)]:
+        bound = 2 * k * 2.0**-24 * magnitude * (1 + u_s) + u_s * np.abs(exact) + 2.0**-25
+        err = np.abs(got.astype(np.float64) - exact)
+        assert np.all(err <= bound), f"error {np.max(err / bound):.3g}× the bound"

@@ -52,7 +52,6 @@ VIOLATIONS = [
     ("kernel void k(constant half& h [[buffer(0)]]) {\n}", "constant-struct", 3),
     ("kernel void k(device float* x [[buffer(0)]]) {\n simdgroup_float8x8 m;\n float2 e = m.thread_elements()[0]; }",
      "no-thread-elements", 5),
-    ("kernel void k(device float* x [[buffer(0)]]) {\n simdgroup_bfloat8x8 m; }", "no-simdgroup-bfloat", 4),
     ("kernel void k(device float* x [[buffer(0)]]) {\n simdgroup_matrix<float, 4, 4> m; }", "simdgroup-matrix-size", 4),
     ("struct P { uint n; };\nkernel void k(device float* x [[buffer(0)]],\n constant P& p [[buffer(1)]],  // extent: p.n\n"
      " device float* y [[buffer(2)]]) {}", "extent", 5),

@@ -140,7 +140,7 @@ def _conv3x3_mma(cb, y, x, w, b, padding, policy):
     _, cout, oh, ow = y.shape
     lib = y.device.library("conv", precision=policy)
     chunks, cout_padded = groups_for(cin, C3_CI), groups_for(cout, C3_CO) * C3_CO
-    packed = empty((chunks * 9 * cout_padded * C3_CI,), y.device)  # float32 whatever y's storage type
+    packed = empty((chunks * 9 * cout_padded * C3_CI,), y.device, y.dtype)  # staged as stored
     cb.dispatch(lib.kernel(D.kernel_name("pack_weights_3x3", y.dtype)), groups=groups_for(packed.size, 256), threads=256,
                 args=[w, packed, dict(cin=cin, cout=cout, chunks=chunks, cout_padded=cout_padded)])
     tiles_x = groups_for(ow, C3_COLS)

@@ -1,8 +1,9 @@
 // mlm_simdgroup_matrix.h — Metal's simdgroup matrices for the cpu and cuda backends.
 //
-// simdgroup_float8x8 and simdgroup_half8x8 are 8×8 matrices that the 32 lanes of a simdgroup
-// hold together, with make_filled_simdgroup_matrix, simdgroup_load, simdgroup_store,
-// simdgroup_multiply and simdgroup_multiply_accumulate as in MSL 2.3. No lane may look inside
+// simdgroup_float8x8, simdgroup_half8x8 and simdgroup_bfloat8x8 are 8×8 matrices that the 32
+// lanes of a simdgroup hold together, with make_filled_simdgroup_matrix, simdgroup_load,
+// simdgroup_store, simdgroup_multiply and simdgroup_multiply_accumulate as in MSL 2.3 (bfloat:
+// MSL 3.1). No lane may look inside
 // one (the lint refuses `thread_elements()`), so each backend keeps the layout that suits it:
 //
 // - cpu: every lane keeps the whole matrix. A load reads all 64 elements and then waits for the
@@ -13,13 +14,16 @@
 // - cuda: lane l owns two elements of row l/4, columns 2(l%4) and 2(l%4)+1 (`row`), and the same
 //   two of column l/4 (`col`): the A operand (with its k order permuted, which a sum does not
 //   see) and the B operand of NVIDIA's mma.m16n8k8, whose accumulator has the `row` layout. A
-//   product is a tensor-core instruction. Its 16 rows are two 8×8 products sharing b:
+//   product is a tensor-core instruction: a product of two half (or two bfloat) matrices is
+//   NVIDIA's float16 (bfloat16) mma.m16n8k8, at twice the rate of the TF32 one the other operand
+//   types take, and a half or bfloat matrix keeps its lane's two elements packed as the
+//   instruction reads them as well. Its 16 rows are two 8×8 products sharing b:
 //   simdgroup_multiply_accumulate_pair (not MSL; kernels/tile.h has it as two products for the
 //   other backends) computes both at once, a single product leaves half the instruction idle.
 //
 // The precision policy, MLM_MATMUL_PRECISION (fixed when a library is compiled; mlmetal.precision
-// names it), says how float operands enter a product; half operands are exact in all three and
-// sums are float always:
+// names it), says how float operands enter a product; half and bfloat operands enter as they are,
+// and sums are float always:
 //   0 `highest`  float accuracy: exact on cpu; on cuda the split-TF32 scheme, a = hi + lo with
 //                both TF32, and a·b ≈ hi·hi + hi·lo + lo·hi in three tensor-core products;
 //   1 `high`     operands rounded to TF32 (10-bit mantissa; nearest, ties away from zero, as
@@ -73,16 +77,21 @@ MLM_FN float operand(float x) {
 #endif
 }
 MLM_FN float operand(half x) { return float(x); }
+MLM_FN float operand(bfloat x) { return float(x); }
+
+template <class T> constexpr bool is_16bit = same<T, half> || same<T, bfloat>;
 }  // namespace detail
 
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
   static_assert(Cols == 8 && Rows == 8, "simdgroup matrices are 8×8 (MSL 2.3)");
-  static_assert(detail::same<T, float> || detail::same<T, half>,
-                "simdgroup matrices hold float or half (bfloat needs MSL 3.1)");
+  static_assert(detail::same<T, float> || detail::is_16bit<T>, "simdgroup matrices hold float, half or bfloat");
 #if MLM_CUDA
   float row[2];  // elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1) of lane l
   float col[2];  // elements (2(l%4), l/4) and (2(l%4)+1, l/4)
   bool has_col;  // false after a product: col is gathered from the other lanes when first used
+  // half and bfloat: the same elements' bits, the first in the low 16 (what a 16-bit mma reads);
+  // a float matrix leaves them unused, and the compiler drops them.
+  unsigned row16, col16;
 #else
   T e[8][8];
 #endif
@@ -93,6 +102,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
 
 using simdgroup_float8x8 = simdgroup_matrix<float, 8, 8>;
 using simdgroup_half8x8 = simdgroup_matrix<half, 8, 8>;
+using simdgroup_bfloat8x8 = simdgroup_matrix<bfloat, 8, 8>;
 
 namespace detail {
 // Where element (r, c) of a matrix lies in memory whose rows are `stride` elements apart: in the
@@ -110,6 +120,19 @@ MLM_FN unsigned matrix_pair() { return 2u * (lane_id() & 3u); }
 
 // T as it is stored: a half result rounds to half.
 template <class T> MLM_FN float stored(float x) { return float(T(x)); }
+
+// Two values of a 16-bit type T packed, the first in the low half.
+template <class T> MLM_FN unsigned pack16(float lo, float hi) {
+  return unsigned(as_type<ushort>(T(lo))) | unsigned(as_type<ushort>(T(hi))) << 16;
+}
+
+// A half or bfloat matrix's packed bits follow its float elements.
+template <class T> MLM_FN void repack(simdgroup_matrix<T, 8, 8>& m) {
+  if constexpr (is_16bit<T>) {
+    m.row16 = pack16<T>(m.row[0], m.row[1]);
+    m.col16 = pack16<T>(m.col[0], m.col[1]);
+  }
+}
 
 // Column layout gathered from the row layout: (k, l/4) for k = 2(l%4), 2(l%4)+1 sits in lane
 // 4k + (l/4)/2, element (l/4)%2.
@@ -141,11 +164,27 @@ MLM_FN unsigned bf16_pair(float lo, float hi) {
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
+// d += a·b with 16-bit operands packed: a0 row g, a1 row g+8 (k = 2t, 2t+1), b k = 2t, 2t+1 of
+// column g; T says whether they are float16 or bfloat16.
+template <class T> MLM_FN void mma_16bit(float (&d)[4], unsigned a0, unsigned a1, unsigned b) {
+  if constexpr (same<T, half>)
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(b));
+  else
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(b));
+}
 MLM_FN void mma_bf16(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
   // a: rows g (a[0], a[2]) and g+8 (a[1], a[3]) at k = 2t, 2t+1; b: k = 2t, 2t+1 of column g.
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(bf16_pair(a[0], a[2])), "r"(bf16_pair(a[1], a[3])), "r"(bf16_pair(b[0], b[1])));
+  mma_16bit<bfloat>(d, bf16_pair(a[0], a[2]), bf16_pair(a[1], a[3]), bf16_pair(b[0], b[1]));
+}
+
+// b's column layout packed, gathered from the other lanes after a product.
+template <class T> MLM_FN unsigned columns16(const simdgroup_matrix<T, 8, 8>& m) {
+  if (m.has_col) return m.col16;
+  float c[2];
+  columns(m, c);
+  return pack16<T>(c[0], c[1]);
 }
 
 // The TF32 A fragment (rows g and g+8, k slots t and t+4) holds k = 2t and 2t+1, in the order
@@ -192,12 +231,14 @@ template <class T, int C, int R> MLM_FN simdgroup_matrix<T, C, R>::simdgroup_mat
     col[i] = row[i];
   }
   has_col = true;
+  detail::repack(*this);
 }
 
 template <class T, int C, int R = C> MLM_FN simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
   simdgroup_matrix<T, C, R> m;
   m.row[0] = m.row[1] = m.col[0] = m.col[1] = float(value);
   m.has_col = true;
+  detail::repack(m);
   return m;
 }
 
@@ -205,11 +246,18 @@ template <class T, class P>
 MLM_FN void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_per_row = 8,
                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
   const unsigned g = detail::matrix_row(), k = detail::matrix_pair();
+  T r[2], c[2];
   for (unsigned i = 0; i < 2; ++i) {
-    d.row[i] = float(src[detail::element_at(g, k + i, elements_per_row, matrix_origin, transpose_matrix)]);
-    d.col[i] = float(src[detail::element_at(k + i, g, elements_per_row, matrix_origin, transpose_matrix)]);
+    r[i] = T(src[detail::element_at(g, k + i, elements_per_row, matrix_origin, transpose_matrix)]);
+    c[i] = T(src[detail::element_at(k + i, g, elements_per_row, matrix_origin, transpose_matrix)]);
+    d.row[i] = float(r[i]);
+    d.col[i] = float(c[i]);
   }
   d.has_col = true;
+  if constexpr (detail::is_16bit<T>) {  // the bits as loaded: no conversion back and forth
+    d.row16 = unsigned(as_type<ushort>(r[0])) | unsigned(as_type<ushort>(r[1])) << 16;
+    d.col16 = unsigned(as_type<ushort>(c[0])) | unsigned(as_type<ushort>(c[1])) << 16;
+  }
 }
 
 template <class T, class P>
@@ -223,12 +271,18 @@ MLM_FN void simdgroup_store(simdgroup_matrix<T, 8, 8> a, P dst, ulong elements_p
 template <class T, class U, class V>
 MLM_FN void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<U, 8, 8>& a,
                                           const simdgroup_matrix<V, 8, 8>& b, const simdgroup_matrix<T, 8, 8>& c) {
-  float acc[4] = {c.row[0], c.row[1], 0.0f, 0.0f}, rows[4] = {a.row[0], 0.0f, a.row[1], 0.0f}, cols[2];
-  detail::columns(b, cols);
-  detail::product<U, V>(acc, rows, cols);
+  float acc[4] = {c.row[0], c.row[1], 0.0f, 0.0f};
+  if constexpr (detail::same<U, V> && detail::is_16bit<U>) {
+    detail::mma_16bit<U>(acc, a.row16, 0u, detail::columns16(b));
+  } else {
+    float rows[4] = {a.row[0], 0.0f, a.row[1], 0.0f}, cols[2];
+    detail::columns(b, cols);
+    detail::product<U, V>(acc, rows, cols);
+  }
   d.row[0] = detail::stored<T>(acc[0]);
   d.row[1] = detail::stored<T>(acc[1]);
   d.has_col = false;
+  if constexpr (detail::is_16bit<T>) d.row16 = detail::pack16<T>(d.row[0], d.row[1]);
 }
 
 // d0 = a0·b + c0 and d1 = a1·b + c1: one tensor-core instruction for both. Not MSL: kernels/tile.h
@@ -239,15 +293,23 @@ MLM_FN void simdgroup_multiply_accumulate_pair(simdgroup_matrix<T, 8, 8>& d0, si
                                                const simdgroup_matrix<U, 8, 8>& a0, const simdgroup_matrix<U, 8, 8>& a1,
                                                const simdgroup_matrix<V, 8, 8>& b, const simdgroup_matrix<T, 8, 8>& c0,
                                                const simdgroup_matrix<T, 8, 8>& c1) {
-  float acc[4] = {c0.row[0], c0.row[1], c1.row[0], c1.row[1]}, rows[4] = {a0.row[0], a1.row[0], a0.row[1], a1.row[1]};
-  float cols[2];
-  detail::columns(b, cols);
-  detail::product<U, V>(acc, rows, cols);
+  float acc[4] = {c0.row[0], c0.row[1], c1.row[0], c1.row[1]};
+  if constexpr (detail::same<U, V> && detail::is_16bit<U>) {
+    detail::mma_16bit<U>(acc, a0.row16, a1.row16, detail::columns16(b));
+  } else {
+    float rows[4] = {a0.row[0], a1.row[0], a0.row[1], a1.row[1]}, cols[2];
+    detail::columns(b, cols);
+    detail::product<U, V>(acc, rows, cols);
+  }
   d0.row[0] = detail::stored<T>(acc[0]);
   d0.row[1] = detail::stored<T>(acc[1]);
   d1.row[0] = detail::stored<T>(acc[2]);
   d1.row[1] = detail::stored<T>(acc[3]);
   d0.has_col = d1.has_col = false;
+  if constexpr (detail::is_16bit<T>) {
+    d0.row16 = detail::pack16<T>(d0.row[0], d0.row[1]);
+    d1.row16 = detail::pack16<T>(d1.row[0], d1.row[1]);
+  }
 }
 
 #else  // cpu

@@ -42,9 +42,6 @@ def lint(src: Source) -> list[str]:
         (r"\bthread_elements\s*\(", "no-thread-elements",
          "thread_elements() exposes a lane's share of a simdgroup matrix, whose layout the cpu and cuda backends "
          "do not reproduce; load and store whole matrices"),
-        (r"\bsimdgroup_bfloat8x8\b", "no-simdgroup-bfloat",
-         "simdgroup_bfloat8x8 is not emulated; load bfloat into simdgroup_float8x8 (the `medium` policy rounds "
-         "float operands to bfloat16)"),
         (r"\bsimdgroup_matrix\s*<\s*\w+\s*,(?!\s*8\s*,\s*8\s*>)[^>]*>", "simdgroup-matrix-size",
          "simdgroup matrices are 8×8 (simdgroup_matrix<T, 8, 8>)"),
     ]
