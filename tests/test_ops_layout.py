@@ -157,6 +157,21 @@ def test_every_op_moves_bits(dev, dtype, n):
         np.testing.assert_array_equal(bits(got.numpy()), bits(np.ascontiguousarray(expected)))
 
 
+@pytest.mark.parametrize("dtype", D.FLOATS, ids=str)
+@pytest.mark.parametrize("spatial", [(4, 2), (8, 8), (3, 3), (2, 6)])
+def test_channel_copies_by_words_and_by_elements(dev, dtype, spatial):
+    """concat and slice_channels move whole 16-byte words where a channel fills them (H·W of
+    (4, 2), (8, 8) in every type), elements otherwise ((3, 3); (2, 6) in float32 only): bit for bit
+    either way, whatever the channel offsets."""
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal((2, c, *spatial)).astype(dtype) for c in (3, 5))
+    x, y = mm.tensor(a, dev), mm.tensor(b, dev)
+    for got, expected in [(mm.ops.concat([x, y, x]), np.concatenate([a, b, a], axis=1)),
+                          (mm.ops.slice_channels(y, 1, 4), b[:, 1:4])]:
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(bits(got.numpy()), bits(np.ascontiguousarray(expected)))
+
+
 def test_concat_takes_a_list(dev):
     a, b = (mm.tensor(np.full((2, c, 3, 3), c, np.float32), dev) for c in (1, 2))
     y = mm.ops.concat([a, b]).numpy()

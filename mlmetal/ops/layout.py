@@ -27,10 +27,14 @@ from .broadcast import MAX_DIMS, broadcast_shape, broadcast_strides, contiguous_
 def _copy(cb, src, dst, channels, src_offset, dst_offset):
     """dst[:, dst_offset:dst_offset+channels] = src[:, src_offset:src_offset+channels]."""
     inner = math.prod(src.shape[2:])
+    lib = src.device.library("layout")
+    if inner * src.dtype.itemsize % 16 == 0:  # whole 16-byte words a channel (tensors start at their buffer's start)
+        inner, k = inner * src.dtype.itemsize // 16, lib.kernel("copy_channel_words")
+    else:
+        k = lib.kernel(D.kernel_name("copy_channels", src.dtype))
     count = src.shape[0] * channels * inner
     p = {"count": count, "channels": channels, "inner": inner, "src_channels": src.shape[1], "src_offset": src_offset,
          "dst_channels": dst.shape[1], "dst_offset": dst_offset}
-    k = src.device.library("layout").kernel(D.kernel_name("copy_channels", src.dtype))
     cb.dispatch(k, groups=groups_for(count, 256), threads=256, args=[src, dst, p])
 
 
@@ -62,7 +66,7 @@ def _concat_grad(g, out, *inputs):
 
 
 register("concat", check=_concat_check, encode=_concat_encode, reference=R.concat, grad=_concat_grad,
-         kernels=["layout.copy_channels"], dtypes=D.FLOATS)
+         kernels=["layout.copy_channels", "layout.copy_channel_words"], dtypes=D.FLOATS)
 
 
 def concat(tensors, /):
@@ -108,7 +112,7 @@ def _slice_encode(cb, out, x, start, stop):
 
 register("slice_channels", check=_slice_check, encode=_slice_encode, reference=R.slice_channels,
          grad=lambda g, out, x, start, stop: (apply("slice_channels_grad", g, channels=x.shape[1], start=start),),
-         kernels=["layout.copy_channels"], dtypes=D.FLOATS)
+         kernels=["layout.copy_channels", "layout.copy_channel_words"], dtypes=D.FLOATS)
 
 
 
