@@ -367,28 +367,39 @@ template [[host_name("conv2d_3x3_16x32_bf16")]] [[kernel]] decltype(conv2d_3x3_1
 
 // y = conv(x, w) + bias of a 3×3, stride-1, undilated, ungrouped convolution on simdgroup
 // matrices, directly: the GEMM (conv2d_mma) gathers each input value once for each of the nine
-// taps; here a threadgroup stages C3_CI input channels of a tile of C3_ROWS × C3_COLS output
+// taps; here a threadgroup stages C3_CI input channels of a tile of rows × C3_COLS output
 // pixels once, with the halo the taps reach, and multiplies each tap's shifted view of it — an
-// 8 × 8 block of it is C3_CI channels (rows C3_X_PITCH apart) by 8 pixels of a row — by that
+// 8 × 8 block of it is C3_CI channels (rows a staged channel apart) by 8 pixels of a row — by that
 // tap's weights, which pack_weights_3x3 has laid out [chunk][tap][channel][C3_CI] so they stage
-// as one contiguous copy. The tile is C3_CO output channels by its pixels: four simdgroups, each
-// 32 channels by 4 rows of C3_COLS pixels (tile.h's MmaTiles), the next chunk's loads in flight
-// while this one is multiplied. Grid: (N · tiles of an image, ceil(Cout / C3_CO)), MMA_THREADS threads.
+// as one contiguous copy. The tile is CO output channels by its pixels, on four simdgroups (tile.h's
+// MmaTiles), the next chunk's loads in flight while this one is multiplied. Two tiles:
+//   conv2d_3x3_mma     C3_CO = 64 channels by C3_ROWS × C3_COLS = 8 × 16 pixels (each simdgroup
+//                      32 channels by 4 rows);
+//   conv2d_3x3_mma_32  C3_CO_32 = 32 channels by C3_ROWS_32 × C3_COLS = 16 × 16 pixels (each
+//                      simdgroup 32 channels by 4 rows), for 17 to 32 output channels, which
+//                      would leave half of a 64-channel tile's products idle.
+// Grid: (N · tiles of an image, ceil(Cout / CO)), MMA_THREADS threads.
 #define C3_CO 64
+#define C3_CO_32 32
 #define C3_CI 8
 #define C3_ROWS 8
+#define C3_ROWS_32 16
 #define C3_COLS 16
-#define C3_X_PITCH ((C3_ROWS + 2) * (C3_COLS + 2))  // 180 floats a staged channel: rows 180 apart fall on distinct banks
-#define C3_X_EACH ((C3_CI * C3_X_PITCH + MMA_THREADS - 1) / MMA_THREADS)  // staged input values a thread
-// A chunk's packed weights in float4s (16 bytes of T each), and those a thread stages, at most.
-#define C3_W_QUADS(T) (9 * C3_CO * C3_CI * sizeof(T) / 16)
-#define C3_W_EACH(T) ((C3_W_QUADS(T) + MMA_THREADS - 1) / MMA_THREADS)
+// Staged input values a channel (the tile's rows and columns with the halo): 180 and 324, which
+// put the 8 channels of a matrix load on distinct banks.
+#define C3_X_SPAN(rows) (((rows) + 2) * (C3_COLS + 2))
+#define C3_X_PITCH C3_X_SPAN(C3_ROWS)
+#define C3_X_EACH(rows) ((C3_CI * C3_X_SPAN(rows) + MMA_THREADS - 1) / MMA_THREADS)  // staged input values a thread
+// A chunk's packed weights of a CO-channel tile in float4s (16 bytes of T each), and those a thread stages, at most.
+#define C3_W_QUADS(CO, T) (9 * (CO) * C3_CI * sizeof(T) / 16)
+#define C3_W_EACH(CO, T) ((C3_W_QUADS(CO, T) + MMA_THREADS - 1) / MMA_THREADS)
 
 struct PackParams {
     uint cin, cout, chunks, cout_padded;  // chunks of C3_CI input channels; output channels rounded up to C3_CO
 };
 
-// wp[chunk][tap][co][e] = w[co][C3_CI·chunk + e][tap], zeros past the channels, in T.
+// wp[chunk][tap][co][e] = w[co][C3_CI·chunk + e][tap], zeros past the channels, in T. Output
+// channels are padded to a multiple of C3_CO for both tiles (a 32-channel tile reads the first half).
 template <typename T>
 kernel void pack_weights_3x3(device const T* w [[buffer(0)]],  // extent: p.cout * p.cin * 9
                              device T* wp [[buffer(1)]],  // extent: p.chunks * 9 * p.cout_padded * 8
@@ -403,20 +414,21 @@ template [[host_name("pack_weights_3x3")]] [[kernel]] decltype(pack_weights_3x3<
 template [[host_name("pack_weights_3x3_f16")]] [[kernel]] decltype(pack_weights_3x3<half>) pack_weights_3x3<half>;
 template [[host_name("pack_weights_3x3_bf16")]] [[kernel]] decltype(pack_weights_3x3<bfloat>) pack_weights_3x3<bfloat>;
 
-// acc += a staged chunk's product: for each tap (ky, kx), its weights by the staged input shifted
-// by (ky, kx). A simdgroup's matrix j covers tile pixels col0 + 8j … (8 of one row). The staged
-// pointers are taken as they are declared (not const), so S is deduced alike from all three.
-template <uint TM, uint TN, uint WARPS_N, typename S>
+// acc += a staged chunk's product for a CO-channel tile of `rows` rows: for each tap (ky, kx), its
+// weights by the staged input shifted by (ky, kx). A simdgroup's matrix j covers tile pixels
+// col0 + 8j … (8 of one row). The staged pointers are taken as they are declared (not const), so
+// S is deduced alike from all three.
+template <uint CO, uint ROWS, uint TM, uint TN, uint WARPS_N, typename S>
 inline void multiply_3x3(thread MmaTiles<TM, TN, WARPS_N, S>& acc, threadgroup S* w_s, threadgroup S* x_s) {
     #pragma unroll
     for (uint tap = 0; tap < 9; ++tap) {
         simdgroup_matrix<S, 8, 8> am[TM], bm[TN];
         #pragma unroll
-        for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], w_s + (tap * C3_CO + acc.row0 + 8 * i) * C3_CI, C3_CI);
+        for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], w_s + (tap * CO + acc.row0 + 8 * i) * C3_CI, C3_CI);
         #pragma unroll
         for (uint j = 0; j < TN; ++j) {
             const uint px = acc.col0 + 8 * j, row = px / C3_COLS + tap / 3, col = px % C3_COLS + tap % 3;
-            simdgroup_load(bm[j], x_s + row * (C3_COLS + 2) + col, C3_X_PITCH);
+            simdgroup_load(bm[j], x_s + row * (C3_COLS + 2) + col, C3_X_SPAN(ROWS));
         }
         #pragma unroll
         for (uint j = 0; j < TN; ++j)
@@ -438,63 +450,67 @@ struct Conv3x3Out {
     }
 };
 
-template <typename T>
-kernel void conv2d_3x3_mma(device const T* x [[buffer(0)]],
-                           device const T* wp [[buffer(1)]],  // extent: (p.cin + 7) / 8 * 9 * ((p.cout + 63) / 64 * 64) * 8
-                           device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
-                           device T* y [[buffer(3)]],
-                           constant Conv3x3Params& p [[buffer(4)]],
-                           uint2 group [[threadgroup_position_in_grid]],
-                           uint t [[thread_index_in_threadgroup]]) {
+template <typename T, uint CO, uint ROWS>
+kernel void conv2d_3x3_mma_tiles(device const T* x [[buffer(0)]],
+                                 device const T* wp [[buffer(1)]],  // extent: (p.cin + 7) / 8 * 9 * ((p.cout + 63) / 64 * 64) * 8
+                                 device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                                 device T* y [[buffer(3)]],
+                                 constant Conv3x3Params& p [[buffer(4)]],
+                                 uint2 group [[threadgroup_position_in_grid]],
+                                 uint t [[thread_index_in_threadgroup]]) {
     // Staged as stored: [tap][output channel][input channel] weights, then [input channel][row][column]
     // inputs with the halo; also the float scratch of acc.store (8 KB), which both hold in any T.
-    threadgroup float4 staged[(9 * C3_CO * C3_CI + C3_CI * C3_X_PITCH) * sizeof(T) / 16];
+    threadgroup float4 staged[(9 * CO * C3_CI + C3_CI * C3_X_SPAN(ROWS)) * sizeof(T) / 16];
     threadgroup T* w_s = (threadgroup T*)staged;
-    threadgroup T* x_s = w_s + 9 * C3_CO * C3_CI;
-    const uint img = group.x / p.tiles, r = group.x % p.tiles, co0 = group.y * C3_CO;
-    const int oy0 = int(r / p.tiles_x * C3_ROWS), ox0 = int(r % p.tiles_x * C3_COLS);
+    threadgroup T* x_s = w_s + 9 * CO * C3_CI;
+    const uint img = group.x / p.tiles, r = group.x % p.tiles, co0 = group.y * CO;
+    const int oy0 = int(r / p.tiles_x * ROWS), ox0 = int(r % p.tiles_x * C3_COLS);
     const uint chunks = (p.cin + C3_CI - 1) / C3_CI, cout_padded = (p.cout + C3_CO - 1) / C3_CO * C3_CO;
     device const T* x_img = x + img * p.cin * p.h * p.w;
     // this thread's staged input values: element t + MMA_THREADS·i of a chunk's (channel, row, column)
-    int x_off[C3_X_EACH];  // offset in a channel's plane, or -1 outside the image (padding) or past the tile
-    for (uint i = 0; i < C3_X_EACH; ++i) {
-        const uint e = t + MMA_THREADS * i, s = e % C3_X_PITCH;
+    constexpr uint X_EACH = C3_X_EACH(ROWS), X_SPAN = C3_X_SPAN(ROWS);
+    int x_off[X_EACH];  // offset in a channel's plane, or -1 outside the image (padding) or past the tile
+    for (uint i = 0; i < X_EACH; ++i) {
+        const uint e = t + MMA_THREADS * i, s = e % X_SPAN;
         const int iy = oy0 - p.pad_h + int(s / (C3_COLS + 2)), ix = ox0 - p.pad_w + int(s % (C3_COLS + 2));
-        const bool inside = e < C3_CI * C3_X_PITCH && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
+        const bool inside = e < C3_CI * X_SPAN && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
         x_off[i] = inside ? iy * int(p.w) + ix : -1;
     }
-    // The weights travel as raw 16-byte quads: a tap's C3_CO · C3_CI of this tile, tap_quads of them.
-    constexpr uint tap_quads = C3_CO * C3_CI * sizeof(T) / 16;
+    // The weights travel as raw 16-byte quads: a tap's CO · C3_CI of this tile, tap_quads of them.
+    constexpr uint tap_quads = CO * C3_CI * sizeof(T) / 16;
     const uint row_quads = cout_padded * C3_CI * sizeof(T) / 16;  // a (chunk, tap)'s weights of all channels
-    device const float4* w_tile = (device const float4*)wp + co0 / C3_CO * tap_quads;
+    device const float4* w_tile = (device const float4*)wp + co0 / CO * tap_quads;
 
-    MMA_TILES(C3_CO, C3_ROWS * C3_COLS, T) acc(t);
-    T x_next[C3_X_EACH];
-    float4 w_next[C3_W_EACH(T)];
+    MMA_TILES(CO, ROWS * C3_COLS, T) acc(t);
+    T x_next[X_EACH];
+    float4 w_next[C3_W_EACH(CO, T)];
     for (uint chunk = 0; chunk < chunks; ++chunk) {
-        for (uint i = 0; i < C3_X_EACH; ++i) {
-            const uint ci = chunk * C3_CI + (t + MMA_THREADS * i) / C3_X_PITCH;
+        for (uint i = 0; i < X_EACH; ++i) {
+            const uint ci = chunk * C3_CI + (t + MMA_THREADS * i) / X_SPAN;
             x_next[i] = x_off[i] >= 0 && ci < p.cin ? T(x_img[ci * p.h * p.w + uint(x_off[i])]) : T(0.0f);
         }
-        for (uint i = 0; i < C3_W_EACH(T); ++i) {
-            const uint q = t + MMA_THREADS * i, tap = q / tap_quads;  // quad q of the chunk's 9 · C3_CO · C3_CI
-            if (q < C3_W_QUADS(T)) w_next[i] = w_tile[(chunk * 9 + tap) * row_quads + q % tap_quads];
+        for (uint i = 0; i < C3_W_EACH(CO, T); ++i) {
+            const uint q = t + MMA_THREADS * i, tap = q / tap_quads;  // quad q of the chunk's 9 · CO · C3_CI
+            if (q < C3_W_QUADS(CO, T)) w_next[i] = w_tile[(chunk * 9 + tap) * row_quads + q % tap_quads];
         }
-        if (chunk > 0) multiply_3x3(acc, w_s, x_s);
+        if (chunk > 0) multiply_3x3<CO, ROWS>(acc, w_s, x_s);
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        for (uint i = 0; i < C3_X_EACH; ++i)
-            if (t + MMA_THREADS * i < C3_CI * C3_X_PITCH) x_s[t + MMA_THREADS * i] = x_next[i];
-        for (uint i = 0; i < C3_W_EACH(T); ++i)
-            if (t + MMA_THREADS * i < C3_W_QUADS(T)) staged[t + MMA_THREADS * i] = w_next[i];
+        for (uint i = 0; i < X_EACH; ++i)
+            if (t + MMA_THREADS * i < C3_CI * X_SPAN) x_s[t + MMA_THREADS * i] = x_next[i];
+        for (uint i = 0; i < C3_W_EACH(CO, T); ++i)
+            if (t + MMA_THREADS * i < C3_W_QUADS(CO, T)) staged[t + MMA_THREADS * i] = w_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    multiply_3x3(acc, w_s, x_s);
+    multiply_3x3<CO, ROWS>(acc, w_s, x_s);
     acc.store(Conv3x3Out<T>{y + img * p.cout * p.oh * p.ow, p.has_bias ? bias : nullptr, co0, uint(oy0), uint(ox0), p.cout, p.oh, p.ow},
               (threadgroup float*)staged);
 }
-template [[host_name("conv2d_3x3_mma")]] [[kernel]] decltype(conv2d_3x3_mma<float>) conv2d_3x3_mma<float>;
-template [[host_name("conv2d_3x3_mma_f16")]] [[kernel]] decltype(conv2d_3x3_mma<half>) conv2d_3x3_mma<half>;
-template [[host_name("conv2d_3x3_mma_bf16")]] [[kernel]] decltype(conv2d_3x3_mma<bfloat>) conv2d_3x3_mma<bfloat>;
+template [[host_name("conv2d_3x3_mma")]] [[kernel]] decltype(conv2d_3x3_mma_tiles<float, C3_CO, C3_ROWS>) conv2d_3x3_mma_tiles<float, C3_CO, C3_ROWS>;
+template [[host_name("conv2d_3x3_mma_f16")]] [[kernel]] decltype(conv2d_3x3_mma_tiles<half, C3_CO, C3_ROWS>) conv2d_3x3_mma_tiles<half, C3_CO, C3_ROWS>;
+template [[host_name("conv2d_3x3_mma_bf16")]] [[kernel]] decltype(conv2d_3x3_mma_tiles<bfloat, C3_CO, C3_ROWS>) conv2d_3x3_mma_tiles<bfloat, C3_CO, C3_ROWS>;
+template [[host_name("conv2d_3x3_mma_32")]] [[kernel]] decltype(conv2d_3x3_mma_tiles<float, C3_CO_32, C3_ROWS_32>) conv2d_3x3_mma_tiles<float, C3_CO_32, C3_ROWS_32>;
+template [[host_name("conv2d_3x3_mma_32_f16")]] [[kernel]] decltype(conv2d_3x3_mma_tiles<half, C3_CO_32, C3_ROWS_32>) conv2d_3x3_mma_tiles<half, C3_CO_32, C3_ROWS_32>;
+template [[host_name("conv2d_3x3_mma_32_bf16")]] [[kernel]] decltype(conv2d_3x3_mma_tiles<bfloat, C3_CO_32, C3_ROWS_32>) conv2d_3x3_mma_tiles<bfloat, C3_CO_32, C3_ROWS_32>;
 
 struct FlipParams {
     uint count;   // elements of the weights

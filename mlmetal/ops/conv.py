@@ -19,6 +19,13 @@ from .tiling import (MEDIUM, MMA_THREADS, matrix_policy, partial_for, product, s
 
 _C = S.Source.from_file(S.find("conv")).constants
 C3_CO, C3_CI, C3_ROWS, C3_COLS = _C["C3_CO"], _C["C3_CI"], _C["C3_ROWS"], _C["C3_COLS"]  # conv2d_3x3_mma's tiles
+C3_CO_32, C3_ROWS_32 = _C["C3_CO_32"], _C["C3_ROWS_32"]  # conv2d_3x3_mma_32's: for up to 32 output channels
+
+
+def _direct_3x3_tile(cout):
+    """(kernel, output channels, pixel rows) of the direct 3×3 forward's tile for `cout` channels:
+    32 × (16 × 16) up to 32 channels, where a 64-channel tile would be half idle, else 64 × (8 × 16)."""
+    return ("conv2d_3x3_mma_32", C3_CO_32, C3_ROWS_32) if cout <= C3_CO_32 else ("conv2d_3x3_mma", C3_CO, C3_ROWS)
 D3_CO, D3_CI = _C["D3_CO"], _C["D3_CI"]  # conv2d_weight_grad_3x3_mma's channels a threadgroup
 # conv2d_3x3_mma and conv2d_weight_grad_3x3_mma from this many output channels on; fewer fill too
 # little of their tiles and the float kernels are faster (H200: 16 → 16 at 256², forward 0.087 ms
@@ -135,21 +142,22 @@ def direct_conv(device, cout: int, kernel_size, stride, dilation, groups, out_si
 
 
 def _conv3x3_mma(cb, y, x, w, b, padding, policy):
-    """y = conv(x, w) + b on simdgroup matrices, directly (conv2d_3x3_mma), after packing w."""
+    """y = conv(x, w) + b on simdgroup matrices, directly (conv2d_3x3_mma or, for up to 32 output
+    channels, conv2d_3x3_mma_32), after packing w."""
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
     lib = y.device.library("conv", precision=policy)
-    chunks, cout_padded = groups_for(cin, C3_CI), groups_for(cout, C3_CO) * C3_CO
+    name, co_tile, rows = _direct_3x3_tile(cout)
+    chunks, cout_padded = groups_for(cin, C3_CI), groups_for(cout, C3_CO) * C3_CO  # packed for either tile
     packed = empty((chunks * 9 * cout_padded * C3_CI,), y.device, y.dtype)  # staged as stored
     cb.dispatch(lib.kernel(D.kernel_name("pack_weights_3x3", y.dtype)), groups=groups_for(packed.size, 256), threads=256,
                 args=[w, packed, dict(cin=cin, cout=cout, chunks=chunks, cout_padded=cout_padded)])
     tiles_x = groups_for(ow, C3_COLS)
-    tiles = tiles_x * groups_for(oh, C3_ROWS)
+    tiles = tiles_x * groups_for(oh, rows)
     params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
                   tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None))
-    cb.dispatch(lib.kernel(D.kernel_name("conv2d_3x3_mma", y.dtype)), groups=(n * tiles, groups_for(cout, C3_CO)),
-                threads=MMA_THREADS,
-                args=[x, packed, w if b is None else b, y, params])
+    cb.dispatch(lib.kernel(D.kernel_name(name, y.dtype)), groups=(n * tiles, groups_for(cout, co_tile)),
+                threads=MMA_THREADS, args=[x, packed, w if b is None else b, y, params])
 
 
 def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
@@ -197,7 +205,7 @@ def _products(name):
 
 register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2d, grad=_conv2d_grad,
          kernels=[*_products("conv2d"), "conv.conv2d_3x3", "conv.conv2d_3x3_16x32", "conv.conv2d_3x3_mma",
-                  "conv.pack_weights_3x3", "conv.sum_splits"], dtypes=D.FLOATS)
+                  "conv.conv2d_3x3_mma_32", "conv.pack_weights_3x3", "conv.sum_splits"], dtypes=D.FLOATS)
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
