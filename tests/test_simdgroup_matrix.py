@@ -365,9 +365,9 @@ def test_graphs_run_under_the_policy_in_force_or_their_own(dev, matrix_products)
 @given(data=st.data())
 def test_3x3_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, dtype, data):
     """conv2d_3x3_mma(_32) and conv2d_weight_grad_3x3_mma: output channels either side of their 64-
-    and 32-channel tiles, input channels either side of their 8- and 16-channel chunks, images either
-    side of their 8 × 16 and 16 × 16 pixel tiles, padding 0 to 2 (the input gradient of padding p is a forward
-    convolution padded 2 − p)."""
+    and 32-channel tiles, input channels either side of their 8- and 16-channel chunks, images
+    either side of their 8 × 16 and 16 × 16 pixel tiles, padding 0 to 2 (the input gradient of
+    padding p is a forward convolution padded 2 − p)."""
     from mlmetal.ops import conv as conv_ops
     n, cin = data.draw(st.integers(1, 2), label="n"), data.draw(st.sampled_from([1, 3, 8, 9, 17]), label="cin")
     cout = data.draw(st.sampled_from([conv_ops.C3_MMA_MIN_COUT, 31, 32, 33, 64, 65, 72]), label="cout")

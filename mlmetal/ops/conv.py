@@ -20,16 +20,10 @@ from .tiling import (MEDIUM, MMA_THREADS, matrix_policy, partial_for, product, s
 _C = S.Source.from_file(S.find("conv")).constants
 C3_CO, C3_CI, C3_ROWS, C3_COLS = _C["C3_CO"], _C["C3_CI"], _C["C3_ROWS"], _C["C3_COLS"]  # conv2d_3x3_mma's tiles
 C3_CO_32, C3_ROWS_32 = _C["C3_CO_32"], _C["C3_ROWS_32"]  # conv2d_3x3_mma_32's: for up to 32 output channels
-
-
-def _direct_3x3_tile(cout):
-    """(kernel, output channels, pixel rows) of the direct 3×3 forward's tile for `cout` channels:
-    32 × (16 × 16) up to 32 channels, where a 64-channel tile would be half idle, else 64 × (8 × 16)."""
-    return ("conv2d_3x3_mma_32", C3_CO_32, C3_ROWS_32) if cout <= C3_CO_32 else ("conv2d_3x3_mma", C3_CO, C3_ROWS)
 D3_CO, D3_CI = _C["D3_CO"], _C["D3_CI"]  # conv2d_weight_grad_3x3_mma's channels a threadgroup
 # conv2d_3x3_mma and conv2d_weight_grad_3x3_mma from this many output channels on; fewer fill too
 # little of their tiles and the float kernels are faster (H200: 16 → 16 at 256², forward 0.087 ms
-# against 0.143; 32 → 32 at 256², 0.179 against 0.176).
+# against 0.143; 32 → 32 at 256², 0.179 against 0.176, measured before the 32-channel tile).
 C3_MMA_MIN_COUT = 17
 
 
@@ -139,6 +133,12 @@ def direct_conv(device, cout: int, kernel_size, stride, dilation, groups, out_si
         return None
     name, cols, use = pixel_tiles(*out_size)
     return (name, cols) if use >= MIN_TILE_USE else None
+
+
+def _direct_3x3_tile(cout):
+    """(kernel, output channels, pixel rows) of the direct 3×3 forward's tile for `cout` channels:
+    32 × (16 × 16) up to 32 channels, where a 64-channel tile would be half idle, else 64 × (8 × 16)."""
+    return ("conv2d_3x3_mma_32", C3_CO_32, C3_ROWS_32) if cout <= C3_CO_32 else ("conv2d_3x3_mma", C3_CO, C3_ROWS)
 
 
 def _conv3x3_mma(cb, y, x, w, b, padding, policy):
