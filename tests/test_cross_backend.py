@@ -167,21 +167,29 @@ def _special_floats(rng, n):
     v = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
     edges = np.array([0.0, -0.0, 65504.0, 65520.0, -65519.99, 2**-24, 2**-25, 3 * 2**-26, 6e-8, 1e-40,
                       3.3895314e38, 3.4028235e38, np.inf, -np.inf, 1 + 2**-11, 1 + 2**-8, 1 + 3 * 2**-9], np.float32)
-    return np.concatenate([v, edges, -edges])
+    nans = np.array([0x7fc00000, 0xffc00000, 0x7fc12345, 0xffffffff, 0x7f800001, 0x7fa00000, 0xff802000],
+                    np.uint32).view(np.float32)  # quiet and signalling, either sign, payloads high and low
+    return np.concatenate([v, edges, -edges, nans])
 
 
 @pytest.mark.parametrize("to", ["f16", "bf16"])
 @given(n=st.sampled_from(AWKWARD) | st.integers(1, 5000), seed=st.integers(0, 2**31))
 def test_rounding_to_storage_types_bit_identical(devices, to, n, seed):
     """float32 → float16 and → bfloat16 round to nearest even, identically on cpu and cuda, and as
-    NumPy (float16) and ml_dtypes (bfloat16) do; the way back is exact."""
+    NumPy (float16) and ml_dtypes (bfloat16) do; a NaN keeps its sign and top payload bits and
+    becomes quiet, the same bits on both; the way back is exact."""
     x = _special_floats(np.random.default_rng(seed), n)
     cpu, cuda = run_both(devices, "elementwise", f"cast_f32_{to}", (x.size + 255) // 256, 256,
                          lambda dev: [dev.buffer(x), dev.buffer(nbytes=2 * x.size), {"n": x.size}],
                          lambda args: args[1].numpy(np.uint16))
     np.testing.assert_array_equal(cpu, cuda)
+    # NumPy and ml_dtypes choose their own NaN payloads: a NaN must stay a quiet NaN of its sign
+    nan = np.isnan(x)
     ref = x.astype(np.float16 if to == "f16" else mm.bfloat16).view(np.uint16)
-    np.testing.assert_array_equal(cpu, ref)
+    np.testing.assert_array_equal(cpu[~nan], ref[~nan])
+    quiet = 0x7e00 if to == "f16" else 0x7fc0
+    np.testing.assert_array_equal(cpu[nan] & quiet, np.full(nan.sum(), quiet, np.uint16))
+    np.testing.assert_array_equal(cpu[nan] >> 15, x[nan].view(np.uint32) >> 31)
     back = run_both(devices, "elementwise", f"cast_{to}_f32", (x.size + 255) // 256, 256,
                     lambda dev: [dev.buffer(cpu), dev.buffer(nbytes=4 * x.size), {"n": x.size}],
                     lambda args: args[1].numpy(np.float32))

@@ -120,12 +120,17 @@ template <class T, class U> MLM_FN T as_type(U x) {
 
 namespace detail {
 #if MLM_CUDA
+// The hardware conversions, except for NaN: cvt turns every NaN into 0x7fff, where the cpu branch
+// keeps its sign and top payload bits; both targets must store the same bits.
 MLM_FN unsigned short half_bits(float f) {
+  unsigned x = __float_as_uint(f), a = x & 0x7fffffff;
+  if (a > 0x7f800000) return (unsigned short)((x >> 16 & 0x8000) | 0x7e00 | (a >> 13 & 0x3ff));
   unsigned short h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
 }
 MLM_FN float half_value(unsigned short h) {
+  if ((h & 0x7fff) > 0x7c00) return __uint_as_float((h & 0x8000u) << 16 | 0x7f800000 | (h & 0x3ffu) << 13);
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
