@@ -97,6 +97,8 @@ def build(recipe, dev, seed=0):
         layers.append(module)
     if recipe["gram"]:
         layers.append(mm.nn.GramMatrix(alpha=1.0 / (hw * hw)))
+    if all(isinstance(m, mm.nn.Dropout) for m in layers):  # the identity: no node to save (see below)
+        layers.append(mm.nn.Tanh())
     return mm.nn.Sequential(*layers), shape
 
 
@@ -128,6 +130,16 @@ def test_every_layer_type_is_drawn():
               if inspect.isclass(cls) and issubclass(cls, mm.nn.Module) and cls is not mm.nn.Module
               and not name.startswith("_")}
     assert layers <= drawn, f"layers not covered by the round-trip test: {sorted(layers - drawn)}"
+
+
+def test_an_output_that_is_the_input_is_refused(dev, tmp_path):
+    """A graph whose output is its input (an inference-mode dropout alone) has no node to save:
+    save says so, naming the output, and writes nothing."""
+    g, x, y = graph_of(mm.nn.Sequential(mm.nn.Dropout(0.5).eval()), (1, 2, 4, 4), dev)
+    assert y is x
+    with pytest.raises(mm.io.FormatError, match="output 'y' is an input or a parameter"):
+        mm.save(tmp_path / "m", g, outputs={"y": y})
+    assert not (tmp_path / "m").exists()
 
 
 @given(recipe=recipes(), zipped=st.booleans())
