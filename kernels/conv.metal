@@ -1103,10 +1103,23 @@ template [[host_name("conv2d_weight_grad_3x3_bf16")]] [[kernel]] decltype(conv2d
 // Grid: (ceil(Cin / D3_CI), ceil(Cout / D3_CO), splits), MMA_THREADS threads.
 #define D3_CO 32
 #define D3_CI 16
-#define D3_PX (C3_ROWS * C3_COLS)                                          // pixels a tile: one a thread
+#define D3_PX (C3_ROWS * C3_COLS)                                          // pixels a tile
 #define D3_DY_PITCH (D3_PX + 8)                                            // 136: a lane pair's rows on distinct banks
 #define D3_X_PITCH (C3_X_PITCH + 4)                                        // 184: likewise down the input channels
-#define D3_X_EACH ((D3_CI * C3_X_PITCH + MMA_THREADS - 1) / MMA_THREADS)   // staged input floats a thread
+#define D3_DY_RUNS (D3_CO * D3_PX / 4 / MMA_THREADS)                       // 8: runs of four gradients a thread stages
+#define D3_X_RUNS (D3_CI * (C3_ROWS + 2) * C3_COLS / 4 / MMA_THREADS)      // 5: runs of four inputs (the halo's inside)
+#define D3_X_EDGES ((D3_CI * (C3_ROWS + 2) * 2 + MMA_THREADS - 1) / MMA_THREADS)  // 3: the halo's edge columns
+
+// Four values of `row` from column `col` on, zeros outside [0, width): one vector load where the
+// caller knows the run is inside and aligned (`whole`).
+template <typename T>
+inline vec<T, 4> load_run(device const T* row, int col, int width, bool whole) {
+    if (whole) return *(device const vec<T, 4>*)(row + col);
+    vec<T, 4> v = vec<T, 4>(T(0.0f));
+    for (int j = 0; j < 4; ++j)
+        if (col + j >= 0 && col + j < width) v[j] = row[col + j];
+    return v;
+}
 
 template <typename T>
 kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
@@ -1125,29 +1138,49 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
     const uint first = split * p.chunk, last = min(p.n * tiles_image, first + p.chunk);
     const uint simdgroup = t / 32, lane = t % 32, co_w = simdgroup / 2 * 16, ci_w = simdgroup % 2 * 8;
     const uint plane = p.oh * p.ow, in_plane = p.h * p.w;
+    // Rows of four-aligned width with one column of padding: every run of four starts a vector
+    // (the tile's columns start at multiples of 16, the input's columns line up with the output's).
+    const bool aligned = p.pad_w == 1 && p.w % 4 == 0 && p.ow % 4 == 0;
+    // Thread t stages the gradients of pixels 4(t % 32) … +3 of output channels t / 32 + 4i, the
+    // inside of the halo's rows t / 4 + 32i (input channel, row) from column 4(t % 4) + 1, and the edge
+    // column t % 2 (left, right) of rows t / 2 + 64i.
+    const uint run_px = 4 * (t % 32), run_col = 4 * (t % 4);
 
     simdgroup_float8x8 acc[9][2];
     #pragma unroll
     for (uint tap = 0; tap < 9; ++tap)
         #pragma unroll
         for (uint i = 0; i < 2; ++i) acc[tap][i] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-    T dy_next[D3_CO], x_next[D3_X_EACH];
+    vec<T, 4> dy_next[D3_DY_RUNS], x_next[D3_X_RUNS];
+    T edge_next[D3_X_EDGES];
     for (uint tile = first; tile <= last; ++tile) {
-        if (tile < last) {  // thread t stages pixel t's output gradients and its share of the input
+        if (tile < last) {
             const uint img = tile / tiles_image, r = tile % tiles_image;
             const uint oy0 = r / p.tiles_x * C3_ROWS, ox0 = r % p.tiles_x * C3_COLS;
-            const uint oy = oy0 + t / C3_COLS, ox = ox0 + t % C3_COLS;
-            const bool px_ok = oy < p.oh && ox < p.ow;
-            device const T* dy_px = dy + (img * p.cout + co0) * plane + oy * p.ow + ox;
-            for (uint i = 0; i < D3_CO; ++i) dy_next[i] = px_ok && co0 + i < p.cout ? T(dy_px[i * plane]) : T(0.0f);
+            const uint oy = oy0 + run_px / C3_COLS, ox = ox0 + run_px % C3_COLS;
+            device const T* dy_row = dy + (img * p.cout + co0 + t / 32) * plane + min(oy, p.oh - 1) * p.ow;
+            #pragma unroll
+            for (uint i = 0; i < D3_DY_RUNS; ++i) {
+                const bool ok = oy < p.oh && co0 + t / 32 + 4 * i < p.cout;
+                dy_next[i] = ok ? load_run(dy_row + 4 * i * plane, int(ox), int(p.ow), aligned && ox < p.ow)
+                                : vec<T, 4>(T(0.0f));
+            }
             device const T* x_img = x + (img * p.cin + ci0) * in_plane;
-            uint ci = t / C3_X_PITCH, s = t % C3_X_PITCH;
-            for (uint i = 0; i < D3_X_EACH; ++i) {
-                const int iy = int(oy0 + s / (C3_COLS + 2)) - p.pad_h, ix = int(ox0 + s % (C3_COLS + 2)) - p.pad_w;
-                const bool inside = ci < D3_CI && ci0 + ci < p.cin && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
-                x_next[i] = inside ? T(x_img[ci * in_plane + uint(iy) * p.w + uint(ix)]) : T(0.0f);
-                s += MMA_THREADS;
-                while (s >= C3_X_PITCH) { s -= C3_X_PITCH; ++ci; }
+            #pragma unroll
+            for (uint i = 0; i < D3_X_RUNS; ++i) {
+                const uint q = t / 4 + 32 * i, ci = q / (C3_ROWS + 2);
+                const int iy = int(oy0 + q % (C3_ROWS + 2)) - p.pad_h, ix = int(ox0 + run_col) + 1 - p.pad_w;
+                const bool ok = ci0 + ci < p.cin && iy >= 0 && iy < int(p.h);
+                x_next[i] = ok ? load_run(x_img + ci * in_plane + uint(iy) * p.w, ix, int(p.w), aligned && ix < int(p.w))
+                               : vec<T, 4>(T(0.0f));
+            }
+            #pragma unroll
+            for (uint i = 0; i < D3_X_EDGES; ++i) {
+                const uint q = t / 2 + 64 * i, ci = q / (C3_ROWS + 2);
+                const int iy = int(oy0 + q % (C3_ROWS + 2)) - p.pad_h;
+                const int ix = int(ox0) - p.pad_w + (t % 2 ? C3_COLS + 1 : 0);
+                const bool ok = ci < D3_CI && ci0 + ci < p.cin && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
+                edge_next[i] = ok ? x_img[ci * in_plane + uint(iy) * p.w + uint(ix)] : T(0.0f);
             }
         }
         if (tile > first) {  // the previous tile's products, while this one's loads are in flight
@@ -1166,10 +1199,20 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
         }
         if (tile == last) break;
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        for (uint i = 0; i < D3_CO; ++i) dy_s[i * D3_DY_PITCH + t] = dy_next[i];
-        for (uint i = 0; i < D3_X_EACH; ++i) {
-            const uint e = t + MMA_THREADS * i;
-            if (e < D3_CI * C3_X_PITCH) x_s[e / C3_X_PITCH * D3_X_PITCH + e % C3_X_PITCH] = x_next[i];
+        #pragma unroll
+        for (uint i = 0; i < D3_DY_RUNS; ++i)
+            *(threadgroup vec<T, 4>*)(dy_s + (t / 32 + 4 * i) * D3_DY_PITCH + run_px) = dy_next[i];
+        #pragma unroll
+        for (uint i = 0; i < D3_X_RUNS; ++i) {
+            const uint q = t / 4 + 32 * i;
+            threadgroup T* row = x_s + q / (C3_ROWS + 2) * D3_X_PITCH + q % (C3_ROWS + 2) * (C3_COLS + 2) + 1 + run_col;
+            for (uint j = 0; j < 4; ++j) row[j] = x_next[i][j];
+        }
+        #pragma unroll
+        for (uint i = 0; i < D3_X_EDGES; ++i) {
+            const uint q = t / 2 + 64 * i;
+            if (q < D3_CI * (C3_ROWS + 2))
+                x_s[q / (C3_ROWS + 2) * D3_X_PITCH + q % (C3_ROWS + 2) * (C3_COLS + 2) + (t % 2 ? C3_COLS + 1 : 0)] = edge_next[i];
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }

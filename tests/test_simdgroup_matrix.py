@@ -399,6 +399,28 @@ def test_3x3_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, dt
                       dtype)
 
 
+@pytest.mark.parametrize("policy, dtype", STORAGE_CASES, ids=STORAGE_IDS)
+@pytest.mark.parametrize("h, w, pad", [(8, 16, 1), (9, 20, 1), (3, 4, 1), (8, 20, 0), (7, 12, 2), (10, 18, 1)])
+def test_3x3_weight_grad_stages_runs_of_four(dev, matrix_products, policy, dtype, h, w, pad):
+    """conv2d_weight_grad_3x3_mma stages its tiles in runs of four values of a row: one vector load
+    a run where rows are a multiple of four wide and padded by one (the input's columns then line
+    up with the output's), value by value otherwise (padding 0 or 2, width 18). Images end inside a
+    16-column tile (width 4, 20) and inside an 8-row one; 17 input and 33 output channels end inside
+    their 16- and 32-channel blocks."""
+    n, cin, cout = 2, 17, 33
+    rng = np.random.default_rng(h * 100 + w + pad)
+    x = rng.standard_normal((n, cin, h, w)).astype(dtype)
+    oh, ow = h + 2 * pad - 2, w + 2 * pad - 2
+    g = rng.standard_normal((n, cout, oh, ow)).astype(dtype)
+    a = dict(stride=(1, 1), padding=(pad, pad), dilation=(1, 1), groups=1)
+    g64, x64 = g.astype(np.float64), x.astype(np.float64)
+    with mm.matmul_precision(policy):
+        dw = mm.ops.conv2d_weight_grad(mm.tensor(g, dev), mm.tensor(x, dev), kernel_size=(3, 3), padding=pad).numpy()
+    assert_within(dw, RC.conv2d_weight_grad(g64, x64, kernel_size=(3, 3), **a),
+                  RC.conv2d_weight_grad(np.abs(g64), np.abs(x64), kernel_size=(3, 3), **a), n * oh * ow,
+                  roundoff(dev, policy), dtype)
+
+
 def test_bfloat16_storage_is_exact_under_high_and_medium(dev, matrix_products):
     """A bfloat16 value is exact in TF32 and in bfloat16, so in bfloat16 storage `medium` is exactly
     bfloat16 operands, and computes what `high` does, bit for bit: the GEMM and direct 3×3
