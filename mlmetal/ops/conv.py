@@ -319,7 +319,7 @@ WG_DIRECT = {None: ("conv2d_weight_grad_3x3", WG_ROWS, WG_COLS, WG_CI, WG_CO, WG
 # a 132-multiprocessor H100 or H200. conv2d_weight_grad_3x3_mma in 16-bit storage (168 registers a
 # thread) runs three a multiprocessor, in float32 (182) two, as does conv2d_weight_grad_3x3. H100,
 # bfloat16, 264 → 396 threadgroups: 4×96×256²→32 0.278 → 0.229 ms, 4×384×64²→128 0.298 → 0.202 ms;
-# 528 (a wave and a third) was slower than either.
+# 528 (a wave and a third) was slower than 396 on each shape timed.
 WG_DIRECT_TARGET = {2: 396, 4: 264}  # by the storage type's bytes
 
 
