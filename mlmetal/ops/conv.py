@@ -317,9 +317,10 @@ WG_DIRECT = {None: ("conv2d_weight_grad_3x3", WG_ROWS, WG_COLS, WG_CI, WG_CO, WG
 
 # Threadgroups the direct weight gradients aim for on a GPU: one wave at the kernel's occupancy on
 # a 132-multiprocessor H100 or H200. conv2d_weight_grad_3x3_mma in 16-bit storage (168 registers a
-# thread) runs three a multiprocessor, in float32 (182) two, as does conv2d_weight_grad_3x3. H100,
-# bfloat16, 264 → 396 threadgroups: 4×96×256²→32 0.278 → 0.229 ms, 4×384×64²→128 0.298 → 0.202 ms;
-# 528 (a wave and a third) was slower than 396 on each shape timed.
+# thread) runs three a multiprocessor, in float32 (182) two; conv2d_weight_grad_3x3 takes the
+# float32 entry whatever its storage. H100, bfloat16, 264 → 396 threadgroups: 4×96×256²→32
+# 0.278 → 0.229 ms, 4×384×64²→128 0.298 → 0.202 ms; 528 (a wave and a third) was slower than 396
+# on each shape timed.
 WG_DIRECT_TARGET = {2: 396, 4: 264}  # by the storage type's bytes
 
 
@@ -333,7 +334,10 @@ def _weight_grad_3x3(cb, dw, g, x, padding, policy=None):
     tiles_x, tiles_y = groups_for(ow, cols), groups_for(oh, rows)
     blocks = groups_for(cin, ci_block) * groups_for(cout, co_block)
     # As many splits as fill a GPU once (at least two tiles each); on cpu a few.
-    target = (WG_DIRECT_TARGET[dw.dtype.itemsize] if policy else 264) if dw.device.cheap_barriers else 4
+    if not dw.device.cheap_barriers:
+        target = 4
+    else:
+        target = WG_DIRECT_TARGET[dw.dtype.itemsize if policy else 4]
     splits, chunk = split_reduction(n * tiles_x * tiles_y, blocks, target=target, min_chunk=2, multiple=1)
     lib = dw.device.library("conv", precision=policy or "highest")
     partial = partial_for(dw, splits)
