@@ -1240,6 +1240,226 @@ template [[host_name("conv2d_weight_grad_3x3_mma")]] [[kernel]] decltype(conv2d_
 template [[host_name("conv2d_weight_grad_3x3_mma_f16")]] [[kernel]] decltype(conv2d_weight_grad_3x3_mma<half>) conv2d_weight_grad_3x3_mma<half>;
 template [[host_name("conv2d_weight_grad_3x3_mma_bf16")]] [[kernel]] decltype(conv2d_weight_grad_3x3_mma<bfloat>) conv2d_weight_grad_3x3_mma<bfloat>;
 
+// ---------------------------------------------------------------- into few output channels, any window
+//
+// A convolution into at most K8_CO = 8 output channels (the style network's last layer, 32 → 3
+// through a 9 × 9 window) fills three of the 16 rows of the GEMM's narrowest tile, whose im2col
+// gather also reads each input value once for each of the 81 taps from device memory: H100,
+// bfloat16, 4×32×256²→3, 0.79 ms forward and 0.90 ms weight gradient, about 5 TFLOP/s.
+// The two kernels below turn the product around, the channels being the short side of each 8 × 8
+// matrix, and stage an input tile with its halo once for every tap: 0.22 and 0.28 ms (cuDNN's
+// bfloat16: 0.25 and 0.36). They take stride-1, undilated, ungrouped windows of up to K8_K × K8_K
+// taps, on simdgroup matrices.
+#define K8_CO 8                              // output channels, at most
+#define K8_CI 8                              // input channels staged at once
+#define K8_K 9                               // the widest window side
+#define K8_ROWS 16                           // conv2d_kxk_mma_8's tile: K8_ROWS × K8_COLS output pixels
+#define K8_COLS 32
+#define K8_XW (K8_COLS + K8_K - 1)           // 40 staged columns a row (the halo of the widest window)
+#define K8_X_PITCH ((K8_ROWS + K8_K - 1) * K8_XW + 8)  // 968 staged values a channel: 8 channels on distinct banks
+#define K8_OUT (K8_CO * K8_ROWS * K8_COLS)   // the tile's results, staged as floats to be written out
+#define K8_STAGED(T) (K8_CI * K8_X_PITCH * sizeof(T) > K8_OUT * 4 ? K8_CI * K8_X_PITCH * sizeof(T) / 16 : K8_OUT / 4)
+
+struct ConvKxkParams {
+    uint n, cin, h, w;     // input images
+    uint cout, oh, ow;     // output images
+    uint kh, kw;           // window, each side at most K8_K
+    int pad_h, pad_w;
+    uint tiles_x, tiles;   // pixel tiles across an image, and in one
+    uint has_bias;         // forward: add bias[cout]
+    uint chunk;            // weight gradient: pixel tiles each split sums
+};
+
+// wp[chunk][tap][e][co] = w[co][K8_CI·chunk + e][tap], zeros past the channels: each tap's 8 × 8
+// block of weights (input by output channels) as one matrix.
+template <typename T>
+kernel void pack_weights_kxk_8(device const T* w [[buffer(0)]],  // extent: p.cout * p.cin * p.kh * p.kw
+                               device T* wp [[buffer(1)]],  // extent: (p.cin + 7) / 8 * p.kh * p.kw * 64
+                               constant ConvKxkParams& p [[buffer(2)]],
+                               uint i [[thread_position_in_grid]]) {
+    const uint taps = p.kh * p.kw;
+    if (i >= (p.cin + K8_CI - 1) / K8_CI * taps * K8_CI * K8_CO) return;
+    const uint co = i % K8_CO, e = i / K8_CO % K8_CI, tap = i / (K8_CO * K8_CI) % taps;
+    const uint ci = i / (K8_CO * K8_CI * taps) * K8_CI + e;
+    wp[i] = co < p.cout && ci < p.cin ? w[(co * p.cin + ci) * taps + tap] : T(0.0f);
+}
+template [[host_name("pack_weights_kxk_8")]] [[kernel]] decltype(pack_weights_kxk_8<float>) pack_weights_kxk_8<float>;
+template [[host_name("pack_weights_kxk_8_f16")]] [[kernel]] decltype(pack_weights_kxk_8<half>) pack_weights_kxk_8<half>;
+template [[host_name("pack_weights_kxk_8_bf16")]] [[kernel]] decltype(pack_weights_kxk_8<bfloat>) pack_weights_kxk_8<bfloat>;
+
+// Stage K8_CI input channels from c0 of `rows` rows from input row iy0 and K8_XW columns from
+// ix0, zeros outside the image and past the channels, into x_s[channel][row][column] (PITCH
+// values a channel). Consecutive threads take consecutive columns of a row.
+template <uint PITCH, typename T>
+inline void stage_input_kxk(threadgroup T* x_s, device const T* x_img, constant ConvKxkParams& p, uint c0,
+                            int iy0, int ix0, uint rows, uint t) {
+    for (uint e = 0; e < K8_CI; ++e) {
+        const uint c = c0 + e;
+        for (uint s = t; s < rows * K8_XW; s += MMA_THREADS) {
+            const int iy = iy0 + int(s / K8_XW), ix = ix0 + int(s % K8_XW);
+            const bool inside = c < p.cin && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
+            x_s[e * PITCH + s] = inside ? x_img[(c * p.h + uint(iy)) * p.w + uint(ix)] : T(0.0f);
+        }
+    }
+}
+
+// y = conv(x, w) + bias into at most K8_CO channels. An 8 × 8 product is 8 pixels of a row (its
+// rows) by the K8_CI staged input channels at those pixels shifted by the tap (a transposed view of
+// the staged tile, a channel's plane apart) times the tap's packed weights (input by output
+// channels), read from device memory as they are (a few KB the cache keeps). A threadgroup owns
+// a K8_ROWS × K8_COLS pixel tile; simdgroup s its rows 4s … 4s + 3, four matrices of 8 pixels
+// each, multiplied in pairs that share the weights.
+// Grid: (N · tiles of an image), MMA_THREADS threads.
+template <typename T>
+kernel void conv2d_kxk_mma_8(device const T* x [[buffer(0)]],  // extent: p.n * p.cin * p.h * p.w
+                             device const T* wp [[buffer(1)]],  // extent: (p.cin + 7) / 8 * p.kh * p.kw * 64
+                             device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
+                             device T* y [[buffer(3)]],  // extent: p.n * p.cout * p.oh * p.ow
+                             constant ConvKxkParams& p [[buffer(4)]],
+                             uint group [[threadgroup_position_in_grid]],
+                             uint t [[thread_index_in_threadgroup]]) {
+    // Staged as stored: [input channel][row][column] with the halo; after the last product, the
+    // float results [output channel][pixel of the tile].
+    threadgroup float4 staged[K8_STAGED(T)];
+    threadgroup T* x_s = (threadgroup T*)staged;
+    const uint img = group / p.tiles, r = group % p.tiles, simdgroup = t / 32;
+    const int oy0 = int(r / p.tiles_x * K8_ROWS), ox0 = int(r % p.tiles_x * K8_COLS);
+    const uint taps = p.kh * p.kw, chunks = (p.cin + K8_CI - 1) / K8_CI;
+    device const T* x_img = x + img * p.cin * p.h * p.w;
+
+    simdgroup_float8x8 acc[4][4];  // [row of the simdgroup's four][8 pixels of it]: pixels × output channels
+    #pragma unroll
+    for (uint i = 0; i < 4; ++i)
+        #pragma unroll
+        for (uint j = 0; j < 4; ++j) acc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    for (uint chunk = 0; chunk < chunks; ++chunk) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous chunk's products are done
+        stage_input_kxk<K8_X_PITCH>(x_s, x_img, p, chunk * K8_CI, oy0 - p.pad_h, ox0 - p.pad_w, K8_ROWS + p.kh - 1, t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        device const T* w_chunk = wp + chunk * taps * K8_CI * K8_CO;
+        for (uint ky = 0; ky < p.kh; ++ky)
+            for (uint kx = 0; kx < p.kw; ++kx) {
+                simdgroup_matrix<T, 8, 8> b;
+                simdgroup_load(b, w_chunk + (ky * p.kw + kx) * K8_CI * K8_CO, K8_CO);
+                #pragma unroll
+                for (uint i = 0; i < 4; ++i) {
+                    threadgroup T* row = x_s + (4 * simdgroup + i + ky) * K8_XW + kx;
+                    simdgroup_matrix<T, 8, 8> a[4];
+                    #pragma unroll
+                    for (uint j = 0; j < 4; ++j) simdgroup_load(a[j], row + 8 * j, K8_X_PITCH, ulong2(0), true);
+                    simdgroup_multiply_accumulate_pair(acc[i][0], acc[i][1], a[0], a[1], b, acc[i][0], acc[i][1]);
+                    simdgroup_multiply_accumulate_pair(acc[i][2], acc[i][3], a[2], a[3], b, acc[i][2], acc[i][3]);
+                }
+            }
+    }
+
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    threadgroup float* out_s = (threadgroup float*)staged;  // [output channel][pixel of the tile]
+    #pragma unroll
+    for (uint i = 0; i < 4; ++i)
+        #pragma unroll
+        for (uint j = 0; j < 4; ++j)
+            simdgroup_store(acc[i][j], out_s + (4 * simdgroup + i) * K8_COLS + 8 * j, K8_ROWS * K8_COLS, ulong2(0), true);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint e = t; e < p.cout * K8_ROWS * K8_COLS; e += MMA_THREADS) {
+        const uint co = e / (K8_ROWS * K8_COLS), oy = uint(oy0) + e / K8_COLS % K8_ROWS, ox = uint(ox0) + e % K8_COLS;
+        if (oy < p.oh && ox < p.ow)
+            y[((img * p.cout + co) * p.oh + oy) * p.ow + ox] = T(out_s[e] + (p.has_bias ? float(bias[co]) : 0.0f));
+    }
+}
+template [[host_name("conv2d_kxk_mma_8")]] [[kernel]] decltype(conv2d_kxk_mma_8<float>) conv2d_kxk_mma_8<float>;
+template [[host_name("conv2d_kxk_mma_8_f16")]] [[kernel]] decltype(conv2d_kxk_mma_8<half>) conv2d_kxk_mma_8<half>;
+template [[host_name("conv2d_kxk_mma_8_bf16")]] [[kernel]] decltype(conv2d_kxk_mma_8<bfloat>) conv2d_kxk_mma_8<bfloat>;
+
+// dw of a convolution into at most K8_CO channels: dw[co][ci][tap] = Σ over pixels of
+// dy[co][pixel] · x[ci][pixel shifted by the tap]. An 8 × 8 product is K8_CI staged input
+// channels at 8 pixels of a row shifted by a tap (its rows) times the output gradients at those 8
+// pixels (a transposed view: pixels by output channels), accumulated per tap: simdgroup s keeps
+// the taps s, s + 4, s + 8, …, at most D8_TAPS of them, in pairs that share the gradients. A
+// threadgroup owns K8_CI input channels and sums its share of the images' D8_ROWS × K8_COLS
+// pixel tiles: threadgroup z the tiles [z·chunk, (z+1)·chunk), into slice z of `partial`, which
+// sum_splits adds.
+// Grid: (ceil(Cin / K8_CI), 1, splits), MMA_THREADS threads.
+#define D8_ROWS 8
+#define D8_PX (D8_ROWS * K8_COLS)                    // 256 pixels a tile
+#define D8_DY_PITCH (D8_PX + 8)                       // 264: the 8 channels of a matrix on distinct banks
+#define D8_X_PITCH ((D8_ROWS + K8_K - 1) * K8_XW + 8)  // 648: likewise
+#define D8_TAPS ((K8_K * K8_K + 7) / 8 * 2)           // 22: taps a simdgroup, at most, an even number
+#define D8_STAGED(T) ((K8_CO * D8_DY_PITCH + K8_CI * D8_X_PITCH) * sizeof(T) / 16)
+template <typename T>
+kernel void conv2d_weight_grad_kxk_mma_8(device const T* dy [[buffer(0)]],  // extent: p.n * p.cout * p.oh * p.ow
+                                         device const T* x [[buffer(1)]],  // extent: p.n * p.cin * p.h * p.w
+                                         device float* partial [[buffer(2)]],  // extent: (p.n * p.tiles + p.chunk - 1) / p.chunk * p.cout * p.cin * p.kh * p.kw
+                                         constant ConvKxkParams& p [[buffer(3)]],
+                                         uint3 group [[threadgroup_position_in_grid]],
+                                         uint t [[thread_index_in_threadgroup]]) {
+    // Staged as stored: [output channel][pixel of the tile] gradients, then [input channel][row][column]
+    // inputs with the halo; afterwards 64 floats a simdgroup of scratch for the results.
+    threadgroup float4 staged[D8_STAGED(T)];
+    threadgroup T* dy_s = (threadgroup T*)staged;
+    threadgroup T* x_s = dy_s + K8_CO * D8_DY_PITCH;
+    const uint ci0 = group.x * K8_CI, split = group.z, simdgroup = t / 32, lane = t % 32;
+    const uint taps = p.kh * p.kw, first = split * p.chunk, last = min(p.n * p.tiles, first + p.chunk);
+    // Every simdgroup goes through as many taps as the first has, past the window too: the cpu
+    // backend's fibers match barriers and simdgroup loads by their count, threadgroup-wide.
+    const uint most = (taps + 3) / 4;
+    // this simdgroup's taps simdgroup + 4i: where each shifts the staged tile (row · K8_XW + column)
+    uint shift[D8_TAPS];
+    #pragma unroll
+    for (uint i = 0; i < D8_TAPS; ++i) {
+        const uint tap = min(simdgroup + 4 * i, taps - 1);  // past the window: a repeat, never written out
+        shift[i] = tap / p.kw * K8_XW + tap % p.kw;
+    }
+    simdgroup_float8x8 acc[D8_TAPS];  // input × output channels, a tap each
+    #pragma unroll
+    for (uint i = 0; i < D8_TAPS; ++i) acc[i] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+
+    for (uint tile = first; tile < last; ++tile) {
+        const uint img = tile / p.tiles, r = tile % p.tiles;
+        const uint oy0 = r / p.tiles_x * D8_ROWS, ox0 = r % p.tiles_x * K8_COLS;
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous tile's products are done
+        device const T* dy_img = dy + img * p.cout * p.oh * p.ow;
+        for (uint e = t; e < K8_CO * D8_PX; e += MMA_THREADS) {
+            const uint co = e / D8_PX, oy = oy0 + e / K8_COLS % D8_ROWS, ox = ox0 + e % K8_COLS;
+            dy_s[co * D8_DY_PITCH + e % D8_PX] = co < p.cout && oy < p.oh && ox < p.ow ? dy_img[(co * p.oh + oy) * p.ow + ox] : T(0.0f);
+        }
+        stage_input_kxk<D8_X_PITCH>(x_s, x + img * p.cin * p.h * p.w, p, ci0, int(oy0) - p.pad_h, int(ox0) - p.pad_w, D8_ROWS + p.kh - 1, t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint k = 0; k < D8_PX; k += 8) {
+            simdgroup_matrix<T, 8, 8> g, a0, a1;
+            simdgroup_load(g, dy_s + k, D8_DY_PITCH, ulong2(0), true);
+            threadgroup T* at = x_s + k / K8_COLS * K8_XW + k % K8_COLS;
+            #pragma unroll
+            for (uint i = 0; i < D8_TAPS; i += 2) {
+                if (i >= most) break;
+                simdgroup_load(a0, at + shift[i], D8_X_PITCH);
+                simdgroup_load(a1, at + shift[i + 1], D8_X_PITCH);
+                simdgroup_multiply_accumulate_pair(acc[i], acc[i + 1], a0, a1, g, acc[i], acc[i + 1]);
+            }
+        }
+    }
+
+    // Each tap's 8 × 8 block, through 64 floats of threadgroup memory a simdgroup, to partial[co][ci][tap].
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    threadgroup float* strip = (threadgroup float*)staged + simdgroup * 64;
+    device float* out = partial + split * p.cout * p.cin * taps;
+    #pragma unroll
+    for (uint i = 0; i < D8_TAPS; ++i) {
+        if (i >= most) break;
+        const uint tap = simdgroup + 4 * i;
+        simdgroup_store(acc[i], strip, K8_CO);
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint e = lane; e < 64; e += 32) {
+            const uint ci = ci0 + e / K8_CO, co = e % K8_CO;
+            if (tap < taps && co < p.cout && ci < p.cin) out[(co * p.cin + ci) * taps + tap] = strip[e];
+        }
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+    }
+}
+template [[host_name("conv2d_weight_grad_kxk_mma_8")]] [[kernel]] decltype(conv2d_weight_grad_kxk_mma_8<float>) conv2d_weight_grad_kxk_mma_8<float>;
+template [[host_name("conv2d_weight_grad_kxk_mma_8_f16")]] [[kernel]] decltype(conv2d_weight_grad_kxk_mma_8<half>) conv2d_weight_grad_kxk_mma_8<half>;
+template [[host_name("conv2d_weight_grad_kxk_mma_8_bf16")]] [[kernel]] decltype(conv2d_weight_grad_kxk_mma_8<bfloat>) conv2d_weight_grad_kxk_mma_8<bfloat>;
+
 struct BiasGradParams {
     uint n, c, plane;  // dy is N × C × plane
     uint chunk;        // pixels of the plane each split sums

@@ -421,6 +421,47 @@ def test_3x3_weight_grad_stages_runs_of_four(dev, matrix_products, policy, dtype
                   roundoff(dev, policy), dtype)
 
 
+@pytest.mark.parametrize("policy, dtype", STORAGE_CASES, ids=STORAGE_IDS)
+@settings(max_examples=6)
+@given(data=st.data())
+def test_kxk_convolutions_into_few_channels(dev, matrix_products, policy, dtype, data):
+    """conv2d_kxk_mma_8 and conv2d_weight_grad_kxk_mma_8 — into at most 8 output channels through
+    windows of 10 to 81 taps (non-square too): input channels either side of their 8-channel chunk,
+    images either side of the forward's 16 × 32 and the weight gradient's 8 × 32 pixel tiles, any
+    padding up to the window's. The input gradient of a convolution from at most 8 channels is such
+    a forward convolution of the output gradient (padded k − 1 − p)."""
+    from mlmetal.ops import conv as conv_ops
+    n, cin, cout = data.draw(st.integers(1, 2), label="n"), data.draw(st.sampled_from([1, 3, 8, 9, 17]), label="cin"), \
+        data.draw(st.sampled_from([1, 3, 8]), label="cout")
+    kh, kw = data.draw(st.sampled_from([(9, 9), (5, 5), (4, 7), (9, 2), (2, 9)]), label="window")
+    h, w = data.draw(st.sampled_from([1, 7, 8, 9, 16, 17, 31]), label="h"), data.draw(st.sampled_from([1, 5, 31, 32, 33, 40]), label="w")
+    ph, pw = data.draw(st.integers(0, kh - 1), label="pad_h"), data.draw(st.integers(0, kw - 1), label="pad_w")
+    h, w = max(h, kh - 2 * ph), max(w, kw - 2 * pw)
+    assert conv_ops.kxk_mma(dev, cout, (kh, kw), (1, 1), (1, 1), 1, dtype) == tiling.matrix_policy(dev, dtype)
+    rng = np.random.default_rng(cin * 1000 + cout * 10 + h)
+    x = rng.standard_normal((n, cin, h, w)).astype(dtype)
+    wt = rng.standard_normal((cout, cin, kh, kw)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    a = dict(stride=(1, 1), padding=(ph, pw), dilation=(1, 1), groups=1)
+    x64, w64, b64 = x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64)
+    u, taps = roundoff(dev, policy), kh * kw
+    with mm.matmul_precision(policy):
+        y = mm.ops.conv2d(mm.tensor(x, dev), mm.tensor(wt, dev), mm.tensor(b, dev), padding=(ph, pw)).numpy()
+        assert y.dtype == dtype
+        assert_within(y, RC.conv2d(x64, w64, b64, **a), RC.conv2d(np.abs(x64), np.abs(w64), np.abs(b64), **a),
+                      taps * cin + 1, u, dtype)
+        g = rng.standard_normal(y.shape).astype(dtype)
+        g64 = g.astype(np.float64)
+        dw = mm.ops.conv2d_weight_grad(mm.tensor(g, dev), mm.tensor(x, dev), kernel_size=(kh, kw), padding=(ph, pw)).numpy()
+        assert_within(dw, RC.conv2d_weight_grad(g64, x64, kernel_size=(kh, kw), **a),
+                      RC.conv2d_weight_grad(np.abs(g64), np.abs(x64), kernel_size=(kh, kw), **a), n * y.shape[2] * y.shape[3],
+                      u, dtype)
+        if cin <= 8:  # the input gradient runs the forward kernel
+            dx = mm.ops.conv2d_input_grad(mm.tensor(g, dev), mm.tensor(wt, dev), input_size=(h, w), padding=(ph, pw)).numpy()
+            assert_within(dx, RC.conv2d_input_grad(g64, w64, input_size=(h, w), **a),
+                          RC.conv2d_input_grad(np.abs(g64), np.abs(w64), input_size=(h, w), **a), taps * cout, u, dtype)
+
+
 def test_bfloat16_storage_is_exact_under_high_and_medium(dev, matrix_products):
     """A bfloat16 value is exact in TF32 and in bfloat16, so in bfloat16 storage `medium` is exactly
     bfloat16 operands, and computes what `high` does, bit for bit: the GEMM and direct 3×3

@@ -25,6 +25,12 @@ D3_CO, D3_CI = _C["D3_CO"], _C["D3_CI"]  # conv2d_weight_grad_3x3_mma's channels
 # little of their tiles and the float kernels are faster (H200: 16 → 16 at 256², forward 0.087 ms
 # against 0.143; 32 → 32 at 256², 0.179 against 0.176, measured before the 32-channel tile).
 C3_MMA_MIN_COUT = 17
+# conv2d_kxk_mma_8 and conv2d_weight_grad_kxk_mma_8: into at most K8_CO output channels through
+# windows of up to K8_K × K8_K taps, from KXK_MIN_TAPS taps on. 3×3 windows keep the kernels they
+# had, which were as fast or faster (H100, bfloat16, 4×32×256²→3: forward 0.088 against 0.092 ms,
+# weight gradient 0.142 against 0.222 ms at 264 threadgroups).
+K8_CO, K8_CI, K8_K, K8_ROWS, K8_COLS, D8_ROWS = (_C[k] for k in ("K8_CO", "K8_CI", "K8_K", "K8_ROWS", "K8_COLS", "D8_ROWS"))
+KXK_MIN_TAPS = 10
 
 
 def direct_mma(device, cout, kernel_size, stride, dilation, groups, dtype=D.float32) -> str | None:
@@ -34,6 +40,25 @@ def direct_mma(device, cout, kernel_size, stride, dilation, groups, dtype=D.floa
     fits = (cout >= C3_MMA_MIN_COUT and tuple(kernel_size) == (3, 3) and stride == (1, 1) and dilation == (1, 1)
             and groups == 1)
     return policy if fits else None
+
+
+def kxk_mma(device, cout, kernel_size, stride, dilation, groups, dtype=D.float32) -> str | None:
+    """The matmul precision policy when conv2d_kxk_mma_8 (forward) and conv2d_weight_grad_kxk_mma_8
+    compute this convolution's passes into few output channels on `dtype` storage, else None."""
+    policy = matrix_policy(device, dtype)
+    kh, kw = kernel_size
+    fits = (cout <= K8_CO and max(kh, kw) <= K8_K and kh * kw >= KXK_MIN_TAPS and stride == (1, 1)
+            and dilation == (1, 1) and groups == 1)
+    return policy if fits else None
+
+
+def _kxk_params(x, cout, oh, ow, kernel_size, padding, rows, has_bias=0):
+    """The ConvKxkParams constants of conv.metal, for pixel tiles of `rows` × K8_COLS."""
+    n, cin, h, wd = x.shape
+    tiles_x = groups_for(ow, K8_COLS)
+    return dict(n=n, cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, kh=kernel_size[0], kw=kernel_size[1],
+                pad_h=padding[0], pad_w=padding[1], tiles_x=tiles_x, tiles=tiles_x * groups_for(oh, rows),
+                has_bias=has_bias, chunk=0)
 
 
 # Devices whose barriers are cheap (Device.cheap_barriers: GPUs) spread the bias gradient's
@@ -160,6 +185,19 @@ def _conv3x3_mma(cb, y, x, w, b, padding, policy):
                 threads=MMA_THREADS, args=[x, packed, w if b is None else b, y, params])
 
 
+def _conv_kxk_mma_8(cb, y, x, w, b, padding, policy):
+    """y = conv(x, w) + b into at most K8_CO channels on simdgroup matrices (conv2d_kxk_mma_8), after
+    packing w."""
+    _, cout, oh, ow = y.shape
+    params = _kxk_params(x, cout, oh, ow, w.shape[2:], padding, K8_ROWS, has_bias=int(b is not None))
+    lib = y.device.library("conv", precision=policy)
+    packed = empty((groups_for(x.shape[1], K8_CI) * params["kh"] * params["kw"] * K8_CI * K8_CO,), y.device, y.dtype)
+    cb.dispatch(lib.kernel(D.kernel_name("pack_weights_kxk_8", y.dtype)), groups=groups_for(packed.size, 256),
+                threads=256, args=[w, packed, params])
+    cb.dispatch(lib.kernel(D.kernel_name("conv2d_kxk_mma_8", y.dtype)), groups=x.shape[0] * params["tiles"],
+                threads=MMA_THREADS, args=[x, packed, w if b is None else b, y, params])
+
+
 def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
@@ -167,6 +205,9 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     policy = direct_mma(y.device, cout, w.shape[2:], stride, dilation, groups, y.dtype)
     if policy:
         return _conv3x3_mma(cb, y, x, w, b, padding, policy)
+    policy = kxk_mma(y.device, cout, w.shape[2:], stride, dilation, groups, y.dtype)
+    if policy:
+        return _conv_kxk_mma_8(cb, y, x, w, b, padding, policy)
     direct = direct_conv(y.device, cout, w.shape[2:], stride, dilation, groups, (oh, ow))
     if direct:
         name, cols = direct
@@ -205,7 +246,8 @@ def _products(name):
 
 register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2d, grad=_conv2d_grad,
          kernels=[*_products("conv2d"), "conv.conv2d_3x3", "conv.conv2d_3x3_16x32", "conv.conv2d_3x3_mma",
-                  "conv.conv2d_3x3_mma_32", "conv.pack_weights_3x3", "conv.sum_splits"], dtypes=D.FLOATS)
+                  "conv.conv2d_3x3_mma_32", "conv.pack_weights_3x3", "conv.conv2d_kxk_mma_8", "conv.pack_weights_kxk_8",
+                  "conv.sum_splits"], dtypes=D.FLOATS)
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
@@ -348,10 +390,37 @@ def _weight_grad_3x3(cb, dw, g, x, padding, policy=None):
     sum_splits(cb, lib, partial, dw, splits)
 
 
+# Threadgroups conv2d_weight_grad_kxk_mma_8 aims for on a GPU: one wave at four a multiprocessor
+# on a 132-multiprocessor H100 or H200. H100, bfloat16, 264 / 396 / 528 / 660 / 792 / 1056:
+# 4×32×256²→3 9×9 0.411 / 0.326 / 0.275 / 0.388 / 0.355 / 0.282 ms, 4×16×256²→8 9×9 0.246 /
+# 0.219 / 0.199 / 0.198 / 0.252 / 0.248 ms (a wave and a part lose; float32 alike).
+WG_KXK_TARGET = 528
+
+
+def _weight_grad_kxk_mma_8(cb, dw, g, x, kernel_size, padding, policy):
+    """dw of a convolution into at most K8_CO channels on simdgroup matrices
+    (conv2d_weight_grad_kxk_mma_8): each threadgroup sums a chunk of the images' pixel tiles into
+    float32 slices; sum_splits adds them."""
+    n, cin = x.shape[:2]
+    _, cout, oh, ow = g.shape
+    params = _kxk_params(x, cout, oh, ow, kernel_size, padding, D8_ROWS)
+    blocks = groups_for(cin, K8_CI)
+    target = WG_KXK_TARGET if dw.device.cheap_barriers else 4
+    splits, params["chunk"] = split_reduction(n * params["tiles"], blocks, target=target, min_chunk=2, multiple=1)
+    lib = dw.device.library("conv", precision=policy)
+    partial = partial_for(dw, splits)
+    cb.dispatch(lib.kernel(D.kernel_name("conv2d_weight_grad_kxk_mma_8", dw.dtype)), groups=(blocks, 1, splits),
+                threads=MMA_THREADS, args=[g, x, partial, params])
+    sum_splits(cb, lib, partial, dw, splits)
+
+
 def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation, groups):
     policy = direct_mma(dw.device, g.shape[1], kernel_size, stride, dilation, groups, g.dtype)
     if policy:
         return _weight_grad_3x3(cb, dw, g, x, padding, policy)
+    policy = kxk_mma(dw.device, g.shape[1], kernel_size, stride, dilation, groups, g.dtype)
+    if policy:
+        return _weight_grad_kxk_mma_8(cb, dw, g, x, kernel_size, padding, policy)
     if direct_weight_grad(dw.device, g.shape[1], kernel_size, stride, dilation, groups):
         return _weight_grad_3x3(cb, dw, g, x, padding)
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
@@ -374,7 +443,8 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
 
 register("conv2d_weight_grad", check=_weight_grad_check, encode=_weight_grad_encode, reference=R.conv2d_weight_grad,
          grad=None, kernels=[*_products("conv2d_weight_grad"), "conv.conv2d_weight_grad_3x3",
-                             "conv.conv2d_weight_grad_3x3_mma", "conv.sum_splits"], dtypes=D.FLOATS)
+                             "conv.conv2d_weight_grad_3x3_mma", "conv.conv2d_weight_grad_kxk_mma_8",
+                             "conv.sum_splits"], dtypes=D.FLOATS)
 
 
 def _bias_grad_check(g):
