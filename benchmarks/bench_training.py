@@ -411,7 +411,7 @@ def profile(torch, step, sync, steps: int):
           f"{copies / steps / 1e3:.2f} ms/step, {sum(counts.values()) / steps:.0f} device activities/step; "
           f"wall {wall * 1e3:.2f} ms/step (device busy {busy / 1e3 / steps / (wall * 1e3):.0%} of it)")
     print(f"  {'kernel':<44} {'calls/step':>10} {'ms/step':>8} {'share':>6}")
-    for name, t in sorted(totals.items(), key=lambda kv: -kv[1])[:12]:
+    for name, t in sorted(totals.items(), key=lambda kv: -kv[1])[:24]:
         print(f"  {name[:44]:<44} {counts[name] / steps:>10.1f} {t / steps / 1e3:>8.3f} {t / busy:>6.1%}")
 
 
