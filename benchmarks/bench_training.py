@@ -432,7 +432,10 @@ def main():
     ap.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
                     help="also time mlmetal's steps built under mm.autocast of this dtype, beside PyTorch's bf16 "
                          "autocast, and compare their peak temporaries with float32's")
+    ap.add_argument("--no-fusion", action="store_true",
+                    help="keep each conv2d and instance_norm apart from the relu after it (mm.Graph.fuse = False)")
     args = ap.parse_args()
+    mm.Graph.fuse = not args.no_fusion
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in only if w not in WORKLOADS]
     if unknown:
@@ -464,7 +467,8 @@ def main():
     else:
         ref = "PyTorch is not installed: no reference timing"
     ac = f"{args.autocast} autocast under {policies[0]}" if args.autocast else ""
-    print(f"training steps on mlmetal {dev.name} under {', '.join(policies)}{'; ' + ac if ac else ''}; {ref}; "
+    print(f"training steps on mlmetal {dev.name} under {', '.join(policies)}{'; ' + ac if ac else ''}"
+          f"{'; relus unfused' if args.no_fusion else ''}; {ref}; "
           f"best of 3 rounds of {steps} steps; times in ms")
     columns = policies + ([AUTOCAST_COLUMN[args.autocast]] if args.autocast else [])
     head = "".join(f"{'mlm ' + p:>12}" for p in columns) + "".join(f"{'torch ' + m:>12}" for m in modes)

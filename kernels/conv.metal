@@ -30,6 +30,7 @@ struct ConvParams {
     int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
     uint groups;
     uint has_bias;            // conv2d: add bias[cout]; conv2d_input_grad (a transposed convolution): bias[cin]
+    uint relu;                // conv2d: a fused relu after the bias (stored_output; sum_splits's, split)
     uint chunk;               // conv2d_weight_grad: output pixels each split sums (a multiple of TILE_K)
 };
 
@@ -46,6 +47,7 @@ struct ConvOut {
     device float* partial;  // a split's float slice, or null: y itself
     device const T* bias;   // or null
     uint m0, n0, rows, pixels, plane, cout, channel0;
+    uint relu;  // a fused relu, where y is written (split, sum_splits applies it)
 
     void write(uint m, uint n, float v) const {
         const uint c = m0 + m, q = n0 + n;
@@ -53,7 +55,7 @@ struct ConvOut {
         const uint i = ((q / plane) * cout + channel0 + c) * plane + q % plane;
         const float r = v + (bias ? float(bias[channel0 + c]) : 0.0f);
         if (partial) partial[i] = r;
-        else y[i] = T(r);
+        else y[i] = stored_output<T>(r, relu);
     }
 };
 
@@ -119,7 +121,7 @@ inline void conv2d_tiled(device const T* x, device const T* w, device const T* b
     }
     acc.multiply(a_tile + (buf ^ 1) * STAGED(width_m), b_tile + (buf ^ 1) * STAGED(width_n));
     acc.store(ConvOut<T>{y, cin_g * khw > p.chunk ? partial + split * p.n * p.cout * plane : nullptr,
-                         p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g});
+                         p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g, p.relu});
 }
 
 // The kernels: one template over the storage type and the tiling (rows × columns a threadgroup,
@@ -208,7 +210,7 @@ kernel void conv2d_mma_tiles(device const T* x [[buffer(0)]],  // extent: p.n * 
     }
     if (K > k_begin) acc.multiply(a_s, b_s);
     acc.store(ConvOut<T>{y, cols > p.chunk ? partial + split * p.n * p.cout * plane : nullptr,
-                         p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g}, (threadgroup float*)staged);
+                         p.has_bias && split == 0 ? bias : nullptr, m0, n0, cout_g, pixels, plane, p.cout, g * cout_g, p.relu}, (threadgroup float*)staged);
 }
 template [[host_name("conv2d_mma")]] [[kernel]] decltype(conv2d_mma_tiles<float, WIDE, WIDE>) conv2d_mma_tiles<float, WIDE, WIDE>;
 template [[host_name("conv2d_mma_f16")]] [[kernel]] decltype(conv2d_mma_tiles<half, WIDE, WIDE>) conv2d_mma_tiles<half, WIDE, WIDE>;
@@ -247,6 +249,7 @@ struct Conv3x3Params {
     int pad_h, pad_w;
     uint tiles_x, tiles;     // tiles across an image, and in one (threadgroup x = image · tiles + ty · tiles_x + tx)
     uint has_bias;
+    uint relu;               // a fused relu after the bias (stored_output)
 };
 
 // Thread t's share of input channels c0 … c0 + CF_CHUNK − 1, in float4s of 4 staged columns
@@ -326,7 +329,7 @@ inline void conv2d_3x3_tiled(device const T* x, device const T* w, device const 
         device T* y_row = y + ((img * p.cout + co) * p.oh + oy) * p.ow;
         for (uint k = 0; k < 8; ++k) {
             const uint ox = ox0 + 8 * j + k;
-            if (ox < p.ow) y_row[ox] = T(acc[i][k] + b);
+            if (ox < p.ow) y_row[ox] = stored_output<T>(acc[i][k] + b, p.relu);
         }
     }
 }
@@ -443,10 +446,11 @@ struct Conv3x3Out {
     device T* y;           // the image's first output channel
     device const T* bias;  // or null
     uint co0, oy0, ox0, cout, oh, ow;
+    uint relu;             // a fused relu
 
     void write(uint m, uint n, float v) const {
         const uint co = co0 + m, oy = oy0 + n / C3_COLS, ox = ox0 + n % C3_COLS;
-        if (co < cout && oy < oh && ox < ow) y[(co * oh + oy) * ow + ox] = T(v + (bias ? float(bias[co]) : 0.0f));
+        if (co < cout && oy < oh && ox < ow) y[(co * oh + oy) * ow + ox] = stored_output<T>(v + (bias ? float(bias[co]) : 0.0f), relu);
     }
 };
 
@@ -502,7 +506,7 @@ kernel void conv2d_3x3_mma_tiles(device const T* x [[buffer(0)]],
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     multiply_3x3<CO, ROWS>(acc, w_s, x_s);
-    acc.store(Conv3x3Out<T>{y + img * p.cout * p.oh * p.ow, p.has_bias ? bias : nullptr, co0, uint(oy0), uint(ox0), p.cout, p.oh, p.ow},
+    acc.store(Conv3x3Out<T>{y + img * p.cout * p.oh * p.ow, p.has_bias ? bias : nullptr, co0, uint(oy0), uint(ox0), p.cout, p.oh, p.ow, p.relu},
               (threadgroup float*)staged);
 }
 template [[host_name("conv2d_3x3_mma")]] [[kernel]] decltype(conv2d_3x3_mma_tiles<float, C3_CO, C3_ROWS>) conv2d_3x3_mma_tiles<float, C3_CO, C3_ROWS>;
@@ -1267,6 +1271,7 @@ struct ConvKxkParams {
     int pad_h, pad_w;
     uint tiles_x, tiles;   // pixel tiles across an image, and in one
     uint has_bias;         // forward: add bias[cout]
+    uint relu;             // forward: a fused relu after the bias (stored_output)
     uint chunk;            // weight gradient: pixel tiles each split sums
 };
 
@@ -1364,7 +1369,7 @@ kernel void conv2d_kxk_mma_8(device const T* x [[buffer(0)]],  // extent: p.n * 
     for (uint e = t; e < p.cout * K8_ROWS * K8_COLS; e += MMA_THREADS) {
         const uint co = e / (K8_ROWS * K8_COLS), oy = uint(oy0) + e / K8_COLS % K8_ROWS, ox = uint(ox0) + e % K8_COLS;
         if (oy < p.oh && ox < p.ow)
-            y[((img * p.cout + co) * p.oh + oy) * p.ow + ox] = T(out_s[e] + (p.has_bias ? float(bias[co]) : 0.0f));
+            y[((img * p.cout + co) * p.oh + oy) * p.ow + ox] = stored_output<T>(out_s[e] + (p.has_bias ? float(bias[co]) : 0.0f), p.relu);
     }
 }
 template [[host_name("conv2d_kxk_mma_8")]] [[kernel]] decltype(conv2d_kxk_mma_8<float>) conv2d_kxk_mma_8<float>;

@@ -265,8 +265,9 @@ template [[host_name("scale_bf16")]] [[kernel]] decltype(scale<bfloat>) scale<bf
 
 // ---------------------------------------------------------------- activations
 //
-// Gradient kernels take the forward's input where the derivative needs it (relu, leaky relu)
-// and the forward's output where that is cheaper (sigmoid, tanh, softmax).
+// Gradient kernels take the forward's input where the derivative needs it (leaky relu) and the
+// forward's output where that is cheaper (relu, sigmoid, tanh, softmax); relu's output is > 0
+// exactly where its input is, so relu_grad takes either.
 
 struct LinearParams {
     uint n;
@@ -302,7 +303,7 @@ template [[host_name("relu")]] [[kernel]] decltype(relu<float>) relu<float>;
 template [[host_name("relu_f16")]] [[kernel]] decltype(relu<half>) relu<half>;
 template [[host_name("relu_bf16")]] [[kernel]] decltype(relu<bfloat>) relu<bfloat>;
 
-// dx = 0 where x ≤ 0, else g (0 at the kink; g where x is NaN, as PyTorch)
+// dx = 0 where x ≤ 0, else g (0 at the kink; g where x is NaN, as PyTorch); x is relu's input or output
 template <typename T>
 kernel void relu_grad(device const T* g [[buffer(0)]],  // extent: p.n
                       device const T* x [[buffer(1)]],  // extent: p.n

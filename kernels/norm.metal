@@ -30,12 +30,15 @@
 #include <metal_stdlib>
 using namespace metal;
 
+#include "store.h"
+
 struct NormParams {
     uint channels;  // groups per sample (C, G or 1); batch norm: C, the stride between a group's blocks
     uint rows;      // blocks per group: 1, or N for batch norm
     uint hw;        // elements per block
     uint planes;    // γ, β entries per group, one per plane of hw / planes elements
     float eps;
+    uint relu;      // norm_forward: a fused relu on the output (store.h)
 };
 
 // Σ v over the threadgroup, returned to every thread. Each simdgroup adds the per-simdgroup
@@ -133,7 +136,8 @@ inline Moments group_moments(device const T* x, constant NormParams& p, uint gro
     return m;
 }
 
-// out = (x − mean)/√(var + eps)·γ + β; stats[group] = (mean, var) for batch norm's running averages.
+// out = (x − mean)/√(var + eps)·γ + β (through a fused relu where p.relu); stats[group] = (mean, var)
+// for batch norm's running averages.
 template <typename T>
 kernel void norm_forward(device const T* x [[buffer(0)]],
                          device const float* gamma [[buffer(1)]],  // extent: p.channels * p.planes
@@ -159,15 +163,15 @@ kernel void norm_forward(device const T* x [[buffer(0)]],
         Cursor at = cursor(lid, tpg, plane);
         for (uint k = 0; k < NORM_CACHE; k++, advance(at)) {
             uint i = lid + k * tpg;
-            if (i < p.hw) block[i] = T(fma(cache[k] - m.mean, g_entry[at.plane] * rstd, b_entry[at.plane]));
+            if (i < p.hw) block[i] = stored_output<T>(fma(cache[k] - m.mean, g_entry[at.plane] * rstd, b_entry[at.plane]), p.relu);
         }
     } else {
         for (uint r = 0; r < p.rows; r++) {
             uint base = block_offset(p, group, r);
             Cursor at = cursor(lid, tpg, plane);
             for (uint i = lid; i < p.hw; i += tpg, advance(at))
-                out[base + i] = T(fma((float(x[base + i]) - m.shift) - m.mean, g_entry[at.plane] * rstd,
-                                      b_entry[at.plane]));
+                out[base + i] = stored_output<T>(fma((float(x[base + i]) - m.shift) - m.mean, g_entry[at.plane] * rstd,
+                                                     b_entry[at.plane]), p.relu);
         }
     }
     if (lid == 0) {

@@ -37,6 +37,8 @@
 // compile-time constants there), and declare the staging buffers.
 #pragma once
 
+#include "store.h"
+
 #define TILE_K 8            // reduction depth staged per slice
 #define WIDE 128            // the wide tiling: WIDE × WIDE outputs …
 #define WIDE_THREADS 256    // … by (WIDE/8)² threads
@@ -255,10 +257,12 @@ inline void advance(thread uint& c, thread uint& ky, thread uint& kx, uint steps
 struct SplitParams {
     uint count;   // floats per slice
     uint splits;
+    uint relu;    // a convolution's fused relu (stored_output)
 };
 
 // out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing). The
-// slices are float whatever the storage type T of out, which the sum is rounded to once.
+// slices are float whatever the storage type T of out, which the sum is rounded to once (and
+// passed through a convolution's fused relu).
 template <typename T>
 kernel void sum_splits(device const float* partial [[buffer(0)]],  // extent: p.splits * p.count
                        device T* out [[buffer(1)]],  // extent: p.count
@@ -267,7 +271,7 @@ kernel void sum_splits(device const float* partial [[buffer(0)]],  // extent: p.
     if (i >= p.count) return;
     float s = 0.0f;
     for (uint k = 0; k < p.splits; ++k) s += partial[k * p.count + i];
-    out[i] = T(s);
+    out[i] = stored_output<T>(s, p.relu);
 }
 template [[host_name("sum_splits")]] [[kernel]] decltype(sum_splits<float>) sum_splits<float>;
 template [[host_name("sum_splits_f16")]] [[kernel]] decltype(sum_splits<half>) sum_splits<half>;

@@ -217,6 +217,7 @@ def test_public_wrapper_optional_bias(dev):
     ((4, 8, 8), (2, 4, 3, 3), None, {}, "input must be 4-D"),
     ((1, 4, 8, 8), (2, 4, 3), None, {}, "weights must be 4-D"),
     ((1, 4, 8, 8), (2, 4, 3, 3), (3,), {}, "bias must have shape (2,)"),
+    ((1, 4, 8, 8), (2, 4, 3, 3), None, dict(activation="gelu"), "activation must be one of None, 'relu', got 'gelu'"),
 ])
 def test_errors_before_dispatch(dev, x, w, b, attrs, message):
     ts = [mm.tensor(np.zeros(s, np.float32), dev) for s in (x, w) + ((b,) if b else ())]

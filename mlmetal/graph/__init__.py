@@ -1,7 +1,8 @@
 """Graphs: ops on graph tensors append nodes to a tape, and nothing runs until the graph is run.
 
 tape.py records nodes; autodiff.py derives a training graph from the tape (DESIGN §3);
-execution.py plans buffers, encodes and replays dispatches, and runs training steps.
+execution.py plans buffers, encodes and replays dispatches, and runs training steps; fusion.py
+fuses a plan's conv2d → relu pairs.
 `Graph` is a tape with the other two's entry points.
 """
 
@@ -33,6 +34,10 @@ class Graph(Tape):
         >>> g.run({"x": np.ones((4, 3), np.float32)}, outputs=[y])[0].shape
         (4, 3)
     """
+
+    # Plans made from now on fuse a conv2d or instance_norm into the relu after it (fusion.py);
+    # False on a graph keeps them apart there, on the class everywhere (`mm.Graph.fuse = False`).
+    fuse = True
 
     def __init__(self, device: Device, matmul_precision: str | None = None, compute_dtype=None):
         super().__init__(device)
@@ -123,10 +128,10 @@ class Graph(Tape):
         `updates` adds the optimizer's update nodes (a training step); `copy` numbers
         independent plans with buffers of their own, one per iteration kept in flight.
         """
-        key = (tuple(outputs), len(self.nodes), plan_lifetimes, copy, updates, self.replay)
+        key = (tuple(outputs), len(self.nodes), plan_lifetimes, copy, updates, self.replay, self.fuse)
         with self.lock:
             if key not in self._plans:
-                self._plans[key] = Plan(self, outputs, plan_lifetimes, updates, self.replay)
+                self._plans[key] = Plan(self, outputs, plan_lifetimes, updates, self.replay, self.fuse)
             return self._plans[key]
 
 

@@ -10,6 +10,7 @@ from .. import ops
 from .. import dtypes as D
 from ..precision import get_matmul_precision, matmul_precision
 from ..tensor import Tensor
+from .fusion import fuse_activations
 from .tape import GraphError, GraphTensor, Node, Tape
 
 
@@ -71,6 +72,9 @@ class Plan:
     Temporaries share memory: a tensor's buffer returns to a free list after the last node
     that reads it, and later tensors take the smallest free buffer that fits.
 
+    Fusion (`fuse`): a conv2d whose only reader is a relu runs as one conv2d with the relu in its
+    epilogue (fusion.py).
+
     Replay: a node encoded once keeps the dispatches it encoded, bound and checked, and the
     next run replays them unless its attributes, its predicate or the buffer of a graph input
     it reads changed. Nothing else it touches can change buffers: the plan's own are made
@@ -80,10 +84,12 @@ class Plan:
     """
 
     def __init__(self, graph, outputs: tuple[GraphTensor, ...], plan_lifetimes: bool = True,
-                 updates: bool = False, replay: bool = True):
+                 updates: bool = False, replay: bool = True, fuse: bool = True):
         self.graph = graph
         self.outputs = outputs
         self.nodes = self._live_nodes(graph.nodes, outputs, updates)
+        if fuse:
+            self.nodes = fuse_activations(self.nodes, outputs)
         self.slots: dict[GraphTensor, int] = {}
         self.slot_bytes: list[int] = []
         keep = set(outputs)

@@ -52,13 +52,13 @@ def kxk_mma(device, cout, kernel_size, stride, dilation, groups, dtype=D.float32
     return policy if fits else None
 
 
-def _kxk_params(x, cout, oh, ow, kernel_size, padding, rows, has_bias=0):
+def _kxk_params(x, cout, oh, ow, kernel_size, padding, rows, has_bias=0, relu=0):
     """The ConvKxkParams constants of conv.metal, for pixel tiles of `rows` × K8_COLS."""
     n, cin, h, wd = x.shape
     tiles_x = groups_for(ow, K8_COLS)
     return dict(n=n, cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, kh=kernel_size[0], kw=kernel_size[1],
                 pad_h=padding[0], pad_w=padding[1], tiles_x=tiles_x, tiles=tiles_x * groups_for(oh, rows),
-                has_bias=has_bias, chunk=0)
+                has_bias=has_bias, relu=relu, chunk=0)
 
 
 # Devices whose barriers are cheap (Device.cheap_barriers: GPUs) spread the bias gradient's
@@ -110,26 +110,31 @@ def _check_sizes(op, *shapes):
     ensure(all(math.prod(s) < MAX_ELEMENTS for s in shapes), op, "tensors of 2^31 elements or more are not supported")
 
 
-def _params(n, cin, h, w, cout, oh, ow, kh, kw, a, has_bias=0, chunk=0):
+def _params(n, cin, h, w, cout, oh, ow, kh, kw, a, has_bias=0, chunk=0, relu=0):
     """The ConvParams constants of conv.metal."""
     (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
     return dict(n=n, cin=cin, h=h, w=w, cout=cout, oh=oh, ow=ow, kh=kh, kw=kw, stride_h=sh, stride_w=sw,
-                pad_h=ph, pad_w=pw, dil_h=dh, dil_w=dw, groups=a["groups"], has_bias=has_bias, chunk=chunk)
+                pad_h=ph, pad_w=pw, dil_h=dh, dil_w=dw, groups=a["groups"], has_bias=has_bias, relu=relu,
+                chunk=chunk)
 
 
 # ---------------------------------------------------------------- conv2d
 
-def _conv2d_check(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
-    """2-D convolution (cross-correlation, as in PyTorch) of NCHW images."""
+ACTIVATIONS = (None, "relu")  # what conv2d's epilogue can apply to its output
+
+
+def _conv2d_check(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
+    """2-D convolution (cross-correlation, as in PyTorch) of NCHW images, with an optional fused activation."""
     op = "conv2d"
     a = _window(op, stride, padding, dilation, groups)
+    ensure(activation in ACTIVATIONS, op, f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
     ensure(len(x) == 4, op, f"input must be 4-D (N, C, H, W), got shape {x}")
     ensure(min(x) >= 1, op, f"input shape {x} has an empty dimension")
     cout, kh, kw = _check_weights(op, x[1], w, groups)
     ensure(b is None or tuple(b) == (cout,), op, f"bias must have shape ({cout},), got {b}")
     oh, ow = _output_size(op, x[2], x[3], kh, kw, a)
     _check_sizes(op, x, w, (x[0], cout, oh, ow))
-    return (x[0], cout, oh, ow), a
+    return (x[0], cout, oh, ow), a if activation is None else dict(a, activation=activation)  # files saved before it load
 
 
 CF_PIXELS, CF_CO, CF_THREADS = 512, 16, 128  # conv2d_3x3's tiles (conv.metal)
@@ -166,9 +171,9 @@ def _direct_3x3_tile(cout):
     return ("conv2d_3x3_mma_32", C3_CO_32, C3_ROWS_32) if cout <= C3_CO_32 else ("conv2d_3x3_mma", C3_CO, C3_ROWS)
 
 
-def _conv3x3_mma(cb, y, x, w, b, padding, policy):
-    """y = conv(x, w) + b on simdgroup matrices, directly (conv2d_3x3_mma or, for up to 32 output
-    channels, conv2d_3x3_mma_32), after packing w."""
+def _conv3x3_mma(cb, y, x, w, b, padding, policy, relu):
+    """y = conv(x, w) + b (through a fused relu where `relu`) on simdgroup matrices, directly
+    (conv2d_3x3_mma or, for up to 32 output channels, conv2d_3x3_mma_32), after packing w."""
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
     lib = y.device.library("conv", precision=policy)
@@ -180,16 +185,16 @@ def _conv3x3_mma(cb, y, x, w, b, padding, policy):
     tiles_x = groups_for(ow, C3_COLS)
     tiles = tiles_x * groups_for(oh, rows)
     params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
-                  tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None))
+                  tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None), relu=relu)
     cb.dispatch(lib.kernel(D.kernel_name(name, y.dtype)), groups=(n * tiles, groups_for(cout, co_tile)),
                 threads=MMA_THREADS, args=[x, packed, w if b is None else b, y, params])
 
 
-def _conv_kxk_mma_8(cb, y, x, w, b, padding, policy):
-    """y = conv(x, w) + b into at most K8_CO channels on simdgroup matrices (conv2d_kxk_mma_8), after
-    packing w."""
+def _conv_kxk_mma_8(cb, y, x, w, b, padding, policy, relu):
+    """y = conv(x, w) + b (through a fused relu where `relu`) into at most K8_CO channels on
+    simdgroup matrices (conv2d_kxk_mma_8), after packing w."""
     _, cout, oh, ow = y.shape
-    params = _kxk_params(x, cout, oh, ow, w.shape[2:], padding, K8_ROWS, has_bias=int(b is not None))
+    params = _kxk_params(x, cout, oh, ow, w.shape[2:], padding, K8_ROWS, has_bias=int(b is not None), relu=relu)
     lib = y.device.library("conv", precision=policy)
     packed = empty((groups_for(x.shape[1], K8_CI) * params["kh"] * params["kw"] * K8_CI * K8_CO,), y.device, y.dtype)
     cb.dispatch(lib.kernel(D.kernel_name("pack_weights_kxk_8", y.dtype)), groups=groups_for(packed.size, 256),
@@ -198,23 +203,24 @@ def _conv_kxk_mma_8(cb, y, x, w, b, padding, policy):
                 threads=MMA_THREADS, args=[x, packed, w if b is None else b, y, params])
 
 
-def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
+def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups, activation=None):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
+    relu = int(activation == "relu")  # every kernel below applies it as it stores (sum_splits, split)
     policy = direct_mma(y.device, cout, w.shape[2:], stride, dilation, groups, y.dtype)
     if policy:
-        return _conv3x3_mma(cb, y, x, w, b, padding, policy)
+        return _conv3x3_mma(cb, y, x, w, b, padding, policy, relu)
     policy = kxk_mma(y.device, cout, w.shape[2:], stride, dilation, groups, y.dtype)
     if policy:
-        return _conv_kxk_mma_8(cb, y, x, w, b, padding, policy)
+        return _conv_kxk_mma_8(cb, y, x, w, b, padding, policy, relu)
     direct = direct_conv(y.device, cout, w.shape[2:], stride, dilation, groups, (oh, ow))
     if direct:
         name, cols = direct
         tiles_x = groups_for(ow, cols)
         tiles = tiles_x * groups_for(oh, CF_PIXELS // cols)
         params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
-                      tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None))
+                      tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None), relu=relu)
         cb.dispatch(y.device.library("conv").kernel(D.kernel_name(name, y.dtype)), threads=CF_THREADS,
                     groups=(n * tiles, groups_for(cout, CF_CO)), args=[x, w, w if b is None else b, y, params])
         return
@@ -226,14 +232,17 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups):
     reduction = cin // groups * w.shape[2] * w.shape[3]
     splits, chunk = split_reduction(reduction, math.prod(grid), target=132, min_chunk=128)
     partial = split_output(y, splits)
-    params = _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a, has_bias=int(b is not None), chunk=chunk)
+    params = _params(n, cin, h, wd, cout, oh, ow, w.shape[2], w.shape[3], a, has_bias=int(b is not None), chunk=chunk,
+                     relu=relu)
     cb.dispatch(k, groups=(*grid[:2], groups * splits), threads=threads,
                 args=[x, w, w if b is None else b, y, partial, params])
-    sum_splits(cb, k.library, partial, y, splits)
+    sum_splits(cb, k.library, partial, y, splits, relu)
 
 
-def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups):
+def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups, activation=None):
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if activation == "relu":  # relu's own rule, on the fused output (y > 0 exactly where relu's input is)
+        g = apply("relu_grad", g, y)
     dx = apply("conv2d_input_grad", g, w, input_size=tuple(x.shape[2:]), **a)
     dw = apply("conv2d_weight_grad", g, x, kernel_size=tuple(w.shape[2:]), **a)
     return (dx, dw) if b is None else (dx, dw, apply("conv2d_bias_grad", g))
@@ -250,7 +259,7 @@ register("conv2d", check=_conv2d_check, encode=_conv2d_encode, reference=R.conv2
                   "conv.sum_splits"], dtypes=D.FLOATS)
 
 
-def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, activation=None):
     """2-D convolution (cross-correlation, as in PyTorch) of NCHW images, stored in float32, float16 or
     bfloat16 (float sums, the result rounded once).
 
@@ -260,6 +269,9 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
         b: optional bias, (Cout,).
         stride, padding, dilation: an int or an (h, w) pair; padding is zeros on both sides.
         groups: split the channels into this many independent convolutions.
+        activation: None, or "relu": relu(conv + b) in one pass, the relu applied as the kernel
+            stores (bit for bit `mm.ops.relu` of the unfused result). A graph fuses a conv2d
+            whose only reader is a relu by itself (`Graph.plan`).
 
     Returns:
         (N, Cout, OH, OW) with OH = (H + 2·pad − dil·(KH − 1) − 1) // stride + 1 (likewise OW).
@@ -271,7 +283,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
         (1, 16, 8, 8)
     """
     return apply("conv2d", *((x, w) if b is None else (x, w, b)),
-                 stride=stride, padding=padding, dilation=dilation, groups=groups)
+                 stride=stride, padding=padding, dilation=dilation, groups=groups, activation=activation)
 
 
 _ops.conv2d = conv2d  # the registry's entry point would pass b=None on as an input

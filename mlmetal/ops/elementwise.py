@@ -253,9 +253,12 @@ _map("relu", 1, """max(x, 0); its gradient is 0 at x = 0.
 
     Example:
         >>> y = mm.ops.relu(x)
-    """, grad=lambda g, out, x: (apply("relu_grad", g, x),))
+    """, grad=lambda g, out, x: (apply("relu_grad", g, out),))
 
-_map("relu_grad", 2, "dL/dx of relu given dL/dout `g` and the input x.", grad=None)
+# relu's rule reads its output, which is > 0 exactly where its input is (NaN where it is NaN):
+# the input is then free once relu has run, and a graph can fuse a conv2d into the relu after it.
+_map("relu_grad", 2, "dL/dx of relu given dL/dout `g` and relu's input or output x (> 0 at the same places).",
+     grad=None)
 
 _map("leaky_relu", 1, """x where x > 0, else slope * x.
 

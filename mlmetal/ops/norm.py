@@ -28,23 +28,23 @@ def _threads(dev, m: int) -> int:
     return min(cap, 32 * ((m + 31) // 32))
 
 
-def _grouped(x, groups, eps):
+def _grouped(x, groups, eps, relu=0):
     """(params, number of groups) of group norm of (N, C, ...) with `groups` groups a sample
-    (instance norm: C); the kernels' layout, see kernels/norm.metal."""
+    (instance norm: C); the kernels' layout, see kernels/norm.metal (`relu`: norm_forward's fused relu)."""
     per_group = x[1] // groups
     return {"channels": groups, "rows": 1, "hw": per_group * math.prod(x[2:]), "planes": per_group,
-            "eps": eps}, x[0] * groups
+            "eps": eps, "relu": relu}, x[0] * groups
 
 
 def _layered(x, dims, eps):
     """(params, number of groups) of layer norm over the last `dims` axes of x."""
     m = math.prod(x[len(x) - dims:])
-    return {"channels": 1, "rows": 1, "hw": m, "planes": m, "eps": eps}, math.prod(x[:len(x) - dims])
+    return {"channels": 1, "rows": 1, "hw": m, "planes": m, "eps": eps, "relu": 0}, math.prod(x[:len(x) - dims])
 
 
 def _batched(x, eps):
     """(params, number of groups) of batch norm of (N, C, ...): a group per channel, a block per sample."""
-    return {"channels": x[1], "rows": x[0], "hw": math.prod(x[2:]), "planes": 1, "eps": eps}, x[1]
+    return {"channels": x[1], "rows": x[0], "hw": math.prod(x[2:]), "planes": 1, "eps": eps, "relu": 0}, x[1]
 
 
 def _kernel(x, name):
@@ -112,7 +112,7 @@ _BACKWARD = {"dtypes": D.FLOATS, "float32_inputs": (2,), "float32_outputs": (1, 
 
 # ---------------------------------------------------------------- instance norm
 
-def _instance_check(x, gamma, beta, eps=1e-5):
+def _instance_check(x, gamma, beta, eps=1e-5, activation=None):
     """Instance normalisation: each (sample, channel) plane to zero mean and unit variance, then γ·x̂ + β.
 
     Statistics are per plane (biased variance), computed in one numerically stable pass.
@@ -121,6 +121,9 @@ def _instance_check(x, gamma, beta, eps=1e-5):
         x: (N, C, H, W) (any number of spatial dimensions).
         gamma, beta: (C,) scale and shift.
         eps: added to the variance.
+        activation: None, or "relu": relu(instance_norm(x)) in one pass, bit for bit `mm.ops.relu`
+            of the unfused result. A graph fuses an instance_norm whose only reader is a relu
+            by itself (`Graph.plan`).
 
     Example:
         >>> y = mm.ops.instance_norm(x, mm.tensor(np.ones(C)), mm.tensor(np.zeros(C)))
@@ -128,16 +131,22 @@ def _instance_check(x, gamma, beta, eps=1e-5):
     _check_input("instance_norm", x, 3, "N, C, H, W")
     _check_channels("instance_norm", x, gamma=gamma, beta=beta)
     ensure(eps >= 0, "instance_norm", f"eps must not be negative, got {eps}")
-    return x, {"eps": float(eps)}
+    ensure(activation in (None, "relu"), "instance_norm", f"activation must be None or 'relu', got {activation!r}")
+    return x, {"eps": float(eps)} if activation is None else {"eps": float(eps), "activation": activation}
 
 
-def _instance_encode(cb, out, x, gamma, beta, eps):
-    _forward(cb, out, x, gamma, beta, _grouped(x.shape, x.shape[1], eps))
+def _instance_encode(cb, out, x, gamma, beta, eps, activation=None):
+    _forward(cb, out, x, gamma, beta, _grouped(x.shape, x.shape[1], eps, relu=int(activation == "relu")))
+
+
+def _instance_grad(g, out, x, gamma, beta, eps, activation=None):
+    if activation == "relu":  # relu's own rule, on the fused output (out > 0 exactly where relu's input is)
+        g = apply("relu_grad", g, out)
+    return apply("instance_norm_grad", g, x, gamma, eps=eps)
 
 
 register("instance_norm", check=_instance_check, encode=_instance_encode, reference=R.instance_norm,
-         grad=lambda g, out, x, gamma, beta, eps: apply("instance_norm_grad", g, x, gamma, eps=eps),
-         kernels=["norm.norm_forward"], **_FORWARD)
+         grad=_instance_grad, kernels=["norm.norm_forward"], **_FORWARD)
 
 
 def _instance_grad_check(g, x, gamma, eps):

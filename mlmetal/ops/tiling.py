@@ -106,10 +106,10 @@ def split_output(out, splits: int):
     return out if splits == 1 else empty((splits, out.size), out.device)
 
 
-def sum_splits(cb, lib, partial, out, splits: int) -> None:
-    """out = the sum of the `splits` float32 slices of partial, rounded to out's storage type
-    (nothing to do where partial is out); `lib` is the product's library (each that includes tile.h
-    has the kernel)."""
+def sum_splits(cb, lib, partial, out, splits: int, relu: int = 0) -> None:
+    """out = the sum of the `splits` float32 slices of partial, rounded to out's storage type (and
+    through a convolution's fused relu where `relu`); nothing to do where partial is out. `lib` is
+    the product's library (each that includes tile.h has the kernel)."""
     if partial is not out:
         cb.dispatch(lib.kernel(D.kernel_name("sum_splits", out.dtype)), groups=groups_for(out.size, 256), threads=256,
-                    args=[partial, out, {"count": out.size, "splits": splits}])
+                    args=[partial, out, {"count": out.size, "splits": splits, "relu": relu}])

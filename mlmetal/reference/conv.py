@@ -19,7 +19,7 @@ def _by_group(a, groups):
     return a.reshape(a.shape[0], groups, a.shape[1] // groups, *a.shape[2:])
 
 
-def conv2d(x, w, b=None, *, stride, padding, dilation, groups):
+def conv2d(x, w, b=None, *, stride, padding, dilation, groups, activation=None):
     n, _, h, wd = x.shape
     cout, cin_g, kh, kw = w.shape
     oh, ow = _geometry(h, wd, kh, kw, stride, padding, dilation)
@@ -31,7 +31,8 @@ def conv2d(x, w, b=None, *, stride, padding, dilation, groups):
         for kx in range(kw):
             y += np.einsum("ngcyx,goc->ngoyx", _tap(xg, ky, kx, oh, ow, stride, dilation), wg[..., ky, kx])
     y = y.reshape(n, cout, oh, ow)
-    return y if b is None else y + b[None, :, None, None]
+    y = y if b is None else y + b[None, :, None, None]
+    return np.maximum(y, 0.0) if activation == "relu" else y
 
 
 def conv2d_input_grad(g, w, *, input_size, stride, padding, dilation, groups):

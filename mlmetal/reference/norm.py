@@ -23,9 +23,10 @@ def _norm_grad(g, x, gamma, axes, eps):
     return dx, (g * xh).sum(axis=param_axes), g.sum(axis=param_axes)
 
 
-def instance_norm(x, gamma, beta, eps):
+def instance_norm(x, gamma, beta, eps, activation=None):
     axes = tuple(range(2, x.ndim))
-    return _normalise(x, axes, eps) * _channel(gamma, x.ndim) + _channel(beta, x.ndim)
+    y = _normalise(x, axes, eps) * _channel(gamma, x.ndim) + _channel(beta, x.ndim)
+    return np.maximum(y, 0.0) if activation == "relu" else y
 
 
 def instance_norm_grad(g, x, gamma, eps):
