@@ -250,6 +250,7 @@ struct Conv3x3Params {
     uint tiles_x, tiles;     // tiles across an image, and in one (threadgroup x = image · tiles + ty · tiles_x + tx)
     uint has_bias;
     uint relu;               // a fused relu after the bias (stored_output)
+    uint masked;             // an input gradient's fused relu_grad by `mask` (masked_output)
 };
 
 // Thread t's share of input channels c0 … c0 + CF_CHUNK − 1, in float4s of 4 staged columns
@@ -277,7 +278,7 @@ inline void load_chunk_3x3(device const T* x_img, device const T* w, constant Co
 
 template <typename T>
 inline void conv2d_3x3_tiled(device const T* x, device const T* w, device const T* bias,
-                             device T* y, constant Conv3x3Params& p, uint3 group, uint t,
+                             device T* y, device const T* mask, constant Conv3x3Params& p, uint3 group, uint t,
                              threadgroup float4* xs, threadgroup float4* ws, uint cols) {
     const uint rows = CF_PIXELS / cols, span = cols + 4, quads = CF_CHUNK * CF_X_TILE(cols) / 4;
     const uint img = group.x / p.tiles, tile = group.x % p.tiles, co0 = group.y * CF_CO;
@@ -326,10 +327,10 @@ inline void conv2d_3x3_tiled(device const T* x, device const T* w, device const 
         const uint co = co0 + 8 * upper + i;
         if (co >= p.cout) break;
         const float b = p.has_bias ? float(bias[co]) : 0.0f;
-        device T* y_row = y + ((img * p.cout + co) * p.oh + oy) * p.ow;
+        const uint row = ((img * p.cout + co) * p.oh + oy) * p.ow;
         for (uint k = 0; k < 8; ++k) {
             const uint ox = ox0 + 8 * j + k;
-            if (ox < p.ow) y_row[ox] = stored_output<T>(acc[i][k] + b, p.relu);
+            if (ox < p.ow) y[row + ox] = masked_output(stored_output<T>(acc[i][k] + b, p.relu), p.masked ? mask : nullptr, row + ox);
         }
     }
 }
@@ -341,11 +342,12 @@ kernel void conv2d_3x3(device const T* x [[buffer(0)]],
                        device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
                        device T* y [[buffer(3)]],
                        constant Conv3x3Params& p [[buffer(4)]],
+                       device const T* mask [[buffer(5)]],  // y's shape where p.masked
                        uint3 group [[threadgroup_position_in_grid]],
                        uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 xs[CF_CHUNK * CF_X_TILE(64) / 4];  // [channel][row][column]
     threadgroup float4 ws[CF_CHUNK * 9 * CF_CO / 4];      // [channel][tap][output channel]
-    conv2d_3x3_tiled(x, w, bias, y, p, group, t, xs, ws, 64);
+    conv2d_3x3_tiled(x, w, bias, y, mask, p, group, t, xs, ws, 64);
 }
 template [[host_name("conv2d_3x3")]] [[kernel]] decltype(conv2d_3x3<float>) conv2d_3x3<float>;
 template [[host_name("conv2d_3x3_f16")]] [[kernel]] decltype(conv2d_3x3<half>) conv2d_3x3<half>;
@@ -358,11 +360,12 @@ kernel void conv2d_3x3_16x32(device const T* x [[buffer(0)]],
                              device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
                              device T* y [[buffer(3)]],
                              constant Conv3x3Params& p [[buffer(4)]],
+                             device const T* mask [[buffer(5)]],  // y's shape where p.masked
                              uint3 group [[threadgroup_position_in_grid]],
                              uint t [[thread_index_in_threadgroup]]) {
     threadgroup float4 xs[CF_CHUNK * CF_X_TILE(32) / 4];
     threadgroup float4 ws[CF_CHUNK * 9 * CF_CO / 4];
-    conv2d_3x3_tiled(x, w, bias, y, p, group, t, xs, ws, 32);
+    conv2d_3x3_tiled(x, w, bias, y, mask, p, group, t, xs, ws, 32);
 }
 template [[host_name("conv2d_3x3_16x32")]] [[kernel]] decltype(conv2d_3x3_16x32<float>) conv2d_3x3_16x32<float>;
 template [[host_name("conv2d_3x3_16x32_f16")]] [[kernel]] decltype(conv2d_3x3_16x32<half>) conv2d_3x3_16x32<half>;
@@ -447,10 +450,11 @@ struct Conv3x3Out {
     device const T* bias;  // or null
     uint co0, oy0, ox0, cout, oh, ow;
     uint relu;             // a fused relu
+    device const T* mask;  // the image's first channel of a fused relu_grad's mask, or null
 
     void write(uint m, uint n, float v) const {
-        const uint co = co0 + m, oy = oy0 + n / C3_COLS, ox = ox0 + n % C3_COLS;
-        if (co < cout && oy < oh && ox < ow) y[(co * oh + oy) * ow + ox] = stored_output<T>(v + (bias ? float(bias[co]) : 0.0f), relu);
+        const uint co = co0 + m, oy = oy0 + n / C3_COLS, ox = ox0 + n % C3_COLS, i = (co * oh + oy) * ow + ox;
+        if (co < cout && oy < oh && ox < ow) y[i] = masked_output(stored_output<T>(v + (bias ? float(bias[co]) : 0.0f), relu), mask, i);
     }
 };
 
@@ -460,6 +464,7 @@ kernel void conv2d_3x3_mma_tiles(device const T* x [[buffer(0)]],
                                  device const T* bias [[buffer(2)]],  // extent: p.has_bias * p.cout
                                  device T* y [[buffer(3)]],
                                  constant Conv3x3Params& p [[buffer(4)]],
+                                 device const T* mask [[buffer(5)]],  // y's shape where p.masked
                                  uint2 group [[threadgroup_position_in_grid]],
                                  uint t [[thread_index_in_threadgroup]]) {
     // Staged as stored: [tap][output channel][input channel] weights, then [input channel][row][column]
@@ -506,7 +511,8 @@ kernel void conv2d_3x3_mma_tiles(device const T* x [[buffer(0)]],
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     multiply_3x3<CO, ROWS>(acc, w_s, x_s);
-    acc.store(Conv3x3Out<T>{y + img * p.cout * p.oh * p.ow, p.has_bias ? bias : nullptr, co0, uint(oy0), uint(ox0), p.cout, p.oh, p.ow, p.relu},
+    acc.store(Conv3x3Out<T>{y + img * p.cout * p.oh * p.ow, p.has_bias ? bias : nullptr, co0, uint(oy0), uint(ox0), p.cout, p.oh, p.ow, p.relu,
+                              p.masked ? mask + img * p.cout * p.oh * p.ow : nullptr},
               (threadgroup float*)staged);
 }
 template [[host_name("conv2d_3x3_mma")]] [[kernel]] decltype(conv2d_3x3_mma_tiles<float, C3_CO, C3_ROWS>) conv2d_3x3_mma_tiles<float, C3_CO, C3_ROWS>;

@@ -104,6 +104,57 @@ def test_fused_relu_passes_nan_through_as_relu_does(dev):
     np.testing.assert_array_equal(np.delete(y[0, 1].ravel(), 4), 0)
 
 
+def mask_like(rng, shape, dtype):
+    """A relu_grad mask: normals, a quarter of them 0, one NaN (which passes the gradient)."""
+    m = rng.standard_normal(shape).astype(np.float32)
+    m[rng.random(shape) < 0.25] = 0.0
+    m.flat[rng.integers(m.size)] = np.nan
+    return m.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_masked_input_gradient_is_relu_grad_of_it_bit_for_bit(dev, kernels, dtype, data):
+    """conv2d_input_grad(g, w, mask): the direct 3×3 kernels apply the mask as they store; the
+    other paths (k×k, the products, strided input gradients) run relu_grad after them in place."""
+    x_shape, w_shape, attrs, _ = conv_case(data)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    y_shape = RC.conv2d(np.zeros(x_shape), np.zeros(w_shape), **attrs).shape
+    g, w = (rng.standard_normal(s).astype(np.float32).astype(dtype) for s in (y_shape, w_shape))
+    mask = mm.tensor(mask_like(rng, x_shape, dtype), dev)
+    args = dict(attrs, input_size=x_shape[2:])
+    with mm.matmul_precision("high" if kernels == "matrices" else "highest"):
+        dx = mm.ops.conv2d_input_grad(mm.tensor(g, dev), mm.tensor(w, dev), **args)
+        fused = mm.ops.conv2d_input_grad(mm.tensor(g, dev), mm.tensor(w, dev), mask, **args).numpy()
+    unfused = mm.ops.relu_grad(dx, mask).numpy()
+    assert fused.dtype == dtype
+    np.testing.assert_array_equal(bits(fused), bits(unfused))
+    assert ((mask.numpy() <= 0) & (dx.numpy() != 0)).any() == (fused != dx.numpy()).any()
+
+
+def test_masked_input_gradient_after_a_split_reduction(dev):
+    """The input gradient of a 64 → 128-channel 4×4 convolution of 8×8 images is a turned
+    convolution summing 2048 terms over few tiles: split, then relu_grad after sum_splits."""
+    rng = np.random.default_rng(2)
+    g, w = rng.standard_normal((3, 128, 7, 7)).astype(np.float32), rng.standard_normal((128, 64, 4, 4)).astype(np.float32)
+    mask = mm.tensor(mask_like(rng, (3, 64, 8, 8), np.float32), dev)
+    attrs = dict(input_size=(8, 8), padding=(1, 1), stride=(1, 1))
+    assert tiling.split_reduction(128 * 16, conv_ops.groups_for(3 * 64, tiling.WIDE.cols), target=132, min_chunk=128)[0] > 1
+    dx = mm.ops.conv2d_input_grad(mm.tensor(g, dev), mm.tensor(w, dev), **attrs)
+    fused = mm.ops.conv2d_input_grad(mm.tensor(g, dev), mm.tensor(w, dev), mask, **attrs).numpy()
+    np.testing.assert_array_equal(bits(fused), bits(mm.ops.relu_grad(dx, mask).numpy()))
+    ref = RC.conv2d_input_grad(g.astype(np.float64), w.astype(np.float64), mask.numpy().astype(np.float64), **attrs,
+                               dilation=(1, 1), groups=1)
+    np.testing.assert_allclose(fused, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_masked_input_gradient_checks_the_mask(dev):
+    g, w = mm.tensor(np.zeros((1, 2, 6, 6), np.float32), dev), mm.tensor(np.zeros((2, 4, 3, 3), np.float32), dev)
+    with pytest.raises(mm.ShapeError, match=r"mask must have the input's shape \(1, 4, 8, 8\), got \(1, 4, 8, 7\)"):
+        mm.ops.conv2d_input_grad(g, w, mm.tensor(np.zeros((1, 4, 8, 7), np.float32), dev), input_size=(8, 8))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cheap_barriers", [False, True])  # 32 threads a plane or up to 1024: planes in registers or not
 @settings(max_examples=10, deadline=None)
@@ -152,16 +203,19 @@ def test_a_fused_training_graph_computes_what_the_unfused_one_does(dev, dtype):
         g.fuse = fuse
         convs, x, loss, t4, inputs = network(g, dev)
         train = g.training_graph(loss)
-        ops = [(n.op, n.attrs.get("activation")) for n in train.plan().nodes]
-        with_t4 = [(n.op, n.attrs.get("activation")) for n in g.plan((loss, t4)).nodes]
+        ops = [(n.op, n.attrs.get("activation") or len(n.inputs)) for n in train.plan().nodes]
+        with_t4 = [(n.op, n.attrs.get("activation") or len(n.inputs)) for n in g.plan((loss, t4)).nodes]
         loss_value = train.step(**inputs)
         grads = [bits(p.grad.numpy()) for c in convs for p in (c.weight, c.bias)]
         results[fuse] = (ops, with_t4, loss_value, grads, train.plan().peak_bytes, g.run(inputs, outputs=[loss, t4]))
     (fused_ops, fused_t4, *fused), (plain_ops, plain_t4, *plain) = results[True], results[False]
-    assert fused_ops.count(("conv2d", "relu")) == 3 and fused_ops.count(("relu", None)) == 1
-    assert fused_t4.count(("conv2d", "relu")) == 2 and fused_t4.count(("relu", None)) == 2
-    assert plain_ops.count(("conv2d", "relu")) == 0 and plain_ops.count(("relu", None)) == 4
-    assert len(plain_ops) - len(fused_ops) == 3 and len(plain_t4) - len(fused_t4) == 2
+    assert fused_ops.count(("conv2d", "relu")) == 3 and fused_ops.count(("relu", 1)) == 1
+    assert fused_t4.count(("conv2d", "relu")) == 2 and fused_t4.count(("relu", 1)) == 2
+    assert plain_ops.count(("conv2d", "relu")) == 0 and plain_ops.count(("relu", 1)) == 4
+    # of the four relu_grads, only a's follows a conv2d_input_grad alone (b's and t3's gradients are sums)
+    assert fused_ops.count(("conv2d_input_grad", 3)) == 1 and fused_ops.count(("relu_grad", 2)) == 3
+    assert plain_ops.count(("conv2d_input_grad", 3)) == 0 and plain_ops.count(("relu_grad", 2)) == 4
+    assert len(plain_ops) - len(fused_ops) == 4 and len(plain_t4) - len(fused_t4) == 2
     assert fused[0] == plain[0]
     for f, p in zip(fused[1], plain[1]):
         np.testing.assert_array_equal(f, p)
@@ -221,6 +275,7 @@ def test_conv_norm_relu_blocks_train_the_same_fused(dev, dtype):
         results[fuse] = ops, loss, [bits(p.grad.numpy()) for p in (conv.weight, conv.bias, norm.weight, norm.bias)]
     assert ("instance_norm", "relu") in results[True][0] and ("relu", None) not in results[True][0]
     assert ("conv2d", None) in results[True][0] and ("relu", None) in results[False][0]
+    assert ("relu_grad", None) in results[True][0]  # after the norm's gradient: not fused
     assert results[True][1] == results[False][1]
     for f, p in zip(results[True][2], results[False][2]):
         np.testing.assert_array_equal(f, p)

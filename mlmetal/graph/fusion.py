@@ -1,6 +1,8 @@
 """Fusing nodes of a plan: a conv2d or instance_norm whose only reader is a relu becomes one node
 of that op that applies the relu as its kernels store (`activation="relu"`), saving the relu's
-pass over the output and the buffer of the value before it.
+pass over the output and the buffer of the value before it. In the backward pass, likewise, a
+conv2d_input_grad whose only reader is a relu_grad (the gradient flowing back into a relu's output)
+takes the relu_grad's mask as a third input (`conv2d_input_grad(g, w, mask)`).
 
 It rewrites the plan's list of nodes, never the tape: another plan of the same graph (other
 outputs, say, that need the value before the relu) decides for itself. The fused node takes the
@@ -37,4 +39,28 @@ def fuse_activations(nodes: list[Node], outputs: tuple[GraphTensor, ...]) -> lis
         fused[src] = Node(src.op, list(src.inputs), {**src.attrs, "activation": "relu"}, outputs=[y],
                           gradient_of=src.gradient_of, predicate=src.predicate)
         dropped.add(relu)
+    nodes = [fused.get(n, n) for n in nodes if n not in dropped]
+    return _fuse_relu_grads(nodes, keep)
+
+
+def _fuse_relu_grads(nodes: list[Node], keep: set) -> list[Node]:
+    """Each conv2d_input_grad → relu_grad (of the input gradient, by a mask made before it) fused."""
+    readers = Counter(x for n in nodes for x in n.inputs)
+    made_at = {o: i for i, n in enumerate(nodes) for o in n.outputs}
+    fused: dict[Node, Node] = {}
+    dropped: set[Node] = set()
+    for n in nodes:
+        if n.op != "relu_grad" or n.is_update:
+            continue
+        t, mask = n.inputs
+        (u,) = n.outputs
+        src = t.node
+        if (src is None or src.op != "conv2d_input_grad" or len(src.inputs) != 2 or src.is_update or t not in made_at
+                or src.predicate is not n.predicate or readers[t] != 1 or t in keep or t.value is not None
+                or u.value is not None or u.dtype != t.dtype or mask.dtype != t.dtype
+                or made_at.get(mask, -1) >= made_at[t]):  # the mask must be there when the input gradient is made
+            continue
+        fused[src] = Node(src.op, [*src.inputs, mask], dict(src.attrs), outputs=[u], gradient_of=src.gradient_of,
+                          predicate=src.predicate)
+        dropped.add(n)
     return [fused.get(n, n) for n in nodes if n not in dropped]

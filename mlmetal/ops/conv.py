@@ -171,9 +171,10 @@ def _direct_3x3_tile(cout):
     return ("conv2d_3x3_mma_32", C3_CO_32, C3_ROWS_32) if cout <= C3_CO_32 else ("conv2d_3x3_mma", C3_CO, C3_ROWS)
 
 
-def _conv3x3_mma(cb, y, x, w, b, padding, policy, relu):
-    """y = conv(x, w) + b (through a fused relu where `relu`) on simdgroup matrices, directly
-    (conv2d_3x3_mma or, for up to 32 output channels, conv2d_3x3_mma_32), after packing w."""
+def _conv3x3_mma(cb, y, x, w, b, padding, policy, relu, mask):
+    """y = conv(x, w) + b (through a fused relu where `relu`, a fused relu_grad by `mask` where
+    given) on simdgroup matrices, directly (conv2d_3x3_mma or, for up to 32 output channels,
+    conv2d_3x3_mma_32), after packing w."""
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
     lib = y.device.library("conv", precision=policy)
@@ -185,9 +186,9 @@ def _conv3x3_mma(cb, y, x, w, b, padding, policy, relu):
     tiles_x = groups_for(ow, C3_COLS)
     tiles = tiles_x * groups_for(oh, rows)
     params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
-                  tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None), relu=relu)
+                  tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None), relu=relu, masked=int(mask is not None))
     cb.dispatch(lib.kernel(D.kernel_name(name, y.dtype)), groups=(n * tiles, groups_for(cout, co_tile)),
-                threads=MMA_THREADS, args=[x, packed, w if b is None else b, y, params])
+                threads=MMA_THREADS, args=[x, packed, w if b is None else b, y, params, y if mask is None else mask])
 
 
 def _conv_kxk_mma_8(cb, y, x, w, b, padding, policy, relu):
@@ -203,26 +204,30 @@ def _conv_kxk_mma_8(cb, y, x, w, b, padding, policy, relu):
                 threads=MMA_THREADS, args=[x, packed, w if b is None else b, y, params])
 
 
-def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups, activation=None):
+def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups, activation=None, mask=None):
+    """y = conv2d(x, w, b) through `activation`; `mask`: then relu_grad(y, mask), for an input
+    gradient (encode_input_grad), fused into the direct 3×3 kernels, a pass of its own after the others."""
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = x.shape
     _, cout, oh, ow = y.shape
     relu = int(activation == "relu")  # every kernel below applies it as it stores (sum_splits, split)
     policy = direct_mma(y.device, cout, w.shape[2:], stride, dilation, groups, y.dtype)
     if policy:
-        return _conv3x3_mma(cb, y, x, w, b, padding, policy, relu)
+        return _conv3x3_mma(cb, y, x, w, b, padding, policy, relu, mask)
     policy = kxk_mma(y.device, cout, w.shape[2:], stride, dilation, groups, y.dtype)
     if policy:
-        return _conv_kxk_mma_8(cb, y, x, w, b, padding, policy, relu)
+        _conv_kxk_mma_8(cb, y, x, w, b, padding, policy, relu)
+        return _relu_grad_in_place(cb, y, mask)
     direct = direct_conv(y.device, cout, w.shape[2:], stride, dilation, groups, (oh, ow))
     if direct:
         name, cols = direct
         tiles_x = groups_for(ow, cols)
         tiles = tiles_x * groups_for(oh, CF_PIXELS // cols)
         params = dict(cin=cin, h=h, w=wd, cout=cout, oh=oh, ow=ow, pad_h=padding[0], pad_w=padding[1],
-                      tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None), relu=relu)
+                      tiles_x=tiles_x, tiles=tiles, has_bias=int(b is not None), relu=relu, masked=int(mask is not None))
         cb.dispatch(y.device.library("conv").kernel(D.kernel_name(name, y.dtype)), threads=CF_THREADS,
-                    groups=(n * tiles, groups_for(cout, CF_CO)), args=[x, w, w if b is None else b, y, params])
+                    groups=(n * tiles, groups_for(cout, CF_CO)), args=[x, w, w if b is None else b, y, params,
+                                                                      y if mask is None else mask])
         return
     t = tiling(cout // groups)
     k, threads = product(y.device, "conv2d", y.dtype, t)
@@ -237,6 +242,14 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups, ac
     cb.dispatch(k, groups=(*grid[:2], groups * splits), threads=threads,
                 args=[x, w, w if b is None else b, y, partial, params])
     sum_splits(cb, k.library, partial, y, splits, relu)
+    _relu_grad_in_place(cb, y, mask)
+
+
+def _relu_grad_in_place(cb, g, mask):
+    """g = relu_grad(g, mask), where the kernel that wrote g could not (nothing without a mask)."""
+    if mask is not None:
+        cb.dispatch(g.device.library("elementwise").kernel(D.kernel_name("relu_grad", g.dtype)), groups=groups_for(g.size, 256),
+                    threads=256, args=[g, mask, g, {"n": g.size}])
 
 
 def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups, activation=None):
@@ -291,8 +304,10 @@ _ops.conv2d = conv2d  # the registry's entry point would pass b=None on as an in
 
 # ---------------------------------------------------------------- gradients
 
-def _input_grad_check(g, w, *, input_size, stride=1, padding=0, dilation=1, groups=1):
-    """dx of conv2d from the output gradient g and the weights, for an input of `input_size` (H, W)."""
+def _input_grad_check(g, w, mask=None, *, input_size, stride=1, padding=0, dilation=1, groups=1):
+    """dx of conv2d from the output gradient g and the weights, for an input of `input_size` (H, W);
+    with a `mask` of dx's shape, relu_grad(dx, mask) in the same pass where the kernels can (a graph
+    fuses a relu_grad after a conv2d_input_grad so: mlmetal/graph/fusion.py)."""
     op = "conv2d_input_grad"
     a = _window(op, stride, padding, dilation, groups)
     h, wd = pair(input_size, op, "input_size")
@@ -306,11 +321,14 @@ def _input_grad_check(g, w, *, input_size, stride=1, padding=0, dilation=1, grou
     ensure(tuple(g[2:]) == (oh, ow), op, f"output gradient is {g[2]}×{g[3]}, the convolution of a {h}×{wd} "
                                          f"input gives {oh}×{ow}")
     _check_sizes(op, g, w, (g[0], cin, h, wd))
+    ensure(mask is None or tuple(mask) == (g[0], cin, h, wd), op, f"mask must have the input's shape {(g[0], cin, h, wd)}, "
+                                                                  f"got {mask}")
     return (g[0], cin, h, wd), dict(a, input_size=(h, wd))
 
 
-def encode_input_grad(cb, dx, g, w, b=None, *, input_size, stride, padding, dilation, groups):
-    """dx = conv2d_input_grad(g, w) (+ b[channel], for conv_transpose2d, whose product this is)."""
+def encode_input_grad(cb, dx, g, w, b=None, *, input_size, stride, padding, dilation, groups, mask=None):
+    """dx = conv2d_input_grad(g, w) (+ b[channel], for conv_transpose2d, whose product this is), then
+    relu_grad(dx, mask) where a mask is given."""
     a = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, cin, h, wd = dx.shape
     oh, ow = g.shape[2:]
@@ -322,7 +340,8 @@ def encode_input_grad(cb, dx, g, w, b=None, *, input_size, stride, padding, dila
         flipped = empty((cin, cout // groups, kh, kw), dx.device, w.dtype)
         cb.dispatch(lib.kernel(D.kernel_name("flip_weights", w.dtype)), groups=groups_for(flipped.size, 256), threads=256,
                     args=[w, flipped, dict(count=flipped.size, cout=cout, cin_g=cin_g, groups=groups, kh=kh, kw=kw)])
-        _conv2d_encode(cb, dx, g, flipped, b, stride=(1, 1), padding=tuple(turned), dilation=dilation, groups=groups)
+        _conv2d_encode(cb, dx, g, flipped, b, stride=(1, 1), padding=tuple(turned), dilation=dilation, groups=groups,
+                       mask=mask)
         return
     t = tiling(cin // groups)
     k, threads = product(dx.device, "conv2d_input_grad", dx.dtype, t)
@@ -331,9 +350,14 @@ def encode_input_grad(cb, dx, g, w, b=None, *, input_size, stride, padding, dila
     grid = (groups_for(class_pixels, t.cols), groups_for(cin // groups, t.rows), groups * sh * sw)
     params = _params(n, cin, h, wd, cout, oh, ow, kh, kw, a, has_bias=int(b is not None))
     cb.dispatch(k, groups=grid, threads=threads, args=[g, w, w if b is None else b, dx, params])
+    _relu_grad_in_place(cb, dx, mask)
 
 
-register("conv2d_input_grad", check=_input_grad_check, encode=encode_input_grad, reference=R.conv2d_input_grad,
+def _input_grad_encode(cb, dx, g, w, mask=None, **attrs):
+    encode_input_grad(cb, dx, g, w, None, mask=mask, **attrs)
+
+
+register("conv2d_input_grad", check=_input_grad_check, encode=_input_grad_encode, reference=R.conv2d_input_grad,
          grad=None, kernels=[*_products("conv2d_input_grad"), "conv.flip_weights"], dtypes=D.FLOATS)
 
 

@@ -35,7 +35,7 @@ def conv2d(x, w, b=None, *, stride, padding, dilation, groups, activation=None):
     return np.maximum(y, 0.0) if activation == "relu" else y
 
 
-def conv2d_input_grad(g, w, *, input_size, stride, padding, dilation, groups):
+def conv2d_input_grad(g, w, mask=None, *, input_size, stride, padding, dilation, groups):
     n, cout, oh, ow = g.shape
     _, cin_g, kh, kw = w.shape
     (h, wd), (ph, pw) = input_size, padding
@@ -45,7 +45,8 @@ def conv2d_input_grad(g, w, *, input_size, stride, padding, dilation, groups):
     for ky in range(kh):
         for kx in range(kw):
             _tap(dxp, ky, kx, oh, ow, stride, dilation)[...] += np.einsum("ngoyx,goc->ngcyx", gg, wg[..., ky, kx])
-    return dxp[..., ph: ph + h, pw: pw + wd].reshape(n, groups * cin_g, h, wd)
+    dx = dxp[..., ph: ph + h, pw: pw + wd].reshape(n, groups * cin_g, h, wd)
+    return dx if mask is None else np.where(mask <= 0, 0.0, dx)  # relu_grad(dx, mask)
 
 
 def conv2d_weight_grad(g, x, *, kernel_size, stride, padding, dilation, groups):
