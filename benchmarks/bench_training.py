@@ -381,6 +381,22 @@ def time_autocast(build_mlmetal, dev, batch, size, extra, dtype, policy, steps, 
     return seconds, f"; {dtype} autocast {low / 2**20:.1f} MiB ({low / planned:.2f}× float32's)", step
 
 
+def time_unfused(build_mlmetal, dev, batch, size, extra, policy, autocast, steps, t_mm):
+    """`--fusion both`: the workload's steps under `policy` (and `autocast`) built with mm.Graph.fuse
+    off, as text: their times and how much faster the fused ones in `t_mm` were."""
+    mm.Graph.fuse = False
+    try:
+        times = {}
+        for dtype in (None, autocast) if autocast else (None,):
+            step, _ = build_mlmetal(dev, batch, size, **({"autocast": dtype} if dtype else {}), **extra)
+            with mm.matmul_precision(policy):
+                times[AUTOCAST_COLUMN[dtype] if dtype else policy] = best_seconds(lambda n: [step() for _ in range(n)], steps, 3)
+    finally:
+        mm.Graph.fuse = True
+    return "; unfused " + ", ".join(f"{k} {t * 1e3:.2f} ms (fused {t / t_mm[k]:.2f}× faster)" for k, t in times.items()
+                                    if k in t_mm)
+
+
 # ---------------------------------------------------------------- profile
 
 def profile(torch, step, sync, steps: int):
@@ -432,10 +448,12 @@ def main():
     ap.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
                     help="also time mlmetal's steps built under mm.autocast of this dtype, beside PyTorch's bf16 "
                          "autocast, and compare their peak temporaries with float32's")
-    ap.add_argument("--no-fusion", action="store_true",
-                    help="keep each conv2d and instance_norm apart from the relu after it (mm.Graph.fuse = False)")
+    ap.add_argument("--fusion", choices=("on", "off", "both"), default="on",
+                    help="fuse each conv2d and instance_norm into the relu after it, and each relu_grad into the "
+                         "input gradient before it (mm.Graph.fuse); both: also time mlmetal's steps unfused, in "
+                         "the same run")
     args = ap.parse_args()
-    mm.Graph.fuse = not args.no_fusion
+    mm.Graph.fuse = args.fusion != "off"
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in only if w not in WORKLOADS]
     if unknown:
@@ -468,7 +486,7 @@ def main():
         ref = "PyTorch is not installed: no reference timing"
     ac = f"{args.autocast} autocast under {policies[0]}" if args.autocast else ""
     print(f"training steps on mlmetal {dev.name} under {', '.join(policies)}{'; ' + ac if ac else ''}"
-          f"{'; relus unfused' if args.no_fusion else ''}; {ref}; "
+          f"{'; relus unfused' if args.fusion == 'off' else ''}; {ref}; "
           f"best of 3 rounds of {steps} steps; times in ms")
     columns = policies + ([AUTOCAST_COLUMN[args.autocast]] if args.autocast else [])
     head = "".join(f"{'mlm ' + p:>12}" for p in columns) + "".join(f"{'torch ' + m:>12}" for m in modes)
@@ -493,6 +511,8 @@ def main():
                                               steps, planned)
             if t_low is not None:
                 t_mm[AUTOCAST_COLUMN[args.autocast]] = t_low
+        unfused = time_unfused(build_mlmetal, dev, batch, size, extra, policies[0], args.autocast, steps, t_mm) \
+            if args.fusion == "both" else ""
         t_pt = {}
         for mode in modes:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
@@ -511,7 +531,7 @@ def main():
                        for p in columns if PEERS[p] in t_pt)
         best = f"{min(t_pt.values()) / min(t_mm.values()):>10.2f}×" if t_pt else ""
         print(f"{describe(name, batch, size):<32}{cells}{peer}{best}   "
-              f"{planned / 2**20:.1f} vs {unplanned / 2**20:.1f} MiB ({unplanned / planned:.1f}× less){low_memory}",
+              f"{planned / 2**20:.1f} vs {unplanned / 2**20:.1f} MiB ({unplanned / planned:.1f}× less){low_memory}{unfused}",
               flush=True)
         profiles.append((name, batch, step, low_step))
     if not args.profile:
