@@ -2,7 +2,7 @@
 
 tape.py records nodes; autodiff.py derives a training graph from the tape (DESIGN §3);
 execution.py plans buffers, encodes and replays dispatches, and runs training steps; fusion.py
-fuses a plan's conv2d → relu pairs.
+fuses a plan's conv2d / instance_norm → relu and conv2d_input_grad → relu_grad pairs.
 `Graph` is a tape with the other two's entry points.
 """
 
@@ -35,7 +35,8 @@ class Graph(Tape):
         (4, 3)
     """
 
-    # Plans made from now on fuse a conv2d or instance_norm into the relu after it (fusion.py);
+    # Plans made from now on fuse a conv2d or instance_norm into the relu after it, and a relu_grad
+    # into the conv2d_input_grad before it (fusion.py);
     # False on a graph keeps them apart there, on the class everywhere (`mm.Graph.fuse = False`).
     fuse = True
 

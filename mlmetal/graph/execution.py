@@ -72,8 +72,9 @@ class Plan:
     Temporaries share memory: a tensor's buffer returns to a free list after the last node
     that reads it, and later tensors take the smallest free buffer that fits.
 
-    Fusion (`fuse`): a conv2d whose only reader is a relu runs as one conv2d with the relu in its
-    epilogue (fusion.py).
+    Fusion (`fuse`): a conv2d or instance_norm whose only reader is a relu runs as one node with
+    the relu in its epilogue, and a conv2d_input_grad whose only reader is a relu_grad takes the
+    mask (fusion.py).
 
     Replay: a node encoded once keeps the dispatches it encoded, bound and checked, and the
     next run replays them unless its attributes, its predicate or the buffer of a graph input

@@ -246,10 +246,10 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups, ac
 
 
 def _relu_grad_in_place(cb, g, mask):
-    """g = relu_grad(g, mask), where the kernel that wrote g could not (nothing without a mask)."""
+    """g = relu_grad(g, mask), where the kernel that wrote g could not (nothing without a mask): the
+    relu_grad op's own encoding, in place."""
     if mask is not None:
-        cb.dispatch(g.device.library("elementwise").kernel(D.kernel_name("relu_grad", g.dtype)), groups=groups_for(g.size, 256),
-                    threads=256, args=[g, mask, g, {"n": g.size}])
+        _ops.REGISTRY["relu_grad"].encode(cb, g, g, mask)
 
 
 def _conv2d_grad(g, y, x, w, b=None, *, stride, padding, dilation, groups, activation=None):
