@@ -1479,7 +1479,9 @@ struct BiasGradParams {
 // db[c] = Σ over images and pixels of dy[n, c, :], split like the weight gradient: threadgroup
 // (x, c) sums pixels [x·chunk, (x+1)·chunk) of channel c's plane in every image into
 // partial[x·C + c] (then `sum_splits`), by a strided sum per thread and a tree through
-// threadgroup memory. A channel a threadgroup left most of a GPU idle at few channels.
+// threadgroup memory. A channel a threadgroup left most of a GPU idle at few channels. Each
+// thread keeps four sums, so four of its loads are in flight at once (one at a time left the
+// kernel latency-bound at well under the memory's bandwidth).
 // Grid: (splits, C), threads: (BIAS_THREADS).
 template <typename T>
 kernel void conv2d_bias_grad(device const T* dy [[buffer(0)]],  // extent: p.n * p.c * p.plane
@@ -1489,12 +1491,19 @@ kernel void conv2d_bias_grad(device const T* dy [[buffer(0)]],  // extent: p.n *
                              uint t [[thread_index_in_threadgroup]]) {
     threadgroup float sums[BIAS_THREADS];
     const uint c = tile.y, begin = tile.x * p.chunk, end = min(p.plane, begin + p.chunk);
-    float s = 0.0f;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
     for (uint img = 0; img < p.n; ++img) {
         device const T* row = dy + (img * p.c + c) * p.plane;
-        for (uint r = begin + t; r < end; r += BIAS_THREADS) s += float(row[r]);
+        uint r = begin + t;
+        for (; r + 3 * BIAS_THREADS < end; r += 4 * BIAS_THREADS) {
+            s0 += float(row[r]);
+            s1 += float(row[r + BIAS_THREADS]);
+            s2 += float(row[r + 2 * BIAS_THREADS]);
+            s3 += float(row[r + 3 * BIAS_THREADS]);
+        }
+        for (; r < end; r += BIAS_THREADS) s0 += float(row[r]);
     }
-    sums[t] = s;
+    sums[t] = (s0 + s1) + (s2 + s3);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint half_width = BIAS_THREADS / 2; half_width > 0; half_width /= 2) {
         if (t < half_width) sums[t] += sums[t + half_width];

@@ -146,6 +146,21 @@ def test_narrow_weight_and_bias_grad(dev, monkeypatch, x, cout, attrs, spread):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spread", [False, True])
+@given(n=st.integers(1, 3), c=st.sampled_from([1, 2, 3, 31, 33]),
+       plane=st.sampled_from([1, 255, 256, 257, 1023, 1024, 1025, 1027, 2047, 3073, 4100]) | st.integers(1, 5000))
+def test_bias_grad_plane_lengths(dev, monkeypatch, dtype, spread, n, c, plane):
+    """The bias gradient over planes either side of each multiple of its 256 threads and of the
+    four sums a thread keeps (1024 pixels a pass), in one threadgroup a channel (cpu) and split
+    across several (GPUs: every split but the last a whole number of passes or not)."""
+    monkeypatch.setattr(dev, "cheap_barriers", spread)
+    monkeypatch.setattr(conv_ops, "BIAS_GRAD_GROUPS", 8 * c)
+    g = np.random.default_rng(plane).standard_normal((n, c, 1, plane)).astype(np.float32)
+    tol = rtol_for(n * plane)
+    check_in(dev, dtype, Row("conv2d_bias_grad", None, rtol=tol, atol=tol), [g], {})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @given(st.data())
 def test_direct_3x3_kernels(dev, monkeypatch, dtype, data):
     """conv2d_3x3 and conv2d_weight_grad_3x3 (the GPUs' kernels for 3×3 stride-1 convolutions,

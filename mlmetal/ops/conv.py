@@ -489,12 +489,15 @@ def _bias_grad_check(g):
     return (g[1],), {}
 
 
+BIAS_GRAD_GROUPS = 64  # the bias gradient's threadgroups on a GPU, at least (one a channel)
+
+
 def _bias_grad_encode(cb, db, g):
     n, c, h, w = g.shape
     # On a GPU a channel a threadgroup leaves most of it idle at few channels (H100, dy of
     # 4×16×256²: 0.064 ms; split four ways, 0.053 ms); many splits of many channels lose to the
     # extra pass (64 channels split eight ways: 0.030 → 0.058 ms).
-    target = 64 if db.device.cheap_barriers else c
+    target = BIAS_GRAD_GROUPS if db.device.cheap_barriers else c
     splits, chunk = split_reduction(h * w, c, target=target, min_chunk=1024)
     lib = db.device.library("conv")
     partial = partial_for(db, splits)
