@@ -11,6 +11,8 @@ using namespace metal;
 
 #include "tile.h"
 
+#define GRAM_SMALL 64  // gram_small_mma's tiles: GRAM_SMALL × GRAM_SMALL outputs, for at most that many channels
+
 struct GramParams {
     uint batch, c, hw;  // features are batch × c × hw
     float alpha;
@@ -74,44 +76,59 @@ template [[host_name("gram")]] [[kernel]] decltype(gram<float>) gram<float>;
 template [[host_name("gram_f16")]] [[kernel]] decltype(gram<half>) gram<half>;
 template [[host_name("gram_bf16")]] [[kernel]] decltype(gram<bfloat>) gram<bfloat>;
 
-// gram on simdgroup matrices (tile.h's MMA staging, wide tiling). Grid as gram's, MMA_THREADS threads.
-template <typename T>
+// gram on simdgroup matrices (tile.h's MMA staging) in BM × BM tiles: the wide tiling's 128, or
+// 64 where the channels fit one such tile (a 128-wide tile would be three quarters padding).
+// Both operands are rows of F (channels along, features across), so B's rows are staged the
+// way A's are, and a tile on the diagonal stages its rows once and multiplies them by
+// themselves. Grid as gram's with tiles = ceil(c / BM), MMA_THREADS threads.
+template <typename T, uint BM>
 kernel void gram_mma(device const T* x [[buffer(0)]],  // extent: p.batch * p.c * p.hw
                      device float* partial [[buffer(1)]],  // extent: (p.hw + p.chunk - 1) / p.chunk * p.batch * p.c * p.c
                      constant GramParams& p [[buffer(2)]],
                      uint3 tile [[threadgroup_position_in_grid]],
                      uint t [[thread_index_in_threadgroup]]) {
     using S = T;  // staged as stored
-    threadgroup float4 staged[MMA_STAGED_QUADS(WIDE, WIDE, S)];
+    threadgroup float4 staged[MMA_STAGED_QUADS(BM, BM, S)];
     threadgroup S* a_s = (threadgroup S*)staged;  // [row channel][feature]
-    threadgroup S* b_s = a_s + WIDE * MMA_PITCH;  // [column channel][feature]
+    threadgroup S* b_s = a_s + BM * MMA_PITCH;    // [column channel][feature]
     if (tile.y > tile.x) return;  // the whole threadgroup leaves together, before any barrier
-    constexpr uint A_EACH = MMA_A_EACH(WIDE);
+    constexpr uint EACH = MMA_A_EACH(BM), ROWS_APART = MMA_THREADS / MMA_K;
+    const bool diagonal = tile.x == tile.y;
     const uint item = tile.z % p.batch, split = tile.z / p.batch;
-    const uint m0 = tile.y * WIDE, n0 = tile.x * WIDE;
+    const uint m0 = tile.y * BM, n0 = tile.x * BM;
     const uint k_begin = split * p.chunk, k_end = min(p.hw, k_begin + p.chunk);
     device const T* f = x + item * p.c * p.hw;
-    device const T* a_rows = f + (m0 + t / MMA_K) * p.hw + t % MMA_K;
-    const uint a_count = p.c - min(p.c, m0 + t / MMA_K);
-    const bool b_ok = n0 + t < p.c;
-    device const T* b_row = f + (b_ok ? n0 + t : 0) * p.hw;
+    // Thread t stages rows t / MMA_K + ROWS_APART·i of either operand, at feature t % MMA_K.
+    const uint a_row = min(p.c, m0 + t / MMA_K), b_row = min(p.c, n0 + t / MMA_K);
+    device const T* a_rows = f + a_row * p.hw + t % MMA_K;
+    device const T* b_rows = f + b_row * p.hw + t % MMA_K;
+    const uint a_count = p.c - a_row, b_count = p.c - b_row;
+    threadgroup const S* b_read = diagonal ? a_s : b_s;
 
-    MMA_TILES(WIDE, WIDE, S) acc(t);
-    S a_next[A_EACH], b_next[1][MMA_K];
+    MMA_TILES(BM, BM, S) acc(t);
+    S a_next[EACH], b_next[EACH];
     for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K) {
-        const bool a_k_ok = k0 + t % MMA_K < k_end;
-        for (uint i = 0; i < A_EACH; ++i)
-            a_next[i] = a_k_ok && (MMA_THREADS / MMA_K) * i < a_count ? S(a_rows[(MMA_THREADS / MMA_K) * i * p.hw + k0]) : S(0.0f);
-        for (uint j = 0; j < MMA_K; ++j) b_next[0][j] = b_ok && k0 + j < k_end ? S(b_row[k0 + j]) : S(0.0f);
-        if (k0 > k_begin) acc.multiply(a_s, b_s);
-        stage_slice(a_s, b_s, a_next, b_next, t);
+        const bool k_ok = k0 + t % MMA_K < k_end;
+        for (uint i = 0; i < EACH; ++i)
+            a_next[i] = k_ok && ROWS_APART * i < a_count ? S(a_rows[ROWS_APART * i * p.hw + k0]) : S(0.0f);
+        if (!diagonal)
+            for (uint i = 0; i < EACH; ++i)
+                b_next[i] = k_ok && ROWS_APART * i < b_count ? S(b_rows[ROWS_APART * i * p.hw + k0]) : S(0.0f);
+        if (k0 > k_begin) acc.multiply(a_s, b_read);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        stage_rows(a_s, a_next, t);
+        if (!diagonal) stage_rows(b_s, b_next, t);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    if (k_end > k_begin) acc.multiply(a_s, b_s);
-    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y}, (threadgroup float*)staged);
+    if (k_end > k_begin) acc.multiply(a_s, b_read);
+    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, !diagonal}, (threadgroup float*)staged);
 }
-template [[host_name("gram_mma")]] [[kernel]] decltype(gram_mma<float>) gram_mma<float>;
-template [[host_name("gram_mma_f16")]] [[kernel]] decltype(gram_mma<half>) gram_mma<half>;
-template [[host_name("gram_mma_bf16")]] [[kernel]] decltype(gram_mma<bfloat>) gram_mma<bfloat>;
+template [[host_name("gram_mma")]] [[kernel]] decltype(gram_mma<float, WIDE>) gram_mma<float, WIDE>;
+template [[host_name("gram_mma_f16")]] [[kernel]] decltype(gram_mma<half, WIDE>) gram_mma<half, WIDE>;
+template [[host_name("gram_mma_bf16")]] [[kernel]] decltype(gram_mma<bfloat, WIDE>) gram_mma<bfloat, WIDE>;
+template [[host_name("gram_small_mma")]] [[kernel]] decltype(gram_mma<float, GRAM_SMALL>) gram_mma<float, GRAM_SMALL>;
+template [[host_name("gram_small_mma_f16")]] [[kernel]] decltype(gram_mma<half, GRAM_SMALL>) gram_mma<half, GRAM_SMALL>;
+template [[host_name("gram_small_mma_bf16")]] [[kernel]] decltype(gram_mma<bfloat, GRAM_SMALL>) gram_mma<bfloat, GRAM_SMALL>;
 
 struct GramGradParams {
     uint batch, c, hw;

@@ -315,7 +315,7 @@ def test_matmul_on_simdgroup_matrices(dev, matrix_products, policy, dtype, m, k,
 
 @pytest.mark.parametrize("policy, dtype", STORAGE_CASES, ids=STORAGE_IDS)
 @settings(max_examples=4)
-@given(n=st.integers(1, 2), c=st.sampled_from([1, 5, 33, 129]), hw=st.sampled_from([1, 7, 20]))
+@given(n=st.integers(1, 2), c=st.sampled_from([1, 5, 33, 64, 65, 129]), hw=st.sampled_from([1, 7, 20]))
 def test_gram_on_simdgroup_matrices(dev, matrix_products, policy, dtype, n, c, hw):
     rng = np.random.default_rng(c * hw)
     x = rng.standard_normal((n, c, hw, hw)).astype(dtype)

@@ -5,7 +5,10 @@ import math
 from .. import dtypes as D
 from ..reference import gram as R
 from . import apply, ensure, groups_for, register
-from .tiling import WIDE, partial_for, product, split_reduction, sum_splits
+from ..runtime import source as S
+from .tiling import MMA_THREADS, WIDE, Tiling, matrix_policy, partial_for, product, split_reduction, sum_splits
+
+_GRAM = S.Source.from_file(S.KERNEL_DIR / "gram.metal").constants
 
 
 def _check_features(op, x):
@@ -35,11 +38,22 @@ def _gram_check(x, alpha=1.0):
     return (n, c, c), dict(alpha=float(alpha))
 
 
+# gram_small_mma's tiles (kernels/gram.metal): on simdgroup matrices, a Gram of at most this many
+# channels is one such tile rather than a quarter of a wide one.
+SMALL = Tiling("_small", _GRAM["GRAM_SMALL"], _GRAM["GRAM_SMALL"], MMA_THREADS)
+
+
+def gram_tiling(device, c: int, dtype) -> Tiling:
+    """The tiling of a Gram of `c` channels: SMALL on simdgroup matrices where they fit it, else WIDE."""
+    return SMALL if c <= SMALL.rows and matrix_policy(device, dtype) else WIDE
+
+
 def _gram_encode(cb, g, x, *, alpha):
     n, c, h, w = x.shape
-    tiles = groups_for(c, WIDE.rows)
+    t = gram_tiling(g.device, c, g.dtype)
+    tiles = groups_for(c, t.rows)
     splits, chunk = split_reduction(h * w, n * tiles * (tiles + 1) // 2)
-    k, threads = product(g.device, "gram", g.dtype)
+    k, threads = product(g.device, "gram", g.dtype, t)
     partial = partial_for(g, splits)
     cb.dispatch(k, groups=(tiles, tiles, n * splits), threads=threads,
                 args=[x, partial, dict(batch=n, c=c, hw=h * w, alpha=alpha, chunk=chunk)])
@@ -48,7 +62,7 @@ def _gram_encode(cb, g, x, *, alpha):
 
 register("gram", check=_gram_check, encode=_gram_encode, reference=R.gram,
          grad=lambda g, out, x, *, alpha: (apply("gram_grad", g, x, alpha=alpha),),
-         kernels=["gram.gram", "gram.gram_mma", "gram.sum_splits"], dtypes=D.FLOATS)
+         kernels=["gram.gram", "gram.gram_mma", "gram.gram_small_mma", "gram.sum_splits"], dtypes=D.FLOATS)
 
 
 def _gram_grad_check(g, x, alpha=1.0):
