@@ -186,12 +186,14 @@ template [[host_name("gram_grad")]] [[kernel]] decltype(gram_grad<float>) gram_g
 template [[host_name("gram_grad_f16")]] [[kernel]] decltype(gram_grad<half>) gram_grad<half>;
 template [[host_name("gram_grad_bf16")]] [[kernel]] decltype(gram_grad<bfloat>) gram_grad<bfloat>;
 
-// gram_grad on simdgroup matrices (tile.h's MMA staging, wide tiling): A is dG + dGᵀ, formed
-// while staging it. Grid as gram_grad's, MMA_THREADS threads. In a 16-bit type T the operands are
-// staged as T, and A, a sum of two stored values that T cannot hold, as two: its rounding to T
-// and the remainder (exact in T but where the float sum itself rounded), each multiplied by F —
-// 16-bit products, exact under every policy, summing to float32's accuracy.
-template <typename T>
+// gram_grad on simdgroup matrices (tile.h's MMA staging) in tiles of BM channels × WIDE features:
+// the wide tiling, or the medium one (64 rows) where the channels fit it. A is dG + dGᵀ, formed
+// while staging it. Grid: (ceil(hw / WIDE), ceil(c / BM), batch), MMA_THREADS threads. In a
+// 16-bit type T the operands are staged as T, and A, a sum of two stored values that T cannot
+// hold, as two: its rounding to T and the remainder (exact in T but where the float sum itself
+// rounded), each multiplied by F — 16-bit products, exact under every policy, summing to
+// float32's accuracy.
+template <typename T, uint BM>
 kernel void gram_grad_mma(device const T* dg [[buffer(0)]],  // extent: p.batch * p.c * p.c
                           device const T* x [[buffer(1)]],  // extent: p.batch * p.c * p.hw
                           device T* dx [[buffer(2)]],  // extent: p.batch * p.c * p.hw
@@ -200,18 +202,18 @@ kernel void gram_grad_mma(device const T* dg [[buffer(0)]],  // extent: p.batch 
                           uint t [[thread_index_in_threadgroup]]) {
     using S = T;
     constexpr bool SPLIT = sizeof(T) == 2;  // A staged as two 16-bit parts
-    threadgroup float4 staged[MMA_STAGED_QUADS(WIDE + (SPLIT ? WIDE : 0), WIDE, S)];
+    threadgroup float4 staged[MMA_STAGED_QUADS(BM + (SPLIT ? BM : 0), WIDE, S)];
     threadgroup S* a_s = (threadgroup S*)staged;  // [channel m][channel k] of dG + dGᵀ (rounded to S)
-    threadgroup S* b_s = a_s + WIDE * MMA_PITCH;  // [feature][channel k]
+    threadgroup S* b_s = a_s + BM * MMA_PITCH;    // [feature][channel k]
     threadgroup S* r_s = b_s + WIDE * MMA_PITCH;  // the remainder of A, where SPLIT
-    constexpr uint A_EACH = MMA_A_EACH(WIDE);
-    const uint item = tile.z, m0 = tile.y * WIDE, n0 = tile.x * WIDE;
+    constexpr uint A_EACH = MMA_A_EACH(BM);
+    const uint item = tile.z, m0 = tile.y * BM, n0 = tile.x * WIDE;
     const uint row = m0 + t / MMA_K, a_count = p.c - min(p.c, row);  // rows row + (MMA_THREADS / MMA_K)·i
     const bool b_ok = n0 + t < p.hw;
     device const T* g = dg + item * p.c * p.c;
     device const T* f_col = x + item * p.c * p.hw + (b_ok ? n0 + t : 0);
 
-    MMA_TILES(WIDE, WIDE, S) acc(t);
+    MMA_TILES(BM, WIDE, S) acc(t);
     S a_next[A_EACH], r_next[A_EACH], b_next[1][MMA_K];
     for (uint k0 = 0; k0 < p.c; k0 += MMA_K) {
         const uint k = k0 + t % MMA_K;
@@ -236,6 +238,9 @@ kernel void gram_grad_mma(device const T* dg [[buffer(0)]],  // extent: p.batch 
     if (SPLIT) acc.multiply(r_s, b_s);
     acc.store(GramGradOut<T>{dx + item * p.c * p.hw, p.alpha, m0, n0, p.c, p.hw}, (threadgroup float*)staged);
 }
-template [[host_name("gram_grad_mma")]] [[kernel]] decltype(gram_grad_mma<float>) gram_grad_mma<float>;
-template [[host_name("gram_grad_mma_f16")]] [[kernel]] decltype(gram_grad_mma<half>) gram_grad_mma<half>;
-template [[host_name("gram_grad_mma_bf16")]] [[kernel]] decltype(gram_grad_mma<bfloat>) gram_grad_mma<bfloat>;
+template [[host_name("gram_grad_mma")]] [[kernel]] decltype(gram_grad_mma<float, WIDE>) gram_grad_mma<float, WIDE>;
+template [[host_name("gram_grad_mma_f16")]] [[kernel]] decltype(gram_grad_mma<half, WIDE>) gram_grad_mma<half, WIDE>;
+template [[host_name("gram_grad_mma_bf16")]] [[kernel]] decltype(gram_grad_mma<bfloat, WIDE>) gram_grad_mma<bfloat, WIDE>;
+template [[host_name("gram_grad_medium_mma")]] [[kernel]] decltype(gram_grad_mma<float, MEDIUM_M>) gram_grad_mma<float, MEDIUM_M>;
+template [[host_name("gram_grad_medium_mma_f16")]] [[kernel]] decltype(gram_grad_mma<half, MEDIUM_M>) gram_grad_mma<half, MEDIUM_M>;
+template [[host_name("gram_grad_medium_mma_bf16")]] [[kernel]] decltype(gram_grad_mma<bfloat, MEDIUM_M>) gram_grad_mma<bfloat, MEDIUM_M>;

@@ -6,7 +6,7 @@ from .. import dtypes as D
 from ..reference import gram as R
 from . import apply, ensure, groups_for, register
 from ..runtime import source as S
-from .tiling import MMA_THREADS, WIDE, Tiling, matrix_policy, partial_for, product, split_reduction, sum_splits
+from .tiling import MEDIUM, MMA_THREADS, WIDE, Tiling, matrix_policy, partial_for, product, split_reduction, sum_splits
 
 _GRAM = S.Source.from_file(S.KERNEL_DIR / "gram.metal").constants
 
@@ -75,10 +75,12 @@ def _gram_grad_check(g, x, alpha=1.0):
 
 def _gram_grad_encode(cb, dx, g, x, *, alpha):
     n, c, h, w = x.shape
-    k, threads = product(dx.device, "gram_grad", dx.dtype)
-    cb.dispatch(k, groups=(groups_for(h * w, WIDE.cols), groups_for(c, WIDE.rows), n), threads=threads,
+    # On simdgroup matrices, at most 64 channels take the medium tiling's 64 rows, not half of 128.
+    t = MEDIUM if c <= MEDIUM.rows and matrix_policy(dx.device, dx.dtype) else WIDE
+    k, threads = product(dx.device, "gram_grad", dx.dtype, t)
+    cb.dispatch(k, groups=(groups_for(h * w, t.cols), groups_for(c, t.rows), n), threads=threads,
                 args=[g, x, dx, dict(batch=n, c=c, hw=h * w, alpha=alpha)])
 
 
 register("gram_grad", check=_gram_grad_check, encode=_gram_grad_encode, reference=R.gram_grad,
-         grad=None, kernels=["gram.gram_grad", "gram.gram_grad_mma"], dtypes=D.FLOATS)
+         grad=None, kernels=["gram.gram_grad", "gram.gram_grad_mma", "gram.gram_grad_medium_mma"], dtypes=D.FLOATS)
