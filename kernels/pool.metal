@@ -1,8 +1,9 @@
 // Sliding-window kernels over NCHW images: max and average pooling with their gradients, and
 // the fixed Laplacian-of-Gaussian filter.
 //
-// Every kernel runs one thread per element it writes and gathers what it needs, so no two
-// threads write the same address: no atomics, and results are bitwise reproducible.
+// Every element written is written by one thread, which gathers what it needs (a thread per
+// element, or for windows that tile the input a thread per window): no atomics, and results are
+// bitwise reproducible.
 //
 // Each is a template over the storage type T (float, half, bfloat), instantiated as `name`,
 // `name_f16` and `name_bf16`: it loads into float, sums in float and rounds once when it
@@ -168,6 +169,85 @@ kernel void avg_pool2d_grad(device const T* g [[buffer(0)]],  // extent: p.count
 template [[host_name("avg_pool2d_grad")]] [[kernel]] decltype(avg_pool2d_grad<float>) avg_pool2d_grad<float>;
 template [[host_name("avg_pool2d_grad_f16")]] [[kernel]] decltype(avg_pool2d_grad<half>) avg_pool2d_grad<half>;
 template [[host_name("avg_pool2d_grad_bf16")]] [[kernel]] decltype(avg_pool2d_grad<bfloat>) avg_pool2d_grad<bfloat>;
+
+// Windows that tile the input — kernel = stride, no padding, H = OH·KH and W = OW·KW (the 2×2
+// pools of VGG and the U-Net) — run a thread per window, which reads or writes its KH·KW pixels.
+// A thread per pixel spends several integer divisions finding its window (a division is a
+// dozen instructions on a GPU, and these kernels move few bytes each); here one finds the
+// window's first pixel: window i's top-left input pixel is row KH·(i / OW) of the stacked
+// planes (H = OH·KH), column KW·(i % OW). Each writes what the general kernel writes, bit for
+// bit: the same sums in the same order, the same arg-max. p.count is the windows, N·C·OH·OW.
+inline uint tiled_window_origin(uint i, constant PoolParams& p) {
+    const uint rows = i / uint(p.ow), ox = i - rows * uint(p.ow);
+    return rows * uint(p.kh) * uint(p.w) + ox * uint(p.kw);
+}
+
+template <typename T>
+kernel void avg_pool2d_tiled(device const T* x [[buffer(0)]],  // extent: p.count * p.kh * p.kw
+                             device T* out [[buffer(1)]],  // extent: p.count
+                             constant PoolParams& p [[buffer(2)]],
+                             uint i [[thread_position_in_grid]]) {
+    if (i >= p.count) return;
+    device const T* window = x + tiled_window_origin(i, p);
+    float acc = 0.0f;
+    for (int y = 0; y < p.kh; y++)
+        for (int x = 0; x < p.kw; x++) acc += float(window[y * p.w + x]);
+    out[i] = T(acc / float(p.kh * p.kw));
+}
+
+template [[host_name("avg_pool2d_tiled")]] [[kernel]] decltype(avg_pool2d_tiled<float>) avg_pool2d_tiled<float>;
+template [[host_name("avg_pool2d_tiled_f16")]] [[kernel]] decltype(avg_pool2d_tiled<half>) avg_pool2d_tiled<half>;
+template [[host_name("avg_pool2d_tiled_bf16")]] [[kernel]] decltype(avg_pool2d_tiled<bfloat>) avg_pool2d_tiled<bfloat>;
+
+template <typename T>
+kernel void avg_pool2d_grad_tiled(device const T* g [[buffer(0)]],  // extent: p.count
+                                  device T* dx [[buffer(1)]],  // extent: p.count * p.kh * p.kw
+                                  constant PoolParams& p [[buffer(2)]],
+                                  uint i [[thread_position_in_grid]]) {
+    if (i >= p.count) return;
+    device T* window = dx + tiled_window_origin(i, p);
+    float acc = 0.0f;  // one window covers each pixel: 0 + g, as the general kernel sums (−0 becomes +0)
+    acc += float(g[i]);
+    const T v = T(acc / float(p.kh * p.kw));
+    for (int y = 0; y < p.kh; y++)
+        for (int x = 0; x < p.kw; x++) window[y * p.w + x] = v;
+}
+
+template [[host_name("avg_pool2d_grad_tiled")]] [[kernel]] decltype(avg_pool2d_grad_tiled<float>) avg_pool2d_grad_tiled<float>;
+template [[host_name("avg_pool2d_grad_tiled_f16")]] [[kernel]] decltype(avg_pool2d_grad_tiled<half>) avg_pool2d_grad_tiled<half>;
+template [[host_name("avg_pool2d_grad_tiled_bf16")]] [[kernel]] decltype(avg_pool2d_grad_tiled<bfloat>) avg_pool2d_grad_tiled<bfloat>;
+
+// g of each window to its first maximum (window_argmax's rule: row-major, strict >, the first
+// NaN), zero to its other pixels.
+template <typename T>
+kernel void max_pool2d_grad_tiled(device const T* g [[buffer(0)]],  // extent: p.count
+                                  device const T* x [[buffer(1)]],  // extent: p.count * p.kh * p.kw
+                                  device T* dx [[buffer(2)]],  // extent: p.count * p.kh * p.kw
+                                  constant PoolParams& p [[buffer(3)]],
+                                  uint i [[thread_position_in_grid]]) {
+    if (i >= p.count) return;
+    const uint origin = tiled_window_origin(i, p);
+    device const T* window = x + origin;
+    float best = float(window[0]);
+    int at = 0;  // y · W + x of the arg-max, relative to the window's origin
+    for (int y = 0; y < p.kh && best == best; y++)
+        for (int x = y == 0 ? 1 : 0; x < p.kw; x++) {
+            const float v = float(window[y * p.w + x]);
+            if (!(v <= best)) {  // v > best, or v is NaN
+                best = v;
+                at = y * p.w + x;
+                if (v != v) break;
+            }
+        }
+    float acc = 0.0f;  // the arg-max's one window: 0 + g, as the general kernel sums
+    acc += float(g[i]);
+    for (int y = 0; y < p.kh; y++)
+        for (int x = 0; x < p.kw; x++) dx[origin + y * p.w + x] = y * p.w + x == at ? T(acc) : T(0.0f);
+}
+
+template [[host_name("max_pool2d_grad_tiled")]] [[kernel]] decltype(max_pool2d_grad_tiled<float>) max_pool2d_grad_tiled<float>;
+template [[host_name("max_pool2d_grad_tiled_f16")]] [[kernel]] decltype(max_pool2d_grad_tiled<half>) max_pool2d_grad_tiled<half>;
+template [[host_name("max_pool2d_grad_tiled_bf16")]] [[kernel]] decltype(max_pool2d_grad_tiled<bfloat>) max_pool2d_grad_tiled<bfloat>;
 
 struct FilterParams {
     uint count;   // N·C·H·W

@@ -1,5 +1,6 @@
 // Upsampling of NCHW images by an integer factor s: nearest and bilinear, with their gradients.
-// One thread per element written; gradients gather (no atomics, reproducible). Each kernel is
+// Each element written is written by one thread (a thread per element, or for nearest
+// upsampling a thread per s×s block); gradients gather (no atomics, reproducible). Each kernel is
 // a template over the storage type T (float, half, bfloat), instantiated as `name`, `name_f16`
 // and `name_bf16`: nearest upsampling copies T values; the others compute in float and round
 // once when they store.
@@ -10,39 +11,46 @@
 using namespace metal;
 
 struct ResampleParams {
-    uint count;  // elements written
+    uint count;  // elements written (upsample_nearest: read, a thread each)
     int h, w;    // input size
     int oh, ow;  // output size, s·h × s·w
     int scale;
 };
 
+// A thread per input pixel, which writes its s×s block: input row r of the stacked planes is
+// output rows s·r … s·r + s − 1 (OH = s·H), so one division (i / W) places it — a thread per
+// output pixel spent several, a dozen instructions each on a GPU, for one copy. p.count is the
+// input's elements here.
 template <typename T>
-kernel void upsample_nearest(device const T* x [[buffer(0)]],  // extent: p.count / (p.oh * p.ow) * p.h * p.w
-                             device T* out [[buffer(1)]],  // extent: p.count
+kernel void upsample_nearest(device const T* x [[buffer(0)]],  // extent: p.count
+                             device T* out [[buffer(1)]],  // extent: p.count * p.scale * p.scale
                              constant ResampleParams& p [[buffer(2)]],
                              uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
-    int ox = i % p.ow, oy = (i / p.ow) % p.oh;
-    uint plane = i / (p.ow * p.oh);
-    out[i] = x[(plane * p.h + oy / p.scale) * p.w + ox / p.scale];
+    const uint row = i / uint(p.w), col = i - row * uint(p.w);
+    const T v = x[i];
+    device T* block = out + row * uint(p.scale) * uint(p.ow) + col * uint(p.scale);
+    for (int dy = 0; dy < p.scale; dy++)
+        for (int dx = 0; dx < p.scale; dx++) block[dy * p.ow + dx] = v;
 }
 
 template [[host_name("upsample_nearest")]] [[kernel]] decltype(upsample_nearest<float>) upsample_nearest<float>;
 template [[host_name("upsample_nearest_f16")]] [[kernel]] decltype(upsample_nearest<half>) upsample_nearest<half>;
 template [[host_name("upsample_nearest_bf16")]] [[kernel]] decltype(upsample_nearest<bfloat>) upsample_nearest<bfloat>;
 
-// dx = the sum of g over the s×s block each input pixel was copied to
+// dx = the sum of g over the s×s block each input pixel was copied to (placed as upsample_nearest
+// places it)
 template <typename T>
 kernel void upsample_nearest_grad(device const T* g [[buffer(0)]],  // extent: p.count / (p.h * p.w) * p.oh * p.ow
                                   device T* dx [[buffer(1)]],  // extent: p.count
                                   constant ResampleParams& p [[buffer(2)]],
                                   uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
-    int x = i % p.w, y = (i / p.w) % p.h;
-    device const T* gp = g + (i / (p.w * p.h)) * (p.oh * p.ow);
+    const uint row = i / uint(p.w), col = i - row * uint(p.w);
+    device const T* block = g + row * uint(p.scale) * uint(p.ow) + col * uint(p.scale);
     float acc = 0.0f;
     for (int dy = 0; dy < p.scale; dy++)
-        for (int dx = 0; dx < p.scale; dx++) acc += float(gp[(y * p.scale + dy) * p.ow + x * p.scale + dx]);
+        for (int dx = 0; dx < p.scale; dx++) acc += float(block[dy * p.ow + dx]);
     dx[i] = T(acc);
 }
 

@@ -94,6 +94,41 @@ def test_max_pool_2x2_fast_path_equals_the_general_kernel(dev, dtype, n, c, h, h
     np.testing.assert_array_equal(fast.astype(np.float64), ref)
 
 
+@pytest.mark.parametrize("dtype", D.FLOATS, ids=str)
+@given(n=st.integers(1, 2), c=st.sampled_from([1, 3, 33]), kh=st.integers(1, 4), kw=st.integers(1, 4),
+       oh=st.sampled_from([1, 2, 7, 16, 33]), ow=st.sampled_from([1, 3, 16, 31, 32, 33]),
+       levels=st.sampled_from([3, 1000]), seed=st.integers(0, 2**31))
+def test_windows_that_tile_the_input_equal_the_general_kernels(dev, monkeypatch, dtype, n, c, kh, kw, oh, ow,
+                                                               levels, seed):
+    """Kernel = stride, no padding, sizes multiples of the kernel: avg_pool2d, avg_pool2d_grad and
+    max_pool2d_grad run a thread per window (the `_tiled` kernels) and write the general kernels'
+    bits — ties (few distinct levels), NaN, −0 and infinities included — in every storage type."""
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(0, levels, (n, c, oh * kh, ow * kw)) - levels // 2).astype(dtype)
+    g = rng.standard_normal((n, c, oh, ow)).astype(dtype)
+    for a, specials in ((x, [np.nan, -0.0, np.inf]), (g, [np.nan, -0.0, -np.inf])):
+        for i, v in enumerate(specials):
+            a.flat[i::11 + i] = v
+    attrs = dict(kernel=(kh, kw), stride=(kh, kw), padding=(0, 0))
+
+    def run(tiled):
+        monkeypatch.setattr(pool_ops, "_tiles", lambda *args: tiled)
+        tx, tg = mm.tensor(x, dev, dtype=dtype), mm.tensor(g, dev, dtype=dtype)
+        return [mm.ops.avg_pool2d(tx, **attrs).numpy(),
+                mm.ops.avg_pool2d_grad(tg, input_size=x.shape[2:], **attrs).numpy(),
+                mm.ops.max_pool2d_grad(tg, tx, **attrs).numpy()]
+
+    general = run(False)
+    for got, want in zip(run(True), general):
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got.view(BITS[dtype]), want.view(BITS[dtype]))
+    # and the references' values
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    np.testing.assert_allclose(general[2].astype(np.float64), R.max_pool2d_grad(g64, x64, **attrs), rtol=0, atol=0)
+    np.testing.assert_allclose(general[1].astype(np.float64),
+                               R.avg_pool2d_grad(g64, input_size=x.shape[2:], **attrs), rtol=1e-2, atol=1e-6)
+
+
 def test_max_pool_ties_go_to_the_first_maximum(dev):
     # Overlapping 2×2 windows, stride 1, on a constant image: every window's arg-max is its
     # top-left pixel, so the gradient lands only where a window starts.

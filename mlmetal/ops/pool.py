@@ -39,6 +39,13 @@ def _params(count, in_hw, out_hw, kernel, stride, padding):
             "kh": kernel[0], "kw": kernel[1], "sh": stride[0], "sw": stride[1], "ph": padding[0], "pw": padding[1]}
 
 
+def _tiles(x_hw, kernel, stride, padding) -> bool:
+    """Whether the windows tile the input (kernel = stride, no padding, sizes multiples of the
+    kernel), so the `_tiled` kernels run a thread per window (pool.metal)."""
+    return (kernel == stride and padding == (0, 0)
+            and x_hw[0] % kernel[0] == 0 and x_hw[1] % kernel[1] == 0)
+
+
 def _dispatch(cb, name, n, args):
     """Kernel `name`'s instance for the storage type of the first tensor, over n threads."""
     k = args[0].device.library("pool").kernel(D.kernel_name(name, args[0].dtype))
@@ -87,12 +94,16 @@ def _max_grad_check(g, x, kernel, stride, padding):
 
 
 def _max_grad_encode(cb, dx, g, x, kernel, stride, padding):
+    if _tiles(x.shape[2:], kernel, stride, padding):
+        p = _params(g.size, x.shape[2:], g.shape[2:], kernel, stride, padding)
+        _dispatch(cb, "max_pool2d_grad_tiled", g.size, [g, x, dx, p])
+        return
     p = _params(dx.size, x.shape[2:], g.shape[2:], kernel, stride, padding)
     _dispatch(cb, "max_pool2d_grad", dx.size, [g, x, dx, p])
 
 
 register("max_pool2d_grad", check=_max_grad_check, encode=_max_grad_encode, reference=R.max_pool2d_grad,
-         grad=None, kernels=["pool.max_pool2d_grad"], dtypes=D.FLOATS)
+         grad=None, kernels=["pool.max_pool2d_grad", "pool.max_pool2d_grad_tiled"], dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- average pooling
@@ -114,7 +125,7 @@ def _avg_check(x, kernel, stride=None, padding=0):
 
 def _avg_encode(cb, out, x, kernel, stride, padding):
     p = _params(out.size, x.shape[2:], out.shape[2:], kernel, stride, padding)
-    _dispatch(cb, "avg_pool2d", out.size, [x, out, p])
+    _dispatch(cb, "avg_pool2d_tiled" if _tiles(x.shape[2:], kernel, stride, padding) else "avg_pool2d", out.size, [x, out, p])
 
 
 def _avg_grad(g, out, x, **attrs):
@@ -122,7 +133,7 @@ def _avg_grad(g, out, x, **attrs):
 
 
 register("avg_pool2d", check=_avg_check, encode=_avg_encode, reference=R.avg_pool2d,
-         grad=_avg_grad, kernels=["pool.avg_pool2d"], dtypes=D.FLOATS)
+         grad=_avg_grad, kernels=["pool.avg_pool2d", "pool.avg_pool2d_tiled"], dtypes=D.FLOATS)
 
 
 def _avg_grad_check(g, kernel, stride, padding, input_size):
@@ -135,12 +146,16 @@ def _avg_grad_check(g, kernel, stride, padding, input_size):
 
 
 def _avg_grad_encode(cb, dx, g, kernel, stride, padding, input_size):
+    if _tiles(input_size, kernel, stride, padding):
+        p = _params(g.size, input_size, g.shape[2:], kernel, stride, padding)
+        _dispatch(cb, "avg_pool2d_grad_tiled", g.size, [g, dx, p])
+        return
     p = _params(dx.size, input_size, g.shape[2:], kernel, stride, padding)
     _dispatch(cb, "avg_pool2d_grad", dx.size, [g, dx, p])
 
 
 register("avg_pool2d_grad", check=_avg_grad_check, encode=_avg_grad_encode, reference=R.avg_pool2d_grad,
-         grad=None, kernels=["pool.avg_pool2d_grad"], dtypes=D.FLOATS)
+         grad=None, kernels=["pool.avg_pool2d_grad", "pool.avg_pool2d_grad_tiled"], dtypes=D.FLOATS)
 
 
 # ---------------------------------------------------------------- Laplacian of Gaussian

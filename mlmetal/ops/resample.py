@@ -42,7 +42,8 @@ def _params(count, h, w, scale):
 
 def _upsample_encode(cb, out, x, scale, mode):
     k = x.device.library("resample").kernel(D.kernel_name(f"upsample_{mode}", x.dtype))
-    cb.dispatch(k, groups=groups_for(out.size, 256), threads=256, args=[x, out, _params(out.size, *x.shape[2:], scale)])
+    n = x.size if mode == "nearest" else out.size  # nearest runs a thread per input pixel
+    cb.dispatch(k, groups=groups_for(n, 256), threads=256, args=[x, out, _params(n, *x.shape[2:], scale)])
 
 
 register("upsample", check=_upsample_check, encode=_upsample_encode, reference=R.upsample,
