@@ -43,9 +43,15 @@ def _gram_check(x, alpha=1.0):
 SMALL = Tiling("_small", _GRAM["GRAM_SMALL"], _GRAM["GRAM_SMALL"], MMA_THREADS)
 
 
+def fitted_tiling(device, c: int, dtype, narrow: Tiling) -> Tiling:
+    """`narrow` for `c` channels that fit its rows on simdgroup matrices, else WIDE: a Gram (SMALL)
+    or its gradient (MEDIUM) of few channels would leave most of a wide tile's rows padding."""
+    return narrow if c <= narrow.rows and matrix_policy(device, dtype) else WIDE
+
+
 def gram_tiling(device, c: int, dtype) -> Tiling:
-    """The tiling of a Gram of `c` channels: SMALL on simdgroup matrices where they fit it, else WIDE."""
-    return SMALL if c <= SMALL.rows and matrix_policy(device, dtype) else WIDE
+    """The tiling of a Gram of `c` channels."""
+    return fitted_tiling(device, c, dtype, SMALL)
 
 
 def _gram_encode(cb, g, x, *, alpha):
@@ -75,8 +81,7 @@ def _gram_grad_check(g, x, alpha=1.0):
 
 def _gram_grad_encode(cb, dx, g, x, *, alpha):
     n, c, h, w = x.shape
-    # On simdgroup matrices, at most 64 channels take the medium tiling's 64 rows, not half of 128.
-    t = MEDIUM if c <= MEDIUM.rows and matrix_policy(dx.device, dx.dtype) else WIDE
+    t = fitted_tiling(dx.device, c, dx.dtype, MEDIUM)
     k, threads = product(dx.device, "gram_grad", dx.dtype, t)
     cb.dispatch(k, groups=(groups_for(h * w, t.cols), groups_for(c, t.rows), n), threads=threads,
                 args=[g, x, dx, dict(batch=n, c=c, hw=h * w, alpha=alpha)])

@@ -94,12 +94,10 @@ def _max_grad_check(g, x, kernel, stride, padding):
 
 
 def _max_grad_encode(cb, dx, g, x, kernel, stride, padding):
-    if _tiles(x.shape[2:], kernel, stride, padding):
-        p = _params(g.size, x.shape[2:], g.shape[2:], kernel, stride, padding)
-        _dispatch(cb, "max_pool2d_grad_tiled", g.size, [g, x, dx, p])
-        return
-    p = _params(dx.size, x.shape[2:], g.shape[2:], kernel, stride, padding)
-    _dispatch(cb, "max_pool2d_grad", dx.size, [g, x, dx, p])
+    tiled = _tiles(x.shape[2:], kernel, stride, padding)
+    n = g.size if tiled else dx.size  # a thread per window, else per pixel
+    p = _params(n, x.shape[2:], g.shape[2:], kernel, stride, padding)
+    _dispatch(cb, "max_pool2d_grad_tiled" if tiled else "max_pool2d_grad", n, [g, x, dx, p])
 
 
 register("max_pool2d_grad", check=_max_grad_check, encode=_max_grad_encode, reference=R.max_pool2d_grad,
@@ -146,12 +144,10 @@ def _avg_grad_check(g, kernel, stride, padding, input_size):
 
 
 def _avg_grad_encode(cb, dx, g, kernel, stride, padding, input_size):
-    if _tiles(input_size, kernel, stride, padding):
-        p = _params(g.size, input_size, g.shape[2:], kernel, stride, padding)
-        _dispatch(cb, "avg_pool2d_grad_tiled", g.size, [g, dx, p])
-        return
-    p = _params(dx.size, input_size, g.shape[2:], kernel, stride, padding)
-    _dispatch(cb, "avg_pool2d_grad", dx.size, [g, dx, p])
+    tiled = _tiles(input_size, kernel, stride, padding)
+    n = g.size if tiled else dx.size  # a thread per window, else per pixel
+    p = _params(n, input_size, g.shape[2:], kernel, stride, padding)
+    _dispatch(cb, "avg_pool2d_grad_tiled" if tiled else "avg_pool2d_grad", n, [g, dx, p])
 
 
 register("avg_pool2d_grad", check=_avg_grad_check, encode=_avg_grad_encode, reference=R.avg_pool2d_grad,
