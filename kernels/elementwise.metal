@@ -317,6 +317,23 @@ template [[host_name("relu_grad")]] [[kernel]] decltype(relu_grad<float>) relu_g
 template [[host_name("relu_grad_f16")]] [[kernel]] decltype(relu_grad<half>) relu_grad<half>;
 template [[host_name("relu_grad_bf16")]] [[kernel]] decltype(relu_grad<bfloat>) relu_grad<bfloat>;
 
+// relu_grad(g + h, x): the gradient of a relu whose output has two readers, summed where it is
+// masked (a graph fuses add → relu_grad so). The sum is rounded to T as add's kernel rounds it,
+// so the result is add then relu_grad's, bit for bit, without the sum's pass over memory.
+template <typename T>
+kernel void relu_grad_add(device const T* g [[buffer(0)]],  // extent: p.n
+                          device const T* h [[buffer(1)]],  // extent: p.n
+                          device const T* x [[buffer(2)]],  // extent: p.n
+                          device T* out [[buffer(3)]],  // extent: p.n
+                          constant CountParams& p [[buffer(4)]],
+                          uint i [[thread_position_in_grid]]) {
+    if (i < p.n) out[i] = float(x[i]) <= 0.0f ? T(0.0f) : T(float(g[i]) + float(h[i]));
+}
+
+template [[host_name("relu_grad_add")]] [[kernel]] decltype(relu_grad_add<float>) relu_grad_add<float>;
+template [[host_name("relu_grad_add_f16")]] [[kernel]] decltype(relu_grad_add<half>) relu_grad_add<half>;
+template [[host_name("relu_grad_add_bf16")]] [[kernel]] decltype(relu_grad_add<bfloat>) relu_grad_add<bfloat>;
+
 struct LeakyParams {
     uint n;
     float slope;

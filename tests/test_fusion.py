@@ -207,15 +207,18 @@ def test_a_fused_training_graph_computes_what_the_unfused_one_does(dev, dtype):
         with_t4 = [(n.op, n.attrs.get("activation") or len(n.inputs)) for n in g.plan((loss, t4)).nodes]
         loss_value = train.step(**inputs)
         grads = [bits(p.grad.numpy()) for c in convs for p in (c.weight, c.bias)]
-        results[fuse] = (ops, with_t4, loss_value, grads, train.plan().peak_bytes, g.run(inputs, outputs=[loss, t4]))
+        temporaries = sum(t.nbytes for t in train.plan().slots)  # before tensors share buffers
+        results[fuse] = (ops, with_t4, loss_value, grads, temporaries, g.run(inputs, outputs=[loss, t4]))
     (fused_ops, fused_t4, *fused), (plain_ops, plain_t4, *plain) = results[True], results[False]
     assert fused_ops.count(("conv2d", "relu")) == 3 and fused_ops.count(("relu", 1)) == 1
     assert fused_t4.count(("conv2d", "relu")) == 2 and fused_t4.count(("relu", 1)) == 2
     assert plain_ops.count(("conv2d", "relu")) == 0 and plain_ops.count(("relu", 1)) == 4
-    # of the four relu_grads, only a's follows a conv2d_input_grad alone (b's and t3's gradients are sums)
-    assert fused_ops.count(("conv2d_input_grad", 3)) == 1 and fused_ops.count(("relu_grad", 2)) == 3
+    # of the four relu_grads, a's follows a conv2d_input_grad alone; b's and d's follow the sum of
+    # their two readers' gradients (relu_grad_add); t3's gradient is read by relu_grad and the sum for t3
+    assert fused_ops.count(("conv2d_input_grad", 3)) == 1 and fused_ops.count(("relu_grad", 2)) == 1
+    assert fused_ops.count(("relu_grad_add", 3)) == 2 and plain_ops.count(("relu_grad_add", 3)) == 0
     assert plain_ops.count(("conv2d_input_grad", 3)) == 0 and plain_ops.count(("relu_grad", 2)) == 4
-    assert len(plain_ops) - len(fused_ops) == 4 and len(plain_t4) - len(fused_t4) == 2
+    assert len(plain_ops) - len(fused_ops) == 6 and len(plain_t4) - len(fused_t4) == 2
     assert fused[0] == plain[0]
     for f, p in zip(fused[1], plain[1]):
         np.testing.assert_array_equal(f, p)
@@ -275,7 +278,9 @@ def test_conv_norm_relu_blocks_train_the_same_fused(dev, dtype):
         results[fuse] = ops, loss, [bits(p.grad.numpy()) for p in (conv.weight, conv.bias, norm.weight, norm.bias)]
     assert ("instance_norm", "relu") in results[True][0] and ("relu", None) not in results[True][0]
     assert ("conv2d", None) in results[True][0] and ("relu", None) in results[False][0]
-    assert ("relu_grad", None) in results[True][0]  # after the norm's gradient: not fused
+    # y's gradient is the sum of y·y's two parts: relu_grad_add; no conv2d_input_grad takes a mask
+    assert ("relu_grad_add", None) in results[True][0] and ("relu_grad", None) not in results[True][0]
+    assert ("relu_grad", None) in results[False][0] and ("relu_grad_add", None) not in results[False][0]
     assert results[True][1] == results[False][1]
     for f, p in zip(results[True][2], results[False][2]):
         np.testing.assert_array_equal(f, p)

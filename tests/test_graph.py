@@ -247,6 +247,36 @@ def test_lifetime_planning_shares_memory_and_plans_are_reused(dev):
     assert g.plan((h,)) is planned
 
 
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 6), st.integers(1, 9)), min_size=1, max_size=40))
+def test_both_packings_keep_lives_apart(spans):
+    """Packing in order and by size: tensors whose lives overlap never share a slot, a slot holds
+    each of its tensors, and the slots hold at least what is live at any one time."""
+    from mlmetal.graph import execution as E
+    lives = {f"t{i}": (first, first + length, 4 * words) for i, (first, length, words) in
+             enumerate(sorted(spans, key=lambda s: s[0]))}  # in the order their nodes would run
+    packings = [E._pack_in_order(lives), E._pack_by_size(lives)]
+    for slots, sizes in packings:
+        assert set(slots) == set(lives)
+        for t, (first, last, nbytes) in lives.items():
+            assert sizes[slots[t]] >= nbytes
+            for u, (f, l, _) in lives.items():
+                assert u == t or slots[u] != slots[t] or l < first or last < f, (t, u)
+        assert sum(sizes) >= max(sum(n for f, l, n in lives.values() if f <= i <= l) for i in range(40))
+
+
+def test_a_training_plan_keeps_the_smaller_packing(dev):
+    """The denoiser's U-Net step at 32²: packing by size needs less than packing in order, and the
+    plan takes it."""
+    from mlmetal.apps import denoise
+    from mlmetal.graph import execution as E
+    mm.nn.seed(0)
+    train = denoise.training_graph(denoise.UNet(8, 2, dev), 2, 32, lr=1e-3, log_weight=0.5)
+    plan = train.plan()
+    lives = E._lives(plan.nodes, set(plan.outputs), True)
+    in_order, by_size = (sum(pack(lives)[1]) for pack in (E._pack_in_order, E._pack_by_size))
+    assert plan.peak_bytes == min(in_order, by_size) and by_size < in_order
+
+
 def test_step_decay_halves_the_learning_rate():
     w = mm.nn.Parameter(np.zeros(3, np.float32), "cpu")
     opt = mm.optim.SGD([w], lr=0.8)

@@ -142,6 +142,7 @@ ROWS = [
     row("linear_activation", same_shape(1, a=FLOATS, b=FLOATS), grad_case=small_same_shape(1, a=FLOATS, b=FLOATS)),
     row("relu", same_shape(1), rtol=0, atol=0, grad_case=small_same_shape(1, away_from_zero=True)),
     row("relu_grad", same_shape(2), rtol=0, atol=0),
+    row("relu_grad_add", same_shape(3), rtol=1e-7, atol=0),
     row("leaky_relu", same_shape(1, slope=st.floats(0, 0.5)),
         grad_case=small_same_shape(1, away_from_zero=True, slope=st.floats(0, 0.5))),
     row("leaky_relu_grad", same_shape(2, slope=st.floats(0, 0.5))),

@@ -66,6 +66,67 @@ def _same(a, b) -> bool:
         return False
 
 
+def _assign_slots(nodes: list[Node], keep: set, plan_lifetimes: bool) -> tuple[dict, list[int]]:
+    """(slot of each intermediate tensor, bytes of each slot): tensors whose lives do not overlap
+    share a slot (with `plan_lifetimes`; else each has its own). A tensor lives from the node that
+    writes it to the last that reads it (to the end where it is an output), so a node's output
+    never shares with its inputs. Two ways to pack, the smaller kept: in order, each tensor in the
+    smallest free slot that fits (else a new one); and by size, largest first, each in the
+    smallest slot whose tensors' lives it does not overlap (else a new one), as TensorFlow Lite's
+    "greedy by size" does. Neither is best for every graph; both take milliseconds."""
+    lives = _lives(nodes, keep, plan_lifetimes)
+    packings = [_pack_in_order(lives)] + ([_pack_by_size(lives)] if plan_lifetimes else [])
+    return min(packings, key=lambda p: sum(p[1]))
+
+
+def _lives(nodes: list[Node], keep: set, plan_lifetimes: bool) -> dict:
+    """Each intermediate tensor's (first, last node index, bytes in whole words: a slot may later
+    hold any dtype), in the order their nodes run."""
+    last_use: dict[GraphTensor, int] = {}
+    for i, n in enumerate(nodes):
+        for x in n.inputs:
+            last_use[x] = i
+    lives = {}
+    for i, n in enumerate(nodes):
+        for o in n.outputs:
+            if o.value is None and o not in lives:
+                end = len(nodes) if o in keep or not plan_lifetimes else max(last_use.get(o, i), i)
+                lives[o] = (i, end, max(-(-o.nbytes // 4) * 4, 4))
+    return lives
+
+
+def _pack_in_order(lives: dict) -> tuple[dict, list[int]]:
+    slots, sizes, free, ends = {}, [], [], []  # ends: (last index, slot) of the tensors in slots
+    for t, (first, last, nbytes) in lives.items():  # in the order their nodes run
+        free += [s for e, s in ends if e < first]
+        ends = [(e, s) for e, s in ends if e >= first]
+        fits = [s for s in free if sizes[s] >= nbytes]
+        if fits:
+            slot = min(fits, key=lambda s: sizes[s])
+            free.remove(slot)
+        else:
+            slot = len(sizes)
+            sizes.append(nbytes)
+        slots[t] = slot
+        ends.append((last, slot))
+    return slots, sizes
+
+
+def _pack_by_size(lives: dict) -> tuple[dict, list[int]]:
+    slots, sizes, held = {}, [], []  # held[s]: the (first, last) of the tensors in slot s
+    for t, (first, last, nbytes) in sorted(lives.items(), key=lambda kv: -kv[1][2]):
+        apart = [s for s in range(len(sizes)) if all(l < first or last < f for f, l in held[s])]
+        if apart:
+            slot = min(apart, key=lambda s: sizes[s])
+        else:
+            slot = len(sizes)
+            sizes.append(nbytes)
+            held.append([])
+        slots[t] = slot
+        held[slot].append((first, last))
+    return slots, sizes
+
+
 class Plan:
     """Which nodes run, and which buffer each intermediate tensor lives in.
 
@@ -91,22 +152,7 @@ class Plan:
         self.nodes = self._live_nodes(graph.nodes, outputs, updates)
         if fuse:
             self.nodes = fuse_activations(self.nodes, outputs)
-        self.slots: dict[GraphTensor, int] = {}
-        self.slot_bytes: list[int] = []
-        keep = set(outputs)
-        last_use: dict[GraphTensor, int] = {}
-        for i, n in enumerate(self.nodes):
-            for x in n.inputs:
-                last_use[x] = i
-        free: list[int] = []
-        for i, n in enumerate(self.nodes):
-            for o in n.outputs:
-                if o.value is None:
-                    self.slots[o] = self._take(free, max(-(-o.nbytes // 4) * 4, 4))  # whole words: a slot may later hold any dtype
-            if plan_lifetimes:
-                for x in set(n.inputs) | set(n.outputs):
-                    if x in self.slots and x not in keep and last_use.get(x, -1) <= i:
-                        free.append(self.slots[x])
+        self.slots, self.slot_bytes = _assign_slots(self.nodes, set(outputs), plan_lifetimes)
         self.peak_bytes = sum(self.slot_bytes)
         self._buffers = None
         # per node: the graph inputs it reads, whose buffers may change from run to run (replay's
@@ -128,15 +174,6 @@ class Plan:
                 live.append(n)
                 needed.update(x.node for x in n.inputs if x.node is not None)
         return live[::-1]
-
-    def _take(self, free: list[int], nbytes: int) -> int:
-        fits = [s for s in free if self.slot_bytes[s] >= nbytes]
-        if fits:
-            best = min(fits, key=lambda s: self.slot_bytes[s])
-            free.remove(best)
-            return best
-        self.slot_bytes.append(nbytes)
-        return len(self.slot_bytes) - 1
 
     def encode(self, bound: dict, cb, commit_every: int = 16) -> dict:
         """Encode every node into `cb` (with `commit_and_continue` every `commit_every` nodes)

@@ -2,7 +2,9 @@
 of that op that applies the relu as its kernels store (`activation="relu"`), saving the relu's
 pass over the output and the buffer of the value before it. In the backward pass, likewise, a
 conv2d_input_grad whose only reader is a relu_grad (the gradient flowing back into a relu's output)
-takes the relu_grad's mask as a third input (`conv2d_input_grad(g, w, mask)`).
+takes the relu_grad's mask as a third input (`conv2d_input_grad(g, w, mask)`), and an add whose
+only reader is a relu_grad (the two parts of the gradient of a relu output read twice, by a Gram
+and the next layer, say) becomes one `relu_grad_add(g, h, mask)`.
 
 It rewrites the plan's list of nodes, never the tape: another plan of the same graph (other
 outputs, say, that need the value before the relu) decides for itself. The fused node takes the
@@ -40,7 +42,7 @@ def fuse_activations(nodes: list[Node], outputs: tuple[GraphTensor, ...]) -> lis
                           gradient_of=src.gradient_of, predicate=src.predicate)
         dropped.add(relu)
     nodes = [fused.get(n, n) for n in nodes if n not in dropped]
-    return _fuse_relu_grads(nodes, keep)
+    return _fuse_relu_grad_adds(_fuse_relu_grads(nodes, keep), keep)
 
 
 def _fuse_relu_grads(nodes: list[Node], keep: set) -> list[Node]:
@@ -62,5 +64,30 @@ def _fuse_relu_grads(nodes: list[Node], keep: set) -> list[Node]:
             continue
         fused[src] = Node(src.op, [*src.inputs, mask], dict(src.attrs), outputs=[u], gradient_of=src.gradient_of,
                           predicate=src.predicate)
+        dropped.add(n)
+    return [fused.get(n, n) for n in nodes if n not in dropped]
+
+
+def _fuse_relu_grad_adds(nodes: list[Node], keep: set) -> list[Node]:
+    """Each add (of two same-shaped tensors) → relu_grad fused into one relu_grad_add node, where
+    the add was (so its inputs are free as early as before, and its result takes the sum's
+    place), by a mask made before it."""
+    readers = Counter(x for n in nodes for x in n.inputs)
+    made_at = {o: i for i, n in enumerate(nodes) for o in n.outputs}
+    fused: dict[Node, Node] = {}
+    dropped: set[Node] = set()
+    for n in nodes:
+        if n.op != "relu_grad" or n.is_update:
+            continue
+        t, mask = n.inputs
+        (u,) = n.outputs
+        src = t.node
+        if (src is None or src.op != "add" or src.is_update or len(src.inputs) != 2 or t not in made_at
+                or src.predicate is not n.predicate or any(x.shape != t.shape or x.dtype != t.dtype for x in src.inputs)
+                or readers[t] != 1 or t in keep or t.value is not None or u.value is not None or u.dtype != t.dtype
+                or mask.dtype != t.dtype or made_at.get(mask, -1) >= made_at[t]):
+            continue
+        fused[src] = Node("relu_grad_add", [*src.inputs, mask], {}, outputs=[u], gradient_of=n.gradient_of,
+                          predicate=n.predicate)
         dropped.add(n)
     return [fused.get(n, n) for n in nodes if n not in dropped]

@@ -260,6 +260,11 @@ _map("relu", 1, """max(x, 0); its gradient is 0 at x = 0.
 _map("relu_grad", 2, "dL/dx of relu given dL/dout `g` and relu's input or output x (> 0 at the same places).",
      grad=None)
 
+# The gradient of a relu whose output has two readers, relu_grad(g + h, x) in one pass: the sum
+# rounded to the storage type as add rounds it, so the bits are add's then relu_grad's. A graph's
+# plan fuses add → relu_grad into it (mlmetal/graph/fusion.py).
+_map("relu_grad_add", 3, "relu_grad(g + h, x): dL/dx of relu given the two parts g and h of dL/dout.", grad=None)
+
 _map("leaky_relu", 1, """x where x > 0, else slope * x.
 
     Args:

@@ -70,6 +70,10 @@ def relu_grad(g, x):
     return np.where(x <= 0, 0.0, g)  # g where x is NaN, as PyTorch
 
 
+def relu_grad_add(g, h, x):
+    return relu_grad(g + h, x)
+
+
 def leaky_relu(x, slope):
     return np.where(x > 0, x, slope * x)
 
