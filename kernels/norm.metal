@@ -83,6 +83,13 @@ inline void advance(thread Cursor& c) {
 // norm's groups of several blocks, read x again in each pass.
 #define NORM_CACHE 16
 
+// Where a group does not fit, each thread streams its elements NORM_STREAM at a time: their loads
+// are issued together, then the arithmetic runs element by element in the order it always does
+// (the same bits as one at a time). One load in flight a thread left a GPU's memory mostly idle:
+// the largest groups (instance norm of 256² planes) are few, a threadgroup a multiprocessor, and
+// a store's possible aliasing keeps the compiler from issuing the next element's load early.
+#define NORM_STREAM 4
+
 struct Moments {
     float shift;  // the group's first element
     float mean;   // of x − shift
@@ -127,7 +134,12 @@ inline Moments group_moments(device const T* x, constant NormParams& p, uint gro
     float n = 0.0f, mean = 0.0f, m2 = 0.0f;
     for (uint r = 0; r < p.rows; r++) {
         device const T* block = x + block_offset(p, group, r);
-        for (uint i = lid; i < p.hw; i += tpg) welford(float(block[i]) - shift, n, mean, m2);
+        for (uint i = lid; i < p.hw; i += NORM_STREAM * tpg) {
+            float v[NORM_STREAM];
+            for (uint u = 0; u < NORM_STREAM; u++) v[u] = i + u * tpg < p.hw ? float(block[i + u * tpg]) : 0.0f;
+            for (uint u = 0; u < NORM_STREAM; u++)
+                if (i + u * tpg < p.hw) welford(v[u] - shift, n, mean, m2);
+        }
     }
     float total_mean = group_sum(n * mean, scratch, lane, sg, nsg) / count;
     float d = mean - total_mean;
@@ -169,9 +181,14 @@ kernel void norm_forward(device const T* x [[buffer(0)]],
         for (uint r = 0; r < p.rows; r++) {
             uint base = block_offset(p, group, r);
             Cursor at = cursor(lid, tpg, plane);
-            for (uint i = lid; i < p.hw; i += tpg, advance(at))
-                out[base + i] = stored_output<T>(fma((float(x[base + i]) - m.shift) - m.mean, g_entry[at.plane] * rstd,
-                                                     b_entry[at.plane]), p.relu);
+            for (uint i = lid; i < p.hw; i += NORM_STREAM * tpg) {
+                float v[NORM_STREAM];
+                for (uint u = 0; u < NORM_STREAM; u++) v[u] = i + u * tpg < p.hw ? float(x[base + i + u * tpg]) : 0.0f;
+                for (uint u = 0; u < NORM_STREAM; u++, advance(at))
+                    if (i + u * tpg < p.hw)
+                        out[base + i + u * tpg] = stored_output<T>(fma((v[u] - m.shift) - m.mean, g_entry[at.plane] * rstd,
+                                                                       b_entry[at.plane]), p.relu);
+            }
         }
     }
     if (lid == 0) {
@@ -231,10 +248,19 @@ kernel void norm_backward(device const T* g [[buffer(0)]],
         for (uint r = 0; r < p.rows; r++) {
             uint base = block_offset(p, group, r);
             Cursor at = cursor(lid, tpg, plane);
-            for (uint i = lid; i < p.hw; i += tpg, advance(at)) {
-                float gv = one_entry ? float(g[base + i]) : entry[at.plane] * float(g[base + i]);
-                sum_g += gv;
-                sum_gx = fma(gv, ((float(x[base + i]) - m.shift) - m.mean) * rstd, sum_gx);
+            for (uint i = lid; i < p.hw; i += NORM_STREAM * tpg) {
+                float gs[NORM_STREAM], xs[NORM_STREAM];
+                for (uint u = 0; u < NORM_STREAM; u++) {
+                    bool inside = i + u * tpg < p.hw;
+                    gs[u] = inside ? float(g[base + i + u * tpg]) : 0.0f;
+                    xs[u] = inside ? float(x[base + i + u * tpg]) : 0.0f;
+                }
+                for (uint u = 0; u < NORM_STREAM; u++, advance(at)) {
+                    if (i + u * tpg >= p.hw) continue;
+                    float gv = one_entry ? gs[u] : entry[at.plane] * gs[u];
+                    sum_g += gv;
+                    sum_gx = fma(gv, ((xs[u] - m.shift) - m.mean) * rstd, sum_gx);
+                }
             }
         }
     }
@@ -266,9 +292,18 @@ kernel void norm_backward(device const T* g [[buffer(0)]],
         for (uint r = 0; r < p.rows; r++) {
             uint base = block_offset(p, group, r);
             Cursor at = cursor(lid, tpg, plane);
-            for (uint i = lid; i < p.hw; i += tpg, advance(at)) {
-                float xh = ((float(x[base + i]) - m.shift) - m.mean) * rstd;
-                dx[base + i] = T(rstd * (entry[at.plane] * float(g[base + i]) - mean_g - xh * mean_gx));
+            for (uint i = lid; i < p.hw; i += NORM_STREAM * tpg) {
+                float gs[NORM_STREAM], xs[NORM_STREAM];
+                for (uint u = 0; u < NORM_STREAM; u++) {
+                    bool inside = i + u * tpg < p.hw;
+                    gs[u] = inside ? float(g[base + i + u * tpg]) : 0.0f;
+                    xs[u] = inside ? float(x[base + i + u * tpg]) : 0.0f;
+                }
+                for (uint u = 0; u < NORM_STREAM; u++, advance(at)) {
+                    if (i + u * tpg >= p.hw) continue;
+                    float xh = ((xs[u] - m.shift) - m.mean) * rstd;
+                    dx[base + i + u * tpg] = T(rstd * (entry[at.plane] * gs[u] - mean_g - xh * mean_gx));
+                }
             }
         }
     }
