@@ -21,6 +21,7 @@ import shutil
 import struct
 import sys
 import threading
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
@@ -292,6 +293,8 @@ class _Batch:
 class CudaDevice(D.Device):
     """The cuda backend (CuPy and an NVIDIA GPU). Example: `dev = mm.device("cuda")`."""
 
+    GRAPH_CACHE = 256  # captured commits kept, least recently run dropped first
+
     name = "cuda"
     has_simdgroup_matrix = True  # tensor cores (mma.sync)
     cheap_barriers = True
@@ -323,6 +326,10 @@ class CudaDevice(D.Device):
         self._events: list = []  # completion events of retired commits, for reuse
         self._submit_lock = threading.Lock()  # one thread at a time enqueues, so commit order is stream order
         self._bound = threading.local()
+        # Commits of the same dispatches run as CUDA graphs (_graph_for); MLMETAL_CUDA_GRAPHS=0 turns it off.
+        self.graphs = os.environ.get("MLMETAL_CUDA_GRAPHS", "1") != "0"
+        self._graphs: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        self.graph_launches = 0  # commits run as one graph launch, for tests and benchmarks
 
     def bind_thread(self) -> None:
         """Make the GPU's primary context current in the calling thread, once per thread.
@@ -347,23 +354,64 @@ class CudaDevice(D.Device):
         functions = [None if d.__class__ is D.HostStep else d.kernel.function(d.threads[0] * d.threads[1] * d.threads[2])
                      for d in work]
         cupy = _cupy()
-        launch = cupy.cuda.driver.launchKernel
         with self._submit_lock:
             self._retire()
-            for f, d in zip(functions, work):
-                if f is None:  # a host step enqueues its own work here, in stream order
-                    d.fn()
-                    continue
-                params = d.__dict__.get("_launch")  # a replayed dispatch keeps its argument block
-                if params is None:
-                    params = d._launch = _launch_params(d)
-                # cuLaunchKernel copies the argument values, so `params` may go once it returns.
-                launch(f, *d.groups, *d.threads, 0, self.stream.ptr, ctypes.addressof(params), 0)
+            graph = self._graph_for(work, functions) if self.graphs else None
+            if graph is not None:
+                graph.launch(self.stream)
+            else:
+                self._launch(work, functions)
             event = self._events.pop() if self._events else cupy.cuda.Event(block=False, disable_timing=True)
             event.record(self.stream)
             batch = _Batch(event, work)
             self._inflight.append(batch)
         return batch
+
+    def _launch(self, work, functions) -> None:
+        launch = _cupy().cuda.driver.launchKernel
+        for f, d in zip(functions, work):
+            if f is None:  # a host step enqueues its own work here, in stream order
+                d.fn()
+                continue
+            params = d.__dict__.get("_launch")  # a replayed dispatch keeps its argument block
+            if params is None:
+                params = d._launch = _launch_params(d)
+            # cuLaunchKernel copies the argument values, so `params` may go once it returns.
+            launch(f, *d.groups, *d.threads, 0, self.stream.ptr, ctypes.addressof(params), 0)
+
+    def _graph_for(self, work, functions):
+        """The CUDA graph that runs `work`, where the same dispatch objects (a graph plan's recorded
+        ones, replayed) were committed together before: captured on their second commit, launched
+        as one on every later one — one launch in place of one a kernel, which the host otherwise
+        spends longer on than the GPU on a small kernel. None for work seen once, or with host steps.
+
+        Entries hold the dispatches weakly (they would otherwise keep their buffers alive), and
+        match only while every one is alive and the same object: then the buffers the graph's
+        arguments point to are alive too, as the dispatches hold them."""
+        if len(work) < 2 or any(f is None for f in functions):
+            return None
+        key = tuple(map(id, work))
+        entry = self._graphs.get(key)
+        if entry is None or any(ref() is not d for ref, d in zip(entry[0], work)):
+            self._graphs[key] = [[weakref.ref(d) for d in work], None]
+            self._graphs.move_to_end(key)
+            if len(self._graphs) > self.GRAPH_CACHE:
+                self._graphs.popitem(last=False)
+            return None
+        self._graphs.move_to_end(key)
+        if entry[1] is None:
+            self.stream.begin_capture()
+            try:
+                self._launch(work, functions)
+            except BaseException:
+                try:
+                    self.stream.end_capture()
+                except Exception:  # the launch's own error is the one to report
+                    pass
+                raise
+            entry[1] = self.stream.end_capture()
+        self.graph_launches += 1
+        return entry[1]
 
     def _retire(self) -> None:
         """Forget the commits that have completed, freeing what they kept alive."""
