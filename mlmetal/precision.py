@@ -2,8 +2,8 @@
 operands on matrix hardware, named as PyTorch and JAX name it.
 
 - ``"highest"`` (the default): float32 accuracy. On NVIDIA GPUs the tensor cores run the
-  split-TF32 scheme (each operand as the sum of two TF32 numbers, three products), or the float
-  kernels run where they are faster.
+  split-TF32 scheme (each operand as the sum of two TF32 numbers, three products), and the float
+  kernels run where they are faster (3×3 convolutions into fewer than 17 channels).
 - ``"high"``: operands rounded to TF32 (10 mantissa bits), float32 accumulation — what PyTorch's
   convolutions use by default on NVIDIA GPUs.
 - ``"medium"``: operands rounded to bfloat16 (7 mantissa bits), float32 accumulation.

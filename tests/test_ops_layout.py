@@ -1,6 +1,7 @@
 """Concat and slice along the channels, transposes, strided slices and broadcasts against their
 references; the functions over them; shape errors."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import strategies as st
@@ -138,7 +139,7 @@ def bits(a: np.ndarray) -> np.ndarray:
 def test_every_op_moves_bits(dev, dtype, n):
     """Odd element counts (1, 31, 33, …) and NaN, ±inf, -0 and subnormals come through each op
     bit for bit, forward and gradient kernels alike."""
-    special = np.array([np.nan, np.inf, -np.inf, -0.0, np.finfo(dtype).smallest_subnormal, 1 / 3], dtype)
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, ml_dtypes.finfo(dtype).smallest_subnormal, 1 / 3], dtype)
     a = np.resize(special, (1, n, 1, n)) * np.arange(1, n * n + 1, dtype=np.float32).reshape(1, n, 1, n).astype(dtype)
     a.flat[:len(special)] = special[:a.size]
     x = mm.tensor(a, dev, dtype=dtype)
