@@ -79,3 +79,48 @@ def test_fresh_dispatches_never_run_a_graph(cuda):
         cb.wait()
         np.testing.assert_array_equal(y.numpy(), np.full(777, 1 + 4 * step, np.float32))
     assert cuda.graph_launches == before
+
+
+def test_graphs_captured_while_other_threads_step_and_read(cuda, monkeypatch):
+    """Three threads train their own network (each commit of their replayed steps a graph from its
+    second time on) and read parameters between steps: a capture on the shared stream must not
+    break another thread's wait, and each network ends as it does trained alone without graphs."""
+    import threading
+
+    rng = np.random.default_rng(4)
+    inputs = [rng.standard_normal((2, 3, 8, 8)).astype(np.float32) for _ in range(3)]
+
+    def train(net, x, out, i):
+        try:
+            _, step, params = net
+            xt = mm.tensor(x, cuda)
+            losses = []
+            for _ in range(6):
+                losses.append(step.step(x=xt, commit_every=4))
+                params[0].numpy()  # a wait on the stream, between other threads' captures
+            out[i] = (losses, [p.numpy() for p in params])
+        except BaseException as e:  # reported by the main thread
+            out[i] = e
+
+    results = {}
+    for graphs in (False, True):
+        monkeypatch.setattr(cuda, "graphs", graphs)
+        nets = [replay_network(cuda, True) for _ in inputs]  # built in turn: mm.nn.seed is global
+        out = [None] * len(nets)
+        if graphs:
+            threads = [threading.Thread(target=train, args=(n, x, out, i)) for i, (n, x) in enumerate(zip(nets, inputs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for i, (n, x) in enumerate(zip(nets, inputs)):
+                train(n, x, out, i)
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
+        results[graphs] = out
+    for (loss_a, params_a), (loss_b, params_b) in zip(results[False], results[True]):
+        assert loss_a == loss_b
+        for pa, pb in zip(params_a, params_b):
+            np.testing.assert_array_equal(pa, pb)

@@ -421,12 +421,16 @@ class CudaDevice(D.Device):
             self._events.append(batch.event)
 
     def _sync_call(self, fn) -> None:
-        """Run `fn` (which enqueues on the stream) and wait for the stream, reporting device errors."""
+        """Run `fn` (which enqueues on the stream) and wait for the stream, reporting device errors.
+        It waits on an event recorded with `fn`'s work, not on the stream: another thread may be
+        capturing a CUDA graph on the stream by then (_graph_for), which a stream wait would break."""
         cupy = _cupy()
         try:
             with self._submit_lock:
                 fn()
-            self.stream.synchronize()
+                done = cupy.cuda.Event(block=False, disable_timing=True)
+                done.record(self.stream)
+            done.synchronize()
         except cupy.cuda.runtime.CUDARuntimeError as e:
             raise D.ExecutionError(f"the GPU reported an error while running committed work: {e}") from e
 
