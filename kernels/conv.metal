@@ -422,25 +422,34 @@ template [[host_name("pack_weights_3x3_bf16")]] [[kernel]] decltype(pack_weights
 
 // acc += a staged chunk's product for a CO-channel tile of `rows` rows: for each tap (ky, kx), its
 // weights by the staged input shifted by (ky, kx). A simdgroup's matrix j covers tile pixels
-// col0 + 8j … (8 of one row). The staged pointers are taken as they are declared (not const), so
-// S is deduced alike from all three.
+// col0 + 8j … (8 of one row; a simdgroup's pixels are whole rows, two matrices a row). The taps
+// go column by column (kx, then ky): the input matrices of one kx serve its three ky, as tap
+// (ky, kx) of row r reads what tap (ky − 1, kx) of row r + 1 reads, so a simdgroup loads TN + 4
+// of them a column of taps instead of 3·TN. The staged pointers are taken as they are declared
+// (not const), so S is deduced alike from all three.
 template <uint CO, uint ROWS, uint TM, uint TN, uint WARPS_N, typename S>
 inline void multiply_3x3(thread MmaTiles<TM, TN, WARPS_N, S>& acc, threadgroup S* w_s, threadgroup S* x_s) {
+    static_assert(C3_COLS == 16 && TN % 2 == 0, "a simdgroup's pixels are whole rows of two 8-pixel matrices");
+    const uint row0 = acc.col0 / C3_COLS;  // the simdgroup's first tile row
     #pragma unroll
-    for (uint tap = 0; tap < 9; ++tap) {
-        simdgroup_matrix<S, 8, 8> am[TM], bm[TN];
+    for (uint kx = 0; kx < 3; ++kx) {
+        simdgroup_matrix<S, 8, 8> bm[TN + 4];  // rows row0 … row0 + TN/2 + 1 of the staged input, shifted by kx
         #pragma unroll
-        for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], w_s + (tap * CO + acc.row0 + 8 * i) * C3_CI, C3_CI);
+        for (uint q = 0; q < TN + 4; ++q)
+            simdgroup_load(bm[q], x_s + (row0 + q / 2) * (C3_COLS + 2) + 8 * (q % 2) + kx, C3_X_SPAN(ROWS));
         #pragma unroll
-        for (uint j = 0; j < TN; ++j) {
-            const uint px = acc.col0 + 8 * j, row = px / C3_COLS + tap / 3, col = px % C3_COLS + tap % 3;
-            simdgroup_load(bm[j], x_s + row * (C3_COLS + 2) + col, C3_X_SPAN(ROWS));
-        }
-        #pragma unroll
-        for (uint j = 0; j < TN; ++j)
+        for (uint ky = 0; ky < 3; ++ky) {
+            const uint tap = 3 * ky + kx;
+            simdgroup_matrix<S, 8, 8> am[TM];
             #pragma unroll
-            for (uint i = 0; i < TM; i += 2)
-                simdgroup_multiply_accumulate_pair(acc.c[i][j], acc.c[i + 1][j], am[i], am[i + 1], bm[j], acc.c[i][j], acc.c[i + 1][j]);
+            for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], w_s + (tap * CO + acc.row0 + 8 * i) * C3_CI, C3_CI);
+            #pragma unroll
+            for (uint j = 0; j < TN; ++j)  // matrix j's row j/2, a tap ky lower: bm[j + 2·ky]
+                #pragma unroll
+                for (uint i = 0; i < TM; i += 2)
+                    simdgroup_multiply_accumulate_pair(acc.c[i][j], acc.c[i + 1][j], am[i], am[i + 1], bm[j + 2 * ky],
+                                                       acc.c[i][j], acc.c[i + 1][j]);
+        }
     }
 }
 
