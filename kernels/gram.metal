@@ -19,17 +19,19 @@ struct GramParams {
     uint chunk;         // features each split sums (a multiple of TILE_K)
 };
 
+// Each tile writes G on and above the diagonal and mirrors it below, so G is exactly symmetric:
+// a tile on the diagonal computes both G[m][n] and G[n][m], which the split-TF32 products of
+// `highest` (a_lo·b_hi before a_hi·b_lo) need not round alike, and writes only the first.
 struct GramOut {
     device float* g;
     float alpha;
     uint m0, n0, c;
-    bool mirror;  // a tile above the diagonal writes its mirror image below it too
 
     void write(uint i, uint j, float v) const {
         const uint m = m0 + i, n = n0 + j;
-        if (m >= c || n >= c) return;
+        if (m >= c || n >= c || m > n) return;
         g[m * c + n] = alpha * v;
-        if (mirror) g[n * c + m] = alpha * v;
+        if (m != n) g[n * c + m] = alpha * v;
     }
 };
 
@@ -70,7 +72,7 @@ kernel void gram(device const T* x [[buffer(0)]],  // extent: p.batch * p.c * p.
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
-    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, tile.x != tile.y});
+    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c});
 }
 template [[host_name("gram")]] [[kernel]] decltype(gram<float>) gram<float>;
 template [[host_name("gram_f16")]] [[kernel]] decltype(gram<half>) gram<half>;
@@ -121,7 +123,7 @@ kernel void gram_mma(device const T* x [[buffer(0)]],  // extent: p.batch * p.c 
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     if (k_end > k_begin) acc.multiply(a_s, b_read);
-    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, !diagonal}, (threadgroup float*)staged);
+    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c}, (threadgroup float*)staged);
 }
 template [[host_name("gram_mma")]] [[kernel]] decltype(gram_mma<float, WIDE>) gram_mma<float, WIDE>;
 template [[host_name("gram_mma_f16")]] [[kernel]] decltype(gram_mma<half, WIDE>) gram_mma<half, WIDE>;

@@ -313,6 +313,35 @@ def test_matmul_on_simdgroup_matrices(dev, matrix_products, policy, dtype, m, k,
     assert_within(c, a64 @ b64, np.abs(a64) @ np.abs(b64), k, roundoff(dev, policy), dtype)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_nan_and_infinity_come_through_products(dev, matrix_products, policy, transpose_b):
+    """NaN and ±∞ operands give what float32 arithmetic gives: NaN where a NaN or ∞ − ∞ enters a
+    sum, ±∞ where infinities of one sign do. The NaNs include 0x7fffffff, the NVIDIA GPUs' own,
+    and 0xffffffff, whose all-ones payloads a rounding to TF32 once carried into the sign bit
+    (−0: the NaN vanished); under `highest` on cuda the split-TF32 cross terms of an infinite
+    operand once made NaN (∞ times a zero low part)."""
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((9, 20)).astype(np.float32)
+    b = rng.standard_normal((20, 11)).astype(np.float32)
+    b[:, 4] = 1.0  # exact in TF32 and bfloat16: its low parts are 0
+    a.view(np.uint32)[0, 3] = 0x7FFFFFFF
+    a.view(np.uint32)[2, 5] = 0xFFFFFFFF
+    a[4, 7] = np.nan
+    a[6, 1] = np.inf
+    a[7, 2], a[7, 9] = np.inf, -np.inf  # ∞ − ∞ where b[2, j] and b[9, j] have one sign
+    b[8, 6] = -np.inf
+    with mm.matmul_precision(policy):
+        c = mm.ops.matmul(mm.tensor(a, dev), mm.tensor(np.ascontiguousarray(b.T) if transpose_b else b, dev),
+                          transpose_b=transpose_b).numpy()
+    with np.errstate(invalid="ignore"):
+        ref = a.astype(np.float64) @ b.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(c), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(c), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(c), np.isneginf(ref))
+    assert np.isnan(ref[[0, 2, 4]]).all() and np.isnan(ref[7]).any() and np.isinf(ref).any() and np.isfinite(ref).any()
+
+
 @pytest.mark.parametrize("policy, dtype", STORAGE_CASES, ids=STORAGE_IDS)
 @settings(max_examples=4)
 @given(n=st.integers(1, 2), c=st.sampled_from([1, 5, 33, 64, 65, 129]), hw=st.sampled_from([1, 7, 20]))
@@ -326,6 +355,7 @@ def test_gram_on_simdgroup_matrices(dev, matrix_products, policy, dtype, n, c, h
         g = mm.ops.gram(mm.tensor(x, dev), alpha=0.5).numpy()
         dx = mm.ops.gram_grad(mm.tensor(dg, dev), mm.tensor(x, dev), alpha=0.5).numpy()
     assert g.dtype == dx.dtype == dtype
+    np.testing.assert_array_equal(g, g.transpose(0, 2, 1))  # tiles write one triangle and mirror it
     assert_within(g, RG.gram(x64, alpha=0.5), RG.gram(np.abs(x64), alpha=0.5), hw * hw, u, dtype)
     assert_within(dx, RG.gram_grad(dg64, x64, alpha=0.5), RG.gram_grad(np.abs(dg64), np.abs(x64), alpha=0.5), 2 * c, u, dtype)
 

@@ -42,8 +42,9 @@ namespace metal {
 
 namespace detail {
 #if MLM_CUDA
-MLM_FN float round_tf32(float x) {  // as the cpu branch: two integer operations, no NaN test
-  return __uint_as_float((__float_as_uint(x) + 0x1000u) & ~0x1fffu);
+MLM_FN float round_tf32(float x) {  // as the cpu branch
+  const unsigned b = __float_as_uint(x);
+  return __uint_as_float((b & 0x7fffffffu) > 0x7f800000u ? (b | 0x400000u) & ~0x1fffu : (b + 0x1000u) & ~0x1fffu);
 }
 MLM_FN float round_bf16(float x) {
   unsigned short h;
@@ -53,11 +54,13 @@ MLM_FN float round_bf16(float x) {
 #else
 // The 13 bits below TF32's mantissa rounded away: adding half of the last kept bit to the
 // magnitude rounds ties away from zero (cvt.rna's rounding); a carry into the exponent is the right
-// result, up to infinity. Infinities and quiet NaNs (bit 22 set) keep their class; a signalling NaN
-// whose payload lies in the low 13 bits alone, which no arithmetic produces, becomes infinity.
-// Two integer operations: cvt.rna.tf32.f32 costs four on sm_90, and operands are rounded often.
+// result, up to infinity, and infinities stay. A NaN is kept apart: a payload whose bits 12–22 are
+// all ones (the NVIDIA GPUs' own NaN, 0x7fffffff) would carry through the exponent into the sign
+// and come out −0 — NaNs made on the GPU silently vanished from tensor-core products. It becomes
+// a quiet NaN with its payload's high bits, whatever they were.
 MLM_FN float round_tf32(float x) {
-  return as_type<float>((as_type<unsigned>(x) + 0x1000u) & ~0x1fffu);
+  const unsigned b = as_type<unsigned>(x);
+  return as_type<float>((b & 0x7fffffffu) > 0x7f800000u ? (b | 0x400000u) & ~0x1fffu : (b + 0x1000u) & ~0x1fffu);
 }
 MLM_FN float round_bf16(float x) {
   unsigned b = as_type<unsigned>(x);
@@ -189,16 +192,19 @@ template <class T> MLM_FN unsigned columns16(const simdgroup_matrix<T, 8, 8>& m)
 
 // The TF32 A fragment (rows g and g+8, k slots t and t+4) holds k = 2t and 2t+1, in the order
 // the row layout keeps them; the B fragment then takes the same k from the column layout.
+// lo is 0 where hi is x already (an infinity's lo would otherwise be ∞ − ∞, NaN) or infinite (a
+// finite x within half a TF32 step of float32's largest rounds up to ∞, as TF32 has no larger
+// value: it is taken as ∞); a NaN's lo is NaN.
 MLM_FN void split_tf32(const float (&x)[4], float (&hi)[4], float (&lo)[4]) {
   for (int i = 0; i < 4; ++i) {
     hi[i] = round_tf32(x[i]);
-    lo[i] = round_tf32(x[i] - hi[i]);
+    lo[i] = hi[i] == x[i] || isinf(hi[i]) ? 0.0f : round_tf32(x[i] - hi[i]);
   }
 }
 MLM_FN void split_tf32(const float (&x)[2], float (&hi)[2], float (&lo)[2]) {
   for (int i = 0; i < 2; ++i) {
     hi[i] = round_tf32(x[i]);
-    lo[i] = round_tf32(x[i] - hi[i]);
+    lo[i] = hi[i] == x[i] || isinf(hi[i]) ? 0.0f : round_tf32(x[i] - hi[i]);
   }
 }
 
@@ -208,11 +214,15 @@ template <class U, class V> MLM_FN void product(float (&d)[4], const float (&a)[
   if constexpr (floats && MLM_MATMUL_PRECISION == 2) {
     mma_bf16(d, a, b);
   } else if constexpr (MLM_MATMUL_PRECISION == 0 && (same<U, float> || same<V, float>)) {
-    float a_hi[4], a_lo[4], b_hi[2], b_lo[2];
+    float a_hi[4], a_lo[4], b_hi[2], b_lo[2], a_cross[4], b_cross[2];
     split_tf32(a, a_hi, a_lo);  // a half operand is exact in TF32: its lo is zero
     split_tf32(b, b_hi, b_lo);
-    if constexpr (same<U, float>) mma_tf32(d, a_lo, b_hi);
-    if constexpr (same<V, float>) mma_tf32(d, a_hi, b_lo);
+    // The cross terms take an infinite hi as 0: ∞·lo would be NaN where lo is 0, and ∞·b's
+    // infinity (or NaN) comes from hi·hi alone, as float32 arithmetic gives it.
+    for (int i = 0; i < 4; ++i) a_cross[i] = isinf(a_hi[i]) ? 0.0f : a_hi[i];
+    for (int i = 0; i < 2; ++i) b_cross[i] = isinf(b_hi[i]) ? 0.0f : b_hi[i];
+    if constexpr (same<U, float>) mma_tf32(d, a_lo, b_cross);
+    if constexpr (same<V, float>) mma_tf32(d, a_cross, b_lo);
     mma_tf32(d, a_hi, b_hi);
   } else {
     float a_r[4], b_r[2];
