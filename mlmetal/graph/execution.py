@@ -130,8 +130,8 @@ def _pack_by_size(lives: dict) -> tuple[dict, list[int]]:
 class Plan:
     """Which nodes run, and which buffer each intermediate tensor lives in.
 
-    Temporaries share memory: a tensor's buffer returns to a free list after the last node
-    that reads it, and later tensors take the smallest free buffer that fits.
+    Temporaries share memory: tensors whose lives (from the node that writes one to the last
+    that reads it) do not overlap share a buffer, packed as `_assign_slots` decides.
 
     Fusion (`fuse`): a conv2d or instance_norm whose only reader is a relu runs as one node with
     the relu in its epilogue, and a conv2d_input_grad whose only reader is a relu_grad takes the
