@@ -90,6 +90,12 @@ inline void advance(thread Cursor& c) {
 // a store's possible aliasing keeps the compiler from issuing the next element's load early.
 #define NORM_STREAM 4
 
+// v[u] = block[i + u·step] for the NORM_STREAM elements of one turn, 0 past n.
+template <typename T>
+inline void stream_loads(device const T* block, uint i, uint step, uint n, thread float* v) {
+    for (uint u = 0; u < NORM_STREAM; u++) v[u] = i + u * step < n ? float(block[i + u * step]) : 0.0f;
+}
+
 struct Moments {
     float shift;  // the group's first element
     float mean;   // of x − shift
@@ -136,7 +142,7 @@ inline Moments group_moments(device const T* x, constant NormParams& p, uint gro
         device const T* block = x + block_offset(p, group, r);
         for (uint i = lid; i < p.hw; i += NORM_STREAM * tpg) {
             float v[NORM_STREAM];
-            for (uint u = 0; u < NORM_STREAM; u++) v[u] = i + u * tpg < p.hw ? float(block[i + u * tpg]) : 0.0f;
+            stream_loads(block, i, tpg, p.hw, v);
             for (uint u = 0; u < NORM_STREAM; u++)
                 if (i + u * tpg < p.hw) welford(v[u] - shift, n, mean, m2);
         }
@@ -183,7 +189,7 @@ kernel void norm_forward(device const T* x [[buffer(0)]],
             Cursor at = cursor(lid, tpg, plane);
             for (uint i = lid; i < p.hw; i += NORM_STREAM * tpg) {
                 float v[NORM_STREAM];
-                for (uint u = 0; u < NORM_STREAM; u++) v[u] = i + u * tpg < p.hw ? float(x[base + i + u * tpg]) : 0.0f;
+                stream_loads(x + base, i, tpg, p.hw, v);
                 for (uint u = 0; u < NORM_STREAM; u++, advance(at))
                     if (i + u * tpg < p.hw)
                         out[base + i + u * tpg] = stored_output<T>(fma((v[u] - m.shift) - m.mean, g_entry[at.plane] * rstd,
@@ -250,11 +256,8 @@ kernel void norm_backward(device const T* g [[buffer(0)]],
             Cursor at = cursor(lid, tpg, plane);
             for (uint i = lid; i < p.hw; i += NORM_STREAM * tpg) {
                 float gs[NORM_STREAM], xs[NORM_STREAM];
-                for (uint u = 0; u < NORM_STREAM; u++) {
-                    bool inside = i + u * tpg < p.hw;
-                    gs[u] = inside ? float(g[base + i + u * tpg]) : 0.0f;
-                    xs[u] = inside ? float(x[base + i + u * tpg]) : 0.0f;
-                }
+                stream_loads(g + base, i, tpg, p.hw, gs);
+                stream_loads(x + base, i, tpg, p.hw, xs);
                 for (uint u = 0; u < NORM_STREAM; u++, advance(at)) {
                     if (i + u * tpg >= p.hw) continue;
                     float gv = one_entry ? gs[u] : entry[at.plane] * gs[u];
@@ -294,11 +297,8 @@ kernel void norm_backward(device const T* g [[buffer(0)]],
             Cursor at = cursor(lid, tpg, plane);
             for (uint i = lid; i < p.hw; i += NORM_STREAM * tpg) {
                 float gs[NORM_STREAM], xs[NORM_STREAM];
-                for (uint u = 0; u < NORM_STREAM; u++) {
-                    bool inside = i + u * tpg < p.hw;
-                    gs[u] = inside ? float(g[base + i + u * tpg]) : 0.0f;
-                    xs[u] = inside ? float(x[base + i + u * tpg]) : 0.0f;
-                }
+                stream_loads(g + base, i, tpg, p.hw, gs);
+                stream_loads(x + base, i, tpg, p.hw, xs);
                 for (uint u = 0; u < NORM_STREAM; u++, advance(at)) {
                     if (i + u * tpg >= p.hw) continue;
                     float xh = ((xs[u] - m.shift) - m.mean) * rstd;

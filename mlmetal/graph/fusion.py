@@ -42,11 +42,14 @@ def fuse_activations(nodes: list[Node], outputs: tuple[GraphTensor, ...]) -> lis
                           gradient_of=src.gradient_of, predicate=src.predicate)
         dropped.add(relu)
     nodes = [fused.get(n, n) for n in nodes if n not in dropped]
-    return _fuse_relu_grad_adds(_fuse_relu_grads(nodes, keep), keep)
+    return _fuse_relu_grads(nodes, keep)
 
 
 def _fuse_relu_grads(nodes: list[Node], keep: set) -> list[Node]:
-    """Each conv2d_input_grad → relu_grad (of the input gradient, by a mask made before it) fused."""
+    """Each relu_grad whose gradient input nothing else reads, made by a conv2d_input_grad (which
+    then takes the mask as a third input) or by an add of two same-shaped tensors (which becomes
+    one relu_grad_add), fused into that producer, where the producer was (so its inputs are free
+    as early as before), by a mask made before it."""
     readers = Counter(x for n in nodes for x in n.inputs)
     made_at = {o: i for i, n in enumerate(nodes) for o in n.outputs}
     fused: dict[Node, Node] = {}
@@ -57,37 +60,18 @@ def _fuse_relu_grads(nodes: list[Node], keep: set) -> list[Node]:
         t, mask = n.inputs
         (u,) = n.outputs
         src = t.node
-        if (src is None or src.op != "conv2d_input_grad" or len(src.inputs) != 2 or src.is_update or t not in made_at
+        if (src is None or len(src.inputs) != 2 or src.is_update or t not in made_at
                 or src.predicate is not n.predicate or readers[t] != 1 or t in keep or t.value is not None
                 or u.value is not None or u.dtype != t.dtype or mask.dtype != t.dtype
-                or made_at.get(mask, -1) >= made_at[t]):  # the mask must be there when the input gradient is made
+                or made_at.get(mask, -1) >= made_at[t]):  # the mask must be there when t is made
             continue
-        fused[src] = Node(src.op, [*src.inputs, mask], dict(src.attrs), outputs=[u], gradient_of=src.gradient_of,
-                          predicate=src.predicate)
-        dropped.add(n)
-    return [fused.get(n, n) for n in nodes if n not in dropped]
-
-
-def _fuse_relu_grad_adds(nodes: list[Node], keep: set) -> list[Node]:
-    """Each add (of two same-shaped tensors) → relu_grad fused into one relu_grad_add node, where
-    the add was (so its inputs are free as early as before, and its result takes the sum's
-    place), by a mask made before it."""
-    readers = Counter(x for n in nodes for x in n.inputs)
-    made_at = {o: i for i, n in enumerate(nodes) for o in n.outputs}
-    fused: dict[Node, Node] = {}
-    dropped: set[Node] = set()
-    for n in nodes:
-        if n.op != "relu_grad" or n.is_update:
+        if src.op == "conv2d_input_grad":
+            fused[src] = Node(src.op, [*src.inputs, mask], dict(src.attrs), outputs=[u], gradient_of=src.gradient_of,
+                              predicate=src.predicate)
+        elif src.op == "add" and all(x.shape == t.shape and x.dtype == t.dtype for x in src.inputs):
+            fused[src] = Node("relu_grad_add", [*src.inputs, mask], {}, outputs=[u], gradient_of=n.gradient_of,
+                              predicate=n.predicate)
+        else:
             continue
-        t, mask = n.inputs
-        (u,) = n.outputs
-        src = t.node
-        if (src is None or src.op != "add" or src.is_update or len(src.inputs) != 2 or t not in made_at
-                or src.predicate is not n.predicate or any(x.shape != t.shape or x.dtype != t.dtype for x in src.inputs)
-                or readers[t] != 1 or t in keep or t.value is not None or u.value is not None or u.dtype != t.dtype
-                or mask.dtype != t.dtype or made_at.get(mask, -1) >= made_at[t]):
-            continue
-        fused[src] = Node("relu_grad_add", [*src.inputs, mask], {}, outputs=[u], gradient_of=n.gradient_of,
-                          predicate=n.predicate)
         dropped.add(n)
     return [fused.get(n, n) for n in nodes if n not in dropped]

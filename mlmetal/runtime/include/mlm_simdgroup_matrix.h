@@ -41,27 +41,23 @@
 namespace metal {
 
 namespace detail {
-#if MLM_CUDA
-MLM_FN float round_tf32(float x) {  // as the cpu branch
-  const unsigned b = __float_as_uint(x);
-  return __uint_as_float((b & 0x7fffffffu) > 0x7f800000u ? (b | 0x400000u) & ~0x1fffu : (b + 0x1000u) & ~0x1fffu);
+// The 13 bits below TF32's mantissa rounded away: adding half of the last kept bit to the
+// magnitude rounds ties away from zero (cvt.rna's rounding); a carry into the exponent is the right
+// result, up to infinity, and infinities stay. A NaN is kept apart: a payload whose bits 12–22 are
+// all ones (the NVIDIA GPUs' own NaN, 0x7fffffff) would carry through the exponent into the sign
+// and come out −0 — NaNs made on the GPU silently vanished from tensor-core products. It becomes
+// a quiet NaN with its payload's high bits, whatever they were. The same on cpu and cuda.
+MLM_FN float round_tf32(float x) {
+  const unsigned b = as_type<unsigned>(x);
+  return as_type<float>((b & 0x7fffffffu) > 0x7f800000u ? (b | 0x400000u) & ~0x1fffu : (b + 0x1000u) & ~0x1fffu);
 }
+#if MLM_CUDA
 MLM_FN float round_bf16(float x) {
   unsigned short h;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
   return __uint_as_float(unsigned(h) << 16);
 }
 #else
-// The 13 bits below TF32's mantissa rounded away: adding half of the last kept bit to the
-// magnitude rounds ties away from zero (cvt.rna's rounding); a carry into the exponent is the right
-// result, up to infinity, and infinities stay. A NaN is kept apart: a payload whose bits 12–22 are
-// all ones (the NVIDIA GPUs' own NaN, 0x7fffffff) would carry through the exponent into the sign
-// and come out −0 — NaNs made on the GPU silently vanished from tensor-core products. It becomes
-// a quiet NaN with its payload's high bits, whatever they were.
-MLM_FN float round_tf32(float x) {
-  const unsigned b = as_type<unsigned>(x);
-  return as_type<float>((b & 0x7fffffffu) > 0x7f800000u ? (b | 0x400000u) & ~0x1fffu : (b + 0x1000u) & ~0x1fffu);
-}
 MLM_FN float round_bf16(float x) {
   unsigned b = as_type<unsigned>(x);
   if ((b & 0x7fffffffu) > 0x7f800000u) return as_type<float>((b | 0x400000u) & 0xffff0000u);  // quiet NaN
@@ -195,14 +191,8 @@ template <class T> MLM_FN unsigned columns16(const simdgroup_matrix<T, 8, 8>& m)
 // lo is 0 where hi is x already (an infinity's lo would otherwise be ∞ − ∞, NaN) or infinite (a
 // finite x within half a TF32 step of float32's largest rounds up to ∞, as TF32 has no larger
 // value: it is taken as ∞); a NaN's lo is NaN.
-MLM_FN void split_tf32(const float (&x)[4], float (&hi)[4], float (&lo)[4]) {
-  for (int i = 0; i < 4; ++i) {
-    hi[i] = round_tf32(x[i]);
-    lo[i] = hi[i] == x[i] || isinf(hi[i]) ? 0.0f : round_tf32(x[i] - hi[i]);
-  }
-}
-MLM_FN void split_tf32(const float (&x)[2], float (&hi)[2], float (&lo)[2]) {
-  for (int i = 0; i < 2; ++i) {
+template <int N> MLM_FN void split_tf32(const float (&x)[N], float (&hi)[N], float (&lo)[N]) {
+  for (int i = 0; i < N; ++i) {
     hi[i] = round_tf32(x[i]);
     lo[i] = hi[i] == x[i] || isinf(hi[i]) ? 0.0f : round_tf32(x[i] - hi[i]);
   }
