@@ -17,21 +17,26 @@ struct GramParams {
     uint batch, c, hw;  // features are batch × c × hw
     float alpha;
     uint chunk;         // features each split sums (a multiple of TILE_K)
+    uint mirror;        // the tiles write G (one split of a float32 G) and mirror it (GramOut)
 };
 
-// Each tile writes G on and above the diagonal and mirrors it below, so G is exactly symmetric:
-// a tile on the diagonal computes both G[m][n] and G[n][m], which the split-TF32 products of
-// `highest` (a_lo·b_hi before a_hi·b_lo) need not round alike, and writes only the first.
+// Each tile writes G on and above the diagonal; where it writes G itself (`mirror`: one split of
+// a float32 G) it also mirrors it below, else gram_sum_splits mirrors the sum. G is so exactly
+// symmetric: a tile on the diagonal computes both G[m][n] and G[n][m], which the split-TF32
+// products of `highest` (a_lo·b_hi before a_hi·b_lo) need not round alike. A slice is not
+// mirrored because the mirror's writes are a matrix apart along the warp (one memory sector
+// each); the sum mirrors G once instead of each of the splits.
 struct GramOut {
     device float* g;
     float alpha;
     uint m0, n0, c;
+    uint mirror;
 
     void write(uint i, uint j, float v) const {
         const uint m = m0 + i, n = n0 + j;
         if (m >= c || n >= c || m > n) return;
         g[m * c + n] = alpha * v;
-        if (m != n) g[n * c + m] = alpha * v;
+        if (mirror && m != n) g[n * c + m] = alpha * v;
     }
 };
 
@@ -72,7 +77,7 @@ kernel void gram(device const T* x [[buffer(0)]],  // extent: p.batch * p.c * p.
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     acc.multiply(a_tile + (buf ^ 1) * STAGED(WIDE), b_tile + (buf ^ 1) * STAGED(WIDE));
-    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c});
+    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, p.mirror});
 }
 template [[host_name("gram")]] [[kernel]] decltype(gram<float>) gram<float>;
 template [[host_name("gram_f16")]] [[kernel]] decltype(gram<half>) gram<half>;
@@ -123,7 +128,7 @@ kernel void gram_mma(device const T* x [[buffer(0)]],  // extent: p.batch * p.c 
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     if (k_end > k_begin) acc.multiply(a_s, b_read);
-    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c}, (threadgroup float*)staged);
+    acc.store(GramOut{partial + (split * p.batch + item) * p.c * p.c, p.alpha, m0, n0, p.c, p.mirror}, (threadgroup float*)staged);
 }
 template [[host_name("gram_mma")]] [[kernel]] decltype(gram_mma<float, WIDE>) gram_mma<float, WIDE>;
 template [[host_name("gram_mma_f16")]] [[kernel]] decltype(gram_mma<half, WIDE>) gram_mma<half, WIDE>;
@@ -131,6 +136,32 @@ template [[host_name("gram_mma_bf16")]] [[kernel]] decltype(gram_mma<bfloat, WID
 template [[host_name("gram_small_mma")]] [[kernel]] decltype(gram_mma<float, GRAM_SMALL>) gram_mma<float, GRAM_SMALL>;
 template [[host_name("gram_small_mma_f16")]] [[kernel]] decltype(gram_mma<half, GRAM_SMALL>) gram_mma<half, GRAM_SMALL>;
 template [[host_name("gram_small_mma_bf16")]] [[kernel]] decltype(gram_mma<bfloat, GRAM_SMALL>) gram_mma<bfloat, GRAM_SMALL>;
+
+struct GramSumParams {
+    uint batch, c, splits;
+};
+
+// g = the sum of the splits' slices of partial (each G on and above the diagonal, as GramOut
+// leaves it), in a fixed order, rounded to T once and mirrored below the diagonal. One thread an
+// element of G; those below the diagonal return (their value is written by the one above), so a
+// warp reads and writes a row's run of G, and only the mirror's writes are scattered.
+template <typename T>
+kernel void gram_sum_splits(device const float* partial [[buffer(0)]],  // extent: p.splits * p.batch * p.c * p.c
+                            device T* g [[buffer(1)]],  // extent: p.batch * p.c * p.c
+                            constant GramSumParams& p [[buffer(2)]],
+                            uint i [[thread_position_in_grid]]) {
+    const uint count = p.batch * p.c * p.c;
+    if (i >= count) return;
+    const uint item = i / (p.c * p.c), m = i / p.c % p.c, n = i % p.c;
+    if (m > n) return;
+    float s = 0.0f;
+    for (uint k = 0; k < p.splits; ++k) s += partial[k * count + i];
+    g[i] = T(s);
+    if (m != n) g[(item * p.c + n) * p.c + m] = T(s);
+}
+template [[host_name("gram_sum_splits")]] [[kernel]] decltype(gram_sum_splits<float>) gram_sum_splits<float>;
+template [[host_name("gram_sum_splits_f16")]] [[kernel]] decltype(gram_sum_splits<half>) gram_sum_splits<half>;
+template [[host_name("gram_sum_splits_bf16")]] [[kernel]] decltype(gram_sum_splits<bfloat>) gram_sum_splits<bfloat>;
 
 struct GramGradParams {
     uint batch, c, hw;

@@ -429,6 +429,33 @@ def test_3x3_convolutions_on_simdgroup_matrices(dev, matrix_products, policy, dt
                       dtype)
 
 
+@pytest.mark.parametrize("policy", ["high", "medium"])
+@pytest.mark.parametrize("cin, cout, h, w", [(9, 24, 9, 17), (17, 65, 8, 16), (3, 33, 10, 20)])
+def test_products_take_each_operand_rounded_once_per_the_policy(dev, matrix_products, policy, cin, cout, h, w):
+    """Under `high` and `medium` every product is the exact float sum of the operands rounded to
+    TF32 or bfloat16 (nearest): held to the float32 summation bound alone (u = 0 against the
+    rounded operands). An operand that reached the tensor cores unrounded (they truncate it) would
+    miss this bound by far (a TF32 step is 2^-11 of an operand)."""
+    r = {"high": round_tf32, "medium": round_bf16}[policy]
+    rng = np.random.default_rng(cin + cout)
+    x = rng.standard_normal((2, cin, h, w)).astype(np.float32)
+    wt = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
+    g = rng.standard_normal((2, cout, h, w)).astype(np.float32)
+    rx, rw, rg = (r(v).astype(np.float64) for v in (x, wt, g))
+    a = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+    with mm.matmul_precision(policy):
+        y = mm.ops.conv2d(mm.tensor(x, dev), mm.tensor(wt, dev), padding=1).numpy()
+        dx = mm.ops.conv2d_input_grad(mm.tensor(g, dev), mm.tensor(wt, dev), input_size=(h, w), padding=1).numpy()
+        gm = mm.ops.gram(mm.tensor(x, dev)).numpy()
+        mt = mm.ops.matmul(mm.tensor(x.reshape(2 * cin, -1), dev), mm.tensor(g.reshape(2 * cout, -1).T.copy(), dev)).numpy()
+    assert_within(y, RC.conv2d(rx, rw, None, **a), RC.conv2d(np.abs(rx), np.abs(rw), None, **a), 9 * cin, 0.0)
+    assert_within(dx, RC.conv2d_input_grad(rg, rw, input_size=(h, w), **a),
+                  RC.conv2d_input_grad(np.abs(rg), np.abs(rw), input_size=(h, w), **a), 9 * cout, 0.0)
+    assert_within(gm, RG.gram(rx, alpha=1.0), RG.gram(np.abs(rx), alpha=1.0), h * w, 0.0)
+    fx, fg = rx.reshape(2 * cin, -1), rg.reshape(2 * cout, -1).T
+    assert_within(mt, fx @ fg, np.abs(fx) @ np.abs(fg), h * w, 0.0)
+
+
 @pytest.mark.parametrize("policy, dtype", STORAGE_CASES, ids=STORAGE_IDS)
 @pytest.mark.parametrize("h, w, pad", [(8, 16, 1), (9, 20, 1), (3, 4, 1), (8, 20, 0), (7, 12, 2), (10, 18, 1)])
 def test_3x3_weight_grad_stages_runs_of_four(dev, matrix_products, policy, dtype, h, w, pad):

@@ -6,7 +6,7 @@ from .. import dtypes as D
 from ..reference import gram as R
 from . import apply, ensure, groups_for, register
 from ..runtime import source as S
-from .tiling import MEDIUM, MMA_THREADS, WIDE, Tiling, matrix_policy, partial_for, product, split_reduction, sum_splits
+from .tiling import MEDIUM, MMA_THREADS, WIDE, Tiling, matrix_policy, partial_for, product, split_reduction
 
 _GRAM = S.Source.from_file(S.KERNEL_DIR / "gram.metal").constants
 
@@ -61,14 +61,17 @@ def _gram_encode(cb, g, x, *, alpha):
     splits, chunk = split_reduction(h * w, n * tiles * (tiles + 1) // 2)
     k, threads = product(g.device, "gram", g.dtype, t)
     partial = partial_for(g, splits)
+    mirror = int(partial is g)  # else gram_sum_splits mirrors the sum of the slices
     cb.dispatch(k, groups=(tiles, tiles, n * splits), threads=threads,
-                args=[x, partial, dict(batch=n, c=c, hw=h * w, alpha=alpha, chunk=chunk)])
-    sum_splits(cb, k.library, partial, g, splits)
+                args=[x, partial, dict(batch=n, c=c, hw=h * w, alpha=alpha, chunk=chunk, mirror=mirror)])
+    if not mirror:
+        cb.dispatch(k.library.kernel(D.kernel_name("gram_sum_splits", g.dtype)), groups=groups_for(g.size, 256),
+                    threads=256, args=[partial, g, dict(batch=n, c=c, splits=splits)])
 
 
 register("gram", check=_gram_check, encode=_gram_encode, reference=R.gram,
          grad=lambda g, out, x, *, alpha: (apply("gram_grad", g, x, alpha=alpha),),
-         kernels=["gram.gram", "gram.gram_mma", "gram.gram_small_mma", "gram.sum_splits"], dtypes=D.FLOATS)
+         kernels=["gram.gram", "gram.gram_mma", "gram.gram_small_mma", "gram.gram_sum_splits"], dtypes=D.FLOATS)
 
 
 def _gram_grad_check(g, x, alpha=1.0):
