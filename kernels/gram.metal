@@ -3,9 +3,10 @@
 //
 // Both are tiled products in kernels/tile.h's wide tiling (128×128 outputs, 256 threads,
 // pipelined staging), with float register blocks or simdgroup matrices (`_mma`). G is symmetric, so only tiles on or above the
-// diagonal are computed, each written twice; the H·W reduction is long and G small, so it is
-// split across threadgroups (slices of `partial`, added by `sum_splits`). Templates over the
-// storage type (tile.h): the slices of G are float whatever it is, and sum_splits rounds them.
+// diagonal are computed (GramOut: written once, mirrored where a tile writes G itself); the H·W
+// reduction is long and G small, so it is split across threadgroups (slices of `partial`, added
+// and mirrored by `gram_sum_splits`). Templates over the storage type (tile.h): the slices of G
+// are float whatever it is, and gram_sum_splits rounds their sum.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -154,10 +155,9 @@ kernel void gram_sum_splits(device const float* partial [[buffer(0)]],  // exten
     if (i >= count) return;
     const uint item = i / (p.c * p.c), m = i / p.c % p.c, n = i % p.c;
     if (m > n) return;
-    float s = 0.0f;
-    for (uint k = 0; k < p.splits; ++k) s += partial[k * count + i];
-    g[i] = T(s);
-    if (m != n) g[(item * p.c + n) * p.c + m] = T(s);
+    const T s = T(split_sum(partial, count, p.splits, i));
+    g[i] = s;
+    if (m != n) g[(item * p.c + n) * p.c + m] = s;
 }
 template [[host_name("gram_sum_splits")]] [[kernel]] decltype(gram_sum_splits<float>) gram_sum_splits<float>;
 template [[host_name("gram_sum_splits_f16")]] [[kernel]] decltype(gram_sum_splits<half>) gram_sum_splits<half>;

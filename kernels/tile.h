@@ -263,15 +263,20 @@ struct SplitParams {
 // out[i] = Σ_s partial[s·count + i], in a fixed order (so results do not depend on timing). The
 // slices are float whatever the storage type T of out, which the sum is rounded to once (and
 // passed through a convolution's fused relu).
+// Σ_s partial[s·count + i] over the splits, in the order s = 0, 1, … (also gram_sum_splits').
+inline float split_sum(device const float* partial, uint count, uint splits, uint i) {
+    float s = 0.0f;
+    for (uint k = 0; k < splits; ++k) s += partial[k * count + i];
+    return s;
+}
+
 template <typename T>
 kernel void sum_splits(device const float* partial [[buffer(0)]],  // extent: p.splits * p.count
                        device T* out [[buffer(1)]],  // extent: p.count
                        constant SplitParams& p [[buffer(2)]],
                        uint i [[thread_position_in_grid]]) {
     if (i >= p.count) return;
-    float s = 0.0f;
-    for (uint k = 0; k < p.splits; ++k) s += partial[k * p.count + i];
-    out[i] = stored_output<T>(s, p.relu);
+    out[i] = stored_output<T>(split_sum(partial, p.count, p.splits, i), p.relu);
 }
 template [[host_name("sum_splits")]] [[kernel]] decltype(sum_splits<float>) sum_splits<float>;
 template [[host_name("sum_splits_f16")]] [[kernel]] decltype(sum_splits<half>) sum_splits<half>;
