@@ -378,7 +378,9 @@ template [[host_name("conv2d_3x3_16x32_bf16")]] [[kernel]] decltype(conv2d_3x3_1
 // 8 × 8 block of it is C3_CI channels (rows a staged channel apart) by 8 pixels of a row — by that
 // tap's weights, which pack_weights_3x3 has laid out [chunk][tap][channel][C3_CI] so they stage
 // as one contiguous copy. The tile is CO output channels by its pixels, on four simdgroups (tile.h's
-// MmaTiles), the next chunk's loads in flight while this one is multiplied. Two tiles:
+// MmaTiles), the next chunk's loads in flight while this one is multiplied. Both operands are
+// staged operands (tile.h; the weights as they are packed): under `high` the chunk loop is about
+// 715 SASS instructions for its 144 tensor-core ones, 1,460 when each load rounded. Two tiles:
 //   conv2d_3x3_mma     C3_CO = 64 channels by C3_ROWS × C3_COLS = 8 × 16 pixels (each simdgroup
 //                      32 channels by 4 rows);
 //   conv2d_3x3_mma_32  C3_CO_32 = 32 channels by C3_ROWS_32 × C3_COLS = 16 × 16 pixels (each
@@ -404,7 +406,8 @@ struct PackParams {
     uint cin, cout, chunks, cout_padded;  // chunks of C3_CI input channels; output channels rounded up to C3_CO
 };
 
-// wp[chunk][tap][co][e] = w[co][C3_CI·chunk + e][tap], zeros past the channels, in T. Output
+// wp[chunk][tap][co][e] = w[co][C3_CI·chunk + e][tap] as a staged operand (tile.h), zeros past the
+// channels, in T: the weights stage as they are packed, rounded once for all the tiles. Output
 // channels are padded to a multiple of C3_CO for both tiles (a 32-channel tile reads the first half).
 template <typename T>
 kernel void pack_weights_3x3(device const T* w [[buffer(0)]],  // extent: p.cout * p.cin * 9
@@ -414,7 +417,7 @@ kernel void pack_weights_3x3(device const T* w [[buffer(0)]],  // extent: p.cout
     if (i >= p.chunks * 9 * p.cout_padded * C3_CI) return;
     const uint e = i % C3_CI, co = i / C3_CI % p.cout_padded, tap = i / (C3_CI * p.cout_padded) % 9;
     const uint ci = i / (C3_CI * p.cout_padded * 9) * C3_CI + e;
-    wp[i] = co < p.cout && ci < p.cin ? T(w[(co * p.cin + ci) * 9 + tap]) : T(0.0f);
+    wp[i] = co < p.cout && ci < p.cin ? staged_operand(T(w[(co * p.cin + ci) * 9 + tap])) : T(0.0f);
 }
 template [[host_name("pack_weights_3x3")]] [[kernel]] decltype(pack_weights_3x3<float>) pack_weights_3x3<float>;
 template [[host_name("pack_weights_3x3_f16")]] [[kernel]] decltype(pack_weights_3x3<half>) pack_weights_3x3<half>;
@@ -436,13 +439,13 @@ inline void multiply_3x3(thread MmaTiles<TM, TN, WARPS_N, S>& acc, threadgroup S
         simdgroup_matrix<S, 8, 8> bm[TN + 4];  // rows row0 … row0 + TN/2 + 1 of the staged input, shifted by kx
         #pragma unroll
         for (uint q = 0; q < TN + 4; ++q)
-            simdgroup_load(bm[q], x_s + (row0 + q / 2) * (C3_COLS + 2) + 8 * (q % 2) + kx, C3_X_SPAN(ROWS));
+            simdgroup_load_staged(bm[q], x_s + (row0 + q / 2) * (C3_COLS + 2) + 8 * (q % 2) + kx, C3_X_SPAN(ROWS));
         #pragma unroll
         for (uint ky = 0; ky < 3; ++ky) {
             const uint tap = 3 * ky + kx;
             simdgroup_matrix<S, 8, 8> am[TM];
             #pragma unroll
-            for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], w_s + (tap * CO + acc.row0 + 8 * i) * C3_CI, C3_CI);
+            for (uint i = 0; i < TM; ++i) simdgroup_load_staged(am[i], w_s + (tap * CO + acc.row0 + 8 * i) * C3_CI, C3_CI);
             #pragma unroll
             for (uint j = 0; j < TN; ++j)  // matrix j's row j/2, a tap ky lower: bm[j + 2·ky]
                 #pragma unroll
@@ -514,7 +517,7 @@ kernel void conv2d_3x3_mma_tiles(device const T* x [[buffer(0)]],
         if (chunk > 0) multiply_3x3<CO, ROWS>(acc, w_s, x_s);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         for (uint i = 0; i < X_EACH; ++i)
-            if (t + MMA_THREADS * i < C3_CI * X_SPAN) x_s[t + MMA_THREADS * i] = x_next[i];
+            if (t + MMA_THREADS * i < C3_CI * X_SPAN) x_s[t + MMA_THREADS * i] = staged_operand(x_next[i]);
         for (uint i = 0; i < C3_W_EACH(CO, T); ++i)
             if (t + MMA_THREADS * i < C3_W_QUADS(CO, T)) staged[t + MMA_THREADS * i] = w_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -1120,7 +1123,9 @@ template [[host_name("conv2d_weight_grad_3x3_bf16")]] [[kernel]] decltype(conv2d
 // next tile's loads in flight while this one is multiplied. Each thread loads fixed runs of four
 // values of a row (load_run): a vector load each where rows are four-aligned and padded by one,
 // which took the tile loop from about 2,100 SASS instructions to 1,060 (a division and a bounds
-// test a value before). Threadgroup z sums tiles [z·chunk, (z+1)·chunk) into slice z of
+// test a value before). The values are staged through staged_operand (tile.h): under `high` that
+// took the loop from about 1,790 instructions to 1,330 (NVRTC 13, sm_90), the TF32 rounding of
+// every loaded element gone from it. Threadgroup z sums tiles [z·chunk, (z+1)·chunk) into slice z of
 // `partial`, which sum_splits adds.
 // Grid: (ceil(Cin / D3_CI), ceil(Cout / D3_CO), splits), MMA_THREADS threads.
 #define D3_CO 32
@@ -1209,12 +1214,12 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
             #pragma unroll
             for (uint k = 0; k < D3_PX; k += 8) {
                 simdgroup_matrix<T, 8, 8> a0, a1, b;
-                simdgroup_load(a0, dy_s + co_w * D3_DY_PITCH + k, D3_DY_PITCH);
-                simdgroup_load(a1, dy_s + (co_w + 8) * D3_DY_PITCH + k, D3_DY_PITCH);
+                simdgroup_load_staged(a0, dy_s + co_w * D3_DY_PITCH + k, D3_DY_PITCH);
+                simdgroup_load_staged(a1, dy_s + (co_w + 8) * D3_DY_PITCH + k, D3_DY_PITCH);
                 #pragma unroll
                 for (uint tap = 0; tap < 9; ++tap) {
                     const uint row = k / C3_COLS + tap / 3, col = k % C3_COLS + tap % 3;
-                    simdgroup_load(b, x_s + ci_w * D3_X_PITCH + row * (C3_COLS + 2) + col, D3_X_PITCH, ulong2(0), true);
+                    simdgroup_load_staged(b, x_s + ci_w * D3_X_PITCH + row * (C3_COLS + 2) + col, D3_X_PITCH, ulong2(0), true);
                     simdgroup_multiply_accumulate_pair(acc[tap][0], acc[tap][1], a0, a1, b, acc[tap][0], acc[tap][1]);
                 }
             }
@@ -1223,18 +1228,18 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
         threadgroup_barrier(mem_flags::mem_threadgroup);
         #pragma unroll
         for (uint i = 0; i < D3_DY_RUNS; ++i)
-            *(threadgroup vec<T, 4>*)(dy_s + (t / 32 + 4 * i) * D3_DY_PITCH + run_px) = dy_next[i];
+            *(threadgroup vec<T, 4>*)(dy_s + (t / 32 + 4 * i) * D3_DY_PITCH + run_px) = staged_operands(dy_next[i]);
         #pragma unroll
         for (uint i = 0; i < D3_X_RUNS; ++i) {
             const uint q = t / 4 + 32 * i;
             threadgroup T* row = x_s + q / (C3_ROWS + 2) * D3_X_PITCH + q % (C3_ROWS + 2) * (C3_COLS + 2) + 1 + run_col;
-            for (uint j = 0; j < 4; ++j) row[j] = x_next[i][j];
+            for (uint j = 0; j < 4; ++j) row[j] = staged_operand(x_next[i][j]);
         }
         #pragma unroll
         for (uint i = 0; i < D3_X_EDGES; ++i) {
             const uint q = t / 2 + 64 * i;
             if (q < D3_CI * (C3_ROWS + 2))
-                x_s[q / (C3_ROWS + 2) * D3_X_PITCH + q % (C3_ROWS + 2) * (C3_COLS + 2) + (t % 2 ? C3_COLS + 1 : 0)] = edge_next[i];
+                x_s[q / (C3_ROWS + 2) * D3_X_PITCH + q % (C3_ROWS + 2) * (C3_COLS + 2) + (t % 2 ? C3_COLS + 1 : 0)] = staged_operand(edge_next[i]);
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }

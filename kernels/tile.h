@@ -129,6 +129,29 @@ inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d0, th
 }
 #endif
 
+#ifndef MLM_STAGED_OPERANDS
+// Staged operands: x as the precision policy lets it into a product, for a kernel to apply once
+// where it stages a value in threadgroup memory, and a load of values so staged, whose products
+// then skip the rounding. The cuda and cpu backends define them (mlm_simdgroup_matrix.h: under
+// `high` the cuda backend rounds to TF32 once a staged value rather than in each product that
+// reads it; the cpu backend loads a float not so staged as NaN, so a test catches a kernel that
+// forgets it). Apple GPUs multiply float matrices at float precision: a plain value and load.
+inline float staged_operand(float x) { return x; }
+inline half staged_operand(half x) { return x; }
+inline bfloat staged_operand(bfloat x) { return x; }
+template <typename S>
+inline void simdgroup_load_staged(thread simdgroup_matrix<S, 8, 8>& m, threadgroup const S* src, ulong stride,
+                                  ulong2 origin = ulong2(0), bool transpose = false) {
+  simdgroup_load(m, src, stride, origin, transpose);
+}
+#endif
+
+// staged_operand of each of four.
+template <typename T>
+inline vec<T, 4> staged_operands(vec<T, 4> v) {
+    return vec<T, 4>(staged_operand(v.x), staged_operand(v.y), staged_operand(v.z), staged_operand(v.w));
+}
+
 // ---------------------------------------------------------------- products on simdgroup matrices
 //
 // The `_mma` kernels: a threadgroup of MMA_THREADS threads (four simdgroups) owns a tile of the
@@ -170,9 +193,9 @@ struct MmaTiles {
         for (uint k = 0; k < MMA_K; k += 8) {
             simdgroup_matrix<S, 8, 8> am[TM], bm[TN];
             #pragma unroll
-            for (uint i = 0; i < TM; ++i) simdgroup_load(am[i], a_s + (row0 + 8 * i) * MMA_PITCH + k, MMA_PITCH);
+            for (uint i = 0; i < TM; ++i) simdgroup_load_staged(am[i], a_s + (row0 + 8 * i) * MMA_PITCH + k, MMA_PITCH);
             #pragma unroll
-            for (uint j = 0; j < TN; ++j) simdgroup_load(bm[j], b_s + (col0 + 8 * j) * MMA_PITCH + k, MMA_PITCH, ulong2(0), true);
+            for (uint j = 0; j < TN; ++j) simdgroup_load_staged(bm[j], b_s + (col0 + 8 * j) * MMA_PITCH + k, MMA_PITCH, ulong2(0), true);
             #pragma unroll
             for (uint j = 0; j < TN; ++j)
                 #pragma unroll
@@ -203,11 +226,14 @@ struct MmaTiles {
 
 // Stores thread t's staged values of a slice once every simdgroup is done with the last one:
 // a_next[i] at row t / MMA_K + i·MMA_THREADS / MMA_K, column t % MMA_K of a_s; b_next[i] (MMA_K
-// values) as column t + MMA_THREADS·i of b_s.
+// values) as column t + MMA_THREADS·i of b_s. Values are staged through staged_operand, which
+// MmaTiles::multiply's staged loads rely on (a 16-bit value is staged as it is).
 // Stages one column of B's slice: four float4 stores, or in a 16-bit type, 32-bit stores of pairs
 // (a column starts 4-byte aligned: MMA_PITCH is even).
 inline void stage_column(threadgroup float* dst, thread const float (&v)[MMA_K]) {
-    for (uint j = 0; j < MMA_K; j += 4) *(threadgroup float4*)(dst + j) = float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+    for (uint j = 0; j < MMA_K; j += 4)
+        *(threadgroup float4*)(dst + j) = float4(staged_operand(v[j]), staged_operand(v[j + 1]), staged_operand(v[j + 2]),
+                                                 staged_operand(v[j + 3]));
 }
 template <typename S>
 inline void stage_column(threadgroup S* dst, thread const S (&v)[MMA_K]) {
@@ -218,7 +244,7 @@ inline void stage_column(threadgroup S* dst, thread const S (&v)[MMA_K]) {
 // A's part of a slice (between the barriers of stage_slice).
 template <uint A_EACH, typename S>
 inline void stage_rows(threadgroup S* a_s, thread const S (&a_next)[A_EACH], uint t) {
-    for (uint i = 0; i < A_EACH; ++i) a_s[(t / MMA_K + i * (MMA_THREADS / MMA_K)) * MMA_PITCH + t % MMA_K] = a_next[i];
+    for (uint i = 0; i < A_EACH; ++i) a_s[(t / MMA_K + i * (MMA_THREADS / MMA_K)) * MMA_PITCH + t % MMA_K] = staged_operand(a_next[i]);
 }
 
 template <uint A_EACH, uint B_COLS, typename S>

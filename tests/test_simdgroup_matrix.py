@@ -181,6 +181,53 @@ def test_products_under_each_policy(dev, policy):
         assert not np.array_equal(d[0], (a64[0] @ b64 + c64).astype(np.float32))
 
 
+STAGED = """
+#include <metal_stdlib>
+using namespace metal;
+kernel void staged(device const float* a [[buffer(0)]], device const float* b [[buffer(1)]],
+                   device float* d [[buffer(2)]], uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup float rounded[128], plain[64];
+    for (uint i = lane; i < 64; i += 32) {
+        rounded[i] = staged_operand(a[i]);
+        rounded[64 + i] = staged_operand(b[i]);
+        plain[i] = a[i];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_float8x8 ma, mb, mp, md;
+    simdgroup_load(ma, a);
+    simdgroup_load(mb, b);
+    simdgroup_multiply(md, ma, mb);
+    simdgroup_store(md, d);                 // rounded in the product
+    simdgroup_load_staged(ma, rounded);
+    simdgroup_load_staged(mb, rounded + 64);
+    simdgroup_multiply(md, ma, mb);
+    simdgroup_store(md, d + 64);            // staged rounded: the same bits
+    simdgroup_load_staged(mp, plain);
+    simdgroup_multiply(md, mp, mb);
+    simdgroup_store(md, d + 128);           // staged without staged_operand
+}
+"""
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_staged_operands_give_the_products_bits(dev, policy):
+    """Operands rounded once where they are staged (staged_operand) and loaded as such
+    (simdgroup_load_staged) multiply to the same bits as operands the product rounds; on cpu a
+    float staged without staged_operand that it would round loads as NaN, so a kernel that
+    forgets it fails its tests rather than losing accuracy on cuda unseen."""
+    rng = np.random.default_rng(11)
+    a, b = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+    a[0, 0] = 1.5  # exact in every format: staged as it is
+    out = dev.buffer(nbytes=3 * 64 * 4)
+    run(dev, dev.library(source=STAGED, precision=policy), "staged", 1, 32, [dev.buffer(a), dev.buffer(b), out])
+    d = out.numpy(np.float32).reshape(3, 8, 8)
+    np.testing.assert_array_equal(d[1], d[0])
+    if policy != "high":  # staged_operand leaves floats as they are
+        np.testing.assert_array_equal(d[2], d[0])
+    elif dev.name == "cpu":
+        assert np.isnan(d[2]).all()  # every row of a has an element TF32 cannot hold
+
+
 LOW_PRODUCT = """
 #include <metal_stdlib>
 using namespace metal;

@@ -31,6 +31,17 @@
 //   2 `medium`   operands rounded to bfloat16 (7-bit mantissa; nearest, ties to even).
 // The cpu backend rounds exactly as the cuda backend does, so a CPU test checks the numerics of a
 // GPU run. (Apple GPUs multiply float matrices at float precision whatever the policy.)
+//
+// Staged operands (not MSL; kernels/tile.h defines both for Metal, where they are a plain value and a
+// plain load): `staged_operand(x)` is x as the policy lets it into a product (under `high` rounded
+// to TF32, else x), for a kernel to apply once where it stages a value in threadgroup memory, and
+// `simdgroup_load_staged` loads values so staged: their products skip the policy's rounding. On
+// cuda that rounding is four or five integer instructions an element of every load, which in a 3×3
+// convolution's loop outnumbered the tensor-core instructions four to one; a value staged once is
+// loaded by many simdgroups and for several taps. The results are the same bits. On cpu a staged
+// load of a float that `staged_operand` would change loads as NaN, so a test of a kernel that
+// stages without it fails rather than its cuda run silently truncating (the tensor cores drop the
+// low 13 bits of an unrounded float).
 #pragma once
 #include "mlm_compat.h"
 
@@ -47,9 +58,11 @@ namespace detail {
 // all ones (the NVIDIA GPUs' own NaN, 0x7fffffff) would carry through the exponent into the sign
 // and come out −0 — NaNs made on the GPU silently vanished from tensor-core products. It becomes
 // a quiet NaN with its payload's high bits, whatever they were. The same on cpu and cuda.
+// (The NaN test is `x != x`: one float comparison on the GPU, where testing the magnitude's bits
+// compiled to three integer instructions.)
 MLM_FN float round_tf32(float x) {
   const unsigned b = as_type<unsigned>(x);
-  return as_type<float>((b & 0x7fffffffu) > 0x7f800000u ? (b | 0x400000u) & ~0x1fffu : (b + 0x1000u) & ~0x1fffu);
+  return as_type<float>((x != x ? b | 0x400000u : b + 0x1000u) & ~0x1fffu);
 }
 #if MLM_CUDA
 MLM_FN float round_bf16(float x) {
@@ -78,8 +91,17 @@ MLM_FN float operand(float x) {
 MLM_FN float operand(half x) { return float(x); }
 MLM_FN float operand(bfloat x) { return float(x); }
 
+// Whether staged operands are rounded where they are staged, not in the products (the policy `high`).
+constexpr bool staged_rounding = MLM_MATMUL_PRECISION == 1;
+
 template <class T> constexpr bool is_16bit = same<T, half> || same<T, bfloat>;
 }  // namespace detail
+
+// x as the policy lets it into a product, applied once where a kernel stages it (see the top).
+#define MLM_STAGED_OPERANDS 1
+MLM_FN float staged_operand(float x) { return detail::staged_rounding ? detail::round_tf32(x) : x; }
+MLM_FN half staged_operand(half x) { return x; }
+MLM_FN bfloat staged_operand(bfloat x) { return x; }
 
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
   static_assert(Cols == 8 && Rows == 8, "simdgroup matrices are 8×8 (MSL 2.3)");
@@ -88,6 +110,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
   float row[2];  // elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1) of lane l
   float col[2];  // elements (2(l%4), l/4) and (2(l%4)+1, l/4)
   bool has_col;  // false after a product: col is gathered from the other lanes when first used
+  bool staged;   // loaded by simdgroup_load_staged under `high`: its elements are TF32 already
   // half and bfloat: the same elements' bits, the first in the low 16 (what a 16-bit mma reads);
   // a float matrix leaves them unused, and the compiler drops them.
   unsigned row16, col16;
@@ -115,6 +138,11 @@ MLM_FN ulong element_at(ulong r, ulong c, ulong stride, ulong2 origin, bool tran
 
 namespace detail {
 MLM_FN unsigned matrix_row() { return lane_id() >> 2; }
+// x, which the compiler cannot see through (so cannot merge loads at x and x − 1); free in SASS.
+MLM_FN ulong opaque(ulong x) {
+  asm("mov.b64 %0, %1;" : "=l"(x) : "l"(x));
+  return x;
+}
 MLM_FN unsigned matrix_pair() { return 2u * (lane_id() & 3u); }
 
 // T as it is stored: a half result rounds to half.
@@ -188,18 +216,21 @@ template <class T> MLM_FN unsigned columns16(const simdgroup_matrix<T, 8, 8>& m)
 
 // The TF32 A fragment (rows g and g+8, k slots t and t+4) holds k = 2t and 2t+1, in the order
 // the row layout keeps them; the B fragment then takes the same k from the column layout.
-// lo is 0 where hi is x already (an infinity's lo would otherwise be ∞ − ∞, NaN) or infinite (a
-// finite x within half a TF32 step of float32's largest rounds up to ∞, as TF32 has no larger
-// value: it is taken as ∞); a NaN's lo is NaN.
+// lo is x − hi (exact) rounded to TF32, and 0 where hi is infinite: where x is (∞ − ∞ would be
+// NaN), and where a finite x within half a TF32 step of float32's largest rounds up to ∞ (TF32 has
+// no larger value: it is taken as ∞). A NaN's lo is whatever its bits round to: hi·hi is NaN. As
+// x − hi is a number, its rounding needs no NaN test (two integer instructions).
 template <int N> MLM_FN void split_tf32(const float (&x)[N], float (&hi)[N], float (&lo)[N]) {
   for (int i = 0; i < N; ++i) {
     hi[i] = round_tf32(x[i]);
-    lo[i] = hi[i] == x[i] || isinf(hi[i]) ? 0.0f : round_tf32(x[i] - hi[i]);
+    lo[i] = isinf(hi[i]) ? 0.0f : as_type<float>((as_type<unsigned>(x[i] - hi[i]) + 0x1000u) & ~0x1fffu);
   }
 }
 
 // d += a·b for the stacked rows a (as mma_tf32 takes them) and b's column layout, under the policy.
-template <class U, class V> MLM_FN void product(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+// a_staged, b_staged: the operand was loaded by simdgroup_load_staged, and is rounded already.
+template <class U, class V>
+MLM_FN void product(float (&d)[4], const float (&a)[4], const float (&b)[2], bool a_staged, bool b_staged) {
   constexpr bool floats = same<U, float> && same<V, float>;
   if constexpr (floats && MLM_MATMUL_PRECISION == 2) {
     mma_bf16(d, a, b);
@@ -217,8 +248,8 @@ template <class U, class V> MLM_FN void product(float (&d)[4], const float (&a)[
   } else {
     float a_r[4], b_r[2];
     // Rounded per the policy (a bfloat16 value is a TF32 one too); half values are TF32 already.
-    for (int i = 0; i < 4; ++i) a_r[i] = same<U, float> ? operand(a[i]) : a[i];
-    for (int i = 0; i < 2; ++i) b_r[i] = same<V, float> ? operand(b[i]) : b[i];
+    for (int i = 0; i < 4; ++i) a_r[i] = same<U, float> && !a_staged ? operand(a[i]) : a[i];
+    for (int i = 0; i < 2; ++i) b_r[i] = same<V, float> && !b_staged ? operand(b[i]) : b[i];
     mma_tf32(d, a_r, b_r);
   }
 }
@@ -231,6 +262,7 @@ template <class T, int C, int R> MLM_FN simdgroup_matrix<T, C, R>::simdgroup_mat
     col[i] = row[i];
   }
   has_col = true;
+  staged = false;
   detail::repack(*this);
 }
 
@@ -238,6 +270,7 @@ template <class T, int C, int R = C> MLM_FN simdgroup_matrix<T, C, R> make_fille
   simdgroup_matrix<T, C, R> m;
   m.row[0] = m.row[1] = m.col[0] = m.col[1] = float(value);
   m.has_col = true;
+  m.staged = false;
   detail::repack(m);
   return m;
 }
@@ -248,16 +281,31 @@ MLM_FN void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_p
   const unsigned g = detail::matrix_row(), k = detail::matrix_pair();
   T r[2], c[2];
   for (unsigned i = 0; i < 2; ++i) {
-    r[i] = T(src[detail::element_at(g, k + i, elements_per_row, matrix_origin, transpose_matrix)]);
+    // Under `high` a float matrix's row pair is loaded as two floats, not one 8-byte load: the
+    // tensor-core instruction of a pair takes rows g of a0, g + 8 of a1, g of a0, g + 8 of a1 in
+    // consecutive registers, so an 8-byte load of a0's two would be split by a move of each (two
+    // moves a load, a quarter of a 3×3 convolution's loop). (The other policies compute the
+    // operands' registers from the loaded values: split into two TF32 parts, or packed to bfloat16.)
+    const ulong at_row = detail::element_at(g, k + i, elements_per_row, matrix_origin, transpose_matrix);
+    r[i] = T(src[detail::same<T, float> && MLM_MATMUL_PRECISION == 1 && i ? detail::opaque(at_row) : at_row]);
     c[i] = T(src[detail::element_at(k + i, g, elements_per_row, matrix_origin, transpose_matrix)]);
     d.row[i] = float(r[i]);
     d.col[i] = float(c[i]);
   }
   d.has_col = true;
+  d.staged = false;
   if constexpr (detail::is_16bit<T>) {  // the bits as loaded: no conversion back and forth
     d.row16 = unsigned(as_type<ushort>(r[0])) | unsigned(as_type<ushort>(r[1])) << 16;
     d.col16 = unsigned(as_type<ushort>(c[0])) | unsigned(as_type<ushort>(c[1])) << 16;
   }
+}
+
+// A load of values staged through staged_operand, whose products then skip the rounding.
+template <class T, class P>
+MLM_FN void simdgroup_load_staged(simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_per_row = 8,
+                                  ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  simdgroup_load(d, src, elements_per_row, matrix_origin, transpose_matrix);
+  d.staged = detail::staged_rounding;
 }
 
 template <class T, class P>
@@ -277,11 +325,12 @@ MLM_FN void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const si
   } else {
     float rows[4] = {a.row[0], 0.0f, a.row[1], 0.0f}, cols[2];
     detail::columns(b, cols);
-    detail::product<U, V>(acc, rows, cols);
+    detail::product<U, V>(acc, rows, cols, a.staged, b.staged);
   }
   d.row[0] = detail::stored<T>(acc[0]);
   d.row[1] = detail::stored<T>(acc[1]);
   d.has_col = false;
+  d.staged = false;
   if constexpr (detail::is_16bit<T>) d.row16 = detail::pack16<T>(d.row[0], d.row[1]);
 }
 
@@ -299,13 +348,14 @@ MLM_FN void simdgroup_multiply_accumulate_pair(simdgroup_matrix<T, 8, 8>& d0, si
   } else {
     float rows[4] = {a0.row[0], a1.row[0], a0.row[1], a1.row[1]}, cols[2];
     detail::columns(b, cols);
-    detail::product<U, V>(acc, rows, cols);
+    detail::product<U, V>(acc, rows, cols, a0.staged && a1.staged, b.staged);
   }
   d0.row[0] = detail::stored<T>(acc[0]);
   d0.row[1] = detail::stored<T>(acc[1]);
   d1.row[0] = detail::stored<T>(acc[2]);
   d1.row[1] = detail::stored<T>(acc[3]);
   d0.has_col = d1.has_col = false;
+  d0.staged = d1.staged = false;
   if constexpr (detail::is_16bit<T>) {
     d0.row16 = detail::pack16<T>(d0.row[0], d0.row[1]);
     d1.row16 = detail::pack16<T>(d1.row[0], d1.row[1]);
@@ -332,6 +382,17 @@ MLM_FN void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_p
   for (ulong r = 0; r < 8; ++r)
     for (ulong c = 0; c < 8; ++c) d.e[r][c] = src[detail::element_at(r, c, elements_per_row, matrix_origin, transpose_matrix)];
   simdgroup_barrier(mem_flags::mem_none);  // every lane has loaded before any goes on
+}
+
+// A load of values staged through staged_operand; one it would change loads as NaN (see the top).
+template <class T, class P>
+MLM_FN void simdgroup_load_staged(simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_per_row = 8,
+                                  ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  simdgroup_load(d, src, elements_per_row, matrix_origin, transpose_matrix);
+  if constexpr (detail::same<T, float>)
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 8; ++j)
+        if (staged_operand(d.e[i][j]) != d.e[i][j] && d.e[i][j] == d.e[i][j]) d.e[i][j] = NAN;
 }
 
 template <class T, class P>
