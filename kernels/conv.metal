@@ -1295,8 +1295,8 @@ struct ConvKxkParams {
     uint chunk;            // weight gradient: pixel tiles each split sums
 };
 
-// wp[chunk][tap][e][co] = w[co][K8_CI·chunk + e][tap], zeros past the channels: each tap's 8 × 8
-// block of weights (input by output channels) as one matrix.
+// wp[chunk][tap][e][co] = w[co][K8_CI·chunk + e][tap] as a staged operand (tile.h), zeros past the
+// channels: each tap's 8 × 8 block of weights (input by output channels) as one matrix.
 template <typename T>
 kernel void pack_weights_kxk_8(device const T* w [[buffer(0)]],  // extent: p.cout * p.cin * p.kh * p.kw
                                device T* wp [[buffer(1)]],  // extent: (p.cin + 7) / 8 * p.kh * p.kw * 64
@@ -1306,7 +1306,7 @@ kernel void pack_weights_kxk_8(device const T* w [[buffer(0)]],  // extent: p.co
     if (i >= (p.cin + K8_CI - 1) / K8_CI * taps * K8_CI * K8_CO) return;
     const uint co = i % K8_CO, e = i / K8_CO % K8_CI, tap = i / (K8_CO * K8_CI) % taps;
     const uint ci = i / (K8_CO * K8_CI * taps) * K8_CI + e;
-    wp[i] = co < p.cout && ci < p.cin ? w[(co * p.cin + ci) * taps + tap] : T(0.0f);
+    wp[i] = co < p.cout && ci < p.cin ? staged_operand(w[(co * p.cin + ci) * taps + tap]) : T(0.0f);
 }
 template [[host_name("pack_weights_kxk_8")]] [[kernel]] decltype(pack_weights_kxk_8<float>) pack_weights_kxk_8<float>;
 template [[host_name("pack_weights_kxk_8_f16")]] [[kernel]] decltype(pack_weights_kxk_8<half>) pack_weights_kxk_8<half>;
@@ -1314,7 +1314,7 @@ template [[host_name("pack_weights_kxk_8_bf16")]] [[kernel]] decltype(pack_weigh
 
 // Stage K8_CI input channels from c0 of `rows` rows from input row iy0 and K8_XW columns from
 // ix0, zeros outside the image and past the channels, into x_s[channel][row][column] (PITCH
-// values a channel). Consecutive threads take consecutive columns of a row.
+// values a channel), as staged operands (tile.h). Consecutive threads take consecutive columns of a row.
 template <uint PITCH, typename T>
 inline void stage_input_kxk(threadgroup T* x_s, device const T* x_img, constant ConvKxkParams& p, uint c0,
                             int iy0, int ix0, uint rows, uint t) {
@@ -1323,7 +1323,7 @@ inline void stage_input_kxk(threadgroup T* x_s, device const T* x_img, constant 
         for (uint s = t; s < rows * K8_XW; s += MMA_THREADS) {
             const int iy = iy0 + int(s / K8_XW), ix = ix0 + int(s % K8_XW);
             const bool inside = c < p.cin && iy >= 0 && iy < int(p.h) && ix >= 0 && ix < int(p.w);
-            x_s[e * PITCH + s] = inside ? x_img[(c * p.h + uint(iy)) * p.w + uint(ix)] : T(0.0f);
+            x_s[e * PITCH + s] = inside ? staged_operand(x_img[(c * p.h + uint(iy)) * p.w + uint(ix)]) : T(0.0f);
         }
     }
 }
@@ -1365,13 +1365,13 @@ kernel void conv2d_kxk_mma_8(device const T* x [[buffer(0)]],  // extent: p.n * 
         for (uint ky = 0; ky < p.kh; ++ky)
             for (uint kx = 0; kx < p.kw; ++kx) {
                 simdgroup_matrix<T, 8, 8> b;
-                simdgroup_load(b, w_chunk + (ky * p.kw + kx) * K8_CI * K8_CO, K8_CO);
+                simdgroup_load_staged(b, w_chunk + (ky * p.kw + kx) * K8_CI * K8_CO, K8_CO);
                 #pragma unroll
                 for (uint i = 0; i < 4; ++i) {
                     threadgroup T* row = x_s + (4 * simdgroup + i + ky) * K8_XW + kx;
                     simdgroup_matrix<T, 8, 8> a[4];
                     #pragma unroll
-                    for (uint j = 0; j < 4; ++j) simdgroup_load(a[j], row + 8 * j, K8_X_PITCH, ulong2(0), true);
+                    for (uint j = 0; j < 4; ++j) simdgroup_load_staged(a[j], row + 8 * j, K8_X_PITCH, ulong2(0), true);
                     simdgroup_multiply_accumulate_pair(acc[i][0], acc[i][1], a[0], a[1], b, acc[i][0], acc[i][1]);
                     simdgroup_multiply_accumulate_pair(acc[i][2], acc[i][3], a[2], a[3], b, acc[i][2], acc[i][3]);
                 }
@@ -1446,19 +1446,19 @@ kernel void conv2d_weight_grad_kxk_mma_8(device const T* dy [[buffer(0)]],  // e
         device const T* dy_img = dy + img * p.cout * p.oh * p.ow;
         for (uint e = t; e < K8_CO * D8_PX; e += MMA_THREADS) {
             const uint co = e / D8_PX, oy = oy0 + e / K8_COLS % D8_ROWS, ox = ox0 + e % K8_COLS;
-            dy_s[co * D8_DY_PITCH + e % D8_PX] = co < p.cout && oy < p.oh && ox < p.ow ? dy_img[(co * p.oh + oy) * p.ow + ox] : T(0.0f);
+            dy_s[co * D8_DY_PITCH + e % D8_PX] = co < p.cout && oy < p.oh && ox < p.ow ? staged_operand(dy_img[(co * p.oh + oy) * p.ow + ox]) : T(0.0f);
         }
         stage_input_kxk<D8_X_PITCH>(x_s, x + img * p.cin * p.h * p.w, p, ci0, int(oy0) - p.pad_h, int(ox0) - p.pad_w, D8_ROWS + p.kh - 1, t);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         for (uint k = 0; k < D8_PX; k += 8) {
             simdgroup_matrix<T, 8, 8> g, a0, a1;
-            simdgroup_load(g, dy_s + k, D8_DY_PITCH, ulong2(0), true);
+            simdgroup_load_staged(g, dy_s + k, D8_DY_PITCH, ulong2(0), true);
             threadgroup T* at = x_s + k / K8_COLS * K8_XW + k % K8_COLS;
             #pragma unroll
             for (uint i = 0; i < D8_TAPS; i += 2) {
                 if (i >= most) break;
-                simdgroup_load(a0, at + shift[i], D8_X_PITCH);
-                simdgroup_load(a1, at + shift[i + 1], D8_X_PITCH);
+                simdgroup_load_staged(a0, at + shift[i], D8_X_PITCH);
+                simdgroup_load_staged(a1, at + shift[i + 1], D8_X_PITCH);
                 simdgroup_multiply_accumulate_pair(acc[i], acc[i + 1], a0, a1, g, acc[i], acc[i + 1]);
             }
         }

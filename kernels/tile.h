@@ -131,18 +131,24 @@ inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d0, th
 
 #ifndef MLM_STAGED_OPERANDS
 // Staged operands: x as the precision policy lets it into a product, for a kernel to apply once
-// where it stages a value in threadgroup memory, and a load of values so staged, whose products
-// then skip the rounding. The cuda and cpu backends define them (mlm_simdgroup_matrix.h: under
-// `high` the cuda backend rounds to TF32 once a staged value rather than in each product that
-// reads it; the cpu backend loads a float not so staged as NaN, so a test catches a kernel that
-// forgets it). Apple GPUs multiply float matrices at float precision: a plain value and load.
+// where it stages a value (in threadgroup memory, or packed weights in device memory), and a load
+// of values so staged, whose products then skip the rounding. The cuda and cpu backends define
+// them (mlm_simdgroup_matrix.h: under `high` the cuda backend rounds to TF32 once a staged value
+// rather than in each product that reads it; the cpu backend loads a float not so staged as NaN,
+// so a test catches a kernel that forgets it). Apple GPUs multiply float matrices at float
+// precision: a plain value and load.
 inline float staged_operand(float x) { return x; }
 inline half staged_operand(half x) { return x; }
 inline bfloat staged_operand(bfloat x) { return x; }
 template <typename S>
 inline void simdgroup_load_staged(thread simdgroup_matrix<S, 8, 8>& m, threadgroup const S* src, ulong stride,
                                   ulong2 origin = ulong2(0), bool transpose = false) {
-  simdgroup_load(m, src, stride, origin, transpose);
+    simdgroup_load(m, src, stride, origin, transpose);
+}
+template <typename S>
+inline void simdgroup_load_staged(thread simdgroup_matrix<S, 8, 8>& m, device const S* src, ulong stride,
+                                  ulong2 origin = ulong2(0), bool transpose = false) {
+    simdgroup_load(m, src, stride, origin, transpose);
 }
 #endif
 
