@@ -237,9 +237,7 @@ struct MmaTiles {
 // Stages one column of B's slice: four float4 stores, or in a 16-bit type, 32-bit stores of pairs
 // (a column starts 4-byte aligned: MMA_PITCH is even).
 inline void stage_column(threadgroup float* dst, thread const float (&v)[MMA_K]) {
-    for (uint j = 0; j < MMA_K; j += 4)
-        *(threadgroup float4*)(dst + j) = float4(staged_operand(v[j]), staged_operand(v[j + 1]), staged_operand(v[j + 2]),
-                                                 staged_operand(v[j + 3]));
+    for (uint j = 0; j < MMA_K; j += 4) *(threadgroup float4*)(dst + j) = staged_operands(float4(v[j], v[j + 1], v[j + 2], v[j + 3]));
 }
 template <typename S>
 inline void stage_column(threadgroup S* dst, thread const S (&v)[MMA_K]) {

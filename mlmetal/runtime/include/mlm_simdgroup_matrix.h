@@ -138,12 +138,12 @@ MLM_FN ulong element_at(ulong r, ulong c, ulong stride, ulong2 origin, bool tran
 
 namespace detail {
 MLM_FN unsigned matrix_row() { return lane_id() >> 2; }
+MLM_FN unsigned matrix_pair() { return 2u * (lane_id() & 3u); }
 // x, which the compiler cannot see through (so cannot merge loads at x and x − 1); free in SASS.
 MLM_FN ulong opaque(ulong x) {
   asm("mov.b64 %0, %1;" : "=l"(x) : "l"(x));
   return x;
 }
-MLM_FN unsigned matrix_pair() { return 2u * (lane_id() & 3u); }
 
 // T as it is stored: a half result rounds to half.
 template <class T> MLM_FN float stored(float x) { return float(T(x)); }
