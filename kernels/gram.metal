@@ -100,32 +100,35 @@ kernel void gram_mma(device const T* x [[buffer(0)]],  // extent: p.batch * p.c 
     threadgroup S* a_s = (threadgroup S*)staged;  // [row channel][feature]
     threadgroup S* b_s = a_s + BM * MMA_PITCH;    // [column channel][feature]
     if (tile.y > tile.x) return;  // the whole threadgroup leaves together, before any barrier
-    constexpr uint EACH = MMA_A_EACH(BM), ROWS_APART = MMA_THREADS / MMA_K;
+    constexpr uint EACH = MMA_QUADS_EACH(BM);
     const bool diagonal = tile.x == tile.y;
     const uint item = tile.z % p.batch, split = tile.z / p.batch;
     const uint m0 = tile.y * BM, n0 = tile.x * BM;
     const uint k_begin = split * p.chunk, k_end = min(p.hw, k_begin + p.chunk);
     device const T* f = x + item * p.c * p.hw;
-    // Thread t stages rows t / MMA_K + ROWS_APART·i of either operand, at feature t % MMA_K.
-    const uint a_row = min(p.c, m0 + t / MMA_K), b_row = min(p.c, n0 + t / MMA_K);
-    device const T* a_rows = f + a_row * p.hw + t % MMA_K;
-    device const T* b_rows = f + b_row * p.hw + t % MMA_K;
+    // Thread t stages rows QUAD_ROW(t) + QUAD_ROWS_APART·i of either operand, features QUAD_K(t) …
+    // + 3 (tile.h): one vector load each where hw is a multiple of 4, as a row then starts aligned
+    // and a split's range is whole quads (chunk is a multiple of MMA_K).
+    const bool aligned = p.hw % 4 == 0;
+    const uint a_row = min(p.c, m0 + QUAD_ROW(t)), b_row = min(p.c, n0 + QUAD_ROW(t));
+    device const T* a_rows = f + a_row * p.hw + QUAD_K(t);
+    device const T* b_rows = f + b_row * p.hw + QUAD_K(t);
     const uint a_count = p.c - a_row, b_count = p.c - b_row;
     threadgroup const S* b_read = diagonal ? a_s : b_s;
 
     MMA_TILES(BM, BM, S) acc(t);
-    S a_next[EACH], b_next[EACH];
+    vec<S, 4> a_next[EACH], b_next[EACH];
     for (uint k0 = k_begin; k0 < k_end; k0 += MMA_K) {
-        const bool k_ok = k0 + t % MMA_K < k_end;
+        const int left = int(k_end) - int(k0 + QUAD_K(t));  // features of this quad within the split
         for (uint i = 0; i < EACH; ++i)
-            a_next[i] = k_ok && ROWS_APART * i < a_count ? S(a_rows[ROWS_APART * i * p.hw + k0]) : S(0.0f);
+            a_next[i] = load_quad<S>(a_rows + QUAD_ROWS_APART * i * p.hw + k0, QUAD_ROWS_APART * i < a_count ? left : 0, aligned);
         if (!diagonal)
             for (uint i = 0; i < EACH; ++i)
-                b_next[i] = k_ok && ROWS_APART * i < b_count ? S(b_rows[ROWS_APART * i * p.hw + k0]) : S(0.0f);
+                b_next[i] = load_quad<S>(b_rows + QUAD_ROWS_APART * i * p.hw + k0, QUAD_ROWS_APART * i < b_count ? left : 0, aligned);
         if (k0 > k_begin) acc.multiply(a_s, b_read);
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        stage_rows(a_s, a_next, t);
-        if (!diagonal) stage_rows(b_s, b_next, t);
+        stage_quads(a_s, a_next, t);
+        if (!diagonal) stage_quads(b_s, b_next, t);
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     if (k_end > k_begin) acc.multiply(a_s, b_read);

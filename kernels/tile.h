@@ -251,6 +251,34 @@ inline void stage_rows(threadgroup S* a_s, thread const S (&a_next)[A_EACH], uin
     for (uint i = 0; i < A_EACH; ++i) a_s[(t / MMA_K + i * (MMA_THREADS / MMA_K)) * MMA_PITCH + t % MMA_K] = staged_operand(a_next[i]);
 }
 
+// Staging by quads, for an operand whose rows are contiguous along k (the features of a Gram
+// matrix): thread t stages k = QUAD_K(t) … + 3 of rows QUAD_ROW(t) + QUAD_ROWS_APART·i of a slice, one
+// 16-byte load (8 in a 16-bit type) and one store each instead of four — the scalar staging's
+// load instructions and their address arithmetic were most of gram_mma's loop.
+#define QUAD_ROWS_APART (MMA_THREADS / (MMA_K / 4))
+#define QUAD_ROW(t) ((t) / (MMA_K / 4))
+#define QUAD_K(t) (4 * ((t) % (MMA_K / 4)))
+#define MMA_QUADS_EACH(BM) ((BM) / QUAD_ROWS_APART)
+
+// src[0 … 3] as S, zeros from the `left`-th on (all where left ≤ 0): one vector load where
+// `aligned` (src is then 4-element aligned and the four are all in or all out), else four loads.
+template <typename S, typename T>
+inline vec<S, 4> load_quad(device const T* src, int left, bool aligned) {
+    if (left <= 0) return vec<S, 4>(S(0.0f));
+    if (aligned) return vec<S, 4>(*(device const vec<T, 4>*)src);
+    vec<S, 4> v = vec<S, 4>(S(0.0f));
+    for (int j = 0; j < 4; ++j)
+        if (j < left) v[j] = S(src[j]);
+    return v;
+}
+
+// Stores thread t's quads of a slice of rows (k contiguous, MMA_PITCH apart) through staged_operand.
+template <uint EACH, typename S>
+inline void stage_quads(threadgroup S* a_s, thread const vec<S, 4> (&next)[EACH], uint t) {
+    for (uint i = 0; i < EACH; ++i)
+        *(threadgroup vec<S, 4>*)(a_s + (QUAD_ROW(t) + QUAD_ROWS_APART * i) * MMA_PITCH + QUAD_K(t)) = staged_operands(next[i]);
+}
+
 template <uint A_EACH, uint B_COLS, typename S>
 inline void stage_slice(threadgroup S* a_s, threadgroup S* b_s, thread const S (&a_next)[A_EACH],
                         thread const S (&b_next)[B_COLS][MMA_K], uint t) {

@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import mlmetal as mm
@@ -392,6 +392,8 @@ def test_nan_and_infinity_come_through_products(dev, matrix_products, policy, tr
 @pytest.mark.parametrize("policy, dtype", STORAGE_CASES, ids=STORAGE_IDS)
 @settings(max_examples=4)
 @given(n=st.integers(1, 2), c=st.sampled_from([1, 5, 33, 64, 65, 129]), hw=st.sampled_from([1, 7, 20]))
+@example(n=1, c=65, hw=24).via("features split in two, whole quads (gram_mma's vector loads)")
+@example(n=2, c=33, hw=23).via("features split in two, the last quad part-filled (its scalar loads)")
 def test_gram_on_simdgroup_matrices(dev, matrix_products, policy, dtype, n, c, hw):
     rng = np.random.default_rng(c * hw)
     x = rng.standard_normal((n, c, hw, hw)).astype(dtype)
