@@ -183,12 +183,14 @@ def test_direct_3x3_kernels(dev, monkeypatch, dtype, data):
     x, wt = floats((n, cin, h, w), data), floats((cout, cin, 3, 3), data)
     bias = [floats((cout,), data)] if draw(st.booleans(), "bias") else []
     attrs = dict(stride=(1, 1), padding=(pad, pad), dilation=(1, 1))
-    tol = dict(rtol=rtol_for(cin * 9), atol=rtol_for(cin * 9))
-    check_in(dev, dtype, Row("conv2d", None, **tol), [x, wt, *bias], attrs)
-    tol = dict(rtol=rtol_for(cout * 9), atol=rtol_for(cout * 9))
-    check_in(dev, dtype, Row("conv2d_input_grad", None, **tol), [floats(y, data), wt], dict(attrs, input_size=(h, w)))
+    # A sum of L products of unit normals is about √L in size, and its roundoff scales with that,
+    # not with the result, which can cancel to near 0 (on a GPU under `highest` the direct kernels
+    # for 17 channels or more take split-TF32 products: 8e-5 off a 0.017 of 297 terms, H100).
+    tol = lambda length: dict(rtol=rtol_for(length), atol=rtol_for(length) * np.sqrt(length))  # noqa: E731
+    check_in(dev, dtype, Row("conv2d", None, **tol(cin * 9)), [x, wt, *bias], attrs)
+    check_in(dev, dtype, Row("conv2d_input_grad", None, **tol(cout * 9)), [floats(y, data), wt], dict(attrs, input_size=(h, w)))
     pixels = n * y[2] * y[3]
-    tol = dict(rtol=rtol_for(pixels), atol=rtol_for(pixels))
+    tol = tol(pixels)
     check_in(dev, dtype, Row("conv2d_weight_grad", None, **tol), [floats(y, data), x], dict(attrs, kernel_size=3))
 
 
