@@ -817,6 +817,7 @@ extern "C" __global__ void instantiate(float* f, int* i, uint* u, atomic_int* ai
 """
 
 
+@pytest.mark.no_cpu_kernels
 @pytest.mark.parametrize("compiler", ["nvcc", "nvrtc"])
 def test_header_compiles_as_cuda(tmp_path, compiler):
     if compiler == "nvcc":

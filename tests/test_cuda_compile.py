@@ -12,6 +12,7 @@ from mlmetal.runtime import cuda
 from mlmetal.runtime import source as S
 
 ARCH = "90"  # the H100's
+pytestmark = pytest.mark.no_cpu_kernels
 
 
 @pytest.fixture(scope="module", autouse=True)
