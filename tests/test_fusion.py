@@ -38,6 +38,7 @@ def kernels(request, dev, monkeypatch):
     if request.param == "matrices":
         monkeypatch.setattr(tiling, "matrix_hardware", lambda device: True)
         monkeypatch.setattr(tiling, "MATRIX_POLICIES", {"highest", "high", "medium"})
+        monkeypatch.setattr(tiling, "HIGHEST_MMA_MIN_MACS", 0)
     return request.param
 
 

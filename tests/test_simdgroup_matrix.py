@@ -20,6 +20,7 @@ is rounded once more where it is stored: u_s more (2^-11, 2^-8) relative to it, 
 u_s·Σ|a|·|b|; float16's subnormals add half their spacing, 2^-25, absolute.
 """
 
+import importlib
 import threading
 
 import numpy as np
@@ -305,6 +306,7 @@ def matrix_products(monkeypatch):
     """Products on simdgroup matrices under every policy, on every backend (the cpu one emulates them)."""
     monkeypatch.setattr(tiling, "matrix_hardware", lambda device: True)
     monkeypatch.setattr(tiling, "MATRIX_POLICIES", set(POLICIES))
+    monkeypatch.setattr(tiling, "HIGHEST_MMA_MIN_MACS", 0)  # small products too, under `highest`
 
 
 CHANNELS = st.sampled_from([1, 3, 8, 9, 16, 17, 31, 33, 40, 64, 65, 72])
@@ -595,6 +597,45 @@ def test_bfloat16_storage_is_exact_under_high_and_medium(dev, matrix_products):
         assert got.dtype == mm.bfloat16
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
+
+def test_highest_runs_small_float32_products_on_the_float_kernels(dev, monkeypatch):
+    """Under `highest`, a float32 product of fewer than HIGHEST_MMA_MIN_MACS multiply-adds takes
+    the float kernels (split-TF32's three products a term only pay for themselves on large
+    products); larger ones, 16-bit storage and the other policies keep the simdgroup matrices.
+    The ops pass their products' sizes: a small matmul's and convolution's results are the float
+    kernels' bits."""
+    monkeypatch.setattr(tiling, "matrix_hardware", lambda device: True)
+    below = tiling.HIGHEST_MMA_MIN_MACS - 1
+    assert below > 0
+    products = [("matmul", tiling.WIDE)] + [(op, t) for op in ("conv2d", "conv2d_input_grad", "conv2d_weight_grad")
+                                            for t in (tiling.WIDE, tiling.MEDIUM, tiling.NARROW)]
+    names = lambda dtype, macs: [tiling.product(dev, op, dtype, t, macs)[0].name for op, t in products]  # noqa: E731
+    with mm.matmul_precision("highest"):
+        assert not any("_mma" in n for n in names(mm.float32, below))
+        assert all("_mma" in n for n in names(mm.float32, below + 1))
+        assert all("_mma" in n for n in names(mm.float32, None))
+        assert all("_mma" in n for n in names(mm.bfloat16, below))
+    for policy in ("high", "medium"):
+        with mm.matmul_precision(policy):
+            assert all("_mma" in n for n in names(mm.float32, below))
+    taken = []
+
+    def recorded(*args, **kwargs):
+        kernel, threads = tiling.product(*args, **kwargs)
+        taken.append(kernel.name)
+        return kernel, threads
+    for module in ("conv", "matmul"):
+        monkeypatch.setattr(importlib.import_module(f"mlmetal.ops.{module}"), "product", recorded)
+    rng = np.random.default_rng(4)
+    a, b = mm.tensor(rng.standard_normal((5, 33)), dev), mm.tensor(rng.standard_normal((33, 7)), dev)
+    x, w = mm.tensor(rng.standard_normal((2, 3, 9, 9)), dev), mm.tensor(rng.standard_normal((5, 3, 4, 4)), dev)
+    g = mm.tensor(rng.standard_normal((2, 5, 4, 4)), dev)
+    with mm.matmul_precision("highest"):
+        mm.ops.matmul(a, b).numpy()
+        mm.ops.conv2d(x, w, stride=2, padding=1).numpy()
+        mm.ops.conv2d_input_grad(g, w, input_size=(9, 9), stride=2, padding=1).numpy()
+        mm.ops.conv2d_weight_grad(g, x, kernel_size=(4, 4), stride=2, padding=1).numpy()
+    assert len(taken) == 4 and not any("_mma" in n for n in taken), taken
 
 @pytest.mark.parametrize("c", [64, 129], ids=["medium-tiles", "wide-tiles"])
 @pytest.mark.parametrize("dtype", [np.dtype(np.float16), mm.bfloat16], ids=str)

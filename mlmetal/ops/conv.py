@@ -230,7 +230,7 @@ def _conv2d_encode(cb, y, x, w, b=None, *, stride, padding, dilation, groups, ac
                                                                       y if mask is None else mask])
         return
     t = tiling(cout // groups)
-    k, threads = product(y.device, "conv2d", y.dtype, t)
+    k, threads = product(y.device, "conv2d", y.dtype, t, macs=y.size * (cin // groups) * w.shape[2] * w.shape[3])
     grid = (groups_for(n * oh * ow, t.cols), groups_for(cout // groups, t.rows), groups)
     # Split only below a wave of one threadgroup a multiprocessor: the slices of a large output
     # cost more to add than the split gains (4×128×64²→128, 128 tiles in two: 0.186 → 0.225 ms).
@@ -344,7 +344,7 @@ def encode_input_grad(cb, dx, g, w, b=None, *, input_size, stride, padding, dila
                        mask=mask)
         return
     t = tiling(cin // groups)
-    k, threads = product(dx.device, "conv2d_input_grad", dx.dtype, t)
+    k, threads = product(dx.device, "conv2d_input_grad", dx.dtype, t, macs=g.size * (cin // groups) * kh * kw)
     (sh, sw) = stride
     class_pixels = n * -(-h // sh) * -(-wd // sw)  # the largest of the stride_h·stride_w pixel classes
     grid = (groups_for(class_pixels, t.cols), groups_for(cin // groups, t.rows), groups * sh * sw)
@@ -464,7 +464,7 @@ def _weight_grad_encode(cb, dw, g, x, *, kernel_size, stride, padding, dilation,
     _, cout, oh, ow = g.shape
     cols = dw.size // cout
     t = tiling(cout // groups)
-    k, threads = product(dw.device, "conv2d_weight_grad", dw.dtype, t)
+    k, threads = product(dw.device, "conv2d_weight_grad", dw.dtype, t, macs=dw.size * n * oh * ow)
     grid = (groups_for(cols, t.cols), groups_for(cout // groups, t.rows), groups)
     # On GPUs the split's target is tuned per tiling (H100, U-Net and style steps at 256²):
     # twice the threadgroups for the narrow tiling (16→16 at 256²: 173 → 135 µs), half for the

@@ -32,7 +32,7 @@ def _encode_product(cb, c, a, b, bias, transpose_a, transpose_b):
     splits, chunk = split_reduction(k, grid[0] * grid[1], min_chunk=64)
     partial = split_output(c, splits)
     params = dict(m=m, n=n, k=k, a_m=a_m, a_k=a_k, b_k=b_k, b_n=b_n, has_bias=int(bias is not None), chunk=chunk)
-    kernel, threads = product(c.device, "matmul", c.dtype)
+    kernel, threads = product(c.device, "matmul", c.dtype, macs=m * n * k)
     cb.dispatch(kernel, groups=(*grid, splits), threads=threads,
                 args=[a, b, b if bias is None else bias, c, partial, params])
     sum_splits(cb, kernel.library, partial, c, splits)

@@ -72,10 +72,22 @@ def matrix_policy(device, dtype=D.float32) -> str | None:
     return policy if policy in MATRIX_POLICIES and matrix_hardware(device) else None
 
 
-def product(device, name: str, dtype, t: Tiling = WIDE):
+# Under `highest`, a float32 product of fewer multiply-adds than this runs on the float kernels
+# rather than on split-TF32 (three TF32 products a term), which only pay for themselves on large
+# ones. H100, 2026-12-07, one call: every product of the DCGAN step (0.4 M to 411 M multiply-adds)
+# ran as fast or faster on the float kernels (its kernels 2.57 → 2.17 ms a step, all of it in the
+# products); the step 3.00 → 2.60 ms with this threshold, 2.90 with 2**24. The full-size steps' products are 1.2 G or more
+# (split-TF32 1.6-1.8x faster there) or 25 M (the U-Net's 1×1 head).
+HIGHEST_MMA_MIN_MACS = 2**29
+
+
+def product(device, name: str, dtype, t: Tiling = WIDE, macs: int | None = None):
     """(kernel, threads) of product `name` for storage type `dtype` in tiling `t`: on simdgroup
-    matrices where `matrix_policy` says so, float register blocks otherwise."""
+    matrices where `matrix_policy` says so, float register blocks otherwise (also under `highest`
+    for float32 products of fewer than HIGHEST_MMA_MIN_MACS multiply-adds, where `macs` is given)."""
     policy = matrix_policy(device, dtype)
+    if policy == "highest" and dtype == D.float32 and macs is not None and macs < HIGHEST_MMA_MIN_MACS:
+        policy = None
     if policy:
         kernel = D.kernel_name(name + t.suffix + "_mma", dtype)
         return device.library(_LIBRARY[name], precision=policy).kernel(kernel), MMA_THREADS
