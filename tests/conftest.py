@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import mlmetal as mm
+from mlmetal.runtime.backends import check_bounds_requested
 
 # One place for hypothesis: CI runs a short profile on 2 cores; `--hypothesis-profile=thorough`
 # draws many more cases on a workstation or GPU machine.
@@ -21,21 +22,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 AWKWARD = [1, 2, 31, 32, 33, 63, 64, 65, 255, 256, 257, 1000, 1023, 1024, 1025, 4099]
 
 
-def bounds_checked() -> bool:
-    """Whether this is the bounds-checked pass (MLMETAL_CHECK_BOUNDS, as the cpu backend reads it)."""
-    return os.environ.get("MLMETAL_CHECK_BOUNDS", "0") not in ("", "0")
-
-
 def pytest_collection_modifyitems(config, items):
     """The bounds-checked pass leaves out the tests marked `no_cpu_kernels`: they run no kernel on
     the cpu backend (they compile CUDA with NVRTC or nvcc), so bounds checking changes nothing in
     them, and the unchecked pass has run them (five minutes of CI's 2 cores, twice)."""
-    if not bounds_checked():
+    if not check_bounds_requested():
         return
-    dropped = [item for item in items if item.get_closest_marker("no_cpu_kernels")]
+    kept, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker("no_cpu_kernels") else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = [item for item in items if not item.get_closest_marker("no_cpu_kernels")]
+        items[:] = kept
 
 
 def backend() -> str:

@@ -17,6 +17,7 @@ import pytest
 import distributed_job as job
 import mlmetal as mm
 from conftest import backend
+from mlmetal.runtime.backends import check_bounds_requested
 
 # Two ranks against one process on both ranks' batches: the same float32 sums, made in another
 # order (over 3 images on each rank, then over the two ranks), so they agree to a few ulps.
@@ -27,7 +28,7 @@ TOLERANCE = 1e-6
 # kernels the op tests check already, at the cost of ten more processes: these tests check MPI's
 # and the launcher's behaviour, so they run in the suite's plain run.
 multiprocess = pytest.mark.skipif(
-    backend() != "cpu" or os.environ.get("MLMETAL_CHECK_BOUNDS", "0") not in ("", "0"),
+    backend() != "cpu" or check_bounds_requested(),
     reason="the multi-process tests run on cpu, in the plain (unchecked) run")
 
 

@@ -602,8 +602,8 @@ def test_highest_runs_small_float32_products_on_the_float_kernels(dev, monkeypat
     """Under `highest`, a float32 product of fewer than HIGHEST_MMA_MIN_MACS multiply-adds takes
     the float kernels (split-TF32's three products a term only pay for themselves on large
     products); larger ones, 16-bit storage and the other policies keep the simdgroup matrices.
-    The ops pass their products' sizes: a small matmul's and convolution's results are the float
-    kernels' bits."""
+    The ops pass their products' sizes: a small matmul and a small convolution's three passes take
+    the float kernels."""
     monkeypatch.setattr(tiling, "matrix_hardware", lambda device: True)
     below = tiling.HIGHEST_MMA_MIN_MACS - 1
     assert below > 0
@@ -636,6 +636,7 @@ def test_highest_runs_small_float32_products_on_the_float_kernels(dev, monkeypat
         mm.ops.conv2d_input_grad(g, w, input_size=(9, 9), stride=2, padding=1).numpy()
         mm.ops.conv2d_weight_grad(g, x, kernel_size=(4, 4), stride=2, padding=1).numpy()
     assert len(taken) == 4 and not any("_mma" in n for n in taken), taken
+
 
 @pytest.mark.parametrize("c", [64, 129], ids=["medium-tiles", "wide-tiles"])
 @pytest.mark.parametrize("dtype", [np.dtype(np.float16), mm.bfloat16], ids=str)

@@ -76,8 +76,8 @@ def matrix_policy(device, dtype=D.float32) -> str | None:
 # rather than on split-TF32 (three TF32 products a term), which only pay for themselves on large
 # ones. H100, 2026-12-07, one call: every product of the DCGAN step (0.4 M to 411 M multiply-adds)
 # ran as fast or faster on the float kernels (its kernels 2.57 → 2.17 ms a step, all of it in the
-# products); the step 3.00 → 2.60 ms with this threshold, 2.90 with 2**24. The full-size steps' products are 1.2 G or more
-# (split-TF32 1.6-1.8x faster there) or 25 M (the U-Net's 1×1 head).
+# products); the step 3.00 → 2.60 ms with this threshold, 2.90 with 2**24. The full-size steps'
+# products are 1.2 G or more (split-TF32 1.6-1.8x faster there) or 25 M (the U-Net's 1×1 head).
 HIGHEST_MMA_MIN_MACS = 2**29
 
 

@@ -31,6 +31,11 @@ def available(name: str) -> str | None:
         return f"{name} backend cannot be imported: {e}"
 
 
+def check_bounds_requested() -> bool:
+    """Whether MLMETAL_CHECK_BOUNDS asks for the bounds-checked cpu backend (set, and not 0)."""
+    return os.environ.get("MLMETAL_CHECK_BOUNDS", "0") not in ("", "0")
+
+
 def device(name: str | None = None, *, check_bounds: bool | None = None) -> Device:
     """The device of backend `name` ('cpu', 'cuda', 'metal'); by default `MLMETAL_DEVICE`, else the best present.
 
@@ -53,7 +58,7 @@ def device(name: str | None = None, *, check_bounds: bool | None = None) -> Devi
         raise ValueError(f"check_bounds is a feature of the cpu backend, not of {name!r} "
                          "(on cuda, run under compute-sanitizer)")
     if check_bounds is None:
-        check_bounds = name == "cpu" and os.environ.get("MLMETAL_CHECK_BOUNDS", "0") not in ("", "0")
+        check_bounds = name == "cpu" and check_bounds_requested()
     key = (name, bool(check_bounds))
     if key not in _devices:
         cls = _backend_class(name)
