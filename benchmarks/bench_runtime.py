@@ -1,4 +1,4 @@
-"""Runtime benchmark: dispatch cost, bandwidth-bound kernels, fiber switches.
+"""Runtime benchmark: dispatch cost, an eager op's cost, bandwidth-bound kernels, fiber switches.
 
 Prints each figure beside a reference measured in the same run: numpy on the cpu
 backend, PyTorch on cuda (where installed).
@@ -40,6 +40,11 @@ def main():
     x, y, out = dev.buffer(x_np), dev.buffer(y_np), dev.buffer(nbytes=4 * n)
     groups = n // 256
 
+    # An eager op on a small tensor costs its host work: checks, encoding and binding on its kind's
+    # first call, a replay of that call's dispatches later (mlmetal/ops/eager.py). Timed first: on the
+    # cpu backend, small kernels after large ones ran up to twice as slow for a while (2 cores).
+    small_x, small_y = mm.tensor(x_np[:1024], dev), mm.tensor(y_np[:1024], dev)
+    t_op = timeit(lambda: mm.ops.add(small_x, small_y), sync, number=200)
     empty = dispatcher(dev, ew.kernel("empty"), 1, 32, [out])
     t_empty = timeit(empty, sync, number=200)
     t_empty_sync = timeit(lambda: (empty(), sync()), lambda: None, number=50)
@@ -65,6 +70,7 @@ def main():
         ref["copy"] = timeit(lambda: np.copyto(o, xr), lambda: None)
         ref["axpy"] = timeit(lambda: (np.multiply(xr, np.float32(1e-3), out=o), np.add(o, yr, out=yr)), lambda: None)
         ref["sum"] = timeit(lambda: xr.sum(), lambda: None)
+        ref["op"] = timeit(lambda: np.add(xr[:1024], yr[:1024]), lambda: None, number=200)
         ref["empty"] = ref["empty+wait"] = None
     else:
         try:
@@ -77,10 +83,11 @@ def main():
             ref["copy"] = timeit(lambda: ot.copy_(xt), tsync)
             ref["axpy"] = timeit(lambda: yt.add_(xt, alpha=1e-3), tsync)
             ref["sum"] = timeit(lambda: xt.sum(), tsync)
+            ref["op"] = timeit(lambda: torch.add(xt[:1024], yt[:1024]), tsync, number=200)
             ref["empty"] = timeit(lambda: tiny.add_(1), tsync, number=200)
             ref["empty+wait"] = timeit(lambda: (tiny.add_(1), tsync()), lambda: None, number=50)
         except ImportError:
-            ref = dict.fromkeys(["copy", "axpy", "sum", "empty", "empty+wait"])
+            ref = dict.fromkeys(["copy", "axpy", "sum", "op", "empty", "empty+wait"])
 
     print(f"device {dev.name}, n = 2^{n.bit_length() - 1} floats; reference: {ref_name}\n")
     print(f"{'what':<34}{'mlmetal':>12}{'GB/s':>9}{ref_name:>16}{'GB/s':>9}{'ratio':>8}")
@@ -94,6 +101,7 @@ def main():
 
     line("empty kernel, encode+commit", t_empty, ref["empty"])
     line("empty kernel, commit+wait", t_empty_sync, ref["empty+wait"])
+    line("eager op: add of 1024 floats", t_op, ref["op"])
     line("copy (read+write)", t_copy, ref["copy"], 8 * n)
     line("axpy y = a·x + y (2 reads, 1 write)", t_axpy, ref["axpy"], 12 * n)
     line("sum (read)", t_sum, ref["sum"], 4 * n)

@@ -439,8 +439,11 @@ def empty(shape, device: Device | str | None = None, dtype=np.float32) -> Tensor
     """An uninitialised device tensor."""
     dev = _device(device)
     nbytes = max(4, math.prod(shape) * np.dtype(dtype).itemsize)
-    return Tensor(dev.buffer(nbytes=nbytes), shape, dtype)
+    buffer = dev.buffer(nbytes=nbytes)
+    eager.note_allocation(buffer)  # an op's temporary, where one is encoding
+    return Tensor(buffer, shape, dtype)
 
 
 # Last: the ops import this module (and find Tensor and Symbolic in it), and Operators calls them.
 from . import ops  # noqa: E402
+from .ops import eager  # noqa: E402

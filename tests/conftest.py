@@ -36,6 +36,33 @@ def pytest_collection_modifyitems(config, items):
         items[:] = kept
 
 
+# The checked pass also checks eager replay (ops/eager.py): each call of a kind seen before encodes
+# afresh too, and a template other than the recorded one fails the test.
+mm.ops.eager.checking = check_bounds_requested()
+
+
+@pytest.fixture(autouse=True)
+def _no_recorded_calls():
+    """Each test starts without recorded eager calls: tests change how ops pick their kernels
+    (monkeypatched tilings, forced matrix hardware), which the recordings' keys leave out."""
+    mm.ops.eager.forget()
+
+
+@pytest.fixture
+def monkeypatch(monkeypatch):
+    """pytest's monkeypatch, which also drops the recorded eager calls after every change it makes:
+    an eager call after a patch encodes afresh, as it would if the patch had been there first."""
+    for name in ("setattr", "setitem", "delattr", "delitem", "setenv", "delenv"):
+        change = getattr(monkeypatch, name)
+
+        def changed(*args, _change=change, **kwargs):
+            _change(*args, **kwargs)
+            mm.ops.eager.forget()
+
+        setattr(monkeypatch, name, changed)
+    return monkeypatch
+
+
 def backend() -> str:
     return os.environ.get("MLMETAL_DEVICE", "cpu")
 

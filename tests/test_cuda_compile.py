@@ -6,6 +6,9 @@ no CuPy are needed. nvcc cannot stand in for it: MSL helper functions carry no `
 only NVRTC has `-default-device` to make them device functions.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from mlmetal.runtime import cuda
@@ -28,11 +31,27 @@ def compile_source(src: S.Source, max_registers: int = 0) -> bytes:
     return cuda.compile_cubin(S.generate(src, "cuda"), src.name, ARCH, max_registers)
 
 
-# 64 registers: the build the backend makes for 1024-thread dispatches of a register-hungry kernel.
-@pytest.mark.parametrize("max_registers", [0, 64])
-@pytest.mark.parametrize("path", sorted(S.KERNEL_DIR.glob("*.metal")), ids=lambda p: p.stem)
-def test_kernel_library_compiles_for_sm90(path, max_registers):
-    cubin = compile_source(S.Source.from_file(path), max_registers)
+LIBRARIES = sorted(S.KERNEL_DIR.glob("*.metal"))
+REGISTER_LIMITS = [0, 64]  # 64: the build the backend makes for 1024-thread dispatches of a register-hungry kernel
+
+
+@pytest.fixture(scope="module")
+def library_builds(nvrtc):
+    """Every library's build for each register limit, all started at once, a thread a core
+    (largest first): NVRTC runs outside the GIL, and the largest library alone takes minutes of a
+    2-core machine. Each test waits for its own and reports its errors."""
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+    try:
+        yield {(path, limit): pool.submit(compile_source, S.Source.from_file(path), limit)
+               for path in sorted(LIBRARIES, key=lambda p: -p.stat().st_size) for limit in REGISTER_LIMITS}
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a stopped run, no more builds than those under way
+
+
+@pytest.mark.parametrize("max_registers", REGISTER_LIMITS)
+@pytest.mark.parametrize("path", LIBRARIES, ids=lambda p: p.stem)
+def test_kernel_library_compiles_for_sm90(library_builds, path, max_registers):
+    cubin = library_builds[(path, max_registers)].result()
     assert cubin[:4] == b"\x7fELF"
 
 

@@ -196,8 +196,9 @@ def check_float_attrs(name: str, attrs: dict) -> None:
 
 
 def apply(name: str, *inputs, **attrs):
-    """Run op `name` eagerly (check, allocate the output(s), encode, commit asynchronously),
-    or, when any input is a graph tensor, append it to that graph as a node."""
+    """Run op `name` eagerly (check, allocate the output(s), encode, commit asynchronously; or
+    replay what an earlier call of its kind encoded, ops/eager.py), or, when any input is a graph
+    tensor, append it to that graph as a node."""
     op = REGISTRY[name]
     inputs = cast_inputs(name, inputs)
     graph_inputs = [x for x in inputs if isinstance(x, Symbolic)]
@@ -209,14 +210,22 @@ def apply(name: str, *inputs, **attrs):
     devs = {x.device for x in inputs}
     if len(devs) > 1:
         raise ShapeError(f"{name}: inputs live on different devices ({', '.join(sorted(d.name for d in devs))})")
-    shape, attrs = infer(name, *inputs, **attrs)
-    dev = inputs[0].device if inputs else attrs["generator"].device  # `random_tensor` is the one op without inputs
-    multi = isinstance(shape, list)
-    outs = (tuple(empty(s, dev, op.output_dtype(inputs, attrs, i)) for i, s in enumerate(shape)) if multi
-            else empty(shape, dev, op.output_dtype(inputs, attrs)))
-    cb = dev.command_buffer()
-    op.encode(cb, outs, *inputs, **attrs)
-    cb.commit()
+    kind = eager.key(op, inputs, attrs)
+    recorded = eager.lookup(kind)
+    if recorded.__class__ is eager.Recording and not eager.checking:
+        outs, attrs = recorded.run(inputs), dict(recorded.attrs)
+    else:
+        shape, attrs = infer(name, *inputs, **attrs)
+        dev = inputs[0].device if inputs else attrs["generator"].device  # `random_tensor` is the one op without inputs
+        multi = isinstance(shape, list)
+        cb = dev.command_buffer()
+        with eager.recording(None if recorded is eager.UNRECORDABLE else kind) as rec:
+            outs = (tuple(empty(s, dev, op.output_dtype(inputs, attrs, i)) for i, s in enumerate(shape)) if multi
+                    else empty(shape, dev, op.output_dtype(inputs, attrs)))
+            op.encode(cb, outs, *inputs, **attrs)
+        rec.save(recorded, cb.since(0), inputs, outs, multi, attrs)
+        cb.commit()
+    multi = outs.__class__ is tuple
     if inputs and builtins.all(x.from_parameters for x in inputs):  # `w.T`, `b.reshape(...)`: see Tensor.derivation
         for i, o in enumerate(outs if multi else (outs,)):
             o.derivation, o.from_parameters = (name, inputs, attrs, i if multi else None), True
@@ -280,3 +289,4 @@ def _load_families():
 
 
 _load_families()
+from . import eager  # noqa: E402  (imported by _load_families already; named for apply)
