@@ -90,10 +90,10 @@ def key(op, inputs, attrs):
         frozen = tuple((k, _frozen(v)) for k, v in attrs.items())
     except _Unkeyed:
         return None
-    ids = [id(x.buffer) for x in inputs]
+    first: dict[int, int] = {}  # buffer id -> the first input in it
     return (op.name, inputs[0].device, get_matmul_precision(), frozen,
             tuple((x.shape, x.dtype, x.buffer.nbytes) for x in inputs),
-            tuple(ids.index(i) for i in ids) if len(ids) > 1 else None)
+            tuple(first.setdefault(id(x.buffer), i) for i, x in enumerate(inputs)) if len(inputs) > 1 else None)
 
 
 def lookup(k):
