@@ -51,6 +51,7 @@ import numpy as np
 
 from .. import dtypes as D
 from ..tensor import Symbolic, Tensor, empty
+from . import eager
 
 
 class ShapeError(ValueError):
@@ -289,4 +290,3 @@ def _load_families():
 
 
 _load_families()
-from . import eager  # noqa: E402  (imported by _load_families already; named for apply)
