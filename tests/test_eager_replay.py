@@ -123,7 +123,8 @@ def test_checking_catches_a_kernel_choice_the_key_leaves_out(dev, monkeypatch):
     mm.ops.gram(x)
     mm.ops.gram(x)  # the same choice: passes
     matrix_hardware = tiling.matrix_hardware
-    tiling.matrix_hardware = lambda device: True  # now the same call takes gram_small_mma (monkeypatch would forget)
+    # now the same call takes the other kernel (gram, gram_small_mma); monkeypatch would forget
+    tiling.matrix_hardware = lambda device: not matrix_hardware(device)
     try:
         with pytest.raises(AssertionError, match="leaves out"):
             mm.ops.gram(x)
