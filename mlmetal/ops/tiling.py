@@ -74,11 +74,13 @@ def matrix_policy(device, dtype=D.float32) -> str | None:
 
 # Under `highest`, a float32 product of fewer multiply-adds than this runs on the float kernels
 # rather than on split-TF32 (three TF32 products a term), which only pay for themselves on large
-# ones. H100, 2026-12-07, one call: every product of the DCGAN step (0.4 M to 411 M multiply-adds)
-# ran as fast or faster on the float kernels (its kernels 2.57 → 2.17 ms a step, all of it in the
-# products); the step 3.00 → 2.60 ms with this threshold, 2.90 with 2**24. The full-size steps'
-# products are 1.2 G or more (split-TF32 1.6-1.8x faster there) or 25 M (the U-Net's 1×1 head).
-HIGHEST_MMA_MIN_MACS = 2**29
+# ones. (The direct 3×3 and k×k convolution kernels do not ask: they stay on split-TF32.) H100,
+# 2026-12-07: every product of the DCGAN step (0.4 M to 411 M multiply-adds) ran as fast or faster
+# on the float kernels (its kernels 2.57 → 2.17 ms a step; the step 3.00 → 2.60 ms at 2**29, 2.90
+# at 2**24); in a later call, 2**32 against 2**29 alternated twice, the full-size style step's
+# 9×9 and stride-2 convolutions (2.0 G and 1.2 G) on the float kernels took it 16.69 / 16.70 →
+# 16.32 / 16.36 ms, the other steps choosing the same kernels at both. The 4096³ matmul (69 G) is 4.6× slower on them.
+HIGHEST_MMA_MIN_MACS = 2**32
 
 
 def product(device, name: str, dtype, t: Tiling = WIDE, macs: int | None = None):
