@@ -12,9 +12,10 @@ node (`Plan`). The results are the same bits: the same kernels run with the same
 
 A call is recorded only where everything it encoded can be told apart so: dispatches without
 predicates or host steps, whose buffers are the call's inputs, outputs or temporaries from
-`mm.empty` made while it encoded (an encoder that binds any other buffer — one it holds, or the
-result of an op it ran — is never recorded), of ops that are `replayable` (not the random ops,
-which draw a generator's next numbers).
+`mm.empty` made while it encoded (an encoder that binds any other buffer — one it holds, one it
+filled from the host with `mm.tensor`, or the result of an op it ran — is never recorded; a replay
+remakes temporaries uninitialised, as `mm.empty` made them), of ops that are `replayable` (not the
+random ops, which draw a generator's next numbers).
 
 Under `checking` (the test suite's bounds-checked pass turns it on) each later call encodes afresh
 as well and raises if its template differs from the recorded one: a kernel choice that depends on
