@@ -214,7 +214,7 @@ def apply(name: str, *inputs, **attrs):
     kind = eager.key(op, inputs, attrs)
     recorded = eager.lookup(kind)
     if recorded.__class__ is eager.Recording and not eager.checking:
-        outs, attrs = recorded.run(inputs), dict(recorded.attrs)
+        outs, attrs = recorded.run(inputs), recorded.attrs  # shared by the kind's replays: copied below
     else:
         shape, attrs = infer(name, *inputs, **attrs)
         dev = inputs[0].device if inputs else attrs["generator"].device  # `random_tensor` is the one op without inputs
@@ -229,7 +229,7 @@ def apply(name: str, *inputs, **attrs):
     multi = outs.__class__ is tuple
     if inputs and builtins.all(x.from_parameters for x in inputs):  # `w.T`, `b.reshape(...)`: see Tensor.derivation
         for i, o in enumerate(outs if multi else (outs,)):
-            o.derivation, o.from_parameters = (name, inputs, attrs, i if multi else None), True
+            o.derivation, o.from_parameters = (name, inputs, dict(attrs), i if multi else None), True
     return outs
 
 

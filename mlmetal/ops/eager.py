@@ -2,9 +2,9 @@
 
 An eager call checks its inputs, runs its op's Python encoder (which picks kernels, tilings and
 splits) and binds every dispatch, checking it against the kernel's declared extents — 30 to 90 µs
-of host time an op on a 2-core cpu, longer than many of its kernels run on a small tensor. All of it is decided by
-the op, its inputs' shapes, dtypes and buffer sizes, which inputs share a buffer, its attributes,
-the device and the matmul precision policy in force. So the first call of each such kind records
+of host time an op on a 2-core cpu, longer than many of its kernels run on a small tensor. All of
+it is decided by the op, its inputs' shapes, dtypes and buffer sizes, which inputs share a buffer,
+its attributes, the device and the matmul precision policy in force. So the first call of each such kind records
 its dispatches as a template — each buffer argument as an input, an output or a temporary the
 encoder allocated, each constant as its packed bytes — and later calls of that kind fill the
 template with their own buffers and fresh temporaries and commit it, as a graph plan replays a

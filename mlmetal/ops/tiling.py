@@ -79,7 +79,8 @@ def matrix_policy(device, dtype=D.float32) -> str | None:
 # on the float kernels (its kernels 2.57 → 2.17 ms a step; the step 3.00 → 2.60 ms at 2**29, 2.90
 # at 2**24); in a later call, 2**32 against 2**29 alternated twice, the full-size style step's
 # 9×9 and stride-2 convolutions (2.0 G and 1.2 G) on the float kernels took it 16.69 / 16.70 →
-# 16.32 / 16.36 ms, the other steps choosing the same kernels at both. The 4096³ matmul (69 G) is 4.6× slower on them.
+# 16.32 / 16.36 ms, the other steps choosing the same kernels at both. The 4096³ matmul (69 G) is
+# 4.6× slower on them.
 HIGHEST_MMA_MIN_MACS = 2**32
 
 
