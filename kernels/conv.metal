@@ -380,7 +380,11 @@ template [[host_name("conv2d_3x3_16x32_bf16")]] [[kernel]] decltype(conv2d_3x3_1
 // as one contiguous copy. The tile is CO output channels by its pixels, on four simdgroups (tile.h's
 // MmaTiles), the next chunk's loads in flight while this one is multiplied. Both operands are
 // staged operands (tile.h; the weights as they are packed): under `high` the chunk loop is about
-// 715 SASS instructions for its 144 tensor-core ones, 1,460 when each load rounded. Two tiles:
+// 715 SASS instructions for its 144 tensor-core ones, 1,460 when each load rounded. Under `highest`
+// the input is staged split (tile.h's stage_split: high parts and rests, in two planes), which
+// took the kernel from 7,952 SASS instructions to 7,264 for its 864 tensor-core ones and its time
+// on 4×64×256²→64 from 526 to 496 µs (ncu, H100); the weights, whose second plane would not fit
+// beside the prefetched loads' registers, are split in the products. Two tiles:
 //   conv2d_3x3_mma     C3_CO = 64 channels by C3_ROWS × C3_COLS = 8 × 16 pixels (each simdgroup
 //                      32 channels by 4 rows);
 //   conv2d_3x3_mma_32  C3_CO_32 = 32 channels by C3_ROWS_32 × C3_COLS = 16 × 16 pixels (each
@@ -432,6 +436,7 @@ template [[host_name("pack_weights_3x3_bf16")]] [[kernel]] decltype(pack_weights
 // (not const), so S is deduced alike from all three.
 template <uint CO, uint ROWS, uint TM, uint TN, uint WARPS_N, typename S>
 inline void multiply_3x3(thread MmaTiles<TM, TN, WARPS_N, S>& acc, threadgroup S* w_s, threadgroup S* x_s) {
+    constexpr uint plane = C3_CI * C3_X_SPAN(ROWS);  // the input's second plane, where staged split
     static_assert(C3_COLS == 16 && TN % 2 == 0, "a simdgroup's pixels are whole rows of two 8-pixel matrices");
     const uint row0 = acc.col0 / C3_COLS;  // the simdgroup's first tile row
     #pragma unroll
@@ -439,7 +444,8 @@ inline void multiply_3x3(thread MmaTiles<TM, TN, WARPS_N, S>& acc, threadgroup S
         simdgroup_matrix<S, 8, 8> bm[TN + 4];  // rows row0 … row0 + TN/2 + 1 of the staged input, shifted by kx
         #pragma unroll
         for (uint q = 0; q < TN + 4; ++q)
-            simdgroup_load_staged(bm[q], x_s + (row0 + q / 2) * (C3_COLS + 2) + 8 * (q % 2) + kx, C3_X_SPAN(ROWS));
+            simdgroup_load_split(bm[q], x_s + (row0 + q / 2) * (C3_COLS + 2) + 8 * (q % 2) + kx,
+                                 x_s + plane + (row0 + q / 2) * (C3_COLS + 2) + 8 * (q % 2) + kx, C3_X_SPAN(ROWS));
         #pragma unroll
         for (uint ky = 0; ky < 3; ++ky) {
             const uint tap = 3 * ky + kx;
@@ -480,8 +486,9 @@ kernel void conv2d_3x3_mma_tiles(device const T* x [[buffer(0)]],
                                  uint2 group [[threadgroup_position_in_grid]],
                                  uint t [[thread_index_in_threadgroup]]) {
     // Staged as stored: [tap][output channel][input channel] weights, then [input channel][row][column]
-    // inputs with the halo; also the float scratch of acc.store (8 KB), which both hold in any T.
-    threadgroup float4 staged[(9 * CO * C3_CI + C3_CI * C3_X_SPAN(ROWS)) * sizeof(T) / 16];
+    // inputs with the halo (split: high parts, then rests); also the float scratch of acc.store (8 KB),
+    // which both hold in any T.
+    threadgroup float4 staged[(9 * CO * C3_CI + SPLIT_PLANES(T) * C3_CI * C3_X_SPAN(ROWS)) * sizeof(T) / 16];
     threadgroup T* w_s = (threadgroup T*)staged;
     threadgroup T* x_s = w_s + 9 * CO * C3_CI;
     const uint img = group.x / p.tiles, r = group.x % p.tiles, co0 = group.y * CO;
@@ -517,7 +524,7 @@ kernel void conv2d_3x3_mma_tiles(device const T* x [[buffer(0)]],
         if (chunk > 0) multiply_3x3<CO, ROWS>(acc, w_s, x_s);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         for (uint i = 0; i < X_EACH; ++i)
-            if (t + MMA_THREADS * i < C3_CI * X_SPAN) x_s[t + MMA_THREADS * i] = staged_operand(x_next[i]);
+            if (t + MMA_THREADS * i < C3_CI * X_SPAN) stage_split(x_s + t + MMA_THREADS * i, C3_CI * X_SPAN, x_next[i]);
         for (uint i = 0; i < C3_W_EACH(CO, T); ++i)
             if (t + MMA_THREADS * i < C3_W_QUADS(CO, T)) staged[t + MMA_THREADS * i] = w_next[i];
         threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -1125,7 +1132,9 @@ template [[host_name("conv2d_weight_grad_3x3_bf16")]] [[kernel]] decltype(conv2d
 // which took the tile loop from about 2,100 SASS instructions to 1,060 (a division and a bounds
 // test a value before). The values are staged through staged_operand (tile.h): under `high` that
 // took the loop from about 1,790 instructions to 1,330 (NVRTC 13, sm_90), the TF32 rounding of
-// every loaded element gone from it. Threadgroup z sums tiles [z·chunk, (z+1)·chunk) into slice z of
+// every loaded element gone from it; under `highest` the input is staged split (stage_split), which
+// took the kernel from 3,176 SASS instructions to 2,680 for its 216 tensor-core ones (the input is
+// nine of a product's ten loads). Threadgroup z sums tiles [z·chunk, (z+1)·chunk) into slice z of
 // `partial`, which sum_splits adds.
 // Grid: (ceil(Cin / D3_CI), ceil(Cout / D3_CO), splits), MMA_THREADS threads.
 #define D3_CO 32
@@ -1156,10 +1165,12 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
                                        uint3 group [[threadgroup_position_in_grid]],
                                        uint t [[thread_index_in_threadgroup]]) {
     // Staged as stored: [output channel][pixel of the tile] gradients, then [input channel][row][column]
-    // inputs with the halo; the first 2 KB are also the float scratch of the results.
-    threadgroup float4 staged[(D3_CO * D3_DY_PITCH + D3_CI * D3_X_PITCH) * sizeof(T) / 16];
+    // inputs with the halo (split: high parts, then rests); the first 2 KB are also the float scratch
+    // of the results.
+    threadgroup float4 staged[(D3_CO * D3_DY_PITCH + SPLIT_PLANES(T) * D3_CI * D3_X_PITCH) * sizeof(T) / 16];
     threadgroup T* dy_s = (threadgroup T*)staged;
     threadgroup T* x_s = dy_s + D3_CO * D3_DY_PITCH;
+    constexpr uint x_plane = D3_CI * D3_X_PITCH;  // the input's second plane, where staged split
     const uint ci0 = group.x * D3_CI, co0 = group.y * D3_CO, split = group.z;
     const uint tiles_image = p.tiles_x * p.tiles_y;
     const uint first = split * p.chunk, last = min(p.n * tiles_image, first + p.chunk);
@@ -1219,7 +1230,8 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
                 #pragma unroll
                 for (uint tap = 0; tap < 9; ++tap) {
                     const uint row = k / C3_COLS + tap / 3, col = k % C3_COLS + tap % 3;
-                    simdgroup_load_staged(b, x_s + ci_w * D3_X_PITCH + row * (C3_COLS + 2) + col, D3_X_PITCH, ulong2(0), true);
+                    const uint at = ci_w * D3_X_PITCH + row * (C3_COLS + 2) + col;
+                    simdgroup_load_split(b, x_s + at, x_s + x_plane + at, D3_X_PITCH, ulong2(0), true);
                     simdgroup_multiply_accumulate_pair(acc[tap][0], acc[tap][1], a0, a1, b, acc[tap][0], acc[tap][1]);
                 }
             }
@@ -1233,13 +1245,14 @@ kernel void conv2d_weight_grad_3x3_mma(device const T* dy [[buffer(0)]],  // ext
         for (uint i = 0; i < D3_X_RUNS; ++i) {
             const uint q = t / 4 + 32 * i;
             threadgroup T* row = x_s + q / (C3_ROWS + 2) * D3_X_PITCH + q % (C3_ROWS + 2) * (C3_COLS + 2) + 1 + run_col;
-            for (uint j = 0; j < 4; ++j) row[j] = staged_operand(x_next[i][j]);
+            for (uint j = 0; j < 4; ++j) stage_split(row + j, x_plane, x_next[i][j]);
         }
         #pragma unroll
         for (uint i = 0; i < D3_X_EDGES; ++i) {
             const uint q = t / 2 + 64 * i;
             if (q < D3_CI * (C3_ROWS + 2))
-                x_s[q / (C3_ROWS + 2) * D3_X_PITCH + q % (C3_ROWS + 2) * (C3_COLS + 2) + (t % 2 ? C3_COLS + 1 : 0)] = staged_operand(edge_next[i]);
+                stage_split(x_s + q / (C3_ROWS + 2) * D3_X_PITCH + q % (C3_ROWS + 2) * (C3_COLS + 2) + (t % 2 ? C3_COLS + 1 : 0), x_plane,
+                            edge_next[i]);
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }

@@ -152,6 +152,40 @@ inline void simdgroup_load_staged(thread simdgroup_matrix<S, 8, 8>& m, device co
 }
 #endif
 
+#ifndef MLM_STAGED_SPLIT
+// Split staging: under `highest` the cuda and cpu backends take a float operand staged as two
+// planes, its TF32 high part (split_hi) and rest (split_lo), through simdgroup_load_split, sparing
+// each product the split of every value it loads (mlm_simdgroup_matrix.h). Apple GPUs multiply
+// float matrices at float precision: one plane, the value itself, and a staged load.
+#define MLM_STAGED_SPLIT 0
+inline float split_hi(float x) { return x; }
+inline float split_lo(float) { return 0.0f; }
+inline half split_hi(half x) { return x; }
+inline half split_lo(half) { return half(0.0f); }
+inline bfloat split_hi(bfloat x) { return x; }
+inline bfloat split_lo(bfloat) { return bfloat(0.0f); }
+template <typename S>
+inline void simdgroup_load_split(thread simdgroup_matrix<S, 8, 8>& m, threadgroup const S* src, threadgroup const S* lo_src,
+                                 ulong stride, ulong2 origin = ulong2(0), bool transpose = false) {
+    simdgroup_load_staged(m, src, stride, origin, transpose);
+}
+#endif
+
+// The planes an operand staged as S takes: two (split_hi, then split_lo) where the backend takes
+// float operands split, else one (staged_operand).
+#define SPLIT_PLANES(S) (MLM_STAGED_SPLIT && sizeof(S) == 4 ? 2 : 1)
+
+// Stages x at dst, as the planes of SPLIT_PLANES(S) take it: the second `plane` elements on.
+template <typename S>
+inline void stage_split(threadgroup S* dst, uint plane, S x) {
+    if (SPLIT_PLANES(S) == 2) {
+        dst[0] = split_hi(x);
+        dst[plane] = split_lo(x);
+    } else {
+        dst[0] = staged_operand(x);
+    }
+}
+
 // staged_operand of each of four.
 template <typename T>
 inline vec<T, 4> staged_operands(vec<T, 4> v) {

@@ -229,6 +229,74 @@ def test_staged_operands_give_the_products_bits(dev, policy):
         assert np.isnan(d[2]).all()  # every row of a has an element TF32 cannot hold
 
 
+SPLIT = """
+#include <metal_stdlib>
+using namespace metal;
+kernel void split(device const float* a [[buffer(0)]], device const float* b [[buffer(1)]],
+                  device float* d [[buffer(2)]], uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup float staged[256], plain[128];  // a's planes, then b's; a and b as they are
+    for (uint i = lane; i < 64; i += 32) {
+#if MLM_STAGED_SPLIT  // as tile.h's stage_split stages them
+        staged[i] = split_hi(a[i]);
+        staged[64 + i] = split_lo(a[i]);
+        staged[128 + i] = split_hi(b[i]);
+        staged[192 + i] = split_lo(b[i]);
+#else
+        staged[i] = staged_operand(a[i]);
+        staged[128 + i] = staged_operand(b[i]);
+#endif
+        plain[i] = a[i];
+        plain[64 + i] = split_lo(a[i]);  // a rest without its high part
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_float8x8 ma, mb, md;
+    simdgroup_load(ma, a);
+    simdgroup_load(mb, b);
+    simdgroup_multiply(md, ma, mb);
+    simdgroup_store(md, d);                 // split in the product
+    simdgroup_load_split(ma, staged, staged + 64);
+    simdgroup_load_split(mb, staged + 128, staged + 192);
+    simdgroup_multiply(md, ma, mb);
+    simdgroup_store(md, d + 64);            // staged split
+    simdgroup_load_split(ma, plain, plain + 64);
+    simdgroup_multiply(md, ma, mb);
+    simdgroup_store(md, d + 128);           // a staged as it is, not through split_hi
+}
+"""
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_split_staged_operands_give_the_products_bits(dev, policy):
+    """Float operands staged in two planes (split_hi, split_lo: tile.h's stage_split) and loaded as such
+    (simdgroup_load_split) multiply, on cuda, to the bits of the products that split each value they
+    load, infinities and NaNs included; under the other policies they are staged operands. On cpu a
+    split load is the sum of its parts (x to within TF32's rounding of its rest) and a part that
+    split_hi would change loads as NaN, so a kernel that stages its planes wrong fails on cpu."""
+    rng = np.random.default_rng(13)
+    a, b = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+    a[0, 0], a[1, 1], b[2, 3], b[4, 4] = 1.5, np.inf, np.nan, -np.inf
+    out = dev.buffer(nbytes=3 * 64 * 4)
+    run(dev, dev.library(source=SPLIT, precision=policy), "split", 1, 32, [dev.buffer(a), dev.buffer(b), out])
+    d = out.numpy(np.float32).reshape(3, 8, 8)
+    if dev.name == "cpu" and policy == "highest":
+        def parts(x):
+            hi = round_tf32(x)
+            with np.errstate(invalid="ignore"):  # ∞ − ∞, whose rest is taken as 0
+                lo = np.where(np.isinf(hi), 0.0, round_tf32(x - hi))
+            return (hi + lo).astype(np.float32)
+
+        pa, pb, want = parts(a).astype(np.float64), parts(b).astype(np.float64), np.zeros((8, 8), np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            for k in range(8):  # fma in float32: the product exact in float64, one rounding of the sum
+                want = (want + pa[:, k:k + 1] * pb[k:k + 1, :]).astype(np.float32)
+        np.testing.assert_array_equal(d[1], want)
+        assert not np.array_equal(d[1], d[0])  # a rest rounded: not x itself
+        assert np.isnan(d[2]).all()  # every row of a has an element TF32 cannot hold
+    else:
+        np.testing.assert_array_equal(d[1], d[0])
+        assert np.isnan(d[0]).any() and np.isinf(d[0]).any()
+
+
 LOW_PRODUCT = """
 #include <metal_stdlib>
 using namespace metal;

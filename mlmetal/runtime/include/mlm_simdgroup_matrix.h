@@ -42,6 +42,18 @@
 // load of a float that `staged_operand` would change loads as NaN, so a test of a kernel that
 // stages without it fails rather than its cuda run silently truncating (the tensor cores drop the
 // low 13 bits of an unrounded float).
+//
+// Split staging (not MSL either; kernels/tile.h has it as plain staging for Metal): under `highest`
+// a kernel may stage a float operand as two planes, `split_hi(x)` and `split_lo(x)` (x's TF32 high
+// part and the rest, rounded to TF32), and load them with `simdgroup_load_split`: its products
+// then take the two parts as loaded instead of splitting each value they read, which on cuda is
+// about ten instructions an element (the rounding, the rest, and the care of infinities and NaNs)
+// and in a 3×3 convolution's loop more than the tensor-core instructions. MLM_STAGED_SPLIT says
+// whether the backend takes split operands (1 under `highest` here, 0 on Metal), so a kernel
+// stages a second plane only where it is read. The products are the same bits either way. On cpu
+// a split load is the sum of its two parts (exact in float: hi + lo is x to within TF32's rounding
+// of the rest), and a part that `split_hi`/`split_lo` would not have made loads as NaN, so a CPU
+// test of a kernel checks its planes and their offsets.
 #pragma once
 #include "mlm_compat.h"
 
@@ -103,6 +115,19 @@ MLM_FN float staged_operand(float x) { return detail::staged_rounding ? detail::
 MLM_FN half staged_operand(half x) { return x; }
 MLM_FN bfloat staged_operand(bfloat x) { return x; }
 
+// Split staging (see the top): a float's TF32 high part and its rest, rounded to TF32 (0 where the
+// high part is infinite); a half or bfloat value is exact in TF32, its rest 0.
+#define MLM_STAGED_SPLIT (MLM_MATMUL_PRECISION == 0)
+MLM_FN float split_hi(float x) { return detail::round_tf32(x); }
+MLM_FN float split_lo(float x) {
+  const float hi = detail::round_tf32(x);
+  return isinf(hi) ? 0.0f : as_type<float>((as_type<unsigned>(x - hi) + 0x1000u) & ~0x1fffu);
+}
+MLM_FN half split_hi(half x) { return x; }
+MLM_FN half split_lo(half) { return half(0.0f); }
+MLM_FN bfloat split_hi(bfloat x) { return x; }
+MLM_FN bfloat split_lo(bfloat) { return bfloat(0.0f); }
+
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
   static_assert(Cols == 8 && Rows == 8, "simdgroup matrices are 8×8 (MSL 2.3)");
   static_assert(detail::same<T, float> || detail::is_16bit<T>, "simdgroup matrices hold float, half or bfloat");
@@ -111,6 +136,8 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
   float col[2];  // elements (2(l%4), l/4) and (2(l%4)+1, l/4)
   bool has_col;  // false after a product: col is gathered from the other lanes when first used
   bool staged;   // loaded by simdgroup_load_staged under `high`: its elements are TF32 already
+  bool split;    // loaded by simdgroup_load_split under `highest`: row, col hold the high parts …
+  float lo_row[2], lo_col[2];  // … and these the rest
   // half and bfloat: the same elements' bits, the first in the low 16 (what a 16-bit mma reads);
   // a float matrix leaves them unused, and the compiler drops them.
   unsigned row16, col16;
@@ -159,6 +186,12 @@ template <class T> MLM_FN void repack(simdgroup_matrix<T, 8, 8>& m) {
     m.row16 = pack16<T>(m.row[0], m.row[1]);
     m.col16 = pack16<T>(m.col[0], m.col[1]);
   }
+}
+
+// m holds whole values: no rests.
+template <class T> MLM_FN void unsplit(simdgroup_matrix<T, 8, 8>& m) {
+  m.split = false;
+  m.lo_row[0] = m.lo_row[1] = m.lo_col[0] = m.lo_col[1] = 0.0f;
 }
 
 // Column layout gathered from the row layout: (k, l/4) for k = 2(l%4), 2(l%4)+1 sits in lane
@@ -220,30 +253,36 @@ template <class T> MLM_FN unsigned columns16(const simdgroup_matrix<T, 8, 8>& m)
 // NaN), and where a finite x within half a TF32 step of float32's largest rounds up to ∞ (TF32 has
 // no larger value: it is taken as ∞). A NaN's lo is whatever its bits round to: hi·hi is NaN. As
 // x − hi is a number, its rounding needs no NaN test (two integer instructions).
-template <int N> MLM_FN void split_tf32(const float (&x)[N], float (&hi)[N], float (&lo)[N]) {
+// (split_hi, split_lo; the split staging stores the same two.) split[i]: x[i] is the high part of a
+// split load already, and its rest is lo[i] as loaded.
+template <int N> MLM_FN void split_tf32(const float (&x)[N], float (&hi)[N], float (&lo)[N], const bool (&split)[N]) {
   for (int i = 0; i < N; ++i) {
-    hi[i] = round_tf32(x[i]);
-    lo[i] = isinf(hi[i]) ? 0.0f : as_type<float>((as_type<unsigned>(x[i] - hi[i]) + 0x1000u) & ~0x1fffu);
+    hi[i] = split[i] ? x[i] : split_hi(x[i]);
+    lo[i] = split[i] ? lo[i] : split_lo(x[i]);
   }
 }
 
 // d += a·b for the stacked rows a (as mma_tf32 takes them) and b's column layout, under the policy.
 // a_staged, b_staged: the operand was loaded by simdgroup_load_staged, and is rounded already.
+// a_split, b_split: which elements were loaded by simdgroup_load_split (high parts, their rests in
+// a_lo, b_lo); `highest` reads them, the other policies load no split operands.
 template <class U, class V>
-MLM_FN void product(float (&d)[4], const float (&a)[4], const float (&b)[2], bool a_staged, bool b_staged) {
+MLM_FN void product(float (&d)[4], const float (&a)[4], const float (&b)[2], bool a_staged, bool b_staged,
+                    const float (&a_lo)[4], const bool (&a_split)[4], const float (&b_lo)[2], const bool (&b_split)[2]) {
   constexpr bool floats = same<U, float> && same<V, float>;
   if constexpr (floats && MLM_MATMUL_PRECISION == 2) {
     mma_bf16(d, a, b);
   } else if constexpr (MLM_MATMUL_PRECISION == 0 && (same<U, float> || same<V, float>)) {
-    float a_hi[4], a_lo[4], b_hi[2], b_lo[2], a_cross[4], b_cross[2];
-    split_tf32(a, a_hi, a_lo);  // a half operand is exact in TF32: its lo is zero
-    split_tf32(b, b_hi, b_lo);
+    float a_hi[4], a_rest[4] = {a_lo[0], a_lo[1], a_lo[2], a_lo[3]}, b_hi[2], b_rest[2] = {b_lo[0], b_lo[1]};
+    float a_cross[4], b_cross[2];
+    split_tf32(a, a_hi, a_rest, a_split);  // a half operand is exact in TF32: its rest is zero
+    split_tf32(b, b_hi, b_rest, b_split);
     // The cross terms take an infinite hi as 0: ∞·lo would be NaN where lo is 0, and ∞·b's
     // infinity (or NaN) comes from hi·hi alone, as float32 arithmetic gives it.
     for (int i = 0; i < 4; ++i) a_cross[i] = isinf(a_hi[i]) ? 0.0f : a_hi[i];
     for (int i = 0; i < 2; ++i) b_cross[i] = isinf(b_hi[i]) ? 0.0f : b_hi[i];
-    if constexpr (same<U, float>) mma_tf32(d, a_lo, b_cross);
-    if constexpr (same<V, float>) mma_tf32(d, a_cross, b_lo);
+    if constexpr (same<U, float>) mma_tf32(d, a_rest, b_cross);
+    if constexpr (same<V, float>) mma_tf32(d, a_cross, b_rest);
     mma_tf32(d, a_hi, b_hi);
   } else {
     float a_r[4], b_r[2];
@@ -263,6 +302,7 @@ template <class T, int C, int R> MLM_FN simdgroup_matrix<T, C, R>::simdgroup_mat
   }
   has_col = true;
   staged = false;
+  detail::unsplit(*this);
   detail::repack(*this);
 }
 
@@ -271,6 +311,7 @@ template <class T, int C, int R = C> MLM_FN simdgroup_matrix<T, C, R> make_fille
   m.row[0] = m.row[1] = m.col[0] = m.col[1] = float(value);
   m.has_col = true;
   m.staged = false;
+  detail::unsplit(m);
   detail::repack(m);
   return m;
 }
@@ -294,6 +335,7 @@ MLM_FN void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_p
   }
   d.has_col = true;
   d.staged = false;
+  detail::unsplit(d);
   if constexpr (detail::is_16bit<T>) {  // the bits as loaded: no conversion back and forth
     d.row16 = unsigned(as_type<ushort>(r[0])) | unsigned(as_type<ushort>(r[1])) << 16;
     d.col16 = unsigned(as_type<ushort>(c[0])) | unsigned(as_type<ushort>(c[1])) << 16;
@@ -306,6 +348,21 @@ MLM_FN void simdgroup_load_staged(simdgroup_matrix<T, 8, 8>& d, P src, ulong ele
                                   ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
   simdgroup_load(d, src, elements_per_row, matrix_origin, transpose_matrix);
   d.staged = detail::staged_rounding;
+}
+
+// A load of values staged split (split_hi at src, split_lo at lo_src; see the top). Not MSL.
+template <class T, class P>
+MLM_FN void simdgroup_load_split(simdgroup_matrix<T, 8, 8>& d, P src, P lo_src, ulong elements_per_row = 8,
+                                 ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  simdgroup_load_staged(d, src, elements_per_row, matrix_origin, transpose_matrix);
+  if constexpr (detail::same<T, float> && MLM_STAGED_SPLIT) {
+    const unsigned g = detail::matrix_row(), k = detail::matrix_pair();
+    for (unsigned i = 0; i < 2; ++i) {
+      d.lo_row[i] = lo_src[detail::element_at(g, k + i, elements_per_row, matrix_origin, transpose_matrix)];
+      d.lo_col[i] = lo_src[detail::element_at(k + i, g, elements_per_row, matrix_origin, transpose_matrix)];
+    }
+    d.split = true;
+  }
 }
 
 template <class T, class P>
@@ -324,13 +381,16 @@ MLM_FN void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const si
     detail::mma_16bit<U>(acc, a.row16, 0u, detail::columns16(b));
   } else {
     float rows[4] = {a.row[0], 0.0f, a.row[1], 0.0f}, cols[2];
+    const float a_lo[4] = {a.lo_row[0], 0.0f, a.lo_row[1], 0.0f}, b_lo[2] = {b.lo_col[0], b.lo_col[1]};
+    const bool a_split[4] = {a.split, false, a.split, false}, b_split[2] = {b.split, b.split};
     detail::columns(b, cols);
-    detail::product<U, V>(acc, rows, cols, a.staged, b.staged);
+    detail::product<U, V>(acc, rows, cols, a.staged, b.staged, a_lo, a_split, b_lo, b_split);
   }
   d.row[0] = detail::stored<T>(acc[0]);
   d.row[1] = detail::stored<T>(acc[1]);
   d.has_col = false;
   d.staged = false;
+  detail::unsplit(d);
   if constexpr (detail::is_16bit<T>) d.row16 = detail::pack16<T>(d.row[0], d.row[1]);
 }
 
@@ -347,8 +407,10 @@ MLM_FN void simdgroup_multiply_accumulate_pair(simdgroup_matrix<T, 8, 8>& d0, si
     detail::mma_16bit<U>(acc, a0.row16, a1.row16, detail::columns16(b));
   } else {
     float rows[4] = {a0.row[0], a1.row[0], a0.row[1], a1.row[1]}, cols[2];
+    const float a_lo[4] = {a0.lo_row[0], a1.lo_row[0], a0.lo_row[1], a1.lo_row[1]}, b_lo[2] = {b.lo_col[0], b.lo_col[1]};
+    const bool a_split[4] = {a0.split, a1.split, a0.split, a1.split}, b_split[2] = {b.split, b.split};
     detail::columns(b, cols);
-    detail::product<U, V>(acc, rows, cols, a0.staged && a1.staged, b.staged);
+    detail::product<U, V>(acc, rows, cols, a0.staged && a1.staged, b.staged, a_lo, a_split, b_lo, b_split);
   }
   d0.row[0] = detail::stored<T>(acc[0]);
   d0.row[1] = detail::stored<T>(acc[1]);
@@ -356,6 +418,8 @@ MLM_FN void simdgroup_multiply_accumulate_pair(simdgroup_matrix<T, 8, 8>& d0, si
   d1.row[1] = detail::stored<T>(acc[3]);
   d0.has_col = d1.has_col = false;
   d0.staged = d1.staged = false;
+  detail::unsplit(d0);
+  detail::unsplit(d1);
   if constexpr (detail::is_16bit<T>) {
     d0.row16 = detail::pack16<T>(d0.row[0], d0.row[1]);
     d1.row16 = detail::pack16<T>(d1.row[0], d1.row[1]);
@@ -393,6 +457,24 @@ MLM_FN void simdgroup_load_staged(simdgroup_matrix<T, 8, 8>& d, P src, ulong ele
     for (int i = 0; i < 8; ++i)
       for (int j = 0; j < 8; ++j)
         if (staged_operand(d.e[i][j]) != d.e[i][j] && d.e[i][j] == d.e[i][j]) d.e[i][j] = NAN;
+}
+
+// A load of values staged split (split_hi at src, split_lo at lo_src): their sum, or NaN where a
+// part is not one split_hi or split_lo makes (see the top). Not MSL.
+template <class T, class P>
+MLM_FN void simdgroup_load_split(simdgroup_matrix<T, 8, 8>& d, P src, P lo_src, ulong elements_per_row = 8,
+                                 ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  simdgroup_load_staged(d, src, elements_per_row, matrix_origin, transpose_matrix);
+  if constexpr (detail::same<T, float> && MLM_STAGED_SPLIT) {
+    simdgroup_matrix<T, 8, 8> lo;
+    simdgroup_load(lo, lo_src, elements_per_row, matrix_origin, transpose_matrix);
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 8; ++j) {
+        const float hi = d.e[i][j], rest = lo.e[i][j];
+        const bool made = (split_hi(hi) == hi || hi != hi) && (as_type<unsigned>(rest) & 0x1fffu) == 0u && !isinf(rest);
+        d.e[i][j] = made ? hi + rest : NAN;
+      }
+  }
 }
 
 template <class T, class P>
