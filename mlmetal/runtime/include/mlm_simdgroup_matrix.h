@@ -115,8 +115,12 @@ MLM_FN float staged_operand(float x) { return detail::staged_rounding ? detail::
 MLM_FN half staged_operand(half x) { return x; }
 MLM_FN bfloat staged_operand(bfloat x) { return x; }
 
-// Split staging (see the top): a float's TF32 high part and its rest, rounded to TF32 (0 where the
-// high part is infinite); a half or bfloat value is exact in TF32, its rest 0.
+// Split staging (see the top), and the split of every split-TF32 product: a float's TF32 high part
+// and its rest. The rest is x − hi (exact) rounded to TF32, and 0 where hi is infinite: where x is
+// (∞ − ∞ would be NaN), and where a finite x within half a TF32 step of float32's largest rounds up
+// to ∞ (TF32 has no larger value: it is taken as ∞). A NaN's rest is whatever its bits round to:
+// hi·hi is NaN. As x − hi is a number, its rounding needs no NaN test (two integer instructions).
+// A half or bfloat value is exact in TF32, its rest 0.
 #define MLM_STAGED_SPLIT (MLM_MATMUL_PRECISION == 0)
 MLM_FN float split_hi(float x) { return detail::round_tf32(x); }
 MLM_FN float split_lo(float x) {
@@ -249,16 +253,12 @@ template <class T> MLM_FN unsigned columns16(const simdgroup_matrix<T, 8, 8>& m)
 
 // The TF32 A fragment (rows g and g+8, k slots t and t+4) holds k = 2t and 2t+1, in the order
 // the row layout keeps them; the B fragment then takes the same k from the column layout.
-// lo is x − hi (exact) rounded to TF32, and 0 where hi is infinite: where x is (∞ − ∞ would be
-// NaN), and where a finite x within half a TF32 step of float32's largest rounds up to ∞ (TF32 has
-// no larger value: it is taken as ∞). A NaN's lo is whatever its bits round to: hi·hi is NaN. As
-// x − hi is a number, its rounding needs no NaN test (two integer instructions).
-// (split_hi, split_lo; the split staging stores the same two.) split[i]: x[i] is the high part of a
-// split load already, and its rest is lo[i] as loaded.
-template <int N> MLM_FN void split_tf32(const float (&x)[N], float (&hi)[N], float (&lo)[N], const bool (&split)[N]) {
+// hi, lo: x split (split_hi, split_lo), or where split[i], x[i] and rest[i] as a split load holds them.
+template <int N>
+MLM_FN void split_tf32(const float (&x)[N], const float (&rest)[N], const bool (&split)[N], float (&hi)[N], float (&lo)[N]) {
   for (int i = 0; i < N; ++i) {
     hi[i] = split[i] ? x[i] : split_hi(x[i]);
-    lo[i] = split[i] ? lo[i] : split_lo(x[i]);
+    lo[i] = split[i] ? rest[i] : split_lo(x[i]);
   }
 }
 
@@ -273,10 +273,9 @@ MLM_FN void product(float (&d)[4], const float (&a)[4], const float (&b)[2], boo
   if constexpr (floats && MLM_MATMUL_PRECISION == 2) {
     mma_bf16(d, a, b);
   } else if constexpr (MLM_MATMUL_PRECISION == 0 && (same<U, float> || same<V, float>)) {
-    float a_hi[4], a_rest[4] = {a_lo[0], a_lo[1], a_lo[2], a_lo[3]}, b_hi[2], b_rest[2] = {b_lo[0], b_lo[1]};
-    float a_cross[4], b_cross[2];
-    split_tf32(a, a_hi, a_rest, a_split);  // a half operand is exact in TF32: its rest is zero
-    split_tf32(b, b_hi, b_rest, b_split);
+    float a_hi[4], a_rest[4], b_hi[2], b_rest[2], a_cross[4], b_cross[2];
+    split_tf32(a, a_lo, a_split, a_hi, a_rest);  // a half operand is exact in TF32: its rest is zero
+    split_tf32(b, b_lo, b_split, b_hi, b_rest);
     // The cross terms take an infinite hi as 0: ∞·lo would be NaN where lo is 0, and ∞·b's
     // infinity (or NaN) comes from hi·hi alone, as float32 arithmetic gives it.
     for (int i = 0; i < 4; ++i) a_cross[i] = isinf(a_hi[i]) ? 0.0f : a_hi[i];
