@@ -261,6 +261,9 @@ kernel void split(device const float* a [[buffer(0)]], device const float* b [[b
     simdgroup_load_split(ma, plain, plain + 64);
     simdgroup_multiply(md, ma, mb);
     simdgroup_store(md, d + 128);           // a staged as it is, not through split_hi
+    simdgroup_load_split(ma, staged, staged + 65);
+    simdgroup_multiply(md, ma, mb);
+    simdgroup_store(md, d + 192);           // a's rests read one element off
 }
 """
 
@@ -268,33 +271,23 @@ kernel void split(device const float* a [[buffer(0)]], device const float* b [[b
 @pytest.mark.parametrize("policy", POLICIES)
 def test_split_staged_operands_give_the_products_bits(dev, policy):
     """Float operands staged in two planes (split_hi, split_lo: tile.h's stage_split) and loaded as such
-    (simdgroup_load_split) multiply, on cuda, to the bits of the products that split each value they
-    load, infinities and NaNs included; under the other policies they are staged operands. On cpu a
-    split load is the sum of its parts (x to within TF32's rounding of its rest) and a part that
-    split_hi would change loads as NaN, so a kernel that stages its planes wrong fails on cpu."""
+    (simdgroup_load_split) multiply to the bits of the products of the values as they are, infinities
+    and NaNs included: on cuda the products split each value the same way, on cpu (exact `highest`
+    products) a split load is x itself; under the other policies they are staged operands. Rests read
+    from the wrong place change the products, and on cpu a high part that split_hi would change loads
+    as NaN, so a kernel that stages its planes wrong fails on cpu."""
     rng = np.random.default_rng(13)
     a, b = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
     a[0, 0], a[1, 1], b[2, 3], b[4, 4] = 1.5, np.inf, np.nan, -np.inf
-    out = dev.buffer(nbytes=3 * 64 * 4)
+    out = dev.buffer(nbytes=4 * 64 * 4)
     run(dev, dev.library(source=SPLIT, precision=policy), "split", 1, 32, [dev.buffer(a), dev.buffer(b), out])
-    d = out.numpy(np.float32).reshape(3, 8, 8)
-    if dev.name == "cpu" and policy == "highest":
-        def parts(x):
-            hi = round_tf32(x)
-            with np.errstate(invalid="ignore"):  # ∞ − ∞, whose rest is taken as 0
-                lo = np.where(np.isinf(hi), 0.0, round_tf32(x - hi))
-            return (hi + lo).astype(np.float32)
-
-        pa, pb, want = parts(a).astype(np.float64), parts(b).astype(np.float64), np.zeros((8, 8), np.float32)
-        with np.errstate(invalid="ignore", over="ignore"):
-            for k in range(8):  # fma in float32: the product exact in float64, one rounding of the sum
-                want = (want + pa[:, k:k + 1] * pb[k:k + 1, :]).astype(np.float32)
-        np.testing.assert_array_equal(d[1], want)
-        assert not np.array_equal(d[1], d[0])  # a rest rounded: not x itself
-        assert np.isnan(d[2]).all()  # every row of a has an element TF32 cannot hold
-    else:
-        np.testing.assert_array_equal(d[1], d[0])
-        assert np.isnan(d[0]).any() and np.isinf(d[0]).any()
+    d = out.numpy(np.float32).reshape(4, 8, 8)
+    np.testing.assert_array_equal(d[1], d[0])
+    assert np.isnan(d[0]).any() and np.isinf(d[0]).any()
+    if policy == "highest":
+        assert not np.array_equal(d[3], d[0])
+        if dev.name == "cpu":
+            assert np.isnan(d[2]).all()  # every row of a has an element TF32 cannot hold
 
 
 LOW_PRODUCT = """

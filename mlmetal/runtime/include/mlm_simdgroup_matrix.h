@@ -50,10 +50,10 @@
 // about ten instructions an element (the rounding, the rest, and the care of infinities and NaNs)
 // and in a 3×3 convolution's loop more than the tensor-core instructions. MLM_STAGED_SPLIT says
 // whether the backend takes split operands (1 under `highest` here, 0 on Metal), so a kernel
-// stages a second plane only where it is read. The products are the same bits either way. On cpu
-// a split load is the sum of its two parts (exact in float: hi + lo is x to within TF32's rounding
-// of the rest), and a part that `split_hi`/`split_lo` would not have made loads as NaN, so a CPU
-// test of a kernel checks its planes and their offsets.
+// stages a second plane only where it is read. The products are the same bits either way. On cpu,
+// whose `highest` products are exact float arithmetic, the rest is kept exact (x − hi), so a split
+// load is x itself; a high part that `split_hi` would change, or a rest outside its high part's
+// rounding, loads as NaN, so a CPU test of a kernel checks its planes and their offsets.
 #pragma once
 #include "mlm_compat.h"
 
@@ -120,12 +120,17 @@ MLM_FN bfloat staged_operand(bfloat x) { return x; }
 // (∞ − ∞ would be NaN), and where a finite x within half a TF32 step of float32's largest rounds up
 // to ∞ (TF32 has no larger value: it is taken as ∞). A NaN's rest is whatever its bits round to:
 // hi·hi is NaN. As x − hi is a number, its rounding needs no NaN test (two integer instructions).
+// The cpu backend keeps the rest exact (its `highest` products are exact: a split load there is x).
 // A half or bfloat value is exact in TF32, its rest 0.
 #define MLM_STAGED_SPLIT (MLM_MATMUL_PRECISION == 0)
 MLM_FN float split_hi(float x) { return detail::round_tf32(x); }
 MLM_FN float split_lo(float x) {
   const float hi = detail::round_tf32(x);
+#if MLM_CUDA
   return isinf(hi) ? 0.0f : as_type<float>((as_type<unsigned>(x - hi) + 0x1000u) & ~0x1fffu);
+#else
+  return isinf(hi) ? 0.0f : x - hi;
+#endif
 }
 MLM_FN half split_hi(half x) { return x; }
 MLM_FN half split_lo(half) { return half(0.0f); }
@@ -458,8 +463,9 @@ MLM_FN void simdgroup_load_staged(simdgroup_matrix<T, 8, 8>& d, P src, ulong ele
         if (staged_operand(d.e[i][j]) != d.e[i][j] && d.e[i][j] == d.e[i][j]) d.e[i][j] = NAN;
 }
 
-// A load of values staged split (split_hi at src, split_lo at lo_src): their sum, or NaN where a
-// part is not one split_hi or split_lo makes (see the top). Not MSL.
+// A load of values staged split (split_hi at src, split_lo at lo_src): their sum (x itself), or NaN
+// where the high part is not one split_hi makes or the rest is not within its rounding (see the
+// top). Not MSL.
 template <class T, class P>
 MLM_FN void simdgroup_load_split(simdgroup_matrix<T, 8, 8>& d, P src, P lo_src, ulong elements_per_row = 8,
                                  ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
@@ -470,7 +476,7 @@ MLM_FN void simdgroup_load_split(simdgroup_matrix<T, 8, 8>& d, P src, P lo_src, 
     for (int i = 0; i < 8; ++i)
       for (int j = 0; j < 8; ++j) {
         const float hi = d.e[i][j], rest = lo.e[i][j];
-        const bool made = (split_hi(hi) == hi || hi != hi) && (as_type<unsigned>(rest) & 0x1fffu) == 0u && !isinf(rest);
+        const bool made = (split_hi(hi) == hi || hi != hi) && (isinf(hi) ? rest == 0.0f : split_hi(hi + rest) == hi);
         d.e[i][j] = made ? hi + rest : NAN;
       }
   }
