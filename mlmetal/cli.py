@@ -33,6 +33,16 @@ def integer(lo: int, hi: int | None = None):
     return parse
 
 
+def pattern(text: str):
+    """An argparse type: a regular expression, compiled."""
+    import re
+
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({e}): {text!r}") from None
+
+
 def number(lo: float, *, above: bool = False):
     """An argparse type: a finite number ≥ `lo` (> `lo` if `above`)."""
     allowed = f"a finite number {'>' if above else '≥'} {lo:g}"
@@ -198,6 +208,13 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
+def cuda_arches():
+    """The compute capabilities `mlmetal resources` knows a multiprocessor's limits of."""
+    from mlmetal.runtime.cuda import SM_LIMITS
+
+    return SM_LIMITS
+
+
 def info(args) -> int:
     """Backends, the default device, compiler and cache."""
     from mlmetal.runtime import cache, cpu
@@ -217,6 +234,39 @@ def info(args) -> int:
     except cache.CacheError as e:
         print(f"compile cache: unusable ({e})")
     print(f"matmul precision: {mm.get_matmul_precision()} (mm.set_matmul_precision; the training commands' --precision)")
+    return 0
+
+
+def resources(args) -> int:
+    """Each kernel's registers, spilled bytes and threadgroup memory as the cuda backend compiles it
+    (NVRTC, no GPU needed), and the threadgroups a multiprocessor holds at once."""
+    from mlmetal.runtime import cuda, source as S
+    from mlmetal.runtime.device import MATMUL_PRECISIONS
+
+    path = Path(args.library) if args.library.endswith(".metal") else S.KERNEL_DIR / f"{args.library}.metal"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in S.KERNEL_DIR.glob("*.metal")))
+        print(f"mlmetal resources: no kernel library {args.library!r} ({path} does not exist; kernels/ has {names})",
+              file=sys.stderr)
+        return 2
+    level = MATMUL_PRECISIONS.index(args.precision)
+    src = S.Source.from_file(path, {"MLM_MATMUL_PRECISION": level} if level else {})
+    try:
+        found = [r for r in cuda.resources(src, args.arch) if args.kernel.search(r.kernel)]
+    except cuda.NvrtcNotFound as e:
+        print(f"mlmetal resources: {e}", file=sys.stderr)
+        return 2
+    if not found:
+        print(f"mlmetal resources: no kernel of {path.name} matches {args.kernel.pattern!r}", file=sys.stderr)
+        return 2
+    print(f"{path.name} for sm_{args.arch} under `{args.precision}` (NVRTC {cuda.nvrtc_version()}); "
+          f"threadgroups of {args.threads} threads a multiprocessor holds at once, and what limits them")
+    width = max(len(r.kernel) for r in found)
+    print(f"{'kernel':<{width}}  registers  spilled bytes (stored/loaded)  stack  threadgroup memory  threadgroups")
+    for r in sorted(found, key=lambda r: r.kernel):
+        groups, limit = r.threadgroups(args.threads, args.arch)
+        print(f"{r.kernel:<{width}}  {r.registers:>9}  {f'{r.spill_stores} / {r.spill_loads}':>29}  {r.stack:>5}  "
+              f"{r.threadgroup_memory:>18}  {groups} ({limit})")
     return 0
 
 
@@ -268,6 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=demo)
     p = sub.add_parser("info", help="show backends, device, compiler and compile cache")
     p.set_defaults(func=info)
+    p = sub.add_parser("resources", help="registers, spills and threadgroup memory of a library's kernels on cuda "
+                       "(compiled by NVRTC; no GPU needed)")
+    p.add_argument("library", help="a library of kernels/ (e.g. conv) or a .metal file")
+    p.add_argument("--precision", choices=("highest", "high", "medium"), default="highest",
+                   help="the matmul precision policy the library is compiled under (default highest)")
+    p.add_argument("--kernel", type=pattern, default="", help="only kernels whose names match this regular expression")
+    p.add_argument("--threads", type=integer(32, 1024), default=128,
+                   help="threads a threadgroup, for the threadgroups a multiprocessor holds (default 128)")
+    p.add_argument("--arch", choices=sorted(cuda_arches()), default="90", help="compute capability (default 90: H100, H200)")
+    p.set_defaults(func=resources)
     p = sub.add_parser("bench", help="run the benchmarks (from a source checkout)", parents=[_device_flag()])
     p.add_argument("names", nargs="*", help="which, e.g. runtime random nn_conv (default: all)")
     p.set_defaults(func=bench)

@@ -71,3 +71,20 @@ def test_a_bad_autocast_is_one_line_and_exits_2(command, value, monkeypatch, cap
     assert e.value.code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last == f"mlmetal {command}: error: argument --autocast: expected bfloat16 or float16, got {value!r}"
+
+
+def test_threadgroups_a_multiprocessor_holds_follow_cudas_occupancy_rules():
+    """sm_90: 64K registers a multiprocessor, allocated a warp at a time in units of 256; 228 KB of
+    shared memory, 1 KB of it reserved a threadgroup; 2048 threads; 32 threadgroups."""
+    from mlmetal.runtime.cuda import Resources
+
+    def held(registers, smem, threads):
+        return Resources("k", registers, 0, 0, 0, smem).threadgroups(threads)
+
+    assert held(255, 24192, 128) == (2, "registers")  # 256·32 a warp, 4 warps: 32768 a threadgroup
+    assert held(168, 24192, 128) == (3, "registers")  # 5376 a warp: 21504, three fit 65536
+    assert held(170, 24192, 128) == (2, "registers")  # 170·32 rounds up to 5632: 22528, three do not
+    assert held(32, 0, 128) == (16, "threads")
+    assert held(32, 100000, 128) == (2, "threadgroup memory")
+    assert held(16, 0, 32) == (32, "threadgroups")
+    assert held(64, 0, 1024) == (1, "registers")

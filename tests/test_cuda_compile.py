@@ -107,3 +107,78 @@ def test_compile_error_points_at_the_metal_line():
     with pytest.raises(cuda.CompileError, match=r"<bad>:5: error: identifier \"undefined_name\" is undefined"):
         compile_source(S.Source(bad, name="<bad>"))
 
+
+
+# `mlmetal resources`: what ptxas gave each kernel, read from NVRTC's log.
+PLANTED = """#include <metal_stdlib>
+using namespace metal;
+
+kernel void staged(device float* y [[buffer(0)]],  // extent: 1000
+                   uint t [[thread_index_in_threadgroup]]) {
+    threadgroup float tile[1000];
+    tile[t] = float(t);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    y[t] = tile[999 - t];
+}
+
+kernel void local_array(device float* y [[buffer(0)]],  // extent: 64
+                        device const uint* at [[buffer(1)]],  // extent: 1
+                        uint t [[thread_position_in_grid]]) {
+    float a[64];
+    for (uint i = 0; i < 64; ++i) a[i] = y[i] * float(t);
+    y[t % 64] = a[at[0] % 64];
+}
+"""
+
+
+def test_resources_read_each_kernels_registers_stack_and_threadgroup_memory():
+    """A 1000-float threadgroup array is 4000 bytes of shared memory; a float[64] indexed by a value
+    loaded at run time lives on the stack (local memory), 256 bytes; each kernel reports once."""
+    found = {r.kernel: r for r in cuda.resources(S.Source(PLANTED, name="planted.metal"), ARCH)}
+    assert set(found) == {"staged", "local_array"}
+    assert found["staged"].threadgroup_memory == 4000 and found["staged"].stack == 0
+    assert found["local_array"].threadgroup_memory == 0 and found["local_array"].stack >= 256
+    assert all(0 < r.registers <= 255 for r in found.values())
+
+
+CROWDED = """#include <metal_stdlib>
+using namespace metal;
+
+kernel void crowded(device float* y [[buffer(0)]],  // extent: 4096
+                    uint t [[thread_position_in_grid]]) {
+    float v[48];
+    for (uint i = 0; i < 48; ++i) v[i] = y[(t + 64 * i) % 4096];
+    float s = 0.0f;
+    for (uint r = 0; r < 4; ++r)
+        for (uint i = 0; i < 48; ++i) s = s * v[(i * 7 + r) % 48] + v[i];
+    y[t % 4096] = s;
+}
+"""
+
+
+def test_resources_read_the_spills_a_register_cap_causes():
+    """48 values live at once fit the registers the compiler picks; capped to 24 registers a thread
+    (as the backend caps register-hungry kernels for large threadgroups), they spill."""
+    src = S.Source(CROWDED, name="crowded.metal")
+    (free,) = cuda.resources(src, ARCH)
+    (capped,) = cuda.resources(src, ARCH, max_registers=24)
+    assert free.registers > 24 and free.spill_stores == free.spill_loads == 0
+    assert capped.registers <= 24 and capped.spill_stores > 0 and capped.spill_loads > 0 and capped.stack > 0
+
+
+def test_the_resources_command_prints_a_row_a_kernel(tmp_path, capsys):
+    from mlmetal.cli import main
+
+    path = tmp_path / "planted.metal"
+    path.write_text(PLANTED)
+    assert main(["resources", str(path), "--kernel", "^staged$", "--threads", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "threadgroups of 256 threads" in out and "local_array" not in out
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["staged"] and " 4000 " in out
+    assert main(["resources", "no_such_library"]) == 2
+    assert "no kernel library 'no_such_library'" in capsys.readouterr().err
+    assert main(["resources", str(path), "--kernel", "nothing"]) == 2
+    assert "no kernel of planted.metal matches 'nothing'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # argparse's way: usage, the flag and the problem, status 2
+        main(["resources", str(path), "--kernel", "("])
+    assert stop.value.code == 2 and "argument --kernel: not a regular expression" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import os
 import re
 import shutil
@@ -100,26 +101,83 @@ def options(arch: str, max_registers: int = 0) -> list[str]:
 
 def compile_cubin(text: str, source_name: str, arch: str, max_registers: int = 0) -> bytes:
     """Compile a CUDA translation unit for sm_`arch`; raise CompileError with NVRTC's messages."""
+    return _compile(text, source_name, options(arch, max_registers))[0]
+
+
+def _compile(text: str, source_name: str, opts: list[str]) -> tuple[bytes, str]:
+    """(cubin, NVRTC's log) of a CUDA translation unit compiled with `opts`; CompileError on failure."""
     lib = nvrtc()
     prog = ctypes.c_void_p()
     _check(lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), source_name.encode(), 0, None, None),
            "nvrtcCreateProgram")
     try:
-        opts = [o.encode() for o in options(arch, max_registers)]
-        status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        if status != 0:
-            size = ctypes.c_size_t()
-            _check(lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize")
-            log = ctypes.create_string_buffer(size.value)
-            _check(lib.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
-            raise CompileError(_compiler_messages(log.value.decode(errors="replace"), source_name))
+        raw = [o.encode() for o in opts]
+        status = lib.nvrtcCompileProgram(prog, len(raw), (ctypes.c_char_p * len(raw))(*raw))
         size = ctypes.c_size_t()
+        _check(lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize")
+        log = ctypes.create_string_buffer(size.value)
+        _check(lib.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+        text_log = log.value.decode(errors="replace")
+        if status != 0:
+            raise CompileError(_compiler_messages(text_log, source_name))
         _check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
         cubin = ctypes.create_string_buffer(size.value)
         _check(lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-        return cubin.raw
+        return cubin.raw, text_log
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+# ---------------------------------------------------------------- what a kernel takes of a multiprocessor
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What the compiler gave one kernel: registers a thread, bytes of stack and of spilled registers
+    stored and loaded (local memory), and bytes of static threadgroup (shared) memory."""
+    kernel: str
+    registers: int
+    stack: int
+    spill_stores: int
+    spill_loads: int
+    threadgroup_memory: int
+
+    def threadgroups(self, threads: int, arch: str = "90") -> tuple[int, str]:
+        """(threadgroups of `threads` threads one multiprocessor holds at once, what limits them) on
+        sm_`arch` — CUDA's occupancy rules for the architectures of SM_LIMITS."""
+        regs_sm, smem_sm, smem_reserved, max_threads, max_groups = SM_LIMITS[arch]
+        warps = -(-threads // 32)
+        regs_warp = -(-max(self.registers, 1) * 32 // 256) * 256  # a warp's registers, in units of 256
+        limits = {"threads": max_threads // threads, "threadgroups": max_groups,
+                  "registers": regs_sm // (regs_warp * warps),
+                  "threadgroup memory": smem_sm // (self.threadgroup_memory + smem_reserved)}
+        which = min(limits, key=lambda k: limits[k])
+        return limits[which], which
+
+
+# sm_XX: (registers, shared memory bytes, shared memory reserved a threadgroup, threads, threadgroups) of
+# one multiprocessor (CUDA C Programming Guide, compute capabilities table).
+SM_LIMITS = {"80": (65536, 167936, 1024, 2048, 32), "86": (65536, 102400, 1024, 1536, 16),
+             "89": (65536, 102400, 1024, 1536, 24), "90": (65536, 233472, 1024, 2048, 32)}
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def resources(src: S.Source, arch: str = "90", max_registers: int = 0) -> list[Resources]:
+    """What each kernel of `src` takes on sm_`arch`, as the backend compiles it (ptxas's report);
+    `max_registers` as compile_cubin takes it."""
+    _, log = _compile(S.generate(src, "cuda"), src.name, [*options(arch, max_registers), "--ptxas-options=--verbose"])
+    found, name, frame = [], None, (0, 0, 0)
+    for line in log.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            name, frame = m.group(1), (0, 0, 0)
+        elif (m := _PTXAS_FRAME.search(line)) and name:
+            frame = tuple(int(g) for g in m.groups())
+        elif (m := _PTXAS_USED.search(line)) and name:
+            found.append(Resources(name, int(m.group(1)), *frame, int(m.group(2) or 0)))
+            name = None
+    return found
 
 
 def _compiler_messages(log: str, source_name: str) -> list[str]:
