@@ -14,6 +14,7 @@ import numpy as np
 import mlmetal as mm
 from mlmetal.dtypes import as_dtype
 from mlmetal.runtime.backends import BACKENDS
+from mlmetal.runtime.device import MATMUL_PRECISIONS
 
 # ---------------------------------------------------------------- flags: argparse types and the shared ones
 
@@ -126,7 +127,7 @@ def training_flags(out: str, size: int, size_help: str, steps: int | None = None
                    "stop after this many training steps in all (default: every epoch)")
     p.add_argument("--size", type=integer(1), default=size, help=f"{size_help} (default {size})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--precision", choices=("highest", "high", "medium"), default="highest",
+    p.add_argument("--precision", choices=MATMUL_PRECISIONS, default="highest",
                    help="matmul precision policy of convolutions, matmuls and Gram matrices: float32, TF32 or "
                         "bfloat16 operands (default highest; see the README)")
     p.add_argument("--autocast", type=autocast_dtype, default=None, metavar="{" + ",".join(AUTOCAST) + "}",
@@ -208,13 +209,6 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
-def cuda_arches():
-    """The compute capabilities `mlmetal resources` knows a multiprocessor's limits of."""
-    from mlmetal.runtime.cuda import SM_LIMITS
-
-    return SM_LIMITS
-
-
 def info(args) -> int:
     """Backends, the default device, compiler and cache."""
     from mlmetal.runtime import cache, cpu
@@ -241,16 +235,14 @@ def resources(args) -> int:
     """Each kernel's registers, spilled bytes and threadgroup memory as the cuda backend compiles it
     (NVRTC, no GPU needed), and the threadgroups a multiprocessor holds at once."""
     from mlmetal.runtime import cuda, source as S
-    from mlmetal.runtime.device import MATMUL_PRECISIONS
+    from mlmetal.runtime.device import precision_defines
 
-    path = Path(args.library) if args.library.endswith(".metal") else S.KERNEL_DIR / f"{args.library}.metal"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in S.KERNEL_DIR.glob("*.metal")))
-        print(f"mlmetal resources: no kernel library {args.library!r} ({path} does not exist; kernels/ has {names})",
-              file=sys.stderr)
+    try:
+        path = Path(args.library) if args.library.endswith(".metal") else S.find(args.library)
+    except FileNotFoundError as e:
+        print(f"mlmetal resources: {e}", file=sys.stderr)
         return 2
-    level = MATMUL_PRECISIONS.index(args.precision)
-    src = S.Source.from_file(path, {"MLM_MATMUL_PRECISION": level} if level else {})
+    src = S.Source.from_file(path, precision_defines(args.precision))
     try:
         found = [r for r in cuda.resources(src, args.arch) if args.kernel.search(r.kernel)]
     except cuda.NvrtcNotFound as e:
@@ -309,6 +301,8 @@ def _apps():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mlmetal.runtime.cuda import SM_LIMITS
+
     parser = argparse.ArgumentParser(prog="mlmetal", description="Hand-written MSL kernels on any device.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="compile and dispatch a few kernels and show what they computed",
@@ -321,12 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("resources", help="registers, spills and threadgroup memory of a library's kernels on cuda "
                        "(compiled by NVRTC; no GPU needed)")
     p.add_argument("library", help="a library of kernels/ (e.g. conv) or a .metal file")
-    p.add_argument("--precision", choices=("highest", "high", "medium"), default="highest",
+    p.add_argument("--precision", choices=MATMUL_PRECISIONS, default="highest",
                    help="the matmul precision policy the library is compiled under (default highest)")
     p.add_argument("--kernel", type=pattern, default="", help="only kernels whose names match this regular expression")
     p.add_argument("--threads", type=integer(32, 1024), default=128,
                    help="threads a threadgroup, for the threadgroups a multiprocessor holds (default 128)")
-    p.add_argument("--arch", choices=sorted(cuda_arches()), default="90", help="compute capability (default 90: H100, H200)")
+    p.add_argument("--arch", choices=sorted(SM_LIMITS), default="90", help="compute capability (default 90: H100, H200)")
     p.set_defaults(func=resources)
     p = sub.add_parser("bench", help="run the benchmarks (from a source checkout)", parents=[_device_flag()])
     p.add_argument("names", nargs="*", help="which, e.g. runtime random nn_conv (default: all)")

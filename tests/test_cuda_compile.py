@@ -108,7 +108,6 @@ def test_compile_error_points_at_the_metal_line():
         compile_source(S.Source(bad, name="<bad>"))
 
 
-
 # `mlmetal resources`: what ptxas gave each kernel, read from NVRTC's log.
 PLANTED = """#include <metal_stdlib>
 using namespace metal;

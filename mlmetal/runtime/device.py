@@ -303,6 +303,13 @@ def _elsewhere(there: "Device", here: "Device") -> str:
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
+def precision_defines(precision: str) -> dict[str, int]:
+    """The defines a library is compiled with under a matmul precision policy: MLM_MATMUL_PRECISION,
+    its index in MATMUL_PRECISIONS, where it is not the default `highest`."""
+    level = MATMUL_PRECISIONS.index(precision)
+    return {"MLM_MATMUL_PRECISION": level} if level else {}
+
+
 class Library:
     """The kernels of one MSL source, linted and compiled for a device."""
 
@@ -496,8 +503,7 @@ class Device:
             raise TypeError("give exactly one of a library name, source= or path=")
         if precision not in MATMUL_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {precision!r}")
-        level = MATMUL_PRECISIONS.index(precision)
-        defines = {"MLM_MATMUL_PRECISION": level} if level else {}
+        defines = precision_defines(precision)
         key = ("name", name) if name is not None else ("path", str(path)) if path is not None else ("source", source)
         key += (precision,)
         with self._lock:
